@@ -1,0 +1,12 @@
+"""Fused ops as torch custom ops (namespace `fastddpm`).
+
+Each op has a plain-PyTorch reference implementation (the oracle of its tests and the path used
+where Triton or a GPU is missing), a Triton implementation from `kernels/` for CUDA tensors, a fake
+implementation for tracing, and an autograd formula. See `backend.py` for how the path is chosen.
+"""
+from .backend import current_backend, triton_available, use_backend
+from .group_norm import group_norm_silu
+from .attention import attention
+from .sampler_step import sampler_step
+
+__all__ = ["group_norm_silu", "attention", "sampler_step", "use_backend", "current_backend", "triton_available"]

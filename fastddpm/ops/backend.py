@@ -1,0 +1,54 @@
+"""Backend selection for the fused ops: "reference" (plain PyTorch) or "triton".
+
+The backend is chosen per call. Under "auto" (the default) CUDA tensors go to Triton when triton is
+importable, everything else to the reference. `use_backend("triton")` forces Triton also for CPU
+tensors, which then run through Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is
+imported; tests/conftest.py does that when CUDA is absent).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import threading
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton")
+
+_state = threading.local()
+
+
+def triton_available() -> bool:
+    """True when triton can be imported (it is never imported just to answer this)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def current_backend() -> str:
+    """The forced backend name, or "auto"."""
+    return getattr(_state, "backend", "auto")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend for the fused ops inside the block: "auto", "reference" or "triton"."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "triton" and not triton_available():
+        raise RuntimeError("backend 'triton' was requested but triton is not installed")
+    previous = current_backend()
+    _state.backend = name
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op called on tensor `t` should run its Triton implementation."""
+    backend = current_backend()
+    if backend == "reference":
+        return False
+    if backend == "triton":
+        return True
+    return t.is_cuda and triton_available()
