@@ -3,9 +3,39 @@
     import fastddpm as fd
     diff = fd.GaussianDiffusion(fd.NoiseSchedule.cosine(1000), prediction="eps")
     x = fd.DDIMSampler(diff, steps=50).sample(model, (16, 3, 32, 32), seed=0)
+
+Public names are imported on first use, so `import fastddpm` stays cheap and never imports triton.
 """
-from .schedule import NoiseSchedule, space_timesteps
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["NoiseSchedule", "space_timesteps"]
+# public name -> submodule that defines it
+_EXPORTS = {
+    "NoiseSchedule": "schedule",
+    "space_timesteps": "schedule",
+    "GaussianDiffusion": "diffusion",
+    "DDPMSampler": "samplers",
+    "DDIMSampler": "samplers",
+    "DPMSolverSampler": "samplers",
+    "UNet": "unet",
+    "FastSampler": "graphs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastddpm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
