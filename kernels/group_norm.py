@@ -1,0 +1,697 @@
+"""Triton forward and backward of ``group_norm_silu``: GroupNorm (+ additive input) + affine + FiLM + SiLU.
+
+Math (x: [N, C, *spatial], flattened to [N, C, HW]; G groups of CPG = C / G channels; per (n, g) the
+group is the contiguous block x[n, g*CPG:(g+1)*CPG, :], M = CPG * HW elements):
+
+    u      = x + add[n, c]                               (add omitted: u = x)
+    mean   = mean(u over the group),  var = mean((u - mean)^2),  rstd = 1 / sqrt(var + eps)
+    y_hat  = (u - mean) * rstd
+    A[n,c] = w[c] * (1 + scale[n,c])                     (w = 1, b = 0, scale = 0, shift = 0 when None)
+    B[n,c] = b[c] * (1 + scale[n,c]) + shift[n,c]
+    z      = A * y_hat + B        ( = (y_hat*w + b) * (1 + scale) + shift )
+    y      = silu(z) = z * sigmoid(z)   if silu else z
+
+Statistics are always fp32 whatever the input dtype. They are computed by a chunked merge (Chan et
+al.): each tile of the group gets its own mean (one tile reduction) and the squared deviations from
+that tile mean are accumulated per lane; tiles are merged with the exact pairwise update
+``M2 += M2_tile + delta^2 * n_a n_b / (n_a + n_b)``. Never E[u^2] - E[u]^2. The forward returns
+mean and rstd (fp32 [N, G]) and saves nothing else.
+
+Backward (dy given; everything recomputed from x, mean, rstd):
+
+    g          = dy * silu'(z),  silu'(z) = s (1 + z (1 - s)), s = sigmoid(z)     (g = dy without silu)
+    per (n,c):  Sg = sum_hw g,   Sgy = sum_hw g * y_hat
+    dshift     = Sg
+    dscale     = w * Sgy + b * Sg                        ( = sum_hw g * (w y_hat + b) )
+    dweight    = sum_n (1 + scale) * Sgy,   dbias = sum_n (1 + scale) * Sg
+    dy_hat     = g * A
+    c1 = mean_group(dy_hat) = sum_c A Sg / M,   c2 = mean_group(dy_hat * y_hat) = sum_c A Sgy / M
+    dx         = rstd * (dy_hat - c1 - y_hat * c2)
+    dadd[n,c]  = sum_hw dx
+
+dweight/dbias: per-(n, c) fp32 partials written by the program that owns (n, group), then summed over
+the batch in torch (deterministic, no atomics). No kernel uses atomics: every output element has
+exactly one writer, so results are bitwise reproducible for a fixed config and split.
+
+Kernels and launch plan
+-----------------------
+A group is walked as a [CPG, HW] matrix in tiles [BLOCK_C, BLOCK_HW] (BLOCK_HW = min(next_pow2(HW),
+BLOCK), BLOCK_C = min(BLOCK // BLOCK_HW, next_pow2(CPG))), so per-channel parameters are per-row
+vectors and per-channel sums are row reductions; any CPG and any HW work (HW = 1 uses [BLOCK_C, 1]
+tiles), with loops over channel tiles and HW tiles: no single-block assumption.
+
+* Base path (S = 1): one program per (n, group).
+  forward  ``_gn_fwd_kernel[FUSED_STATS=True]``: pass 1 statistics, pass 2 normalise + write y.
+  backward ``_gn_bwd_dx_kernel[FUSED=True]``: pass 1 per-channel sums, pass 2 dx and dadd.
+* Split path (S > 1) for big groups and few programs (e.g. 1x128x256x256, 32 groups: only 32 programs
+  of 262144 elements for 132 SMs): the HW axis of each group is cut into S slices of HW_PER_SPLIT
+  (a multiple of every config's BLOCK_HW), grid (N*G, S).
+  forward  ``_gn_stats_kernel`` writes per-slice (mean, M2) partials; ``_gn_fwd_kernel[FUSED_STATS=False]``
+  merges the S partials of its group (Chan) and normalises its slice.
+  backward ``_gn_bwd_reduce_kernel`` writes per-(n, c, slice) Sg and Sgy; ``_gn_bwd_dx_kernel[FUSED=False]``
+  sums them, the slice-0 program writes the per-channel outputs, every program writes dx of its slice
+  and its dadd partial (summed over slices in torch).
+  S is chosen so that N*G*S reaches ~4 programs per SM (launcher ``split=`` forces it).
+
+Configs: ``CONFIGS`` (BLOCK, num_warps) is the explicit list used by ``aot_specs`` and by
+``triton.autotune`` on a GPU (key: CPG, HW, S and dtypes). Under TRITON_INTERPRET=1 one fixed small
+config is used (``INTERPRET_BLOCK``), and every launcher takes ``block=`` to force a BLOCK (tests use it
+to make a group span many tiles cheaply). FP fusion: kernels are launched with
+``enable_fp_fusion=True`` (FMA contraction, explicit, independent of TRITON_DEFAULT_FP_FUSION); the
+forward folds the normalisation into one FMA per element, z = u * (A rstd) + (B - mean A rstd),
+which differs from the unfused formula by a few fp32 ulps: fp32 tolerance 1e-5 relative to the
+output scale (tests use 1e-4 absolute at unit scale).
+
+Modelled HBM traffic, forward + backward, 32x128x64x64 bf16, groups=32, affine + scale/shift + SiLU
+(E = 16,777,216 elements, one pass over an [N, C, H, W] bf16 tensor = 2E = 33,554,432 bytes; small
+[C], [N, C] and [N, G] tensors counted exactly in ``modelled_hbm_bytes``):
+
+    fused forward   read x (stats), read x + write y (apply)                           3 passes
+    fused backward  read dy, x (sums), read dy, x + write dx                           5 passes
+    fused total                                                                        8 passes
+    eager forward   native_group_norm: read x (moments), read x + write y              3
+                    y * (1 + scale): read y, write t1                                  2
+                    t1 + shift:     read t1, write t2                                  2
+                    silu(t2):       read t2, write out                                 2   -> 9
+    eager backward  silu_backward: read dout, t2, write dt2                            3
+                    dshift = dt2.sum(hw): read dt2                                     1
+                    d t1 -> dy = dt2 * (1 + scale): read, write                        2
+                    dscale = (dt2 * y).sum(hw): read dt2, y, write tmp; read tmp       4
+                    native_group_norm_backward: read dy, x (sums); read dy, x, write dx 5  -> 15
+    eager total                                                                        24 passes
+    => fused / unfused = 268,763,136 / 805,961,728 bytes ~= 0.334   (target <= 0.45)
+    (exact figures incl. small tensors: ``modelled_hbm_bytes(32, 128, 64, 64, 32, 2)``)
+
+Saved for backward: fused keeps x (the op's input) + mean/rstd (2 x N*G fp32); eager autograd keeps
+x, y (for mul's dscale), t2 (silu's input), mean/rstd: two extra full activations (2 x 33.5 MB here).
+The second read of x in each fused pass usually hits L2 (a 32 KiB group, a few programs per SM), so
+the measured DRAM traffic is closer to 2 + 3 passes; the model counts every pass.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "CONFIGS",
+    "INTERPRET_BLOCK",
+    "group_norm_forward",
+    "group_norm_backward",
+    "aot_specs",
+    "modelled_hbm_bytes",
+]
+
+# (BLOCK elements per tile, num_warps): the explicit config list (aot_specs + autotune on a GPU).
+CONFIGS: list[tuple[int, int]] = [(1024, 4), (2048, 4), (2048, 8), (4096, 8)]
+_MAX_BLOCK = max(b for b, _ in CONFIGS)
+# The fixed config used under TRITON_INTERPRET=1 (interpreter programs run sequentially on the CPU).
+INTERPRET_BLOCK = 256
+_INTERPRET_WARPS = 4
+_FP_FUSION = True
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _merge(cnt, mean, m2, n_b, mean_b, m2_b):
+    """Chan's pairwise merge of (count, mean, M2) with (n_b, mean_b, m2_b); all fp32 scalars."""
+    tot = cnt + n_b
+    delta = mean_b - mean
+    frac = n_b / tot
+    mean = mean + delta * frac
+    m2 = m2 + m2_b + delta * delta * cnt * frac
+    return tot, mean, m2
+
+
+@triton.jit
+def _slice_stats(X, ADD, x_base, add_base, CPG, HW, hw_lo, hw_hi,
+                 HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """(count, mean, M2) in fp32 of u = x + add over channels [0, CPG) x hw [hw_lo, hw_hi) of a group."""
+    cnt = tl.zeros([], dtype=tl.float32)
+    mean = tl.zeros([], dtype=tl.float32)
+    m2b = tl.zeros([], dtype=tl.float32)
+    m2acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_h = tl.arange(0, BLOCK_HW)
+    for c0 in range(0, CPG, BLOCK_C):
+        c = c0 + offs_c
+        cmask = c < CPG
+        nc = tl.minimum(CPG - c0, BLOCK_C)
+        if HAS_ADD:
+            a = tl.load(ADD + add_base + c, mask=cmask, other=0.0).to(tl.float32)
+        for h0 in range(hw_lo, hw_hi, BLOCK_HW):
+            h = h0 + offs_h
+            mask = cmask[:, None] & (h < hw_hi)[None, :]
+            u = tl.load(X + x_base + c[:, None] * HW + h[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_ADD:
+                u = tl.where(mask, u + a[:, None], 0.0)
+            n_t = (nc * tl.minimum(hw_hi - h0, BLOCK_HW)).to(tl.float32)
+            t_mean = tl.sum(tl.sum(u, axis=1), axis=0) / n_t
+            d = tl.where(mask, u - t_mean, 0.0)
+            m2acc += d * d
+            cnt, mean, m2b = _merge(cnt, mean, m2b, n_t, t_mean, 0.0)
+    m2 = tl.sum(tl.sum(m2acc, axis=1), axis=0) + m2b
+    return cnt, mean, m2
+
+
+@triton.jit
+def _channel_coefs(W, B, SCALE, SHIFT, c, cmask, nc_base,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   HAS_SHIFT: tl.constexpr):
+    """Per-channel fp32 vectors (w, b, 1 + scale, A = w (1 + scale), Bc = b (1 + scale) + shift)."""
+    if HAS_W:
+        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        w = tl.full(c.shape, 1.0, tl.float32)
+    if HAS_B:
+        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros(c.shape, tl.float32)
+    if HAS_SCALE:
+        s1 = 1.0 + tl.load(SCALE + nc_base + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        s1 = tl.full(c.shape, 1.0, tl.float32)
+    A = w * s1
+    Bc = b * s1
+    if HAS_SHIFT:
+        Bc = Bc + tl.load(SHIFT + nc_base + c, mask=cmask, other=0.0).to(tl.float32)
+    return w, b, s1, A, Bc
+
+
+@triton.jit
+def _grad_tile(DY, X, x_base, c, cmask, h, hmask, HW, a, mean, rstd, A, Bc,
+               HAS_ADD: tl.constexpr, SILU: tl.constexpr):
+    """Recompute y_hat = (x + a - mean) rstd and g = dy * silu'(z) on one [BLOCK_C, BLOCK_HW] tile
+    (both 0 outside the mask; `a` is the per-channel add vector, ignored unless HAS_ADD)."""
+    mask = cmask[:, None] & hmask[None, :]
+    offs = x_base + c[:, None] * HW + h[None, :]
+    u = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        u = u + a[:, None]
+    g = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    y_hat = tl.where(mask, (u - mean) * rstd, 0.0)
+    if SILU:
+        z = A[:, None] * y_hat + Bc[:, None]
+        sig = tl.sigmoid(z)
+        g = g * (sig * (1.0 + z * (1.0 - sig)))
+    return mask, offs, y_hat, g
+
+
+# ------------------------------------------------------------------------------------------ forward
+@triton.jit
+def _gn_stats_kernel(X, ADD, PMEAN, PM2, C, HW, CPG, G, HW_PER_SPLIT, S,
+                     HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK: tl.constexpr):
+    """Split path, forward pass 1: (mean, M2) of slice s of group (n, g) -> PMEAN/PM2[(n*G+g)*S + s]."""
+    ng = tl.program_id(0)
+    s = tl.program_id(1)
+    n = ng // G
+    g = ng % G
+    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    add_base = n * C + g * CPG
+    hw_lo = s * HW_PER_SPLIT
+    hw_hi = tl.minimum(hw_lo + HW_PER_SPLIT, HW)
+    cnt, mean, m2 = _slice_stats(X, ADD, x_base, add_base, CPG, HW, hw_lo, hw_hi,
+                                 HAS_ADD, BLOCK_C, BLOCK_HW)
+    tl.store(PMEAN + ng * S + s, mean)
+    tl.store(PM2 + ng * S + s, m2)
+
+
+@triton.jit
+def _gn_fwd_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, PMEAN, PM2,
+                   C, HW, CPG, G, HW_PER_SPLIT, S, eps,
+                   HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                   FUSED_STATS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Statistics (in-program, or merged from S slice partials) then y = act(u * alpha + beta) on slice s."""
+    ng = tl.program_id(0)
+    s = tl.program_id(1)
+    n = ng // G
+    g = ng % G
+    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    nc_base = n * C + g * CPG
+    if FUSED_STATS:
+        cnt, mean, m2 = _slice_stats(X, ADD, x_base, nc_base, CPG, HW, 0, HW,
+                                     HAS_ADD, BLOCK_C, BLOCK_HW)
+    else:
+        cnt = tl.zeros([], dtype=tl.float32)
+        mean = tl.zeros([], dtype=tl.float32)
+        m2 = tl.zeros([], dtype=tl.float32)
+        for j in range(0, S):
+            lo = j * HW_PER_SPLIT
+            n_j = (CPG * (tl.minimum(lo + HW_PER_SPLIT, HW) - lo)).to(tl.float32)
+            mean_j = tl.load(PMEAN + ng * S + j)
+            m2_j = tl.load(PM2 + ng * S + j)
+            cnt, mean, m2 = _merge(cnt, mean, m2, n_j, mean_j, m2_j)
+    var = tl.maximum(m2 / cnt, 0.0)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    if s == 0:
+        tl.store(MEAN + ng, mean)
+        tl.store(RSTD + ng, rstd)
+
+    hw_lo = s * HW_PER_SPLIT
+    hw_hi = tl.minimum(hw_lo + HW_PER_SPLIT, HW)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_h = tl.arange(0, BLOCK_HW)
+    for c0 in range(0, CPG, BLOCK_C):
+        c = g * CPG + c0 + offs_c
+        cmask = (c0 + offs_c) < CPG
+        w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, c, cmask, n * C,
+                                         HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
+        alpha = A * rstd
+        # z = (u - mean) * alpha + Bc: subtract first (exact for near-constant groups, where rstd is
+        # large; folding mean into the FMA would amplify rounding by rstd), then one FMA
+        if HAS_ADD:
+            a = tl.load(ADD + nc_base + c0 + offs_c, mask=cmask, other=0.0).to(tl.float32)
+        for h0 in range(hw_lo, hw_hi, BLOCK_HW):
+            h = h0 + offs_h
+            mask = cmask[:, None] & (h < hw_hi)[None, :]
+            offs = x_base + (c0 + offs_c)[:, None] * HW + h[None, :]
+            xv = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_ADD:
+                xv = xv + a[:, None]
+            z = (xv - mean) * alpha[:, None] + Bc[:, None]
+            if SILU:
+                z = z * tl.sigmoid(z)
+            tl.store(Y + offs, z.to(Y.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------- backward
+@triton.jit
+def _gn_bwd_reduce_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
+                          C, HW, CPG, G, HW_PER_SPLIT, S,
+                          HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                          HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK: tl.constexpr):
+    """Split path, backward pass 1: Sg, Sgy of slice s per channel -> PSG/PSGY[(n*C + c)*S + s] (fp32)."""
+    ng = tl.program_id(0)
+    s = tl.program_id(1)
+    n = ng // G
+    g = ng % G
+    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    nc_base = n * C + g * CPG
+    mean = tl.load(MEAN + ng)
+    rstd = tl.load(RSTD + ng)
+    hw_lo = s * HW_PER_SPLIT
+    hw_hi = tl.minimum(hw_lo + HW_PER_SPLIT, HW)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_h = tl.arange(0, BLOCK_HW)
+    for c0 in range(0, CPG, BLOCK_C):
+        cl = c0 + offs_c
+        cmask = cl < CPG
+        w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, g * CPG + cl, cmask, n * C,
+                                         HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
+        if HAS_ADD:
+            a = tl.load(ADD + nc_base + cl, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            a = tl.zeros([BLOCK_C], tl.float32)
+        sg = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+        sgy = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+        for h0 in range(hw_lo, hw_hi, BLOCK_HW):
+            h = h0 + offs_h
+            mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < hw_hi, HW, a,
+                                               mean, rstd, A, Bc, HAS_ADD, SILU)
+            sg += gt
+            sgy += gt * y_hat
+        tl.store(PSG + (nc_base + cl) * S + s, tl.sum(sg, axis=1), mask=cmask)
+        tl.store(PSGY + (nc_base + cl) * S + s, tl.sum(sgy, axis=1), mask=cmask)
+
+
+@triton.jit
+def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
+                      DX, DADD, DSCALE, DSHIFT, DWP, DBP,
+                      C, HW, CPG, G, HW_PER_SPLIT, S,
+                      HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                      FUSED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Per-channel sums (in-program, or summed from S slice partials), per-channel outputs, then dx.
+
+    DADD[(n*C + c)*S + s] receives the dadd partial of slice s (S = 1: the final dadd).
+    DSCALE, DSHIFT ([N, C]) and DWP, DBP (fp32 [N, C] partials of dweight, dbias) are written by s == 0.
+    """
+    ng = tl.program_id(0)
+    s = tl.program_id(1)
+    n = ng // G
+    g = ng % G
+    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    nc_base = n * C + g * CPG
+    mean = tl.load(MEAN + ng)
+    rstd = tl.load(RSTD + ng)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_h = tl.arange(0, BLOCK_HW)
+
+    # pass 1: per-channel Sg, Sgy; group sums of dy_hat and dy_hat * y_hat
+    c1 = tl.zeros([], dtype=tl.float32)
+    c2 = tl.zeros([], dtype=tl.float32)
+    for c0 in range(0, CPG, BLOCK_C):
+        cl = c0 + offs_c
+        cmask = cl < CPG
+        w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, g * CPG + cl, cmask, n * C,
+                                         HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
+        if FUSED:
+            if HAS_ADD:
+                a = tl.load(ADD + nc_base + cl, mask=cmask, other=0.0).to(tl.float32)
+            else:
+                a = tl.zeros([BLOCK_C], tl.float32)
+            sg2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+            sgy2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+            for h0 in range(0, HW, BLOCK_HW):
+                h = h0 + offs_h
+                mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < HW, HW, a,
+                                                   mean, rstd, A, Bc, HAS_ADD, SILU)
+                sg2 += gt
+                sgy2 += gt * y_hat
+            sg = tl.sum(sg2, axis=1)
+            sgy = tl.sum(sgy2, axis=1)
+        else:
+            sg = tl.zeros([BLOCK_C], dtype=tl.float32)
+            sgy = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for j in range(0, S):
+                sg += tl.load(PSG + (nc_base + cl) * S + j, mask=cmask, other=0.0)
+                sgy += tl.load(PSGY + (nc_base + cl) * S + j, mask=cmask, other=0.0)
+        sg = tl.where(cmask, sg, 0.0)
+        sgy = tl.where(cmask, sgy, 0.0)
+        c1 += tl.sum(A * sg, axis=0)
+        c2 += tl.sum(A * sgy, axis=0)
+        if s == 0:
+            if HAS_SHIFT:
+                tl.store(DSHIFT + nc_base + cl, sg.to(DSHIFT.dtype.element_ty), mask=cmask)
+            if HAS_SCALE:
+                tl.store(DSCALE + nc_base + cl, (w * sgy + b * sg).to(DSCALE.dtype.element_ty), mask=cmask)
+            if HAS_W:
+                tl.store(DWP + nc_base + cl, s1 * sgy, mask=cmask)
+            if HAS_B:
+                tl.store(DBP + nc_base + cl, s1 * sg, mask=cmask)
+    m_inv = 1.0 / (CPG * HW)
+    c1 = c1 * m_inv
+    c2 = c2 * m_inv
+
+    # pass 2: dx on slice s, dadd partial
+    hw_lo = s * HW_PER_SPLIT
+    hw_hi = tl.minimum(hw_lo + HW_PER_SPLIT, HW)
+    for c0 in range(0, CPG, BLOCK_C):
+        cl = c0 + offs_c
+        cmask = cl < CPG
+        w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, g * CPG + cl, cmask, n * C,
+                                         HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
+        if HAS_ADD:
+            a = tl.load(ADD + nc_base + cl, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            a = tl.zeros([BLOCK_C], tl.float32)
+        da = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+        for h0 in range(hw_lo, hw_hi, BLOCK_HW):
+            h = h0 + offs_h
+            mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < hw_hi, HW, a,
+                                               mean, rstd, A, Bc, HAS_ADD, SILU)
+            dx = rstd * (gt * A[:, None] - c1 - y_hat * c2)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_ADD:
+                da += tl.where(mask, dx, 0.0)
+        if HAS_ADD:
+            tl.store(DADD + (nc_base + cl) * S + s, tl.sum(da, axis=1).to(DADD.dtype.element_ty),
+                     mask=cmask)
+
+
+# ----------------------------------------------------------------------------------------- launchers
+def _tiles(block: int, cpg: int, hw: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) for a tile budget of `block` elements."""
+    bhw = min(triton.next_power_of_2(hw), block)
+    bc = max(1, min(block // bhw, triton.next_power_of_2(cpg)))
+    return bc, bhw
+
+
+def _tile_heuristics(args: dict) -> dict:
+    bc, bhw = _tiles(args["BLOCK"], args["CPG"], args["HW"])
+    return {"BLOCK_C": bc, "BLOCK_HW": bhw}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def _plan(n: int, groups: int, cpg: int, hw: int, device: torch.device,
+          block: Optional[int], split: Optional[int]) -> tuple[int, int]:
+    """(S, HW_PER_SPLIT): slices per group along HW; HW_PER_SPLIT is a multiple of every BLOCK_HW."""
+    unit = triton.next_power_of_2(min(hw, block if block is not None else _MAX_BLOCK))
+    if split is None:
+        target = 4 * _sm_count(device)
+        programs = n * groups
+        if programs * 2 >= target:
+            split = 1
+        else:
+            # at least 4 tile rows of work per slice: splitting tiny groups only adds launches
+            split = max(1, min(triton.cdiv(target, programs), hw // (4 * unit)))
+    if not isinstance(split, int) or split < 1:
+        raise ValueError(f"split must be a positive int or None, got {split!r}")
+    per = triton.cdiv(triton.cdiv(hw, split), unit) * unit
+    return triton.cdiv(hw, per), per
+
+
+_TUNED: dict[str, Any] = {}
+
+
+def _launch(kernel, name: str, grid, args: list, consts: dict, cpg: int, hw: int,
+            block: Optional[int], use_tune: bool) -> None:
+    """Launch with a fixed BLOCK (interpreter / forced) or through triton.autotune over CONFIGS."""
+    if use_tune:
+        tuned = _TUNED.get(name)
+        if tuned is None:
+            configs = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in CONFIGS]
+            tuned = triton.autotune(configs, key=["CPG", "HW", "S"])(
+                triton.heuristics(_tile_heuristics)(kernel))
+            _TUNED[name] = tuned
+        tuned[grid](*args, **consts, enable_fp_fusion=_FP_FUSION)
+        return
+    if block is None:
+        block, warps = INTERPRET_BLOCK, _INTERPRET_WARPS
+    else:
+        warps = dict(CONFIGS).get(block, 4 if block <= 2048 else 8)
+    bc, bhw = _tiles(block, cpg, hw)
+    kernel[grid](*args, **consts, BLOCK_C=bc, BLOCK_HW=bhw, BLOCK=block, num_warps=warps,
+                 enable_fp_fusion=_FP_FUSION)
+
+
+def _check(x: torch.Tensor, weight, bias, add, scale, shift, groups: int) -> tuple[int, int, int, int]:
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError("x must be a tensor [N, C, *spatial] with at least 2 dims")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x.dtype must be one of float32, bfloat16, float16, got {x.dtype}")
+    n, c = x.shape[0], x.shape[1]
+    if not isinstance(groups, int) or groups < 1 or c % groups != 0:
+        raise ValueError(f"groups must be a positive int dividing C={c}, got {groups!r}")
+    hw = x.numel() // max(1, n * c)
+    if x.numel() == 0:
+        raise ValueError("x must not be empty")
+    for name, t, shape in (("weight", weight, (c,)), ("bias", bias, (c,)), ("add", add, (n, c)),
+                           ("scale", scale, (n, c)), ("shift", shift, (n, c))):
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)} or be None, got {list(t.shape)}")
+        if t.device != x.device or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor on {x.device}")
+    return n, c, hw, c // groups
+
+
+def _c(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def group_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                       add: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                       shift: Optional[torch.Tensor], groups: int, eps: float, silu: bool,
+                       *, block: Optional[int] = None, split: Optional[int] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward. Returns (y [x.shape, x.dtype], mean fp32 [N, groups], rstd fp32 [N, groups]).
+
+    weight/bias: [C] or None; add/scale/shift: [N, C] or None (see the module docstring for the math).
+    `block` forces a tile size (power of two) instead of the config list / autotune; `split` forces
+    the number of HW slices per group (1 = one program per group).
+    """
+    n, c, hw, cpg = _check(x, weight, bias, add, scale, shift, groups)
+    if block is not None and (block < 1 or block & (block - 1)):
+        raise ValueError(f"block must be a power of two or None, got {block!r}")
+    x = x.contiguous()
+    weight, bias, add, scale, shift = map(_c, (weight, bias, add, scale, shift))
+    y = torch.empty_like(x)
+    mean = torch.empty((n, groups), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    S, per = _plan(n, groups, cpg, hw, x.device, block, split)
+    use_tune = block is None and not _interpret()
+    flags = dict(HAS_ADD=add is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu))
+    if S > 1:
+        pmean = torch.empty((n * groups, S), device=x.device, dtype=torch.float32)
+        pm2 = torch.empty_like(pmean)
+        _launch(_gn_stats_kernel, "stats", (n * groups, S),
+                [x, add, pmean, pm2, c, hw, cpg, groups, per, S], dict(HAS_ADD=flags["HAS_ADD"]),
+                cpg, hw, block, use_tune)
+    else:
+        pmean = pm2 = mean
+    _launch(_gn_fwd_kernel, "fwd", (n * groups, S),
+            [x, add, weight, bias, scale, shift, y, mean, rstd, pmean, pm2, c, hw, cpg, groups, per, S,
+             float(eps)], dict(flags, FUSED_STATS=S == 1), cpg, hw, block, use_tune)
+    return y, mean, rstd
+
+
+def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                        bias: Optional[torch.Tensor], add: Optional[torch.Tensor],
+                        scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                        mean: torch.Tensor, rstd: torch.Tensor, groups: int, silu: bool,
+                        *, block: Optional[int] = None, split: Optional[int] = None):
+    """Fused backward. Returns (dx, dweight, dbias, dadd, dscale, dshift), None where the input was None.
+
+    dx has x's dtype; dweight/dbias the dtype of weight/bias (reduced over the batch from fp32
+    per-(n, c) partials by a torch sum: deterministic, no atomics); dadd/dscale/dshift are [N, C] in
+    the dtype of add/scale/shift. `block`/`split` as in `group_norm_forward`.
+    """
+    n, c, hw, cpg = _check(x, weight, bias, add, scale, shift, groups)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have x's shape {list(x.shape)}, got {list(dy.shape)}")
+    if mean.shape != (n, groups) or rstd.shape != (n, groups):
+        raise ValueError(f"mean and rstd must have shape [{n}, {groups}]")
+    if block is not None and (block < 1 or block & (block - 1)):
+        raise ValueError(f"block must be a power of two or None, got {block!r}")
+    x, dy = x.contiguous(), dy.contiguous()
+    mean = mean.contiguous().to(torch.float32)
+    rstd = rstd.contiguous().to(torch.float32)
+    weight, bias, add, scale, shift = map(_c, (weight, bias, add, scale, shift))
+    dev = x.device
+    S, per = _plan(n, groups, cpg, hw, dev, block, split)
+    use_tune = block is None and not _interpret()
+    flags = dict(HAS_ADD=add is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu))
+    f32 = torch.float32
+    dx = torch.empty_like(x)
+    dadd = None
+    if add is not None:
+        dadd = torch.empty((n, c, S), device=dev, dtype=f32) if S > 1 else torch.empty_like(add)
+    dscale = torch.empty_like(scale) if scale is not None else None
+    dshift = torch.empty_like(shift) if shift is not None else None
+    dwp = torch.empty((n, c), device=dev, dtype=f32) if weight is not None else None
+    dbp = torch.empty((n, c), device=dev, dtype=f32) if bias is not None else None
+    if S > 1:
+        psg = torch.empty((n, c, S), device=dev, dtype=f32)
+        psgy = torch.empty_like(psg)
+        _launch(_gn_bwd_reduce_kernel, "bwd_reduce", (n * groups, S),
+                [dy, x, add, weight, bias, scale, shift, mean, rstd, psg, psgy, c, hw, cpg, groups,
+                 per, S], flags, cpg, hw, block, use_tune)
+    else:
+        psg = psgy = mean  # unused (FUSED)
+    _launch(_gn_bwd_dx_kernel, "bwd_dx", (n * groups, S),
+            [dy, x, add, weight, bias, scale, shift, mean, rstd, psg, psgy, dx, dadd, dscale, dshift,
+             dwp, dbp, c, hw, cpg, groups, per, S], dict(flags, FUSED=S == 1), cpg, hw, block, use_tune)
+    if dadd is not None and S > 1:
+        dadd = dadd.sum(-1).to(add.dtype)
+    dweight = dwp.sum(0).to(weight.dtype) if dwp is not None else None
+    dbias = dbp.sum(0).to(bias.dtype) if dbp is not None else None
+    return dx, dweight, dbias, dadd, dscale, dshift
+
+
+# -------------------------------------------------------------------------------- HBM model + AOT
+def modelled_hbm_bytes(n: int, c: int, h: int, w: int, groups: int, elem_bytes: int = 2,
+                       param_bytes: Optional[int] = None) -> dict[str, int]:
+    """Modelled HBM bytes of group_norm_silu (affine + scale/shift + SiLU, no add), forward + backward.
+
+    Returns a dict with fused_fwd, fused_bwd, fused, unfused_fwd, unfused_bwd, unfused,
+    saved_fused, saved_unfused (bytes kept for backward). Every kernel pass over an activation tensor
+    is counted as a full read/write (see the module docstring for the pass list).
+    """
+    pb = elem_bytes if param_bytes is None else param_bytes
+    act = n * c * h * w * elem_bytes          # one pass over an activation tensor
+    chan = c * pb                              # weight or bias
+    nc = n * c * pb                            # scale, shift or their grads
+    stats = n * groups * 4                     # mean or rstd (fp32)
+    nc32 = n * c * 4                           # fp32 [N, C] partial
+    fused_fwd = 3 * act + 2 * chan + 2 * nc + 2 * stats
+    fused_bwd = (2 * act + 2 * chan + 2 * nc + 2 * stats                 # pass 1 reads
+                 + 3 * act + 2 * chan + 2 * nc + 2 * stats               # pass 2
+                 + 2 * nc + 2 * nc32                                     # dscale, dshift, dw/db partials
+                 + 2 * nc32 + 2 * chan)                                  # torch sum over N
+    # eager: native_group_norm (moments pass + apply pass), mul, add, silu
+    unfused_fwd = (3 * act + 2 * chan + 2 * stats) + (2 * act + nc) + (2 * act + nc) + 2 * act + 2 * nc
+    unfused_bwd = (3 * act                      # silu_backward
+                   + act + nc                   # dshift = sum_hw
+                   + 2 * act + nc               # d(t1) * (1 + scale)
+                   + 4 * act + nc               # dscale: mul -> tmp, sum
+                   + 5 * act + 2 * stats + 2 * chan + 2 * chan)  # native_group_norm_backward
+    return {
+        "fused_fwd": fused_fwd, "fused_bwd": fused_bwd, "fused": fused_fwd + fused_bwd,
+        "unfused_fwd": unfused_fwd, "unfused_bwd": unfused_bwd, "unfused": unfused_fwd + unfused_bwd,
+        "saved_fused": act + 2 * stats, "saved_unfused": 3 * act + 2 * stats,
+    }
+
+
+_AOT_SHAPE = (32, 128, 64, 64, 32)  # N, C, H, W, groups
+
+
+def aot_specs() -> list[dict]:
+    """One dict per kernel per config (bf16 for every config, fp32 for the first), all options on.
+
+    Shape for the BLOCK_C/BLOCK_HW split and the HBM model: 32x128x64x64, 32 groups, bf16 (the split
+    kernels use the 1x128x256x256 tile split, which is the same for CPG=4). hbm_bytes_* are the
+    modelled forward+backward totals of the whole op (same on every row; see modelled_hbm_bytes).
+    """
+    n, c, h, w, groups = _AOT_SHAPE
+    cpg, hw = c // groups, h * w
+    model = modelled_hbm_bytes(n, c, h, w, groups, 2)
+    flags = dict(HAS_ADD=True, HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True)
+    ints = {"C": "i32", "HW": "i32", "CPG": "i32", "G": "i32", "HW_PER_SPLIT": "i32", "S": "i32"}
+    specs = []
+    for ci, (block, warps) in enumerate(CONFIGS):
+        bc, bhw = _tiles(block, cpg, hw)
+        tiles = dict(BLOCK_C=bc, BLOCK_HW=bhw, BLOCK=block)
+        for dt in (["bf16", "fp32"] if ci == 0 else ["bf16"]):
+            p = "*" + dt
+            kernels = [
+                ("gn_stats", _gn_stats_kernel,
+                 {"X": p, "ADD": p, "PMEAN": "*fp32", "PM2": "*fp32", **ints},
+                 dict(HAS_ADD=True)),
+                ("gn_fwd", _gn_fwd_kernel,
+                 {"X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p, "Y": p, "MEAN": "*fp32",
+                  "RSTD": "*fp32", "PMEAN": "*fp32", "PM2": "*fp32", **ints, "eps": "fp32"},
+                 dict(flags, FUSED_STATS=True)),
+                ("gn_fwd_split", _gn_fwd_kernel,
+                 {"X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p, "Y": p, "MEAN": "*fp32",
+                  "RSTD": "*fp32", "PMEAN": "*fp32", "PM2": "*fp32", **ints, "eps": "fp32"},
+                 dict(flags, FUSED_STATS=False)),
+                ("gn_bwd_reduce", _gn_bwd_reduce_kernel,
+                 {"DY": p, "X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p, "MEAN": "*fp32",
+                  "RSTD": "*fp32", "PSG": "*fp32", "PSGY": "*fp32", **ints},
+                 flags),
+                ("gn_bwd_dx", _gn_bwd_dx_kernel,
+                 {"DY": p, "X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p, "MEAN": "*fp32",
+                  "RSTD": "*fp32", "PSG": "*fp32", "PSGY": "*fp32", "DX": p, "DADD": p, "DSCALE": p,
+                  "DSHIFT": p, "DWP": "*fp32", "DBP": "*fp32", **ints},
+                 dict(flags, FUSED=True)),
+                ("gn_bwd_dx_split", _gn_bwd_dx_kernel,
+                 {"DY": p, "X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p, "MEAN": "*fp32",
+                  "RSTD": "*fp32", "PSG": "*fp32", "PSGY": "*fp32", "DX": p, "DADD": "*fp32",
+                  "DSCALE": p, "DSHIFT": p, "DWP": "*fp32", "DBP": "*fp32", **ints},
+                 dict(flags, FUSED=False)),
+            ]
+            for name, fn, sig, consts in kernels:
+                consts = dict(consts, **tiles)
+                signature = dict(sig, **{k: "constexpr" for k in consts})
+                specs.append({
+                    "kernel": name,
+                    "config": f"BLOCK={block},warps={warps},{dt}",
+                    "fn": fn,
+                    "signature": signature,
+                    "constexprs": consts,
+                    "num_warps": warps,
+                    "num_stages": 1,
+                    "hbm_bytes_fused": model["fused"],
+                    "hbm_bytes_unfused": model["unfused"],
+                })
+    return specs
