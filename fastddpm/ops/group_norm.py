@@ -1,2 +1,263 @@
-def group_norm_silu(*args, **kwargs):  # placeholder until the op lands
-    raise NotImplementedError
+"""`group_norm_silu`: GroupNorm (+ pre-norm add) + affine + scale-shift + SiLU as one custom op.
+
+    u = x + add[n, c]                                   (add: DDPM's additive time embedding)
+    y = GroupNorm(u) * weight[c] + bias[c]              (statistics of u per (n, group))
+    y = y * (1 + scale[n, c]) + shift[n, c]             (Improved DDPM's scale-shift embedding)
+    y = silu(y)                                         (when silu=True)
+
+Two custom ops (namespace ``fastddpm``), each with a plain-PyTorch reference, a Triton branch
+(``kernels.group_norm``, imported only when that path is taken) and a fake implementation:
+
+* ``fastddpm::group_norm_silu(x, weight, bias, add, scale, shift, groups, eps, silu) -> (y, mean, rstd)``
+* ``fastddpm::group_norm_silu_backward(dy, x, weight, bias, add, scale, shift, mean, rstd, groups, silu)
+  -> (dx, dweight, dbias, dadd, dscale, dshift)``
+
+The autograd formula saves only the inputs and the per-(n, group) ``mean`` / ``rstd`` (float32
+[N, groups]; float64 for float64 inputs) and recomputes the normalized and activated values in the
+backward op: no normalized or activated tensor is kept for backward.
+
+Precision: statistics are computed in float32 whatever the input dtype (float32, bfloat16, float16):
+the input is upcast first and the variance is two-pass (mean, then mean of squared deviations), never
+E[u^2] - E[u]^2. Outputs have x's dtype; gradients the dtype of their input. float64 inputs are
+computed in float64 by the reference (for gradcheck); the Triton kernels take fp32/bf16/fp16 only, so
+float64 always uses the reference.
+
+torch.compile: ``eps`` is passed to the op as a Python float, and torch.compile specializes on
+Python floats (one graph per distinct value). ``eps`` is a constant of a model, so this costs
+nothing in practice; do not pass a varying float as eps.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backend import use_triton
+
+__all__ = ["group_norm_silu"]
+
+_LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _take_triton(x: Tensor) -> bool:
+    return x.dtype in _LOW_PRECISION and x.numel() > 0 and use_triton(x)
+
+
+def _absent(x: Tensor) -> Tensor:
+    """The stand-in returned by the backward op for the gradient of an input that was None."""
+    return x.new_empty((0,))
+
+
+# ------------------------------------------------------------------------------------ reference
+def _per_channel(t: Optional[Tensor], cd: torch.dtype) -> Optional[Tensor]:
+    """[C] -> [1, C, 1] in the compute dtype."""
+    return None if t is None else t.to(cd).reshape(1, -1, 1)
+
+
+def _per_sample_channel(t: Optional[Tensor], cd: torch.dtype) -> Optional[Tensor]:
+    """[N, C] -> [N, C, 1] in the compute dtype."""
+    return None if t is None else t.to(cd).unsqueeze(-1)
+
+
+def _reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], add: Optional[Tensor],
+                       scale: Optional[Tensor], shift: Optional[Tensor], groups: int, eps: float,
+                       silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    cd = _compute_dtype(x)
+    n, c = x.shape[0], x.shape[1]
+    u = x.to(cd).reshape(n, c, -1)
+    if add is not None:
+        u = u + _per_sample_channel(add, cd)
+    ug = u.reshape(n, groups, -1)
+    mean = ug.mean(-1)
+    centered = ug - mean.unsqueeze(-1)
+    var = centered.square().mean(-1)
+    rstd = torch.rsqrt(var + eps)
+    z = (centered * rstd.unsqueeze(-1)).reshape(n, c, -1)
+    if weight is not None:
+        z = z * _per_channel(weight, cd)
+    if bias is not None:
+        z = z + _per_channel(bias, cd)
+    if scale is not None:
+        z = z * (1 + _per_sample_channel(scale, cd))
+    if shift is not None:
+        z = z + _per_sample_channel(shift, cd)
+    if silu:
+        z = F.silu(z)
+    return z.reshape(x.shape).to(x.dtype).contiguous(), mean, rstd
+
+
+def _reference_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        add: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+                        mean: Tensor, rstd: Tensor, groups: int, silu: bool):
+    """Explicit backward formulas, recomputing y_hat and z from x, mean and rstd.
+
+        y_hat = (u - mean) rstd,  z1 = w y_hat + b,  z = z1 (1 + scale) + shift,  y = silu(z)
+        g = dy * silu'(z) = dy * s (1 + z (1 - s)), s = sigmoid(z)        (g = dy without silu)
+        dshift = sum_hw g,  dscale = sum_hw g z1,  g1 = g (1 + scale)
+        dbias = sum_{n,hw} g1,  dweight = sum_{n,hw} g1 y_hat,  d_hat = g1 w
+        du = rstd (d_hat - mean_group(d_hat) - y_hat mean_group(d_hat y_hat)),  dx = du,  dadd = sum_hw du
+    """
+    cd = _compute_dtype(x)
+    n, c = x.shape[0], x.shape[1]
+    cpg = c // groups
+    u = x.to(cd).reshape(n, c, -1)
+    if add is not None:
+        u = u + _per_sample_channel(add, cd)
+    mean_c = mean.to(cd).repeat_interleave(cpg, dim=1).unsqueeze(-1)
+    rstd_c = rstd.to(cd).repeat_interleave(cpg, dim=1).unsqueeze(-1)
+    y_hat = (u - mean_c) * rstd_c
+    w = _per_channel(weight, cd)
+    z1 = y_hat * w if w is not None else y_hat
+    if bias is not None:
+        z1 = z1 + _per_channel(bias, cd)
+    one_plus_s = None if scale is None else 1 + _per_sample_channel(scale, cd)
+    g = dy.to(cd).reshape(n, c, -1)
+    if silu:
+        z = z1 * one_plus_s if one_plus_s is not None else z1
+        if shift is not None:
+            z = z + _per_sample_channel(shift, cd)
+        sig = torch.sigmoid(z)
+        g = g * (sig * (1 + z * (1 - sig)))
+    dshift = g.sum(-1).to(shift.dtype) if shift is not None else _absent(x)
+    dscale = (g * z1).sum(-1).to(scale.dtype) if scale is not None else _absent(x)
+    g1 = g * one_plus_s if one_plus_s is not None else g
+    dbias = g1.sum((0, 2)).to(bias.dtype) if bias is not None else _absent(x)
+    dweight = (g1 * y_hat).sum((0, 2)).to(weight.dtype) if weight is not None else _absent(x)
+    d_hat = (g1 * w if w is not None else g1).reshape(n, groups, -1)
+    y_hat_g = y_hat.reshape(n, groups, -1)
+    c1 = d_hat.mean(-1, keepdim=True)
+    c2 = (d_hat * y_hat_g).mean(-1, keepdim=True)
+    du = (rstd.to(cd).unsqueeze(-1) * (d_hat - c1 - y_hat_g * c2)).reshape(n, c, -1)
+    dadd = du.sum(-1).to(add.dtype) if add is not None else _absent(x)
+    dx = du.reshape(x.shape).to(x.dtype).contiguous()
+    return dx, dweight, dbias, dadd, dscale, dshift
+
+
+# ---------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("fastddpm::group_norm_silu", mutates_args=())
+def _group_norm_silu_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], add: Optional[Tensor],
+                        scale: Optional[Tensor], shift: Optional[Tensor], groups: int, eps: float,
+                        silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if _take_triton(x):
+        from kernels.group_norm import group_norm_forward
+
+        y, mean, rstd = group_norm_forward(x.contiguous(), weight, bias, add, scale, shift, groups, eps, silu)
+        return y.contiguous(), mean, rstd
+    return _reference_forward(x, weight, bias, add, scale, shift, groups, eps, silu)
+
+
+@_group_norm_silu_op.register_fake
+def _group_norm_silu_fake(x, weight, bias, add, scale, shift, groups, eps, silu):
+    stats = x.new_empty((x.shape[0], groups), dtype=_compute_dtype(x))
+    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastddpm::group_norm_silu_backward", mutates_args=())
+def _group_norm_silu_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                                 add: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+                                 mean: Tensor, rstd: Tensor, groups: int, silu: bool
+                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx, dweight, dbias, dadd, dscale, dshift); an empty [0] tensor where the input was None."""
+    if _take_triton(x):
+        from kernels.group_norm import group_norm_backward
+
+        grads = group_norm_backward(dy.contiguous(), x.contiguous(), weight, bias, add, scale, shift,
+                                    mean, rstd, groups, silu)
+        dx = grads[0].contiguous()
+        rest = [_absent(x) if t is None else t.contiguous() for t in grads[1:]]
+        return (dx, *rest)
+    return _reference_backward(dy, x, weight, bias, add, scale, shift, mean, rstd, groups, silu)
+
+
+@_group_norm_silu_backward_op.register_fake
+def _group_norm_silu_backward_fake(dy, x, weight, bias, add, scale, shift, mean, rstd, groups, silu):
+    def like(t):
+        return _absent(x) if t is None else t.new_empty(t.shape)
+
+    return x.new_empty(x.shape), like(weight), like(bias), like(add), like(scale), like(shift)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, add, scale, shift, groups, eps, silu = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, add, scale, shift, mean, rstd)
+    ctx.groups = groups
+    ctx.silu = silu
+    ctx.present = tuple(t is not None for t in (weight, bias, add, scale, shift))
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, add, scale, shift, mean, rstd = ctx.saved_tensors
+    dx, *rest = _group_norm_silu_backward_op(dy, x, weight, bias, add, scale, shift, mean, rstd,
+                                             ctx.groups, ctx.silu)
+    rest = [g if present else None for g, present in zip(rest, ctx.present)]
+    return (dx, *rest, None, None, None)
+
+
+torch.library.register_autograd("fastddpm::group_norm_silu", _backward, setup_context=_setup_context)
+
+
+# -------------------------------------------------------------------------------- public function
+def _check_param(name: str, t: Optional[Tensor], shape: tuple, x: Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a Tensor of shape {list(shape)} or None, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)} (from x of shape {list(x.shape)}) or be None, "
+                         f"got {list(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
+def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], groups: int = 32,
+                    eps: float = 1e-5, add: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+                    shift: Optional[Tensor] = None, silu: bool = True) -> Tensor:
+    """Fused GroupNorm + affine + optional scale-shift + optional SiLU (see the module docstring).
+
+    Args:
+        x: [N, C, *spatial], float32 / bfloat16 / float16 (float64 runs the reference, for gradcheck).
+        weight, bias: [C] affine parameters of the norm, or None (weight 1, bias 0).
+        groups: number of groups; must divide C.
+        eps: added to the variance. A Python float: torch.compile specializes on its value, which
+            is a per-model constant.
+        add: [N, C] added to x before the norm (DDPM's time embedding), or None.
+        scale, shift: [N, C]; after the affine, y = y * (1 + scale) + shift (Improved DDPM), or None.
+        silu: apply SiLU at the end.
+
+    Returns:
+        y with x's shape and dtype (contiguous). Statistics are computed in float32 (float64 for
+        float64 x) by a two-pass reduction. Differentiable in x, weight, bias, add, scale, shift;
+        only the inputs and per-group mean/rstd are saved for backward.
+    """
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a Tensor [N, C, *spatial], got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [N, C, *spatial] (at least 2 dims), got {list(x.shape)}")
+    if x.dtype not in _LOW_PRECISION + (torch.float64,):
+        raise ValueError(f"x.dtype must be one of float32, bfloat16, float16, float64, got {x.dtype}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    n, c = x.shape[0], x.shape[1]
+    if c % groups != 0:
+        raise ValueError(f"groups={groups} must divide the number of channels C={c}")
+    if not isinstance(eps, (float, int)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if not isinstance(silu, bool):
+        raise ValueError(f"silu must be True or False, got {silu!r}")
+    _check_param("weight", weight, (c,), x)
+    _check_param("bias", bias, (c,), x)
+    _check_param("add", add, (n, c), x)
+    _check_param("scale", scale, (n, c), x)
+    _check_param("shift", shift, (n, c), x)
+    y, _, _ = _group_norm_silu_op(x, weight, bias, add, scale, shift, groups, float(eps), silu)
+    return y
