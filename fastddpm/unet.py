@@ -1,0 +1,444 @@
+"""The compact DDPM U-Net, built on the fused-op boundaries of `fastddpm.ops`.
+
+The layout mirrors diffusers' `UNet2DModel` of the DDPM family (google/ddpm-cifar10-32,
+-celebahq-256, -church-256), so that those weights map onto it one to one
+(`UNet.from_diffusers`, see `fastddpm.interop.diffusers`):
+
+    conv_in (3x3)
+    down levels l = 0..L-1 at resolution image_size / 2**l:
+        num_res_blocks x [ResBlock (+ AttentionBlock where the resolution is in attention_resolutions)]
+        a strided 3x3 convolution (all levels but the last)
+    middle: ResBlock, AttentionBlock, ResBlock
+    up levels l = L-1..0:
+        (num_res_blocks + 1) x [concat(skip) -> ResBlock (+ AttentionBlock)]
+        nearest 2x upsampling + 3x3 convolution (all levels but the last)
+    GroupNorm + SiLU -> conv_out (3x3)
+
+The time embedding is the sinusoidal embedding of DDPM (sin then cos, frequencies
+exp(-ln(10000) * i / (half - freq_shift))), then Linear -> SiLU -> Linear to 4 * base_channels.
+Every GroupNorm (with the time embedding folded in, and the SiLU after it) goes through
+`fastddpm.ops.group_norm_silu`, every self-attention through `fastddpm.ops.attention`; this module
+holds no backend logic.
+
+Defaults follow the DDPM paper's CIFAR-10 model as released (TF "SAME" padding of the strided
+convolution = `downsample_padding=0`, GroupNorm eps 1e-6, `flip_sin_to_cos=False`, `freq_shift=1`).
+Improved-DDPM models use `time_embedding="scale_shift"`, and usually `downsample_padding=1`,
+`norm_eps=1e-5`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops as _ops
+
+__all__ = ["UNet", "timestep_embedding"]
+
+TIME_EMBEDDINGS = ("add", "scale_shift")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1.0,
+                       max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [N, dim] (float32) of timesteps t [N] (DDPM's, diffusers' `Timesteps`).
+
+    Frequencies are exp(-ln(max_period) * i / (dim // 2 - freq_shift)) for i < dim // 2; the
+    embedding is [sin, cos] ([cos, sin] with `flip_sin_to_cos`), zero-padded when dim is odd.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    args = t.to(torch.float32)[:, None] * torch.exp(exponent)[None, :]
+    parts = [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)]
+    emb = torch.cat(parts, dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class GroupNorm(nn.Module):
+    """Affine GroupNorm parameters applied through `fastddpm.ops.group_norm_silu`.
+
+    The state dict holds `weight` and `bias` like `nn.GroupNorm`. `forward(x, add, scale, shift, silu)`
+    computes silu?(GroupNorm(x + add) * weight + bias) * (1 + scale) + shift, the time-embedding
+    terms being per (sample, channel) [N, C] tensors (see the op's docstring).
+    """
+
+    def __init__(self, groups: int, channels: int, eps: float):
+        super().__init__()
+        self.groups = groups
+        self.channels = channels
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, add: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+                shift: Optional[torch.Tensor] = None, silu: bool = True) -> torch.Tensor:
+        return _ops.group_norm_silu(x, self.weight, self.bias, groups=self.groups, eps=self.eps,
+                                    add=add, scale=scale, shift=shift, silu=silu)
+
+    def extra_repr(self) -> str:
+        return f"{self.groups}, {self.channels}, eps={self.eps}"
+
+
+class ResBlock(nn.Module):
+    """GroupNorm+SiLU -> conv3x3 -> time embedding -> GroupNorm+SiLU -> dropout -> conv3x3 (zero init), + skip.
+
+    "add": the projected embedding is added per (n, c) before the second norm (DDPM);
+    "scale_shift": the projection gives 2C = (scale, shift) applied after the second norm's affine
+    (Improved DDPM). `forward` takes the embedding after its SiLU (shared by all blocks).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float,
+                 time_embedding: str, groups: int, eps: float):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.time_embedding = time_embedding
+        self.norm1 = GroupNorm(groups, in_channels, eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(temb_channels, out_channels * (2 if time_embedding == "scale_shift" else 1))
+        self.norm2 = GroupNorm(groups, out_channels, eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.norm1(x))
+        proj = self.time_proj(emb)
+        if self.time_embedding == "add":
+            h = self.norm2(h, add=proj)
+        else:
+            scale, shift = proj.chunk(2, dim=1)
+            h = self.norm2(h, scale=scale, shift=shift)
+        h = self.conv2(self.dropout(h))
+        skip = x if self.skip is None else self.skip(x)
+        return skip + h
+
+
+class AttentionBlock(nn.Module):
+    """Pixel-wise multi-head self-attention: GroupNorm -> qkv Linear -> attention -> proj Linear (zero init), + x."""
+
+    def __init__(self, channels: int, num_heads: int, groups: int, eps: float):
+        super().__init__()
+        self.channels = channels
+        self.num_heads = num_heads
+        self.norm = GroupNorm(groups, channels, eps)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        n = hgt * wid
+        h = self.norm(x, silu=False).reshape(b, c, n).transpose(1, 2)  # [B, N, C]
+        qkv = self.qkv(h).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [B, heads, N, head_dim]
+        o = _ops.attention(q, k, v)
+        o = self.proj(o.transpose(1, 2).reshape(b, n, c))
+        return x + o.transpose(1, 2).reshape(b, c, hgt, wid)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 convolution. padding=0 pads right/bottom by one (TF "SAME", the DDPM release)."""
+
+    def __init__(self, channels: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: `resnets`, `attentions` (empty, or one per resnet), and `resample` (or None)."""
+
+    def __init__(self, resnets: list, attentions: list, resample: Optional[nn.Module]):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)
+        self.resample = resample
+
+
+class MidBlock(nn.Module):
+    """ResBlock -> AttentionBlock -> ResBlock at the lowest resolution."""
+
+    def __init__(self, resnet1: ResBlock, attention: AttentionBlock, resnet2: ResBlock):
+        super().__init__()
+        self.resnet1 = resnet1
+        self.attention = attention
+        self.resnet2 = resnet2
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.resnet2(self.attention(self.resnet1(x, emb)), emb)
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+class UNet(nn.Module):
+    """The DDPM / Improved-DDPM U-Net. `model(x, t, y=None) -> output [N, out_channels, H, W]`.
+
+    Args:
+        image_size: height = width of the inputs; must be divisible by 2**(len(channel_mults) - 1).
+        in_channels: image channels.
+        base_channels: channels of the first level; the time embedding has 4 * base_channels.
+        channel_mults: channels of level l = base_channels * channel_mults[l].
+        num_res_blocks: ResBlocks per level on the way down (one more per level on the way up).
+        attention_resolutions: resolutions (image sizes of levels, e.g. 16) that get self-attention
+            after each ResBlock; the middle block always has one.
+        dropout: dropout probability inside the ResBlocks.
+        num_heads: attention heads (must divide the channels of every attention block), or
+        head_channels: channels per head (then the heads of a block are its channels / head_channels;
+            give either this or num_heads, not both).
+        time_embedding: "add" (DDPM: added before the second GroupNorm) or "scale_shift"
+            (Improved DDPM: GroupNorm, then * (1 + scale) + shift).
+        learn_sigma: output 2 * in_channels channels (eps and the variance interpolation v).
+        num_classes: class-conditional model with classes 0..num_classes-1; class `num_classes` is the
+            null class (classifier-free guidance), used where `y` is None.
+        groups: GroupNorm groups (must divide base_channels * every mult).
+        out_channels: output channels (default in_channels, doubled with learn_sigma).
+        norm_eps: GroupNorm epsilon (1e-6 as in the DDPM release).
+        downsample_padding: 0 (pad right/bottom by one, as the DDPM release) or 1 (symmetric).
+        flip_sin_to_cos: order [cos, sin] instead of [sin, cos] in the sinusoidal embedding.
+        freq_shift: the sinusoidal embedding's frequency denominator is (half_dim - freq_shift).
+    """
+
+    def __init__(self, image_size: int = 32, in_channels: int = 3, base_channels: int = 128,
+                 channel_mults: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
+                 attention_resolutions: Sequence[int] = (16,), dropout: float = 0.1, num_heads: int = 1,
+                 head_channels: Optional[int] = None, time_embedding: str = "add", learn_sigma: bool = False,
+                 num_classes: Optional[int] = None, groups: int = 32, out_channels: Optional[int] = None,
+                 *, norm_eps: float = 1e-6, downsample_padding: int = 0, flip_sin_to_cos: bool = False,
+                 freq_shift: float = 1.0):
+        super().__init__()
+        _positive_int("image_size", image_size)
+        _positive_int("in_channels", in_channels)
+        _positive_int("base_channels", base_channels, 2)
+        _positive_int("num_res_blocks", num_res_blocks)
+        _positive_int("groups", groups)
+        if isinstance(channel_mults, (str, bytes)) or not isinstance(channel_mults, Sequence) or len(channel_mults) == 0:
+            raise ValueError(f"channel_mults must be a non-empty sequence of positive ints, got {channel_mults!r}")
+        channel_mults = tuple(channel_mults)
+        for m in channel_mults:
+            _positive_int("every entry of channel_mults", m)
+        num_levels = len(channel_mults)
+        if image_size % (2 ** (num_levels - 1)):
+            raise ValueError(f"image_size must be divisible by 2**(len(channel_mults) - 1) = {2 ** (num_levels - 1)}, "
+                             f"got image_size={image_size}")
+        resolutions = [image_size // 2 ** lvl for lvl in range(num_levels)]
+        if isinstance(attention_resolutions, int) or not isinstance(attention_resolutions, Sequence):
+            raise ValueError(f"attention_resolutions must be a sequence of ints, got {attention_resolutions!r}")
+        attention_resolutions = tuple(attention_resolutions)
+        for r in attention_resolutions:
+            if r not in resolutions:
+                raise ValueError(f"attention_resolutions entries must be resolutions of the levels {resolutions}, "
+                                 f"got {r!r}")
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        if time_embedding not in TIME_EMBEDDINGS:
+            raise ValueError(f"time_embedding must be one of {TIME_EMBEDDINGS}, got {time_embedding!r}")
+        if num_classes is not None:
+            _positive_int("num_classes", num_classes)
+        if out_channels is None:
+            out_channels = in_channels * (2 if learn_sigma else 1)
+        else:
+            _positive_int("out_channels", out_channels)
+            if learn_sigma and out_channels != 2 * in_channels:
+                raise ValueError(f"with learn_sigma=True out_channels must be 2 * in_channels = {2 * in_channels} "
+                                 f"(or None), got {out_channels}")
+        if downsample_padding not in (0, 1):
+            raise ValueError(f"downsample_padding must be 0 or 1, got {downsample_padding!r}")
+        if not isinstance(norm_eps, (int, float)) or norm_eps <= 0:
+            raise ValueError(f"norm_eps must be a positive float, got {norm_eps!r}")
+        if base_channels // 2 - freq_shift == 0:
+            raise ValueError(f"freq_shift must differ from base_channels // 2, got {freq_shift!r}")
+        channels = [base_channels * m for m in channel_mults]
+        for c in channels:
+            if c % groups:
+                raise ValueError(f"groups must divide base_channels * every channel mult {channels}, got groups={groups}")
+        attn_channels = sorted({channels[lvl] for lvl in range(num_levels) if resolutions[lvl] in attention_resolutions}
+                               | {channels[-1]})
+        if head_channels is not None:
+            _positive_int("head_channels", head_channels)
+            if num_heads != 1:
+                raise ValueError(f"give either num_heads or head_channels, not both (num_heads={num_heads}, "
+                                 f"head_channels={head_channels})")
+            for c in attn_channels:
+                if c % head_channels:
+                    raise ValueError(f"head_channels must divide the channels of every attention block {attn_channels}, "
+                                     f"got {head_channels}")
+        else:
+            _positive_int("num_heads", num_heads)
+            for c in attn_channels:
+                if c % num_heads:
+                    raise ValueError(f"num_heads must divide the channels of every attention block {attn_channels}, "
+                                     f"got {num_heads}")
+
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.base_channels = base_channels
+        self.channel_mults = channel_mults
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = attention_resolutions
+        self.num_heads = num_heads
+        self.head_channels = head_channels
+        self.time_embedding = time_embedding
+        self.learn_sigma = bool(learn_sigma)
+        self.num_classes = num_classes
+        self.groups = groups
+        self.norm_eps = float(norm_eps)
+        self.downsample_padding = downsample_padding
+        self.flip_sin_to_cos = bool(flip_sin_to_cos)
+        self.freq_shift = freq_shift
+        self.config = dict(image_size=image_size, in_channels=in_channels, base_channels=base_channels,
+                           channel_mults=list(channel_mults), num_res_blocks=num_res_blocks,
+                           attention_resolutions=list(attention_resolutions), dropout=float(dropout),
+                           num_heads=num_heads, head_channels=head_channels, time_embedding=time_embedding,
+                           learn_sigma=bool(learn_sigma), num_classes=num_classes, groups=groups,
+                           out_channels=out_channels, norm_eps=float(norm_eps),
+                           downsample_padding=downsample_padding, flip_sin_to_cos=bool(flip_sin_to_cos),
+                           freq_shift=freq_shift)
+
+        temb = 4 * base_channels
+        self.temb_channels = temb
+
+        def heads(c: int) -> int:
+            return c // head_channels if head_channels is not None else num_heads
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, temb, dropout, time_embedding, groups, norm_eps)
+
+        def attn(c: int) -> AttentionBlock:
+            return AttentionBlock(c, heads(c), groups, norm_eps)
+
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.time_linear1 = nn.Linear(base_channels, temb)
+        self.time_linear2 = nn.Linear(temb, temb)
+        self.class_embedding = nn.Embedding(num_classes + 1, temb) if num_classes is not None else None
+
+        skip_channels = [base_channels]
+        self.down = nn.ModuleList()
+        cin = base_channels
+        for lvl, cout in enumerate(channels):
+            use_attn = resolutions[lvl] in attention_resolutions
+            resnets, attentions = [], []
+            for _ in range(num_res_blocks):
+                resnets.append(res(cin, cout))
+                if use_attn:
+                    attentions.append(attn(cout))
+                cin = cout
+                skip_channels.append(cout)
+            resample = None
+            if lvl != num_levels - 1:
+                resample = Downsample(cout, downsample_padding)
+                skip_channels.append(cout)
+            self.down.append(Level(resnets, attentions, resample))
+
+        self.mid = MidBlock(res(cin, cin), attn(cin), res(cin, cin))
+
+        self.up = nn.ModuleList()
+        for lvl in reversed(range(num_levels)):
+            cout = channels[lvl]
+            use_attn = resolutions[lvl] in attention_resolutions
+            resnets, attentions = [], []
+            for _ in range(num_res_blocks + 1):
+                resnets.append(res(cin + skip_channels.pop(), cout))
+                if use_attn:
+                    attentions.append(attn(cout))
+                cin = cout
+            resample = Upsample(cout) if lvl != 0 else None
+            self.up.append(Level(resnets, attentions, resample))
+        assert not skip_channels
+
+        self.norm_out = GroupNorm(groups, base_channels, norm_eps)
+        self.conv_out = nn.Conv2d(base_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    @classmethod
+    def from_diffusers(cls, unet2d, image_size: Optional[int] = None) -> "UNet":
+        """Map a diffusers `UNet2DModel` of the DDPM family onto a UNet (see `fastddpm.interop.diffusers`)."""
+        from .interop.diffusers import unet_from_diffusers
+
+        return unet_from_diffusers(unet2d, image_size=image_size)
+
+    def _embedding(self, x: torch.Tensor, t: Union[torch.Tensor, int], y: Optional[torch.Tensor]) -> torch.Tensor:
+        n = x.shape[0]
+        if not torch.is_tensor(t):
+            if isinstance(t, bool) or not isinstance(t, (int, float)):
+                raise ValueError(f"t must be an int64 tensor of shape [N] or a scalar, got {type(t).__name__}")
+            t = torch.full((n,), t, device=x.device)
+        elif t.dim() == 0:
+            t = t.reshape(1).expand(n)
+        elif t.shape != (n,):
+            raise ValueError(f"t must have shape [N] = [{n}] or be a scalar, got shape {tuple(t.shape)}")
+        dtype = self.time_linear1.weight.dtype
+        emb = timestep_embedding(t.to(x.device), self.base_channels, self.flip_sin_to_cos, self.freq_shift)
+        emb = self.time_linear2(F.silu(self.time_linear1(emb.to(dtype))))
+        if self.class_embedding is not None:
+            if y is None:
+                y = torch.full((n,), self.num_classes, dtype=torch.long, device=x.device)
+            elif not torch.is_tensor(y) or y.shape != (n,) or y.dtype.is_floating_point or y.dtype == torch.bool:
+                raise ValueError(f"y must be an integer tensor of shape [N] = [{n}] with labels in "
+                                 f"[0, {self.num_classes}] (num_classes = null class) or None")
+            emb = emb + self.class_embedding(y.to(x.device))
+        elif y is not None:
+            raise ValueError("y (class labels) was given but the UNet has num_classes=None")
+        return emb
+
+    def forward(self, x: torch.Tensor, t: Union[torch.Tensor, int], y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Model output [N, out_channels, H, W] for x_t [N, in_channels, H, W] at timesteps t [N] (int64, or a
+        scalar broadcast to the batch), with class labels y [N] (None: the null class) when num_classes is set."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] != self.image_size \
+                or x.shape[3] != self.image_size:
+            raise ValueError(f"x must have shape [N, {self.in_channels}, {self.image_size}, {self.image_size}] "
+                             f"(in_channels, image_size), got {tuple(x.shape)}")
+        emb = F.silu(self._embedding(x, t, y))  # every ResBlock's projection starts with SiLU
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for i, resnet in enumerate(level.resnets):
+                h = resnet(h, emb)
+                if len(level.attentions):
+                    h = level.attentions[i](h)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+
+        h = self.mid(h, emb)
+
+        for level in self.up:
+            for i, resnet in enumerate(level.resnets):
+                h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+                if len(level.attentions):
+                    h = level.attentions[i](h)
+            if level.resample is not None:
+                h = level.resample(h)
+
+        return self.conv_out(self.norm_out(h))
