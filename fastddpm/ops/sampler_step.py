@@ -1,2 +1,152 @@
-def sampler_step(*args, **kwargs):  # placeholder until the op lands
-    raise NotImplementedError
+"""`fastddpm::sampler_step`: one fused elementwise pass per sampling step (DDPM, DDIM, DPM-Solver++ 2M).
+
+The op is generic over the samplers: a per-step row of a coefficient table says what to do.
+With C = x.shape[1], m = model_output[:, :C] (fp32 math whatever the dtype), row = coefs[step]:
+
+    x0    = A*x + B*m                               (eps: A=sqrt(1/ab), B=-sqrt(1/ab-1); x0: A=0, B=1;
+                                                     v: A=sqrt(ab), B=-sqrt(1-ab))
+    x0c   = clamp(x0, -1, 1) if clip else x0
+    mean  = P*x0c + Q*x + R*m + P2*x0_prev          (the x0_prev term only when x0_prev is given)
+    sigma = SIGMA                                   if not learned_range
+          = SIGMA * exp(0.5*(f*LOG_MAX + (1-f)*LOG_MIN)), f = (v+1)/2, v = model_output[:, C:2C]
+    x_prev = mean + sigma * z                       returns (x_prev, x0c), both in x's dtype
+
+Columns of coefs: 0 A, 1 B, 2 P, 3 Q, 4 R, 5 P2, 6 SIGMA, 7 LOG_MIN, 8 LOG_MAX.
+
+z is `noise` when given; else, when `seed` is given, the Philox stream of `fastddpm.ops.philox`
+(z[i, e] = normal(seed, c0=e, c1=image_offset+i, c2=step, c3=0)); when neither is given z = 0, which
+is what deterministic samplers (DDIM with eta = 0, DPM-Solver++) use: the caller guarantees sigma = 0.
+
+`step` (the row) and `seed` are int64 device tensors of one element, read on the device (no host
+sync), so one launch can be replayed inside a CUDA graph. CUDA tensors (or any tensor under
+`use_backend("triton")`) go to the Triton kernel in `kernels/sampler_step.py`; everything else to the
+plain-PyTorch reference below, which is also the oracle of the kernel's tests.
+"""
+# No `from __future__ import annotations`: torch.library infers the op schema from real annotations.
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .backend import use_triton
+
+__all__ = ["sampler_step", "sampler_step_reference", "NUM_COEFS", "COLUMNS"]
+
+NUM_COEFS = 9
+COLUMNS = ("A", "B", "P", "Q", "R", "P2", "SIGMA", "LOG_MIN", "LOG_MAX")
+
+
+def _check(
+    x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, x0_prev: Optional[Tensor],
+    noise: Optional[Tensor], seed: Optional[Tensor], image_offset: int, learned_range: bool,
+) -> None:
+    """ValueError naming the argument for every violation of the op's contract (no device sync)."""
+    if x.dim() < 2 or not x.dtype.is_floating_point:
+        raise ValueError(f"x must be a floating-point tensor [N, C, *spatial], got {x.dtype} {tuple(x.shape)}")
+    n, c = x.shape[0], x.shape[1]
+    want_c = 2 * c if learned_range else c
+    want = (n, want_c) + tuple(x.shape[2:])
+    if tuple(model_output.shape) != want or not model_output.dtype.is_floating_point:
+        raise ValueError(
+            f"model_output must be a floating-point tensor of shape {want} "
+            f"({'2C channels with learned_range=True' if learned_range else 'C channels'}), "
+            f"got {model_output.dtype} {tuple(model_output.shape)}"
+        )
+    if coefs.dim() != 2 or coefs.shape[1] != NUM_COEFS or coefs.dtype != torch.float32:
+        raise ValueError(f"coefs must be a float32 tensor [S, {NUM_COEFS}], got {coefs.dtype} {tuple(coefs.shape)}")
+    if step.dtype != torch.int64 or step.numel() != 1:
+        raise ValueError(f"step must be an int64 tensor with one element, got {step.dtype} {tuple(step.shape)}")
+    if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1):
+        raise ValueError(f"seed must be None or an int64 tensor with one element, got {seed.dtype} {tuple(seed.shape)}")
+    for name, t in (("x0_prev", x0_prev), ("noise", noise)):
+        if t is not None and (t.shape != x.shape or not t.dtype.is_floating_point):
+            raise ValueError(f"{name} must be None or a floating-point tensor of x's shape {tuple(x.shape)}, "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    if image_offset < 0:
+        raise ValueError(f"image_offset must be a non-negative int, got {image_offset}")
+    for name, t in (("model_output", model_output), ("coefs", coefs), ("step", step), ("x0_prev", x0_prev),
+                    ("noise", noise), ("seed", seed)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
+def sampler_step_reference(
+    x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, x0_prev: Optional[Tensor] = None,
+    noise: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
+    clip: bool = True, learned_range: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """The plain-PyTorch implementation of the op (same arguments and results; no checks)."""
+    c = x.shape[1]
+    wdt = torch.promote_types(x.dtype, torch.float32)  # fp32 math for fp32/bf16/fp16, fp64 for fp64
+    row = coefs.index_select(0, step.reshape(1)).to(wdt).reshape(NUM_COEFS)  # on the device, no .item()
+    a, b, p, q, r, p2, sig, log_min, log_max = row.unbind(0)
+    xf = x.to(wdt)
+    m = model_output[:, :c].to(wdt)
+    x0 = a * xf + b * m
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    mean = p * x0 + q * xf + r * m
+    if x0_prev is not None:
+        mean = mean + p2 * x0_prev.to(wdt)
+    if noise is None and seed is not None:
+        from .philox import philox_normal  # lazy: written alongside the kernel
+
+        noise = philox_normal(seed, tuple(x.shape), step, stream=0, image_offset=image_offset, device=x.device)
+    if noise is not None:
+        if learned_range:
+            f = (model_output[:, c:].to(wdt) + 1.0) * 0.5
+            sigma = sig * torch.exp(0.5 * (f * log_max + (1.0 - f) * log_min))
+        else:
+            sigma = sig
+        mean = mean + sigma * noise.to(wdt)
+    return mean.to(x.dtype), x0.to(x.dtype)
+
+
+@torch.library.custom_op("fastddpm::sampler_step", mutates_args=())
+def sampler_step(
+    x: Tensor,
+    model_output: Tensor,
+    coefs: Tensor,
+    step: Tensor,
+    x0_prev: Optional[Tensor] = None,
+    noise: Optional[Tensor] = None,
+    seed: Optional[Tensor] = None,
+    image_offset: int = 0,
+    clip: bool = True,
+    learned_range: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """One sampling step x_t -> (x_{t-1}, x0-hat) driven by the coefficient row `coefs[step]`.
+
+    Args:
+        x: x_t, [N, C, *spatial], float32/bf16/fp16 (fp64 accepted on the reference path).
+        model_output: [N, C, *spatial], or [N, 2C, *spatial] with learned_range (channels C..2C-1 are
+            the variance interpolation v in [-1, 1]).
+        coefs: float32 [S, 9] on x's device (columns A, B, P, Q, R, P2, SIGMA, LOG_MIN, LOG_MAX).
+        step: int64 tensor [1] on x's device: the row of `coefs` (also the Philox step counter).
+        x0_prev: the previous x0-hat (DPM-Solver++ 2M) or None.
+        noise: the standard normals z (x's shape) or None.
+        seed: int64 tensor [1]: draw z from the Philox stream when `noise` is None. With neither,
+            z = 0 (the caller guarantees sigma = 0).
+        image_offset: global index of image 0 of this batch (Philox counter c1 = image_offset + i).
+        clip: clamp x0-hat to [-1, 1] before the update.
+        learned_range: sigma interpolates LOG_MIN/LOG_MAX with the model's extra channels.
+
+    Returns:
+        (x_prev, x0c): new tensors in x's dtype.
+    """
+    _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range)
+    if use_triton(x):
+        from kernels.sampler_step import sampler_step_forward
+
+        return sampler_step_forward(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, learned_range)
+    return sampler_step_reference(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, learned_range)
+
+
+@sampler_step.register_fake
+def _(
+    x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, x0_prev: Optional[Tensor] = None,
+    noise: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
+    clip: bool = True, learned_range: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)

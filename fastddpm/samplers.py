@@ -1,0 +1,542 @@
+"""Samplers: DDPM (ancestral, respaced), DDIM(eta) and DPM-Solver++(2M), one step API and one loop.
+
+Every sampler is a coefficient table: row s holds the nine numbers (A, B, P, Q, R, P2, SIGMA, LOG_MIN,
+LOG_MAX) that the fused op `fastddpm.ops.sampler_step` needs to take step s (timestep
+`timesteps[s]`, descending). The table is computed in float64 on the CPU from the (respaced)
+`NoiseSchedule` when the sampler is built and cast to float32 once per device; the loop indexes it on
+the device with an int64 step counter, so `sample` never synchronises with the host.
+
+Timesteps and respacing (improved-diffusion, and what diffusers computes from its previous timestep):
+with the kept timesteps S_0 < ... < S_{K-1}, the sampler uses beta_i = 1 - ab[S_i] / ab[S_{i-1}]
+(ab[S_{-1}] = 1) and calls the model with the original timestep S_i. `steps` may be None (all T
+timesteps), an int (`space_timesteps(T, steps)`: evenly spaced from T-1 down to 0, both included; the
+default for every sampler) or an explicit strictly descending list of timesteps (e.g. diffusers'
+`scheduler.timesteps` after `set_timesteps(n)`, for drop-in parity).
+
+Variances (DDPM): "fixed_small" sigma^2 = beta_tilde of the respaced schedule, "fixed_large" sigma^2 =
+the respaced beta, "learned_range" log sigma^2 = f log beta + (1 - f) log beta_tilde (the log clipped at
+the final step as improved-diffusion), f = (v + 1) / 2 from the model's extra C channels. No noise is
+added at the final step (the last element of `timesteps`), as improved-diffusion and diffusers (whose
+lists end at t = 0) do.
+
+DDIM: sigma = eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev), ab_prev = 1 at the final
+step (diffusers' set_alpha_to_one=True); x_prev = sqrt(ab_prev) x0c + sqrt(1 - ab_prev - sigma^2) eps_hat
++ sigma z, with eps_hat computed from the *unclipped* model output as diffusers' DDIMScheduler does by
+default (use_clipped_model_output=False).
+
+DPM-Solver++(2M) (Lu et al. 2022, data prediction): lambda_t = log(sqrt(ab_t) / sqrt(1 - ab_t)); the
+first step is first order (DPM-Solver++ 1 = DDIM), the following ones second-order multistep with the
+previous x0-hat, and the final step (at `timesteps[-1]`, 0 by default) returns x0-hat itself, i.e. a
+first-order step to sigma = 0. `steps` counts model evaluations.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .ops.sampler_step import NUM_COEFS, sampler_step
+from .schedule import NoiseSchedule, space_timesteps
+
+__all__ = ["DDPMSampler", "DDIMSampler", "DPMSolverSampler", "Sampler"]
+
+PREDICTIONS = ("eps", "x0", "v")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+
+Steps = Union[None, int, Sequence[int], torch.Tensor]
+Model = Callable[..., Any]
+
+# coefficient columns
+_A, _B, _P, _Q, _R, _P2, _SIGMA, _LOG_MIN, _LOG_MAX = range(NUM_COEFS)
+
+
+def _resolve_timesteps(num_timesteps: int, steps: Steps, allow_none: bool) -> List[int]:
+    """Descending original-schedule timesteps from None / an int / an explicit descending list."""
+    T = num_timesteps
+    if steps is None:
+        if not allow_none:
+            raise ValueError("steps must be an int in [1, T] or a descending list of timesteps, got None")
+        return list(range(T - 1, -1, -1))
+    if isinstance(steps, bool):
+        raise ValueError(f"steps must be None, an int in [1, {T}] or a strictly descending list of timesteps, got {steps!r}")
+    if isinstance(steps, numbers.Integral):
+        steps = int(steps)
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be an int in [1, {T}] (or None, or a descending list), got {steps}")
+        return sorted(space_timesteps(T, steps), reverse=True)
+    if isinstance(steps, torch.Tensor):
+        if steps.dtype.is_floating_point or steps.dtype.is_complex or steps.dtype == torch.bool or steps.ndim != 1:
+            raise ValueError(f"steps as a tensor must be a 1-D integer tensor, got {steps.dtype} {tuple(steps.shape)}")
+        ts = [int(v) for v in steps.tolist()]
+    else:
+        try:
+            ts = [operator.index(v) for v in steps]
+        except TypeError:
+            raise ValueError(
+                f"steps must be None, an int in [1, {T}] or a strictly descending list of integer timesteps, got {steps!r}"
+            ) from None
+    if len(ts) == 0:
+        raise ValueError("steps must not be an empty list of timesteps")
+    if any(not 0 <= v < T for v in ts):
+        raise ValueError(f"steps: every timestep must lie in [0, {T}), got {ts}")
+    if any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"steps must be strictly descending (e.g. scheduler.timesteps), got {ts}")
+    return ts
+
+
+def _x0_coefs(prediction: str, ab: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with x0 = A x_t + B m for the model output m (float64)."""
+    if prediction == "eps":
+        return (1.0 / ab).sqrt(), -(1.0 / ab - 1.0).sqrt()
+    if prediction == "x0":
+        return torch.zeros_like(ab), torch.ones_like(ab)
+    return ab.sqrt(), -(1.0 - ab).sqrt()  # v
+
+
+def _eps_coefs(prediction: str, ab: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Ex, Em) with eps_hat = Ex x_t + Em m, from the unclipped output as diffusers' DDIM (float64)."""
+    if prediction == "eps":
+        return torch.zeros_like(ab), torch.ones_like(ab)
+    if prediction == "x0":
+        return 1.0 / (1.0 - ab).sqrt(), -(ab / (1.0 - ab)).sqrt()
+    return (1.0 - ab).sqrt(), ab.sqrt()  # v
+
+
+class Sampler:
+    """Base class: timesteps, the float64 coefficient table, the step API and the sampling loop.
+
+    Subclasses set `self.timesteps` (via `_setup`) and implement `_build_coefs`.
+    """
+
+    #: whether the op's learned_range path is used (DDPM with variance="learned_range")
+    learned_range: bool = False
+    #: whether the update reads the previous x0-hat (DPM-Solver++ 2M)
+    uses_x0_prev: bool = False
+
+    def _setup(self, diffusion: Any, timesteps: List[int]) -> None:
+        schedule = getattr(diffusion, "schedule", None)
+        if not isinstance(schedule, NoiseSchedule):
+            raise ValueError(f"diffusion must be a fastddpm.GaussianDiffusion (with a NoiseSchedule), got {type(diffusion).__name__}")
+        prediction = getattr(diffusion, "prediction", None)
+        variance = getattr(diffusion, "variance", None)
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"diffusion.prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if variance not in VARIANCES:
+            raise ValueError(f"diffusion.variance must be one of {VARIANCES}, got {variance!r}")
+        self.diffusion = diffusion
+        self.schedule: NoiseSchedule = schedule
+        self.prediction: str = prediction
+        self.variance: str = variance
+        self.num_timesteps: int = int(schedule.num_timesteps)
+        self.timesteps = torch.tensor(timesteps, dtype=torch.int64)
+        self._row_of: Dict[int, int] = {t: s for s, t in enumerate(timesteps)}
+        # the respaced schedule, ascending: respaced index i <-> row S-1-i
+        self.respaced: NoiseSchedule = schedule.respace(timesteps)
+        # timesteps the model sees (a diffusion over an already respaced schedule maps them back)
+        tm = getattr(schedule, "timestep_map", None)
+        self._model_timesteps = self.timesteps if tm is None else torch.as_tensor(tm, dtype=torch.int64)[self.timesteps]
+        coefs = self._build_coefs()
+        if coefs.dtype != torch.float64 or tuple(coefs.shape) != (len(timesteps), NUM_COEFS):
+            raise AssertionError("internal: coefficient table must be float64 [S, 9]")
+        self.coefs: torch.Tensor = coefs  # float64, CPU, row s <-> timesteps[s]
+        # rows that add noise (known on the host: no sync in the loop)
+        self._noisy: List[bool] = [bool(v != 0) for v in coefs[:, _SIGMA].tolist()]
+        self._device_cache: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------------------ tables
+    def _build_coefs(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _per_step(self, ascending: torch.Tensor) -> torch.Tensor:
+        """A respaced-schedule table (ascending index) reordered to rows (descending timesteps)."""
+        return ascending.flip(0)
+
+    def device_tables(self, device: Union[str, torch.device]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(coefs float32 [S, 9], step indices int64 [S], model timesteps int64 [S]) on `device`.
+
+        Cast once per device and cached. `steps[s:s+1]` is the op's step tensor for row s.
+        """
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        hit = self._device_cache.get(device)
+        if hit is None:
+            hit = (
+                self.coefs.to(device=device, dtype=torch.float32),
+                torch.arange(len(self.timesteps), dtype=torch.int64, device=device),
+                self._model_timesteps.to(device),
+            )
+            self._device_cache[device] = hit
+        return hit
+
+    @property
+    def num_steps(self) -> int:
+        """Number of model evaluations (= len(timesteps))."""
+        return int(self.timesteps.numel())
+
+    # ------------------------------------------------------------------------------ step API
+    def _row(self, t: Any) -> int:
+        if isinstance(t, bool):
+            raise ValueError(f"t must be an integer timestep from sampler.timesteps, got {t!r}")
+        if isinstance(t, torch.Tensor):
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.numel() == 0:
+                raise ValueError(f"t must be an integer timestep (int or integer tensor), got {t.dtype} {tuple(t.shape)}")
+            flat = t.reshape(-1)
+            if flat.numel() > 1 and bool((flat != flat[0]).any()):  # host sync: step() is not the hot loop
+                raise ValueError("t must hold one timestep for the whole batch")
+            t = int(flat[0])
+        else:
+            try:
+                t = operator.index(t)
+            except TypeError:
+                raise ValueError(f"t must be an integer timestep from sampler.timesteps, got {t!r}") from None
+        s = self._row_of.get(t)
+        if s is None:
+            shown = self.timesteps.tolist()
+            if len(shown) > 12:
+                shown = shown[:6] + ["..."] + shown[-6:]
+            raise ValueError(f"t must be one of this sampler's timesteps {shown}, got {t}")
+        return s
+
+    def _model_output_channels(self, model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Validate the model output against x; drop learned-variance channels the update ignores."""
+        if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.dtype.is_floating_point:
+            raise ValueError(f"x must be a floating-point tensor [N, C, *spatial], got {getattr(x, 'shape', x)!r}")
+        if not isinstance(model_output, torch.Tensor):
+            raise ValueError(f"model_output must be a torch.Tensor, got {type(model_output).__name__}")
+        c = x.shape[1]
+        want = 2 * c if self.variance == "learned_range" else c
+        if (model_output.ndim != x.ndim or model_output.shape[0] != x.shape[0] or model_output.shape[2:] != x.shape[2:]
+                or model_output.shape[1] != want):
+            raise ValueError(
+                f"model_output must have shape {(x.shape[0], want) + tuple(x.shape[2:])} for variance={self.variance!r} "
+                f"({'2C channels: mean, then variance interpolation v' if want == 2 * c else 'C channels'}), "
+                f"got {tuple(model_output.shape)}"
+            )
+        if want == 2 * c and not self.learned_range:
+            model_output = model_output[:, :c]
+        return model_output
+
+    def _x0_prev_for(self, s: int, x0_prev: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None
+
+    def _after_step(self, s: int, x0: torch.Tensor) -> None:
+        pass
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: Union[int, torch.Tensor],
+        x: torch.Tensor,
+        noise: Optional[torch.Tensor] = None,
+        clip_denoised: bool = True,
+        *,
+        generator: Optional[torch.Generator] = None,
+        return_x0: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """One update x_t -> x_{t_prev} at timestep `t` (an element of `self.timesteps`).
+
+        Args:
+            model_output: the model's output at (x, t): [N, C, ...] ([N, 2C, ...] for learned_range).
+            t: the current timestep (Python int or integer tensor holding one value; a tensor costs a
+                host sync, so `sample` does not use this method).
+            x: x_t, [N, C, *spatial].
+            noise: standard normals of x's shape for the sigma * z term; None draws them with
+                torch.randn (and `generator`) on the steps that add noise.
+            clip_denoised: clamp x0-hat to [-1, 1] (diffusers' clip_sample).
+            generator: RNG for the noise when `noise` is None.
+            return_x0: also return the (clipped) x0-hat, like diffusers' pred_original_sample.
+
+        Returns:
+            x_prev in x's dtype (and x0-hat when return_x0).
+        """
+        s = self._row(t)
+        m = self._model_output_channels(model_output, x)
+        coefs, steps, _ = self.device_tables(x.device)
+        if noise is None and self._noisy[s]:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        x_prev, x0 = sampler_step(x, m, coefs, steps[s:s + 1], self._x0_prev_for(s, None), noise, None, 0,
+                                  bool(clip_denoised), self.learned_range)
+        self._after_step(s, x0)
+        return (x_prev, x0) if return_x0 else x_prev
+
+    # ------------------------------------------------------------------------------ loop
+    def sample(
+        self,
+        model: Model,
+        shape: Sequence[int],
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        clip_denoised: bool = True,
+        progress: bool = False,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        *,
+        device: Union[str, torch.device, None] = None,
+        dtype: torch.dtype = torch.float32,
+        image_offset: int = 0,
+    ) -> torch.Tensor:
+        """Draw samples: x_T, then one model call and one fused step per timestep.
+
+        Args:
+            model: callable model(x, t, **model_kwargs) -> tensor (or an object with `.sample`, as
+                diffusers' UNet2DModel returns); t is an int64 [N] tensor of original timesteps.
+            shape: (N, C, *spatial).
+            seed: Philox seed (default 0 when no generator): x_T and the step noise of image i are a
+                pure function of (seed, image_offset + i, step), whatever the batch size.
+            generator: a torch.Generator instead of a seed: x_T and the noise come from torch.randn.
+            clip_denoised: clamp x0-hat to [-1, 1] at every step.
+            progress: show a tqdm bar.
+            model_kwargs: extra keyword arguments for the model (e.g. class labels).
+            device: where to sample (default: the generator's device, else the model's parameters'
+                device, else the CPU).
+            dtype: dtype of x (float32, bfloat16, float16); the step math is fp32 regardless.
+            image_offset: global index of image 0 (Philox counter), to split a seed across batches.
+
+        Returns:
+            the samples x_0 (for DPM-Solver++ the final x0-hat), `shape`, `dtype`.
+        """
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator to sample(), not both")
+        if generator is None and seed is None:
+            seed = 0
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        try:
+            shape = tuple(operator.index(v) for v in shape)
+        except TypeError:
+            raise ValueError(f"shape must be a sequence of ints (N, C, *spatial), got {shape!r}") from None
+        if len(shape) < 2 or any(v < 1 for v in shape):
+            raise ValueError(f"shape must be (N, C, *spatial) with positive sizes, got {shape}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype (float32, bfloat16, float16), got {dtype!r}")
+        if isinstance(image_offset, bool) or not isinstance(image_offset, int) or image_offset < 0:
+            raise ValueError(f"image_offset must be a non-negative int, got {image_offset!r}")
+        if device is None:
+            if generator is not None:
+                device = generator.device
+            else:
+                param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+                device = param.device if param is not None else torch.device("cpu")
+        device = torch.device(device)
+        model_kwargs = dict(model_kwargs or {})
+        coefs, _, model_t = self.device_tables(device)
+        n, S = shape[0], self.num_steps
+        # all model timesteps up front: row s is a contiguous int64 [N] tensor, no host work in the loop
+        t_batches = model_t.reshape(S, 1).expand(S, n).contiguous()
+        step = torch.zeros(1, dtype=torch.int64, device=device)
+        seed_t = None
+        if seed is not None:
+            from .ops.philox import philox_normal
+
+            seed_t = torch.tensor([int(seed)], dtype=torch.int64, device=device)
+            x = philox_normal(seed_t, shape, step, stream=1, image_offset=image_offset, device=device).to(dtype)
+        else:
+            x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+        x0_prev = torch.zeros_like(x) if self.uses_x0_prev else None
+        clip = bool(clip_denoised)
+        iterator: Any = range(S)
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, total=S, desc=type(self).__name__)
+        for s in iterator:
+            out = model(x, t_batches[s], **model_kwargs)
+            if not isinstance(out, torch.Tensor):
+                out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
+            if s == 0:  # shapes do not change inside the loop: check once
+                out = self._model_output_channels(out, x)
+            elif out.shape[1] != x.shape[1] and not self.learned_range:
+                out = out[:, : x.shape[1]]
+            noise = None
+            seed_arg = None
+            if self._noisy[s]:
+                if generator is not None:
+                    noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+                else:
+                    seed_arg = seed_t
+            x, x0 = sampler_step(x, out, coefs, step, x0_prev, noise, seed_arg, image_offset, clip, self.learned_range)
+            if self.uses_x0_prev:
+                x0_prev = x0
+            step.add_(1)
+        return x
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps={self.num_steps}, prediction={self.prediction!r}, variance={self.variance!r})"
+
+
+class DDPMSampler(Sampler):
+    """Ancestral DDPM sampling (Ho et al. 2020) on all T timesteps or a respaced subsequence.
+
+    Args:
+        diffusion: a `GaussianDiffusion` (uses its schedule, prediction and variance).
+        steps: None (all T timesteps), an int (evenly respaced, improved-diffusion's
+            `space_timesteps`, T-1 and 0 included) or an explicit strictly descending list.
+    """
+
+    def __init__(self, diffusion: Any, steps: Steps = None):
+        sched = getattr(diffusion, "schedule", None)
+        T = int(getattr(sched, "num_timesteps", 0) or 0)
+        if T < 1:
+            raise ValueError(f"diffusion must be a fastddpm.GaussianDiffusion (with a NoiseSchedule), got {type(diffusion).__name__}")
+        self.learned_range = getattr(diffusion, "variance", None) == "learned_range"
+        self._setup(diffusion, _resolve_timesteps(T, steps, allow_none=True))
+
+    def _build_coefs(self) -> torch.Tensor:
+        r = self.respaced
+        S = r.num_timesteps
+        ab = r.alphas_cumprod
+        c = torch.zeros(S, NUM_COEFS, dtype=torch.float64)
+        c[:, _A], c[:, _B] = _x0_coefs(self.prediction, ab)
+        c[:, _P] = r.posterior_mean_coef1
+        c[:, _Q] = r.posterior_mean_coef2
+        if self.variance == "fixed_small":
+            c[:, _SIGMA] = r.posterior_variance.clamp_min(1e-20).sqrt()  # diffusers' clamp
+        elif self.variance == "fixed_large":
+            c[:, _SIGMA] = r.betas.sqrt()
+        else:  # learned_range: sigma = exp(0.5 * interpolated log variance)
+            c[:, _SIGMA] = 1.0
+            c[:, _LOG_MIN] = r.posterior_log_variance_clipped
+            c[:, _LOG_MAX] = r.betas.log()
+        c[0, _SIGMA] = 0.0  # no noise at the final step
+        return self._per_step(c)
+
+
+class DDIMSampler(Sampler):
+    """DDIM (Song et al. 2021) with stochasticity eta (0: deterministic; 1: DDPM-like variance).
+
+    Args:
+        diffusion: a `GaussianDiffusion`.
+        steps: an int (evenly spaced, T-1 and 0 included), None (all T) or a descending list.
+        eta: in [0, 1].
+    The update matches diffusers' DDIMScheduler.step (set_alpha_to_one=True,
+    use_clipped_model_output=False); a learned-variance model's extra channels are ignored.
+    """
+
+    def __init__(self, diffusion: Any, steps: Steps = 50, eta: float = 0.0):
+        sched = getattr(diffusion, "schedule", None)
+        T = int(getattr(sched, "num_timesteps", 0) or 0)
+        if T < 1:
+            raise ValueError(f"diffusion must be a fastddpm.GaussianDiffusion (with a NoiseSchedule), got {type(diffusion).__name__}")
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(float(eta)) or not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"eta must be a real number in [0, 1], got {eta!r}")
+        self.eta = float(eta)
+        self._setup(diffusion, _resolve_timesteps(T, steps, allow_none=True))
+
+    def _build_coefs(self) -> torch.Tensor:
+        r = self.respaced
+        S = r.num_timesteps
+        ab, abp = r.alphas_cumprod, r.alphas_cumprod_prev
+        sigma = self.eta * ((1.0 - abp) / (1.0 - ab)).sqrt() * (1.0 - ab / abp).sqrt()
+        direction = (1.0 - abp - sigma**2).clamp_min(0.0).sqrt()
+        ex, em = _eps_coefs(self.prediction, ab)
+        c = torch.zeros(S, NUM_COEFS, dtype=torch.float64)
+        c[:, _A], c[:, _B] = _x0_coefs(self.prediction, ab)
+        c[:, _P] = abp.sqrt()
+        c[:, _Q] = direction * ex
+        c[:, _R] = direction * em
+        c[:, _SIGMA] = sigma
+        return self._per_step(c)
+
+    def __repr__(self) -> str:
+        return f"DDIMSampler(steps={self.num_steps}, eta={self.eta}, prediction={self.prediction!r})"
+
+
+class DPMSolverSampler(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in data (x0) prediction.
+
+    Timesteps: an int `steps` gives `space_timesteps(T, steps)` (evenly spaced from T-1 down to 0,
+    rounded, both ends included) or pass an explicit descending list. With lambda = log(alpha/sigma),
+    alpha = sqrt(ab), sigma = sqrt(1 - ab), h = lambda_next - lambda_cur, step s < S-1 goes from
+    timesteps[s] to timesteps[s+1]:
+        s = 0 (first order):  x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) x0_s
+        s > 0 (2M):           x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) ((1 + 1/2r) x0_s - (1/2r) x0_{s-1}),
+                              r = h_prev / h
+    and the final step (s = S-1) returns x0-hat at timesteps[-1] (a first-order step to sigma = 0).
+    `steps` counts model evaluations.
+
+    `step()` keeps the previous x0-hat internally: take the steps in order from timesteps[0] (the
+    first step resets the state), or pass `x0_prev=` explicitly; `reset()` clears it.
+    """
+
+    uses_x0_prev = True
+
+    def __init__(self, diffusion: Any, steps: Steps = 20):
+        sched = getattr(diffusion, "schedule", None)
+        T = int(getattr(sched, "num_timesteps", 0) or 0)
+        if T < 1:
+            raise ValueError(f"diffusion must be a fastddpm.GaussianDiffusion (with a NoiseSchedule), got {type(diffusion).__name__}")
+        self._x0_prev: Optional[torch.Tensor] = None
+        self._last_row: Optional[int] = None
+        self._setup(diffusion, _resolve_timesteps(T, steps, allow_none=True))
+
+    def _build_coefs(self) -> torch.Tensor:
+        ab = self.schedule.alphas_cumprod[self.timesteps]  # per row (descending timesteps)
+        alpha, sigma = ab.sqrt(), (1.0 - ab).sqrt()
+        lam = alpha.log() - sigma.log()
+        S = ab.numel()
+        c = torch.zeros(S, NUM_COEFS, dtype=torch.float64)
+        c[:, _A], c[:, _B] = _x0_coefs(self.prediction, ab)
+        for s in range(S - 1):
+            h = lam[s + 1] - lam[s]
+            phi = alpha[s + 1] * -torch.expm1(-h)
+            c[s, _Q] = sigma[s + 1] / sigma[s]
+            if s == 0:
+                c[s, _P] = phi
+            else:
+                r = (lam[s] - lam[s - 1]) / h
+                c[s, _P] = phi * (1.0 + 0.5 / r)
+                c[s, _P2] = -phi * 0.5 / r
+        c[S - 1, _P] = 1.0  # final step: x0-hat
+        return c
+
+    def reset(self) -> None:
+        """Forget the previous x0-hat kept by `step()`."""
+        self._x0_prev = None
+        self._last_row = None
+
+    def _x0_prev_for(self, s: int, x0_prev: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if s == 0:
+            return None
+        if x0_prev is not None:
+            return x0_prev
+        if self._x0_prev is None or self._last_row != s - 1:
+            raise ValueError(
+                f"x0_prev: DPM-Solver++ step at t={int(self.timesteps[s])} needs the x0-hat of the previous "
+                f"timestep {int(self.timesteps[s - 1])}: take the steps in order from timesteps[0], or pass x0_prev="
+            )
+        return self._x0_prev
+
+    def _after_step(self, s: int, x0: torch.Tensor) -> None:
+        self._x0_prev = x0
+        self._last_row = s
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: Union[int, torch.Tensor],
+        x: torch.Tensor,
+        noise: Optional[torch.Tensor] = None,
+        clip_denoised: bool = True,
+        *,
+        x0_prev: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+        return_x0: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """One DPM-Solver++(2M) update at timestep `t`; see `Sampler.step`.
+
+        `x0_prev`: the x0-hat of the previous step; None uses the one kept from the previous call
+        (ValueError when that is not the previous timestep). `noise`/`generator` are accepted for a
+        uniform API and unused (the solver is deterministic).
+        """
+        s = self._row(t)
+        m = self._model_output_channels(model_output, x)
+        coefs, steps, _ = self.device_tables(x.device)
+        prev = self._x0_prev_for(s, x0_prev)
+        x_prev, x0 = sampler_step(x, m, coefs, steps[s:s + 1], prev, None, None, 0, bool(clip_denoised), False)
+        self._after_step(s, x0)
+        return (x_prev, x0) if return_x0 else x_prev
