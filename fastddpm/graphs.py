@@ -1,0 +1,215 @@
+"""FastSampler: the sampling loop on static device buffers, replayed from a captured CUDA graph.
+
+Everything a step touches is allocated once on the model's device: x, the previous x0-hat
+(DPM-Solver++), the per-step coefficient table [S, 9], the model-timestep table [S], the step counter
+and the Philox seed (int64 [1] tensors). One step is
+
+    t      = model_timesteps[step]                (a device gather, no host sync)
+    out    = model(x, t)
+    x, x0  = fastddpm.ops.sampler_step(x, out, coefs, step, x0_prev, seed=seed)
+    step  += 1
+
+so no kernel argument that changes between steps is a Python number: the same launches replayed S
+times walk through the S rows of the tables with fresh Philox noise at every step. On CUDA the step is
+warmed up on a side stream (Triton compilation and autotuning happen there, before capture), captured
+once in a `torch.cuda.CUDAGraph` and replayed once per timestep (`capture="step"`), or the whole loop is
+captured as one graph (`capture="loop"`). On the CPU the same static-buffer loop runs eagerly.
+
+Image i of seed s is a pure function of (s, i): x_T and every step's noise come from Philox counters
+(element, image, step, stream), so the result does not depend on the batch size, and equals
+`sampler.sample(model, shape, seed=s)` to float rounding.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from .guidance import GuidedModel
+from .ops import sampler_step
+from .ops.philox import philox_normal
+
+CAPTURE_MODES = ("auto", "step", "loop", "none")
+
+
+class CudaGraphAPI:
+    """The CUDA calls FastSampler makes to capture and replay; tests swap in a recording stand-in."""
+
+    def side_stream(self, device: torch.device) -> Any:
+        return torch.cuda.Stream(device=device)
+
+    def on_stream(self, stream: Any) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(stream)
+
+    def join(self, stream: Any, device: torch.device) -> None:
+        """Make the current stream wait for `stream` (and the side stream for the current one)."""
+        torch.cuda.current_stream(device).wait_stream(stream)
+
+    def fork(self, stream: Any, device: torch.device) -> None:
+        stream.wait_stream(torch.cuda.current_stream(device))
+
+    def capture(self, fn: Callable[[], None], device: torch.device) -> Any:
+        """Record `fn`'s launches into a CUDA graph and return it (has .replay())."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph
+
+    def synchronize(self, device: torch.device) -> None:
+        torch.cuda.synchronize(device)
+
+
+class FastSampler:
+    """A sampler bound to one model, batch size and image shape, with all buffers allocated once.
+
+    Args:
+        model: model(x, t) -> output (or a class-conditional model(x, t, y=...) with `labels`).
+        sampler: a DDPMSampler, DDIMSampler or DPMSolverSampler (its tables are reused).
+        batch_size: images per call.
+        image_shape: (C, H, W); default (model.in_channels, model.image_size, model.image_size).
+        dtype: dtype of x; default the model's parameter dtype.
+        labels: int64 [batch_size] class labels for classifier-free guidance (needs `guidance_scale`).
+        guidance_scale: the guidance weight w; one batched model call per step evaluates both branches.
+        null_label: the unconditional class (default model.num_classes, fd.UNet's null class).
+        clip_denoised: clamp x0-hat to [-1, 1] at every step.
+        capture: "auto" (a per-step CUDA graph on CUDA, eager elsewhere), "step", "loop" (the whole
+            loop in one graph) or "none".
+        warmup: eager steps run on a side stream before capture (compilation, autotuning, allocator).
+        graph_api: the object that performs stream/graph calls (default: real CUDA).
+    """
+
+    def __init__(self, model: Callable[..., Any], sampler: Any, batch_size: int,
+                 image_shape: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None, *,
+                 labels: Optional[torch.Tensor] = None, guidance_scale: Union[float, torch.Tensor, None] = None,
+                 null_label: Optional[int] = None, clip_denoised: bool = True, capture: str = "auto",
+                 warmup: int = 2, graph_api: Optional[CudaGraphAPI] = None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if capture not in CAPTURE_MODES:
+            raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
+        if not hasattr(sampler, "device_tables"):
+            raise ValueError(f"sampler must be a fastddpm sampler (DDPMSampler, DDIMSampler, DPMSolverSampler), "
+                             f"got {type(sampler).__name__}")
+        param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        self.device = param.device if param is not None else torch.device("cpu")
+        self.dtype = dtype or (param.dtype if param is not None else torch.float32)
+        if image_shape is None:
+            try:
+                image_shape = (model.in_channels, model.image_size, model.image_size)
+            except AttributeError:
+                raise ValueError("image_shape is required for a model without in_channels/image_size") from None
+        self.shape = (batch_size, *(int(v) for v in image_shape))
+        self.sampler = sampler
+        self.clip = bool(clip_denoised)
+        if (labels is None) != (guidance_scale is None):
+            raise ValueError("labels and guidance_scale must be given together (classifier-free guidance)")
+        if labels is not None:
+            null_label = getattr(model, "num_classes", None) if null_label is None else null_label
+            if null_label is None:
+                raise ValueError("null_label is required for a model without num_classes")
+            labels = torch.as_tensor(labels, device=self.device)
+            if labels.shape != (batch_size,):
+                raise ValueError(f"labels must have shape ({batch_size},) (one per image), got {tuple(labels.shape)}")
+            model = GuidedModel(model, labels, guidance_scale, null_label, self.shape[1]).to(self.device)
+        self.model = model
+
+        # ---- static buffers: nothing below is reallocated per call or per step
+        self.coefs, _, self.model_timesteps = sampler.device_tables(self.device)
+        self.num_steps = int(self.coefs.shape[0])
+        self.step = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.seed = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.x = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        self.x0_prev = torch.zeros_like(self.x) if sampler.uses_x0_prev else None
+
+        use_cuda = self.device.type == "cuda"
+        if capture == "auto":
+            capture = "step" if use_cuda else "none"
+        if capture != "none" and not use_cuda and graph_api is None:
+            raise ValueError(f"capture={capture!r} needs a CUDA model; use capture='none' or 'auto' on {self.device}")
+        self.capture_mode = capture
+        self.graph_api = graph_api or (CudaGraphAPI() if capture != "none" else None)
+        self.warmup = int(warmup)
+        self.graph: Any = None
+
+    # ------------------------------------------------------------------------------ one step
+    def _reset(self, seed: int) -> None:
+        self.seed.fill_(int(seed))
+        self.step.zero_()
+        self.x.copy_(philox_normal(self.seed, self.shape, self.step, stream=1, device=self.device))
+        if self.x0_prev is not None:
+            self.x0_prev.zero_()
+
+    def _step(self) -> None:
+        t = self.model_timesteps.index_select(0, self.step).expand(self.shape[0])
+        out = self.model(self.x, t)
+        if not isinstance(out, torch.Tensor):
+            out = out.sample  # diffusers' UNet2DModel output
+        if out.shape[1] != self.shape[1] and not self.sampler.learned_range:
+            out = out[:, : self.shape[1]]
+        x_prev, x0 = sampler_step(self.x, out, self.coefs, self.step, self.x0_prev, None, self.seed, 0,
+                                  self.clip, self.sampler.learned_range)
+        self.x.copy_(x_prev)
+        if self.x0_prev is not None:
+            self.x0_prev.copy_(x0)
+        self.step.add_(1)
+
+    def _loop(self) -> None:
+        for _ in range(self.num_steps):
+            self._step()
+
+    # ------------------------------------------------------------------------------ capture
+    def _capture(self) -> None:
+        api, dev = self.graph_api, self.device
+        body = self._step if self.capture_mode == "step" else self._loop
+        side = api.side_stream(dev)
+        api.fork(side, dev)
+        with api.on_stream(side):  # warm-up: compiles/autotunes every kernel before capture
+            self._reset(0)
+            for _ in range(self.warmup):
+                self._step()
+        api.join(side, dev)
+        self._reset(0)
+        self.graph = api.capture(body, dev)
+
+    @torch.no_grad()
+    def __call__(self, seed: int = 0) -> torch.Tensor:
+        """Draw `batch_size` images for `seed` (image i is the same for any batch size)."""
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        if self.capture_mode != "none" and self.graph is None:
+            self._capture()
+        self._reset(seed)
+        if self.graph is None:
+            self._loop()
+        elif self.capture_mode == "step":
+            for _ in range(self.num_steps):
+                self.graph.replay()
+        else:
+            self.graph.replay()
+        return self.x.clone()
+
+    @classmethod
+    def from_diffusers(cls, pipeline_or_unet: Any, scheduler: Any = None, *, sampler: str = "ddim",
+                       steps: int = 50, eta: float = 0.0, batch_size: int = 16, convert: bool = True,
+                       **kwargs: Any) -> "FastSampler":
+        """Build a FastSampler from a diffusers pipeline (or a UNet2DModel and its scheduler).
+
+        The diffusion (schedule, prediction type, variance type) is read from the scheduler's config;
+        with `convert` the UNet2DModel is mapped into fd.UNet so its GroupNorm and attention use the
+        fused ops; otherwise the diffusers model is called as it is and only the step is fused.
+        """
+        from .interop.diffusers import diffusion_from_scheduler, make_sampler, unet_from_diffusers
+
+        unet = getattr(pipeline_or_unet, "unet", pipeline_or_unet)
+        scheduler = scheduler if scheduler is not None else getattr(pipeline_or_unet, "scheduler", None)
+        if scheduler is None:
+            raise ValueError("scheduler is required when a bare UNet is given")
+        diffusion = diffusion_from_scheduler(scheduler)
+        model = unet_from_diffusers(unet) if convert else unet
+        smp = make_sampler(diffusion, sampler, steps=steps, eta=eta)
+        if not convert:
+            size = unet.config.sample_size
+            size = size if isinstance(size, int) else size[0]
+            kwargs.setdefault("image_shape", (unet.config.in_channels, size, size))
+        return cls(model, smp, batch_size, **kwargs)
