@@ -56,6 +56,9 @@ class NoiseSchedule:
         """DDPM's linear schedule; the end points are scaled by 1000/T so any T spans the same range."""
         _check_num_timesteps(num_timesteps)
         scale = 1000.0 / num_timesteps
+        if beta_end * scale >= 1:
+            raise ValueError(f"num_timesteps={num_timesteps} is too small for the linear schedule: beta_end * 1000 / T "
+                             f"= {beta_end * scale:g} must stay below 1 (use T >= {int(1000 * beta_end) + 1})")
         return cls(torch.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64))
 
     @classmethod
@@ -97,7 +100,9 @@ class NoiseSchedule:
 def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """`steps` timesteps evenly spaced over [0, T), always containing 0 and T-1 when steps >= 2.
 
-    Uses improved-diffusion's rule for a single section: stride (T-1)/(steps-1), rounded.
+    Uses improved-diffusion's rule for a single section: a float stride (T-1)/(steps-1) accumulated
+    step by step and rounded (accumulating, as improved-diffusion does, decides the .5 ties the same way).
+    One step gives [T-1] (improved-diffusion gives [0]; a one-step sampler must start from noise).
     """
     _check_num_timesteps(num_timesteps)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1 or steps > num_timesteps:
@@ -105,7 +110,11 @@ def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
     if steps == 1:
         return [num_timesteps - 1]
     stride = (num_timesteps - 1) / (steps - 1)
-    return [round(i * stride) for i in range(steps)]
+    taken, position = [], 0.0
+    for _ in range(steps):
+        taken.append(round(position))
+        position += stride
+    return taken
 
 
 def _check_num_timesteps(num_timesteps: int) -> None:

@@ -86,7 +86,7 @@ def test_against_diffusers_schedules():
 
 def test_linear_too_short_raises():
     # T = 10 scales beta_end to 2.0: not a valid schedule
-    with pytest.raises(ValueError, match="betas"):
+    with pytest.raises(ValueError, match="num_timesteps"):
         NoiseSchedule.linear(10)
 
 

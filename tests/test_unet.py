@@ -279,3 +279,61 @@ def test_validation():
     with pytest.raises(ValueError, match="t must"):
         unet(torch.randn(2, 3, 8, 8), torch.tensor([0, 1, 2]))
     assert fd.UNet(**ok, head_channels=16).mid.attention.num_heads == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# diffusers interop: UNet.from_diffusers on small randomly initialised UNet2DModels of DDPM-like configs
+DDPM_LIKE = {
+    # google/ddpm-cifar10-32, scaled down: attention at the second level, TF-style padding, eps 1e-6
+    "cifar10": dict(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=2,
+                    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+                    downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=8),
+    # google/ddpm-celebahq-256 / -church-256 (6 levels, attention at the 16x16 level), scaled down
+    "celebahq": dict(sample_size=32, block_out_channels=(16, 16, 32, 32, 64, 64), layers_per_block=1,
+                     down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4, attention_head_dim=None,
+                     downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=8),
+    # diffusers' defaults: multi-head attention, symmetric padding, [cos, sin]; scale-shift; classes
+    "improved": dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+                     down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
+                     up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"), attention_head_dim=8,
+                     resnet_time_scale_shift="scale_shift", attn_norm_num_groups=4, norm_num_groups=4,
+                     num_class_embeds=3, out_channels=6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DDPM_LIKE))
+def test_from_diffusers_matches_diffusers(name):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DModel(**DDPM_LIKE[name]).eval()
+    with torch.no_grad():  # diffusers' init is not zero anywhere, but make every weight count
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    unet = fd.UNet.from_diffusers(ref)
+    assert isinstance(unet, fd.UNet) and not unet.training
+    assert _num_params(unet) == _num_params(ref) + (unet.temb_channels if unet.num_classes else 0)
+    size = ref.config.sample_size
+    x = torch.randn(2, ref.config.in_channels, size, size)
+    t = torch.tensor([3, 871])
+    y = torch.tensor([0, 2]) if unet.num_classes else None
+    with torch.no_grad():
+        expected = ref(x, t, class_labels=y).sample
+        got = unet(x, t, y)
+    assert expected.abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("option,value", [("time_embedding_type", "fourier"), ("downsample_type", "resnet"),
+                                          ("mid_block_scale_factor", 2.0), ("resnet_time_scale_shift", "scale_shift"),
+                                          ("up_block_types", ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))])
+def test_from_diffusers_rejects_unmappable_config(option, value):
+    diffusers = pytest.importorskip("diffusers")
+    cfg = {**DDPM_LIKE["cifar10"], option: value}
+    ref = diffusers.UNet2DModel(**cfg)
+    expected = "attn_norm_num_groups" if option == "resnet_time_scale_shift" else option
+    with pytest.raises(ValueError, match=expected):
+        fd.UNet.from_diffusers(ref)
+    with pytest.raises(ValueError, match="UNet2DModel"):
+        fd.UNet.from_diffusers(torch.nn.Linear(2, 2))

@@ -1,2 +1,160 @@
-def attention(*args, **kwargs):  # placeholder until the op lands
-    raise NotImplementedError
+"""`attention(q, k, v)`: non-causal softmax attention as a custom op (flash-attention boundary).
+
+q, k, v and the output are in the [B, heads, N, head_dim] layout of
+``F.scaled_dot_product_attention``; the softmax scale is 1 / sqrt(head_dim).
+
+Two custom ops (namespace ``fastddpm``), each with a plain-PyTorch reference, a Triton branch
+(``kernels.attention``, imported only when that path is taken) and a fake implementation:
+
+* ``fastddpm::attention(q, k, v) -> (o, lse)``: lse [B, heads, N] is the natural-log log-sum-exp
+  of the scaled scores of each query row (float32; float64 for float64 inputs).
+* ``fastddpm::attention_backward(do, q, k, v, o, lse) -> (dq, dk, dv)``: recomputes
+  P = exp(q k^T * scale - lse) and uses delta = rowsum(dO * O) (see `_reference_backward`).
+
+The autograd formula saves q, k, v, o and lse only: the N x N probability matrix is never kept.
+The reference computes in float32 for float32 / bfloat16 / float16 inputs (float64 for float64)
+and casts the outputs back to the input dtype. float64 always uses the reference (the Triton
+kernels take fp32/bf16/fp16).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .backend import use_triton
+
+__all__ = ["attention"]
+
+_LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _compute_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _take_triton(q: Tensor, k: Tensor) -> bool:
+    return q.dtype in _LOW_PRECISION and q.numel() > 0 and k.numel() > 0 and use_triton(q)
+
+
+def _sm_scale(q: Tensor) -> float:
+    return 1.0 / math.sqrt(q.shape[-1])
+
+
+# ------------------------------------------------------------------------------------ reference
+def _reference_forward(q: Tensor, k: Tensor, v: Tensor, sm_scale: float) -> tuple[Tensor, Tensor]:
+    cd = _compute_dtype(q)
+    s = torch.matmul(q.to(cd), k.to(cd).transpose(-1, -2)) * sm_scale
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    o = torch.matmul(p, v.to(cd))
+    return o.to(q.dtype).contiguous(), lse.contiguous()
+
+
+def _reference_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                        sm_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Explicit formulas, P recomputed from q, k and the saved log-sum-exp:
+
+        P = exp(q k^T scale - lse),  dV = P^T dO,  dP = dO V^T,  delta = rowsum(dO * O),
+        dS = P (dP - delta),  dQ = dS K scale,  dK = dS^T Q scale
+    """
+    cd = _compute_dtype(q)
+    qc, kc, vc, doc = q.to(cd), k.to(cd), v.to(cd), do.to(cd)
+    p = torch.exp(torch.matmul(qc, kc.transpose(-1, -2)) * sm_scale - lse.to(cd).unsqueeze(-1))
+    dv = torch.matmul(p.transpose(-1, -2), doc)
+    dp = torch.matmul(doc, vc.transpose(-1, -2))
+    delta = (doc * o.to(cd)).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dq = torch.matmul(ds, kc) * sm_scale
+    dk = torch.matmul(ds.transpose(-1, -2), qc) * sm_scale
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("fastddpm::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    sm_scale = _sm_scale(q)
+    if _take_triton(q, k):
+        from kernels.attention import attention_forward
+
+        o, lse = attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), sm_scale)
+        return o.contiguous(), lse.contiguous()
+    return _reference_forward(q, k, v, sm_scale)
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v):
+    o = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    lse = q.new_empty(q.shape[:-1], dtype=_compute_dtype(q))
+    return o, lse
+
+
+@torch.library.custom_op("fastddpm::attention_backward", mutates_args=())
+def _attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
+                           lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    sm_scale = _sm_scale(q)
+    if _take_triton(q, k):
+        from kernels.attention import attention_backward
+
+        dq, dk, dv = attention_backward(do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
+                                        o.contiguous(), lse.contiguous(), sm_scale)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return _reference_backward(do, q, k, v, o, lse, sm_scale)
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(do, q, k, v, o, lse):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    return _attention_backward_op(do, q, k, v, o, lse)
+
+
+torch.library.register_autograd("fastddpm::attention", _backward, setup_context=_setup_context)
+
+
+# -------------------------------------------------------------------------------- public function
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v, non-causal, like ``F.scaled_dot_product_attention``.
+
+    Args:
+        q: [B, heads, N, head_dim] queries.
+        k, v: [B, heads, M, head_dim] keys and values (M = N for self-attention); same dtype and
+            device as q: float32, bfloat16, float16 (float64 runs the reference, for gradcheck).
+
+    Returns:
+        o [B, heads, N, head_dim] in q's dtype (contiguous). Differentiable in q, k, v; only q, k, v,
+        o and the per-row log-sum-exp are saved for backward.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a Tensor [B, heads, N, head_dim], got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, heads, N, head_dim], got shape {list(t.shape)}")
+        if t.dtype not in _LOW_PRECISION + (torch.float64,):
+            raise ValueError(f"{name}.dtype must be one of float32, bfloat16, float16, float64, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, heads, M, head_dim], got {list(k.shape)} "
+                         f"and {list(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q [B, heads, N, head_dim] and k/v [B, heads, M, head_dim] must match in B, heads "
+                         f"and head_dim, got q {list(q.shape)} and k {list(k.shape)}")
+    if q.shape[3] < 1 or k.shape[2] < 1:
+        raise ValueError(f"head_dim and the key length must be at least 1, got q {list(q.shape)}, "
+                         f"k {list(k.shape)}")
+    o, _ = _attention_op(q, k, v)
+    return o

@@ -186,6 +186,29 @@ def test_deterministic(split):
         assert torch.equal(t, u)
 
 
+def test_autotuned_launch_path(monkeypatch):
+    """The GPU launch path (triton.autotune over CONFIGS + tile heuristics) with a stand-in timer."""
+    import kernels.group_norm as K
+
+    calls = []
+
+    def fake_bench(kernel_call, quantiles=None):
+        kernel_call()
+        calls.append(1)
+        t = 1.0 / len(calls)  # later configs look faster: the last one is picked
+        return [t, t, t]
+
+    monkeypatch.setattr(K, "_interpret", lambda: False)
+    monkeypatch.setattr(K, "CONFIGS", [(8, 4), (16, 4)])
+    monkeypatch.setattr(K, "_TUNED", {})
+    monkeypatch.setattr(K, "_AUTOTUNE_DO_BENCH", fake_bench)
+    ins, dy = _inputs(2, 4, 3, 5, seed=17)
+    _check_fp32(ins, dy, 2, True, split=1)
+    _check_fp32(ins, dy, 2, True, split=2)
+    assert len(calls) == 2 * 6  # 2 configs x (fwd, bwd_dx, then stats, fwd, bwd_reduce, bwd_dx)
+    assert set(K._TUNED) == {"stats", "fwd", "bwd_reduce", "bwd_dx"}
+
+
 # ------------------------------------------------------------------------------------ errors, model
 def test_bad_input_raises():
     x = torch.randn(2, 6, 3, 3, device=DEV)
@@ -213,7 +236,7 @@ def test_hbm_model_and_specs():
     kernels = {s["kernel"] for s in specs}
     assert kernels == {"gn_stats", "gn_fwd", "gn_fwd_split", "gn_bwd_reduce", "gn_bwd_dx",
                        "gn_bwd_dx_split"}
-    assert len(specs) == len(kernels) * (len(CONFIGS) + 1)
+    assert len(specs) == len(kernels) * len(CONFIGS) + 2
     for s in specs:
         assert set(s["constexprs"]) <= set(s["signature"])
         assert all(s["signature"][k] == "constexpr" for k in s["constexprs"])
