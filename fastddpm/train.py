@@ -1,0 +1,574 @@
+"""The training loop: AdamW + warm-up, grad clipping, EMA, bf16 autocast, torch.compile, DDP, exact resume.
+
+    from fastddpm.train import TrainConfig, train
+    result = train(TrainConfig(dataset="digits", base_channels=32, channel_mults=(1, 2),
+                               attention_resolutions=(4,), steps=2000, out_dir="runs/digits"))
+
+or ``fastddpm train --dataset digits ...`` (flags mirror :class:`TrainConfig`), or under
+``torchrun --nproc_per_node N -m fastddpm train ...`` for data-parallel training (gloo on CPU, nccl on
+CUDA; each process gets ``batch_size / N`` images of every step's global batch).
+
+Reproducibility and exact resume. A "step" consumes one global batch, whether the update is applied
+or skipped (non-finite loss). Everything random in a step is a function of (seed, rank, step):
+the data order is DistributedSampler's (seed, epoch) permutation, and the flips, timesteps, noise
+and label dropout are drawn from generators seeded from (seed, rank, step). Dropout uses torch's
+global RNG, whose state is saved in every checkpoint and restored on resume. So a run resumed from
+its checkpoint at step s takes exactly the same steps s+1, s+2, ... as the uninterrupted run
+(bit for bit on the same machine and thread count).
+
+Outputs in ``out_dir``: ``checkpoints/step_*/`` (see :mod:`fastddpm.checkpoint`; the last ``keep``
+are kept), ``log.jsonl`` (one JSON object per ``log_every`` steps: step, loss, lr, grad_norm, skipped,
+it_per_s, time), ``samples/step_*.png`` (EMA samples every ``sample_every`` steps).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .data import load_dataset, save_grid
+
+__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss was non-finite for ``max_nonfinite`` consecutive steps."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as JSON ("train") in every checkpoint.
+
+    Data: dataset (spec for :func:`fastddpm.data.load_dataset`: "digits", a folder, an .npz, ...),
+    image_size (None: the dataset's), random_flip, channels (None: infer), class_cond (train a
+    class-conditional model on the dataset's labels), p_uncond (probability of replacing a label by
+    the null class, for classifier-free guidance).
+    Model (fastddpm.UNet): base_channels, channel_mults, num_res_blocks, attention_resolutions,
+    dropout, num_heads, head_channels, time_embedding ("add" | "scale_shift"), groups, learn_sigma.
+    Diffusion: schedule ("linear" | "cosine"), num_timesteps, prediction ("eps" | "x0" | "v"),
+    variance ("fixed_small" | "fixed_large" | "learned_range"; learn_sigma=True requires
+    "learned_range"), loss ("simple" | "vlb" | "hybrid").
+    Optimisation: steps (total), batch_size (global, divided among DDP processes), lr, weight_decay,
+    adam_beta1/2, warmup_steps (linear LR warm-up from lr/warmup_steps), grad_clip (max global norm;
+    0 disables), ema_decay (0 disables the EMA), ema_warmup (decay min(ema_decay, (1+n)/(10+n)) after
+    n updates), amp ("auto": bf16 autocast on CUDA; "bf16"; "none"), compile (None: on when CUDA
+    is present), seed, device ("auto", "cpu", "cuda", "cuda:1").
+    Outputs: out_dir, save_every, keep (last K checkpoints; 0 keeps all), sample_every (0: never),
+    sample_num, sample_sampler ("ddpm" | "ddim" | "dpm++"), sample_steps, log_every, progress (tqdm
+    bar on rank 0).
+    Robustness: resume (False; True: continue from out_dir's newest checkpoint, or start afresh if
+    there is none; or a checkpoint path), max_nonfinite (stop after this many non-finite losses in a row).
+    """
+
+    # data
+    dataset: str = "digits"
+    image_size: Optional[int] = None
+    random_flip: bool = False
+    channels: Optional[int] = None
+    class_cond: bool = False
+    p_uncond: float = 0.1
+    # model
+    base_channels: int = 64
+    channel_mults: Tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: Tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    num_heads: int = 1
+    head_channels: Optional[int] = None
+    time_embedding: str = "add"
+    groups: int = 32
+    learn_sigma: bool = False
+    # diffusion
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    prediction: str = "eps"
+    variance: str = "fixed_small"
+    loss: str = "simple"
+    # optimisation
+    steps: int = 10000
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    amp: str = "auto"
+    compile: Optional[bool] = None
+    seed: int = 0
+    device: str = "auto"
+    # outputs
+    out_dir: str = "runs/fastddpm"
+    save_every: int = 1000
+    keep: int = 3
+    sample_every: int = 0
+    sample_num: int = 64
+    sample_sampler: str = "dpm++"
+    sample_steps: int = 20
+    log_every: int = 10
+    progress: bool = True
+    # robustness
+    resume: Union[bool, str] = False
+    max_nonfinite: int = 10
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; raise ValueError naming the field and the accepted values."""
+        def pos_int(name: str, minimum: int = 1) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+
+        def choice(name: str, options: Sequence[str]) -> None:
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {tuple(options)}, got {getattr(self, name)!r}")
+
+        def nonneg_float(name: str) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+        for n in ("steps", "batch_size", "base_channels", "num_res_blocks", "num_timesteps", "num_heads", "groups",
+                  "sample_num", "sample_steps", "log_every", "max_nonfinite"):
+            pos_int(n)
+        for n in ("warmup_steps", "save_every", "keep", "sample_every", "seed"):
+            pos_int(n, 0)
+        for n in ("lr", "weight_decay", "grad_clip"):
+            nonneg_float(n)
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        for n in ("p_uncond", "ema_decay", "adam_beta1", "adam_beta2"):
+            v = getattr(self, n)
+            if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise ValueError(f"{n} must be in [0, 1), got {v!r}")
+        choice("schedule", ("linear", "cosine"))
+        choice("prediction", ("eps", "x0", "v"))
+        choice("variance", ("fixed_small", "fixed_large", "learned_range"))
+        choice("loss", ("simple", "vlb", "hybrid"))
+        choice("time_embedding", ("add", "scale_shift"))
+        choice("amp", ("auto", "bf16", "none"))
+        choice("sample_sampler", ("ddpm", "ddim", "dpm++"))
+        if (self.variance == "learned_range") != bool(self.learn_sigma):
+            raise ValueError("learn_sigma=True goes with variance='learned_range' (and only with it); got "
+                             f"learn_sigma={self.learn_sigma!r}, variance={self.variance!r}")
+        if self.compile not in (None, True, False):
+            raise ValueError(f"compile must be None, True or False, got {self.compile!r}")
+        if not isinstance(self.resume, (bool, str)):
+            raise ValueError(f"resume must be a bool or a checkpoint path, got {self.resume!r}")
+        self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["channel_mults"] = list(self.channel_mults)
+        d["attention_resolutions"] = list(self.attention_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; accepted: {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (on every rank)."""
+
+    step: int
+    losses: List[float] = field(default_factory=list)  # this process's run, one per step (NaN when skipped)
+    skipped: int = 0
+    checkpoint: Optional[str] = None
+    out_dir: str = ""
+    model: Optional[torch.nn.Module] = None  # the trained model (unwrapped: no DDP / compile)
+    ema: Optional[torch.nn.Module] = None  # its EMA copy (None when ema_decay = 0)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _mix(*xs: int) -> int:
+    """A 63-bit seed from integers (splitmix64 style), so (seed, rank, step) streams do not collide."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h ^= (int(x) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def _dist_info() -> Tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment (1 process without it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def _resolve_device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local_rank}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} asked for, but CUDA is not available")
+    return dev
+
+
+def model_config(cfg: TrainConfig, image_size: int, channels: int, num_classes: Optional[int]) -> Dict[str, Any]:
+    """UNet keyword arguments of a training config."""
+    return dict(image_size=image_size, in_channels=channels, base_channels=cfg.base_channels,
+                channel_mults=list(cfg.channel_mults), num_res_blocks=cfg.num_res_blocks,
+                attention_resolutions=list(cfg.attention_resolutions), dropout=float(cfg.dropout),
+                num_heads=cfg.num_heads, head_channels=cfg.head_channels, time_embedding=cfg.time_embedding,
+                learn_sigma=bool(cfg.learn_sigma), num_classes=num_classes, groups=cfg.groups)
+
+
+def diffusion_config(cfg: TrainConfig) -> Dict[str, Any]:
+    return dict(schedule=cfg.schedule, num_timesteps=cfg.num_timesteps, prediction=cfg.prediction,
+                variance=cfg.variance, loss=cfg.loss)
+
+
+def _make_sampler(name: str, diffusion, steps: int, eta: float = 0.0):
+    from . import samplers
+
+    if name == "ddpm":
+        return samplers.DDPMSampler(diffusion, steps=steps)
+    if name == "ddim":
+        return samplers.DDIMSampler(diffusion, steps=steps, eta=eta)
+    if name == "dpm++":
+        return samplers.DPMSolverSampler(diffusion, steps=steps)
+    raise ValueError(f"sampler must be one of ('ddpm', 'ddim', 'dpm++'), got {name!r}")
+
+
+class _Conditioned(torch.nn.Module):
+    """model(x, t) -> model(x, t, y) with fixed labels (None: unconditional / null class)."""
+
+    def __init__(self, model: torch.nn.Module, y: Optional[torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.y = y
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.y is None:
+            return self.model(x, t)
+        return self.model(x, t, self.y[: x.shape[0]])
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    st: Dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(st["cpu"])
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop log lines past ``step`` (written by an interrupted run after its last checkpoint)."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if int(json.loads(line).get("step", 0)) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, AttributeError):
+                continue  # a torn last line
+    ckpt.atomic_write_bytes(path, "".join(keep).encode())
+
+
+# ------------------------------------------------------------------------------------------ train
+def train(config: Union[TrainConfig, Dict[str, Any]]) -> TrainResult:
+    """Train a U-Net with the DDPM objective; see :class:`TrainConfig` and the module docstring.
+
+    Under torchrun (WORLD_SIZE > 1) it initialises the process group (nccl on CUDA, gloo on CPU)
+    when not already initialised, wraps the model in DistributedDataParallel, shards the data with
+    DistributedSampler, and only rank 0 writes checkpoints, logs and sample grids.
+
+    Raises:
+        ValueError: a bad config, or out_dir already holding checkpoints without ``resume``.
+        NonFiniteLossError: ``max_nonfinite`` consecutive non-finite losses.
+    """
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig or a dict, got {type(config).__name__}")
+    cfg = dataclasses.replace(config).validate()
+
+    rank, world, local_rank = _dist_info()
+    device = _resolve_device(cfg.device, local_rank)
+    own_group = False
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        own_group = True
+    distributed = world > 1 and dist.is_initialized()
+    try:
+        return _train(cfg, rank if distributed else 0, world if distributed else 1, device, distributed)
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distributed: bool) -> TrainResult:
+    from .unet import UNet
+
+    is_main = rank == 0
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({world})")
+    local_batch = cfg.batch_size // world
+
+    # ---------------------------------------------------------------- data
+    ds = load_dataset(cfg.dataset, image_size=cfg.image_size, random_flip=cfg.random_flip, channels=cfg.channels)
+    num_classes = None
+    if cfg.class_cond:
+        if ds.labels is None:
+            raise ValueError(f"class_cond=True but the dataset {cfg.dataset!r} has no labels")
+        num_classes = ds.num_classes
+    if ds.images.shape[2] != ds.images.shape[3]:
+        raise ValueError(f"the U-Net needs square images; {cfg.dataset!r} has {ds.images.shape[2]}x{ds.images.shape[3]} "
+                         "(pass image_size to crop and resize)")
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                                  drop_last=True)
+    steps_per_epoch = len(sampler) // local_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(ds)} images)")
+
+    # ---------------------------------------------------------------- model, diffusion, optimizer
+    mcfg = model_config(cfg, ds.image_size, ds.channels, num_classes)
+    full_config = {"model": mcfg, "diffusion": diffusion_config(cfg), "train": cfg.to_dict(),
+                   "data": {"dataset": cfg.dataset, "image_size": ds.image_size, "channels": ds.channels,
+                            "num_classes": num_classes, "classes": ds.classes if num_classes else None,
+                            "num_images": len(ds)}}
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    model = UNet(**mcfg).to(device)
+    diffusion = ckpt.build_diffusion(full_config)
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                            weight_decay=cfg.weight_decay)
+
+    # ---------------------------------------------------------------- resume
+    step, skipped, updates = 0, 0, 0
+    run_dir = os.path.abspath(cfg.out_dir)
+    log_path = os.path.join(run_dir, "log.jsonl")
+    existing = ckpt.latest_checkpoint(run_dir)
+    resume_path: Optional[str] = None
+    if isinstance(cfg.resume, str):
+        resume_path = ckpt.resolve_checkpoint(cfg.resume)
+    elif cfg.resume:
+        resume_path = existing
+        if resume_path is None and is_main:
+            print(f"fastddpm train: no checkpoint in {run_dir}; starting from scratch", file=sys.stderr)
+    elif existing is not None:
+        raise ValueError(f"out_dir {run_dir} already holds checkpoints ({existing}); pass resume=True (--resume) "
+                         "to continue that run, or choose another out_dir")
+    rng_restore = None
+    if resume_path is not None:
+        ck = ckpt.load_checkpoint(resume_path, load_state=True)
+        if ck.config.get("model") != mcfg or ck.config.get("diffusion") != full_config["diffusion"]:
+            raise ValueError(f"{resume_path}: the checkpoint's model/diffusion config differs from this run's:\n"
+                             f"  checkpoint: {ck.config.get('model')} {ck.config.get('diffusion')}\n"
+                             f"  this run:   {mcfg} {full_config['diffusion']}")
+        ckpt.check_state_dict(model, ck.model, resume_path)
+        model.load_state_dict(ck.model)
+        if ema is not None:
+            if ck.ema is None:
+                raise ValueError(f"{resume_path}: the checkpoint has no EMA weights but ema_decay={cfg.ema_decay}")
+            ema.load_state_dict(ck.ema)
+        st = ck.state
+        try:
+            opt.load_state_dict(st["optimizer"])
+            step, skipped, updates = int(st["step"]), int(st["skipped"]), int(st["updates"])
+            rngs = st["rng"]
+            rng_restore = rngs[rank] if isinstance(rngs, list) and rank < len(rngs) else rngs[0] if isinstance(rngs, list) else rngs
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise ckpt.CheckpointError(f"{resume_path}/state.pt: incomplete or incompatible training state ({e})") from e
+        if is_main:
+            _truncate_log(log_path, step)
+
+    # ---------------------------------------------------------------- wrap: DDP, compile, autocast
+    train_model: torch.nn.Module = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if use_compile:
+        train_model = torch.compile(train_model)
+    amp = (cfg.amp == "auto" and device.type == "cuda") or cfg.amp == "bf16"
+    if rng_restore is not None:
+        _set_rng_state(rng_restore, device)
+    else:
+        torch.manual_seed(_mix(cfg.seed, rank, 0x5EED))  # dropout stream, distinct per rank
+
+    params = [p for p in model.parameters()]
+    ema_params = [p for p in ema.parameters()] if ema is not None else []
+
+    def save(at_step: int) -> Optional[str]:
+        rng = _rng_state(device)
+        if distributed:
+            gathered: List[Any] = [None] * world
+            dist.all_gather_object(gathered, {k: v.cpu() for k, v in rng.items()})
+            rng_all: Any = gathered
+        else:
+            rng_all = [rng]
+        path = None
+        if is_main:
+            state = {"optimizer": opt.state_dict(), "step": at_step, "skipped": skipped, "updates": updates,
+                     "rng": rng_all, "world_size": world}
+            path = ckpt.save_checkpoint(run_dir, at_step, full_config, model.state_dict(),
+                                        ema.state_dict() if ema is not None else None, state, keep=cfg.keep)
+        if distributed:
+            dist.barrier()
+        return path
+
+    def sample_grid(at_step: int) -> None:
+        net = ema if ema is not None else model
+        was_training = net.training
+        net.eval()
+        y = None
+        if num_classes:
+            y = torch.arange(cfg.sample_num, device=device) % num_classes
+        s = _make_sampler(cfg.sample_sampler, diffusion, cfg.sample_steps)
+        shape = (cfg.sample_num, ds.channels, ds.image_size, ds.image_size)
+        with torch.no_grad():
+            x = s.sample(_Conditioned(net, y), shape, seed=cfg.seed)
+        save_grid(x, os.path.join(run_dir, "samples", f"step_{at_step:08d}.png"), scale=max(1, 64 // ds.image_size))
+        net.train(was_training)
+
+    # ---------------------------------------------------------------- loop
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(full_config, f, indent=2, sort_keys=True)
+    bar = None
+    if is_main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
+    losses: List[float] = []
+    start_step = step
+    consecutive = 0
+    last_ckpt: Optional[str] = None
+    epoch_cache: Tuple[int, Optional[torch.Tensor]] = (-1, None)
+    win_sum, win_n, win_t0, win_step0 = 0.0, 0, time.perf_counter(), step
+    grad_norm_val = float("nan")
+    model.train()
+    log_file = open(log_path, "a", encoding="utf-8") if is_main else None
+    try:
+        while step < cfg.steps:
+            epoch, pos = divmod(step, steps_per_epoch)
+            if epoch_cache[0] != epoch:
+                sampler.set_epoch(epoch)
+                epoch_cache = (epoch, torch.tensor(list(iter(sampler)), dtype=torch.int64))
+            idx = epoch_cache[1][pos * local_batch : (pos + 1) * local_batch]
+            g_cpu = torch.Generator().manual_seed(_mix(cfg.seed, rank, step, 1))
+            g_dev = torch.Generator(device=device).manual_seed(_mix(cfg.seed, rank, step, 2))
+            x0, y = ds.batch(idx, generator=g_cpu, device=device)
+            if num_classes:
+                drop = torch.rand(y.shape[0], generator=g_cpu) < cfg.p_uncond
+                y = torch.where(drop.to(device), torch.full_like(y, num_classes), y)
+            else:
+                y = None
+            t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=g_dev, device=device)
+            noise = torch.randn(x0.shape, generator=g_dev, device=device)
+
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                terms = diffusion.training_losses(_Conditioned(train_model, y), x0, t=t, noise=noise)
+                loss = terms["loss"].float().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            finite = torch.isfinite(loss) & torch.isfinite(gn)
+            if distributed:
+                flag = (~finite).to(torch.float32).reshape(1)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                finite = flag[0] == 0
+            loss_val = float(loss.detach())
+            step += 1
+            if bool(finite):
+                opt.step()
+                updates += 1
+                consecutive = 0
+                if ema is not None:
+                    decay = cfg.ema_decay
+                    if cfg.ema_warmup:
+                        decay = min(decay, (1 + updates) / (10 + updates))
+                    with torch.no_grad():
+                        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
+                win_sum += loss_val
+                win_n += 1
+                grad_norm_val = float(gn)
+            else:
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+                consecutive += 1
+                if is_main:
+                    msg = f"step {step}: non-finite loss ({loss_val}), update skipped ({consecutive} in a row, {skipped} in all)"
+                    (bar.write(msg, file=sys.stderr) if bar is not None else print(msg, file=sys.stderr))
+                if consecutive >= cfg.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"the loss was non-finite for {consecutive} consecutive steps (steps {step - consecutive + 1}.."
+                        f"{step}); stopping. The last checkpoint is {last_ckpt or ckpt.latest_checkpoint(run_dir)}. "
+                        "Try a lower lr, a longer warmup_steps, grad_clip, or amp='none'."
+                    )
+            losses.append(loss_val)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = win_sum / win_n if win_n else float("nan")
+                if distributed:
+                    buf = torch.tensor([win_sum, float(win_n)], dtype=torch.float64, device=device)
+                    dist.all_reduce(buf)
+                    mean_loss = float(buf[0] / buf[1]) if buf[1] > 0 else float("nan")
+                now = time.perf_counter()
+                ips = (step - win_step0) / max(now - win_t0, 1e-9)
+                if is_main:
+                    rec = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm_val, "skipped": skipped,
+                           "it_per_s": ips, "time": time.time()}
+                    log_file.write(json.dumps(rec) + "\n")
+                    log_file.flush()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", skipped=skipped, refresh=False)
+                win_sum, win_n, win_t0, win_step0 = 0.0, 0, now, step
+            if bar is not None:
+                bar.update(1)
+
+            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+                last_ckpt = save(step) or last_ckpt
+            if cfg.sample_every and step % cfg.sample_every == 0 and is_main:
+                sample_grid(step)
+        # always end with a checkpoint of the final step (unless a resumed run had nothing left to do)
+        if step > start_step or resume_path is None:
+            last_ckpt = save(step) or last_ckpt
+        else:
+            last_ckpt = resume_path
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_file is not None:
+            log_file.close()
+    return TrainResult(step=step, losses=losses, skipped=skipped, checkpoint=last_ckpt, out_dir=run_dir,
+                       model=model, ema=ema)
