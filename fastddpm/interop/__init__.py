@@ -1,0 +1,15 @@
+"""Conversion between fastddpm and other libraries (diffusers). diffusers is optional: it is imported
+only by the functions that need it."""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["unet_from_diffusers"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "unet_from_diffusers":
+        from .diffusers import unet_from_diffusers
+
+        return unet_from_diffusers
+    raise AttributeError(f"module 'fastddpm.interop' has no attribute {name!r}")

@@ -1,0 +1,229 @@
+"""diffusers `UNet2DModel` (DDPM family) -> `fastddpm.UNet`, weights mapped one to one.
+
+Supported: the configs of google/ddpm-cifar10-32, -celebahq-256, -church-256, -bedroom-256, -cat-256
+and any `UNet2DModel` built the same way, i.e.
+
+    time_embedding_type="positional" (any flip_sin_to_cos / freq_shift), act_fn="silu",
+    down blocks "DownBlock2D" / "AttnDownBlock2D", up blocks "UpBlock2D" / "AttnUpBlock2D" with the
+    attention at the same resolutions on the way down and up, mid_block_type "UNetMidBlock2D" with
+    attention, downsample_type = upsample_type = "conv" (downsample_padding 0 or 1),
+    block_out_channels = block_out_channels[0] * integer multipliers, time_embedding_dim None (or
+    4 * block_out_channels[0]), mid_block_scale_factor 1, resnet_time_scale_shift "default" or
+    "scale_shift" (the latter only with attn_norm_num_groups = norm_num_groups: without it diffusers'
+    middle attention has no GroupNorm), class_embed_type None (with or without num_class_embeds).
+
+A class-conditional model (num_class_embeds = K) maps to `UNet(num_classes=K)`; the extra null-class
+row (index K) is set to zero, i.e. "no class embedding". Anything else raises ValueError naming the
+option. diffusers' attention projections to_q/to_k/to_v are stacked into the U-Net's single qkv
+Linear; to_out[0] is its proj.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..unet import UNet
+
+__all__ = ["unet_from_diffusers", "unet_config_from_diffusers"]
+
+_DOWN = ("DownBlock2D", "AttnDownBlock2D")
+_UP = ("UpBlock2D", "AttnUpBlock2D")
+
+
+def _cfg(config: Any, key: str, default: Any = None) -> Any:
+    if isinstance(config, dict):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def _unsupported(option: str, value: Any, accepted: str) -> ValueError:
+    return ValueError(f"cannot map this UNet2DModel to fastddpm.UNet: unsupported {option}={value!r} "
+                      f"(supported: {accepted})")
+
+
+def unet_config_from_diffusers(config: Any, image_size: Optional[int] = None) -> Dict[str, Any]:
+    """fastddpm.UNet keyword arguments equivalent to a diffusers UNet2DModel config (dict or FrozenDict).
+
+    Raises ValueError naming the first option that has no fastddpm equivalent.
+    """
+    def want(option: str, accepted: tuple, default: Any = None) -> Any:
+        value = _cfg(config, option, default)
+        if value not in accepted:
+            raise _unsupported(option, value, " or ".join(repr(a) for a in accepted))
+        return value
+
+    want("time_embedding_type", ("positional",), "positional")
+    want("center_input_sample", (False,), False)
+    want("act_fn", ("silu", "swish"), "silu")
+    want("mid_block_type", ("UNetMidBlock2D",), "UNetMidBlock2D")
+    want("add_attention", (True,), True)
+    want("downsample_type", ("conv",), "conv")
+    want("upsample_type", ("conv",), "conv")
+    want("mid_block_scale_factor", (1, 1.0), 1)
+    want("class_embed_type", (None,), None)
+    shift = want("resnet_time_scale_shift", ("default", "scale_shift"), "default")
+
+    channels = list(_cfg(config, "block_out_channels"))
+    base = int(channels[0])
+    if any(int(c) % base for c in channels):
+        raise _unsupported("block_out_channels", tuple(channels), "multiples of block_out_channels[0]")
+    mults = tuple(int(c) // base for c in channels)
+    temb = _cfg(config, "time_embedding_dim", None)
+    if temb is not None and temb != 4 * base:
+        raise _unsupported("time_embedding_dim", temb, f"None or 4 * block_out_channels[0] = {4 * base}")
+    groups = _cfg(config, "norm_num_groups", 32)
+    if not isinstance(groups, int):
+        raise _unsupported("norm_num_groups", groups, "an int")
+    attn_groups = _cfg(config, "attn_norm_num_groups", None)
+    if shift == "scale_shift" and attn_groups != groups:
+        raise _unsupported("attn_norm_num_groups", attn_groups,
+                           f"norm_num_groups = {groups} when resnet_time_scale_shift='scale_shift' "
+                           "(otherwise diffusers' middle attention has no GroupNorm)")
+    if attn_groups is not None and attn_groups != groups:
+        raise _unsupported("attn_norm_num_groups", attn_groups, f"None or norm_num_groups = {groups}")
+    padding = want("downsample_padding", (0, 1), 1)
+    layers = _cfg(config, "layers_per_block", 2)
+    if not isinstance(layers, int):
+        raise _unsupported("layers_per_block", layers, "an int")
+
+    down = tuple(_cfg(config, "down_block_types"))
+    up = tuple(_cfg(config, "up_block_types"))
+    for option, types, accepted in (("down_block_types", down, _DOWN), ("up_block_types", up, _UP)):
+        for t in types:
+            if t not in accepted:
+                raise _unsupported(option, types, f"blocks from {accepted}")
+    levels = len(channels)
+    if len(down) != levels or len(up) != levels:
+        raise _unsupported("down_block_types/up_block_types", (down, up), f"{levels} blocks each")
+    down_attn = [t == "AttnDownBlock2D" for t in down]
+    up_attn = [t == "AttnUpBlock2D" for t in reversed(up)]
+    if down_attn != up_attn:
+        raise _unsupported("up_block_types", up, "attention at the same resolutions as in down_block_types")
+
+    if image_size is None:
+        size = _cfg(config, "sample_size", None)
+        if isinstance(size, (tuple, list)):
+            if len(size) != 2 or size[0] != size[1]:
+                raise _unsupported("sample_size", size, "square images (or pass image_size)")
+            size = size[0]
+        if not isinstance(size, int):
+            raise _unsupported("sample_size", size, "an int (or pass image_size)")
+        image_size = size
+    resolutions = [image_size // 2 ** lvl for lvl in range(levels)]
+
+    head_dim = _cfg(config, "attention_head_dim", None)
+    kwargs: Dict[str, Any] = {}
+    if head_dim is not None:
+        attn_channels = {channels[lvl] for lvl in range(levels) if down_attn[lvl]} | {channels[-1]}
+        if any(c % head_dim for c in attn_channels):
+            raise _unsupported("attention_head_dim", head_dim, f"a divisor of the attention channels {sorted(attn_channels)}")
+        kwargs["head_channels"] = int(head_dim)
+
+    return dict(
+        image_size=int(image_size),
+        in_channels=int(_cfg(config, "in_channels", 3)),
+        base_channels=base,
+        channel_mults=mults,
+        num_res_blocks=layers,
+        attention_resolutions=tuple(resolutions[lvl] for lvl in range(levels) if down_attn[lvl]),
+        dropout=float(_cfg(config, "dropout", 0.0)),
+        time_embedding="add" if shift == "default" else "scale_shift",
+        learn_sigma=False,
+        num_classes=_cfg(config, "num_class_embeds", None),
+        groups=groups,
+        out_channels=int(_cfg(config, "out_channels", 3)),
+        norm_eps=float(_cfg(config, "norm_eps", 1e-5)),
+        downsample_padding=padding,
+        flip_sin_to_cos=bool(_cfg(config, "flip_sin_to_cos", True)),
+        freq_shift=_cfg(config, "freq_shift", 0),
+        **kwargs,
+    )
+
+
+class _Recording(dict):
+    """A dict that records which keys were read (to check that every source weight was mapped)."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.used: set = set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self.used.add(key)
+        return super().__getitem__(key)
+
+
+def _resnet(sd: Dict[str, torch.Tensor], ours: str, theirs: Dict[str, torch.Tensor], prefix: str) -> None:
+    names = {"norm1": "norm1", "conv1": "conv1", "time_proj": "time_emb_proj", "norm2": "norm2",
+             "conv2": "conv2", "skip": "conv_shortcut"}
+    for mine, their in names.items():
+        for p in ("weight", "bias"):
+            key = f"{prefix}.{their}.{p}"
+            if key in theirs:
+                sd[f"{ours}.{mine}.{p}"] = theirs[key]
+
+
+def _attention(sd: Dict[str, torch.Tensor], ours: str, theirs: Dict[str, torch.Tensor], prefix: str) -> None:
+    for p in ("weight", "bias"):
+        sd[f"{ours}.norm.{p}"] = theirs[f"{prefix}.group_norm.{p}"]
+        sd[f"{ours}.qkv.{p}"] = torch.cat([theirs[f"{prefix}.to_{n}.{p}"] for n in "qkv"], dim=0)
+        sd[f"{ours}.proj.{p}"] = theirs[f"{prefix}.to_out.0.{p}"]
+
+
+def _level(sd, ours: str, theirs, prefix: str, resnets: int, attention: bool, resample: Optional[str]) -> None:
+    for j in range(resnets):
+        _resnet(sd, f"{ours}.resnets.{j}", theirs, f"{prefix}.resnets.{j}")
+        if attention:
+            _attention(sd, f"{ours}.attentions.{j}", theirs, f"{prefix}.attentions.{j}")
+    if resample is not None:
+        for p in ("weight", "bias"):
+            sd[f"{ours}.resample.conv.{p}"] = theirs[f"{prefix}.{resample}.0.conv.{p}"]
+
+
+def unet_from_diffusers(unet2d: torch.nn.Module, image_size: Optional[int] = None) -> UNet:
+    """A `fastddpm.UNet` with the weights of a diffusers `UNet2DModel` of the DDPM family.
+
+    The result computes the same function (to float rounding) through the fused ops, on the device
+    and in the dtype of `unet2d`; it is in eval mode when `unet2d` is. `image_size` overrides the
+    config's sample_size. Raises ValueError naming the option when the config cannot be mapped
+    (see the module docstring for what can).
+    """
+    if type(unet2d).__name__ != "UNet2DModel" or not hasattr(unet2d, "config"):
+        raise ValueError(f"unet2d must be a diffusers UNet2DModel, got {type(unet2d).__name__}")
+    kwargs = unet_config_from_diffusers(unet2d.config, image_size=image_size)
+    model = UNet(**kwargs)
+    theirs = _Recording((k, v.detach()) for k, v in unet2d.state_dict().items())
+    used = theirs.used
+    levels = len(kwargs["channel_mults"])
+    layers = kwargs["num_res_blocks"]
+    down_types = tuple(unet2d.config.down_block_types)
+
+    sd: Dict[str, torch.Tensor] = {}
+    for p in ("weight", "bias"):
+        sd[f"conv_in.{p}"] = theirs[f"conv_in.{p}"]
+        sd[f"time_linear1.{p}"] = theirs[f"time_embedding.linear_1.{p}"]
+        sd[f"time_linear2.{p}"] = theirs[f"time_embedding.linear_2.{p}"]
+        sd[f"norm_out.{p}"] = theirs[f"conv_norm_out.{p}"]
+        sd[f"conv_out.{p}"] = theirs[f"conv_out.{p}"]
+    if model.class_embedding is not None:
+        table = theirs["class_embedding.weight"]
+        sd["class_embedding.weight"] = torch.cat([table, table.new_zeros(1, table.shape[1])], dim=0)
+    for lvl in range(levels):
+        attention = down_types[lvl] == "AttnDownBlock2D"
+        _level(sd, f"down.{lvl}", theirs, f"down_blocks.{lvl}", layers, attention,
+               "downsamplers" if lvl != levels - 1 else None)
+        _level(sd, f"up.{lvl}", theirs, f"up_blocks.{lvl}", layers + 1, down_types[levels - 1 - lvl] == "AttnDownBlock2D",
+               "upsamplers" if lvl != levels - 1 else None)
+    _resnet(sd, "mid.resnet1", theirs, "mid_block.resnets.0")
+    _attention(sd, "mid.attention", theirs, "mid_block.attentions.0")
+    _resnet(sd, "mid.resnet2", theirs, "mid_block.resnets.1")
+
+    unused = set(theirs) - used
+    if unused:
+        raise ValueError(f"cannot map this UNet2DModel to fastddpm.UNet: parameters {sorted(unused)[:5]} have no "
+                         "counterpart (unsupported config)")
+    ref = next(iter(theirs.values()))
+    model.load_state_dict(sd, strict=True)
+    model.to(device=ref.device, dtype=ref.dtype)
+    model.train(unet2d.training)
+    return model
