@@ -190,26 +190,32 @@ class FastSampler:
         return self.x.clone()
 
     @classmethod
-    def from_diffusers(cls, pipeline_or_unet: Any, scheduler: Any = None, *, sampler: str = "ddim",
-                       steps: int = 50, eta: float = 0.0, batch_size: int = 16, convert: bool = True,
+    def from_diffusers(cls, pipeline_or_unet: Any, scheduler: Any = None, *, sampler: Optional[str] = None,
+                       steps: Optional[int] = None, eta: float = 0.0, batch_size: int = 16, convert: bool = True,
                        **kwargs: Any) -> "FastSampler":
         """Build a FastSampler from a diffusers pipeline (or a UNet2DModel and its scheduler).
 
-        The diffusion (schedule, prediction type, variance type) is read from the scheduler's config;
-        with `convert` the UNet2DModel is mapped into fd.UNet so its GroupNorm and attention use the
-        fused ops; otherwise the diffusers model is called as it is and only the step is fused.
+        The diffusion (betas in float64, prediction and variance types), the timesteps and clip_sample
+        come from the scheduler (see `fastddpm.interop.schedulers`). With `convert` a UNet2DModel is
+        mapped into fd.UNet so its GroupNorms and attentions run the fused ops; otherwise (or for any
+        other eps-model callable) the model is called as it is and only the step is fused.
         """
-        from .interop.diffusers import diffusion_from_scheduler, make_sampler, unet_from_diffusers
+        from .interop.schedulers import sampler_from_scheduler
 
         unet = getattr(pipeline_or_unet, "unet", pipeline_or_unet)
         scheduler = scheduler if scheduler is not None else getattr(pipeline_or_unet, "scheduler", None)
         if scheduler is None:
-            raise ValueError("scheduler is required when a bare UNet is given")
-        diffusion = diffusion_from_scheduler(scheduler)
-        model = unet_from_diffusers(unet) if convert else unet
-        smp = make_sampler(diffusion, sampler, steps=steps, eta=eta)
-        if not convert:
-            size = unet.config.sample_size
+            raise ValueError("scheduler is required when a bare model is given")
+        smp, clip = sampler_from_scheduler(scheduler, sampler, steps, eta)
+        kwargs.setdefault("clip_denoised", clip)
+        config = getattr(unet, "config", None)
+        if convert and type(unet).__name__ == "UNet2DModel":
+            from .interop.diffusers import unet_from_diffusers
+
+            param = next(unet.parameters())
+            unet = unet_from_diffusers(unet).to(device=param.device, dtype=param.dtype).eval()
+        elif config is not None and "image_shape" not in kwargs:
+            size = config.sample_size
             size = size if isinstance(size, int) else size[0]
-            kwargs.setdefault("image_shape", (unet.config.in_channels, size, size))
-        return cls(model, smp, batch_size, **kwargs)
+            kwargs["image_shape"] = (config.in_channels, size, size)
+        return cls(unet, smp, batch_size, **kwargs)
