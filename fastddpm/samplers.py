@@ -9,8 +9,8 @@ the device with an int64 step counter, so `sample` never synchronises with the h
 Timesteps and respacing (improved-diffusion, and what diffusers computes from its previous timestep):
 with the kept timesteps S_0 < ... < S_{K-1}, the sampler uses beta_i = 1 - ab[S_i] / ab[S_{i-1}]
 (ab[S_{-1}] = 1) and calls the model with the original timestep S_i. `steps` may be None (all T
-timesteps), an int (`space_timesteps(T, steps)`: evenly spaced from T-1 down to 0, both included; the
-default for every sampler) or an explicit strictly descending list of timesteps (e.g. diffusers'
+timesteps), an int (DDPM, DDIM: `space_timesteps(T, steps)`, evenly spaced from T-1 down to 0, both
+included; DPM-Solver++: time-quadratic, see below) or an explicit strictly descending list of timesteps (e.g. diffusers'
 `scheduler.timesteps` after `set_timesteps(n)`, for drop-in parity).
 
 Variances (DDPM): "fixed_small" sigma^2 = beta_tilde of the respaced schedule, "fixed_large" sigma^2 =
@@ -24,10 +24,13 @@ step (diffusers' set_alpha_to_one=True); x_prev = sqrt(ab_prev) x0c + sqrt(1 - a
 + sigma z, with eps_hat computed from the *unclipped* model output as diffusers' DDIMScheduler does by
 default (use_clipped_model_output=False).
 
-DPM-Solver++(2M) (Lu et al. 2022, data prediction): lambda_t = log(sqrt(ab_t) / sqrt(1 - ab_t)); the
-first step is first order (DPM-Solver++ 1 = DDIM), the following ones second-order multistep with the
-previous x0-hat, and the final step (at `timesteps[-1]`, 0 by default) returns x0-hat itself, i.e. a
-first-order step to sigma = 0. `steps` counts model evaluations.
+DPM-Solver++(2M) (Lu et al. 2022, data prediction): lambda_t = log(sqrt(ab_t) / sqrt(1 - ab_t)); an int
+`steps` gives time-quadratic spacing t_i = round((i / (S-1))^2 (T-1)) (made strictly increasing; dense
+near t = 0, where lambda moves fastest: the uniform spacing puts one huge lambda step at the end, which
+the multistep extrapolation overshoots). The first step and the last transition (to timesteps[-1]) are
+first order (DPM-Solver++ 1 = DDIM), the others second-order multistep with the previous x0-hat, and the
+final model evaluation (at timesteps[-1] = 0) returns x0-hat itself, i.e. a first-order step to
+sigma = 0. `steps` counts model evaluations.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import torch
 from .ops.sampler_step import NUM_COEFS, sampler_step
 from .schedule import NoiseSchedule, space_timesteps
 
-__all__ = ["DDPMSampler", "DDIMSampler", "DPMSolverSampler", "Sampler"]
+__all__ = ["DDPMSampler", "DDIMSampler", "DPMSolverSampler", "Sampler", "quadratic_timesteps"]
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -85,6 +88,25 @@ def _resolve_timesteps(num_timesteps: int, steps: Steps, allow_none: bool) -> Li
     if any(a <= b for a, b in zip(ts, ts[1:])):
         raise ValueError(f"steps must be strictly descending (e.g. scheduler.timesteps), got {ts}")
     return ts
+
+
+def quadratic_timesteps(num_timesteps: int, steps: int) -> List[int]:
+    """`steps` descending timesteps t_i = round((i / (steps-1))^2 (T-1)), i = steps-1..0, strictly decreasing.
+
+    Duplicates near t = 0 (where the rounded values collide) are pushed up by one, so exactly `steps`
+    distinct timesteps are returned, T-1 and 0 included (steps = 1: [T-1]).
+    """
+    T = num_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= int(steps) <= T:
+        raise ValueError(f"steps must be an int in [1, {T}], got {steps!r}")
+    steps = int(steps)
+    if steps == 1:
+        return [T - 1]
+    ts: List[int] = []
+    for i in range(steps):
+        v = round((i / (steps - 1)) ** 2 * (T - 1))
+        ts.append(v if not ts or v > ts[-1] else ts[-1] + 1)
+    return ts[::-1]
 
 
 def _x0_coefs(prediction: str, ab: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -449,13 +471,13 @@ class DDIMSampler(Sampler):
 class DPMSolverSampler(Sampler):
     """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in data (x0) prediction.
 
-    Timesteps: an int `steps` gives `space_timesteps(T, steps)` (evenly spaced from T-1 down to 0,
-    rounded, both ends included) or pass an explicit descending list. With lambda = log(alpha/sigma),
-    alpha = sqrt(ab), sigma = sqrt(1 - ab), h = lambda_next - lambda_cur, step s < S-1 goes from
-    timesteps[s] to timesteps[s+1]:
-        s = 0 (first order):  x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) x0_s
-        s > 0 (2M):           x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) ((1 + 1/2r) x0_s - (1/2r) x0_{s-1}),
-                              r = h_prev / h
+    Timesteps: an int `steps` gives time-quadratic spacing (`quadratic_timesteps`: t_i =
+    round((i/(S-1))^2 (T-1)), T-1 and 0 included, dense near 0), or pass an explicit descending list
+    (None: all T). With lambda = log(alpha/sigma), alpha = sqrt(ab), sigma = sqrt(1 - ab),
+    h = lambda_next - lambda_cur, step s < S-1 goes from timesteps[s] to timesteps[s+1]:
+        first order (s = 0 and s = S-2):  x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) x0_s
+        2M (0 < s < S-2):  x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) ((1 + 1/2r) x0_s - (1/2r) x0_{s-1}),
+                           r = h_prev / h
     and the final step (s = S-1) returns x0-hat at timesteps[-1] (a first-order step to sigma = 0).
     `steps` counts model evaluations.
 
@@ -472,6 +494,10 @@ class DPMSolverSampler(Sampler):
             raise ValueError(f"diffusion must be a fastddpm.GaussianDiffusion (with a NoiseSchedule), got {type(diffusion).__name__}")
         self._x0_prev: Optional[torch.Tensor] = None
         self._last_row: Optional[int] = None
+        if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):
+            if not 1 <= int(steps) <= T:
+                raise ValueError(f"steps must be an int in [1, {T}] (or None, or a descending list), got {steps}")
+            steps = quadratic_timesteps(T, int(steps))
         self._setup(diffusion, _resolve_timesteps(T, steps, allow_none=True))
 
     def _build_coefs(self) -> torch.Tensor:
@@ -485,7 +511,7 @@ class DPMSolverSampler(Sampler):
             h = lam[s + 1] - lam[s]
             phi = alpha[s + 1] * -torch.expm1(-h)
             c[s, _Q] = sigma[s + 1] / sigma[s]
-            if s == 0:
+            if s == 0 or s == S - 2:  # first order: the first step and the last transition
                 c[s, _P] = phi
             else:
                 r = (lam[s] - lam[s - 1]) / h
