@@ -90,9 +90,16 @@ def test_parameter_count_ddpm_cifar10():
                    attention_resolutions=(16,), dropout=0.1, num_heads=1, time_embedding="add", learn_sigma=False)
     n = _num_params(unet)
     assert abs(n - 35.7e6) / 35.7e6 < 0.005, n
-    ref = _num_params(_ddpm_cifar10_diffusers())
+    diffusers_unet = _ddpm_cifar10_diffusers().eval()
+    ref = _num_params(diffusers_unet)
     assert abs(n - ref) / ref < 0.005, (n, ref)
     assert n == ref  # the layers map one to one
+    # and the full-size model converts to the same function
+    converted = fd.UNet.from_diffusers(diffusers_unet)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = diffusers_unet(x, torch.tensor([517])).sample
+        torch.testing.assert_close(converted(x, torch.tensor([517])), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_timestep_embedding_closed_form():
@@ -192,6 +199,19 @@ def test_gradients_reach_every_parameter(mode):
                or p.grad.abs().sum() == 0]
     assert not missing, missing
     assert len(unet.down[1].attentions) == 1 and len(unet.up[0].attentions) == 2  # attention at 4x4
+
+
+def test_bfloat16_model_close_to_float32():
+    torch.manual_seed(0)
+    unet = _perturb(fd.UNet(**TINY, num_classes=2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([4, 400])
+    with torch.no_grad():
+        ref = unet(x, t)
+        low = unet.to(torch.bfloat16)(x.bfloat16(), t)
+    assert low.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa: errors of a few 1e-2 of the output's scale after ~20 layers
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 def test_time_changes_output_and_scalar_t_broadcasts():
