@@ -89,6 +89,7 @@ the measured DRAM traffic is closer to 2 + 3 passes; the model counts every pass
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Optional
 
@@ -437,9 +438,14 @@ _TILE_HEURISTICS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count_cuda(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sm_count_cuda(device.index if device.index is not None else torch.cuda.current_device())
     return 8
 
 
