@@ -79,7 +79,8 @@ Modelled HBM traffic, forward + backward, 32x128x64x64 bf16, groups=32, affine +
                     dscale = (dt2 * y).sum(hw): read dt2, y, write tmp; read tmp       4
                     native_group_norm_backward: read dy, x (sums); read dy, x, write dx 5  -> 15
     eager total                                                                        24 passes
-    => fused / unfused = 268,763,136 / 805,961,728 bytes ~= 0.334   (target <= 0.45)
+    => fused / unfused = 268,593,152 / 805,381,632 bytes = 0.3335  (target <= 0.45)
+       (forward 100,688,384 vs 302,031,360; backward 167,904,768 vs 503,350,272)
     (exact figures incl. small tensors: ``modelled_hbm_bytes(32, 128, 64, 64, 32, 2)``)
 
 Saved for backward: fused keeps x (the op's input) + mean/rstd (2 x N*G fp32); eager autograd keeps
