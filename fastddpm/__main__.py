@@ -1,0 +1,7 @@
+"""``python -m fastddpm ...`` = the ``fastddpm`` command (also under ``torchrun -m fastddpm``)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
