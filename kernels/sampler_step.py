@@ -1,0 +1,295 @@
+"""Fused sampler step: one elementwise pass per sampling step for DDPM / DDIM / DPM-Solver++(2M).
+
+Contract (see fastddpm.ops.sampler_step): with m = model_output[:, :C], row = coefs[step],
+    x0   = A*x + B*m
+    x0c  = clamp(x0, -1, 1) if clip else x0
+    mean = P*x0c + Q*x + R*m (+ P2*x0_prev when x0_prev is given)
+    sigma = SIGMA                                   (or SIGMA*exp(0.5*(f*LOG_MAX + (1-f)*LOG_MIN)),
+                                                     f = (v+1)/2, v = model_output[:, C:] if learned_range)
+    x_prev = mean + sigma*z,  returns (x_prev, x0c)
+Columns of coefs: 0 A, 1 B, 2 P, 3 Q, 4 R, 5 P2, 6 SIGMA, 7 LOG_MIN, 8 LOG_MAX.
+
+The step index and the seed are read from device tensors inside the kernel, so a captured CUDA graph
+replays the right step with fresh noise. z is `noise` when given, otherwise Philox4x32-10 normals
+generated in the kernel with counters (c0 = flat element index inside the image, c1 = image_offset +
+image, c2 = step, c3 = stream 0); `fastddpm.ops.philox.philox_normal` computes the same stream in torch.
+When neither noise nor seed is given, z = 0 (deterministic samplers: DDIM eta=0, DPM-Solver++).
+
+Grid: (cdiv(E, BLOCK), N) with E = elements per image, so each program knows its image and the element
+indices inside that image. Math is fp32 whatever the input dtype; outputs are stored in x's dtype.
+
+Floating-point fusion: compiled with enable_fp_fusion=False (no FMA contraction), so a GPU evaluates
+the same rounding sequence as Triton's interpreter and as an fp32 torch evaluation of the formula; the
+only differences are the log/cos/sqrt/exp implementations (a few float32 ulp in z and sigma). Tests
+use rtol 1e-5 / atol 1e-5 for fp32 outputs against a float64 reference, and the output dtype's rounding
+(bf16: 2**-8 relative, fp16: 2**-11 relative) for low-precision outputs.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["sampler_step_forward", "aot_specs", "CONFIGS", "NUM_COEFS"]
+
+NUM_COEFS = 9
+# (BLOCK, num_warps): the autotune list on real GPUs and the AOT report's configs. 4-8 fp32 elements
+# per thread (16 per thread doubles the registers to ~155 with in-kernel Philox, for no gain in a
+# memory-bound kernel).
+CONFIGS: List[Tuple[int, int]] = [(512, 4), (1024, 4), (2048, 8)]
+# The fixed config of interpreter runs (one config, no autotuning on CPU).
+INTERPRET_CONFIG: Tuple[int, int] = (1024, 4)
+ENABLE_FP_FUSION = False
+
+NOISE_NONE, NOISE_GIVEN, NOISE_PHILOX = 0, 1, 2
+STEP_STREAM = 0
+
+
+@triton.jit
+def _sampler_step_kernel(
+    X, M, X0P, NOISE, COEF, STEP, SEED, XOUT, X0OUT,
+    E, m_image_stride, image_offset,
+    CLIP: tl.constexpr, LEARNED: tl.constexpr, HAS_X0P: tl.constexpr, NOISE_MODE: tl.constexpr,
+    STREAM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    img = tl.program_id(1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < E
+    base = img.to(tl.int64) * E
+    m_base = img.to(tl.int64) * m_image_stride
+
+    step = tl.load(STEP)
+    row = COEF + step * 9
+    ca = tl.load(row + 0)
+    cb = tl.load(row + 1)
+    cp = tl.load(row + 2)
+    cq = tl.load(row + 3)
+    cr = tl.load(row + 4)
+    sig = tl.load(row + 6)
+
+    x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(M + m_base + offs, mask=mask, other=0.0).to(tl.float32)
+
+    x0 = ca * x + cb * m
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+    mean = cp * x0 + cq * x + cr * m
+    if HAS_X0P:
+        cp2 = tl.load(row + 5)
+        x0p = tl.load(X0P + base + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = mean + cp2 * x0p
+
+    if NOISE_MODE != 0:
+        if LEARNED:
+            log_min = tl.load(row + 7)
+            log_max = tl.load(row + 8)
+            v = tl.load(M + m_base + E + offs, mask=mask, other=0.0).to(tl.float32)
+            f = (v + 1.0) * 0.5
+            sigma = sig * tl.exp(0.5 * (f * log_max + (1.0 - f) * log_min))
+        else:
+            sigma = sig
+        if NOISE_MODE == 1:
+            z = tl.load(NOISE + base + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            seed = tl.load(SEED)
+            c0 = offs.to(tl.uint32)
+            zero = c0 * 0
+            c1 = zero + (image_offset + img).to(tl.uint32)
+            c2 = zero + step.to(tl.uint32)
+            c3 = zero + STREAM
+            w0, w1, _w2, _w3 = tl.philox(seed, c0, c1, c2, c3)
+            u1 = tl.random.uint_to_uniform_float(w0)
+            u2 = tl.random.uint_to_uniform_float(w1)
+            z, _z2 = tl.random.pair_uniform_to_normal(u1, u2)
+        x_prev = mean + sigma * z
+    else:
+        x_prev = mean
+
+    tl.store(XOUT + base + offs, x_prev.to(XOUT.dtype.element_ty), mask=mask)
+    tl.store(X0OUT + base + offs, x0.to(X0OUT.dtype.element_ty), mask=mask)
+
+
+def _autotuned():
+    configs = [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in CONFIGS]
+    return triton.autotune(configs=configs, key=["E", "CLIP", "LEARNED", "HAS_X0P", "NOISE_MODE"])(
+        _sampler_step_kernel
+    )
+
+
+_tuned_kernel = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_like(name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.shape != x.shape or t.device != x.device:
+        raise ValueError(f"{name} must be a tensor of x's shape {tuple(x.shape)} on {x.device}, got "
+                         f"{getattr(t, 'shape', t)}")
+
+
+def sampler_step_forward(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    coefs: torch.Tensor,
+    step: torch.Tensor,
+    x0_prev: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    image_offset: int,
+    clip: bool,
+    learned_range: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch the fused step; returns new tensors (x_prev, x0c) in x's dtype.
+
+    x [N, C, *spatial]; model_output [N, C or 2C (learned_range), *spatial]; coefs float32 [S, 9];
+    step / seed int64 tensors with one element on x's device (seed may be None when noise is given, or
+    when no noise is wanted: then z = 0); noise / x0_prev like x or None. Inputs are made contiguous.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"x must be [N, C, *spatial], got shape {tuple(x.shape)}")
+    n, c = x.shape[0], x.shape[1]
+    want_c = 2 * c if learned_range else c
+    if model_output.dim() != x.dim() or model_output.shape[0] != n or model_output.shape[1] != want_c \
+            or model_output.shape[2:] != x.shape[2:]:
+        raise ValueError(f"model_output must have shape {(n, want_c) + tuple(x.shape[2:])} "
+                         f"(learned_range={learned_range}), got {tuple(model_output.shape)}")
+    if coefs.dim() != 2 or coefs.shape[1] != NUM_COEFS or coefs.dtype != torch.float32:
+        raise ValueError(f"coefs must be a float32 tensor [S, {NUM_COEFS}], got {coefs.dtype} {tuple(coefs.shape)}")
+    if step.dtype != torch.int64 or step.numel() != 1:
+        raise ValueError(f"step must be an int64 tensor with one element, got {step.dtype} {tuple(step.shape)}")
+    if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1):
+        raise ValueError(f"seed must be an int64 tensor with one element or None, got {seed.dtype} {tuple(seed.shape)}")
+    if not isinstance(image_offset, int) or image_offset < 0:
+        raise ValueError(f"image_offset must be a non-negative int, got {image_offset!r}")
+    _check_like("x0_prev", x0_prev, x)
+    _check_like("noise", noise, x)
+    for name, t in (("model_output", model_output), ("coefs", coefs), ("step", step), ("seed", seed)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+    x = x.contiguous()
+    model_output = model_output.contiguous()
+    coefs = coefs.contiguous()
+    x_prev = torch.empty_like(x)
+    x0 = torch.empty_like(x)
+    numel_image = x[0].numel() if n > 0 else 0
+    if n == 0 or numel_image == 0:
+        return x_prev, x0
+    if numel_image >= 2**31:
+        raise ValueError(f"x must have fewer than 2**31 elements per image, got {numel_image}")
+    noise_mode = NOISE_GIVEN if noise is not None else (NOISE_PHILOX if seed is not None else NOISE_NONE)
+    x0p = x0_prev.contiguous() if x0_prev is not None else x
+    nz = noise.contiguous() if noise is not None else x
+    sd = seed if seed is not None else step
+    args = (x, model_output, x0p, nz, coefs, step, sd, x_prev, x0, numel_image, model_output[0].numel(),
+            image_offset)
+    flags = dict(CLIP=bool(clip), LEARNED=bool(learned_range), HAS_X0P=x0_prev is not None,
+                 NOISE_MODE=noise_mode, STREAM=STEP_STREAM)
+    if _interpreting():
+        block, warps = INTERPRET_CONFIG
+        grid = (triton.cdiv(numel_image, block), n)
+        _sampler_step_kernel[grid](*args, **flags, BLOCK=block, num_warps=warps,
+                                   enable_fp_fusion=ENABLE_FP_FUSION)
+    else:
+        global _tuned_kernel
+        if _tuned_kernel is None:
+            _tuned_kernel = _autotuned()
+        grid = lambda meta: (triton.cdiv(numel_image, meta["BLOCK"]), n)  # noqa: E731
+        _tuned_kernel[grid](*args, **flags, enable_fp_fusion=ENABLE_FP_FUSION)
+    return x_prev, x0
+
+
+# ---------------------------------------------------------------- AOT specs and modelled HBM traffic
+
+# Representative shape of the report: a CIFAR-sized batch, x [256, 3, 32, 32] fp32.
+REPORT_SHAPE = (256, 3, 32, 32)
+
+# Specializations compiled for the report: the heaviest in registers (in-kernel Philox + learned-range
+# sigma + clip: DDPM) and the one with the most loads (x0_prev: DPM-Solver++ 2M, no noise).
+_VARIANTS = [
+    ("ddpm_learned_philox", dict(CLIP=True, LEARNED=True, HAS_X0P=False, NOISE_MODE=NOISE_PHILOX)),
+    ("dpmpp_2m", dict(CLIP=False, LEARNED=False, HAS_X0P=True, NOISE_MODE=NOISE_NONE)),
+]
+
+
+def hbm_bytes_fused(numel: int, elem_bytes: int, learned: bool, has_x0p: bool, noise_given: bool) -> int:
+    """Modelled HBM bytes of the fused kernel: each input read once, x_prev and x0 written once."""
+    reads = 1 + (2 if learned else 1) + (1 if has_x0p else 0) + (1 if noise_given else 0)
+    writes = 2
+    return (reads + writes) * numel * elem_bytes
+
+
+def hbm_bytes_unfused(numel: int, elem_bytes: int, learned: bool, has_x0p: bool, clip: bool,
+                      philox: bool, noise_given: bool) -> int:
+    """Modelled HBM bytes of the eager PyTorch sequence of the same step (one kernel per op).
+
+    Each elementwise op reads its tensor operands and writes its result (scalars from the coefficient
+    table are free); tensors of size `numel` x elem_bytes. The sequence:
+      A*x (r1 w1), B*m (r1 w1), add -> x0 (r2 w1), clamp (r1 w1) if clip,
+      P*x0 (r1 w1), Q*x (r1 w1), add (r2 w1), R*m (r1 w1), add (r2 w1), [P2*x0_prev (r1 w1), add (r2 w1)],
+      noise: randn (w1) when drawn on the host path, sigma*z (r1 w1), add (r2 w1) -- with learned range
+      sigma is a tensor: (v+1)/2 (r1 w1), f*LOG_MAX (r1 w1), (1-f) (r1 w1), *LOG_MIN (r1 w1), add (r2 w1),
+      *0.5 (r1 w1), exp (r1 w1), *SIGMA (r1 w1), then sigma*z reads two tensors (r2 w1).
+    """
+    passes = 0
+    passes += 2 + 2 + 3  # A*x, B*m, add
+    if clip:
+        passes += 2
+    passes += 2 + 2 + 3 + 2 + 3  # P*x0, Q*x, add, R*m, add
+    if has_x0p:
+        passes += 2 + 3
+    if philox or noise_given:
+        if philox:
+            passes += 1  # torch.randn writes the noise tensor
+        if learned:
+            passes += 2 + 2 + 2 + 2 + 3 + 2 + 2 + 2  # sigma tensor from v
+            passes += 3  # sigma * z, both tensors
+        else:
+            passes += 2  # sigma * z
+        passes += 3  # mean + sigma*z
+    return passes * numel * elem_bytes
+
+
+def aot_specs() -> List[dict]:
+    """One AOT spec per (variant, autotune config), fp32 tensors, for the AOT report.
+
+    HBM figures are for x = REPORT_SHAPE = [256, 3, 32, 32] fp32 (model output [256, 6, 32, 32] for
+    the learned-range variant).
+    """
+    numel = 1
+    for s in REPORT_SHAPE:
+        numel *= s
+    specs = []
+    for name, flags in _VARIANTS:
+        signature = {
+            "X": "*fp32", "M": "*fp32", "X0P": "*fp32", "NOISE": "*fp32", "COEF": "*fp32", "STEP": "*i64",
+            "SEED": "*i64", "XOUT": "*fp32", "X0OUT": "*fp32", "E": "i32", "m_image_stride": "i32",
+            "image_offset": "i32", "CLIP": "constexpr", "LEARNED": "constexpr", "HAS_X0P": "constexpr",
+            "NOISE_MODE": "constexpr", "STREAM": "constexpr", "BLOCK": "constexpr",
+        }
+        fused = hbm_bytes_fused(numel, 4, flags["LEARNED"], flags["HAS_X0P"], flags["NOISE_MODE"] == NOISE_GIVEN)
+        unfused = hbm_bytes_unfused(numel, 4, flags["LEARNED"], flags["HAS_X0P"], flags["CLIP"],
+                                    flags["NOISE_MODE"] == NOISE_PHILOX, flags["NOISE_MODE"] == NOISE_GIVEN)
+        for block, warps in CONFIGS:
+            specs.append(dict(
+                kernel=f"sampler_step[{name}]",
+                config=f"BLOCK={block},warps={warps}",
+                fn=_sampler_step_kernel,
+                signature=signature,
+                constexprs=dict(flags, STREAM=STEP_STREAM, BLOCK=block),
+                num_warps=warps,
+                num_stages=1,
+                options={"enable_fp_fusion": ENABLE_FP_FUSION},
+                hbm_bytes_fused=fused,
+                hbm_bytes_unfused=unfused,
+                shape="x [256, 3, 32, 32] fp32",
+            ))
+    return specs

@@ -1,0 +1,97 @@
+"""Every kernel and autotune config compiles ahead of time for sm_80 and sm_90 with no spills and shared
+memory within the arch limit. Runs benchmarks/kernel_report.py --json in a second process without
+TRITON_INTERPRET (this test process runs Triton in interpreter mode; compilation needs the real JIT).
+
+Compiled resource figures are cached (kernels/aot.py, ~/.cache/fastddpm/aot or $FASTDDPM_AOT_CACHE),
+so only changed kernels are recompiled on a second run.
+"""
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+from kernels.aot import ARCHS, KERNEL_MODULES, MAX_REGISTERS, ROW_KEYS, SHARED_LIMIT_BYTES, parse_resource_usage  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _existing_modules():
+    return [m for m in KERNEL_MODULES if importlib.util.find_spec(m) is not None]
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # keep triton 3.9's default, silence its warning
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "kernel_report.py"), "--json", "--jobs", str(max(2, os.cpu_count() or 1))],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    try:
+        rows = json.loads(proc.stdout)
+    except ValueError:
+        pytest.fail(f"kernel_report.py printed no JSON (rc={proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                    f"{proc.stderr[-4000:]}")
+    return rows, proc
+
+
+def test_report_rows_well_formed(report):
+    rows, proc = report
+    assert isinstance(rows, list) and rows, proc.stderr[-2000:]
+    for r in rows:
+        for k in ROW_KEYS:
+            assert k in r, (k, r)
+        assert r["arch"] in {f"sm_{a}" for a in ARCHS}
+        for k in ("registers", "spills", "shared_bytes", "hbm_bytes_fused", "hbm_bytes_unfused"):
+            assert isinstance(r[k], int) and r[k] >= 0, (k, r)
+        assert 0 < r["registers"] <= MAX_REGISTERS, r
+        assert r["hbm_bytes_fused"] > 0, r
+
+
+def test_no_spills_and_shared_within_limits(report):
+    rows, proc = report
+    bad = [r for r in rows if r["spills"] != 0]
+    assert not bad, f"kernels spill to local memory: {bad}"
+    for r in rows:
+        limit = SHARED_LIMIT_BYTES[int(r["arch"][3:])]
+        assert r["shared_bytes"] <= limit, r
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_every_spec_of_every_existing_module_is_reported_for_each_arch(report):
+    rows, proc = report
+    existing = _existing_modules()
+    assert "kernels.sampler_step" in existing
+    for module_name in existing:
+        module = importlib.import_module(module_name)
+        assert hasattr(module, "aot_specs"), f"{module_name} exists but has no aot_specs()"
+        specs = module.aot_specs()
+        assert specs, f"{module_name}.aot_specs() is empty"
+        expected = {(s["kernel"], s["config"]) for s in specs}
+        for arch in ARCHS:
+            got = {(r["kernel"], r["config"]) for r in rows
+                   if r.get("module") == module_name and r["arch"] == f"sm_{arch}"}
+            assert got == expected, (module_name, arch, expected - got, got - expected)
+    for module_name in set(KERNEL_MODULES) - set(existing):
+        assert f"{module_name}: module does not exist yet" in proc.stderr
+
+
+def test_parse_resource_usage():
+    text = """
+Resource usage:
+ Common:
+  GLOBAL:52 CONSTANT[4]:24
+ Function _k:
+  REG:69 STACK:8 SHARED:1024 LOCAL:16 CONSTANT[2]:8 CONSTANT[0]:456 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function other: REG:12 STACK:0 SHARED:0 LOCAL:0
+"""
+    usage = parse_resource_usage(text)
+    assert usage["_k"]["REG"] == 69 and usage["_k"]["LOCAL"] == 16 and usage["_k"]["SHARED"] == 1024
+    assert usage["_k"]["STACK"] == 8 and usage["_k"]["CONSTANT[0]"] == 456
+    assert usage["other"] == {"REG": 12, "STACK": 0, "SHARED": 0, "LOCAL": 0}

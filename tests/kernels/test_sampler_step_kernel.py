@@ -1,0 +1,380 @@
+"""kernels/sampler_step.py (interpreter on CPU) against a float64 re-implementation of the contract:
+
+    x0 = A x + B m;  x0c = clamp(x0, -1, 1) if clip;  mean = P x0c + Q x + R m (+ P2 x0_prev)
+    sigma = SIGMA (or SIGMA exp(0.5 (f LOG_MAX + (1-f) LOG_MIN)), f = (v+1)/2);  x_prev = mean + sigma z
+
+Tolerances: fp32 outputs rtol = atol = 1e-5 against float64 (same z). bf16 / fp16 outputs: the kernel
+rounds an fp32 result once, so |err| <= half an ulp of the output dtype (2**-8 resp. 2**-11 relative)
+plus fp32 noise, and its max error is at most twice that of the same-precision eager PyTorch sequence.
+Exception: Triton's interpreter converts fp32 -> bf16 by truncation (triton/runtime/interpreter.py,
+_convert_float without a rounding mode) where the GPU rounds to nearest even, so under the interpreter
+the bf16 bound is one full ulp (2**-7 relative) and the twice-eager comparison, which a truncating
+store cannot meet where eager bf16 is exact (x0 ~ x), is made for fp16 only (and for bf16 on a GPU).
+"""
+import os
+import math
+
+import pytest
+import torch
+
+from fastddpm.ops.philox import philox_normal
+from fastddpm.schedule import NoiseSchedule
+
+pytest.importorskip("triton")
+from kernels.sampler_step import sampler_step_forward  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HALF_ULP = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# bound on |kernel - float64| relative to |float64| from the final rounding to the output dtype
+OUT_ROUNDING = {**HALF_ULP, **({torch.bfloat16: 2.0**-7} if INTERPRETED else {})}
+
+
+# ----------------------------------------------------------------------------- coefficient tables
+def _ddpm_rows(learned: bool, steps=(999, 500, 10, 1, 0)) -> torch.Tensor:
+    """DDPM rows (eps prediction) from the linear schedule, float64 -> float32 once."""
+    s = NoiseSchedule.linear(1000)
+    rows = []
+    for t in steps:
+        ab = s.alphas_cumprod[t].item()
+        a, b = math.sqrt(1.0 / ab), -math.sqrt(1.0 / ab - 1.0)
+        p, q = s.posterior_mean_coef1[t].item(), s.posterior_mean_coef2[t].item()
+        log_min = s.posterior_log_variance_clipped[t].item()
+        log_max = math.log(s.betas[t].item())
+        if learned:
+            sigma = 1.0 if t > 0 else 0.0
+        else:
+            sigma = math.exp(0.5 * log_min) if t > 0 else 0.0
+        rows.append([a, b, p, q, 0.0, 0.0, sigma, log_min, log_max])
+    return torch.tensor(rows, dtype=torch.float64).to(torch.float32)
+
+
+def _ddim_rows(eta: float = 0.5) -> torch.Tensor:
+    s = NoiseSchedule.linear(1000)
+    rows = []
+    for t, tp in [(999, 899), (499, 399), (99, 0)]:
+        ab, abp = s.alphas_cumprod[t].item(), s.alphas_cumprod[tp].item()
+        sigma = eta * math.sqrt((1 - abp) / (1 - ab) * (1 - ab / abp))
+        a, b = math.sqrt(1 / ab), -math.sqrt(1 / ab - 1)
+        # eps_hat = (x - sqrt(ab) x0)/sqrt(1-ab) with x0 = A x + B m is linear in x and m: here we keep
+        # the x0-independent form eps_hat = m (eps prediction): direction d = sqrt(1-abp-sigma^2) * m.
+        d = math.sqrt(max(1 - abp - sigma**2, 0.0))
+        rows.append([a, b, math.sqrt(abp), 0.0, d, 0.0, sigma, 0.0, 0.0])
+    return torch.tensor(rows, dtype=torch.float64).to(torch.float32)
+
+
+def _dpmpp_rows() -> torch.Tensor:
+    # x0-prediction (A=0, B=1), mean = Q x + P x0 + P2 x0_prev, no noise.
+    return torch.tensor([[0.0, 1.0, 0.7, 0.45, 0.0, -0.2, 0.0, 0.0, 0.0],
+                         [0.0, 1.0, 1.1, 0.10, 0.0, -0.35, 0.0, 0.0, 0.0]], dtype=torch.float64).float()
+
+
+def _random_rows(n: int = 4, gen=None) -> torch.Tensor:
+    r = torch.rand(n, 9, generator=gen, dtype=torch.float64) * 2 - 1
+    r[:, 6] = r[:, 6].abs()
+    r[:, 7] = -4 - r[:, 7].abs()
+    r[:, 8] = -2 - r[:, 8].abs()
+    return r.float()
+
+
+# ----------------------------------------------------------------------------- float64 reference
+def _reference(x, mo, coefs, step, x0_prev, z, clip, learned):
+    """The contract formula in float64 (z given explicitly). Returns float64 (x_prev, x0c)."""
+    c = x.shape[1]
+    row = coefs.double()[int(step.item())]
+    a, b, p, q, r, p2, sig, log_min, log_max = row.tolist()
+    x = x.double()
+    m = mo[:, :c].double()
+    x0 = a * x + b * m
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    mean = p * x0 + q * x + r * m
+    if x0_prev is not None:
+        mean = mean + p2 * x0_prev.double()
+    if learned:
+        f = (mo[:, c:].double() + 1) / 2
+        sigma = sig * torch.exp(0.5 * (f * log_max + (1 - f) * log_min))
+    else:
+        sigma = sig
+    return mean + sigma * z.double(), x0
+
+
+def _eager_same_precision(x, mo, coefs, step, x0_prev, z, clip, learned):
+    """The eager PyTorch sequence computed in the inputs' dtype (the baseline of the low-precision bound)."""
+    dt = x.dtype
+    c = x.shape[1]
+    row = coefs[int(step.item())].to(dt)
+    m = mo[:, :c]
+    x0 = row[0] * x + row[1] * m
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    mean = row[2] * x0 + row[3] * x + row[4] * m
+    if x0_prev is not None:
+        mean = mean + row[5] * x0_prev
+    if learned:
+        f = (mo[:, c:] + 1) / 2
+        sigma = row[6] * torch.exp(0.5 * (f * row[8] + (1 - f) * row[7]))
+    else:
+        sigma = row[6]
+    return mean + sigma * z.to(dt), x0
+
+
+def _inputs(shape, dtype, learned, with_x0p, gen):
+    n, c = shape[0], shape[1]
+    x = torch.randn(shape, generator=gen).to(dtype)
+    mo_shape = (n, 2 * c) + tuple(shape[2:]) if learned else shape
+    mo = torch.randn(mo_shape, generator=gen)
+    if learned:
+        mo[:, c:] = torch.rand((n, c) + tuple(shape[2:]), generator=gen) * 2 - 1
+    mo = mo.to(dtype)
+    x0p = (torch.rand(shape, generator=gen) * 2 - 1).to(dtype) if with_x0p else None
+    return x.to(DEVICE), mo.to(DEVICE), (x0p.to(DEVICE) if x0p is not None else None)
+
+
+def _assert_close(out, ref, dtype, eager=None):
+    out64 = out.double().cpu()
+    ref = ref.cpu()
+    assert out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out64, ref, rtol=1e-5, atol=1e-5)
+        return
+    err = (out64 - ref).abs()
+    bound = OUT_ROUNDING[dtype] * ref.abs() * (1 + 1e-5) + 1e-6
+    assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
+    if eager is not None and not (INTERPRETED and dtype == torch.bfloat16):
+        eager_err = (eager.double().cpu() - ref).abs().max().item()
+        assert err.max().item() <= 2 * eager_err + 1e-6, (err.max().item(), eager_err)
+
+
+CASES = [
+    # name, coefs builder, step, clip, learned, x0_prev
+    ("ddpm_fixed_clip", lambda: _ddpm_rows(False), 2, True, False, False),
+    ("ddpm_fixed_noclip", lambda: _ddpm_rows(False), 1, False, False, False),
+    ("ddpm_fixed_t0", lambda: _ddpm_rows(False), 4, True, False, False),
+    ("ddpm_learned", lambda: _ddpm_rows(True), 2, True, True, False),
+    ("ddpm_learned_noclip", lambda: _ddpm_rows(True), 0, False, True, False),
+    ("ddim", lambda: _ddim_rows(0.5), 1, True, False, False),
+    ("dpmpp", _dpmpp_rows, 1, False, False, True),
+    ("random_all_terms", lambda: _random_rows(4, torch.Generator().manual_seed(9)), 3, True, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("noise_given", [True, False], ids=["noise", "philox"])
+@pytest.mark.parametrize("name,rows,step_i,clip,learned,with_x0p", CASES, ids=[c[0] for c in CASES])
+def test_kernel_matches_float64_reference(name, rows, step_i, clip, learned, with_x0p, noise_given, dtype):
+    gen = torch.Generator().manual_seed(hash(name) % 1000 + 7 * noise_given)
+    shape = (2, 3, 7, 9)  # 189 elements per image: masked tail in the one block
+    coefs = rows().to(DEVICE)
+    step = torch.tensor([step_i], dtype=torch.int64, device=DEVICE)
+    seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
+    x, mo, x0p = _inputs(shape, dtype, learned, with_x0p, gen)
+    image_offset = 5
+    if noise_given:
+        noise = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+        z = noise
+    else:
+        noise = None
+        z = philox_normal(seed, shape, step, stream=0, image_offset=image_offset, device=DEVICE)
+    x_prev, x0 = sampler_step_forward(x, mo, coefs, step, x0p, noise, seed, image_offset, clip, learned)
+    ref_prev, ref_x0 = _reference(x, mo, coefs, step, x0p, z, clip, learned)
+    eager_prev, eager_x0 = _eager_same_precision(x, mo, coefs, step, x0p, z, clip, learned)
+    assert x_prev.shape == shape and x0.shape == shape
+    _assert_close(x0, ref_x0, dtype, eager_x0 if dtype != torch.float32 else None)
+    _assert_close(x_prev, ref_prev, dtype, eager_prev if dtype != torch.float32 else None)
+    if clip:
+        assert float(x0.abs().max()) <= 1.0
+
+
+def test_in_kernel_noise_is_the_philox_stream_and_batch_independent():
+    # A = B = P = Q = R = 0, SIGMA = 1: x_prev = z exactly (the kernel's noise).
+    coefs = torch.zeros(3, 9, device=DEVICE)
+    coefs[:, 6] = 1.0
+    step = torch.tensor([2], dtype=torch.int64, device=DEVICE)
+    seed = torch.tensor([-99], dtype=torch.int64, device=DEVICE)
+    shape = (4, 3, 33, 35)  # 3465 elements: 4 blocks of 1024 with a tail
+    x = torch.zeros(shape, device=DEVICE)
+    z_full, _ = sampler_step_forward(x, x, coefs, step, None, None, seed, 0, False, False)
+    ref = philox_normal(seed, shape, step, image_offset=0, device=DEVICE)
+    torch.testing.assert_close(z_full.cpu(), ref.cpu(), rtol=2e-6, atol=2e-6)
+    # images 2..3 drawn as their own batch (offset 2) are the same numbers, bit for bit
+    z_part, _ = sampler_step_forward(x[:2], x[:2], coefs, step, None, None, seed, 2, False, False)
+    assert torch.equal(z_part, z_full[2:])
+    # a different step row index gives different noise
+    z_other, _ = sampler_step_forward(x, x, coefs, torch.tensor([1], device=DEVICE), None, None, seed, 0,
+                                      False, False)
+    assert not torch.equal(z_other, z_full)
+    assert abs(z_full.double().mean().item()) < 5 / math.sqrt(z_full.numel())
+    assert abs(z_full.double().std().item() - 1) < 0.05
+
+
+def test_step_is_read_from_the_device_tensor():
+    # Changing the step tensor in place (as a CUDA graph replay would) selects another row.
+    coefs = _random_rows(3, torch.Generator().manual_seed(1)).to(DEVICE)
+    step = torch.tensor([0], dtype=torch.int64, device=DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    x, mo, _ = _inputs((1, 2, 5, 5), torch.float32, False, False, gen)
+    noise = torch.randn(x.shape, generator=gen).to(DEVICE)
+    outs = []
+    for k in range(3):
+        step.fill_(k)
+        xp, x0 = sampler_step_forward(x, mo, coefs, step, None, noise, None, 0, True, False)
+        ref_prev, ref_x0 = _reference(x, mo, coefs, step, None, noise, True, False)
+        _assert_close(xp, ref_prev, torch.float32)
+        outs.append(xp)
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+
+
+def test_no_noise_and_zero_sigma_give_the_mean():
+    gen = torch.Generator().manual_seed(5)
+    coefs = _ddpm_rows(False).to(DEVICE)
+    x, mo, _ = _inputs((2, 3, 4, 4), torch.float32, False, False, gen)
+    zero = torch.zeros(x.shape, device=DEVICE)
+    step = torch.tensor([2], device=DEVICE)
+    seed = torch.tensor([8], device=DEVICE)
+    mean, _ = sampler_step_forward(x, mo, coefs, step, None, zero, None, 0, True, False)
+    # noise=None, seed=None: z = 0
+    no_noise, _ = sampler_step_forward(x, mo, coefs, step, None, None, None, 0, True, False)
+    assert torch.equal(no_noise, mean)
+    # t = 0 row has SIGMA = 0: Philox noise drawn but multiplied by zero
+    step0 = torch.tensor([4], device=DEVICE)
+    m0, _ = sampler_step_forward(x, mo, coefs, step0, None, zero, None, 0, True, False)
+    p0, _ = sampler_step_forward(x, mo, coefs, step0, None, None, seed, 0, True, False)
+    assert torch.equal(p0, m0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 17), (2, 4, 32, 33)], ids=str)
+def test_odd_shapes_and_non_contiguous_inputs(shape):
+    gen = torch.Generator().manual_seed(11)
+    coefs = _random_rows(2, gen).to(DEVICE)
+    step = torch.tensor([1], device=DEVICE)
+    big = torch.randn((shape[0], shape[1] * 2) + tuple(shape[2:]), generator=gen).to(DEVICE)
+    x = big[:, ::2]  # non-contiguous view
+    mo = torch.randn(shape, generator=gen).to(DEVICE)
+    x0p = torch.randn(shape, generator=gen).to(DEVICE)
+    seed = torch.tensor([3], device=DEVICE)
+    xp, x0 = sampler_step_forward(x, mo, coefs, step, x0p, None, seed, 1, True, False)
+    z = philox_normal(seed, shape, step, image_offset=1, device=DEVICE)
+    ref_prev, ref_x0 = _reference(x, mo, coefs, step, x0p, z, True, False)
+    _assert_close(xp, ref_prev, torch.float32)
+    _assert_close(x0, ref_x0, torch.float32)
+
+
+def test_empty_batch():
+    x = torch.zeros((0, 3, 4, 4), device=DEVICE)
+    coefs = torch.zeros(1, 9, device=DEVICE)
+    xp, x0 = sampler_step_forward(x, x, coefs, torch.tensor([0], device=DEVICE), None, None, None, 0, True, False)
+    assert xp.shape == x.shape and x0.shape == x.shape
+
+
+def test_bad_arguments_raise_value_error():
+    x = torch.zeros((2, 3, 4, 4), device=DEVICE)
+    coefs = torch.zeros(2, 9, device=DEVICE)
+    step = torch.tensor([0], device=DEVICE)
+    with pytest.raises(ValueError, match="model_output"):
+        sampler_step_forward(x, x, coefs, step, None, None, None, 0, True, True)  # needs 2C channels
+    with pytest.raises(ValueError, match="coefs"):
+        sampler_step_forward(x, x, coefs[:, :8].contiguous(), step, None, None, None, 0, True, False)
+    with pytest.raises(ValueError, match="coefs"):
+        sampler_step_forward(x, x, coefs.double(), step, None, None, None, 0, True, False)
+    with pytest.raises(ValueError, match="step"):
+        sampler_step_forward(x, x, coefs, step.int(), None, None, None, 0, True, False)
+    with pytest.raises(ValueError, match="seed"):
+        sampler_step_forward(x, x, coefs, step, None, None, torch.tensor([1.0]), 0, True, False)
+    with pytest.raises(ValueError, match="noise"):
+        sampler_step_forward(x, x, coefs, step, None, x[:1], None, 0, True, False)
+    with pytest.raises(ValueError, match="x0_prev"):
+        sampler_step_forward(x, x, coefs, step, x[:, :2], None, None, 0, True, False)
+    with pytest.raises(ValueError, match="image_offset"):
+        sampler_step_forward(x, x, coefs, step, None, None, None, -1, True, False)
+
+
+# ----------------------------------------------------------------------------- through the op
+def _op_or_skip():
+    import fastddpm.ops as ops
+
+    try:
+        from fastddpm.ops.sampler_step import sampler_step
+    except ImportError as exc:  # pragma: no cover
+        pytest.skip(f"fastddpm.ops.sampler_step not importable: {exc}")
+    x = torch.zeros(1, 1, 1, 1)
+    try:
+        with ops.use_backend("reference"):
+            sampler_step(x, x, torch.zeros(1, 9), torch.zeros(1, dtype=torch.int64))
+    except NotImplementedError:
+        pytest.skip("fastddpm.ops.sampler_step is still a placeholder")
+    return ops, sampler_step
+
+
+@pytest.mark.parametrize("learned,with_x0p,noise_given,dtype", [
+    (False, False, False, torch.float32),
+    (True, False, True, torch.float32),
+    (False, True, False, torch.float32),
+    (True, False, False, torch.bfloat16),
+])
+def test_op_triton_backend_equals_reference(learned, with_x0p, noise_given, dtype):
+    ops, sampler_step = _op_or_skip()
+    gen = torch.Generator().manual_seed(21)
+    shape = (3, 3, 6, 5)
+    coefs = _random_rows(4, gen).to(DEVICE)
+    step = torch.tensor([2], dtype=torch.int64, device=DEVICE)
+    seed = torch.tensor([2024], dtype=torch.int64, device=DEVICE)
+    x, mo, x0p = _inputs(shape, dtype, learned, with_x0p, gen)
+    noise = torch.randn(shape, generator=gen).to(dtype).to(DEVICE) if noise_given else None
+    kw = dict(x0_prev=x0p, noise=noise, seed=None if noise_given else seed, image_offset=4, clip=True,
+              learned_range=learned)
+    with ops.use_backend("reference"):
+        ref_prev, ref_x0 = sampler_step(x, mo, coefs, step, **kw)
+    with ops.use_backend("triton"):
+        tri_prev, tri_x0 = sampler_step(x, mo, coefs, step, **kw)
+    assert tri_prev.dtype == dtype and tri_x0.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(tri_prev.float(), ref_prev.float(), **tol)
+    torch.testing.assert_close(tri_x0.float(), ref_x0.float(), **tol)
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bitwise_deterministic_and_bf16_at_real_shape():
+    gen = torch.Generator().manual_seed(0)
+    shape = (256, 3, 32, 32)
+    coefs = _ddpm_rows(True).cuda()
+    step = torch.tensor([1], device="cuda")
+    seed = torch.tensor([77], device="cuda")
+    x, mo, _ = _inputs(shape, torch.bfloat16, True, False, gen)
+    a = sampler_step_forward(x, mo, coefs, step, None, None, seed, 0, True, True)
+    b = sampler_step_forward(x, mo, coefs, step, None, None, seed, 0, True, True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    z = philox_normal(seed, shape, step, device="cuda")
+    ref_prev, ref_x0 = _reference(x, mo, coefs, step, None, z, True, True)
+    eager_prev, eager_x0 = _eager_same_precision(x, mo, coefs, step, None, z, True, True)
+    # GPU log/cos/exp differ from torch's by a few ulp: allow 2 bf16 half-ulps.
+    err = (a[0].double() - ref_prev).abs()
+    assert bool((err <= 2 * HALF_ULP[torch.bfloat16] * ref_prev.abs() + 1e-5).all())
+    assert err.max().item() <= 2 * (eager_prev.double() - ref_prev).abs().max().item() + 1e-6
+
+
+# ----------------------------------------------------------------------------- AOT specs
+def test_aot_specs_cover_every_config_with_the_modelled_traffic():
+    from kernels import sampler_step as ks
+
+    specs = ks.aot_specs()
+    numel = 256 * 3 * 32 * 32  # the stated report shape, fp32
+    by_kernel = {}
+    for s in specs:
+        by_kernel.setdefault(s["kernel"], []).append(s)
+        assert s["fn"] is ks._sampler_step_kernel
+        assert set(s["signature"]) == set(ks._sampler_step_kernel.arg_names)
+        assert s["constexprs"]["BLOCK"] & (s["constexprs"]["BLOCK"] - 1) == 0  # power of two
+        assert s["options"] == {"enable_fp_fusion": False}
+    for kernel, group in by_kernel.items():
+        assert sorted((s["constexprs"]["BLOCK"], s["num_warps"]) for s in group) == sorted(ks.CONFIGS)
+    ddpm = by_kernel["sampler_step[ddpm_learned_philox]"][0]
+    # reads x and the 2C-channel model output once, writes x_prev and x0 once; no noise tensor
+    assert ddpm["hbm_bytes_fused"] == (1 + 2 + 2) * numel * 4
+    dpm = by_kernel["sampler_step[dpmpp_2m]"][0]
+    assert dpm["hbm_bytes_fused"] == (1 + 1 + 1 + 2) * numel * 4  # x, m, x0_prev; x_prev, x0
+    for s in specs:
+        assert s["hbm_bytes_unfused"] >= 4 * s["hbm_bytes_fused"]
+    # the eager model counts each op's tensor reads + writes: A*x, B*m, add = 2 + 2 + 3 passes, ...
+    assert ks.hbm_bytes_unfused(10, 4, False, False, False, False, False) == (7 + 12) * 10 * 4
