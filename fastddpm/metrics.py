@@ -82,13 +82,22 @@ class FeatureStats:
             raise ValueError("no raw features kept: create FeatureStats(max_keep=...) to keep them")
         return np.concatenate(self.kept)
 
-    def save(self, path: str) -> None:
-        """Write mu, sigma and count to an .npz atomically (temp file, fsync, rename)."""
+    def save(self, path: str, extra: Optional[dict] = None) -> None:
+        """Write mu, sigma and count to an .npz atomically (temp file, fsync, rename).
+
+        `extra`: more arrays to store beside them (name -> array-like; e.g. kept features for KID);
+        the names mu, sigma and count are reserved. `load_stats` ignores them.
+        """
+        extra = dict(extra or {})
+        clash = {"mu", "sigma", "count"} & set(extra)
+        if clash:
+            raise ValueError(f"extra must not use the reserved names {sorted(clash)}")
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, mu=self.mu, sigma=self.sigma, count=np.int64(self.count))
+                np.savez(fh, mu=self.mu, sigma=self.sigma, count=np.int64(self.count),
+                         **{k: np.asarray(v) for k, v in extra.items()})
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
