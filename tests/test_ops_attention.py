@@ -210,3 +210,36 @@ def test_triton_path_matches_float64(dtype):
         else:  # the kernel rounds P and dS to bf16 before its dots (as FlashAttention): 2x torch + 1 ulp
             bound = 2 * rel_err(t, r) + ULP[dtype]
         assert rel_err(a, r) <= bound, f"{name}: {rel_err(a, r):.3g} > {bound:.3g}"
+
+
+def test_triton_path_opcheck_fake_matches_real():
+    """Schema and fake/real agreement (shapes, dtypes, strides) of both ops on the Triton branch."""
+    pytest.importorskip("triton")
+    try:
+        import kernels.attention  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"kernels.attention not importable: {e}")
+    q, k, v = make_qkv(1, 2, 5, 16, dtype=torch.bfloat16, m=7)
+    with use_backend("triton"):
+        opcheck(torch.ops.fastddpm.attention.default, (q, k, v), test_utils=("test_schema", "test_faketensor"))
+        o, lse = torch.ops.fastddpm.attention(q, k, v)
+        assert lse.dtype == torch.float32 and lse.shape == (1, 2, 5)
+        opcheck(torch.ops.fastddpm.attention_backward.default, (torch.randn_like(o), q, k, v, o, lse),
+                test_utils=("test_schema", "test_faketensor"))
+
+
+def test_non_contiguous_inputs_like_the_unet():
+    """q, k, v as permuted views of one qkv projection, as the U-Net's attention block makes them."""
+    b, n, c, heads = 2, 6, 8, 2
+    qkv = torch.randn(b, n, 3 * c, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    q, k, v = qkv.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    opcheck(torch.ops.fastddpm.attention.default, (q, k, v), test_utils=("test_schema", "test_faketensor"))
+    o = attention(q, k, v)
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    assert rel_err(o, F.scaled_dot_product_attention(q64, k64, v64)) <= 1e-5
+    (dqkv,) = torch.autograd.grad(o.square().sum(), qkv)
+    qkv64 = qkv.detach().double().requires_grad_(True)
+    r = composed(*qkv64.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0))
+    (dqkv64,) = torch.autograd.grad(r.square().sum(), qkv64)
+    assert rel_err(dqkv, dqkv64) <= 1e-4

@@ -319,3 +319,42 @@ def test_triton_path_matches_float64(dtype):
         floor = (1e-5 if name == "y" else 1e-4) if dtype == torch.float32 else ULP[dtype]
         bound = max(2 * rel_err(t, r), floor)
         assert rel_err(a, r) <= bound, f"{name}: {rel_err(a, r):.3g} > {bound:.3g}"
+
+
+def test_triton_path_opcheck_fake_matches_real():
+    """Schema and fake/real agreement (shapes, dtypes, strides) of both ops on the Triton branch."""
+    pytest.importorskip("triton")
+    try:
+        import kernels.group_norm  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"kernels.group_norm not importable: {e}")
+    inp = make_inputs(2, 2, 3, (3, 5), OPTIONS["scale_shift"], dtype=torch.bfloat16, param_dtype=torch.float32)
+    args = (inp["x"], inp["weight"], inp["bias"], None, inp["scale"], inp["shift"], 2, 1e-5, True)
+    with use_backend("triton"):
+        opcheck(torch.ops.fastddpm.group_norm_silu.default, args, test_utils=("test_schema", "test_faketensor"))
+        _, mean, rstd = torch.ops.fastddpm.group_norm_silu(*args)
+        assert mean.dtype == torch.float32 and mean.shape == (2, 2)
+        bargs = (torch.randn_like(inp["x"]), *args[:6], mean, rstd, 2, True)
+        opcheck(torch.ops.fastddpm.group_norm_silu_backward.default, bargs,
+                test_utils=("test_schema", "test_faketensor"))
+
+
+def test_non_contiguous_inputs_like_the_unet():
+    """channels_last x and scale/shift as chunks of one [N, 2C] projection (strided views)."""
+    base = make_inputs(2, 2, 3, (4, 5), OPTIONS["all"])
+    x = base["x"].to(memory_format=torch.channels_last).requires_grad_(True)
+    proj = torch.randn(2, 12, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    scale, shift = proj.chunk(2, dim=1)
+    assert not scale.is_contiguous() and not x.is_contiguous()
+    args = (x, base["weight"], base["bias"], None, scale, shift, 2, 1e-5, True)
+    opcheck(torch.ops.fastddpm.group_norm_silu.default, args, test_utils=("test_schema", "test_faketensor"))
+    y = group_norm_silu(x, base["weight"], base["bias"], 2, scale=scale, shift=shift)
+    expected = torch_composition(x.double(), base["weight"].double(), base["bias"].double(), None,
+                                 scale.double(), shift.double(), True, 2)
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=1e-5)
+    dx, dproj = torch.autograd.grad(y.square().sum(), (x, proj))
+    x64, p64 = x.detach().double().requires_grad_(True), proj.detach().double().requires_grad_(True)
+    s64, sh64 = p64.chunk(2, dim=1)
+    r = torch_composition(x64, base["weight"].double(), base["bias"].double(), None, s64, sh64, True, 2)
+    dx64, dp64 = torch.autograd.grad(r.square().sum(), (x64, p64))
+    assert rel_err(dx, dx64) <= 1e-4 and rel_err(dproj, dp64) <= 1e-4
