@@ -75,19 +75,28 @@ def sampler_step_reference(
     noise: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
     clip: bool = True, learned_range: bool = False,
 ) -> Tuple[Tensor, Tensor]:
-    """The plain-PyTorch implementation of the op (same arguments and results; no checks)."""
+    """The plain-PyTorch implementation of the op (same arguments and results; no checks).
+
+    Written to issue few full-size ops (in-place addcmul on its own temporaries; inputs are never
+    written): 7 elementwise passes for DDPM with noise, 6 for DDIM with eta = 0.
+    """
     c = x.shape[1]
     wdt = torch.promote_types(x.dtype, torch.float32)  # fp32 math for fp32/bf16/fp16, fp64 for fp64
-    row = coefs.index_select(0, step.reshape(1)).to(wdt).reshape(NUM_COEFS)  # on the device, no .item()
+    row = coefs.index_select(0, step.reshape(1)).reshape(NUM_COEFS)  # on the device, no .item()
+    if row.dtype != wdt:
+        row = row.to(wdt)
     a, b, p, q, r, p2, sig, log_min, log_max = row.unbind(0)
-    xf = x.to(wdt)
-    m = model_output[:, :c].to(wdt)
-    x0 = a * xf + b * m
+    xf = x if x.dtype == wdt else x.to(wdt)  # may be x itself: never written
+    m = model_output if model_output.shape[1] == c else model_output[:, :c]
+    if m.dtype != wdt:
+        m = m.to(wdt)  # else a view of model_output: never written
+    x0 = torch.addcmul(b * m, a, xf)
     if clip:
-        x0 = x0.clamp(-1.0, 1.0)
-    mean = p * x0 + q * xf + r * m
+        x0.clamp_(-1.0, 1.0)
+    mean = torch.addcmul(q * xf, p, x0)
+    mean.addcmul_(r, m)
     if x0_prev is not None:
-        mean = mean + p2 * x0_prev.to(wdt)
+        mean.addcmul_(p2, x0_prev if x0_prev.dtype == wdt else x0_prev.to(wdt))
     if noise is None and seed is not None:
         from .philox import philox_normal  # lazy: written alongside the kernel
 
@@ -95,11 +104,13 @@ def sampler_step_reference(
     if noise is not None:
         if learned_range:
             f = (model_output[:, c:].to(wdt) + 1.0) * 0.5
-            sigma = sig * torch.exp(0.5 * (f * log_max + (1.0 - f) * log_min))
+            sigma = torch.exp(0.5 * torch.lerp(log_min, log_max, f)) * sig
         else:
             sigma = sig
-        mean = mean + sigma * noise.to(wdt)
-    return mean.to(x.dtype), x0.to(x.dtype)
+        mean.addcmul_(sigma, noise if noise.dtype == wdt else noise.to(wdt))
+    if x.dtype != wdt:
+        mean, x0 = mean.to(x.dtype), x0.to(x.dtype)
+    return mean, x0
 
 
 @torch.library.custom_op("fastddpm::sampler_step", mutates_args=())
