@@ -40,7 +40,11 @@ BLOCK), BLOCK_C = min(BLOCK // BLOCK_HW, next_pow2(CPG))), so per-channel parame
 vectors and per-channel sums are row reductions; any CPG and any HW work (HW = 1 uses [BLOCK_C, 1]
 tiles), with loops over channel tiles and HW tiles: no single-block assumption.
 
-* Base path (S = 1): one program per (n, group).
+* Single-tile path (next_pow2(CPG) * next_pow2(HW) <= SINGLE_MAX = 4096, e.g. every GroupNorm of
+  the DDPM CIFAR-10 U-Net): one program per (n, group) holds the whole group in registers.
+  ``_gn_fwd_single_kernel``: one read of x, exact two-pass statistics in registers, one write of y.
+  ``_gn_bwd_single_kernel``: one read of x and dy, one write of dx. num_warps from the tile size.
+* Looped path (S = 1): one program per (n, group) walks the group tile by tile.
   forward  ``_gn_fwd_kernel[FUSED_STATS=True]``: pass 1 statistics, pass 2 normalise + write y.
   backward ``_gn_bwd_dx_kernel[FUSED=True]``: pass 1 per-channel sums, pass 2 dx and dadd.
 * Split path (S > 1) for big groups and few programs (e.g. 1x128x256x256, 32 groups: only 32 programs
@@ -54,13 +58,18 @@ tiles), with loops over channel tiles and HW tiles: no single-block assumption.
   S is chosen so that N*G*S reaches ~4 programs per SM (launcher ``split=`` forces it).
 
 Configs: ``CONFIGS`` (BLOCK, num_warps) is the explicit list used by ``aot_specs`` and by
-``triton.autotune`` on a GPU (key: CPG, HW, S and dtypes). Under TRITON_INTERPRET=1 one fixed small
-config is used (``INTERPRET_BLOCK``), and every launcher takes ``block=`` to force a BLOCK (tests use it
-to make a group span many tiles cheaply). FP fusion: kernels are launched with
-``enable_fp_fusion=True`` (FMA contraction, explicit, independent of TRITON_DEFAULT_FP_FUSION); the
-forward folds the normalisation into one FMA per element, z = u * (A rstd) + (B - mean A rstd),
-which differs from the unfused formula by a few fp32 ulps: fp32 tolerance 1e-5 relative to the
-output scale (tests use 1e-4 absolute at unit scale).
+``triton.autotune`` of the looped/split kernels on a GPU (key: CPG, HW, S and dtypes; BLOCK_C/BLOCK_HW
+follow from BLOCK by ``triton.heuristics``). Autotuning picks the fastest config once per key and
+process; results are bitwise reproducible for a given config. Under TRITON_INTERPRET=1 one fixed small
+config is used (``INTERPRET_BLOCK``), and every launcher takes ``block=`` to force a BLOCK and the
+looped kernels (tests use it to make a group span many tiles cheaply).
+
+FP fusion: kernels are launched (and AOT-compiled, spec "options") with ``enable_fp_fusion=True``
+(FMA contraction, explicit, independent of TRITON_DEFAULT_FP_FUSION). The forward computes
+z = (u - mean) * (A rstd) + B: the subtraction comes first (exact for near-constant groups, where rstd
+is up to 1/sqrt(eps)), then one FMA. Contraction changes results by a few fp32 ulps; fp32 tolerance:
+1e-5 relative to the largest magnitude of each output (tests, against float64). rstd uses IEEE sqrt
+and division (sqrt_rn, div_rn), not the approximate rsqrt.
 
 Modelled HBM traffic, forward + backward, 32x128x64x64 bf16, groups=32, affine + scale/shift + SiLU
 (E = 16,777,216 elements, one pass over an [N, C, H, W] bf16 tensor = 2E = 33,554,432 bytes; small
@@ -112,6 +121,10 @@ __all__ = [
 # recomputed tile need 115-154 registers and sm_80 gets a stack frame (checked with cuobjdump).
 CONFIGS: list[tuple[int, int]] = [(512, 4), (1024, 4), (2048, 8), (4096, 16)]
 _MAX_BLOCK = max(b for b, _ in CONFIGS)
+# Single-tile kernels (whole group in registers, one read): tile = next_pow2(CPG) x next_pow2(HW) up to
+# SINGLE_MAX elements, num_warps by tile size (4-8 elements per thread), no autotune needed.
+SINGLE_MAX = 4096
+SINGLE_WARPS: dict[int, int] = {4096: 16, 2048: 8}
 # The fixed config used under TRITON_INTERPRET=1 (interpreter programs run sequentially on the CPU).
 INTERPRET_BLOCK = 256
 _INTERPRET_WARPS = 4
@@ -424,6 +437,86 @@ def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
                      mask=cmask)
 
 
+# -------------------------------------------------------------------------------- single-tile path
+@triton.jit
+def _gn_fwd_single_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, C, HW, CPG, G, eps,
+                          HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                          HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Whole group in one [BLOCK_C >= CPG, BLOCK_HW >= HW] tile: one read of x, exact two-pass
+    statistics in registers, one write of y."""
+    ng = tl.program_id(0)
+    n = ng // G
+    g = ng % G
+    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    nc_base = n * C + g * CPG
+    cl = tl.arange(0, BLOCK_C)
+    h = tl.arange(0, BLOCK_HW)
+    cmask = cl < CPG
+    mask = cmask[:, None] & (h < HW)[None, :]
+    offs = x_base + cl[:, None] * HW + h[None, :]
+    u = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        a = tl.load(ADD + nc_base + cl, mask=cmask, other=0.0).to(tl.float32)
+        u = tl.where(mask, u + a[:, None], 0.0)
+    mean = tl.sum(tl.sum(u, axis=1), axis=0) / (CPG * HW)
+    d = tl.where(mask, u - mean, 0.0)
+    var = tl.sum(tl.sum(d * d, axis=1), axis=0) / (CPG * HW)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    tl.store(MEAN + ng, mean)
+    tl.store(RSTD + ng, rstd)
+    w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, g * CPG + cl, cmask, n * C,
+                                     HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
+    z = d * (A * rstd)[:, None] + Bc[:, None]
+    if SILU:
+        z = z * tl.sigmoid(z)
+    tl.store(Y + offs, z.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_bwd_single_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD,
+                          DX, DADD, DSCALE, DSHIFT, DWP, DBP, C, HW, CPG, G,
+                          HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                          HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Whole group in one tile: one read of x and dy, all sums in registers, one write of dx."""
+    ng = tl.program_id(0)
+    n = ng // G
+    g = ng % G
+    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    nc_base = n * C + g * CPG
+    mean = tl.load(MEAN + ng)
+    rstd = tl.load(RSTD + ng)
+    cl = tl.arange(0, BLOCK_C)
+    h = tl.arange(0, BLOCK_HW)
+    cmask = cl < CPG
+    w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, g * CPG + cl, cmask, n * C,
+                                     HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
+    if HAS_ADD:
+        a = tl.load(ADD + nc_base + cl, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        a = tl.zeros([BLOCK_C], tl.float32)
+    mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < HW, HW, a,
+                                       mean, rstd, A, Bc, HAS_ADD, SILU)
+    sg = tl.where(cmask, tl.sum(gt, axis=1), 0.0)
+    sgy = tl.where(cmask, tl.sum(gt * y_hat, axis=1), 0.0)
+    c1 = tl.sum(A * sg, axis=0) / (CPG * HW)
+    c2 = tl.sum(A * sgy, axis=0) / (CPG * HW)
+    if HAS_SHIFT:
+        tl.store(DSHIFT + nc_base + cl, sg.to(DSHIFT.dtype.element_ty), mask=cmask)
+    if HAS_SCALE:
+        tl.store(DSCALE + nc_base + cl, (w * sgy + b * sg).to(DSCALE.dtype.element_ty), mask=cmask)
+    if HAS_W:
+        tl.store(DWP + nc_base + cl, s1 * sgy, mask=cmask)
+    if HAS_B:
+        tl.store(DBP + nc_base + cl, s1 * sg, mask=cmask)
+    dx = rstd * (gt * A[:, None] - c1 - y_hat * c2)
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_ADD:
+        tl.store(DADD + nc_base + cl, tl.sum(tl.where(mask, dx, 0.0), axis=1).to(DADD.dtype.element_ty),
+                 mask=cmask)
+
+
 # ----------------------------------------------------------------------------------------- launchers
 def _tiles(block: int, cpg: int, hw: int) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_HW) for a tile budget of `block` elements."""
@@ -466,6 +559,14 @@ def _plan(n: int, groups: int, cpg: int, hw: int, device: torch.device,
         raise ValueError(f"split must be a positive int or None, got {split!r}")
     per = triton.cdiv(triton.cdiv(hw, split), unit) * unit
     return triton.cdiv(hw, per), per
+
+
+def _single_tile(cpg: int, hw: int) -> Optional[tuple[int, int, int]]:
+    """(BLOCK_C, BLOCK_HW, num_warps) when the whole group fits one tile of <= SINGLE_MAX, else None."""
+    bc, bhw = triton.next_power_of_2(cpg), triton.next_power_of_2(hw)
+    if bc * bhw > SINGLE_MAX:
+        return None
+    return bc, bhw, SINGLE_WARPS.get(bc * bhw, 4)
 
 
 _TUNED: dict[str, Any] = {}
@@ -544,6 +645,13 @@ def group_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
     use_tune = block is None and not _interpret()
     flags = dict(HAS_ADD=add is not None, HAS_W=weight is not None, HAS_B=bias is not None,
                  HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu))
+    single = _single_tile(cpg, hw) if (S == 1 and block is None) else None
+    if single is not None:
+        bc, bhw, warps = single
+        _gn_fwd_single_kernel[(n * groups,)](
+            x, add, weight, bias, scale, shift, y, mean, rstd, c, hw, cpg, groups, float(eps), **flags,
+            BLOCK_C=bc, BLOCK_HW=bhw, num_warps=warps, enable_fp_fusion=_FP_FUSION)
+        return y, mean, rstd
     if S > 1:
         pmean = torch.empty((n * groups, S), device=x.device, dtype=torch.float32)
         pm2 = torch.empty_like(pmean)
@@ -594,17 +702,25 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torc
     dshift = torch.empty_like(shift) if shift is not None else None
     dwp = torch.empty((n, c), device=dev, dtype=f32) if weight is not None else None
     dbp = torch.empty((n, c), device=dev, dtype=f32) if bias is not None else None
-    if S > 1:
+    single = _single_tile(cpg, hw) if (S == 1 and block is None) else None
+    if single is not None:
+        bc, bhw, warps = single
+        _gn_bwd_single_kernel[(n * groups,)](
+            dy, x, add, weight, bias, scale, shift, mean, rstd, dx, dadd, dscale, dshift, dwp, dbp,
+            c, hw, cpg, groups, **flags, BLOCK_C=bc, BLOCK_HW=bhw, num_warps=warps,
+            enable_fp_fusion=_FP_FUSION)
+    elif S > 1:
         psg = torch.empty((n, c, S), device=dev, dtype=f32)
         psgy = torch.empty_like(psg)
         _launch(_gn_bwd_reduce_kernel, "bwd_reduce", (n * groups, S),
                 [dy, x, add, weight, bias, scale, shift, mean, rstd, psg, psgy, c, hw, cpg, groups,
                  per, S], flags, cpg, hw, block, use_tune)
-    else:
-        psg = psgy = mean  # unused (FUSED)
-    _launch(_gn_bwd_dx_kernel, "bwd_dx", (n * groups, S),
-            [dy, x, add, weight, bias, scale, shift, mean, rstd, psg, psgy, dx, dadd, dscale, dshift,
-             dwp, dbp, c, hw, cpg, groups, per, S], dict(flags, FUSED=S == 1), cpg, hw, block, use_tune)
+    if single is None:
+        psg, psgy = (psg, psgy) if S > 1 else (mean, mean)  # unused when FUSED
+        _launch(_gn_bwd_dx_kernel, "bwd_dx", (n * groups, S),
+                [dy, x, add, weight, bias, scale, shift, mean, rstd, psg, psgy, dx, dadd, dscale, dshift,
+                 dwp, dbp, c, hw, cpg, groups, per, S], dict(flags, FUSED=S == 1), cpg, hw, block,
+                use_tune)
     if dadd is not None and S > 1:
         dadd = dadd.sum(-1).to(add.dtype)
     dweight = dwp.sum(0).to(weight.dtype) if dwp is not None else None
@@ -619,7 +735,8 @@ def modelled_hbm_bytes(n: int, c: int, h: int, w: int, groups: int, elem_bytes: 
 
     Returns a dict with fused_fwd, fused_bwd, fused, unfused_fwd, unfused_bwd, unfused,
     saved_fused, saved_unfused (bytes kept for backward). Every kernel pass over an activation tensor
-    is counted as a full read/write (see the module docstring for the pass list).
+    is counted as a full read/write (see the module docstring for the pass list); groups that fit
+    one tile (next_pow2(CPG) * next_pow2(HW) <= SINGLE_MAX) take the single-tile kernels: 2 + 3 passes.
     """
     pb = elem_bytes if param_bytes is None else param_bytes
     act = n * c * h * w * elem_bytes          # one pass over an activation tensor
@@ -627,11 +744,16 @@ def modelled_hbm_bytes(n: int, c: int, h: int, w: int, groups: int, elem_bytes: 
     nc = n * c * pb                            # scale, shift or their grads
     stats = n * groups * 4                     # mean or rstd (fp32)
     nc32 = n * c * 4                           # fp32 [N, C] partial
-    fused_fwd = 3 * act + 2 * chan + 2 * nc + 2 * stats
-    fused_bwd = (2 * act + 2 * chan + 2 * nc + 2 * stats                 # pass 1 reads
-                 + 3 * act + 2 * chan + 2 * nc + 2 * stats               # pass 2
-                 + 2 * nc + 2 * nc32                                     # dscale, dshift, dw/db partials
-                 + 2 * nc32 + 2 * chan)                                  # torch sum over N
+    if _single_tile(c // groups, h * w) is not None:
+        # single-tile kernels: the group stays in registers, one read per input
+        fused_fwd = 2 * act + 2 * chan + 2 * nc + 2 * stats
+        fused_bwd = 3 * act + 2 * chan + 2 * nc + 2 * stats
+    else:
+        fused_fwd = 3 * act + 2 * chan + 2 * nc + 2 * stats
+        fused_bwd = (2 * act + 2 * chan + 2 * nc + 2 * stats             # pass 1 reads
+                     + 3 * act + 2 * chan + 2 * nc + 2 * stats)          # pass 2
+    fused_bwd += (2 * nc + 2 * nc32                                      # dscale, dshift, dw/db partials
+                  + 2 * nc32 + 2 * chan)                                 # torch sum over N
     # eager: native_group_norm (moments pass + apply pass), mul, add, silu
     unfused_fwd = (3 * act + 2 * chan + 2 * stats) + (2 * act + nc) + (2 * act + nc) + 2 * act + 2 * nc
     unfused_bwd = (3 * act                      # silu_backward
@@ -698,17 +820,38 @@ def aot_specs() -> list[dict]:
             if dt == "fp32":  # fp32 rows: only the base-path kernels, at one config (compile time)
                 kernels = [k for k in kernels if k[0] in ("gn_fwd", "gn_bwd_dx")]
             for name, fn, sig, consts in kernels:
-                consts = dict(consts, **tiles)
-                signature = dict(sig, **{k: "constexpr" for k in consts})
-                specs.append({
-                    "kernel": name,
-                    "config": f"BLOCK={block},warps={warps},{dt}",
-                    "fn": fn,
-                    "signature": signature,
-                    "constexprs": consts,
-                    "num_warps": warps,
-                    "num_stages": 1,
-                    "hbm_bytes_fused": model["fused"],
-                    "hbm_bytes_unfused": model["unfused"],
-                })
+                specs.append(_spec(name, f"BLOCK={block},warps={warps},{dt}", fn, sig,
+                                   dict(consts, **tiles), warps, model))
+    # single-tile kernels at the DDPM CIFAR-10 group shapes: 128 ch @ 32x32 (4 x 1024),
+    # 256 ch @ 16x16 (8 x 256), 256 ch @ 8x8 (8 x 64); 32 groups, bf16
+    for cpg_s, hw_s in ((4, 1024), (8, 256), (8, 64)):
+        bc, bhw, warps = _single_tile(cpg_s, hw_s)
+        p = "*bf16"
+        cfg = f"TILE={bc}x{bhw},warps={warps},bf16"
+        specs.append(_spec("gn_fwd_single", cfg, _gn_fwd_single_kernel,
+                           {"X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p, "Y": p,
+                            "MEAN": "*fp32", "RSTD": "*fp32", "C": "i32", "HW": "i32", "CPG": "i32",
+                            "G": "i32", "eps": "fp32"},
+                           dict(flags, BLOCK_C=bc, BLOCK_HW=bhw), warps, model))
+        specs.append(_spec("gn_bwd_single", cfg, _gn_bwd_single_kernel,
+                           {"DY": p, "X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p,
+                            "MEAN": "*fp32", "RSTD": "*fp32", "DX": p, "DADD": p, "DSCALE": p,
+                            "DSHIFT": p, "DWP": "*fp32", "DBP": "*fp32", "C": "i32", "HW": "i32",
+                            "CPG": "i32", "G": "i32"},
+                           dict(flags, BLOCK_C=bc, BLOCK_HW=bhw), warps, model))
     return specs
+
+
+def _spec(name: str, config: str, fn, sig: dict, consts: dict, warps: int, model: dict) -> dict:
+    return {
+        "kernel": name,
+        "config": config,
+        "fn": fn,
+        "signature": dict(sig, **{k: "constexpr" for k in consts}),
+        "constexprs": consts,
+        "num_warps": warps,
+        "num_stages": 1,
+        "options": {"enable_fp_fusion": _FP_FUSION},
+        "hbm_bytes_fused": model["fused"],
+        "hbm_bytes_unfused": model["unfused"],
+    }

@@ -106,19 +106,20 @@ _GRID = [(add, scale, shift, silu, *_AFFINE[i % 4])
          for i, (add, scale, shift, silu) in enumerate(itertools.product([False, True], repeat=4))]
 
 
+@pytest.mark.parametrize("block", [None, 4])  # None: single-tile kernels; 4: looped kernels, 2x2 tiles
 @pytest.mark.parametrize("add,scale,shift,silu,weight,bias", _GRID)
-def test_options_fp32(add, scale, shift, silu, weight, bias):
+def test_options_fp32(add, scale, shift, silu, weight, bias, block):
     ins, dy = _inputs(2, 4, 2, 3, weight=weight, bias=bias, add=add, scale=scale, shift=shift,
                       seed=hash((add, scale, shift, silu, weight, bias)) % 1000)
-    _check_fp32(ins, dy, 2, silu)
+    _check_fp32(ins, dy, 2, silu, block=block)
 
 
 # ------------------------------------------------------------------------------------ shapes
 @pytest.mark.parametrize("n,c,h,w,groups", [
     (2, 3, 1, 1, 3),      # 1 channel x 1 pixel per group: var 0, rstd = 1/sqrt(eps)
     (2, 6, 7, 9, 2),      # 3 channels per group, H*W = 63
-    (1, 6, 33, 33, 1),    # 6 channels per group, H*W = 1089 (5 tiles of 256 per channel)
-    (1, 2, 33, 33, 2),    # 1 channel per group, odd H*W
+    (1, 6, 33, 33, 1),    # 6 channels per group, H*W = 1089: 8 x 2048 tile > 4096, looped kernels
+    (1, 2, 33, 33, 2),    # 1 channel per group, odd H*W (single tile 1 x 2048)
     (2, 12, 1, 1, 2),     # H*W = 1, 6 channels per group
 ])
 def test_odd_shapes_fp32(n, c, h, w, groups):
@@ -201,6 +202,7 @@ def test_autotuned_launch_path(monkeypatch):
     monkeypatch.setattr(K, "_interpret", lambda: False)
     monkeypatch.setattr(K, "CONFIGS", [(8, 4), (16, 4)])
     monkeypatch.setattr(K, "_MAX_BLOCK", 16)  # slices are multiples of the largest config's tile
+    monkeypatch.setattr(K, "SINGLE_MAX", 0)   # no single-tile shortcut: the looped kernels
     monkeypatch.setattr(K, "_TUNED", {})
     monkeypatch.setattr(K, "_AUTOTUNE_DO_BENCH", fake_bench)
     ins, dy = _inputs(2, 2, 3, 7, seed=17)  # H*W = 21: split 2 -> slices of 16 + 5
@@ -235,9 +237,9 @@ def test_hbm_model_and_specs():
     assert m["fused"] <= 0.45 * m["unfused"]
     specs = aot_specs()
     kernels = {s["kernel"] for s in specs}
-    assert kernels == {"gn_stats", "gn_fwd", "gn_fwd_split", "gn_bwd_reduce", "gn_bwd_dx",
-                       "gn_bwd_dx_split"}
-    assert len(specs) == len(kernels) * len(CONFIGS) + 2
+    looped = {"gn_stats", "gn_fwd", "gn_fwd_split", "gn_bwd_reduce", "gn_bwd_dx", "gn_bwd_dx_split"}
+    assert kernels == looped | {"gn_fwd_single", "gn_bwd_single"}
+    assert len([s for s in specs if s["kernel"] in looped]) == len(looped) * len(CONFIGS) + 2
     for s in specs:
         assert set(s["constexprs"]) <= set(s["signature"])
         assert all(s["signature"][k] == "constexpr" for k in s["constexprs"])
