@@ -10,8 +10,12 @@ Timesteps and respacing (improved-diffusion, and what diffusers computes from it
 with the kept timesteps S_0 < ... < S_{K-1}, the sampler uses beta_i = 1 - ab[S_i] / ab[S_{i-1}]
 (ab[S_{-1}] = 1) and calls the model with the original timestep S_i. `steps` may be None (all T
 timesteps), an int (DDPM, DDIM: `space_timesteps(T, steps)`, evenly spaced from T-1 down to 0, both
-included; DPM-Solver++: time-quadratic, see below) or an explicit strictly descending list of timesteps (e.g. diffusers'
-`scheduler.timesteps` after `set_timesteps(n)`, for drop-in parity).
+included; DPM-Solver++: time-quadratic, see below) or an explicit strictly descending list of
+timesteps (e.g. diffusers' `scheduler.timesteps` after `set_timesteps(n)`, for drop-in parity).
+
+Randomness: `sample(seed=s)` draws x_T and every step's noise from the Philox stream of
+`fastddpm.ops.philox` (image i's noise depends on (s, image_offset + i, step) only, so an image does
+not depend on the batch it is drawn in); `sample(generator=g)` uses torch.randn with g instead.
 
 Variances (DDPM): "fixed_small" sigma^2 = beta_tilde of the respaced schedule, "fixed_large" sigma^2 =
 the respaced beta, "learned_range" log sigma^2 = f log beta + (1 - f) log beta_tilde (the log clipped at
