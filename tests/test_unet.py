@@ -266,7 +266,9 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     (compiled * compiled).sum().backward()
     for n, p in unet.named_parameters():
-        torch.testing.assert_close(p.grad, eager_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+        # fp32; Inductor reorders reductions: |diff| <= 1e-5 * (1 + max|grad|) (seen: 4.5e-6 * max|grad|)
+        scale = 1.0 + eager_grads[n].abs().max().item()
+        torch.testing.assert_close(p.grad, eager_grads[n], atol=1e-5 * scale, rtol=0, msg=n)
 
 
 def test_validation():
@@ -343,6 +345,10 @@ def test_from_diffusers_matches_diffusers(name):
         got = unet(x, t, y)
     assert expected.abs().max() > 1e-2
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    if name == "cifar10":  # a pipeline holding the UNet2DModel converts the same way
+        pipe = diffusers.DDPMPipeline(unet=ref, scheduler=diffusers.DDPMScheduler())
+        from_pipe = fd.UNet.from_diffusers(pipe).state_dict()
+        assert all(torch.equal(v, from_pipe[k]) for k, v in unet.state_dict().items())
 
 
 @pytest.mark.parametrize("option,value", [("time_embedding_type", "fourier"), ("downsample_type", "resnet"),

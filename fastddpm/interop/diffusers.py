@@ -183,11 +183,13 @@ def _level(sd, ours: str, theirs, prefix: str, resnets: int, attention: bool, re
 def unet_from_diffusers(unet2d: torch.nn.Module, image_size: Optional[int] = None) -> UNet:
     """A `fastddpm.UNet` with the weights of a diffusers `UNet2DModel` of the DDPM family.
 
-    The result computes the same function (to float rounding) through the fused ops, on the device
+    `unet2d` may also be a pipeline holding one as `.unet`. The result computes the same function (to float rounding) through the fused ops, on the device
     and in the dtype of `unet2d`; it is in eval mode when `unet2d` is. `image_size` overrides the
     config's sample_size. Raises ValueError naming the option when the config cannot be mapped
     (see the module docstring for what can).
     """
+    if type(unet2d).__name__ != "UNet2DModel" and type(getattr(unet2d, "unet", None)).__name__ == "UNet2DModel":
+        unet2d = unet2d.unet  # a pipeline (DDPMPipeline, DDIMPipeline, ...)
     if type(unet2d).__name__ != "UNet2DModel" or not hasattr(unet2d, "config"):
         raise ValueError(f"unet2d must be a diffusers UNet2DModel, got {type(unet2d).__name__}")
     kwargs = unet_config_from_diffusers(unet2d.config, image_size=image_size)
