@@ -301,6 +301,9 @@ def test_validation():
     with pytest.raises(ValueError, match="t must"):
         unet(torch.randn(2, 3, 8, 8), torch.tensor([0, 1, 2]))
     assert fd.UNet(**ok, head_channels=16).mid.attention.num_heads == 4
+    # .config holds every constructor argument (checkpoints rebuild the model from it)
+    rebuilt = fd.UNet(**unet.config)
+    assert rebuilt.config == unet.config and rebuilt.state_dict().keys() == unet.state_dict().keys()
 
 
 # ---------------------------------------------------------------------------------------------------
