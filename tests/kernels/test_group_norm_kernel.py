@@ -127,6 +127,22 @@ def test_odd_shapes_fp32(n, c, h, w, groups):
     _check_fp32(ins, dy, groups, True)
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 5), (2, 4), (1, 2, 2, 3, 2)])
+def test_other_ranks_fp32(shape):
+    """[N, C, L], [N, C] and [N, C, D, H, W]: the spatial dims are flattened to H*W."""
+    ins, dy = _inputs(*shape[:2], 1, 1, seed=19)
+    g = torch.Generator().manual_seed(23)
+    ins[0] = torch.randn(shape, generator=g, dtype=torch.float64)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    flat = (shape[0], shape[1], -1, 1)
+    y_ref, g_ref = _ref_run([ins[0].reshape(flat), *ins[1:]], dy.reshape(flat), 2, True)
+    y, _, _, grads = _kernel_run(ins, dy, 2, True, torch.float32)
+    assert y.shape == shape and grads[0].shape == shape
+    assert _err(y.reshape(flat), y_ref) <= 1e-5 * _scale(y_ref)
+    for name, got, want in zip(NAMES, grads, g_ref):
+        assert _err(got.reshape(want.shape), want) <= 1e-5 * _scale(want), name
+
+
 @pytest.mark.parametrize("shape,groups,block", [
     ((1, 4, 7, 9), 2, 16),   # tiles [1, 16]: 4 HW tiles x 2 channels per group, masked tail
     ((2, 12, 1, 3), 2, 16),  # tiles [4, 4]: 2 channel tiles for 6 channels, masked rows
