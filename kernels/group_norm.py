@@ -772,12 +772,14 @@ _AOT_SHAPE = (32, 128, 64, 64, 32)  # N, C, H, W, groups
 
 
 def aot_specs() -> list[dict]:
-    """One dict per kernel per config (bf16 for every config; fp32 for gn_fwd and gn_bwd_dx at
-    BLOCK=1024), all options on (add, affine, scale, shift, SiLU: the largest variant).
+    """One dict per kernel per config, all options on (add, affine, scale, shift, SiLU: the largest
+    variant): the looped/split kernels for every CONFIGS entry in bf16 (plus gn_fwd and gn_bwd_dx in
+    fp32 at BLOCK=1024), and the single-tile kernels at the three group shapes of the DDPM CIFAR-10
+    U-Net (4x1024, 8x256, 8x64) in bf16.
 
-    Shape for the BLOCK_C/BLOCK_HW split and the HBM model: 32x128x64x64, 32 groups, bf16 (the split
-    kernels use the 1x128x256x256 tile split, which is the same for CPG=4). hbm_bytes_* are the
-    modelled forward+backward totals of the whole op (same on every row; see modelled_hbm_bytes).
+    Tile split of the looped kernels: 32x128x64x64, 32 groups (CPG=4, HW=4096; the split path of
+    1x128x256x256 has the same tiles). hbm_bytes_* on every row are the modelled forward+backward
+    totals of the whole op at 32x128x64x64 bf16 (looped path there; see modelled_hbm_bytes).
     """
     n, c, h, w, groups = _AOT_SHAPE
     cpg, hw = c // groups, h * w
