@@ -55,7 +55,9 @@ tiles), with loops over channel tiles and HW tiles: no single-block assumption.
   backward ``_gn_bwd_reduce_kernel`` writes per-(n, c, slice) Sg and Sgy; ``_gn_bwd_dx_kernel[FUSED=False]``
   sums them, the slice-0 program writes the per-channel outputs, every program writes dx of its slice
   and its dadd partial (summed over slices in torch).
-  S is chosen so that N*G*S reaches ~4 programs per SM (launcher ``split=`` forces it).
+  S is chosen so that N*G*S reaches ~4 programs per SM when N*G is below 2 per SM (launcher ``split=``
+  forces it); 1x128x256x256 on 132 SMs: S = 16, 512 programs of 4 x 4096 elements. Only HW is split:
+  a huge group made of many channels with a tiny HW (e.g. groups=1, C=4096, 4x4) stays one program.
 
 Configs: ``CONFIGS`` (BLOCK, num_warps) is the explicit list used by ``aot_specs`` and by
 ``triton.autotune`` of the looped/split kernels on a GPU (key: CPG, HW, S and dtypes; BLOCK_C/BLOCK_HW
@@ -553,8 +555,8 @@ def _plan(n: int, groups: int, cpg: int, hw: int, device: torch.device,
         if programs * 2 >= target:
             split = 1
         else:
-            # at least 4 tile rows of work per slice: splitting tiny groups only adds launches
-            split = max(1, min(triton.cdiv(target, programs), hw // (4 * unit)))
+            # slices of at least one largest-config tile row per channel (HW is the split axis)
+            split = max(1, min(triton.cdiv(target, programs), hw // unit))
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"split must be a positive int or None, got {split!r}")
     per = triton.cdiv(triton.cdiv(hw, split), unit) * unit

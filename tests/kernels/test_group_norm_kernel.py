@@ -161,6 +161,19 @@ def test_split_reduction(split):
     _check_fp32(ins, dy, 2, True, block=8, split=split)
 
 
+def test_split_plan(monkeypatch):
+    """Launch plan on a 132-SM device: big groups with few programs are split along HW."""
+    import kernels.group_norm as K
+
+    monkeypatch.setattr(K, "_sm_count", lambda device: 132)
+    dev = torch.device("cpu")
+    assert K._plan(1, 32, 4, 256 * 256, dev, None, None) == (16, 4096)    # 32 groups -> 512 programs
+    assert K._plan(32, 32, 4, 64 * 64, dev, None, None) == (1, 4096)      # 1024 programs: no split
+    assert K._plan(8, 32, 8, 128 * 128, dev, None, None) == (2, 8192)     # 256 programs -> 512
+    assert K._plan(1, 1, 4096, 16, dev, None, None) == (1, 16)            # HW too small to split
+    assert K._plan(1, 2, 2, 49, dev, 8, 3) == (3, 24)                     # forced: 24 + 24 + 1
+
+
 def test_large_offset_statistics():
     """mean 1e4, std 1 in fp32: a one-pass E[u^2] - E[u]^2 would lose the variance entirely."""
     ins, dy = _inputs(1, 4, 16, 16, offset=1e4, spread=1.0, add=False, seed=3)
