@@ -284,3 +284,26 @@ def test_cli_errors(tiny_checkpoint, tmp_path):
         _run(["nll", "--checkpoint", tiny_checkpoint, "--data", str(tmp_path), "--part", "heldout"])
     with pytest.raises(ck.CheckpointError, match="not found"):
         _run(["nll", "--checkpoint", str(tmp_path / "nope")])
+
+
+def test_quality_vs_steps_script_smoke(tiny_checkpoint, tmp_path):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "quality_vs_steps.py")
+    spec = importlib.util.spec_from_file_location("quality_vs_steps", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        report = mod.main(["--checkpoint", tiny_checkpoint, "--num", "20", "--batch-size", "8", "--nll-num", "2",
+                           "--settings", "ddim:2,dpm++:2", "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "quality_vs_steps.json").read_text())
+    assert [r["setting"] for r in saved["rows"]] == ["real digits (train part)", "DDIM", "DPM-Solver++"]
+    assert saved["nll"]["num"] == 2 and saved["num"] == 20
+    assert saved["rows"][1]["confidence_vs_real"] == pytest.approx(
+        saved["rows"][1]["confidence_rate"] / saved["ref_confidence_rate"])
+    md = (tmp_path / "quality_vs_steps.md").read_text()
+    assert "| DPM-Solver++ | 2 |" in md and "Bits/dim" in md
+    assert report["targets"]["class_balance"]["met"] in (True, False)
