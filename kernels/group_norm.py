@@ -123,12 +123,12 @@ __all__ = [
 # (BLOCK elements per tile, num_warps): the explicit config list (aot_specs + autotune on a GPU).
 # 4 or 8 elements per thread: at 16 per thread the backward's two per-lane accumulators plus the
 # recomputed tile need 115-154 registers and sm_80 gets a stack frame (checked with cuobjdump).
-CONFIGS: list[tuple[int, int]] = [(512, 4), (1024, 4), (2048, 8), (4096, 16)]
+CONFIGS: list[tuple[int, int]] = [(512, 4), (1024, 8), (2048, 8), (4096, 16)]
 _MAX_BLOCK = max(b for b, _ in CONFIGS)
 # Single-tile kernels (whole group in registers, one read): tile = next_pow2(CPG) x next_pow2(HW) up to
-# SINGLE_MAX elements, num_warps by tile size (4-8 elements per thread), no autotune needed.
+# SINGLE_MAX elements, num_warps = tile / 128 in [1, 16] (4 elements per thread, 8 for 4096-tiles;
+# at 8 per thread the 8x256 backward needs 111-115 registers, at 4 about 64), no autotune needed.
 SINGLE_MAX = 4096
-SINGLE_WARPS: dict[int, int] = {4096: 16, 2048: 8}
 # The fixed config used under TRITON_INTERPRET=1 (interpreter programs run sequentially on the CPU).
 INTERPRET_BLOCK = 256
 _INTERPRET_WARPS = 4
@@ -570,7 +570,7 @@ def _single_tile(cpg: int, hw: int) -> Optional[tuple[int, int, int]]:
     bc, bhw = triton.next_power_of_2(cpg), triton.next_power_of_2(hw)
     if bc * bhw > SINGLE_MAX:
         return None
-    return bc, bhw, SINGLE_WARPS.get(bc * bhw, 4)
+    return bc, bhw, max(1, min(16, (bc * bhw) // 128))
 
 
 _TUNED: dict[str, Any] = {}
@@ -778,7 +778,7 @@ _AOT_SHAPE = (32, 128, 64, 64, 32)  # N, C, H, W, groups
 def aot_specs() -> list[dict]:
     """One dict per kernel per config, all options on (add, affine, scale, shift, SiLU: the largest
     variant): the looped/split kernels for every CONFIGS entry in bf16 (plus gn_fwd and gn_bwd_dx in
-    fp32 at BLOCK=1024), and the single-tile kernels at the three group shapes of the DDPM CIFAR-10
+    fp32 at BLOCK=1024, 8 warps), and the single-tile kernels at the three group shapes of the DDPM CIFAR-10
     U-Net (4x1024, 8x256, 8x64) in bf16.
 
     Tile split of the looped kernels: 32x128x64x64, 32 groups (CPG=4, HW=4096; the split path of
