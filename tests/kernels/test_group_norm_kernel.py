@@ -99,15 +99,17 @@ def _check_fp32(ins, dy, groups, silu, **kw):
 
 
 # ------------------------------------------------------------------------------------ option grid
-# every on/off combination of (add, scale, shift, silu), crossed with the four affine variants
-# (w+b, none, w only, b only) in rotation: each affine variant meets each of the other options.
+# Single-tile kernels: all 64 on/off combinations of (add, scale, shift, silu, weight, bias).
+# Looped kernels (block=4: 2x2 tiles per group): every combination of (add, scale, shift, silu),
+# crossed with the four affine variants (w+b, none, w only, b only) in rotation.
+_FULL = list(itertools.product([False, True], repeat=6))
 _AFFINE = [(True, True), (False, False), (True, False), (False, True)]
-_GRID = [(add, scale, shift, silu, *_AFFINE[i % 4])
-         for i, (add, scale, shift, silu) in enumerate(itertools.product([False, True], repeat=4))]
+_ROTATED = [(add, scale, shift, silu, *_AFFINE[i % 4])
+            for i, (add, scale, shift, silu) in enumerate(itertools.product([False, True], repeat=4))]
+_GRID = [(*opts, None) for opts in _FULL] + [(*opts, 4) for opts in _ROTATED]
 
 
-@pytest.mark.parametrize("block", [None, 4])  # None: single-tile kernels; 4: looped kernels, 2x2 tiles
-@pytest.mark.parametrize("add,scale,shift,silu,weight,bias", _GRID)
+@pytest.mark.parametrize("add,scale,shift,silu,weight,bias,block", _GRID)
 def test_options_fp32(add, scale, shift, silu, weight, bias, block):
     ins, dy = _inputs(2, 4, 2, 3, weight=weight, bias=bias, add=add, scale=scale, shift=shift,
                       seed=hash((add, scale, shift, silu, weight, bias)) % 1000)
