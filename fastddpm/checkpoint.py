@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -44,6 +43,7 @@ __all__ = [
     "build_diffusion",
     "check_state_dict",
     "load_model",
+    "export_model",
     "BUNDLED_MODEL",
 ]
 
@@ -86,7 +86,9 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     path = os.path.abspath(path)
     d = os.path.dirname(path)
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    # O_EXCL create with mode 0o666: the umask applies, as for any new file (mkstemp would force 0600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -404,3 +406,23 @@ def load_model(path: Optional[str] = None, use_ema: bool = True, device: Any = "
     model.load_state_dict(weights)
     model.to(device).eval()
     return model, build_diffusion(ck.config), ck.config
+
+
+def export_model(checkpoint: Optional[str], out: str, use_ema: bool = True) -> str:
+    """Write one self-contained ``.safetensors`` file for sampling: the EMA (or raw) weights, with the
+    config in its metadata, plus the same config as ``<out minus .safetensors>.json`` for people.
+
+    This is how the bundled model was made from its training run:
+    ``export_model("runs/digits", "fastddpm/assets/digits.safetensors")``.
+    """
+    if not out.endswith(".safetensors"):
+        raise ValueError(f"out must end with .safetensors, got {out!r}")
+    ck = load_checkpoint(checkpoint, load_state=False, load_model=not use_ema, load_ema=use_ema)
+    weights = ck.weights(use_ema)
+    check_state_dict(build_model(ck.config), weights, ck.path)
+    config = dict(ck.config)
+    config["weights"] = "ema" if (use_ema and ck.ema is not None) else "raw"
+    config["exported_from"] = {"step": ck.step}
+    save_weights_file(out, weights, config)
+    atomic_write_bytes(os.path.splitext(out)[0] + ".json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return out

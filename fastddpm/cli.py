@@ -9,7 +9,9 @@
 
 Sub-commands live in the ``COMMANDS`` table: a name maps to a :class:`Command` (help line, a function
 adding the arguments to its sub-parser, a function running it and returning the exit status). Adding
-one (``nll``, ``eval``, ``convert``, ``bench``) is one entry; heavy imports stay inside ``run``.
+one is one entry; heavy imports stay inside ``run``. Commands in their own modules (``eval``, ``nll``
+in fastddpm/cli_eval.py; ``convert``, ``bench``) are listed in ``EXTENSIONS`` and registered when
+their module is installed.
 
 Errors the user can fix (missing / truncated / mismatched checkpoints, bad data, bad flags) print one
 ``fastddpm <command>: error: ...`` line and exit with status 2 (usage) or 1 (everything else).
@@ -362,11 +364,40 @@ COMMANDS: Dict[str, Command] = {
 }
 
 
+# Sub-commands that live in their own modules, registered when the module is there. A module named
+# here provides, for each of its commands NAME: ``configure_NAME(parser)``, ``run_NAME(args) -> int``
+# and ``NAME_HELP`` (upper case), e.g. fastddpm/cli_eval.py: configure_eval, run_eval, EVAL_HELP.
+EXTENSIONS: Dict[str, str] = {
+    "eval": "fastddpm.cli_eval",
+    "nll": "fastddpm.cli_eval",
+    "convert": "fastddpm.cli_convert",
+    "bench": "fastddpm.cli_bench",
+}
+
+
+def _load_extensions() -> None:
+    import importlib
+
+    for name, module in EXTENSIONS.items():
+        if name in COMMANDS:
+            continue
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                continue  # not shipped (yet)
+            raise
+        configure, run = getattr(mod, f"configure_{name}", None), getattr(mod, f"run_{name}", None)
+        if configure is not None and run is not None:
+            COMMANDS[name] = Command(getattr(mod, f"{name.upper()}_HELP", ""), configure, run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="fastddpm", description="Fast denoising diffusion probabilistic models.")
     parser.add_argument("--version", action="version", version=f"fastddpm {__version__}")
+    _load_extensions()
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, cmd in COMMANDS.items():

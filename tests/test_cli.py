@@ -161,5 +161,5 @@ def test_bundled_model_draws_digits(tmp_path):
     # and within a factor of the typical spacing between distinct training digits
     spacing = np.sqrt(np.sort(((data[:200, None] - data[None]) ** 2).sum(-1), axis=1)[:, 1]).mean()
     assert nn_dist(x) < 0.5 * nn_dist(noise)
-    assert nn_dist(x) < 2.0 * spacing, (nn_dist(x), spacing)
+    assert nn_dist(x) < 1.6 * spacing, (nn_dist(x), spacing)  # bundled model: ~1.3x; Gaussian blobs: ~2.6x
     assert abs(x.mean() - data.mean()) < 25  # mean grey level within 25/255

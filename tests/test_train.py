@@ -267,3 +267,16 @@ def test_ddp_two_processes_gloo(tmp_path):
             assert torch.equal(v, r1[name][k]), (name, k)
             assert torch.equal(v, getattr(ck, name)[k]), (name, k)
     assert any(not torch.equal(r0["model"][k], r0["ema"][k]) for k in r0["model"])
+
+
+def test_export_model_single_file(tmp_path):
+    r = train(_cfg(tmp_path / "run", steps=2, save_every=0))
+    out = str(tmp_path / "m.safetensors")
+    ckpt.export_model(str(tmp_path / "run"), out)
+    os.remove(str(tmp_path / "m.json"))  # the config in the file's metadata is enough
+    model, diff, cfg = ckpt.load_model(out)
+    assert cfg["weights"] == "ema" and cfg["exported_from"]["step"] == 2 and diff.num_timesteps == 100
+    for k, v in r.ema.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+    with pytest.raises(ValueError, match="must end with .safetensors"):
+        ckpt.export_model(str(tmp_path / "run"), str(tmp_path / "m.pt"))
