@@ -42,8 +42,14 @@ def test_train_cli_writes_config_and_resumes(tmp_path, capsys):
     # without --resume an existing run is not overwritten; with it, training continues to --steps
     assert main(["train", *TINY_FLAGS, "--steps", "3", "--out-dir", str(out)]) == 1
     assert "already holds checkpoints" in capsys.readouterr().err
-    assert main(["train", *TINY_FLAGS, "--steps", "3", "--out-dir", str(out), "--resume"]) == 0
-    assert ckpt.load_checkpoint(str(out)).step == 3
+    assert main(["train", *TINY_FLAGS, "--steps", "4", "--out-dir", str(out), "--resume", "--sample-every", "2",
+                 "--sample-num", "3", "--sample-steps", "2"]) == 0
+    assert ckpt.load_checkpoint(str(out)).step == 4
+    from PIL import Image
+
+    assert not (out / "samples" / "step_00000002.png").exists()  # step 2 was done before the resume
+    with Image.open(out / "samples" / "step_00000004.png") as im:  # 2x2 grid of 8x8 tiles, scale 64 // 8
+        assert im.size == ((1 + 2 * 9) * 8, (1 + 2 * 9) * 8)
     with pytest.raises(SystemExit) as e:
         main(["train", "--schedule", "quadratic"])
     assert e.value.code == 2
