@@ -1,0 +1,331 @@
+"""The README's performance section, generated from the JSON files under benchmarks/results/.
+
+    python benchmarks/report.py            # rewrite what lies between the markers in README.md
+    python benchmarks/report.py --check    # exit 1 if README.md is not what the results give
+    python benchmarks/report.py --print    # print the section only
+
+Only the text between `<!-- perf:begin -->` and `<!-- perf:end -->` is replaced. Every results file
+becomes a subsection with the command that reproduces it, the machine it ran on, and the ratios to
+the peers measured in the same run (the ratios are read from the file, never recomputed across files).
+Files this script knows (figures, step_cpu, sampling_cpu, sampling_gpu) get tables of their own; any
+other file gets a generic table of its numbers. GPU figures appear only when a results file from a
+GPU run exists: nothing is filled in or estimated. The output holds no timestamps, so it is a pure
+function of the results files and `--check` is stable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
+
+# how each known file is reproduced when it does not say so itself
+DEFAULT_COMMANDS = {
+    "figures": "python benchmarks/figures.py",
+    "step_cpu": "python benchmarks/bench_step.py --json",
+    "sampling_cpu": "python benchmarks/bench_sampling.py --json",
+    "sampling_gpu": "python benchmarks/bench_sampling.py --json  # on a CUDA machine",
+    "kernels": "fastddpm bench --suite kernels",
+    "group_norm": "fastddpm bench --suite kernels",
+    "attention": "fastddpm bench --suite kernels",
+}
+ORDER = ("figures", "step_cpu", "sampling_cpu", "sampling_gpu")
+
+
+# ------------------------------------------------------------------------------ formatting
+def fmt(v: Any) -> str:
+    """A number as the tables show it: ints with thousands separators, floats to ~3 significant digits."""
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        a = abs(v)
+        if a >= 1000:
+            return f"{v:,.0f}"
+        if a >= 100:
+            return f"{v:.0f}"
+        if a >= 10:
+            return f"{v:.1f}"
+        if a >= 1:
+            return f"{v:.2f}"
+        return f"{v:#.3g}"
+    return str(v)
+
+
+def ratio(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+def nbytes(v: float) -> str:
+    return f"{v / 1e6:.1f} MB"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
+    """A markdown table (cells that are not strings go through fmt)."""
+    cells = [[c if isinstance(c, str) else fmt(c) for c in r] for r in rows]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in cells]
+    return out
+
+
+def machine_line(data: Dict[str, Any]) -> str:
+    """One line describing the machine a results file ran on (common.machine() format or bench_step's)."""
+    m = data.get("machine")
+    if isinstance(m, dict):
+        parts = []
+        if m.get("gpu"):
+            parts.append(f"GPU {m['gpu']}")
+        cpu = m.get("cpu") or m.get("processor") or "CPU"
+        parts.append(f"{cpu}" + (f", {m['cpu_count']} cores" if m.get("cpu_count") else ""))
+        threads = data.get("threads", m.get("torch_threads"))
+        if threads:
+            parts.append(f"{threads} torch thread{'s' if threads != 1 else ''}")
+        if m.get("torch"):
+            parts.append(f"torch {m['torch']}")
+        if m.get("python"):
+            parts.append(f"Python {m['python']}")
+        return "; ".join(parts)
+    parts = [str(data.get("processor") or m or "unknown machine")]
+    if data.get("cpu_count"):
+        parts[0] += f", {data['cpu_count']} cores"
+    if data.get("threads"):
+        parts.append(f"{data['threads']} torch thread{'s' if data['threads'] != 1 else ''}")
+    if data.get("torch"):
+        parts.append(f"torch {data['torch']}")
+    return "; ".join(parts)
+
+
+def preamble(name: str, data: Dict[str, Any]) -> List[str]:
+    command = data.get("command") or DEFAULT_COMMANDS.get(name, f"python benchmarks/{name}.py --json")
+    return [f"Reproduce: `{command}` (results/{name}.json)  ", f"Machine: {machine_line(data)}", ""]
+
+
+# ------------------------------------------------------------------------------ renderers
+def render_figures(name: str, data: Dict[str, Any]) -> List[str]:
+    out = ["### Device-independent figures (DDPM CIFAR-10 U-Net, fastddpm vs diffusers, same weights)", ""]
+    out += preamble(name, data)
+    u = data.get("unet_ddpm_cifar10_fp32")
+    if u:
+        f, d = u["fastddpm"], u["diffusers"]
+        rows = [("parameters", f["parameters"], d["parameters"], ratio(f["parameters"] / d["parameters"])),
+                ("bytes saved for backward per training sample (fp32)", nbytes(f["saved_bytes_per_sample"]),
+                 nbytes(d["saved_bytes_per_sample"]), ratio(u.get("ratio_saved_bytes_per_sample"))),
+                ("tensor ops per forward (views included)", f["ops_per_forward"], d["ops_per_forward"],
+                 ratio(u.get("ratio_ops_per_forward"))),
+                ("GFLOPs per forward per sample", f["flops_per_forward_per_sample"] / 1e9,
+                 d["flops_per_forward_per_sample"] / 1e9, ratio(u.get("ratio_flops_per_forward_per_sample")))]
+        out += table(("figure", "fastddpm", "diffusers", "fastddpm / diffusers"), rows) + [""]
+    s = data.get("sampling_step_ops")
+    if s:
+        rows = [(k, s[k].get("fast_sampler", "n/a"), s[k].get("sampler_sample", "n/a"),
+                 s.get(f"diffusers_{k}_step", "n/a")) for k in ("ddpm", "ddim", "dpm++") if isinstance(s.get(k), dict)]
+        out += ["Ops per sampling step outside the model:", ""]
+        out += table(("sampler", "FastSampler", "sampler.sample (amortised)", "diffusers scheduler.step"), rows) + [""]
+    k = data.get("kernel_hbm")
+    if k:
+        rows = [(r["kernel"], nbytes(r["hbm_bytes_fused"]), nbytes(r["hbm_bytes_unfused"]), ratio(r["ratio"]))
+                for r in k if "kernel" in r]
+        out += ["Modelled HBM traffic of each fused kernel vs the unfused PyTorch sequence (shapes per kernel module):", ""]
+        out += table(("kernel", "fused", "unfused", "fused / unfused"), rows) + [""]
+    return out
+
+
+def render_step(name: str, data: Dict[str, Any]) -> List[str]:
+    out = ["### One sampler step() on the CPU: fastddpm vs diffusers' scheduler.step", ""] + preamble(name, data)
+    rows = []
+    for r in data["rows"]:
+        f, d = r["fastddpm"], r["diffusers"]
+        rows.append((r["sampler"], r["batch"], f["cpu_us_per_step"], d["cpu_us_per_step"],
+                     ratio(r.get("speedup_vs_diffusers_cpu")), f["ops_per_step"], d["ops_per_step"]))
+    out += table(("sampler", "batch", "fastddpm us (CPU time)", "diffusers us (CPU time)", "speed-up",
+                  "ops fastddpm", "ops diffusers"), rows) + [""]
+    return out
+
+
+_IMPL_NAMES = {"fast_sampler": "FastSampler", "sampler_sample": "sampler.sample",
+               "diffusers_loop": "diffusers pipeline loop", "diffusers_pipeline": "diffusers pipeline",
+               "diffusers_eager": "diffusers eager", "diffusers_compiled": "diffusers + torch.compile"}
+
+
+def render_sampling_cpu(name: str, data: Dict[str, Any]) -> List[str]:
+    out = ["### Sampling on the CPU: FastSampler vs sampler.sample vs diffusers", ""] + preamble(name, data)
+    ov = data.get("overhead") or []
+    if ov:
+        r0 = ov[0]
+        out += [f"Per-step host overhead (time of a sampling step minus the model call; model: "
+                f"{r0.get('model', 'tiny')}, batch {r0['batch']}, {r0['steps']} steps, float32) and tensor ops per "
+                f"step outside the model (steady-state step; views launch no kernel on a GPU):", ""]
+        rows = []
+        for r in ov:
+            for impl in ("fast_sampler", "sampler_sample", "diffusers_loop"):
+                v = r.get(impl)
+                if not v:
+                    continue
+                rel = "1.00x" if impl == "fast_sampler" else ratio(r.get(f"overhead_cpu_ratio_{impl}_over_fast"))
+                rows.append((r["sampler"], _IMPL_NAMES[impl], v["overhead_us_per_step"], v["overhead_cpu_us_per_step"],
+                             rel, f"{v['ops_per_step_steady']} ({v['ops_per_step_steady_no_views']})",
+                             v["ops_per_step"]))
+        out += table(("sampler", "implementation", "overhead us/step (wall)", "overhead us/step (CPU time)",
+                      "CPU-time overhead / FastSampler's", "ops/step (without views)",
+                      "ops/step amortised (incl. x_T)"), rows) + [""]
+    e2e = data.get("e2e_cpu") or []
+    if e2e:
+        r0 = e2e[0]
+        out += [f"End to end, {r0.get('model', 'DDPM CIFAR-10 U-Net')}, batch {r0['batch']}, {r0['steps']} steps, "
+                f"{r0.get('dtype', 'float32')}; both in the same run, interleaved:", ""]
+        rows = []
+        for r in e2e:
+            f, d = r["fast_sampler"], r["diffusers_pipeline"]
+            rows.append((r["sampler"], f["images_per_s"], d["images_per_s"], ratio(r.get("speedup_vs_diffusers")),
+                         f["images_per_cpu_s"], d["images_per_cpu_s"], ratio(r.get("speedup_vs_diffusers_cpu")),
+                         f.get("repeats", "")))
+        out += table(("sampler", "FastSampler img/s", "diffusers img/s", "ratio (wall)", "FastSampler img/CPU-s",
+                      "diffusers img/CPU-s", "ratio (CPU time)", "repeats"), rows) + [""]
+    return out
+
+
+def render_sampling_gpu(name: str, data: Dict[str, Any]) -> List[str]:
+    out = ["### Sampling on a GPU: FastSampler vs diffusers eager and torch.compile", ""] + preamble(name, data)
+    rows = []
+    for r in data["rows"]:
+        rows.append((r["sampler"], r["steps"], r["batch"], r.get("dtype", ""),
+                     r["fast_sampler"]["images_per_s"],
+                     r["diffusers_eager"]["images_per_s"] if "diffusers_eager" in r else "n/a",
+                     r["diffusers_compiled"]["images_per_s"] if "diffusers_compiled" in r else "n/a",
+                     ratio(r.get("speedup_vs_diffusers_eager")), ratio(r.get("speedup_vs_diffusers_compiled"))))
+    out += table(("sampler", "steps", "batch", "dtype", "FastSampler img/s", "diffusers eager img/s",
+                  "diffusers compiled img/s", "vs eager", "vs compiled"), rows) + [""]
+    return out
+
+
+def _leaves(obj: Any, prefix: str = "") -> List[Tuple[str, Any]]:
+    if isinstance(obj, dict):
+        out = []
+        for k, v in obj.items():
+            if k in ("machine", "command"):
+                continue
+            out += _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(obj, list):
+        if obj and all(isinstance(x, dict) for x in obj):
+            return [(prefix, obj)]
+        if all(isinstance(x, (int, float)) for x in obj) and len(obj) <= 8:
+            return [(prefix, ", ".join(fmt(x) for x in obj))]
+        return []
+    if isinstance(obj, (int, float, str)) and not isinstance(obj, bool):
+        return [(prefix, obj)]
+    return []
+
+
+def render_generic(name: str, data: Any, max_rows: int = 40) -> List[str]:
+    """Any other results file: its scalar figures as key/value rows, lists of records as tables."""
+    data = data if isinstance(data, dict) else {"rows": data}
+    out = [f"### {data.get('benchmark') or name}", ""] + preamble(name, data)
+    scalars, n = [], 0
+    for key, v in _leaves(data):
+        if key == "benchmark":
+            continue
+        if isinstance(v, list):
+            cols = [c for c in v[0] if all(isinstance(r.get(c), (int, float, str)) and not isinstance(r.get(c), bool)
+                                           for r in v)][:9]
+            out += [f"{key}:", ""] + table(cols, [[r[c] for c in cols] for r in v[:max_rows]]) + [""]
+            continue
+        if n < max_rows:
+            scalars.append((key, v))
+            n += 1
+    if scalars:
+        out += table(("figure", "value"), scalars) + [""]
+    return out
+
+
+RENDERERS: Dict[str, Callable[[str, Dict[str, Any]], List[str]]] = {
+    "figures": render_figures, "step_cpu": render_step, "sampling_cpu": render_sampling_cpu,
+    "sampling_gpu": render_sampling_gpu,
+}
+
+
+def load_results(results: Path) -> List[Tuple[str, Any]]:
+    """(name, data) of every *.json under `results`, known files first in ORDER, then by name."""
+    files = sorted(results.glob("*.json")) if results.is_dir() else []
+    items = []
+    for f in files:
+        try:
+            items.append((f.stem, json.loads(f.read_text())))
+        except ValueError as e:
+            raise ValueError(f"{f}: not valid JSON ({e})") from None
+    rank = {n: i for i, n in enumerate(ORDER)}
+    return sorted(items, key=lambda it: (rank.get(it[0], len(ORDER)), it[0]))
+
+
+def render(results: Path = RESULTS) -> str:
+    """The markdown of the performance section (without the markers)."""
+    lines = ["<!-- generated by benchmarks/report.py from benchmarks/results/*.json; edit those, not this -->", ""]
+    items = load_results(results)
+    if not items:
+        lines += ["No benchmark results yet: run `fastddpm bench` from a checkout.", ""]
+    for name, data in items:
+        renderer = RENDERERS.get(name)
+        try:
+            lines += renderer(name, data) if renderer else render_generic(name, data)
+        except (KeyError, TypeError, IndexError, ZeroDivisionError):  # a format this script does not know
+            lines += render_generic(name, data)
+    if not any(n.endswith("gpu") or (isinstance(d, dict) and isinstance(d.get("machine"), dict)
+                                     and d["machine"].get("gpu")) for n, d in items):
+        lines += ["GPU figures: none yet (no results file from a GPU run); `fastddpm bench` on a CUDA machine "
+                  "adds them.", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def splice(readme_text: str, section: str) -> str:
+    """`readme_text` with what lies between the markers replaced by `section` (markers kept)."""
+    b = readme_text.find(BEGIN)
+    e = readme_text.find(END, b + len(BEGIN)) if b >= 0 else -1
+    if b < 0 or e < 0:
+        raise ValueError(f"README has no '{BEGIN}' ... '{END}' markers (in that order)")
+    return readme_text[:b + len(BEGIN)] + "\n" + section + readme_text[e:]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of results JSON files")
+    p.add_argument("--readme", type=Path, default=README, help="the README to update")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
+    mode.add_argument("--print", action="store_true", help="print the section and leave the README alone")
+    args = p.parse_args(argv)
+    section = render(args.results)
+    if args.print:
+        sys.stdout.write(section)
+        return 0
+    try:
+        old = args.readme.read_text()
+        new = splice(old, section)
+    except (OSError, ValueError) as e:
+        print(f"report.py: error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != old:
+            print(f"report.py: {args.readme} performance section is out of date: run python benchmarks/report.py",
+                  file=sys.stderr)
+            return 1
+        print(f"{args.readme}: performance section up to date")
+        return 0
+    if new != old:
+        args.readme.write_text(new)
+        print(f"{args.readme}: performance section updated")
+    else:
+        print(f"{args.readme}: performance section already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""``fastddpm bench``: run the benchmark scripts of a fastddpm checkout, then regenerate the README report.
+
+    fastddpm bench                      # every suite, then benchmarks/report.py (README performance section)
+    fastddpm bench --suite sampling     # one suite: figures | step | sampling | unet | kernels
+    fastddpm bench --suite step --json  # the scripts print JSON instead of tables
+
+The benchmarks live in the repository (``benchmarks/``), not in the installed package: the checkout is
+found next to the package (an editable install), else in the current directory or one of its parents,
+else in ``$FASTDDPM_REPO``; without one, the command says to run it from a checkout. Each suite's
+figures are written under ``benchmarks/results/`` (by the script itself, or, for scripts that only
+print JSON, by this command) with the machine they ran on.
+
+``add_subcommand(subparsers)`` registers the sub-command on an argparse sub-parser set;
+``configure_bench`` / ``run_bench`` / ``BENCH_HELP`` are the same in the form ``fastddpm.cli``'s
+extension table expects.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["SUITES", "BENCH_HELP", "add_subcommand", "configure_bench", "run_bench", "find_repo", "suite_commands",
+           "BenchError"]
+
+BENCH_HELP = "run the benchmarks of a fastddpm checkout and regenerate the README performance section"
+
+
+@dataclass(frozen=True)
+class Script:
+    """One benchmark script: its path under the repo, its arguments, and the results file it fills when
+    it only prints JSON (`capture`: the name under benchmarks/results/, None when it writes its own)."""
+
+    path: str
+    args: Tuple[str, ...] = ()
+    capture: Optional[str] = None
+    json_flag: bool = True  # accepts --json
+
+
+# Suite name -> scripts, in the order they run.
+SUITES: Dict[str, Tuple[Script, ...]] = {
+    "figures": (Script("benchmarks/figures.py"),),
+    "step": (Script("benchmarks/bench_step.py"),),
+    "sampling": (Script("benchmarks/bench_sampling.py"),),
+    "unet": (Script("benchmarks/bench_unet.py"),),
+    "kernels": (Script("benchmarks/kernel_report.py", capture="kernels"),
+                Script("benchmarks/bench_group_norm.py", capture="group_norm"),
+                Script("benchmarks/bench_attention.py", capture="attention")),
+}
+SUITE_CHOICES = ("all",) + tuple(SUITES)
+REPORT = "benchmarks/report.py"
+
+
+class BenchError(Exception):
+    """A problem the user can fix (no checkout, a missing script); reported as one line."""
+
+
+def _is_repo(path: Path) -> bool:
+    return (path / "benchmarks" / "report.py").is_file() and (path / "fastddpm").is_dir()
+
+
+def find_repo(start: Optional[Path] = None) -> Path:
+    """The fastddpm checkout holding ``benchmarks/``: next to this package, else `start` (default: the
+    current directory) or a parent of it, else ``$FASTDDPM_REPO``. Raises BenchError otherwise."""
+    candidates: List[Path] = [Path(__file__).resolve().parents[1]]
+    here = (start or Path.cwd()).resolve()
+    candidates += [here, *here.parents]
+    if os.environ.get("FASTDDPM_REPO"):
+        candidates.append(Path(os.environ["FASTDDPM_REPO"]).expanduser().resolve())
+    for c in candidates:
+        if _is_repo(c):
+            return c
+    raise BenchError("the benchmarks live in the fastddpm repository, not in the installed package: run "
+                     "`fastddpm bench` from a checkout (git clone ... && pip install -e .) or set FASTDDPM_REPO "
+                     "to one (no benchmarks/report.py found next to the package or above " + str(here) + ")")
+
+
+def _check_suite(suite: str) -> None:
+    if suite not in SUITE_CHOICES:
+        raise ValueError(f"suite must be one of {', '.join(SUITE_CHOICES)}; got {suite!r}")
+
+
+def suite_commands(suite: str, repo: Path, json_out: bool = False) -> List[Tuple[Script, List[str]]]:
+    """(script, argv) for every script of `suite` ("all" or one of SUITES). Raises ValueError for an
+    unknown suite and BenchError when a script of an explicitly named suite is missing."""
+    _check_suite(suite)
+    names = list(SUITES) if suite == "all" else [suite]
+    out = []
+    for name in names:
+        for script in SUITES[name]:
+            path = repo / script.path
+            if not path.is_file():
+                if suite == "all":
+                    print(f"fastddpm bench: note: {script.path} is not in this checkout; skipped", file=sys.stderr)
+                    continue
+                raise BenchError(f"{script.path} is not in this checkout ({repo})")
+            argv = [sys.executable, str(path), *script.args]
+            if script.json_flag and (json_out or script.capture):
+                argv.append("--json")
+            out.append((script, argv))
+    return out
+
+
+def _write_captured(repo: Path, name: str, data: Any, command: str) -> Path:
+    """results/<name>.json from a script's JSON stdout, with the machine (benchmarks.common)."""
+    import importlib.util
+
+    # load this checkout's common.py by path (a `benchmarks` package imported from elsewhere must not be reused)
+    spec = importlib.util.spec_from_file_location("_fastddpm_bench_common", repo / "benchmarks" / "common.py")
+    if spec is None or spec.loader is None:
+        raise BenchError(f"benchmarks/common.py is missing from {repo}")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    write_result = common.write_result
+    payload = data if isinstance(data, dict) else {"rows": data}
+    return Path(write_result(name, {"command": command, **payload}))
+
+
+def run_suite(suite: str = "all", json_out: bool = False, report: bool = True, repo: Optional[Path] = None) -> int:
+    """Run `suite`'s scripts (each in its own process, from the repo root), then the report.
+    Returns 0 when every script succeeded, else 1 (the remaining scripts still run)."""
+    _check_suite(suite)
+    repo = repo or find_repo()
+    failed = []
+    for script, argv in suite_commands(suite, repo, json_out):
+        command = "python " + " ".join([script.path, *argv[2:]])
+        print(f"fastddpm bench: {command}", file=sys.stderr, flush=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(repo) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if script.capture is None:
+            rc = subprocess.call(argv, cwd=repo, env=env)
+        else:
+            proc = subprocess.run(argv, cwd=repo, env=env, stdout=subprocess.PIPE, text=True)
+            rc = proc.returncode
+            sys.stdout.write(proc.stdout)
+            try:
+                data = json.loads(proc.stdout)
+            except ValueError:
+                print(f"fastddpm bench: {script.path} printed no JSON; nothing written", file=sys.stderr)
+                rc = rc or 1
+            else:
+                path = _write_captured(repo, script.capture, data, command)
+                print(f"fastddpm bench: written {path}", file=sys.stderr)
+        if rc != 0:
+            failed.append(script.path)
+            print(f"fastddpm bench: {script.path} exited with status {rc}", file=sys.stderr)
+    if report and (repo / REPORT).is_file():
+        rc = subprocess.call([sys.executable, str(repo / REPORT)], cwd=repo)
+        if rc != 0:
+            failed.append(REPORT)
+    if failed:
+        print(f"fastddpm bench: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def configure_bench(parser: argparse.ArgumentParser) -> None:
+    """Add ``--suite``, ``--json`` and ``--no-report`` to the ``bench`` sub-parser."""
+    parser.add_argument("--suite", default="all", choices=SUITE_CHOICES,
+                        help="which benchmarks to run (default: all): " + ", ".join(SUITE_CHOICES))
+    parser.add_argument("--json", action="store_true", help="the scripts print JSON instead of tables")
+    parser.add_argument("--no-report", action="store_true", help="do not regenerate the README performance section")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the ``bench`` sub-command; returns the exit status."""
+    try:
+        return run_suite(args.suite, json_out=bool(args.json), report=not getattr(args, "no_report", False))
+    except BenchError as e:
+        print(f"fastddpm bench: error: {e}", file=sys.stderr)
+        return 1
+
+
+def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``bench`` on an argparse sub-parser set (``parser.add_subparsers()``); the handler is
+    stored as ``func`` in the parsed namespace."""
+    p = subparsers.add_parser("bench", help=BENCH_HELP, description=BENCH_HELP)
+    configure_bench(p)
+    p.set_defaults(func=run_bench)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m fastddpm.bench`` without the main CLI."""
+    parser = argparse.ArgumentParser(prog="fastddpm bench", description=BENCH_HELP)
+    configure_bench(parser)
+    return run_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
