@@ -352,7 +352,14 @@ def build_model(config: Dict[str, Any]) -> torch.nn.Module:
     """A fastddpm.UNet from a checkpoint config's "model" entry (UNet keyword arguments)."""
     from .unet import UNet
 
+    import inspect
+
     m = dict(config["model"])
+    # keyword arguments this UNet version does not know (written by another version) are dropped: any
+    # real architecture difference still shows up in check_state_dict as missing/mis-shaped weights
+    params = inspect.signature(UNet.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        m = {k: v for k, v in m.items() if k in params}
     try:
         return UNet(**m)
     except (TypeError, ValueError) as e:
@@ -419,8 +426,11 @@ def export_model(checkpoint: Optional[str], out: str, use_ema: bool = True) -> s
         raise ValueError(f"out must end with .safetensors, got {out!r}")
     ck = load_checkpoint(checkpoint, load_state=False, load_model=not use_ema, load_ema=use_ema)
     weights = ck.weights(use_ema)
-    check_state_dict(build_model(ck.config), weights, ck.path)
+    model = build_model(ck.config)
+    check_state_dict(model, weights, ck.path)
     config = dict(ck.config)
+    # the model's complete keyword arguments (defaults included), so the file never depends on defaults
+    config["model"] = json.loads(json.dumps(getattr(model, "config", config["model"])))
     config["weights"] = "ema" if (use_ema and ck.ema is not None) else "raw"
     config["exported_from"] = {"step": ck.step}
     save_weights_file(out, weights, config)

@@ -362,6 +362,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
                             "num_images": len(ds)}}
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     model = UNet(**mcfg).to(device)
+    # the model's complete keyword arguments (defaults included), so a checkpoint never depends on defaults
+    mcfg = json.loads(json.dumps(getattr(model, "config", mcfg)))
+    full_config["model"] = mcfg
     diffusion = ckpt.build_diffusion(full_config)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -385,7 +388,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
     rng_restore = None
     if resume_path is not None:
         ck = ckpt.load_checkpoint(resume_path, load_state=True)
-        if ck.config.get("model") != mcfg or ck.config.get("diffusion") != full_config["diffusion"]:
+        try:
+            ck_model = json.loads(json.dumps(getattr(ckpt.build_model(ck.config), "config", ck.config["model"])))
+        except ckpt.CheckpointError:
+            ck_model = ck.config.get("model")
+        if ck_model != mcfg or ck.config.get("diffusion") != full_config["diffusion"]:
             raise ValueError(f"{resume_path}: the checkpoint's model/diffusion config differs from this run's:\n"
                              f"  checkpoint: {ck.config.get('model')} {ck.config.get('diffusion')}\n"
                              f"  this run:   {mcfg} {full_config['diffusion']}")

@@ -210,6 +210,9 @@ def test_architecture_mismatch(tmp_path):
     other = ckpt.build_model(cfg)
     with pytest.raises(ckpt.CheckpointError, match=r"do not match the model architecture.*shape mismatches"):
         ckpt.check_state_dict(other, ck.ema, ck.path)
+    # a keyword this UNet version does not know is ignored; the weights decide whether it matters
+    cfg["model"] = dict(ck.config["model"], option_from_a_newer_version=True)
+    ckpt.check_state_dict(ckpt.build_model(cfg), ck.ema, ck.path)
     cfg["model"] = dict(ck.config["model"], num_res_blocks=2)
     with pytest.raises(ckpt.CheckpointError, match=r"missing keys"):
         ckpt.check_state_dict(ckpt.build_model(cfg), ck.ema, ck.path)
