@@ -10,7 +10,7 @@
 Sub-commands live in the ``COMMANDS`` table: a name maps to a :class:`Command` (help line, a function
 adding the arguments to its sub-parser, a function running it and returning the exit status). Adding
 one is one entry; heavy imports stay inside ``run``. Commands in their own modules (``eval``, ``nll``
-in fastddpm/cli_eval.py; ``convert``, ``bench``) are listed in ``EXTENSIONS`` and registered when
+in fastddpm/cli_eval.py; ``bench`` in fastddpm/bench.py; ``convert``) are listed in ``EXTENSIONS`` and registered when
 their module is installed.
 
 Errors the user can fix (missing / truncated / mismatched checkpoints, bad data, bad flags) print one
@@ -371,7 +371,7 @@ EXTENSIONS: Dict[str, str] = {
     "eval": "fastddpm.cli_eval",
     "nll": "fastddpm.cli_eval",
     "convert": "fastddpm.cli_convert",
-    "bench": "fastddpm.cli_bench",
+    "bench": "fastddpm.bench",
 }
 
 

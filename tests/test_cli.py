@@ -169,3 +169,22 @@ def test_bundled_model_draws_digits(tmp_path):
     assert nn_dist(x) < 0.5 * nn_dist(noise)
     assert nn_dist(x) < 1.6 * spacing, (nn_dist(x), spacing)  # bundled model: ~1.3x; Gaussian blobs: ~2.6x
     assert abs(x.mean() - data.mean()) < 25  # mean grey level within 25/255
+
+
+def test_extension_commands_registered_only_when_present(monkeypatch, capsys):
+    import types
+
+    from fastddpm import cli
+
+    mod = types.ModuleType("fastddpm_fake_ext")
+    mod.FROB_HELP = "frobnicate"
+    mod.configure_frob = lambda p: p.add_argument("--times", type=int, default=1)
+    mod.run_frob = lambda args: print("frob" * args.times) or 0
+    monkeypatch.setitem(sys.modules, "fastddpm_fake_ext", mod)
+    monkeypatch.setattr(cli, "EXTENSIONS", {"frob": "fastddpm_fake_ext", "convert": "fastddpm_no_such_module"})
+    monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
+    assert main(["frob", "--times", "2"]) == 0
+    assert capsys.readouterr().out == "frobfrob\n"
+    assert "frob" in cli.COMMANDS and "convert" not in cli.COMMANDS
+    with pytest.raises(SystemExit):
+        main(["convert"])
