@@ -31,7 +31,7 @@ def report():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # keep triton 3.9's default, silence its warning
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "kernel_report.py"), "--json", "--jobs", str(max(2, os.cpu_count() or 1))],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
     )
     try:
         rows = json.loads(proc.stdout)

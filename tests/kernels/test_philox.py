@@ -12,6 +12,9 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Normals from identical words: the interpreter uses numpy's float32 log/cos/sqrt (within 2e-6 of
+# torch's); a GPU uses libdevice log/cos and sqrt.approx (a few ulp), hence the looser GPU tolerance.
+NORMAL_TOL = dict(rtol=1e-5, atol=2e-6) if DEVICE == "cuda" else dict(rtol=2e-6, atol=2e-6)
 
 
 def _t(v):
@@ -93,7 +96,7 @@ def test_words_bit_exact_vs_triton(seed, step, stream, image_offset):
     # Normals: same words, so only the float32 log/cos/sqrt implementations may differ (a few ulp).
     zr = philox_normal(s, (n_images, per_image), st, stream, image_offset)
     assert zr.dtype == torch.float32 and zr.shape == (n_images, per_image)
-    torch.testing.assert_close(z.cpu(), zr.cpu(), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(z.cpu(), zr.cpu(), **NORMAL_TOL)
 
 
 def test_matches_tl_randn_with_its_counters():
@@ -103,7 +106,7 @@ def test_matches_tl_randn_with_its_counters():
     z = torch.zeros(e, dtype=torch.float32, device=DEVICE)
     _randn_probe[(triton.cdiv(e, 128),)](s, z, e, BLOCK=128)
     zr = philox_normal(s, (1, e), torch.zeros(1, dtype=torch.int64, device=DEVICE))
-    torch.testing.assert_close(z.cpu(), zr[0].cpu(), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(z.cpu(), zr[0].cpu(), **NORMAL_TOL)
 
 
 def test_normality_and_moments():

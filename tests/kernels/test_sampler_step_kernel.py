@@ -196,7 +196,8 @@ def test_in_kernel_noise_is_the_philox_stream_and_batch_independent():
     x = torch.zeros(shape, device=DEVICE)
     z_full, _ = sampler_step_forward(x, x, coefs, step, None, None, seed, 0, False, False)
     ref = philox_normal(seed, shape, step, image_offset=0, device=DEVICE)
-    torch.testing.assert_close(z_full.cpu(), ref.cpu(), rtol=2e-6, atol=2e-6)
+    tol = dict(rtol=1e-5, atol=2e-6) if DEVICE == "cuda" else dict(rtol=2e-6, atol=2e-6)  # GPU sqrt.approx
+    torch.testing.assert_close(z_full.cpu(), ref.cpu(), **tol)
     # images 2..3 drawn as their own batch (offset 2) are the same numbers, bit for bit
     z_part, _ = sampler_step_forward(x[:2], x[:2], coefs, step, None, None, seed, 2, False, False)
     assert torch.equal(z_part, z_full[2:])
