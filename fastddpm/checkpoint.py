@@ -377,8 +377,11 @@ def build_diffusion(config: Dict[str, Any]):
         sched = NoiseSchedule.linear(T)
     elif schedule == "cosine":
         sched = NoiseSchedule.cosine(T)
+    elif schedule == "custom":  # explicit betas (e.g. converted from a diffusers scheduler)
+        sched = NoiseSchedule(d["betas"])
     else:
-        raise CheckpointError(f"unknown schedule {schedule!r} in the checkpoint config (expected 'linear' or 'cosine')")
+        raise CheckpointError(f"unknown schedule {schedule!r} in the checkpoint config "
+                              f"(expected 'linear', 'cosine' or 'custom' with 'betas')")
     return GaussianDiffusion(sched, prediction=d.get("prediction", "eps"), variance=d.get("variance", "fixed_small"),
                              loss=d.get("loss", "simple"))
 

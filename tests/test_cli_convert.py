@@ -1,0 +1,54 @@
+"""`fastddpm convert`: a saved diffusers pipeline becomes a checkpoint that samples like diffusers."""
+import pytest
+import torch
+
+from fastddpm.checkpoint import load_model
+from fastddpm.cli_convert import convert
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def _save_pipeline(path, **unet_kwargs):
+    torch.manual_seed(0)
+    cfg = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+               down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+               layers_per_block=1, norm_num_groups=8)
+    cfg.update(unet_kwargs)
+    unet = diffusers.UNet2DModel(**cfg)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    sched = diffusers.DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction")
+    diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(path)
+    return unet.eval(), sched
+
+
+def test_convert_pipeline_roundtrip(tmp_path):
+    unet, sched = _save_pipeline(tmp_path / "pipe")
+    out = convert(str(tmp_path / "pipe"), str(tmp_path / "model.safetensors"))
+    model, diff, _ = load_model(out, use_ema=False)
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), unet(x, t).sample, rtol=1e-4, atol=1e-4)
+    assert diff.prediction == "v"
+    torch.testing.assert_close(diff.schedule.alphas_cumprod.float(), sched.alphas_cumprod, rtol=2e-5, atol=1e-6)
+
+
+def test_convert_unmappable_config_names_option(tmp_path):
+    _save_pipeline(tmp_path / "pipe", act_fn="gelu")
+    with pytest.raises(ValueError, match="act_fn"):
+        convert(str(tmp_path / "pipe"), str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match="safetensors"):
+        convert(str(tmp_path / "pipe"), str(tmp_path / "m.pt"))
+
+
+def test_convert_command_line(tmp_path, capsys):
+    from fastddpm.cli import main
+
+    _save_pipeline(tmp_path / "pipe")
+    assert main(["convert", str(tmp_path / "pipe"), str(tmp_path / "m.safetensors")]) == 0
+    assert (tmp_path / "m.safetensors").stat().st_size > 0
+    assert main(["sample", "--checkpoint", str(tmp_path / "m.safetensors"), "--num", "2", "--steps", "3",
+                 "--out", str(tmp_path / "s.png"), "--no-progress"]) == 0
+    assert (tmp_path / "s.png").exists()
