@@ -43,17 +43,20 @@ of having no atomics).
 Masks: query rows >= Nq load zeros and are not stored (their P columns are zeroed in the dK/dV pass);
 key rows >= Nk load zeros, get -inf scores in the forward and P = 0 in the backward. The flags
 EVEN_M / EVEN_N (Nq % BLOCK_M == 0 / Nk % BLOCK_N == 0, computed per config) drop those masks.
-head_dim D is a constexpr padded to BLOCK_D = max(16, next_pow2(D)); padded columns are masked
-(EVEN_D drops the mask when D is a power of two >= 16).
+head_dim D is a constexpr padded to BLOCK_D = max(32, next_pow2(D)); padded columns are masked
+(EVEN_D drops the mask when D is a power of two >= 32).
 
 Precision
 ---------
 Accumulators (m, l, acc, dK, dV, dQ, delta, lse) are fp32 for every input dtype; for bf16/fp16
 inputs P and dS are rounded to the input dtype before their tensor-core dot (as FlashAttention does).
-fp32 inputs: the dots use ``input_precision="ieee"`` (true fp32, what PyTorch does by default, since
-``torch.backends.cuda.matmul.allow_tf32`` is False by default) unless
-``torch.backends.cuda.matmul.allow_tf32`` is True, in which case they use TF32 (10-bit mantissa
-inputs, relative error ~1e-3, like cuBLAS under the same flag). The interpreter always uses ieee.
+fp32 inputs: every dot uses ``input_precision="ieee"`` (true fp32 FMA dots, no TF32 rounding), on
+the GPU as in the interpreter: fp32 is the accuracy path (PyTorch's default keeps
+``torch.backends.cuda.matmul.allow_tf32`` False too); bf16/fp16 is the speed path (tensor cores). The
+fp32 configs are therefore small tiles (FMA dots hold their operands in registers).
+The interpreter's ``tl.dot`` multiplies bf16 bit patterns as integers (triton 3.9), so under
+TRITON_INTERPRET=1 bf16 operands are converted to fp32 before each dot (``UPCAST``); bf16 x bf16
+products are exact in fp32, so this is the tensor-core arithmetic up to summation order.
 FP fusion: launched with ``enable_fp_fusion=True`` explicitly (FMA contraction of the score scaling
 and the online-softmax rescale); the effect is a few fp32 ulps, far below the stated tolerances
 (tests: fp32 2e-5 absolute on unit-scale data vs a float64 reference; bf16/fp16 within 2x the error of
@@ -64,24 +67,28 @@ Configs
 ``FWD_CONFIGS[BLOCK_D]`` / ``BWD_CONFIGS[BLOCK_D]`` hold (BLOCK_M, BLOCK_N, num_warps, num_stages) for
 16-bit inputs and ``FWD_CONFIGS_FP32`` / ``BWD_CONFIGS_FP32`` for fp32 inputs; these lists are what
 ``triton.autotune`` tries on a GPU (key: Nq, Nk, head dim, dtypes) and what ``aot_specs`` compiles for
-sm_80 / sm_90 (no spills, shared memory within the limit). D = 256 uses small tiles (32 x 32 / 64 x 32,
-1-2 stages) so the [BLOCK, 256] operand tiles and fp32 accumulators fit. Under TRITON_INTERPRET=1 the
-fixed ``INTERPRET_CONFIG`` is used; every launcher also takes ``config=(BLOCK_M, BLOCK_N, warps,
-stages)`` to force one.
+sm_80 / sm_90. Every config compiles with no spills on both (checked with ``cuobjdump
+--dump-resource-usage``: LOCAL = 0 *and* STACK = 0; ptxas puts spills in the stack frame, so a
+nonzero STACK with LOCAL = 0 is still a spill) and shared memory within the limit. D = 256 needs
+32-row query tiles in the forward (64-row tiles spill on sm_90, where the [64, 256] fp32 accumulator
+of the wgmma path takes 128+ registers per thread), 8 warps, and re-reads the q tile every key block
+(``RELOAD_Q``) instead of keeping it live across the loop. Under TRITON_INTERPRET=1 the fixed
+``INTERPRET_CONFIG`` is used; every launcher also takes ``config=(BLOCK_M, BLOCK_N, warps, stages)``
+to force one.
 
-Modelled HBM traffic (``modelled_hbm_bytes``), B=128, heads=1, N=256, D=256, bf16 (the DDPM CIFAR-10
-16x16 attention; E = B*N*D = 8,388,608 elements, 2E bytes per [B, H, N, D] tensor; the N x N score
-matrix has B*N*N = 8,388,608 elements, the same count):
+Modelled HBM traffic (``modelled_hbm_bytes``): T = one [B, H, N, D] tensor, A = one [B, H, N, N]
+matrix in the input dtype, R = one fp32 [B, H, N] vector; compulsory traffic (a tile re-read by
+several programs of one head is counted once: it comes from L2).
 
-    fused forward   read q, k, v; write o; write lse (fp32)                              4 x 2E + 4BN
-    fused backward  preprocess: read dO, O, write delta; dK/dV: read k, v, q, dO, lse, delta,
-                    write dk, dv; dQ: read q, dO, lse, delta, k, v, write dq
-    unfused (SDPA math path, what eager PyTorch autograd runs): forward S = q k^T (read q, k, write S),
-    scale (read, write), softmax (read, write P), o = P v (read P, v, write o); saves P. Backward:
-    dP = dO v^T (read dO, v, write dP), dV = P^T dO (read P, dO, write dV), softmax backward (read P,
-    dP, write dS), scale (read, write), dQ = dS k, dK = dS^T q (read dS, k/q, write dQ/dK).
-Exact byte counts are in ``modelled_hbm_bytes``; the fused total is ~0.17x of the unfused one at that
-shape (the N x N matrices dominate the unfused traffic).
+    fused     forward  q, k, v, o, lse                                          4T + R
+              backward preprocess dO, O, delta; dK/dV q, k, v, dO, lse, delta,
+                       dk, dv; dQ q, k, v, dO, lse, delta, dq                  13T + 5R
+    unfused   the SDPA math path + eager autograd, which materialises S, P, dP, dS (N x N):
+              forward  8T + 4A,  backward 12T + 7A         (itemised in ``modelled_hbm_bytes``)
+
+At the representative shape B=128, heads=1, N=256, D=256, bf16 (the DDPM CIFAR-10 16x16 attention;
+N = D, so A = T = 16.8 MB): fused 285,999,104 bytes vs unfused 520,093,696 (0.55x). The saving grows
+with N / D: N=1024, D=64 (32x32 maps) is 0.09x.
 """
 from __future__ import annotations
 
@@ -115,29 +122,29 @@ Config = tuple  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 # Explicit config lists (autotune on a GPU + aot_specs), keyed by BLOCK_D. 16-bit inputs.
 FWD_CONFIGS: dict[int, list[Config]] = {
     32: [(128, 64, 4, 3), (64, 64, 4, 3)],
-    64: [(128, 64, 4, 3), (64, 64, 4, 3)],
-    128: [(128, 64, 8, 3), (64, 64, 4, 3)],
-    256: [(64, 32, 8, 2), (64, 64, 8, 2)],
+    64: [(128, 64, 8, 3), (64, 64, 4, 3)],
+    128: [(64, 64, 8, 3), (64, 32, 4, 3)],
+    256: [(32, 64, 8, 2), (32, 32, 8, 2)],
 }
 # Backward: BLOCK_M = query tile, BLOCK_N = key tile, in both the dK/dV and the dQ kernel.
 BWD_CONFIGS: dict[int, list[Config]] = {
     32: [(64, 64, 4, 2), (32, 64, 4, 2)],
-    64: [(64, 64, 4, 2), (32, 64, 4, 2)],
-    128: [(64, 64, 8, 2), (32, 64, 4, 2)],
-    256: [(32, 32, 8, 1), (32, 64, 8, 1)],
+    64: [(32, 64, 4, 2), (32, 32, 4, 2)],
+    128: [(32, 64, 8, 2), (32, 32, 4, 2)],
+    256: [(32, 32, 8, 2), (16, 32, 8, 1)],
 }
-# fp32 inputs (twice the bytes per element, tf32x3 dots): smaller tiles, one config each.
+# fp32 inputs (ieee FMA dots, operands in registers): small tiles, one config each.
 FWD_CONFIGS_FP32: dict[int, list[Config]] = {
-    32: [(64, 64, 4, 2)],
-    64: [(64, 32, 4, 2)],
-    128: [(64, 32, 8, 2)],
-    256: [(32, 32, 8, 1)],
+    32: [(32, 32, 4, 1)],
+    64: [(32, 32, 4, 1)],
+    128: [(16, 16, 4, 1)],
+    256: [(16, 16, 4, 1)],
 }
 BWD_CONFIGS_FP32: dict[int, list[Config]] = {
     32: [(32, 32, 4, 1)],
-    64: [(32, 32, 4, 1)],
-    128: [(32, 32, 8, 1)],
-    256: [(16, 32, 8, 1)],
+    64: [(16, 16, 4, 1)],
+    128: [(16, 32, 4, 1)],
+    256: [(16, 16, 8, 1)],
 }
 
 
@@ -180,7 +187,7 @@ def _attn_fwd_kernel(
     H, N_Q, N_KV,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, RELOAD_Q: tl.constexpr,
 ):
     # qk_scale = sm_scale * log2(e): scores in base 2.
     pid = tl.program_id(0)
@@ -201,10 +208,11 @@ def _attn_fwd_kernel(
     mask_d = offs_d < HEAD_DIM
 
     q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
-    if EVEN_M and EVEN_D:
-        q = tl.load(q_ptrs)
-    else:
-        q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    if not RELOAD_Q:
+        if EVEN_M and EVEN_D:
+            q = tl.load(q_ptrs)
+        else:
+            q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -222,6 +230,13 @@ def _attn_fwd_kernel(
         else:
             kt = tl.load(kt_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        if RELOAD_Q:
+            # D = 256: re-read the q tile (L1/L2 hit) every key block instead of keeping it live in
+            # registers across the loop; the tensor-core dot then takes it from shared memory.
+            if EVEN_M and EVEN_D:
+                q = tl.load(q_ptrs)
+            else:
+                q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         s = _dot(q, kt, PREC, UPCAST) * qk_scale
         if not EVEN_N:
             s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -439,12 +454,13 @@ def _block_d(head_dim: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """Dot input precision: fp32 inputs use tf32x3 (three TF32 MMAs, ~fp32 accuracy) on a GPU, plain
-    tf32 when torch.backends.cuda.matmul.allow_tf32 is set, ieee in the interpreter; 16-bit inputs
-    ignore it."""
-    if dtype != torch.float32 or _interpret():
-        return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    """Dot input precision: "ieee" (true fp32 for fp32 inputs; ignored for bf16/fp16 tensor-core dots)."""
+    return "ieee"
+
+
+def _reload_q(block_d: int) -> bool:
+    """Forward: re-load the q tile every key block when BLOCK_D = 256 (register pressure)."""
+    return block_d >= 256
 
 
 def _configs(kind: str, block_d: int, dtype: torch.dtype) -> list[Config]:
@@ -575,7 +591,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scal
     args = [q, k, v, o, lse, scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             h, n_q, n_kv]
     consts = dict(HEAD_DIM=d, BLOCK_D=block_d, EVEN_D=d == block_d, PREC=_precision(q.dtype),
-                  UPCAST=_interpret() and q.dtype == torch.bfloat16)
+                  UPCAST=_interpret() and q.dtype == torch.bfloat16, RELOAD_Q=_reload_q(block_d))
     _launch(_attn_fwd_kernel, "fwd", "M", n_q, b * h, args, consts, n_q, n_kv, q.dtype, config)
     return o, lse
 
@@ -667,7 +683,7 @@ def modelled_hbm_bytes(batch: int, heads: int, n: int, head_dim: int, elem_bytes
 # 256 channels), batch 128. Every row carries the forward+backward totals of that shape.
 AOT_SHAPE = (128, 1, 256, 256)  # B, heads, N, D
 AOT_HEAD_DIMS = (32, 64, 128, 256)
-_AOT_FP32_HEAD_DIMS = (64, 256)
+_AOT_FP32_HEAD_DIMS = AOT_HEAD_DIMS
 
 
 def _strides_sig(prefix: str) -> dict:
@@ -675,7 +691,7 @@ def _strides_sig(prefix: str) -> dict:
 
 
 def aot_specs() -> list[dict]:
-    """One dict per kernel per config per head_dim (bf16 for 32/64/128/256, fp32 for 64 and 256).
+    """One dict per kernel per config per head_dim (32, 64, 128, 256), bf16 and fp32.
 
     Kernels: attn_fwd, attn_bwd_preprocess, attn_bwd_dkdv, attn_bwd_dq. Compiled with EVEN_M = EVEN_N
     = False (the masked variant, which needs the most registers); EVEN_D = True (D is a power of two).
@@ -694,14 +710,15 @@ def aot_specs() -> list[dict]:
             block_d = _block_d(d)
             base = dict(HEAD_DIM=d, BLOCK_D=block_d)
             flags = dict(EVEN_M=False, EVEN_N=False, EVEN_D=d == block_d,
-                         PREC="tf32x3" if dt == "fp32" else "ieee", UPCAST=False)
+                         PREC="ieee", UPCAST=False)
             kernels = []
             for bm, bn, w, st in _configs("fwd", block_d, torch_dt):
                 sig = {"Q": p, "K": p, "V": p, "O": p, "LSE": "*fp32", "qk_scale": "fp32",
                        **_strides_sig("q"), **_strides_sig("k"), **_strides_sig("v"), **_strides_sig("o"),
                        **ints}
                 kernels.append(("attn_fwd", _attn_fwd_kernel, sig,
-                                dict(base, BLOCK_M=bm, BLOCK_N=bn, **flags), w, st))
+                                dict(base, BLOCK_M=bm, BLOCK_N=bn, **flags, RELOAD_Q=_reload_q(block_d)),
+                                w, st))
             kernels.append(("attn_bwd_preprocess", _attn_bwd_preprocess_kernel,
                             {"O": p, "DO": p, "DELTA": "*fp32", **_strides_sig("o"), **_strides_sig("do"),
                              "H": "i32", "N_Q": "i32"},

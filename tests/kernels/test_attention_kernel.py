@@ -217,7 +217,7 @@ def test_aot_specs_cover_every_config():
              s["constexprs"].get("BLOCK_N"), s["num_warps"], s["num_stages"], s["config"].endswith("fp32"))
             for s in specs}
     for fp32, fwd, bwd, dims in ((False, FWD_CONFIGS, BWD_CONFIGS, (32, 64, 128, 256)),
-                                 (True, FWD_CONFIGS_FP32, BWD_CONFIGS_FP32, (64, 256))):
+                                 (True, FWD_CONFIGS_FP32, BWD_CONFIGS_FP32, (32, 64, 128, 256))):
         for d in dims:
             for bm, bn, w, st in fwd[d]:
                 assert ("attn_fwd", d, bm, bn, w, st, fp32) in seen
