@@ -364,7 +364,7 @@ class UNet(nn.Module):
             recomputation at the op boundary; same gradients, about half the activation memory of the
             ResBlocks, at the cost of one more GroupNorm forward each). No effect in eval mode or
             under torch.no_grad. It changes no parameter, so checkpoints load either way; configs
-            saved without the key build the default (True).
+            saved without the key build the default (True). Settable later: `unet.recompute_norm = False`.
     """
 
     def __init__(self, image_size: int = 32, in_channels: int = 3, base_channels: int = 128,
@@ -457,7 +457,7 @@ class UNet(nn.Module):
         self.downsample_padding = downsample_padding
         self.flip_sin_to_cos = bool(flip_sin_to_cos)
         self.freq_shift = freq_shift
-        self.recompute_norm = recompute_norm
+        self._recompute_norm = recompute_norm
         self.config = dict(image_size=image_size, in_channels=in_channels, base_channels=base_channels,
                            channel_mults=list(channel_mults), num_res_blocks=num_res_blocks,
                            attention_resolutions=list(attention_resolutions), dropout=float(dropout),
@@ -524,6 +524,21 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
         # every ResBlock in the order forward() runs them (a plain tuple: not registered twice)
         self._resblocks = tuple(m for m in self.modules() if isinstance(m, ResBlock))
+
+    @property
+    def recompute_norm(self) -> bool:
+        """Memory-lean training on/off (see the class docstring); setting it updates every block and `config`."""
+        return self._recompute_norm
+
+    @recompute_norm.setter
+    def recompute_norm(self, enabled: bool) -> None:
+        if not isinstance(enabled, bool):
+            raise ValueError(f"recompute_norm must be True or False, got {enabled!r}")
+        self._recompute_norm = enabled
+        self.config["recompute_norm"] = enabled
+        for m in self.modules():
+            if isinstance(m, (ResBlock, AttentionBlock)):
+                m.recompute_norm = enabled
 
     @classmethod
     def from_diffusers(cls, unet2d, image_size: Optional[int] = None) -> "UNet":
