@@ -2,15 +2,16 @@
 
 Everything a step touches is allocated once on the model's device: x, the previous x0-hat
 (DPM-Solver++), the per-step coefficient table [S, 9], the model-timestep table [S], the step counter
-and the Philox seed (int64 [1] tensors). One step is
+and the Philox seed (int64 [1] tensors), the model's timestep input t (int64 [N]) and the fused
+kernel's completion counter (int32 [1]). One step is the model call and ONE op:
 
-    t      = model_timesteps[step]                (a device gather, no host sync)
-    out    = model(x, t)
-    x, x0  = fastddpm.ops.sampler_step(x, out, coefs, step, x0_prev, seed=seed)
-    step  += 1
+    out = model(x, t)
+    fastddpm.ops.sampler_step_(x, out, coefs, step, t, model_timesteps, x0_prev, seed=seed)
+        # in place: x <- x_{t-1}, x0_prev <- x0-hat, step += 1, t[:] = model_timesteps[min(step, S-1)]
 
 so no kernel argument that changes between steps is a Python number: the same launches replayed S
-times walk through the S rows of the tables with fresh Philox noise at every step. On CUDA the step is
+times walk through the S rows of the tables with fresh Philox noise at every step. `t` is set to the
+first model timestep by `_reset`, outside the graph. On CUDA the step is
 warmed up on a side stream (Triton compilation and autotuning happen there, before capture), captured
 once in a `torch.cuda.CUDAGraph` and replayed once per timestep (`capture="step"`), or the whole loop is
 captured as one graph (`capture="loop"`). On the CPU the same static-buffer loop runs eagerly.
@@ -27,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from .guidance import GuidedModel
-from .ops import sampler_step
+from .ops.sampler_step import sampler_step_
 from .ops.philox import philox_normal
 
 CAPTURE_MODES = ("auto", "step", "loop", "none")
@@ -121,6 +122,10 @@ class FastSampler:
         self.seed = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.x = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         self.x0_prev = torch.zeros_like(self.x) if sampler.uses_x0_prev else None
+        # the model's timestep input, rewritten by the fused step for the next step
+        self.t = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
+        # completion counter of the fused in-place kernel (0 between launches)
+        self.done = torch.zeros(1, dtype=torch.int32, device=self.device)
 
         use_cuda = self.device.type == "cuda"
         if capture == "auto":
@@ -136,23 +141,19 @@ class FastSampler:
     def _reset(self, seed: int) -> None:
         self.seed.fill_(int(seed))
         self.step.zero_()
+        self.t.fill_(self.model_timesteps[0])
+        self.done.zero_()
         self.x.copy_(philox_normal(self.seed, self.shape, self.step, stream=1, device=self.device))
         if self.x0_prev is not None:
             self.x0_prev.zero_()
 
     def _step(self) -> None:
-        t = self.model_timesteps.index_select(0, self.step).expand(self.shape[0])
-        out = self.model(self.x, t)
+        out = self.model(self.x, self.t)
         if not isinstance(out, torch.Tensor):
-            out = out.sample  # diffusers' UNet2DModel output
-        if out.shape[1] != self.shape[1] and not self.sampler.learned_range:
-            out = out[:, : self.shape[1]]
-        x_prev, x0 = sampler_step(self.x, out, self.coefs, self.step, self.x0_prev, None, self.seed, 0,
-                                  self.clip, self.sampler.learned_range)
-        self.x.copy_(x_prev)
-        if self.x0_prev is not None:
-            self.x0_prev.copy_(x0)
-        self.step.add_(1)
+            out = out.sample  # diffusers' UNet2DModel output (an attribute: dispatches nothing)
+        # one op: reads only the first C channels of a 2C output unless learned_range
+        sampler_step_(self.x, out, self.coefs, self.step, self.t, self.model_timesteps, self.x0_prev, self.seed, 0,
+                      self.clip, self.sampler.learned_range, self.done)
 
     def _loop(self) -> None:
         for _ in range(self.num_steps):

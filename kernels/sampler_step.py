@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["sampler_step_forward", "aot_specs", "CONFIGS", "NUM_COEFS"]
+__all__ = ["sampler_step_forward", "sampler_step_inplace", "aot_specs", "CONFIGS", "NUM_COEFS"]
 
 NUM_COEFS = 9
 # (BLOCK, num_warps): the autotune list on real GPUs and the AOT report's configs. 4-8 fp32 elements
@@ -51,12 +51,17 @@ STEP_STREAM = 0
 
 
 @triton.jit
-def _sampler_step_kernel(
+def _step_tile(
     X, M, X0P, NOISE, COEF, STEP, SEED, XOUT, X0OUT,
     E, m_image_stride, image_offset,
     CLIP: tl.constexpr, LEARNED: tl.constexpr, HAS_X0P: tl.constexpr, NOISE_MODE: tl.constexpr,
-    STREAM: tl.constexpr, BLOCK: tl.constexpr,
+    STREAM: tl.constexpr, STORE_X0: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """The body shared by both launchers: one BLOCK of one image; returns the step it loaded.
+
+    Every element is loaded and stored by this program only (XOUT may be X and X0OUT may be X0P: the
+    in-place step reads an element and then overwrites that same element, race-free).
+    """
     pid = tl.program_id(0)
     img = tl.program_id(1)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -112,7 +117,58 @@ def _sampler_step_kernel(
         x_prev = mean
 
     tl.store(XOUT + base + offs, x_prev.to(XOUT.dtype.element_ty), mask=mask)
-    tl.store(X0OUT + base + offs, x0.to(X0OUT.dtype.element_ty), mask=mask)
+    if STORE_X0:
+        tl.store(X0OUT + base + offs, x0.to(X0OUT.dtype.element_ty), mask=mask)
+    return step
+
+
+@triton.jit
+def _sampler_step_kernel(
+    X, M, X0P, NOISE, COEF, STEP, SEED, XOUT, X0OUT,
+    E, m_image_stride, image_offset,
+    CLIP: tl.constexpr, LEARNED: tl.constexpr, HAS_X0P: tl.constexpr, NOISE_MODE: tl.constexpr,
+    STREAM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    _step_tile(X, M, X0P, NOISE, COEF, STEP, SEED, XOUT, X0OUT, E, m_image_stride, image_offset,
+               CLIP, LEARNED, HAS_X0P, NOISE_MODE, STREAM, True, BLOCK)
+
+
+@triton.jit
+def _sampler_step_inplace_kernel(
+    X, M, X0P, COEF, STEP, SEED, MODEL_T, TOUT, DONE,
+    E, m_image_stride, image_offset, S, NT,
+    CLIP: tl.constexpr, LEARNED: tl.constexpr, HAS_X0P: tl.constexpr, NOISE_MODE: tl.constexpr,
+    STREAM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """x <- x_{t-1}, x0_prev <- x0-hat (when HAS_X0P) in place; then the last program to finish does
+    step += 1, TOUT[:] = MODEL_T[min(step, S - 1)] and DONE = 0.
+
+    Why this is race-free:
+    - elementwise: each element of x / x0_prev is read and then written by the one program that owns
+      it (same offsets), so no program reads an element another one writes;
+    - step: every program loads STEP at its start (in `_step_tile`). The CTA barrier then makes every
+      thread's load of STEP precede this program's `atomic_add(DONE, 1, acq_rel)` (issued once per
+      program). The atomics on DONE form one modification order: the program that reads
+      old == num_programs - 1 is the last, and its acquire synchronizes with the release of every
+      earlier increment (a release sequence of RMWs), so all loads of STEP by all programs happen
+      before its store of step + 1. No program of this launch reads TOUT, and DONE is reset to 0 by
+      that same last program after every other program has incremented it, ready for the next launch
+      (stream order makes it visible there). The counter is an integer, so the order in which programs
+      arrive does not change any value: nothing here is a floating-point reduction.
+    """
+    step = _step_tile(X, M, X0P, X, COEF, STEP, SEED, X, X0P, E, m_image_stride, image_offset,
+                      CLIP, LEARNED, HAS_X0P, NOISE_MODE, STREAM, HAS_X0P, BLOCK)
+    tl.debug_barrier()
+    num_programs = tl.num_programs(0) * tl.num_programs(1)
+    old = tl.atomic_add(DONE, 1, sem="acq_rel")
+    if old == num_programs - 1:
+        nxt = step + 1
+        tl.store(STEP, nxt)
+        t_next = tl.load(MODEL_T + tl.minimum(nxt, S - 1))
+        for start in range(0, NT, BLOCK):
+            o = start + tl.arange(0, BLOCK)
+            tl.store(TOUT + o, tl.zeros([BLOCK], dtype=tl.int64) + t_next, mask=o < NT)
+        tl.store(DONE, 0)
 
 
 def _autotuned():
@@ -122,7 +178,16 @@ def _autotuned():
     )
 
 
+def _autotuned_inplace():
+    # The benchmark runs of autotuning would step the sampler once per run: restore every buffer the
+    # kernel writes after each run (triton's restore_value), so only the final launch counts.
+    configs = [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in CONFIGS]
+    return triton.autotune(configs=configs, key=["E", "CLIP", "LEARNED", "HAS_X0P", "NOISE_MODE"],
+                           restore_value=["X", "X0P", "STEP", "TOUT", "DONE"])(_sampler_step_inplace_kernel)
+
+
 _tuned_kernel = None
+_tuned_inplace_kernel = None
 
 
 def _interpreting() -> bool:
@@ -135,6 +200,33 @@ def _check_like(name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor) or t.shape != x.shape or t.device != x.device:
         raise ValueError(f"{name} must be a tensor of x's shape {tuple(x.shape)} on {x.device}, got "
                          f"{getattr(t, 'shape', t)}")
+
+
+def _validate(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range,
+              extra_channels_ok) -> None:
+    """ValueError naming the argument for every violation of the launchers' contract."""
+    if x.dim() < 2:
+        raise ValueError(f"x must be [N, C, *spatial], got shape {tuple(x.shape)}")
+    n, c = x.shape[0], x.shape[1]
+    want_c = 2 * c if learned_range else c
+    ok_c = (c, 2 * c) if extra_channels_ok and not learned_range else (want_c,)
+    if model_output.dim() != x.dim() or model_output.shape[0] != n or model_output.shape[1] not in ok_c \
+            or model_output.shape[2:] != x.shape[2:]:
+        raise ValueError(f"model_output must have shape {(n, want_c) + tuple(x.shape[2:])} "
+                         f"(learned_range={learned_range}), got {tuple(model_output.shape)}")
+    if coefs.dim() != 2 or coefs.shape[1] != NUM_COEFS or coefs.dtype != torch.float32:
+        raise ValueError(f"coefs must be a float32 tensor [S, {NUM_COEFS}], got {coefs.dtype} {tuple(coefs.shape)}")
+    if step.dtype != torch.int64 or step.numel() != 1:
+        raise ValueError(f"step must be an int64 tensor with one element, got {step.dtype} {tuple(step.shape)}")
+    if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1):
+        raise ValueError(f"seed must be an int64 tensor with one element or None, got {seed.dtype} {tuple(seed.shape)}")
+    if not isinstance(image_offset, int) or image_offset < 0:
+        raise ValueError(f"image_offset must be a non-negative int, got {image_offset!r}")
+    _check_like("x0_prev", x0_prev, x)
+    _check_like("noise", noise, x)
+    for name, t in (("model_output", model_output), ("coefs", coefs), ("step", step), ("seed", seed)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
 def sampler_step_forward(
@@ -155,28 +247,8 @@ def sampler_step_forward(
     step / seed int64 tensors with one element on x's device (seed may be None when noise is given, or
     when no noise is wanted: then z = 0); noise / x0_prev like x or None. Inputs are made contiguous.
     """
-    if x.dim() < 2:
-        raise ValueError(f"x must be [N, C, *spatial], got shape {tuple(x.shape)}")
-    n, c = x.shape[0], x.shape[1]
-    want_c = 2 * c if learned_range else c
-    if model_output.dim() != x.dim() or model_output.shape[0] != n or model_output.shape[1] != want_c \
-            or model_output.shape[2:] != x.shape[2:]:
-        raise ValueError(f"model_output must have shape {(n, want_c) + tuple(x.shape[2:])} "
-                         f"(learned_range={learned_range}), got {tuple(model_output.shape)}")
-    if coefs.dim() != 2 or coefs.shape[1] != NUM_COEFS or coefs.dtype != torch.float32:
-        raise ValueError(f"coefs must be a float32 tensor [S, {NUM_COEFS}], got {coefs.dtype} {tuple(coefs.shape)}")
-    if step.dtype != torch.int64 or step.numel() != 1:
-        raise ValueError(f"step must be an int64 tensor with one element, got {step.dtype} {tuple(step.shape)}")
-    if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1):
-        raise ValueError(f"seed must be an int64 tensor with one element or None, got {seed.dtype} {tuple(seed.shape)}")
-    if not isinstance(image_offset, int) or image_offset < 0:
-        raise ValueError(f"image_offset must be a non-negative int, got {image_offset!r}")
-    _check_like("x0_prev", x0_prev, x)
-    _check_like("noise", noise, x)
-    for name, t in (("model_output", model_output), ("coefs", coefs), ("step", step), ("seed", seed)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-
+    _validate(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False)
+    n = x.shape[0]
     x = x.contiguous()
     model_output = model_output.contiguous()
     coefs = coefs.contiguous()
@@ -207,6 +279,77 @@ def sampler_step_forward(
         grid = lambda meta: (triton.cdiv(numel_image, meta["BLOCK"]), n)  # noqa: E731
         _tuned_kernel[grid](*args, **flags, enable_fp_fusion=ENABLE_FP_FUSION)
     return x_prev, x0
+
+
+def sampler_step_inplace(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    coefs: torch.Tensor,
+    step: torch.Tensor,
+    t_out: torch.Tensor,
+    model_timesteps: torch.Tensor,
+    done_counter: torch.Tensor,
+    x0_prev: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    image_offset: int,
+    clip: bool,
+    learned_range: bool,
+) -> None:
+    """The whole sampling step in one launch, in place (FastSampler's step outside the model).
+
+    Writes x_{t-1} into x and x0-hat into x0_prev (when given), then step += 1 and
+    t_out[:] = model_timesteps[min(step, S - 1)] (the model timestep of the next step), done by the
+    last program to finish (see `_sampler_step_inplace_kernel`). z is the Philox stream of `seed`, or
+    0 when seed is None. model_output may have 2C channels also without learned_range (only the first
+    C are read). x and x0_prev must be contiguous (they are written); done_counter is an int32 [1]
+    buffer holding 0, owned by the caller, and holds 0 again after the launch.
+    """
+    _validate(x, model_output, coefs, step, x0_prev, None, seed, image_offset, learned_range, True)
+    for name, t in (("x", x), ("x0_prev", x0_prev)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (the in-place step writes it)")
+    s_rows = coefs.shape[0]
+    if model_timesteps.dtype != torch.int64 or model_timesteps.shape != (s_rows,):
+        raise ValueError(f"model_timesteps must be an int64 tensor of shape ({s_rows},) (one per coefs row), "
+                         f"got {model_timesteps.dtype} {tuple(model_timesteps.shape)}")
+    if t_out.dtype != torch.int64 or t_out.dim() != 1 or not t_out.is_contiguous():
+        raise ValueError(f"t_out must be a contiguous int64 tensor [N], got {t_out.dtype} {tuple(t_out.shape)}")
+    if done_counter.dtype != torch.int32 or done_counter.numel() != 1:
+        raise ValueError(f"done_counter must be an int32 tensor with one element, got {done_counter.dtype} "
+                         f"{tuple(done_counter.shape)}")
+    for name, t in (("t_out", t_out), ("model_timesteps", model_timesteps), ("done_counter", done_counter)):
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    n = x.shape[0]
+    numel_image = x[0].numel() if n > 0 else 0
+    if n == 0 or numel_image == 0:
+        # no program would run: do the bookkeeping with torch ops (never on the graphed path)
+        step.add_(1)
+        t_out.copy_(model_timesteps.index_select(0, step.clamp(max=s_rows - 1)).expand_as(t_out))
+        return
+    if numel_image >= 2**31:
+        raise ValueError(f"x must have fewer than 2**31 elements per image, got {numel_image}")
+    model_output = model_output.contiguous()
+    coefs = coefs.contiguous()
+    model_timesteps = model_timesteps.contiguous()
+    noise_mode = NOISE_PHILOX if seed is not None else NOISE_NONE
+    x0p = x0_prev if x0_prev is not None else x
+    sd = seed if seed is not None else step
+    args = (x, model_output, x0p, coefs, step, sd, model_timesteps, t_out, done_counter, numel_image,
+            model_output[0].numel(), image_offset, s_rows, t_out.numel())
+    flags = dict(CLIP=bool(clip), LEARNED=bool(learned_range), HAS_X0P=x0_prev is not None,
+                 NOISE_MODE=noise_mode, STREAM=STEP_STREAM)
+    if _interpreting():
+        block, warps = INTERPRET_CONFIG
+        grid = (triton.cdiv(numel_image, block), n)
+        _sampler_step_inplace_kernel[grid](*args, **flags, BLOCK=block, num_warps=warps,
+                                           enable_fp_fusion=ENABLE_FP_FUSION)
+    else:
+        global _tuned_inplace_kernel
+        if _tuned_inplace_kernel is None:
+            _tuned_inplace_kernel = _autotuned_inplace()
+        grid = lambda meta: (triton.cdiv(numel_image, meta["BLOCK"]), n)  # noqa: E731
+        _tuned_inplace_kernel[grid](*args, **flags, enable_fp_fusion=ENABLE_FP_FUSION)
 
 
 # ---------------------------------------------------------------- AOT specs and modelled HBM traffic
@@ -260,8 +403,18 @@ def hbm_bytes_unfused(numel: int, elem_bytes: int, learned: bool, has_x0p: bool,
     return passes * numel * elem_bytes
 
 
+def hbm_bytes_inplace_unfused(numel: int, elem_bytes: int, learned: bool, has_x0p: bool, clip: bool,
+                              philox: bool) -> int:
+    """Modelled HBM bytes of the unfused in-place step: the eager sequence of `hbm_bytes_unfused`, then
+    copying x_prev into x (r1 w1) and x0 into x0_prev (r1 w1) when kept (step += 1 and the gather of
+    the next model timestep move a few bytes and are not counted)."""
+    copies = 2 + (2 if has_x0p else 0)
+    return hbm_bytes_unfused(numel, elem_bytes, learned, has_x0p, clip, philox, False) + copies * numel * elem_bytes
+
+
 def aot_specs() -> List[dict]:
-    """One AOT spec per (variant, autotune config), fp32 tensors, for the AOT report.
+    """One AOT spec per (kernel, variant, autotune config), fp32 tensors, for the AOT report: the
+    functional kernel and the in-place one (FastSampler's step).
 
     HBM figures are for x = REPORT_SHAPE = [256, 3, 32, 32] fp32 (model output [256, 6, 32, 32] for
     the learned-range variant).
@@ -286,6 +439,34 @@ def aot_specs() -> List[dict]:
                 config=f"BLOCK={block},warps={warps}",
                 fn=_sampler_step_kernel,
                 signature=signature,
+                constexprs=dict(flags, STREAM=STEP_STREAM, BLOCK=block),
+                num_warps=warps,
+                num_stages=1,
+                options={"enable_fp_fusion": ENABLE_FP_FUSION},
+                hbm_bytes_fused=fused,
+                hbm_bytes_unfused=unfused,
+                shape="x [256, 3, 32, 32] fp32",
+            ))
+    # The in-place launcher (FastSampler's one op per step): Philox or no noise, never a noise tensor.
+    inplace_signature = {
+        "X": "*fp32", "M": "*fp32", "X0P": "*fp32", "COEF": "*fp32", "STEP": "*i64", "SEED": "*i64",
+        "MODEL_T": "*i64", "TOUT": "*i64", "DONE": "*i32", "E": "i32", "m_image_stride": "i32",
+        "image_offset": "i32", "S": "i32", "NT": "i32", "CLIP": "constexpr", "LEARNED": "constexpr",
+        "HAS_X0P": "constexpr", "NOISE_MODE": "constexpr", "STREAM": "constexpr", "BLOCK": "constexpr",
+    }
+    for name, flags in _VARIANTS:
+        # in place: reads x, m (2C with learned range) and x0_prev; writes x, and x0_prev when kept
+        reads = 1 + (2 if flags["LEARNED"] else 1) + (1 if flags["HAS_X0P"] else 0)
+        writes = 1 + (1 if flags["HAS_X0P"] else 0)
+        fused = (reads + writes) * numel * 4
+        unfused = hbm_bytes_inplace_unfused(numel, 4, flags["LEARNED"], flags["HAS_X0P"], flags["CLIP"],
+                                            flags["NOISE_MODE"] == NOISE_PHILOX)
+        for block, warps in CONFIGS:
+            specs.append(dict(
+                kernel=f"sampler_step_inplace[{name}]",
+                config=f"BLOCK={block},warps={warps}",
+                fn=_sampler_step_inplace_kernel,
+                signature=inplace_signature,
                 constexprs=dict(flags, STREAM=STEP_STREAM, BLOCK=block),
                 num_warps=warps,
                 num_stages=1,

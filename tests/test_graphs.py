@@ -139,10 +139,13 @@ def test_capture_path_with_recording_api(mode):
 def test_buffers_are_static_across_calls():
     sampler = _samplers()["ddim"]
     fast = FastSampler(TinyEps(), sampler, batch_size=2)
-    ptrs = (fast.x.data_ptr(), fast.step.data_ptr(), fast.seed.data_ptr(), fast.coefs.data_ptr())
+    bufs = lambda: (fast.x.data_ptr(), fast.step.data_ptr(), fast.seed.data_ptr(), fast.coefs.data_ptr(),  # noqa: E731
+                    fast.t.data_ptr(), fast.done.data_ptr())
+    ptrs = bufs()
     fast(seed=1)
     fast(seed=2)
-    assert ptrs == (fast.x.data_ptr(), fast.step.data_ptr(), fast.seed.data_ptr(), fast.coefs.data_ptr())
+    assert ptrs == bufs()
+    assert fast.t.dtype == torch.int64 and fast.t.shape == (2,) and fast.done.dtype == torch.int32
 
 
 def test_fast_sampler_bad_arguments():
@@ -185,3 +188,57 @@ def test_cuda_graph_replay_equals_eager_and_allocations_do_not_grow_with_steps()
         return torch.cuda.memory_stats()["allocation.all.allocated"] - before
 
     assert allocations_per_call(10) == allocations_per_call(40)
+
+
+# ----------------------------------------------------------------------------- ops per step
+def _ops_outside_model(fast, model):
+    from fastddpm.profiling import count_ops
+
+    fast._reset(0)
+    model_ops = count_ops(lambda: model(fast.x, fast.t))
+    step_ops = count_ops(fast._step)
+    outside = step_ops - model_ops  # Counter difference: what the step dispatched besides the model
+    return sum(step_ops.values()) - sum(model_ops.values()), outside
+
+
+@pytest.mark.parametrize("name", ["ddpm_respaced", "ddim", "dpm++"])
+def test_one_op_per_step_outside_the_model(name):
+    sampler = _samplers()[name]
+    model = TinyEps()
+    fast = FastSampler(model, sampler, batch_size=2)
+    n, outside = _ops_outside_model(fast, model)
+    assert n == 1 and dict(outside) == {"fastddpm.sampler_step_": 1}
+    assert int(fast.step) == 1 and fast.t.tolist() == [int(sampler.timesteps[1])] * 2
+
+
+def test_one_op_per_step_with_2c_output_and_guidance():
+    # 2C-channel output without learned_range (no slice op) and a guided model (its ops are the model's)
+    sampler = _samplers()["ddim"]
+    model = TinyEps(out_mult=2, num_classes=3)
+    fast = FastSampler(model, sampler, batch_size=2, labels=torch.tensor([0, 2]), guidance_scale=1.5)
+    n, outside = _ops_outside_model(fast, fast.model)
+    assert n == 1 and dict(outside) == {"fastddpm.sampler_step_": 1}
+    learned = _samplers("learned_range")["ddpm_respaced"]
+    model = TinyEps(out_mult=2)
+    n, _ = _ops_outside_model(FastSampler(model, learned, batch_size=2), model)
+    assert n == 1
+
+
+def test_triton_backend_one_op_per_step_and_same_images():
+    pytest.importorskip("triton")
+    from fastddpm.ops import use_backend
+
+    sampler = _samplers()["ddpm_respaced"]
+    model = TinyEps()
+    with use_backend("triton"):  # interpreter on CPU: a tiny shape
+        fast = FastSampler(model, sampler, batch_size=2)
+        n, outside = _ops_outside_model(fast, model)
+        assert n == 1 and dict(outside) == {"fastddpm.sampler_step_": 1}
+        assert int(fast.step) == 1 and int(fast.done) == 0
+        got = fast(seed=4)
+    want = sampler.sample(model, (2, 3, 4, 4), seed=4)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    dpm = _samplers()["dpm++"]
+    with use_backend("triton"):
+        got = FastSampler(model, dpm, batch_size=2)(seed=4)
+    torch.testing.assert_close(got, dpm.sample(model, (2, 3, 4, 4), seed=4), rtol=1e-5, atol=1e-5)

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from .backend import use_triton
 
-__all__ = ["sampler_step", "sampler_step_reference", "NUM_COEFS", "COLUMNS"]
+__all__ = ["sampler_step", "sampler_step_", "sampler_step_reference", "sampler_step_inplace_reference",
+           "NUM_COEFS", "COLUMNS"]
 
 NUM_COEFS = 9
 COLUMNS = ("A", "B", "P", "Q", "R", "P2", "SIGMA", "LOG_MIN", "LOG_MAX")
@@ -39,14 +40,21 @@ COLUMNS = ("A", "B", "P", "Q", "R", "P2", "SIGMA", "LOG_MIN", "LOG_MAX")
 def _check(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, x0_prev: Optional[Tensor],
     noise: Optional[Tensor], seed: Optional[Tensor], image_offset: int, learned_range: bool,
+    extra_channels_ok: bool = False,
 ) -> None:
-    """ValueError naming the argument for every violation of the op's contract (no device sync)."""
+    """ValueError naming the argument for every violation of the op's contract (no device sync).
+
+    extra_channels_ok: also accept a 2C-channel model_output without learned_range (the in-place op).
+    """
     if x.dim() < 2 or not x.dtype.is_floating_point:
         raise ValueError(f"x must be a floating-point tensor [N, C, *spatial], got {x.dtype} {tuple(x.shape)}")
     n, c = x.shape[0], x.shape[1]
     want_c = 2 * c if learned_range else c
     want = (n, want_c) + tuple(x.shape[2:])
-    if tuple(model_output.shape) != want or not model_output.dtype.is_floating_point:
+    ok = [want]  # a list: shapes may hold SymInts (unhashable) under fake tensors
+    if extra_channels_ok and not learned_range:
+        ok.append((n, 2 * c) + tuple(x.shape[2:]))
+    if tuple(model_output.shape) not in ok or not model_output.dtype.is_floating_point:
         raise ValueError(
             f"model_output must be a floating-point tensor of shape {want} "
             f"({'2C channels with learned_range=True' if learned_range else 'C channels'}), "
@@ -161,3 +169,105 @@ def _(
 ) -> Tuple[Tensor, Tensor]:
     _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range)
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# ------------------------------------------------------------------ the in-place step (FastSampler)
+def _check_inplace(
+    x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, t_out: Tensor, model_timesteps: Tensor,
+    x0_prev: Optional[Tensor], seed: Optional[Tensor], image_offset: int, learned_range: bool,
+    done_counter: Optional[Tensor],
+) -> None:
+    _check(x, model_output, coefs, step, x0_prev, None, seed, image_offset, learned_range, extra_channels_ok=True)
+    s = coefs.shape[0]
+    if model_timesteps.dtype != torch.int64 or tuple(model_timesteps.shape) != (s,):
+        raise ValueError(f"model_timesteps must be an int64 tensor of shape ({s},) (one per coefs row), "
+                         f"got {model_timesteps.dtype} {tuple(model_timesteps.shape)}")
+    if t_out.dtype != torch.int64 or t_out.dim() != 1:
+        raise ValueError(f"t_out must be an int64 tensor [N], got {t_out.dtype} {tuple(t_out.shape)}")
+    if done_counter is not None and (done_counter.dtype != torch.int32 or done_counter.numel() != 1):
+        raise ValueError(f"done_counter must be None or an int32 tensor with one element, got "
+                         f"{done_counter.dtype} {tuple(done_counter.shape)}")
+    for name, t in (("t_out", t_out), ("model_timesteps", model_timesteps), ("done_counter", done_counter)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
+def sampler_step_inplace_reference(
+    x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, t_out: Tensor, model_timesteps: Tensor,
+    x0_prev: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
+    clip: bool = True, learned_range: bool = False,
+) -> None:
+    """The plain-PyTorch in-place step: `sampler_step_reference`, then the results and the counters
+    are written into the caller's buffers (no checks)."""
+    x_prev, x0 = sampler_step_reference(x, model_output, coefs, step, x0_prev, None, seed, image_offset, clip,
+                                        learned_range)
+    x.copy_(x_prev)
+    if x0_prev is not None:
+        x0_prev.copy_(x0)
+    step.add_(1)
+    nxt = step.clamp(max=coefs.shape[0] - 1)
+    t_out.copy_(model_timesteps.index_select(0, nxt).expand_as(t_out))
+
+
+@torch.library.custom_op("fastddpm::sampler_step_", mutates_args=("x", "step", "t_out", "x0_prev", "done_counter"))
+def sampler_step_(
+    x: Tensor,
+    model_output: Tensor,
+    coefs: Tensor,
+    step: Tensor,
+    t_out: Tensor,
+    model_timesteps: Tensor,
+    x0_prev: Optional[Tensor] = None,
+    seed: Optional[Tensor] = None,
+    image_offset: int = 0,
+    clip: bool = True,
+    learned_range: bool = False,
+    done_counter: Optional[Tensor] = None,
+) -> None:
+    """One sampling step in place, counters included: the whole step of a static-buffer sampling loop.
+
+    Same math as `sampler_step` (z is the Philox stream of `seed`, or 0 when seed is None). Writes
+    x_{t-1} into `x` and x0-hat into `x0_prev` (when given), then `step += 1` and
+    `t_out[:] = model_timesteps[min(step, S - 1)]`, the model timestep of the next step, so that a loop
+    `model(x, t_out); sampler_step_(x, out, ..., t_out, ...)` needs nothing else per step (one op
+    outside the model, no host sync: a CUDA graph replays it).
+
+    Args:
+        x: x_t [N, C, *spatial] (written; contiguous on the Triton path).
+        model_output: [N, C, *spatial] or [N, 2C, *spatial]: with learned_range channels C..2C-1 are v;
+            without it the extra channels are ignored (no slice op is needed by the caller).
+        coefs: float32 [S, 9] (see `sampler_step`).
+        step: int64 [1], the row of `coefs`; incremented by one.
+        t_out: int64 [N'] (any N', usually N); every element is set to the next model timestep.
+        model_timesteps: int64 [S], the model timestep of each row.
+        x0_prev: the previous x0-hat (DPM-Solver++ 2M), overwritten with this step's x0-hat; or None.
+        seed: int64 [1] Philox seed, or None (z = 0; the caller guarantees sigma = 0).
+        image_offset: global index of image 0 of this batch.
+        clip: clamp x0-hat to [-1, 1].
+        learned_range: sigma interpolates LOG_MIN/LOG_MAX with the model's extra channels.
+        done_counter: int32 [1] holding 0, the Triton kernel's completion counter (left at 0); a
+            caller that steps repeatedly allocates it once. None: the Triton path allocates one per call.
+    """
+    _check_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed, image_offset,
+                   learned_range, done_counter)
+    if use_triton(x):
+        from kernels.sampler_step import sampler_step_inplace
+
+        if done_counter is None:
+            done_counter = torch.zeros(1, dtype=torch.int32, device=x.device)
+        sampler_step_inplace(x, model_output, coefs, step, t_out, model_timesteps, done_counter, x0_prev, seed,
+                             image_offset, clip, learned_range)
+        return
+    sampler_step_inplace_reference(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed,
+                                   image_offset, clip, learned_range)
+
+
+@sampler_step_.register_fake
+def _(
+    x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, t_out: Tensor, model_timesteps: Tensor,
+    x0_prev: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
+    clip: bool = True, learned_range: bool = False, done_counter: Optional[Tensor] = None,
+) -> None:
+    _check_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed, image_offset,
+                   learned_range, done_counter)
+    return None

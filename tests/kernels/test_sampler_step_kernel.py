@@ -5,14 +5,16 @@
 
 Tolerances: fp32 outputs rtol = atol = 1e-5 against float64 (same z). bf16 / fp16 outputs: the kernel
 rounds an fp32 result once, so |err| <= half an ulp of the output dtype (2**-8 resp. 2**-11 relative)
-plus fp32 noise, and its max error is at most twice that of the same-precision eager PyTorch sequence.
+plus the fp32 evaluation error (8 fp32 ulps of the sum of the terms' magnitudes: at t = 999 A ~ -B ~ 157
+and x0 = A x + B m cancels), and its max error is at most twice that of the same-precision eager PyTorch sequence.
 Exception: Triton's interpreter converts fp32 -> bf16 by truncation (triton/runtime/interpreter.py,
 _convert_float without a rounding mode) where the GPU rounds to nearest even, so under the interpreter
 the bf16 bound is one full ulp (2**-7 relative) and the twice-eager comparison, which a truncating
 store cannot meet where eager bf16 is exact (x0 ~ x), is made for fp16 only (and for bf16 on a GPU).
 """
-import os
 import math
+import os
+import zlib
 
 import pytest
 import torch
@@ -21,7 +23,8 @@ from fastddpm.ops.philox import philox_normal
 from fastddpm.schedule import NoiseSchedule
 
 pytest.importorskip("triton")
-from kernels.sampler_step import sampler_step_forward  # noqa: E402
+import kernels.sampler_step as ks  # noqa: E402
+from kernels.sampler_step import sampler_step_forward, sampler_step_inplace  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HALF_ULP = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -131,7 +134,19 @@ def _inputs(shape, dtype, learned, with_x0p, gen):
     return x.to(DEVICE), mo.to(DEVICE), (x0p.to(DEVICE) if x0p is not None else None)
 
 
-def _assert_close(out, ref, dtype, eager=None):
+def _fp32_scales(x, mo, coefs, step, x0_prev, z, learned):
+    """Magnitudes of the terms summed for x0 and x_prev (float64): the kernel's fp32 evaluation errs by
+    a few fp32 ulps of these, which matters where the terms cancel (e.g. A ~ -B ~ 157 at t = 999)."""
+    c = x.shape[1]
+    a, b, p, q, r, p2, sig, log_min, log_max = coefs.double()[int(step.item())].abs().tolist()
+    xa, ma = x.double().abs().cpu(), mo[:, :c].double().abs().cpu()
+    s0 = a * xa + b * ma
+    sp = p * s0 + q * xa + r * ma + (p2 * x0_prev.double().abs().cpu() if x0_prev is not None else 0)
+    sigma = sig * (torch.exp(0.5 * torch.maximum(torch.tensor(log_min), torch.tensor(log_max))) if learned else 1.0)
+    return s0, sp + sigma * z.double().abs().cpu()
+
+
+def _assert_close(out, ref, dtype, eager=None, fp32_scale=None):
     out64 = out.double().cpu()
     ref = ref.cpu()
     assert out.dtype == dtype
@@ -139,7 +154,10 @@ def _assert_close(out, ref, dtype, eager=None):
         torch.testing.assert_close(out64, ref, rtol=1e-5, atol=1e-5)
         return
     err = (out64 - ref).abs()
+    # one rounding to the output dtype, plus (when given) 8 fp32 ulps of the summed terms' magnitude
     bound = OUT_ROUNDING[dtype] * ref.abs() * (1 + 1e-5) + 1e-6
+    if fp32_scale is not None:
+        bound = bound + 8 * 2.0**-24 * fp32_scale
     assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
     if eager is not None and not (INTERPRETED and dtype == torch.bfloat16):
         eager_err = (eager.double().cpu() - ref).abs().max().item()
@@ -163,7 +181,7 @@ CASES = [
 @pytest.mark.parametrize("noise_given", [True, False], ids=["noise", "philox"])
 @pytest.mark.parametrize("name,rows,step_i,clip,learned,with_x0p", CASES, ids=[c[0] for c in CASES])
 def test_kernel_matches_float64_reference(name, rows, step_i, clip, learned, with_x0p, noise_given, dtype):
-    gen = torch.Generator().manual_seed(hash(name) % 1000 + 7 * noise_given)
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000 + 7 * noise_given)  # not hash(): salted
     shape = (2, 3, 7, 9)  # 189 elements per image: masked tail in the one block
     coefs = rows().to(DEVICE)
     step = torch.tensor([step_i], dtype=torch.int64, device=DEVICE)
@@ -180,8 +198,9 @@ def test_kernel_matches_float64_reference(name, rows, step_i, clip, learned, wit
     ref_prev, ref_x0 = _reference(x, mo, coefs, step, x0p, z, clip, learned)
     eager_prev, eager_x0 = _eager_same_precision(x, mo, coefs, step, x0p, z, clip, learned)
     assert x_prev.shape == shape and x0.shape == shape
-    _assert_close(x0, ref_x0, dtype, eager_x0 if dtype != torch.float32 else None)
-    _assert_close(x_prev, ref_prev, dtype, eager_prev if dtype != torch.float32 else None)
+    scale_x0, scale_prev = _fp32_scales(x, mo, coefs, step, x0p, z, learned)
+    _assert_close(x0, ref_x0, dtype, eager_x0 if dtype != torch.float32 else None, scale_x0)
+    _assert_close(x_prev, ref_prev, dtype, eager_prev if dtype != torch.float32 else None, scale_prev)
     if clip:
         assert float(x0.abs().max()) <= 1.0
 
@@ -364,8 +383,9 @@ def test_aot_specs_cover_every_config_with_the_modelled_traffic():
     by_kernel = {}
     for s in specs:
         by_kernel.setdefault(s["kernel"], []).append(s)
-        assert s["fn"] is ks._sampler_step_kernel
-        assert set(s["signature"]) == set(ks._sampler_step_kernel.arg_names)
+        fn = ks._sampler_step_inplace_kernel if s["kernel"].startswith("sampler_step_inplace[") else ks._sampler_step_kernel
+        assert s["fn"] is fn
+        assert set(s["signature"]) == set(fn.arg_names)
         assert s["constexprs"]["BLOCK"] & (s["constexprs"]["BLOCK"] - 1) == 0  # power of two
         assert s["options"] == {"enable_fp_fusion": False}
     for kernel, group in by_kernel.items():
@@ -375,7 +395,186 @@ def test_aot_specs_cover_every_config_with_the_modelled_traffic():
     assert ddpm["hbm_bytes_fused"] == (1 + 2 + 2) * numel * 4
     dpm = by_kernel["sampler_step[dpmpp_2m]"][0]
     assert dpm["hbm_bytes_fused"] == (1 + 1 + 1 + 2) * numel * 4  # x, m, x0_prev; x_prev, x0
+    # in place: DDPM reads x and the 2C output and writes x; DPM-Solver++ also reads and rewrites x0_prev
+    assert by_kernel["sampler_step_inplace[ddpm_learned_philox]"][0]["hbm_bytes_fused"] == (1 + 2 + 1) * numel * 4
+    dpm_in = by_kernel["sampler_step_inplace[dpmpp_2m]"][0]
+    assert dpm_in["hbm_bytes_fused"] == (1 + 1 + 1 + 2) * numel * 4
+    assert dpm_in["hbm_bytes_unfused"] == dpm["hbm_bytes_unfused"] + 4 * numel * 4  # + copy into x, x0_prev
     for s in specs:
         assert s["hbm_bytes_unfused"] >= 4 * s["hbm_bytes_fused"]
     # the eager model counts each op's tensor reads + writes: A*x, B*m, add = 2 + 2 + 3 passes, ...
     assert ks.hbm_bytes_unfused(10, 4, False, False, False, False, False) == (7 + 12) * 10 * 4
+
+
+# ----------------------------------------------------------------------------- the in-place launcher
+# Several programs per launch so that "the last program to finish does the bookkeeping" is exercised:
+# BLOCK = 16 with 70 elements per image gives 5 programs per image, 3 images -> 15 programs. (The
+# interpreter runs programs one after another: races cannot show here; the logic can.)
+SMALL_BLOCK = (16, 1)
+INPLACE_SHAPE = (3, 2, 5, 7)
+MODEL_T = torch.tensor([999, 500, 10, 1, 0], dtype=torch.int64)
+
+
+@pytest.fixture
+def small_block(monkeypatch):
+    if not INTERPRETED:
+        return  # a GPU autotunes; the bookkeeping must hold whatever the grid
+    monkeypatch.setattr(ks, "INTERPRET_CONFIG", SMALL_BLOCK)
+    e = math.prod(INPLACE_SHAPE[1:])
+    assert math.ceil(e / SMALL_BLOCK[0]) * INPLACE_SHAPE[0] == 15
+
+
+def _rows_for(kind):
+    if kind.startswith("ddpm"):
+        return _ddpm_rows(kind == "ddpm_learned")
+    if kind.startswith("ddim"):
+        return _ddim_rows(0.0 if kind == "ddim_eta0" else 0.5)
+    return torch.cat([_dpmpp_rows(), _dpmpp_rows()[:1]])  # 3 rows
+
+
+INPLACE_CASES = [
+    # kind, step row, clip, learned, x0_prev, seed, model-output channels (x C)
+    ("ddpm_fixed", 1, True, False, False, True, 1),
+    ("ddpm_fixed", 3, False, False, False, True, 2),  # 2C output without learned_range: first C read
+    ("ddpm_learned", 2, True, True, False, True, 2),
+    ("ddim", 0, True, False, False, True, 1),
+    ("ddim_eta0", 1, True, False, False, False, 1),  # no seed: z = 0
+    ("dpmpp", 1, False, False, True, False, 1),
+]
+
+
+@pytest.mark.parametrize("kind,step_i,clip,learned,with_x0p,with_seed,mult", INPLACE_CASES,
+                         ids=[f"{c[0]}-row{c[1]}-{c[6]}C" for c in INPLACE_CASES])
+def test_inplace_launcher_equals_functional_kernel_and_reference(small_block, kind, step_i, clip, learned,
+                                                                 with_x0p, with_seed, mult):
+    gen = torch.Generator().manual_seed(31 + step_i)
+    coefs = _rows_for(kind).to(DEVICE)
+    s_rows = coefs.shape[0]
+    model_t = MODEL_T[:s_rows].to(DEVICE)
+    x, mo, x0p = _inputs(INPLACE_SHAPE, torch.float32, learned or mult == 2, with_x0p, gen)
+    step = torch.tensor([step_i], dtype=torch.int64, device=DEVICE)
+    seed = torch.tensor([4321], dtype=torch.int64, device=DEVICE) if with_seed else None
+    want_prev, want_x0 = sampler_step_forward(x, mo if (learned or mult == 1) else mo[:, :INPLACE_SHAPE[1]],
+                                              coefs, step, x0p, None, seed, 2, clip, learned)
+    z = (philox_normal(seed, INPLACE_SHAPE, step, stream=0, image_offset=2, device=DEVICE) if with_seed
+         else torch.zeros(INPLACE_SHAPE, device=DEVICE))
+    ref_prev, ref_x0 = _reference(x, mo, coefs, step, x0p, z, clip, learned)
+
+    xb = x.clone()
+    x0b = x0p.clone() if with_x0p else None
+    t_out = torch.full((INPLACE_SHAPE[0],), -7, dtype=torch.int64, device=DEVICE)
+    done = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    sampler_step_inplace(xb, mo, coefs, step, t_out, model_t, done, x0b, seed, 2, clip, learned)
+
+    assert torch.equal(xb, want_prev)  # same body, same rounding: bit for bit
+    _assert_close(xb, ref_prev, torch.float32)
+    if with_x0p:
+        assert torch.equal(x0b, want_x0)
+        _assert_close(x0b, ref_x0, torch.float32)
+    assert step.item() == step_i + 1  # incremented exactly once by the 15 programs
+    assert t_out.tolist() == [MODEL_T[min(step_i + 1, s_rows - 1)].item()] * INPLACE_SHAPE[0]
+    assert done.item() == 0
+    assert torch.equal(mo, mo.clone()) and x.data_ptr() != xb.data_ptr()
+
+
+def test_inplace_loop_walks_the_table_and_clamps_t_at_the_last_step(small_block):
+    gen = torch.Generator().manual_seed(8)
+    coefs = _ddpm_rows(False).to(DEVICE)  # 5 rows
+    model_t = MODEL_T.to(DEVICE)
+    x, mo, _ = _inputs(INPLACE_SHAPE, torch.float32, False, False, gen)
+    seed = torch.tensor([77], dtype=torch.int64, device=DEVICE)
+    step = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    t_out = torch.full((5,), model_t[0].item(), dtype=torch.int64, device=DEVICE)  # N' = 5 != N: any length
+    done = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    x_ref = x.clone()
+    seen_t = [t_out.tolist()]
+    for k in range(5):
+        want, _ = sampler_step_forward(x_ref, mo, coefs, torch.tensor([k], device=DEVICE), None, None, seed, 0,
+                                       True, False)
+        sampler_step_inplace(x, mo, coefs, step, t_out, model_t, done, None, seed, 0, True, False)
+        x_ref = want
+        assert torch.equal(x, want)
+        assert step.item() == k + 1 and done.item() == 0
+        seen_t.append(t_out.tolist())
+    # t_out after step k is the model timestep of row k + 1, held at the last row after the last step
+    assert [row[0] for row in seen_t] == [999, 500, 10, 1, 0, 0]
+    assert all(len(set(row)) == 1 for row in seen_t)
+
+
+def test_inplace_t_out_longer_than_one_block(small_block):
+    # the last program writes t_out in a loop over blocks: 40 entries with BLOCK = 16 is 3 blocks
+    coefs = _ddpm_rows(False).to(DEVICE)
+    x = torch.zeros(INPLACE_SHAPE, device=DEVICE)
+    step = torch.tensor([0], device=DEVICE)
+    t_out = torch.zeros(40, dtype=torch.int64, device=DEVICE)
+    done = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    sampler_step_inplace(x, x.clone(), coefs, step, t_out, MODEL_T.to(DEVICE), done, None, None, 0, True, False)
+    assert t_out.tolist() == [500] * 40 and step.item() == 1 and done.item() == 0
+
+
+def test_inplace_bad_arguments_raise_value_error():
+    x = torch.zeros(INPLACE_SHAPE, device=DEVICE)
+    coefs = torch.zeros(5, 9, device=DEVICE)
+    step = torch.tensor([0], device=DEVICE)
+    t_out = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    done = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    mt = MODEL_T.to(DEVICE)
+    args = lambda **kw: {**dict(x=x, model_output=x, coefs=coefs, step=step, t_out=t_out, model_timesteps=mt,  # noqa: E731
+                                done_counter=done, x0_prev=None, seed=None, image_offset=0, clip=True,
+                                learned_range=False), **kw}
+    big = torch.zeros((3, 4, 5, 7), device=DEVICE)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        sampler_step_inplace(**args(x=big[:, ::2], model_output=big[:, ::2].contiguous()))
+    with pytest.raises(ValueError, match="model_timesteps"):
+        sampler_step_inplace(**args(model_timesteps=mt[:4]))
+    with pytest.raises(ValueError, match="t_out"):
+        sampler_step_inplace(**args(t_out=t_out.int()))
+    with pytest.raises(ValueError, match="done_counter"):
+        sampler_step_inplace(**args(done_counter=done.long()))
+    with pytest.raises(ValueError, match="model_output"):
+        sampler_step_inplace(**args(model_output=torch.zeros((3, 3, 5, 7), device=DEVICE)))
+    with pytest.raises(ValueError, match="model_output"):
+        sampler_step_inplace(**args(learned_range=True))  # needs 2C channels
+    assert step.item() == 0 and done.item() == 0
+
+
+@pytest.mark.parametrize("learned,with_x0p,mult", [(False, False, 1), (True, False, 2), (False, True, 2)])
+def test_inplace_op_triton_equals_reference(small_block, learned, with_x0p, mult):
+    ops, _ = _op_or_skip()
+    from fastddpm.ops.sampler_step import sampler_step_
+
+    gen = torch.Generator().manual_seed(5 + mult)
+    coefs = _random_rows(5, gen).to(DEVICE)
+    x, mo, x0p = _inputs(INPLACE_SHAPE, torch.float32, learned or mult == 2, with_x0p, gen)
+    seed = torch.tensor([99], dtype=torch.int64, device=DEVICE)
+    results = {}
+    for backend in ("reference", "triton"):
+        bufs = dict(x=x.clone(), step=torch.tensor([3], device=DEVICE),
+                    t_out=torch.zeros(3, dtype=torch.int64, device=DEVICE),
+                    x0_prev=x0p.clone() if with_x0p else None)
+        with ops.use_backend(backend):
+            ret = sampler_step_(bufs["x"], mo, coefs, bufs["step"], bufs["t_out"], MODEL_T.to(DEVICE),
+                                bufs["x0_prev"], seed, 1, True, learned)  # done_counter None: allocated
+        assert ret is None
+        results[backend] = bufs
+    ref, tri = results["reference"], results["triton"]
+    torch.testing.assert_close(tri["x"], ref["x"], rtol=1e-5, atol=1e-5)
+    if with_x0p:
+        torch.testing.assert_close(tri["x0_prev"], ref["x0_prev"], rtol=1e-5, atol=1e-5)
+    assert tri["step"].item() == ref["step"].item() == 4
+    assert tri["t_out"].tolist() == ref["t_out"].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_inplace_op_opcheck_schema_and_fake(backend):
+    ops, _ = _op_or_skip()
+    import fastddpm.ops.sampler_step  # noqa: F401  (registers fastddpm::sampler_step_)
+
+    gen = torch.Generator().manual_seed(2)
+    x, mo, x0p = _inputs((2, 2, 3, 3), torch.float32, True, True, gen)
+    args = (x, mo, _random_rows(5, gen).to(DEVICE), torch.tensor([1], device=DEVICE),
+            torch.zeros(2, dtype=torch.int64, device=DEVICE), MODEL_T.to(DEVICE), x0p,
+            torch.tensor([3], device=DEVICE), 0, True, True, torch.zeros(1, dtype=torch.int32, device=DEVICE))
+    with ops.use_backend(backend):
+        torch.library.opcheck(torch.ops.fastddpm.sampler_step_.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
