@@ -15,6 +15,11 @@ generated in the kernel with counters (c0 = flat element index inside the image,
 image, c2 = step, c3 = stream 0); `fastddpm.ops.philox.philox_normal` computes the same stream in torch.
 When neither noise nor seed is given, z = 0 (deterministic samplers: DDIM eta=0, DPM-Solver++).
 
+Two launchers share the body (`_step_tile`): `sampler_step_forward` returns new tensors, and
+`sampler_step_inplace` (FastSampler's whole step outside the model, one launch) writes x_{t-1} into x and
+x0-hat into x0_prev, then the last program to finish (an acq_rel completion counter, see
+`_sampler_step_inplace_kernel`) increments the step counter and writes the next model timestep.
+
 Grid: (cdiv(E, BLOCK), N) with E = elements per image, so each program knows its image and the element
 indices inside that image. Math is fp32 whatever the input dtype; outputs are stored in x's dtype.
 
