@@ -15,7 +15,8 @@ CPU cases (fp32):
   both: the DDPM CIFAR-10 UNet2DModel config has none); fastddpm with its default memory-lean mode
   (`recompute_norm=True`: GroupNorm+SiLU outputs recomputed in backward) and with it off.
 In script mode the cases run interleaved (one call of each per round, after a warm-up call), so the
-ratios come from the same run under the same machine load; medians are reported, and the bytes saved
+ratios come from the same run under the same machine load; medians are reported (ratios of medians, and
+the medians of per-round ratios, which load drift on a shared machine disturbs less), and the bytes saved
 for backward per sample (`fastddpm.profiling.saved_bytes`) of each training case beside them.
 In pytest mode each fastddpm case records `ratio_vs_diffusers` (its median over diffusers' median,
 same session) in the benchmark's extra_info.
@@ -136,6 +137,11 @@ def _interleaved(cases: Dict[str, Callable[[], Any]], reps: int) -> Dict[str, Di
     return {k: {"median_s": statistics.median(v), "min_s": min(v), "times_s": v} for k, v in times.items()}
 
 
+def _paired(res: Dict[str, Dict[str, Any]], a: str, b: str) -> float:
+    """Median over rounds of time(a) / time(b) in the same round (adjacent calls: robust to load drift)."""
+    return statistics.median(x / y for x, y in zip(res[a]["times_s"], res[b]["times_s"]))
+
+
 def run_cpu(reps: int = 3, batch: int = BATCH) -> Dict[str, Any]:
     models = make_models()
     x, t, noise = make_inputs(batch)
@@ -152,6 +158,12 @@ def run_cpu(reps: int = 3, batch: int = BATCH) -> Dict[str, Any]:
         "train_step_ratio_fastddpm_no_recompute_vs_diffusers": step["fastddpm_no_recompute"]["median_s"] / d,
         "train_step_ratio_recompute_vs_no_recompute":
             step["fastddpm"]["median_s"] / step["fastddpm_no_recompute"]["median_s"],
+        "paired_ratios": {  # median of the per-round ratios
+            "forward_fastddpm_vs_diffusers": _paired(fwd, "fastddpm", "diffusers"),
+            "train_step_fastddpm_vs_diffusers": _paired(step, "fastddpm", "diffusers"),
+            "train_step_fastddpm_no_recompute_vs_diffusers": _paired(step, "fastddpm_no_recompute", "diffusers"),
+            "train_step_recompute_vs_no_recompute": _paired(step, "fastddpm", "fastddpm_no_recompute"),
+        },
         "saved_bytes_per_sample": mem,
         "saved_bytes_ratio_fastddpm_vs_diffusers": mem["fastddpm"] / mem["diffusers"],
         "saved_bytes_ratio_fastddpm_no_recompute_vs_diffusers": mem["fastddpm_no_recompute"] / mem["diffusers"],

@@ -20,6 +20,16 @@ Every GroupNorm (with the time embedding folded in, and the SiLU after it) goes 
 `fastddpm.ops.group_norm_silu`, every self-attention through `fastddpm.ops.attention`; this module
 holds no backend logic.
 
+Cost choices (figures: benchmarks/figures.py, benchmarks/bench_unet.py):
+* memory-lean training (`recompute_norm=True`, the default): every GroupNorm(+SiLU) output that feeds a
+  convolution (both per ResBlock, the attention's qkv projection, the output norm) is recomputed in
+  backward from the norm's input rather than saved (`_NormConv`, a custom autograd function running the
+  same backward ops as the plain path, so the gradients are the same);
+* all ResBlocks' time projections are one matmul per forward (`_StackedLinear`; the weights stay per
+  block, as in diffusers, and only `emb` is saved for backward);
+* the attention's qkv and output projections are applied as 1x1 convolutions of their Linear weights on
+  [B, C, H, W], q/k/v being strided views of the qkv output: no layout transposes or copies around them.
+
 Defaults follow the DDPM paper's CIFAR-10 model as released (TF "SAME" padding of the strided
 convolution = `downsample_padding=0`, GroupNorm eps 1e-6, `flip_sin_to_cos=False`, `freq_shift=1`).
 Improved-DDPM models use `time_embedding="scale_shift"`, and usually `downsample_padding=1`,

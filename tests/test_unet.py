@@ -366,3 +366,26 @@ def test_from_diffusers_rejects_unmappable_config(option, value):
         fd.UNet.from_diffusers(ref)
     with pytest.raises(ValueError, match="UNet2DModel"):
         fd.UNet.from_diffusers(torch.nn.Linear(2, 2))
+
+
+def test_cost_figures_against_diffusers_ddpm_cifar10():
+    """The device-independent targets on the DDPM CIFAR-10 config, same weights as diffusers: ops dispatched
+    per forward (views included) and bytes saved for backward per training sample (fp32, parameters
+    excluded, dropout off as in benchmarks/figures.py) at most half of diffusers' UNet2DModel's."""
+    from fastddpm.profiling import count_ops, saved_bytes
+
+    ref = _perturb(_ddpm_cifar10_diffusers(), std=0.01)
+    ours = fd.UNet.from_diffusers(ref)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([321])
+    ops_count, saved = {}, {}
+    for name, model in (("diffusers", ref), ("fastddpm", ours)):
+        model.eval()
+        with torch.no_grad():
+            ops_count[name] = sum(count_ops(lambda: model(x, t)).values())
+        model.train()
+        saved[name] = saved_bytes(lambda: model(x, t), exclude=model.parameters())
+    assert ops_count["fastddpm"] <= 0.5 * ops_count["diffusers"], ops_count
+    assert saved["fastddpm"] <= 0.5 * saved["diffusers"], saved
+    ours.recompute_norm = False  # without the lean mode the GroupNorm+SiLU outputs are kept
+    assert saved_bytes(lambda: ours(x, t), exclude=ours.parameters()) > saved["fastddpm"]
