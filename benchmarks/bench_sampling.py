@@ -61,7 +61,7 @@ IMAGE = (3, 32, 32)
 SAMPLERS = ("ddim", "ddpm")
 OVERHEAD_IMPLS = ("fast_sampler", "sampler_sample", "diffusers_loop")
 OVERHEAD_BATCH, OVERHEAD_STEPS = 8, 50
-E2E_IMPLS = ("fast_sampler", "diffusers_pipeline")
+E2E_IMPLS = ("fast_sampler", "diffusers_pipeline", "fast_sampler_unconverted")
 E2E_BATCH, E2E_STEPS = 8, 20
 GPU_BATCH, GPU_STEPS = 256, (20, 100, 1000)
 GPU_IMPLS = ("fast_sampler", "diffusers_eager", "diffusers_compiled")
@@ -286,11 +286,12 @@ def run_overhead(repeats: int = 15, batch: int = OVERHEAD_BATCH, steps: int = OV
 
 # ------------------------------------------------------------------------------ (b) end to end
 def e2e_cases(kind: str, ref: Any, batch: int = E2E_BATCH, steps: int = E2E_STEPS, device: str = "cpu",
-              dtype: torch.dtype = torch.float32, compiled_unet: Any = None, gpu_names: bool = False
-              ) -> Dict[str, Callable[[], Any]]:
+              dtype: torch.dtype = torch.float32, compiled_unet: Any = None, gpu_names: bool = False,
+              unconverted: bool = False) -> Dict[str, Callable[[], Any]]:
     """{impl: one sampling call of `batch` images} for the diffusers UNet2DModel `ref` (same weights):
     "fast_sampler" and "diffusers_pipeline" (CPU names) or "fast_sampler", "diffusers_eager" and, with
-    `compiled_unet`, "diffusers_compiled" (GPU names, `gpu_names`)."""
+    `compiled_unet`, "diffusers_compiled" (GPU names, `gpu_names`); with `unconverted` (CPU) also
+    "fast_sampler_unconverted": FastSampler calling diffusers' UNet2DModel as it is (convert=False)."""
     import diffusers
 
     sched = diffusers_scheduler(kind)
@@ -317,6 +318,9 @@ def e2e_cases(kind: str, ref: Any, batch: int = E2E_BATCH, steps: int = E2E_STEP
     cases: Dict[str, Callable[[], Any]] = {"fast_sampler": fast_call}
     if not gpu_names:
         cases["diffusers_pipeline"] = pipe_call
+        if unconverted:  # FastSampler around diffusers' own UNet2DModel: only the loop and the step differ
+            raw = fd.FastSampler.from_diffusers(ref, sched, sampler=kind, steps=steps, batch_size=batch, convert=False)
+            cases["fast_sampler_unconverted"] = lambda: raw(seed=0)
     else:
         cases["diffusers_eager"] = pipe_call
         if compiled_unet is not None:
@@ -326,11 +330,29 @@ def e2e_cases(kind: str, ref: Any, batch: int = E2E_BATCH, steps: int = E2E_STEP
     return cases
 
 
-def run_e2e_cpu(repeats: int = 2, batch: int = E2E_BATCH, steps: int = E2E_STEPS) -> List[Dict[str, Any]]:
-    ref, _ = ddpm_cifar10_pair()
+def unet_forward_cpu(ref: Any, ours: Any, batch: int = E2E_BATCH, repeats: int = 3) -> Dict[str, Any]:
+    """Seconds per forward of the converted fd.UNet and of diffusers' UNet2DModel (same weights, same input)."""
+    x, t = torch.randn(batch, *IMAGE), torch.full((batch,), 500, dtype=torch.int64)
+    with torch.no_grad():
+        fns = {"fastddpm": lambda: ours(x, t), "diffusers": lambda: ref(x, t).sample}
+        for f in fns.values():
+            f()
+        tm = time_interleaved(fns, repeats)
+    out: Dict[str, Any] = {"batch": batch, "repeats": repeats}
+    for k, v in tm.items():
+        out[k] = {"s_per_forward": v["wall_median_s"], "cpu_s_per_forward": v["cpu_median_s"]}
+    out["time_ratio_fastddpm_over_diffusers"] = tm["fastddpm"]["wall_median_s"] / tm["diffusers"]["wall_median_s"]
+    out["cpu_time_ratio_fastddpm_over_diffusers"] = tm["fastddpm"]["cpu_median_s"] / tm["diffusers"]["cpu_median_s"]
+    return out
+
+
+def run_e2e_cpu(repeats: int = 2, batch: int = E2E_BATCH, steps: int = E2E_STEPS,
+                unconverted: bool = True, ref: Any = None) -> List[Dict[str, Any]]:
+    if ref is None:
+        ref, _ = ddpm_cifar10_pair()
     rows = []
     for kind in SAMPLERS:
-        cases = e2e_cases(kind, ref, batch, steps)
+        cases = e2e_cases(kind, ref, batch, steps, unconverted=unconverted)
         with torch.no_grad():  # warm-up: one forward of each U-Net (first-call allocations, oneDNN primitives)
             x, t = torch.randn(batch, *IMAGE), torch.full((batch,), 500, dtype=torch.int64)
             ref(x, t)
@@ -346,6 +368,10 @@ def run_e2e_cpu(repeats: int = 2, batch: int = E2E_BATCH, steps: int = E2E_STEPS
         row["speedup_vs_diffusers"] = f["images_per_s"] / d["images_per_s"]
         row["speedup_vs_diffusers_best"] = f["images_per_s_best"] / d["images_per_s_best"]
         row["speedup_vs_diffusers_cpu"] = f["images_per_cpu_s"] / d["images_per_cpu_s"]
+        if "fast_sampler_unconverted" in row:
+            u = row["fast_sampler_unconverted"]
+            row["speedup_unconverted_vs_diffusers"] = u["images_per_s"] / d["images_per_s"]
+            row["speedup_unconverted_vs_diffusers_cpu"] = u["images_per_cpu_s"] / d["images_per_cpu_s"]
         rows.append(row)
     return rows
 
@@ -408,7 +434,7 @@ if pytest is not None:
         """DDPM CIFAR-10 U-Net, batch 8, 20 steps on the CPU: one round (several seconds each)."""
         pytest.importorskip("diffusers")
         ref, _ = ddpm_cifar10_pair()
-        fn = e2e_cases(kind, ref)[impl]
+        fn = e2e_cases(kind, ref, unconverted=impl == "fast_sampler_unconverted")[impl]
         benchmark.group = f"e2e-cpu-{kind}-batch{E2E_BATCH}-{E2E_STEPS}steps"
         with torch.no_grad():
             out = benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
@@ -459,6 +485,16 @@ def _print_cpu(result: Dict[str, Any]) -> None:
         print(f"  {r['sampler']}: FastSampler {f['images_per_s']:.3f} img/s ({f['images_per_cpu_s']:.3f} per CPU-s), "
               f"diffusers pipeline {d['images_per_s']:.3f} img/s ({d['images_per_cpu_s']:.3f} per CPU-s): "
               f"ratio x{r['speedup_vs_diffusers']:.3f} wall, x{r['speedup_vs_diffusers_cpu']:.3f} CPU")
+        if "fast_sampler_unconverted" in r:
+            u = r["fast_sampler_unconverted"]
+            print(f"    FastSampler around diffusers' UNet2DModel (convert=False) {u['images_per_s']:.3f} img/s "
+                  f"({u['images_per_cpu_s']:.3f} per CPU-s): x{r['speedup_unconverted_vs_diffusers']:.3f} wall, "
+                  f"x{r['speedup_unconverted_vs_diffusers_cpu']:.3f} CPU")
+    u = result.get("unet_forward_cpu")
+    if u:
+        print(f"  U-Net forward, batch {u['batch']}: fd.UNet {u['fastddpm']['cpu_s_per_forward']:.3f} s CPU, "
+              f"UNet2DModel {u['diffusers']['cpu_s_per_forward']:.3f} s CPU: "
+              f"x{u['cpu_time_ratio_fastddpm_over_diffusers']:.3f} time")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -467,6 +503,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--overhead-repeats", type=int, default=15, help="timed repeats of part (a) (default 15)")
     p.add_argument("--e2e-repeats", type=int, default=2, help="timed repeats of part (b) (default 2)")
     p.add_argument("--skip-e2e", action="store_true", help="skip part (b) (the slow one on a CPU)")
+    p.add_argument("--no-unconverted", action="store_true",
+                   help="in part (b), skip FastSampler around diffusers' unconverted UNet2DModel")
     p.add_argument("--gpu-steps", type=int, nargs="*", default=list(GPU_STEPS), help="steps of part (c)")
     args = p.parse_args(argv)
     env = os.environ.get("OMP_NUM_THREADS")
@@ -475,7 +513,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                            "command": command, "threads": torch.get_num_threads(),
                            "overhead": run_overhead(args.overhead_repeats)}
     if not args.skip_e2e:
-        cpu["e2e_cpu"] = run_e2e_cpu(args.e2e_repeats)
+        ref, ours = ddpm_cifar10_pair()
+        cpu["unet_forward_cpu"] = unet_forward_cpu(ref, ours)
+        del ours
+        cpu["e2e_cpu"] = run_e2e_cpu(args.e2e_repeats, unconverted=not args.no_unconverted, ref=ref)
     paths = [write_result("sampling_cpu", cpu)]
     gpu = None
     if torch.cuda.is_available():

@@ -185,11 +185,22 @@ def render_sampling_cpu(name: str, data: Dict[str, Any]) -> List[str]:
         rows = []
         for r in e2e:
             f, d = r["fast_sampler"], r["diffusers_pipeline"]
-            rows.append((r["sampler"], f["images_per_s"], d["images_per_s"], ratio(r.get("speedup_vs_diffusers")),
-                         f["images_per_cpu_s"], d["images_per_cpu_s"], ratio(r.get("speedup_vs_diffusers_cpu")),
-                         f.get("repeats", "")))
-        out += table(("sampler", "FastSampler img/s", "diffusers img/s", "ratio (wall)", "FastSampler img/CPU-s",
-                      "diffusers img/CPU-s", "ratio (CPU time)", "repeats"), rows) + [""]
+            rows.append((r["sampler"], "FastSampler (converted fd.UNet)", f["images_per_s"], d["images_per_s"],
+                         ratio(r.get("speedup_vs_diffusers")), f["images_per_cpu_s"], d["images_per_cpu_s"],
+                         ratio(r.get("speedup_vs_diffusers_cpu")), f.get("repeats", "")))
+            u = r.get("fast_sampler_unconverted")
+            if u:
+                rows.append((r["sampler"], "FastSampler around diffusers' UNet2DModel", u["images_per_s"],
+                             d["images_per_s"], ratio(r.get("speedup_unconverted_vs_diffusers")),
+                             u["images_per_cpu_s"], d["images_per_cpu_s"],
+                             ratio(r.get("speedup_unconverted_vs_diffusers_cpu")), u.get("repeats", "")))
+        out += table(("sampler", "fastddpm", "fastddpm img/s", "diffusers pipeline img/s", "ratio (wall)",
+                      "fastddpm img/CPU-s", "diffusers img/CPU-s", "ratio (CPU time)", "repeats"), rows) + [""]
+    u = data.get("unet_forward_cpu")
+    if u:
+        out += [f"U-Net forward alone (batch {u['batch']}, same run): fd.UNet {fmt(u['fastddpm']['cpu_s_per_forward'])} s, "
+                f"diffusers UNet2DModel {fmt(u['diffusers']['cpu_s_per_forward'])} s of CPU time per forward "
+                f"(fd.UNet / UNet2DModel {ratio(u.get('cpu_time_ratio_fastddpm_over_diffusers'))}).", ""]
     return out
 
 

@@ -51,8 +51,13 @@ def _sampling_cpu():
             "sampler": "ddpm", "batch": 8, "steps": 20, "dtype": "float32", "model": "DDPM CIFAR-10",
             "fast_sampler": {"images_per_s": 0.25, "images_per_cpu_s": 0.5, "repeats": 2},
             "diffusers_pipeline": {"images_per_s": 0.2, "images_per_cpu_s": 0.4, "repeats": 2},
+            "fast_sampler_unconverted": {"images_per_s": 0.21, "images_per_cpu_s": 0.42, "repeats": 2},
             "speedup_vs_diffusers": 1.25, "speedup_vs_diffusers_cpu": 1.25,
+            "speedup_unconverted_vs_diffusers": 1.05, "speedup_unconverted_vs_diffusers_cpu": 1.05,
         }],
+        "unet_forward_cpu": {"batch": 8, "repeats": 3, "fastddpm": {"s_per_forward": 2.0, "cpu_s_per_forward": 1.2},
+                             "diffusers": {"s_per_forward": 1.9, "cpu_s_per_forward": 1.0},
+                             "cpu_time_ratio_fastddpm_over_diffusers": 1.2},
     }
 
 
@@ -83,7 +88,9 @@ def test_render_rows(results):
     assert "| ddim | FastSampler | 100 | 40.0 | 1.00x | 5 (4) | 11.0 |" in text
     assert "| ddim | sampler.sample | 150 | 60.0 | 1.50x | 3 (2) | 9.06 |" in text
     assert "| ddim | diffusers pipeline loop | 900 | 300 | 7.50x | 36 (32) | 35.0 |" in text
-    assert "| ddpm | 0.250 | 0.200 | 1.25x | 0.500 | 0.400 | 1.25x | 2 |" in text
+    assert "| ddpm | FastSampler (converted fd.UNet) | 0.250 | 0.200 | 1.25x | 0.500 | 0.400 | 1.25x | 2 |" in text
+    assert "| ddpm | FastSampler around diffusers' UNet2DModel | 0.210 | 0.200 | 1.05x | 0.420 | 0.400 | 1.05x | 2 |" in text
+    assert "fd.UNet 1.20 s, diffusers UNet2DModel 1.00 s of CPU time per forward (fd.UNet / UNet2DModel 1.20x)" in text
     # command and machine of the run
     assert "Reproduce: `python benchmarks/bench_sampling.py --json` (results/sampling_cpu.json)" in text
     assert "Machine: Test CPU, 2 cores; 1 torch thread; torch 2.13.0+cpu; Python 3.11.7" in text
