@@ -218,6 +218,30 @@ def render_sampling_gpu(name: str, data: Dict[str, Any]) -> List[str]:
     return out
 
 
+def render_unet(name: str, data: Dict[str, Any]) -> List[str]:
+    """bench_unet.py's file: forward and training-step times and saved bytes, fastddpm vs diffusers."""
+    body = next(v for v in data.values() if isinstance(v, dict) and "forward" in v)
+    title = body.get("config", "DDPM CIFAR-10 U-Net")
+    out = [f"### U-Net forward and training step: fd.UNet vs diffusers' UNet2DModel ({title})", ""]
+    out += preamble(name, data)
+    rows = []
+    for section, label in (("forward", "forward"), ("train_step", "training step")):
+        for impl, v in (body.get(section) or {}).items():
+            rel = "1.00x" if impl == "diffusers" else ratio(body.get(f"{section}_ratio_{impl}_vs_diffusers"))
+            rows.append((label, impl, v["median_s"], v["min_s"], rel))
+    if rows:
+        out += [f"Seconds per call at batch {body.get('batch', '?')} (median and best of {body.get('reps', '?')}; "
+                f"time relative to diffusers from the same run):", ""]
+        out += table(("measurement", "implementation", "median s", "best s", "time / diffusers'"), rows) + [""]
+    sb = body.get("saved_bytes_per_sample")
+    if isinstance(sb, dict):
+        rows = [(impl, nbytes(v), "1.00x" if impl == "diffusers" else ratio(body.get(f"saved_bytes_ratio_{impl}_vs_diffusers")))
+                for impl, v in sb.items()]
+        out += ["Bytes saved for backward per training sample (fp32):", ""]
+        out += table(("implementation", "saved bytes", "/ diffusers'"), rows) + [""]
+    return out
+
+
 def _leaves(obj: Any, prefix: str = "") -> List[Tuple[str, Any]]:
     if isinstance(obj, dict):
         out = []
@@ -284,7 +308,7 @@ def render(results: Path = RESULTS) -> str:
     if not items:
         lines += ["No benchmark results yet: run `fastddpm bench` from a checkout.", ""]
     for name, data in items:
-        renderer = RENDERERS.get(name)
+        renderer = RENDERERS.get(name) or (render_unet if name.startswith("unet") else None)
         try:
             lines += renderer(name, data) if renderer else render_generic(name, data)
         except (KeyError, TypeError, IndexError, ZeroDivisionError):  # a format this script does not know

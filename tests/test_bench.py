@@ -244,3 +244,22 @@ def test_run_suite_on_a_checkout(tmp_path):
     assert [a[1].rsplit("/", 1)[-1] for _, a in bench.suite_commands("all", repo)] == [
         "figures.py", "kernel_report.py", "bench_group_norm.py", "bench_attention.py"]
     assert sorted(p.name for p in (ROOT / "benchmarks" / "results").glob("*.json")) == real_before  # untouched
+
+
+def test_render_unet_and_fallback(tmp_path):
+    d = tmp_path / "results"
+    d.mkdir()
+    body = {"config": "cfg", "batch": 8, "reps": 5,
+            "forward": {"diffusers": {"median_s": 3.0, "min_s": 2.5}, "fastddpm": {"median_s": 3.3, "min_s": 2.6}},
+            "forward_ratio_fastddpm_vs_diffusers": 1.1,
+            "saved_bytes_per_sample": {"diffusers": 50_000_000, "fastddpm": 21_000_000},
+            "saved_bytes_ratio_fastddpm_vs_diffusers": 0.42}
+    (d / "unet_cpu.json").write_text(json.dumps({"machine": CPU_MACHINE, "unet_cpu": body, "command": "cmd u"}))
+    (d / "step_cpu.json").write_text(json.dumps({"rows": [{"sampler": "ddpm"}], "threads": 1}))  # not its format
+    text = report.render(d)
+    assert "| forward | fastddpm | 3.30 | 2.60 | 1.10x |" in text
+    assert "| fastddpm | 21.0 MB | 0.42x |" in text
+    assert "Reproduce: `cmd u` (results/unet_cpu.json)" in text
+    # a known file in an unexpected format falls back to the generic table instead of failing
+    assert "### step_cpu" in text and "rows:\n\n| sampler |\n|---|\n| ddpm |" in text
+    assert "One sampler step()" not in text
