@@ -265,7 +265,7 @@ def reference_stats(data: Any, extractor: Any, part: str = "all", batch_size: in
         source = os.fspath(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__
     else:
         if part != "all":
-            raise ValueError("part needs data given as 'digits' or an ImageDataset")
+            raise ValueError("part needs data=\"digits\"")
         batches, total, source = data, None, "<batches>"
     stats = FeatureStats(max_keep=max_keep)
     tally = _ClassTally(confidence_threshold)
