@@ -8,7 +8,8 @@ config, with keys:
 and optionally `options` (extra compile options, e.g. {"enable_fp_fusion": False}).
 
 `compile_spec(spec, arch)` compiles it with `triton.compile(ASTSource(...), target=GPUTarget("cuda",
-arch, 32))` and reads registers, local memory (spills) and shared memory from the cubin with the
+arch, 32))` and reads registers, local memory and the stack frame (both count as spills: ptxas may
+put spill stores in the stack frame with LOCAL 0) and shared memory from the cubin with the
 `cuobjdump --dump-resource-usage` bundled in triton's package (backends/nvidia/bin). `collect()` does
 this for every module and arch and returns report rows. Results are cached on disk (keyed by the
 kernel source hash, signature, constexprs, options, arch and triton version), so a second run only
@@ -253,6 +254,7 @@ def collect(
             "arch": f"sm_{arch}",
             "registers": res["registers"],
             "spills": res["spills"],
+            "stack": res["stack"],
             "shared_bytes": res["shared_bytes"],
             "hbm_bytes_fused": int(spec["hbm_bytes_fused"]),
             "hbm_bytes_unfused": int(spec["hbm_bytes_unfused"]),

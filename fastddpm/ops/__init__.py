@@ -7,6 +7,6 @@ implementation for tracing, and an autograd formula. See `backend.py` for how th
 from .backend import current_backend, triton_available, use_backend
 from .group_norm import group_norm_silu
 from .attention import attention
-from .sampler_step import sampler_step
+from .sampler_step import sampler_step, sampler_step_
 
-__all__ = ["group_norm_silu", "attention", "sampler_step", "use_backend", "current_backend", "triton_available"]
+__all__ = ["group_norm_silu", "attention", "sampler_step", "sampler_step_", "use_backend", "current_backend", "triton_available"]
