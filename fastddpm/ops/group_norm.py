@@ -17,8 +17,9 @@ The autograd formula saves only the inputs and the per-(n, group) ``mean`` / ``r
 backward op: no normalized or activated tensor is kept for backward.
 
 Precision: statistics are computed in float32 whatever the input dtype (float32, bfloat16, float16):
-the input is upcast first and the variance is two-pass (mean, then mean of squared deviations), never
-E[u^2] - E[u]^2. Outputs have x's dtype; gradients the dtype of their input. float64 inputs are
+the input is upcast first and the variance is never E[u^2] - E[u]^2: the Triton kernel is two-pass
+(mean, then mean of squared deviations); the reference calls ATen's `native_group_norm` on the upcast
+u, whose CPU kernel accumulates Welford moments (equally cancellation-free). Outputs have x's dtype; gradients the dtype of their input. float64 inputs are
 computed in float64 by the reference (for gradcheck); the Triton kernels take fp32/bf16/fp16 only, so
 float64 always uses the reference.
 
@@ -28,6 +29,7 @@ nothing in practice; do not pass a varying float as eps.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -65,30 +67,61 @@ def _per_sample_channel(t: Optional[Tensor], cd: torch.dtype) -> Optional[Tensor
     return None if t is None else t.to(cd).unsqueeze(-1)
 
 
+# ATen's group norm output is folded, y = u * (rstd w) + (beta - mean rstd w): its rounding error grows
+# like |mean| * rstd ulps. It is kept only where max |mean| * rstd <= this bound (error < ~1e-6 relative
+# to the output's scale in float32); other inputs (e.g. a group of nearly equal values) get the exact
+# centered form (u - mean) * rstd, as the Triton kernel computes it.
+_FOLD_LIMIT = 8.0
+
+
 def _reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], add: Optional[Tensor],
                        scale: Optional[Tensor], shift: Optional[Tensor], groups: int, eps: float,
                        silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """mean/rstd (and y_hat) from ATen's `native_group_norm` on the upcast u (its CPU kernel: Welford
+    moments, in the compute dtype); weight/bias/scale/shift folded into one per-(n, c) affine
+    y = y_hat * A + B (one pass; inside ATen's pass when there is no scale/shift); SiLU in place.
+    The folded output is used on the CPU when |mean| * rstd is small (reading it there costs no device
+    sync); else y_hat is recomputed centered, (u - mean) * rstd (two more passes)."""
     cd = _compute_dtype(x)
     n, c = x.shape[0], x.shape[1]
-    u = x.to(cd).reshape(n, c, -1)
+    hw = math.prod(x.shape[2:])
+    u = x.to(cd).reshape(n, c, hw)  # x itself (never written) when x is already in the compute dtype
     if add is not None:
         u = u + _per_sample_channel(add, cd)
-    ug = u.reshape(n, groups, -1)
-    mean = ug.mean(-1)
-    centered = ug - mean.unsqueeze(-1)
-    var = centered.square().mean(-1)
-    rstd = torch.rsqrt(var + eps)
-    z = (centered * rstd.unsqueeze(-1)).reshape(n, c, -1)
-    if weight is not None:
-        z = z * _per_channel(weight, cd)
-    if bias is not None:
-        z = z + _per_channel(bias, cd)
-    if scale is not None:
-        z = z * (1 + _per_sample_channel(scale, cd))
+    u = u.contiguous()  # ATen's kernel needs it (a view of a sliced x may not be)
+    w = _per_channel(weight, cd)
+    b = _per_channel(bias, cd)
+    native_affine = scale is None and shift is None
+    z, mean, rstd = torch.ops.aten.native_group_norm(
+        u, None if not native_affine or w is None else w.reshape(c),
+        None if not native_affine or b is None else b.reshape(c), n, c, hw, groups, eps)
+    folded_ok = (u.device.type == "cpu" and mean.numel() > 0
+                 and float((mean.abs() * rstd).amax()) <= _FOLD_LIMIT)
+    # y = (y_hat * w + b) * (1 + scale) + shift = y_hat * A + B with A, B per (n, c) (None: 1 / 0)
+    one_plus_s = 1 + _per_sample_channel(scale, cd) if scale is not None else None
+    if one_plus_s is None:
+        a_nc, b_nc = w, b
+    else:
+        a_nc = one_plus_s if w is None else w * one_plus_s
+        b_nc = None if b is None else b * one_plus_s
     if shift is not None:
-        z = z + _per_sample_channel(shift, cd)
+        sh = _per_sample_channel(shift, cd)
+        b_nc = sh if b_nc is None else b_nc + sh
+    if not folded_ok:
+        # exact centered form: z = (u - mean) * (rstd * A) + B
+        z = (u.reshape(n, groups, -1) - mean.unsqueeze(-1)).reshape(n, c, hw)
+        rstd_c = rstd.repeat_interleave(c // groups, dim=1).unsqueeze(-1)
+        a_nc = rstd_c if a_nc is None else rstd_c * a_nc
+    elif native_affine:
+        a_nc = b_nc = None  # already applied by ATen
+    if a_nc is not None and b_nc is not None:
+        torch.addcmul(b_nc, z, a_nc, out=z)  # z = B + z * A: one pass, in place on our own temporary
+    elif a_nc is not None:
+        z.mul_(a_nc)
+    elif b_nc is not None:
+        z.add_(b_nc)
     if silu:
-        z = F.silu(z)
+        z = F.silu(z, inplace=True)
     return z.reshape(x.shape).to(x.dtype).contiguous(), mean, rstd
 
 
@@ -236,7 +269,7 @@ def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
     Returns:
         y with x's shape and dtype (contiguous). Statistics are computed in float32 (float64 for
-        float64 x) by a two-pass reduction. Differentiable in x, weight, bias, add, scale, shift;
+        float64 x) by a cancellation-free (two-pass / Welford) reduction. Differentiable in x, weight, bias, add, scale, shift;
         only the inputs and per-group mean/rstd are saved for backward.
     """
     if not isinstance(x, Tensor):

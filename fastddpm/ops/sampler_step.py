@@ -86,7 +86,8 @@ def sampler_step_reference(
     """The plain-PyTorch implementation of the op (same arguments and results; no checks).
 
     Written to issue few full-size ops (in-place addcmul on its own temporaries; inputs are never
-    written): 7 elementwise passes for DDPM with noise, 6 for DDIM with eta = 0.
+    written): 7 elementwise passes for DDPM with noise, 6 for DDIM with eta = 0. On the CPU a step
+    whose SIGMA is 0 draws no Philox noise even when `seed` is given (the result is the same).
     """
     c = x.shape[1]
     wdt = torch.promote_types(x.dtype, torch.float32)  # fp32 math for fp32/bf16/fp16, fp64 for fp64
@@ -105,7 +106,10 @@ def sampler_step_reference(
     mean.addcmul_(r, m)
     if x0_prev is not None:
         mean.addcmul_(p2, x0_prev if x0_prev.dtype == wdt else x0_prev.to(wdt))
-    if noise is None and seed is not None:
+    if noise is None and seed is not None and not (x.device.type == "cpu" and float(sig) == 0.0):
+        # SIGMA == 0 (DDIM eta = 0, DPM-Solver++, the last step) makes sigma 0, learned_range included
+        # (sigma = SIGMA * exp(...)): the draw is skipped on the CPU, where reading SIGMA costs no device
+        # sync. On other devices SIGMA is never read on the host (graph-capturable, sync-free).
         from .philox import philox_normal  # lazy: written alongside the kernel
 
         noise = philox_normal(seed, tuple(x.shape), step, stream=0, image_offset=image_offset, device=x.device)
