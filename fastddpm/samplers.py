@@ -570,3 +570,17 @@ class DPMSolverSampler(Sampler):
         x_prev, x0 = sampler_step(x, m, coefs, steps[s:s + 1], prev, None, None, 0, bool(clip_denoised), False)
         self._after_step(s, x0)
         return (x_prev, x0) if return_x0 else x_prev
+
+
+SAMPLER_NAMES = ("ddpm", "ddim", "dpm++")
+
+
+def make_sampler(name: str, diffusion: Any, steps: Steps = None, eta: float = 0.0) -> Sampler:
+    """A sampler by name: "ddpm" (steps None = all T), "ddim" (default 50 steps, `eta`) or "dpm++" (default 20)."""
+    if name == "ddpm":
+        return DDPMSampler(diffusion, steps=steps)
+    if name == "ddim":
+        return DDIMSampler(diffusion, steps=50 if steps is None else steps, eta=eta)
+    if name == "dpm++":
+        return DPMSolverSampler(diffusion, steps=20 if steps is None else steps)
+    raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {name!r}")

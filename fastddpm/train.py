@@ -242,16 +242,7 @@ def diffusion_config(cfg: TrainConfig) -> Dict[str, Any]:
                 variance=cfg.variance, loss=cfg.loss)
 
 
-def _make_sampler(name: str, diffusion, steps: int, eta: float = 0.0):
-    from . import samplers
-
-    if name == "ddpm":
-        return samplers.DDPMSampler(diffusion, steps=steps)
-    if name == "ddim":
-        return samplers.DDIMSampler(diffusion, steps=steps, eta=eta)
-    if name == "dpm++":
-        return samplers.DPMSolverSampler(diffusion, steps=steps)
-    raise ValueError(f"sampler must be one of ('ddpm', 'ddim', 'dpm++'), got {name!r}")
+from .samplers import make_sampler as _make_sampler  # noqa: E402  (name kept for callers)
 
 
 class _Conditioned(torch.nn.Module):

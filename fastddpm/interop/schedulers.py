@@ -13,10 +13,9 @@ from typing import Any, Optional, Tuple
 import torch
 
 from ..diffusion import GaussianDiffusion
-from ..samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
+from ..samplers import make_sampler
 from ..schedule import NoiseSchedule
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
 _PREDICTION = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 _VARIANCE = {"fixed_small": "fixed_small", "fixed_large": "fixed_large", "learned_range": "learned_range"}
 
@@ -60,17 +59,6 @@ def diffusion_from_scheduler(scheduler: Any) -> GaussianDiffusion:
                              variance=_VARIANCE[variance])
 
 
-def make_sampler(diffusion: GaussianDiffusion, sampler: str, steps: Any = None, eta: float = 0.0):
-    """A fastddpm sampler by name: "ddpm", "ddim" or "dpm++"."""
-    if sampler == "ddpm":
-        return DDPMSampler(diffusion, steps=steps)
-    if sampler == "ddim":
-        return DDIMSampler(diffusion, steps=50 if steps is None else steps, eta=eta)
-    if sampler == "dpm++":
-        return DPMSolverSampler(diffusion, steps=20 if steps is None else steps)
-    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-
-
 def sampler_from_scheduler(scheduler: Any, sampler: Optional[str] = None, steps: Optional[int] = None,
                            eta: float = 0.0) -> Tuple[Any, bool]:
     """(fastddpm sampler, clip_denoised) matching a diffusers scheduler.
@@ -84,8 +72,8 @@ def sampler_from_scheduler(scheduler: Any, sampler: Optional[str] = None, steps:
         sampler = "ddim" if type(scheduler).__name__.startswith("DDIM") else "ddpm"
     clip = bool(_cfg(scheduler, "clip_sample", False))
     if sampler == "dpm++" or steps is None and sampler == "ddpm":
-        return make_sampler(diffusion, sampler, steps, eta), clip
+        return make_sampler(sampler, diffusion, steps, eta), clip
     probe = type(scheduler).from_config(scheduler.config)
     probe.set_timesteps(50 if steps is None else steps)
     timesteps = [int(t) for t in probe.timesteps.tolist()]
-    return make_sampler(diffusion, sampler, timesteps, eta), clip
+    return make_sampler(sampler, diffusion, timesteps, eta), clip
