@@ -35,6 +35,11 @@ def unet_figures(batch: int) -> dict:
                 m.p = 0.0
         row = {"parameters": sum(p.numel() for p in model.parameters())}
         row["saved_bytes_per_sample"] = saved_bytes(training_step_fn(model, x, t), exclude=model.parameters()) / batch
+        if hasattr(model, "recompute_norm"):  # the memory-lean mode is the default: show the cost without it
+            model.recompute_norm = False
+            row["saved_bytes_per_sample_without_recompute"] = saved_bytes(
+                training_step_fn(model, x, t), exclude=model.parameters()) / batch
+            model.recompute_norm = True
         model.eval()
         with torch.no_grad():
             row["ops_per_forward"] = sum(count_ops(lambda: model(x, t)).values())

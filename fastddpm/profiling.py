@@ -5,8 +5,8 @@ These hold on any machine (no timing), so they compare architectures and impleme
   (`torch.autograd.graph.saved_tensors_hooks`), each storage counted once, parameters excluded.
 - `count_ops(fn)`: the ops that reach the dispatcher (`TorchDispatchMode`), views included; a
   fastddpm custom op counts as one op (its implementation runs below the mode).
-- `count_flops(fn)`: `FlopCounterMode` total, with a formula for `fastddpm::attention` (4 N^2 d per
-  head: QK^T and PV) so the fused attention is not counted as free.
+- `count_flops(fn)`: `FlopCounterMode` total, with formulas for `fastddpm::attention` and for SDPA's
+  CPU kernel (4 N^2 d per head: QK^T and PV), which torch leaves uncounted.
 """
 from __future__ import annotations
 
@@ -72,6 +72,17 @@ def _register_attention_flops() -> None:
         b, h, n, d = q_shape
         m = k_shape[2]
         return 2 * b * h * n * m * d * 2  # S = QK^T and O = PV, 2 FLOPs per multiply-add
+
+    # torch has no formula for SDPA's CPU kernel: without one, a peer's attention on the CPU would
+    # count as free and the comparison would be skewed by exactly the attention FLOPs
+    from torch.utils.flop_counter import flop_registry
+
+    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if cpu_sdpa not in flop_registry:
+        @register_flop_formula(cpu_sdpa)
+        def _cpu_sdpa_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+            b, h, n, d = q_shape
+            return 2 * b * h * n * k_shape[2] * d * 2
 
     _FLOPS_REGISTERED = True
 

@@ -34,3 +34,9 @@ def test_count_flops_matmul_and_attention():
     assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
     q = torch.randn(1, 2, 10, 8)
     assert count_flops(lambda: ops.attention(q, q, q)) == 4 * 2 * 10 * 10 * 8
+
+
+def test_count_flops_cpu_sdpa_equals_fused_attention():
+    q = torch.randn(1, 2, 10, 8)
+    sdpa = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert sdpa == count_flops(lambda: ops.attention(q, q, q)) == 4 * 2 * 10 * 10 * 8
