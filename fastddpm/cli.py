@@ -222,7 +222,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     from . import checkpoint as ckpt
     from .data import save_grid, to_uint8
-    from .train import _make_sampler
+    from .train import _dist_info, _join_process_group, _make_sampler, _resolve_device
 
     _positive("num", args.num)
     _positive("batch-size", args.batch_size)
@@ -235,23 +235,12 @@ def _run_sample(args: argparse.Namespace) -> int:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
     out_png = args.out if (args.out or args.npz) else "samples.png"
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device == "auto":
-        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise CLIError(f"--device {args.device}: CUDA is not available")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    own_group = False
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        own_group = True
+    rank, world, local_rank = _dist_info()
+    try:
+        device = _resolve_device(args.device, local_rank)
+    except ValueError:
+        raise CLIError(f"--device {args.device}: CUDA is not available") from None
+    own_group = _join_process_group(world, device)
     distributed = world > 1 and dist.is_initialized()
     if not distributed:
         world, rank = 1, 0

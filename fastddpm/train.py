@@ -228,6 +228,19 @@ def _resolve_device(spec: str, local_rank: int) -> torch.device:
     return dev
 
 
+def _join_process_group(world: int, device: torch.device) -> bool:
+    """Join torchrun's process group when world > 1 (nccl on CUDA, gloo on the CPU).
+
+    Returns whether this call created the group (the caller then destroys it when done).
+    """
+    if world <= 1 or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
 def model_config(cfg: TrainConfig, image_size: int, channels: int, num_classes: Optional[int]) -> Dict[str, Any]:
     """UNet keyword arguments of a training config."""
     return dict(image_size=image_size, in_channels=channels, base_channels=cfg.base_channels,
@@ -307,12 +320,7 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> TrainResult:
 
     rank, world, local_rank = _dist_info()
     device = _resolve_device(cfg.device, local_rank)
-    own_group = False
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        own_group = True
+    own_group = _join_process_group(world, device)
     distributed = world > 1 and dist.is_initialized()
     try:
         return _train(cfg, rank if distributed else 0, world if distributed else 1, device, distributed)

@@ -33,6 +33,7 @@ of the output dtype (one final rounding; one full bf16 ulp in the interpreter, w
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import List, Optional, Tuple
 
@@ -176,23 +177,31 @@ def _sampler_step_inplace_kernel(
         tl.store(DONE, 0)
 
 
-def _autotuned():
+_TUNE_KEY = ["E", "CLIP", "LEARNED", "HAS_X0P", "NOISE_MODE"]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(inplace: bool):
+    """The autotuned kernel (built on first GPU use, never in the interpreter)."""
     configs = [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in CONFIGS]
-    return triton.autotune(configs=configs, key=["E", "CLIP", "LEARNED", "HAS_X0P", "NOISE_MODE"])(
-        _sampler_step_kernel
-    )
-
-
-def _autotuned_inplace():
+    if not inplace:
+        return triton.autotune(configs=configs, key=_TUNE_KEY)(_sampler_step_kernel)
     # The benchmark runs of autotuning would step the sampler once per run: restore every buffer the
     # kernel writes after each run (triton's restore_value), so only the final launch counts.
-    configs = [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in CONFIGS]
-    return triton.autotune(configs=configs, key=["E", "CLIP", "LEARNED", "HAS_X0P", "NOISE_MODE"],
+    return triton.autotune(configs=configs, key=_TUNE_KEY,
                            restore_value=["X", "X0P", "STEP", "TOUT", "DONE"])(_sampler_step_inplace_kernel)
 
 
-_tuned_kernel = None
-_tuned_inplace_kernel = None
+def _launch(inplace: bool, args: tuple, flags: dict, numel_image: int, n: int) -> None:
+    """Launch over (element blocks, images): a fixed config in the interpreter, autotuned on a GPU."""
+    if _interpreting():
+        block, warps = INTERPRET_CONFIG
+        kernel = _sampler_step_inplace_kernel if inplace else _sampler_step_kernel
+        kernel[(triton.cdiv(numel_image, block), n)](*args, **flags, BLOCK=block, num_warps=warps,
+                                                     enable_fp_fusion=ENABLE_FP_FUSION)
+    else:
+        grid = lambda meta: (triton.cdiv(numel_image, meta["BLOCK"]), n)  # noqa: E731
+        _autotuned(inplace)[grid](*args, **flags, enable_fp_fusion=ENABLE_FP_FUSION)
 
 
 def _interpreting() -> bool:
@@ -272,17 +281,7 @@ def sampler_step_forward(
             image_offset)
     flags = dict(CLIP=bool(clip), LEARNED=bool(learned_range), HAS_X0P=x0_prev is not None,
                  NOISE_MODE=noise_mode, STREAM=STEP_STREAM)
-    if _interpreting():
-        block, warps = INTERPRET_CONFIG
-        grid = (triton.cdiv(numel_image, block), n)
-        _sampler_step_kernel[grid](*args, **flags, BLOCK=block, num_warps=warps,
-                                   enable_fp_fusion=ENABLE_FP_FUSION)
-    else:
-        global _tuned_kernel
-        if _tuned_kernel is None:
-            _tuned_kernel = _autotuned()
-        grid = lambda meta: (triton.cdiv(numel_image, meta["BLOCK"]), n)  # noqa: E731
-        _tuned_kernel[grid](*args, **flags, enable_fp_fusion=ENABLE_FP_FUSION)
+    _launch(False, args, flags, numel_image, n)
     return x_prev, x0
 
 
@@ -344,17 +343,7 @@ def sampler_step_inplace(
             model_output[0].numel(), image_offset, s_rows, t_out.numel())
     flags = dict(CLIP=bool(clip), LEARNED=bool(learned_range), HAS_X0P=x0_prev is not None,
                  NOISE_MODE=noise_mode, STREAM=STEP_STREAM)
-    if _interpreting():
-        block, warps = INTERPRET_CONFIG
-        grid = (triton.cdiv(numel_image, block), n)
-        _sampler_step_inplace_kernel[grid](*args, **flags, BLOCK=block, num_warps=warps,
-                                           enable_fp_fusion=ENABLE_FP_FUSION)
-    else:
-        global _tuned_inplace_kernel
-        if _tuned_inplace_kernel is None:
-            _tuned_inplace_kernel = _autotuned_inplace()
-        grid = lambda meta: (triton.cdiv(numel_image, meta["BLOCK"]), n)  # noqa: E731
-        _tuned_inplace_kernel[grid](*args, **flags, enable_fp_fusion=ENABLE_FP_FUSION)
+    _launch(True, args, flags, numel_image, n)
 
 
 # ---------------------------------------------------------------- AOT specs and modelled HBM traffic
