@@ -28,7 +28,10 @@ Cost choices (figures: benchmarks/figures.py, benchmarks/bench_unet.py):
 * all ResBlocks' time projections are one matmul per forward (`_StackedLinear`; the weights stay per
   block, as in diffusers, and only `emb` is saved for backward);
 * the attention's qkv and output projections are applied as 1x1 convolutions of their Linear weights on
-  [B, C, H, W], q/k/v being strided views of the qkv output: no layout transposes or copies around them.
+  [B, C, H, W], q/k/v being strided views of the qkv output: no layout transposes or copies around them;
+* activations take the layout `fastddpm.ops.preferred_memory_format` names for the device: channels-last on
+  the CPU, where oneDNN's convolutions work in NHWC natively (an NCHW input is reordered on every call) and
+  the reference ops keep the layout; NCHW where the Triton kernels run. The output is contiguous.
 
 Defaults follow the DDPM paper's CIFAR-10 model as released (TF "SAME" padding of the strided
 convolution = `downsample_padding=0`, GroupNorm eps 1e-6, `flip_sin_to_cos=False`, `freq_shift=1`).
@@ -101,7 +104,7 @@ class _NormConv(torch.autograd.Function):
     Backward = the GroupNorm op's forward again, then exactly the two backward ops the plain path runs
     (`aten.convolution_backward`, `fastddpm::group_norm_silu_backward`), so the gradients equal the
     plain path's. Dropout (p > 0) keeps its keep-mask as a bool tensor (what `nn.Dropout` saves too);
-    it draws the mask as `F.dropout` does on the CPU (bernoulli_(1 - p) / (1 - p)).
+    it draws the mask with `_dropout_noise`, as the plain path does.
     Under autocast the convolution runs in the autocast dtype, as `F.conv2d` would (the recomputed input
     and the weight are cast the same way in backward, the gradients cast back to their inputs' dtypes).
     """
@@ -112,7 +115,7 @@ class _NormConv(torch.autograd.Function):
         y, _, _ = torch.ops.fastddpm.group_norm_silu(x, norm_weight, norm_bias, add, scale, shift, groups, eps, silu)
         keep = None
         if dropout_p > 0.0:
-            noise = torch.empty_like(y).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+            noise = _dropout_noise(y, dropout_p)
             y = y * noise
             keep = noise != 0
         ctx.save_for_backward(x, norm_weight, norm_bias, add, scale, shift, conv_weight, keep)
@@ -168,8 +171,15 @@ def _norm_conv(norm: "GroupNorm", conv_weight: torch.Tensor, conv_bias: Optional
                                float(norm.eps), silu, (1, 1), (padding, padding), (1, 1), 1, p)
     h = norm(x, add=add, scale=scale, shift=shift, silu=silu)
     if p > 0.0:
-        h = dropout(h)
+        h = h * _dropout_noise(h, p)
     return F.conv2d(h, conv_weight, conv_bias, 1, padding)
+
+
+def _dropout_noise(y: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout's scaled keep-mask, bernoulli(1 - p) / (1 - p) (what `F.dropout` multiplies by), drawn into
+    a contiguous tensor: the same mask for the same seed whatever y's layout, so the lean, plain and
+    compiled paths agree (a channels-last buffer would be filled in a layout-dependent order)."""
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device).bernoulli_(1.0 - p).div_(1.0 - p)
 
 
 class _StackedLinear(torch.autograd.Function):
@@ -200,6 +210,11 @@ class _StackedLinear(torch.autograd.Function):
         grad_weights = (grad.t() @ e).to(weights[0].dtype).split(ctx.rows, dim=0)
         grad_biases = grad.sum(0).to(weights[0].dtype).split(ctx.rows, dim=0)
         return (grad_emb, None, *grad_weights, *grad_biases)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether x is laid out [N, H, W, C] in memory (and not also plain contiguous)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _lean(module: nn.Module) -> bool:
@@ -282,7 +297,10 @@ class AttentionBlock(nn.Module):
                          silu=False)  # [B, 3C, H, W]
         q, k, v = qkv.reshape(b, 3, heads, c // heads, hgt * wid).transpose(-1, -2).unbind(1)
         o = _ops.attention(q, k, v)  # [B, heads, N, head_dim]
-        o = o.transpose(-1, -2).reshape(b, c, hgt, wid)
+        if _channels_last(x):  # back to [B, C, H, W] in x's layout (a view when heads == 1)
+            o = o.transpose(1, 2).reshape(b, hgt, wid, c).permute(0, 3, 1, 2)
+        else:
+            o = o.transpose(-1, -2).reshape(b, c, hgt, wid)
         return x + F.conv2d(o, self.proj.weight.reshape(c, c, 1, 1), self.proj.bias)
 
 
@@ -590,6 +608,9 @@ class UNet(nn.Module):
                              f"(in_channels, image_size), got {tuple(x.shape)}")
         emb = F.silu(self._embedding(x, t, y))  # every ResBlock's projection starts with SiLU
         projs = iter(self._time_projections(emb))
+        # Activations run in the layout the ops prefer on this device (channels-last on the CPU: NHWC is
+        # oneDNN's native convolution layout); every block keeps its input's layout.
+        x = x.contiguous(memory_format=_ops.preferred_memory_format(x))
 
         h = self.conv_in(x)
         skips = [h]
@@ -613,8 +634,9 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
 
-        return _norm_conv(self.norm_out, self.conv_out.weight, self.conv_out.bias, h,
-                          self.recompute_norm and self.training and torch.is_grad_enabled(), padding=1)
+        out = _norm_conv(self.norm_out, self.conv_out.weight, self.conv_out.bias, h,
+                         self.recompute_norm and self.training and torch.is_grad_enabled(), padding=1)
+        return out.contiguous()
 
     def _time_projections(self, emb: torch.Tensor) -> list:
         """Every ResBlock's time projection in one matmul: the blocks' `time_proj` weights (kept per block,

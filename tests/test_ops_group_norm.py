@@ -358,3 +358,34 @@ def test_non_contiguous_inputs_like_the_unet():
     r = torch_composition(x64, base["weight"].double(), base["bias"].double(), None, s64, sh64, True, 2)
     dx64, dp64 = torch.autograd.grad(r.square().sum(), (x64, p64))
     assert rel_err(dx, dx64) <= 1e-4 and rel_err(dproj, dp64) <= 1e-4
+
+
+@pytest.mark.parametrize("offset", [0.3, 1e3], ids=["folded", "centered"])  # 1e3: the exact centered branch
+@pytest.mark.parametrize("opt", list(OPTIONS))
+def test_channels_last_layout_is_kept(opt, offset):
+    """A channels-last x (the U-Net's CPU layout) gives channels-last y and dx, equal to the NCHW results,
+    and the fake ops report the same strides as the real ones."""
+    inp = make_inputs(2, 2, 3, (4, 5), OPTIONS[opt], seed=3)
+    inp["x"] = inp["x"] + offset
+    cl = dict(inp, x=inp["x"].contiguous(memory_format=torch.channels_last))
+    assert not cl["x"].is_contiguous()
+    args = lambda d: (d["x"], d["weight"], d["bias"], d["add"], d["scale"], d["shift"], 2, 1e-5, d["silu"])  # noqa: E731
+    y_cl, mean, rstd = torch.ops.fastddpm.group_norm_silu(*args(cl))
+    y_nchw, _, _ = torch.ops.fastddpm.group_norm_silu(*args(inp))
+    assert y_cl.is_contiguous(memory_format=torch.channels_last) and not y_cl.is_contiguous()
+    assert y_nchw.is_contiguous()
+    # float32 rounds the group mean to ulp(offset) / 2 (3e-5 at 1e3), an error of that over std (1.5) in y
+    tol = 1e-5 if offset < 1 else 1e-5 + 2 * torch.finfo(torch.float32).eps * offset
+    expected = torch_composition(**cast(inp, torch.float64))
+    torch.testing.assert_close(y_cl.double(), expected, rtol=0, atol=tol)
+    torch.testing.assert_close(y_cl, y_nchw, rtol=0, atol=2 * tol)
+    dy = torch.randn(inp["x"].shape, generator=torch.Generator().manual_seed(4))
+    bargs = lambda d: (dy, *args(d)[:6], mean, rstd, 2, d["silu"])  # noqa: E731
+    g_cl = torch.ops.fastddpm.group_norm_silu_backward(*bargs(cl))
+    g_nchw = torch.ops.fastddpm.group_norm_silu_backward(*bargs(inp))
+    assert g_cl[0].is_contiguous(memory_format=torch.channels_last) and not g_cl[0].is_contiguous()
+    for a, b in zip(g_cl, g_nchw):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2 * tol * (1 + (b.abs().max().item() if b.numel() else 0)))
+    opcheck(torch.ops.fastddpm.group_norm_silu.default, args(cl), test_utils=("test_schema", "test_faketensor"))
+    opcheck(torch.ops.fastddpm.group_norm_silu_backward.default, bargs(cl),
+            test_utils=("test_schema", "test_faketensor"))

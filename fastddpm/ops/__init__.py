@@ -4,9 +4,10 @@ Each op has a plain-PyTorch reference implementation (the oracle of its tests an
 where Triton or a GPU is missing), a Triton implementation from `kernels/` for CUDA tensors, a fake
 implementation for tracing, and an autograd formula. See `backend.py` for how the path is chosen.
 """
-from .backend import current_backend, triton_available, use_backend
+from .backend import current_backend, preferred_memory_format, triton_available, use_backend
 from .group_norm import group_norm_silu
 from .attention import attention
 from .sampler_step import sampler_step, sampler_step_
 
-__all__ = ["group_norm_silu", "attention", "sampler_step", "sampler_step_", "use_backend", "current_backend", "triton_available"]
+__all__ = ["group_norm_silu", "attention", "sampler_step", "sampler_step_", "use_backend", "current_backend", "triton_available",
+           "preferred_memory_format"]

@@ -44,11 +44,15 @@ def _sm_scale(q: Tensor) -> float:
 
 # ------------------------------------------------------------------------------------ reference
 def _reference_forward(q: Tensor, k: Tensor, v: Tensor, sm_scale: float) -> tuple[Tensor, Tensor]:
+    """S = q k^T scale, m = rowmax(S), P~ = exp(S - m) (in place on S), l = rowsum(P~),
+    o = (P~ v) / l, lse = m + log(l): the N x N scores are allocated once and never copied."""
     cd = _compute_dtype(q)
-    s = torch.matmul(q.to(cd), k.to(cd).transpose(-1, -2)) * sm_scale
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.unsqueeze(-1))
-    o = torch.matmul(p, v.to(cd))
+    s = torch.matmul(q.to(cd), k.to(cd).transpose(-1, -2)).mul_(sm_scale)
+    m = s.amax(dim=-1, keepdim=True)
+    p = s.sub_(m).exp_()
+    rowsum = p.sum(dim=-1, keepdim=True)
+    o = torch.matmul(p, v.to(cd)).div_(rowsum)
+    lse = (m + rowsum.log()).squeeze(-1)
     return o.to(q.dtype).contiguous(), lse.contiguous()
 
 

@@ -52,3 +52,15 @@ def use_triton(t: torch.Tensor) -> bool:
     if backend == "triton":
         return True
     return t.is_cuda and triton_available()
+
+
+def preferred_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The activation layout the fused ops and the convolutions around them run fastest in for tensor `t`.
+
+    channels-last where the reference path runs on the CPU: oneDNN's convolutions work in NHWC natively
+    (an NCHW input is reordered on every call), and the reference ops keep a channels-last input's
+    layout. Contiguous (NCHW) wherever the Triton kernels run: they read NCHW rows of one (n, group).
+    """
+    if t.device.type == "cpu" and not use_triton(t):
+        return torch.channels_last
+    return torch.contiguous_format

@@ -57,14 +57,28 @@ def _absent(x: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ reference
-def _per_channel(t: Optional[Tensor], cd: torch.dtype) -> Optional[Tensor]:
-    """[C] -> [1, C, 1] in the compute dtype."""
-    return None if t is None else t.to(cd).reshape(1, -1, 1)
+def _out_format(x: Tensor) -> torch.memory_format:
+    """The layout of the op's outputs (y; dx in backward): channels-last when x is a 4-D channels-last
+    tensor (the CPU's fast convolution layout, see `backend.preferred_memory_format`), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
-def _per_sample_channel(t: Optional[Tensor], cd: torch.dtype) -> Optional[Tensor]:
-    """[N, C] -> [N, C, 1] in the compute dtype."""
-    return None if t is None else t.to(cd).unsqueeze(-1)
+def _per_channel(t: Optional[Tensor], cd: torch.dtype, x: Tensor) -> Optional[Tensor]:
+    """[C] -> [1, C, 1, ...] (broadcasting against x) in the compute dtype."""
+    return None if t is None else t.to(cd).reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _per_sample_channel(t: Optional[Tensor], cd: torch.dtype, x: Tensor) -> Optional[Tensor]:
+    """[N, C] -> [N, C, 1, ...] (broadcasting against x) in the compute dtype."""
+    return None if t is None else t.to(cd).reshape(*t.shape, *([1] * (x.dim() - 2)))
+
+
+def _per_group(stat: Tensor, cd: torch.dtype, x: Tensor) -> Tensor:
+    """[N, groups] -> [N, C, 1, ...]: each group's value repeated over its channels."""
+    n, c = x.shape[0], x.shape[1]
+    return stat.to(cd).repeat_interleave(c // stat.shape[1], dim=1).reshape(n, c, *([1] * (x.dim() - 2)))
 
 
 # ATen's group norm output is folded, y = u * (rstd w) + (beta - mean rstd w): its rounding error grows
@@ -81,16 +95,26 @@ def _reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     moments, in the compute dtype); weight/bias/scale/shift folded into one per-(n, c) affine
     y = y_hat * A + B (one pass; inside ATen's pass when there is no scale/shift); SiLU in place.
     The folded output is used on the CPU when |mean| * rstd is small (reading it there costs no device
-    sync); else y_hat is recomputed centered, (u - mean) * rstd (two more passes)."""
+    sync); else y_hat is recomputed centered, (u - mean) * rstd (two more passes).
+    Every step keeps x's layout (ATen's kernel has a channels-last path), so a channels-last x is
+    never copied to NCHW and back."""
     cd = _compute_dtype(x)
+    fmt = _out_format(x)
     n, c = x.shape[0], x.shape[1]
     hw = math.prod(x.shape[2:])
-    u = x.to(cd).reshape(n, c, hw)  # x itself (never written) when x is already in the compute dtype
+    u = x.to(cd)  # x itself (never written) when x is already in the compute dtype
     if add is not None:
-        u = u + _per_sample_channel(add, cd)
-    u = u.contiguous()  # ATen's kernel needs it (a view of a sliced x may not be)
-    w = _per_channel(weight, cd)
-    b = _per_channel(bias, cd)
+        u = u + _per_sample_channel(add, cd, x)
+    u = u.contiguous(memory_format=fmt)  # ATen's kernel needs a dense layout (a view of a sliced x may not be)
+    mean0 = None
+    if fmt == torch.channels_last:
+        # ATen's channels-last CPU kernel takes the variance as E[u^2] - E[u]^2 (it loses everything for a
+        # group whose |mean| >> std). Subtracting each group's mean first (pass 1: per-channel sums) makes
+        # that kernel the second pass of a two-pass variance: E[d] ~ 0, so nothing cancels.
+        mean0 = u.sum((2, 3)).reshape(n, groups, -1).sum(-1) / (hw * (c // groups))
+        u = u - _per_group(mean0, cd, x)
+    w = _per_channel(weight, cd, x)
+    b = _per_channel(bias, cd, x)
     native_affine = scale is None and shift is None
     z, mean, rstd = torch.ops.aten.native_group_norm(
         u, None if not native_affine or w is None else w.reshape(c),
@@ -98,22 +122,24 @@ def _reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     folded_ok = (u.device.type == "cpu" and mean.numel() > 0
                  and float((mean.abs() * rstd).amax()) <= _FOLD_LIMIT)
     # y = (y_hat * w + b) * (1 + scale) + shift = y_hat * A + B with A, B per (n, c) (None: 1 / 0)
-    one_plus_s = 1 + _per_sample_channel(scale, cd) if scale is not None else None
+    one_plus_s = 1 + _per_sample_channel(scale, cd, x) if scale is not None else None
     if one_plus_s is None:
         a_nc, b_nc = w, b
     else:
         a_nc = one_plus_s if w is None else w * one_plus_s
         b_nc = None if b is None else b * one_plus_s
     if shift is not None:
-        sh = _per_sample_channel(shift, cd)
+        sh = _per_sample_channel(shift, cd, x)
         b_nc = sh if b_nc is None else b_nc + sh
     if not folded_ok:
         # exact centered form: z = (u - mean) * (rstd * A) + B
-        z = (u.reshape(n, groups, -1) - mean.unsqueeze(-1)).reshape(n, c, hw)
-        rstd_c = rstd.repeat_interleave(c // groups, dim=1).unsqueeze(-1)
+        z = u - _per_group(mean, cd, x)
+        rstd_c = _per_group(rstd, cd, x)
         a_nc = rstd_c if a_nc is None else rstd_c * a_nc
     elif native_affine:
         a_nc = b_nc = None  # already applied by ATen
+    if mean0 is not None:
+        mean = mean0 + mean  # the statistics of x (+ add) itself, as the backward op takes them
     if a_nc is not None and b_nc is not None:
         torch.addcmul(b_nc, z, a_nc, out=z)  # z = B + z * A: one pass, in place on our own temporary
     elif a_nc is not None:
@@ -122,7 +148,7 @@ def _reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
         z.add_(b_nc)
     if silu:
         z = F.silu(z, inplace=True)
-    return z.reshape(x.shape).to(x.dtype).contiguous(), mean, rstd
+    return z.to(x.dtype).contiguous(memory_format=fmt), mean, rstd
 
 
 def _reference_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -135,40 +161,50 @@ def _reference_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
         dshift = sum_hw g,  dscale = sum_hw g z1,  g1 = g (1 + scale)
         dbias = sum_{n,hw} g1,  dweight = sum_{n,hw} g1 y_hat,  d_hat = g1 w
         du = rstd (d_hat - mean_group(d_hat) - y_hat mean_group(d_hat y_hat)),  dx = du,  dadd = sum_hw du
+
+    The group means are per-channel sums then per-group sums (no reshape into groups), so every
+    tensor keeps x's layout.
     """
     cd = _compute_dtype(x)
     n, c = x.shape[0], x.shape[1]
-    cpg = c // groups
-    u = x.to(cd).reshape(n, c, -1)
+    spatial = tuple(range(2, x.dim()))
+    count = (c // groups) * math.prod(x.shape[2:])  # elements per group
+
+    def hw_sum(t: Tensor) -> Tensor:  # [N, C, *spatial] -> [N, C]
+        return t.sum(spatial) if spatial else t.clone()  # (sum over dim=() would reduce everything)
+
+    def group_mean(t_nc: Tensor) -> Tensor:  # [N, C] per-channel sums -> [N, C, 1, ...] group means
+        g_mean = t_nc.reshape(n, groups, -1).sum(-1) / count
+        return _per_group(g_mean, cd, x)
+
+    u = x.to(cd)
     if add is not None:
-        u = u + _per_sample_channel(add, cd)
-    mean_c = mean.to(cd).repeat_interleave(cpg, dim=1).unsqueeze(-1)
-    rstd_c = rstd.to(cd).repeat_interleave(cpg, dim=1).unsqueeze(-1)
-    y_hat = (u - mean_c) * rstd_c
-    w = _per_channel(weight, cd)
+        u = u + _per_sample_channel(add, cd, x)
+    rstd_c = _per_group(rstd, cd, x)
+    y_hat = (u - _per_group(mean, cd, x)) * rstd_c
+    w = _per_channel(weight, cd, x)
     z1 = y_hat * w if w is not None else y_hat
     if bias is not None:
-        z1 = z1 + _per_channel(bias, cd)
-    one_plus_s = None if scale is None else 1 + _per_sample_channel(scale, cd)
-    g = dy.to(cd).reshape(n, c, -1)
+        z1 = z1 + _per_channel(bias, cd, x)
+    one_plus_s = None if scale is None else 1 + _per_sample_channel(scale, cd, x)
+    g = dy.to(cd)
     if silu:
         z = z1 * one_plus_s if one_plus_s is not None else z1
         if shift is not None:
-            z = z + _per_sample_channel(shift, cd)
+            z = z + _per_sample_channel(shift, cd, x)
         sig = torch.sigmoid(z)
         g = g * (sig * (1 + z * (1 - sig)))
-    dshift = g.sum(-1).to(shift.dtype) if shift is not None else _absent(x)
-    dscale = (g * z1).sum(-1).to(scale.dtype) if scale is not None else _absent(x)
+    dshift = hw_sum(g).to(shift.dtype) if shift is not None else _absent(x)
+    dscale = hw_sum(g * z1).to(scale.dtype) if scale is not None else _absent(x)
     g1 = g * one_plus_s if one_plus_s is not None else g
-    dbias = g1.sum((0, 2)).to(bias.dtype) if bias is not None else _absent(x)
-    dweight = (g1 * y_hat).sum((0, 2)).to(weight.dtype) if weight is not None else _absent(x)
-    d_hat = (g1 * w if w is not None else g1).reshape(n, groups, -1)
-    y_hat_g = y_hat.reshape(n, groups, -1)
-    c1 = d_hat.mean(-1, keepdim=True)
-    c2 = (d_hat * y_hat_g).mean(-1, keepdim=True)
-    du = (rstd.to(cd).unsqueeze(-1) * (d_hat - c1 - y_hat_g * c2)).reshape(n, c, -1)
-    dadd = du.sum(-1).to(add.dtype) if add is not None else _absent(x)
-    dx = du.reshape(x.shape).to(x.dtype).contiguous()
+    dbias = hw_sum(g1).sum(0).to(bias.dtype) if bias is not None else _absent(x)
+    dweight = hw_sum(g1 * y_hat).sum(0).to(weight.dtype) if weight is not None else _absent(x)
+    d_hat = g1 * w if w is not None else g1
+    c1 = group_mean(hw_sum(d_hat))
+    c2 = group_mean(hw_sum(d_hat * y_hat))
+    du = rstd_c * (d_hat - c1 - y_hat * c2)
+    dadd = hw_sum(du).to(add.dtype) if add is not None else _absent(x)
+    dx = du.to(x.dtype).contiguous(memory_format=_out_format(x))
     return dx, dweight, dbias, dadd, dscale, dshift
 
 
@@ -181,14 +217,14 @@ def _group_norm_silu_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
         from kernels.group_norm import group_norm_forward
 
         y, mean, rstd = group_norm_forward(x.contiguous(), weight, bias, add, scale, shift, groups, eps, silu)
-        return y.contiguous(), mean, rstd
+        return y.contiguous(memory_format=_out_format(x)), mean, rstd
     return _reference_forward(x, weight, bias, add, scale, shift, groups, eps, silu)
 
 
 @_group_norm_silu_op.register_fake
 def _group_norm_silu_fake(x, weight, bias, add, scale, shift, groups, eps, silu):
     stats = x.new_empty((x.shape[0], groups), dtype=_compute_dtype(x))
-    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+    return x.new_empty(x.shape).contiguous(memory_format=_out_format(x)), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("fastddpm::group_norm_silu_backward", mutates_args=())
@@ -202,7 +238,7 @@ def _group_norm_silu_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor]
 
         grads = group_norm_backward(dy.contiguous(), x.contiguous(), weight, bias, add, scale, shift,
                                     mean, rstd, groups, silu)
-        dx = grads[0].contiguous()
+        dx = grads[0].contiguous(memory_format=_out_format(x))
         rest = [_absent(x) if t is None else t.contiguous() for t in grads[1:]]
         return (dx, *rest)
     return _reference_backward(dy, x, weight, bias, add, scale, shift, mean, rstd, groups, silu)
@@ -213,7 +249,8 @@ def _group_norm_silu_backward_fake(dy, x, weight, bias, add, scale, shift, mean,
     def like(t):
         return _absent(x) if t is None else t.new_empty(t.shape)
 
-    return x.new_empty(x.shape), like(weight), like(bias), like(add), like(scale), like(shift)
+    dx = x.new_empty(x.shape).contiguous(memory_format=_out_format(x))
+    return dx, like(weight), like(bias), like(add), like(scale), like(shift)
 
 
 def _setup_context(ctx, inputs, output):
@@ -268,7 +305,8 @@ def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         silu: apply SiLU at the end.
 
     Returns:
-        y with x's shape and dtype (contiguous). Statistics are computed in float32 (float64 for
+        y with x's shape and dtype, channels-last when x is a 4-D channels-last tensor, else
+        contiguous. Statistics are computed in float32 (float64 for
         float64 x) by a cancellation-free (two-pass / Welford) reduction. Differentiable in x, weight, bias, add, scale, shift;
         only the inputs and per-group mean/rstd are saved for backward.
     """
