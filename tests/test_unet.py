@@ -168,6 +168,48 @@ def test_attention_block_matches_manual(heads):
     o = F.linear(torch.cat(outs, -1), block.proj.weight, block.proj.bias)
     expected = x + o.transpose(1, 2).reshape(x.shape)
     torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+    # the CPU layout: a channels-last input stays channels-last, with the same values
+    out_cl = block(x.contiguous(memory_format=torch.channels_last))
+    assert out_cl.is_contiguous(memory_format=torch.channels_last) and not out_cl.is_contiguous()
+    torch.testing.assert_close(out_cl, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_preferred_memory_format():
+    """channels-last for the CPU reference path, NCHW where the Triton kernels would run."""
+    assert ops.preferred_memory_format(torch.zeros(1)) == torch.channels_last
+    with ops.use_backend("reference"):
+        assert ops.preferred_memory_format(torch.zeros(1)) == torch.channels_last
+    if ops.triton_available():
+        with ops.use_backend("triton"):
+            assert ops.preferred_memory_format(torch.zeros(1)) == torch.contiguous_format
+
+
+@pytest.mark.parametrize("mode", ["add", "scale_shift"])
+def test_channels_last_forward_backward_equal_nchw(mode, monkeypatch):
+    """The U-Net on the CPU runs channels-last; forcing NCHW gives the same output and gradients, and the
+    output is contiguous either way."""
+    torch.manual_seed(2)
+    model = _perturb(fd.UNet(**TINY, time_embedding=mode, num_heads=2)).train()
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([5, 600])
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(x, t)
+        assert out.is_contiguous()
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    seen = []
+    real = ops.preferred_memory_format
+    monkeypatch.setattr(ops, "preferred_memory_format", lambda t: seen.append(real(t)) or real(t))
+    out_cl, g_cl = run()
+    assert seen == [torch.channels_last]
+    monkeypatch.setattr(ops, "preferred_memory_format", lambda t: torch.contiguous_format)
+    out_nchw, g_nchw = run()
+    torch.testing.assert_close(out_cl, out_nchw, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_cl, g_nchw):
+        torch.testing.assert_close(a, b, atol=1e-4 * (1 + b.abs().max().item()), rtol=1e-4)
 
 
 @pytest.mark.parametrize("learn_sigma,out_channels,expected", [(False, None, 3), (True, None, 6), (False, 5, 5)])
