@@ -28,6 +28,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from ._names import SAMPLER_NAMES
+
 __all__ = ["main", "COMMANDS", "Command", "build_parser"]
 
 
@@ -102,7 +104,7 @@ _TRAIN_CHOICES = {
     "variance": ("fixed_small", "fixed_large", "learned_range"),
     "loss": ("simple", "vlb", "hybrid"),
     "amp": ("auto", "bf16", "none"),
-    "sample_sampler": ("ddpm", "ddim", "dpm++"),
+    "sample_sampler": SAMPLER_NAMES,
 }
 _METAVAR = {int: "N", float: "X", str: "TEXT"}
 
@@ -186,7 +188,7 @@ def _configure_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="a checkpoint directory, a run directory (its newest checkpoint) or a .safetensors "
                         "file; default: the bundled digits model")
-    p.add_argument("--sampler", default="dpm++", choices=("ddpm", "ddim", "dpm++"), help="default: dpm++")
+    p.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES, help="default: dpm++")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default: 20 for dpm++, 50 for ddim, all T for ddpm)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default: 0)")
@@ -248,8 +250,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         model, diffusion, config = ckpt.load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
         mc = config["model"]
         size, channels, num_classes = int(mc["image_size"]), int(mc["in_channels"]), mc.get("num_classes")
-        sampler = _make_sampler(args.sampler, diffusion, args.steps if args.steps is not None else
-                                {"dpm++": 20, "ddim": 50, "ddpm": None}[args.sampler], eta=args.eta)
+        sampler = _make_sampler(args.sampler, diffusion, args.steps, eta=args.eta)
         if args.class_label is not None:
             if not num_classes:
                 raise CLIError("--class-label needs a class-conditional model; this one has no classes")

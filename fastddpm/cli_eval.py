@@ -28,6 +28,8 @@ import sys
 import time
 from typing import Any, Dict
 
+from ._names import SAMPLER_NAMES
+
 __all__ = ["add_subcommands", "configure_eval", "run_eval", "configure_nll", "run_nll",
            "EVAL_HELP", "NLL_HELP"]
 
@@ -59,7 +61,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def configure_eval(p: argparse.ArgumentParser) -> None:
     """Add the ``eval`` arguments to a parser."""
     _add_common(p)
-    p.add_argument("--sampler", default="dpm++", choices=("ddpm", "ddim", "dpm++"), help="default: dpm++")
+    p.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES, help="default: dpm++")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default: 20 for dpm++, 50 for ddim, all T for ddpm)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default: 0)")
@@ -179,8 +181,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.features == "digits" and (size, channels) != (8, 1):
         raise _error(f"--features digits needs 8x8 one-channel images; this model makes {channels}x{size}x{size} "
                      "(use --features inception)")
-    steps = args.steps if args.steps is not None else {"dpm++": 20, "ddim": 50, "ddpm": None}[args.sampler]
-    sampler = _make_sampler(args.sampler, diffusion, steps, eta=args.eta)
+    sampler = _make_sampler(args.sampler, diffusion, args.steps, eta=args.eta)
 
     # the reference
     data = args.data

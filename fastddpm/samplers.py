@@ -34,7 +34,9 @@ near t = 0, where lambda moves fastest: the uniform spacing puts one huge lambda
 the multistep extrapolation overshoots). The first step and the last transition (to timesteps[-1]) are
 first order (DPM-Solver++ 1 = DDIM), the others second-order multistep with the previous x0-hat, and the
 final model evaluation (at timesteps[-1] = 0) returns x0-hat itself, i.e. a first-order step to
-sigma = 0. `steps` counts model evaluations.
+sigma = 0. `steps` counts model evaluations. `stochastic=True` ("dpm++sde") is SDE-DPM-Solver++(2M)
+(Lu et al. 2022, sec. 4 / diffusers' "sde-dpmsolver++", midpoint): the same multistep x0 terms with
+(1 - e^{-2h}) in place of (1 - e^{-h}), x scaled by e^{-h} sigma'/sigma, plus sigma' sqrt(1 - e^{-2h}) z.
 """
 from __future__ import annotations
 
@@ -45,10 +47,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._names import DEFAULT_STEPS, SAMPLER_NAMES
 from .ops.sampler_step import NUM_COEFS, sampler_step
 from .schedule import NoiseSchedule, space_timesteps
 
-__all__ = ["DDPMSampler", "DDIMSampler", "DPMSolverSampler", "Sampler", "quadratic_timesteps"]
+__all__ = ["DDPMSampler", "DDIMSampler", "DPMSolverSampler", "Sampler", "quadratic_timesteps", "make_sampler",
+           "SAMPLER_NAMES", "DEFAULT_STEPS"]
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -485,17 +489,27 @@ class DPMSolverSampler(Sampler):
     and the final step (s = S-1) returns x0-hat at timesteps[-1] (a first-order step to sigma = 0).
     `steps` counts model evaluations.
 
+    stochastic=True: SDE-DPM-Solver++(2M) (the "sde-dpmsolver++" midpoint update of diffusers'
+    DPMSolverMultistepScheduler), which solves the reverse SDE instead of the probability-flow ODE:
+        x' = e^{-h} (sigma'/sigma) x + alpha' (1 - e^{-2h}) D + sigma' sqrt(1 - e^{-2h}) z
+    with D = x0_s (first order) or (1 + 1/2r) x0_s - (1/2r) x0_{s-1} (2M). The noise re-injected at
+    every step corrects part of the model's error, which the deterministic solver carries to the end
+    (docs/quality_vs_steps.md measures both); z is the sampler's Philox stream, as for DDPM.
+
     `step()` keeps the previous x0-hat internally: take the steps in order from timesteps[0] (the
     first step resets the state), or pass `x0_prev=` explicitly; `reset()` clears it.
     """
 
     uses_x0_prev = True
 
-    def __init__(self, diffusion: Any, steps: Steps = 20):
+    def __init__(self, diffusion: Any, steps: Steps = 20, stochastic: bool = False):
         sched = getattr(diffusion, "schedule", None)
         T = int(getattr(sched, "num_timesteps", 0) or 0)
         if T < 1:
             raise ValueError(f"diffusion must be a fastddpm.GaussianDiffusion (with a NoiseSchedule), got {type(diffusion).__name__}")
+        if not isinstance(stochastic, bool):
+            raise ValueError(f"stochastic must be True or False, got {stochastic!r}")
+        self.stochastic = stochastic
         self._x0_prev: Optional[torch.Tensor] = None
         self._last_row: Optional[int] = None
         if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):
@@ -513,8 +527,13 @@ class DPMSolverSampler(Sampler):
         c[:, _A], c[:, _B] = _x0_coefs(self.prediction, ab)
         for s in range(S - 1):
             h = lam[s + 1] - lam[s]
-            phi = alpha[s + 1] * -torch.expm1(-h)
-            c[s, _Q] = sigma[s + 1] / sigma[s]
+            if self.stochastic:  # e^{-h} sigma'/sigma x + alpha' (1 - e^{-2h}) D + sigma' sqrt(1 - e^{-2h}) z
+                phi = alpha[s + 1] * -torch.expm1(-2.0 * h)
+                c[s, _Q] = sigma[s + 1] / sigma[s] * torch.exp(-h)
+                c[s, _SIGMA] = sigma[s + 1] * (-torch.expm1(-2.0 * h)).sqrt()
+            else:
+                phi = alpha[s + 1] * -torch.expm1(-h)
+                c[s, _Q] = sigma[s + 1] / sigma[s]
             if s == 0 or s == S - 2:  # first order: the first step and the last transition
                 c[s, _P] = phi
             else:
@@ -523,6 +542,10 @@ class DPMSolverSampler(Sampler):
                 c[s, _P2] = -phi * 0.5 / r
         c[S - 1, _P] = 1.0  # final step: x0-hat
         return c
+
+    def __repr__(self) -> str:
+        return (f"DPMSolverSampler(steps={self.num_steps}, stochastic={self.stochastic}, "
+                f"prediction={self.prediction!r})")
 
     def reset(self) -> None:
         """Forget the previous x0-hat kept by `step()`."""
@@ -560,27 +583,32 @@ class DPMSolverSampler(Sampler):
         """One DPM-Solver++(2M) update at timestep `t`; see `Sampler.step`.
 
         `x0_prev`: the x0-hat of the previous step; None uses the one kept from the previous call
-        (ValueError when that is not the previous timestep). `noise`/`generator` are accepted for a
-        uniform API and unused (the solver is deterministic).
+        (ValueError when that is not the previous timestep). `noise` (standard normals of x's shape) or
+        `generator` drive the z term of the stochastic solver (None: torch.randn); the deterministic
+        solver ignores them.
         """
         s = self._row(t)
         m = self._model_output_channels(model_output, x)
         coefs, steps, _ = self.device_tables(x.device)
         prev = self._x0_prev_for(s, x0_prev)
-        x_prev, x0 = sampler_step(x, m, coefs, steps[s:s + 1], prev, None, None, 0, bool(clip_denoised), False)
+        if not self._noisy[s]:
+            noise = None
+        elif noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        x_prev, x0 = sampler_step(x, m, coefs, steps[s:s + 1], prev, noise, None, 0, bool(clip_denoised), False)
         self._after_step(s, x0)
         return (x_prev, x0) if return_x0 else x_prev
 
 
-SAMPLER_NAMES = ("ddpm", "ddim", "dpm++")
-
-
 def make_sampler(name: str, diffusion: Any, steps: Steps = None, eta: float = 0.0) -> Sampler:
-    """A sampler by name: "ddpm" (steps None = all T), "ddim" (default 50 steps, `eta`) or "dpm++" (default 20)."""
+    """A sampler by name: "ddpm" (steps None = all T), "ddim" (default 50 steps, `eta`), "dpm++"
+    (DPM-Solver++(2M), default 20) or "dpm++sde" (its stochastic SDE form, default 20)."""
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {name!r}")
+    if steps is None:
+        steps = DEFAULT_STEPS[name]
     if name == "ddpm":
         return DDPMSampler(diffusion, steps=steps)
     if name == "ddim":
-        return DDIMSampler(diffusion, steps=50 if steps is None else steps, eta=eta)
-    if name == "dpm++":
-        return DPMSolverSampler(diffusion, steps=20 if steps is None else steps)
-    raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {name!r}")
+        return DDIMSampler(diffusion, steps=steps, eta=eta)
+    return DPMSolverSampler(diffusion, steps=steps, stochastic=name == "dpm++sde")

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from ._names import SAMPLER_NAMES
 from .data import load_dataset, save_grid
 
 __all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train"]
@@ -64,7 +65,7 @@ class TrainConfig:
     n updates), amp ("auto": bf16 autocast on CUDA; "bf16"; "none"), compile (None: on when CUDA
     is present), seed, device ("auto", "cpu", "cuda", "cuda:1").
     Outputs: out_dir, save_every, keep (last K checkpoints; 0 keeps all), sample_every (0: never),
-    sample_num, sample_sampler ("ddpm" | "ddim" | "dpm++"), sample_steps, log_every, progress (tqdm
+    sample_num, sample_sampler (a name of `samplers.SAMPLER_NAMES`), sample_steps, log_every, progress (tqdm
     bar on rank 0).
     Robustness: resume (False; True: continue from out_dir's newest checkpoint, or start afresh if
     there is none; or a checkpoint path), max_nonfinite (stop after this many non-finite losses in a row).
@@ -158,7 +159,7 @@ class TrainConfig:
         choice("loss", ("simple", "vlb", "hybrid"))
         choice("time_embedding", ("add", "scale_shift"))
         choice("amp", ("auto", "bf16", "none"))
-        choice("sample_sampler", ("ddpm", "ddim", "dpm++"))
+        choice("sample_sampler", SAMPLER_NAMES)
         if (self.variance == "learned_range") != bool(self.learn_sigma):
             raise ValueError("learn_sigma=True goes with variance='learned_range' (and only with it); got "
                              f"learn_sigma={self.learn_sigma!r}, variance={self.variance!r}")

@@ -35,10 +35,11 @@ def _samplers(variance="fixed_small"):
         "ddpm_respaced": fd.DDPMSampler(diff, steps=10),
         "ddim": fd.DDIMSampler(diff, steps=10, eta=0.5),
         "dpm++": fd.DPMSolverSampler(diff, steps=8),
+        "dpm++sde": fd.DPMSolverSampler(diff, steps=8, stochastic=True),
     }
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddpm_respaced", "ddim", "dpm++"])
+@pytest.mark.parametrize("name", ["ddpm", "ddpm_respaced", "ddim", "dpm++", "dpm++sde"])
 def test_fast_sampler_equals_plain_sampler(name):
     sampler = _samplers()[name]
     model = TinyEps()
@@ -201,7 +202,7 @@ def _ops_outside_model(fast, model):
     return sum(step_ops.values()) - sum(model_ops.values()), outside
 
 
-@pytest.mark.parametrize("name", ["ddpm_respaced", "ddim", "dpm++"])
+@pytest.mark.parametrize("name", ["ddpm_respaced", "ddim", "dpm++", "dpm++sde"])
 def test_one_op_per_step_outside_the_model(name):
     sampler = _samplers()[name]
     model = TinyEps()

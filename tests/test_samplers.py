@@ -131,6 +131,32 @@ def dpm_solver_map(ab_all, timesteps, s2=S2):
         d_prev = d
 
 
+def sde_dpm_solver_variance(ab_all, timesteps, s2=S2):
+    """Variance of SDE-DPM-Solver++(2M) samples (Lu et al. 2022; diffusers' "sde-dpmsolver++", midpoint)
+    from x_T ~ N(0, 1) with the exact denoiser: x is tracked as coefficients over the independent
+    normals (x_T, z_1, ..., z_S), so the 2M term's correlation with the previous x0-hat is exact."""
+    ab = [float(ab_all[t]) for t in timesteps]
+    alpha = [math.sqrt(a) for a in ab]
+    sigma = [math.sqrt(1 - a) for a in ab]
+    lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
+    n = len(ab)
+    x = [1.0] + [0.0] * n
+    d_prev = None
+    for i in range(n):
+        d = [math.sqrt(ab[i]) * s2 / (ab[i] * s2 + 1 - ab[i]) * c for c in x]  # x0-hat
+        if i == n - 1:
+            return sum(c * c for c in d)
+        h = lam[i + 1] - lam[i]
+        if d_prev is None or i == n - 2:
+            D = d
+        else:
+            r = (lam[i] - lam[i - 1]) / h
+            D = [(1 + 1 / (2 * r)) * a - 1 / (2 * r) * b for a, b in zip(d, d_prev)]
+        x = [sigma[i + 1] / sigma[i] * math.exp(-h) * a - alpha[i + 1] * math.expm1(-2 * h) * b for a, b in zip(x, D)]
+        x[1 + i] += sigma[i + 1] * math.sqrt(-math.expm1(-2 * h))  # the fresh noise z_{i+1}
+        d_prev = d
+
+
 def quadratic(n):
     """time-quadratic timesteps round((i/(n-1))^2 (T-1)), collisions pushed up to stay distinct."""
     out = []
@@ -220,6 +246,42 @@ def test_dpm_solver_is_the_closed_form_map(linear, prediction):
     # and it beats first order (DDIM) on the same timesteps by far
     k_ddim, _ = ddim_map(linear.alphas_cumprod, quadratic(20), 0.0)
     assert abs(k * k - S2) < 0.5 * abs(k_ddim * k_ddim - S2)
+
+
+@pytest.mark.parametrize("steps", [20, 100])
+def test_sde_dpm_solver_gaussian_variance(linear, steps):
+    sampler = DPMSolverSampler(make_diffusion(linear), steps=steps, stochastic=True)
+    assert sampler.timesteps.tolist() == quadratic(steps)
+    x = sampler.sample(GaussianDenoiser(linear), MC_SHAPE, generator=torch.Generator().manual_seed(5),
+                       clip_denoised=False)
+    want = sde_dpm_solver_variance(linear.alphas_cumprod, sampler.timesteps.tolist())
+    assert mc_var(x) == pytest.approx(want, rel=MC_RTOL)
+    # the reverse SDE with the exact score ends at the data distribution: within 3% at 100 steps
+    if steps == 100:
+        assert want == pytest.approx(S2, rel=0.03)
+
+
+def test_sde_dpm_solver_steps_match_diffusers(linear):
+    """Every step before the last transition equals diffusers' DPMSolverMultistepScheduler with
+    algorithm_type="sde-dpmsolver++" (midpoint, order 2) given the same model outputs and noise."""
+    diffusers = pytest.importorskip("diffusers")
+    sampler = DPMSolverSampler(make_diffusion(linear), steps=12, stochastic=True)
+    ts = sampler.timesteps.tolist()
+    sched = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=T, trained_betas=linear.betas.numpy(), algorithm_type="sde-dpmsolver++",
+        solver_order=2, prediction_type="epsilon", lower_order_final=False, final_sigmas_type="zero")
+    sched.set_timesteps(timesteps=ts)
+    assert [int(t) for t in sched.timesteps] == ts
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn((2, 3, 4, 4), generator=g, dtype=torch.float64).float()
+    ours, theirs = x.clone(), x.clone()
+    model = GaussianDenoiser(linear)
+    for i, t in enumerate(ts[:-2]):  # diffusers ends on its own first-order rule; compare until then
+        noise = torch.randn(x.shape, generator=g)
+        ours = sampler.step(model(ours, torch.full((2,), t)), t, ours, noise=noise, clip_denoised=False)
+        theirs = sched.step(model(theirs, torch.full((2,), t)), t, theirs, variance_noise=noise).prev_sample
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=f"step {i} (t={t})")
+        theirs = ours.clone()  # both continue from the same state: each step is compared on its own
 
 
 def test_dpm_solver_single_and_two_steps(linear):
@@ -332,7 +394,7 @@ def test_generator_reproducible(linear):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
-@pytest.mark.parametrize("kind", ["ddpm", "ddim", "dpm"])
+@pytest.mark.parametrize("kind", ["ddpm", "ddim", "dpm", "dpm_sde"])
 def test_low_precision_sampling_close_to_fp32(linear, kind, dtype, tol):
     """bf16/fp16 x (fp32 step math): the samples stay within `tol` (max abs) of the fp32 run.
 
@@ -341,7 +403,8 @@ def test_low_precision_sampling_close_to_fp32(linear, kind, dtype, tol):
     """
     diff = make_diffusion(linear)
     sampler = {"ddpm": lambda: DDPMSampler(diff, steps=50), "ddim": lambda: DDIMSampler(diff, steps=50, eta=0.0),
-               "dpm": lambda: DPMSolverSampler(diff, steps=20)}[kind]()
+               "dpm": lambda: DPMSolverSampler(diff, steps=20),
+               "dpm_sde": lambda: DPMSolverSampler(diff, steps=20, stochastic=True)}[kind]()
     model = GaussianDenoiser(linear)
     ref = sampler.sample(model, (4, 3, 8, 8), generator=torch.Generator().manual_seed(10))
     low = sampler.sample(model, (4, 3, 8, 8), generator=torch.Generator().manual_seed(10), dtype=dtype)

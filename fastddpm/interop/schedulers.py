@@ -65,13 +65,13 @@ def sampler_from_scheduler(scheduler: Any, sampler: Optional[str] = None, steps:
 
     `sampler` defaults to "ddim" for a DDIMScheduler and "ddpm" otherwise. For "ddpm"/"ddim" the
     timesteps are the scheduler's own after `set_timesteps(steps)` (its spacing and offset included);
-    "dpm++" uses fastddpm's spacing.
+    "dpm++" / "dpm++sde" use fastddpm's spacing.
     """
     diffusion = diffusion_from_scheduler(scheduler)
     if sampler is None:
         sampler = "ddim" if type(scheduler).__name__.startswith("DDIM") else "ddpm"
     clip = bool(_cfg(scheduler, "clip_sample", False))
-    if sampler == "dpm++" or steps is None and sampler == "ddpm":
+    if sampler in ("dpm++", "dpm++sde") or steps is None and sampler == "ddpm":
         return make_sampler(sampler, diffusion, steps, eta), clip
     probe = type(scheduler).from_config(scheduler.config)
     probe.set_timesteps(50 if steps is None else steps)

@@ -1,0 +1,7 @@
+"""Names shared by the library and its CLI, kept free of torch so that building the CLI parser stays fast."""
+from __future__ import annotations
+
+# the samplers `fastddpm.samplers.make_sampler` builds by name
+SAMPLER_NAMES = ("ddpm", "ddim", "dpm++", "dpm++sde")
+# the number of steps a sampler name gets by default (None: all T)
+DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20, "dpm++sde": 20}
