@@ -508,7 +508,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--gpu-steps", type=int, nargs="*", default=list(GPU_STEPS), help="steps of part (c)")
     args = p.parse_args(argv)
     env = os.environ.get("OMP_NUM_THREADS")
-    command = (f"OMP_NUM_THREADS={env} " if env else "") + "python benchmarks/bench_sampling.py" + (" --json" if args.json else "")
+    given = list(sys.argv[1:] if argv is None else argv)  # the command as run, every option included
+    command = (f"OMP_NUM_THREADS={env} " if env else "") + " ".join(["python benchmarks/bench_sampling.py", *given])
     cpu: Dict[str, Any] = {"benchmark": "sampling on the CPU: per-step overhead, ops per step, end-to-end images/s",
                            "command": command, "threads": torch.get_num_threads(),
                            "overhead": run_overhead(args.overhead_repeats)}
