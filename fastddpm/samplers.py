@@ -264,6 +264,7 @@ class Sampler:
         noise: Optional[torch.Tensor] = None,
         clip_denoised: bool = True,
         *,
+        x0_prev: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         return_x0: bool = False,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
@@ -277,6 +278,8 @@ class Sampler:
             noise: standard normals of x's shape for the sigma * z term; None draws them with
                 torch.randn (and `generator`) on the steps that add noise.
             clip_denoised: clamp x0-hat to [-1, 1] (diffusers' clip_sample).
+            x0_prev: DPM-Solver++ only: the x0-hat of the previous step; None uses the one kept from the
+                previous call (ValueError when that is not the previous timestep). Others ignore it.
             generator: RNG for the noise when `noise` is None.
             return_x0: also return the (clipped) x0-hat, like diffusers' pred_original_sample.
 
@@ -288,7 +291,7 @@ class Sampler:
         coefs, steps, _ = self.device_tables(x.device)
         if noise is None and self._noisy[s]:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        x_prev, x0 = sampler_step(x, m, coefs, steps[s:s + 1], self._x0_prev_for(s, None), noise, None, 0,
+        x_prev, x0 = sampler_step(x, m, coefs, steps[s:s + 1], self._x0_prev_for(s, x0_prev), noise, None, 0,
                                   bool(clip_denoised), self.learned_range)
         self._after_step(s, x0)
         return (x_prev, x0) if return_x0 else x_prev
@@ -567,37 +570,6 @@ class DPMSolverSampler(Sampler):
     def _after_step(self, s: int, x0: torch.Tensor) -> None:
         self._x0_prev = x0
         self._last_row = s
-
-    def step(
-        self,
-        model_output: torch.Tensor,
-        t: Union[int, torch.Tensor],
-        x: torch.Tensor,
-        noise: Optional[torch.Tensor] = None,
-        clip_denoised: bool = True,
-        *,
-        x0_prev: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
-        return_x0: bool = False,
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """One DPM-Solver++(2M) update at timestep `t`; see `Sampler.step`.
-
-        `x0_prev`: the x0-hat of the previous step; None uses the one kept from the previous call
-        (ValueError when that is not the previous timestep). `noise` (standard normals of x's shape) or
-        `generator` drive the z term of the stochastic solver (None: torch.randn); the deterministic
-        solver ignores them.
-        """
-        s = self._row(t)
-        m = self._model_output_channels(model_output, x)
-        coefs, steps, _ = self.device_tables(x.device)
-        prev = self._x0_prev_for(s, x0_prev)
-        if not self._noisy[s]:
-            noise = None
-        elif noise is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        x_prev, x0 = sampler_step(x, m, coefs, steps[s:s + 1], prev, noise, None, 0, bool(clip_denoised), False)
-        self._after_step(s, x0)
-        return (x_prev, x0) if return_x0 else x_prev
 
 
 def make_sampler(name: str, diffusion: Any, steps: Steps = None, eta: float = 0.0) -> Sampler:

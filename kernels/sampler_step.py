@@ -406,6 +406,15 @@ def hbm_bytes_inplace_unfused(numel: int, elem_bytes: int, learned: bool, has_x0
     return hbm_bytes_unfused(numel, elem_bytes, learned, has_x0p, clip, philox, False) + copies * numel * elem_bytes
 
 
+def _config_specs(kernel: str, fn, signature: dict, flags: dict, fused: int, unfused: int) -> List[dict]:
+    """The AOT specs of one kernel variant, one per autotune config (BLOCK, warps)."""
+    return [dict(kernel=kernel, config=f"BLOCK={block},warps={warps}", fn=fn, signature=signature,
+                 constexprs=dict(flags, STREAM=STEP_STREAM, BLOCK=block), num_warps=warps, num_stages=1,
+                 options={"enable_fp_fusion": ENABLE_FP_FUSION}, hbm_bytes_fused=fused,
+                 hbm_bytes_unfused=unfused, shape="x [256, 3, 32, 32] fp32")
+            for block, warps in CONFIGS]
+
+
 def aot_specs() -> List[dict]:
     """One AOT spec per (kernel, variant, autotune config), fp32 tensors, for the AOT report: the
     functional kernel and the in-place one (FastSampler's step).
@@ -427,20 +436,7 @@ def aot_specs() -> List[dict]:
         fused = hbm_bytes_fused(numel, 4, flags["LEARNED"], flags["HAS_X0P"], flags["NOISE_MODE"] == NOISE_GIVEN)
         unfused = hbm_bytes_unfused(numel, 4, flags["LEARNED"], flags["HAS_X0P"], flags["CLIP"],
                                     flags["NOISE_MODE"] == NOISE_PHILOX, flags["NOISE_MODE"] == NOISE_GIVEN)
-        for block, warps in CONFIGS:
-            specs.append(dict(
-                kernel=f"sampler_step[{name}]",
-                config=f"BLOCK={block},warps={warps}",
-                fn=_sampler_step_kernel,
-                signature=signature,
-                constexprs=dict(flags, STREAM=STEP_STREAM, BLOCK=block),
-                num_warps=warps,
-                num_stages=1,
-                options={"enable_fp_fusion": ENABLE_FP_FUSION},
-                hbm_bytes_fused=fused,
-                hbm_bytes_unfused=unfused,
-                shape="x [256, 3, 32, 32] fp32",
-            ))
+        specs += _config_specs(f"sampler_step[{name}]", _sampler_step_kernel, signature, flags, fused, unfused)
     # The in-place launcher (FastSampler's one op per step): Philox or no noise, never a noise tensor.
     inplace_signature = {
         "X": "*fp32", "M": "*fp32", "X0P": "*fp32", "COEF": "*fp32", "STEP": "*i64", "SEED": "*i64",
@@ -455,18 +451,6 @@ def aot_specs() -> List[dict]:
         fused = (reads + writes) * numel * 4
         unfused = hbm_bytes_inplace_unfused(numel, 4, flags["LEARNED"], flags["HAS_X0P"], flags["CLIP"],
                                             flags["NOISE_MODE"] == NOISE_PHILOX)
-        for block, warps in CONFIGS:
-            specs.append(dict(
-                kernel=f"sampler_step_inplace[{name}]",
-                config=f"BLOCK={block},warps={warps}",
-                fn=_sampler_step_inplace_kernel,
-                signature=inplace_signature,
-                constexprs=dict(flags, STREAM=STEP_STREAM, BLOCK=block),
-                num_warps=warps,
-                num_stages=1,
-                options={"enable_fp_fusion": ENABLE_FP_FUSION},
-                hbm_bytes_fused=fused,
-                hbm_bytes_unfused=unfused,
-                shape="x [256, 3, 32, 32] fp32",
-            ))
+        specs += _config_specs(f"sampler_step_inplace[{name}]", _sampler_step_inplace_kernel, inplace_signature,
+                               flags, fused, unfused)
     return specs
