@@ -2,6 +2,6 @@
 from __future__ import annotations
 
 # the samplers `fastddpm.samplers.make_sampler` builds by name
-SAMPLER_NAMES = ("ddpm", "ddim", "dpm++", "dpm++sde")
+SAMPLER_NAMES = ("ddpm", "ddim", "dpm++", "dpm++sde", "dpm++3m", "dpm++3m-sde", "unipc")
 # the number of steps a sampler name gets by default (None: all T)
-DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20, "dpm++sde": 20}
+DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20, "dpm++sde": 20, "dpm++3m": 20, "dpm++3m-sde": 20, "unipc": 10}
