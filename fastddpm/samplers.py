@@ -651,30 +651,37 @@ def _check_diffusion(diffusion: Any) -> int:
     return T
 
 
+THIRD_ORDER_FORMS = ("taylor", "diffusers")
+
+
 class DPMSolver3MSampler(_MultistepSampler):
     """DPM-Solver++(3M) (Lu et al. 2022), multistep third order in data (x0) prediction.
 
     Timesteps as `DPMSolverSampler` (an int: time-quadratic; or an explicit descending list; None: all
     T); `steps` counts model evaluations. With lambda = log(alpha/sigma), h = lambda' - lambda,
-    h_0 = lambda - lambda_prev, h_1 = lambda_prev - lambda_prev2, r0 = h_0/h, r1 = h_1/h and the
-    x0-hats m0 (this step), m1, m2 (the two before):
-        D1_0 = (m0 - m1)/r0,  D1_1 = (m1 - m2)/r1,  D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1),
-        D2 = (D1_0 - D1_1)/(r0+r1)
-        x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) m0 - alpha' ((e^{-h}-1)/h + 1) D1 ... written out in
-             `_build_coefs`: x' = (sigma'/sigma) x + phi1 m0 + phi2 D1 + phi3 D2,
-             phi1 = alpha'(1 - e^{-h}), phi2 = alpha'(1 - (1 - e^{-h})/h), phi3 = alpha'(1/2 - (h - 1 + e^{-h})/h^2)
-    second order (2M, the midpoint form of `DPMSolverSampler`) and first order (DDIM) at the warm-up
-    steps, where fewer previous x0-hats exist. The final step (at timesteps[-1]) returns x0-hat.
+    r0 = (lambda - lambda_prev)/h, r1 = (lambda_prev - lambda_prev2)/h and the x0-hats m0 (this step),
+    m1, m2 (the two before):
+        D1_0 = (m0 - m1)/r0,  D1_1 = (m1 - m2)/r1,  D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1)  (~ h x0')
+        x' = (sigma'/sigma) x + phi1 m0 + phi2 D1 + phi3 D2,
+        phi1 = alpha'(1 - e^{-h}), phi2 = alpha'(1 - (1 - e^{-h})/h), phi3 = alpha'(1/2 - (h - 1 + e^{-h})/h^2)
+    (the exponential integrator of the Taylor expansion of x0-hat in lambda). third_order="taylor"
+    (default): D2 = 2 (D1_0 - D1_1)/(r0+r1) ~ h^2 x0'', the term the expansion needs, so the error falls
+    at third order as steps double. third_order="diffusers": D2 = (D1_0 - D1_1)/(r0+r1), half of it,
+    as diffusers' DPMSolverMultistepScheduler(solver_order=3) (and the DPM-Solver reference code) compute
+    it: step for step equal to diffusers, but second order (measured on the exact Gaussian model in
+    tests/test_samplers.py::test_dpm_solver_3m_order_of_convergence). Warm-up: first order (DDIM) at
+    the first step, second order (2M, the midpoint form of `DPMSolverSampler`) at the second, where
+    fewer previous x0-hats exist. The final step (at timesteps[-1]) returns x0-hat.
 
     stochastic=True: SDE-DPM-Solver++(3M) (diffusers' "sde-dpmsolver++" with solver_order=3): x scaled by
     e^{-h} sigma'/sigma, phi1 = alpha'(1 - e^{-2h}), phi2 = alpha'(1 - (1 - e^{-2h})/(2h)),
-    phi3 = alpha'((1 - e^{-2h} - 2h)/(2h)^2 - 1/2), plus sigma' sqrt(1 - e^{-2h}) z (the sampler's Philox
-    stream, as for DDPM); 2M warm-up as `DPMSolverSampler(stochastic=True)`.
+    phi3 = alpha'((1 - e^{-2h} - 2h)/(2h)^2 - 1/2) (diffusers' coefficients), plus
+    sigma' sqrt(1 - e^{-2h}) z (the sampler's Philox stream, as for DDPM); warm-up as
+    `DPMSolverSampler(stochastic=True)`.
 
     lower_order_final (default True): the last transition (timesteps[-2] -> timesteps[-1]) is at most
-    second order, as diffusers' lower_order_final does below 15 steps. Measured on the exact Gaussian
-    model (tests/test_samplers.py::test_lower_order_final_choice): it lowers the error at 5-10 steps and
-    changes it by little at 20-40, where the last lambda step is small.
+    second order, as diffusers' lower_order_final does below 15 steps (diffusers switches it off from
+    15 steps on: pass lower_order_final=False there for parity).
 
     The update is linear in (x, x0-hat, x0_prev, x0_prev2): one fused `sampler_step` per step with P, P2
     and P3; `step()` keeps the two previous x0-hats (see `_MultistepSampler`).
@@ -682,8 +689,14 @@ class DPMSolver3MSampler(_MultistepSampler):
 
     num_history = 2
 
-    def __init__(self, diffusion: Any, steps: Steps = 20, stochastic: bool = False, lower_order_final: bool = True):
+    def __init__(self, diffusion: Any, steps: Steps = 20, stochastic: bool = False, lower_order_final: bool = True,
+                 third_order: str = "taylor"):
         T = _check_diffusion(diffusion)
+        if third_order not in THIRD_ORDER_FORMS:
+            raise ValueError(f"third_order must be one of {THIRD_ORDER_FORMS}, got {third_order!r}")
+        self.third_order = third_order
+        # D2 = 2 (D1_0 - D1_1)/(r0 + r1) ~ h^2 x0'' (the Taylor term phi3 multiplies); diffusers: half of it
+        self._d2_scale = 2.0 if third_order == "taylor" else 1.0
         self.stochastic = _check_flag("stochastic", stochastic)
         self.lower_order_final = _check_flag("lower_order_final", lower_order_final)
         self._init_state()
@@ -703,7 +716,9 @@ class DPMSolver3MSampler(_MultistepSampler):
                 q[s] = sigma[s + 1] / sigma[s] * math.exp(-h)
                 noise[s] = sigma[s + 1] * math.sqrt(e)
                 phi2 = alpha[s + 1] * (1.0 - e / (2.0 * h))
-                phi3 = alpha[s + 1] * ((e - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+                # the Taylor term: alpha' int_0^h 2 e^{-2(h-u)} u^2/2 du / h^2 = alpha'(1/2 + (e - 2h)/(2h)^2);
+                # diffusers writes - 1/2 (an O(1) weight on D2: first order as steps double)
+                phi3 = alpha[s + 1] * ((e - 2.0 * h) / (2.0 * h) ** 2 + (0.5 if self.third_order == "taylor" else -0.5))
             else:
                 e = -math.expm1(-h)  # 1 - e^{-h}
                 q[s] = sigma[s + 1] / sigma[s]
@@ -721,14 +736,15 @@ class DPMSolver3MSampler(_MultistepSampler):
                 d11 = [0.0, 1.0 / r1, -1.0 / r1]
                 diff = [a - b for a, b in zip(d10, d11)]
                 d1 = [a + r0 / (r0 + r1) * b for a, b in zip(d10, diff)]
-                d2 = [b / (r0 + r1) for b in diff]
+                d2 = [self._d2_scale * b / (r0 + r1) for b in diff]
                 for k in range(3):
                     rows[s][k] = phi1 * (k == 0) + phi2 * d1[k] + phi3 * d2[k]
         return _table_from_rows(self, q, rows, noise)
 
     def __repr__(self) -> str:
         return (f"DPMSolver3MSampler(steps={self.num_steps}, stochastic={self.stochastic}, "
-                f"lower_order_final={self.lower_order_final}, prediction={self.prediction!r})")
+                f"lower_order_final={self.lower_order_final}, third_order={self.third_order!r}, "
+                f"prediction={self.prediction!r})")
 
 
 UNIPC_VARIANTS = ("bh1", "bh2")
