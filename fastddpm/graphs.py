@@ -67,7 +67,7 @@ class FastSampler:
 
     Args:
         model: model(x, t) -> output (or a class-conditional model(x, t, y=...) with `labels`).
-        sampler: a DDPMSampler, DDIMSampler or DPMSolverSampler (its tables are reused).
+        sampler: a fastddpm sampler (DDPM, DDIM, DPM-Solver++ 2M / 3M, UniPC; its tables are reused).
         batch_size: images per call.
         image_shape: (C, H, W); default (model.in_channels, model.image_size, model.image_size).
         dtype: dtype of x; default the model's parameter dtype.

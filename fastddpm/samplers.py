@@ -51,7 +51,8 @@ from ._names import DEFAULT_STEPS, SAMPLER_NAMES
 from .ops.sampler_step import NUM_COEFS, sampler_step
 from .schedule import NoiseSchedule, space_timesteps
 
-__all__ = ["DDPMSampler", "DDIMSampler", "DPMSolverSampler", "DPMSolver3MSampler", "UniPCSampler", "Sampler", "quadratic_timesteps", "make_sampler",
+__all__ = ["DDPMSampler", "DDIMSampler", "DPMSolverSampler", "DPMSolver3MSampler", "UniPCSampler", "Sampler",
+           "gaussian_gain", "quadratic_timesteps", "make_sampler",
            "SAMPLER_NAMES", "DEFAULT_STEPS"]
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -858,6 +859,30 @@ class UniPCSampler(_MultistepSampler):
         return (f"UniPCSampler(steps={self.num_steps}, order={self.order}, variant={self.variant!r}, "
                 f"lower_order_final={self.lower_order_final}, corrector={self.corrector}, "
                 f"prediction={self.prediction!r})")
+
+
+def gaussian_gain(sampler: Sampler, data_variance: float) -> float:
+    """k with sample = k x_T when the model is the exact denoiser of N(0, data_variance) data.
+
+    For such data E[eps | x_t] = sqrt(1 - ab) x_t / (ab s2 + 1 - ab), so a deterministic sampler (no
+    noise column) is a linear map of x_T; k is computed here in float64 from the sampler's coefficient
+    table with the op's formula (no clipping). The exact probability-flow ODE gives
+    k = g(t1) sqrt(var(t1) / var(t0)), var(t) = ab_t s2 + 1 - ab_t, g(t) = sqrt(ab_t) s2 / var(t), for
+    timesteps t0 (first) and t1 (last): the relative difference is the solver's error on this problem.
+    """
+    s2 = float(data_variance)
+    ab_all = sampler.schedule.alphas_cumprod
+    x, hist = 1.0, [0.0, 0.0, 0.0]
+    for row, t in zip(sampler.coefs.tolist(), sampler.timesteps.tolist()):
+        ab = float(ab_all[t])
+        eps = math.sqrt(1.0 - ab) / (ab * s2 + 1.0 - ab) * x
+        x0_exact = math.sqrt(ab) * s2 / (ab * s2 + 1.0 - ab) * x
+        m = {"eps": eps, "x0": x0_exact, "v": math.sqrt(ab) * eps - math.sqrt(1.0 - ab) * x0_exact}[sampler.prediction]
+        x0 = row[_A] * x + row[_B] * m
+        x = (row[_P] * x0 + row[_Q] * x + row[_R] * m
+             + sum(row[col] * h for col, h in zip(_HISTORY_COLS, hist)))
+        hist = [x0] + hist[:2]
+    return x
 
 
 def make_sampler(name: str, diffusion: Any, steps: Steps = None, eta: float = 0.0) -> Sampler:

@@ -65,13 +65,13 @@ def sampler_from_scheduler(scheduler: Any, sampler: Optional[str] = None, steps:
 
     `sampler` defaults to "ddim" for a DDIMScheduler and "ddpm" otherwise. For "ddpm"/"ddim" the
     timesteps are the scheduler's own after `set_timesteps(steps)` (its spacing and offset included);
-    "dpm++" / "dpm++sde" use fastddpm's spacing.
+    the multistep solvers ("dpm++", "dpm++sde", "dpm++3m", "dpm++3m-sde", "unipc") use fastddpm's spacing.
     """
     diffusion = diffusion_from_scheduler(scheduler)
     if sampler is None:
         sampler = "ddim" if type(scheduler).__name__.startswith("DDIM") else "ddpm"
     clip = bool(_cfg(scheduler, "clip_sample", False))
-    if sampler in ("dpm++", "dpm++sde") or steps is None and sampler == "ddpm":
+    if sampler not in ("ddpm", "ddim") or steps is None and sampler == "ddpm":
         return make_sampler(sampler, diffusion, steps, eta), clip
     probe = type(scheduler).from_config(scheduler.config)
     probe.set_timesteps(50 if steps is None else steps)
