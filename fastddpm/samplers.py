@@ -1,7 +1,7 @@
-"""Samplers: DDPM (ancestral, respaced), DDIM(eta) and DPM-Solver++(2M), one step API and one loop.
+"""Samplers: DDPM (ancestral, respaced), DDIM(eta), DPM-Solver++(2M) and (3M), UniPC; one step API and one loop.
 
-Every sampler is a coefficient table: row s holds the nine numbers (A, B, P, Q, R, P2, SIGMA, LOG_MIN,
-LOG_MAX) that the fused op `fastddpm.ops.sampler_step` needs to take step s (timestep
+Every sampler is a coefficient table: row s holds the eleven numbers (A, B, P, Q, R, P2, SIGMA, LOG_MIN,
+LOG_MAX, P3, P4) that the fused op `fastddpm.ops.sampler_step` needs to take step s (timestep
 `timesteps[s]`, descending). The table is computed in float64 on the CPU from the (respaced)
 `NoiseSchedule` when the sampler is built and cast to float32 once per device; the loop indexes it on
 the device with an int64 step counter, so `sample` never synchronises with the host.
@@ -37,6 +37,11 @@ final model evaluation (at timesteps[-1] = 0) returns x0-hat itself, i.e. a firs
 sigma = 0. `steps` counts model evaluations. `stochastic=True` ("dpm++sde") is SDE-DPM-Solver++(2M)
 (Lu et al. 2022, sec. 4 / diffusers' "sde-dpmsolver++", midpoint): the same multistep x0 terms with
 (1 - e^{-2h}) in place of (1 - e^{-h}), x scaled by e^{-h} sigma'/sigma, plus sigma' sqrt(1 - e^{-2h}) z.
+
+DPM-Solver++(3M) (`DPMSolver3MSampler`, "dpm++3m" / "dpm++3m-sde") and UniPC (`UniPCSampler`, "unipc")
+have the same timesteps semantics as DPM-Solver++(2M) and read up to two (3M) or three (UniPC-3: its
+corrector reaches one step further back) previous x0-hats: the op's x0_prev, x0_prev2, x0_prev3 with
+the columns P2, P3, P4. UniPC's corrector and predictor fold into one table row (see the class).
 """
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_common_options(p)
     p.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES, help="default: dpm++")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: 20 for dpm++, 50 for ddim, all T for ddpm)")
+                   help="sampling steps (default: 20 for dpm++ and dpm++3m, 10 for unipc, 50 for ddim, all T for ddpm)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default: 0)")
     p.add_argument("--num", type=int, default=1000, help="number of samples (default: 1000)")
     p.add_argument("--data", default=None, metavar="SPEC",

@@ -22,7 +22,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "file; default: the bundled digits model")
     p.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES, help="default: dpm++")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: 20 for dpm++, 50 for ddim, all T for ddpm)")
+                   help="sampling steps (default: 20 for dpm++ and dpm++3m, 10 for unipc, 50 for ddim, all T for ddpm)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default: 0)")
     p.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
