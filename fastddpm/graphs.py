@@ -78,17 +78,22 @@ class FastSampler:
             loop in one graph) or "none".
         warmup: eager steps run on a side stream before capture (compilation, autotuning, allocator).
         graph_api: the object that performs stream/graph calls (default: real CUDA).
+        progress: show a tqdm bar over the steps of each call (updated on the host between replays,
+            outside any captured graph; with capture="loop" the one replay is one update).
     """
 
     def __init__(self, model: Callable[..., Any], sampler: Any, batch_size: int,
                  image_shape: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None, *,
                  labels: Optional[torch.Tensor] = None, guidance_scale: Union[float, torch.Tensor, None] = None,
                  null_label: Optional[int] = None, clip_denoised: bool = True, capture: str = "auto",
-                 warmup: int = 2, graph_api: Optional[CudaGraphAPI] = None):
+                 warmup: int = 2, graph_api: Optional[CudaGraphAPI] = None, progress: bool = False):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if capture not in CAPTURE_MODES:
             raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
+        if getattr(sampler, "thresholding", None) is not None:
+            raise ValueError("the sampler applies dynamic thresholding (thresholding=True in the scheduler config), "
+                             "a per-image quantile that FastSampler does not capture: use sampler.sample(model, shape)")
         if not hasattr(sampler, "device_tables"):
             raise ValueError(f"sampler must be a fastddpm sampler (DDPMSampler, DDIMSampler, DPMSolverSampler), "
                              f"got {type(sampler).__name__}")
@@ -135,6 +140,7 @@ class FastSampler:
         self.capture_mode = capture
         self.graph_api = graph_api or (CudaGraphAPI() if capture != "none" else None)
         self.warmup = int(warmup)
+        self.progress = bool(progress)
         self.graph: Any = None
 
     # ------------------------------------------------------------------------------ one step
@@ -181,13 +187,22 @@ class FastSampler:
         if self.capture_mode != "none" and self.graph is None:
             self._capture()
         self._reset(seed)
-        if self.graph is None:
-            self._loop()
-        elif self.capture_mode == "step":
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.num_steps, desc=f"{type(self.sampler).__name__} (FastSampler)", unit="step")
+        if self.graph is None or self.capture_mode == "step":
             for _ in range(self.num_steps):
-                self.graph.replay()
+                self._step() if self.graph is None else self.graph.replay()
+                if bar is not None:
+                    bar.update(1)
         else:
             self.graph.replay()
+            if bar is not None:
+                bar.update(self.num_steps)
+        if bar is not None:
+            bar.close()
         return self.x.clone()
 
     @classmethod
@@ -196,17 +211,29 @@ class FastSampler:
                        **kwargs: Any) -> "FastSampler":
         """Build a FastSampler from a diffusers pipeline (or a UNet2DModel and its scheduler).
 
+        `pipeline_or_unet` may be a pipeline, a UNet2DModel (with `scheduler`), or the path of a local
+        pipeline folder (what `pipeline.save_pretrained` writes; a Hub id is passed to diffusers).
         The diffusion (betas in float64, prediction and variance types), the timesteps and clip_sample
-        come from the scheduler (see `fastddpm.interop.schedulers`). With `convert` a UNet2DModel is
+        come from the scheduler (see `fastddpm.interop.schedulers`: every DDPM/DDIM config option is
+        reproduced or refused). With `convert` a UNet2DModel is
         mapped into fd.UNet so its GroupNorms and attentions run the fused ops; otherwise (or for any
         other eps-model callable) the model is called as it is and only the step is fused.
         """
+        import os
+
         from .interop.schedulers import sampler_from_scheduler
 
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be a positive int or None, got {steps!r}")
+        if isinstance(pipeline_or_unet, (str, os.PathLike)):  # a pipeline folder (or a Hub id)
+            from .interop.diffusers import load_diffusers_pipeline
+
+            pipeline_or_unet = load_diffusers_pipeline(pipeline_or_unet)
         unet = getattr(pipeline_or_unet, "unet", pipeline_or_unet)
         scheduler = scheduler if scheduler is not None else getattr(pipeline_or_unet, "scheduler", None)
         if scheduler is None:
-            raise ValueError("scheduler is required when a bare model is given")
+            raise ValueError(f"scheduler is required with a bare model ({type(unet).__name__}); a pipeline "
+                             "(or a pipeline folder's path) brings its own")
         smp, clip = sampler_from_scheduler(scheduler, sampler, steps, eta)
         kwargs.setdefault("clip_denoised", clip)
         config = getattr(unet, "config", None)

@@ -135,6 +135,24 @@ def _eps_coefs(prediction: str, ab: torch.Tensor) -> Tuple[torch.Tensor, torch.T
     return (1.0 - ab).sqrt(), ab.sqrt()  # v
 
 
+def ddim_coefs(prediction: str, ab: torch.Tensor, ab_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """DDIM coefficient rows [S, 9] (float64) for steps from alpha_bar = `ab` to `ab_prev`, row by row.
+
+    sigma = eta sqrt((1 - ab_prev) / (1 - ab)) sqrt(1 - ab / ab_prev);
+    x_prev = sqrt(ab_prev) x0c + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z.
+    """
+    sigma = eta * ((1.0 - ab_prev) / (1.0 - ab)).sqrt() * (1.0 - ab / ab_prev).sqrt()
+    direction = (1.0 - ab_prev - sigma**2).clamp_min(0.0).sqrt()
+    ex, em = _eps_coefs(prediction, ab)
+    c = torch.zeros(ab.numel(), NUM_COEFS, dtype=torch.float64)
+    c[:, _A], c[:, _B] = _x0_coefs(prediction, ab)
+    c[:, _P] = ab_prev.sqrt()
+    c[:, _Q] = direction * ex
+    c[:, _R] = direction * em
+    c[:, _SIGMA] = sigma
+    return c
+
+
 class Sampler:
     """Base class: timesteps, the float64 coefficient table, the step API and the sampling loop.
 
@@ -253,6 +271,13 @@ class Sampler:
     def _x0_prev_for(self, s: int, x0_prev: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None
 
+    def _fused_step(self, x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, step: torch.Tensor,
+                    x0_prev: Optional[torch.Tensor], noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                    image_offset: int, clip: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x_prev, x0-hat) of one update: the fused op (a sampler that post-processes x0-hat, e.g. the
+        dynamic thresholding of `fastddpm.interop.schedulers`, wraps it)."""
+        return sampler_step(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, self.learned_range)
+
     def _after_step(self, s: int, x0: torch.Tensor) -> None:
         pass
 
@@ -291,8 +316,8 @@ class Sampler:
         coefs, steps, _ = self.device_tables(x.device)
         if noise is None and self._noisy[s]:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        x_prev, x0 = sampler_step(x, m, coefs, steps[s:s + 1], self._x0_prev_for(s, x0_prev), noise, None, 0,
-                                  bool(clip_denoised), self.learned_range)
+        x_prev, x0 = self._fused_step(x, m, coefs, steps[s:s + 1], self._x0_prev_for(s, x0_prev), noise, None, 0,
+                                      bool(clip_denoised))
         self._after_step(s, x0)
         return (x_prev, x0) if return_x0 else x_prev
 
@@ -392,7 +417,7 @@ class Sampler:
                     noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
                 else:
                     seed_arg = seed_t
-            x, x0 = sampler_step(x, out, coefs, step, x0_prev, noise, seed_arg, image_offset, clip, self.learned_range)
+            x, x0 = self._fused_step(x, out, coefs, step, x0_prev, noise, seed_arg, image_offset, clip)
             if self.uses_x0_prev:
                 x0_prev = x0
             step.add_(1)
@@ -462,18 +487,7 @@ class DDIMSampler(Sampler):
 
     def _build_coefs(self) -> torch.Tensor:
         r = self.respaced
-        S = r.num_timesteps
-        ab, abp = r.alphas_cumprod, r.alphas_cumprod_prev
-        sigma = self.eta * ((1.0 - abp) / (1.0 - ab)).sqrt() * (1.0 - ab / abp).sqrt()
-        direction = (1.0 - abp - sigma**2).clamp_min(0.0).sqrt()
-        ex, em = _eps_coefs(self.prediction, ab)
-        c = torch.zeros(S, NUM_COEFS, dtype=torch.float64)
-        c[:, _A], c[:, _B] = _x0_coefs(self.prediction, ab)
-        c[:, _P] = abp.sqrt()
-        c[:, _Q] = direction * ex
-        c[:, _R] = direction * em
-        c[:, _SIGMA] = sigma
-        return self._per_step(c)
+        return self._per_step(ddim_coefs(self.prediction, r.alphas_cumprod, r.alphas_cumprod_prev, self.eta))
 
     def __repr__(self) -> str:
         return f"DDIMSampler(steps={self.num_steps}, eta={self.eta}, prediction={self.prediction!r})"
