@@ -43,9 +43,6 @@ __all__ = [
     "load_cifar10",
     "load_idx",
     "IMAGE_EXTENSIONS",
-    "to_uint8",
-    "make_grid",
-    "save_grid",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -542,49 +539,3 @@ def load_dataset(
         f"dataset {spec!r} not found: expected \"digits\", a folder (images, CIFAR-10 batches or MNIST IDX files), "
         "an .npz file or an IDX file"
     )
-
-
-# ---------------------------------------------------------------------- writing images
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Float images in [-1, 1], [N, C, H, W] -> uint8 NHWC numpy array (round((x + 1) * 127.5), clipped)."""
-    if not torch.is_tensor(images) or images.ndim != 4:
-        raise ValueError(f"images must be a 4-D tensor [N, C, H, W], got {getattr(images, 'shape', type(images))}")
-    u8 = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return u8.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def make_grid(u8_nhwc: np.ndarray, nrow: Optional[int] = None, padding: int = 1, pad_value: int = 0) -> np.ndarray:
-    """Tile uint8 NHWC images into one HxWxC array, ``nrow`` images per row (default: ceil(sqrt(N)))."""
-    n, h, w, c = u8_nhwc.shape
-    if n == 0:
-        raise ValueError("make_grid needs at least one image")
-    if nrow is None:
-        nrow = int(np.ceil(np.sqrt(n)))
-    if nrow < 1:
-        raise ValueError(f"nrow must be a positive int, got {nrow}")
-    ncol = nrow
-    nrows = int(np.ceil(n / ncol))
-    grid = np.full((padding + nrows * (h + padding), padding + ncol * (w + padding), c), pad_value, dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        y0, x0 = padding + r * (h + padding), padding + q * (w + padding)
-        grid[y0 : y0 + h, x0 : x0 + w] = u8_nhwc[i]
-    return grid
-
-
-def save_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None, scale: int = 1, padding: int = 1) -> str:
-    """Save float [-1, 1] NCHW images as one PNG grid (Pillow); ``scale`` enlarges it (nearest neighbour)."""
-    from PIL import Image
-
-    if not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"scale must be a positive int, got {scale!r}")
-    grid = make_grid(to_uint8(images), nrow=nrow, padding=padding)
-    if scale > 1:
-        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    im = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.png")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path

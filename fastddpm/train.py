@@ -37,7 +37,8 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from ._names import SAMPLER_NAMES
-from .data import load_dataset, save_grid
+from .data import load_dataset
+from .images import save_grid
 
 __all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train"]
 

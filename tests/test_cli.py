@@ -58,7 +58,7 @@ def test_train_cli_writes_config_and_resumes(tmp_path, capsys):
 def test_sample_png_and_npz_match_the_sampler(tiny_run, tmp_path):
     from PIL import Image
 
-    from fastddpm.data import to_uint8
+    from fastddpm.images import to_uint8
     from fastddpm.samplers import DDIMSampler
 
     png, npz = tmp_path / "g.png", tmp_path / "x.npz"

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from .. import checkpoint as ckpt
-    from ..data import save_grid, to_uint8
+    from ..images import save_grid, to_uint8
     from ..train import _dist_info, _join_process_group, _make_sampler, _resolve_device
 
     check_positive(args, "num", "batch_size", "steps", "scale", "nrow")
