@@ -46,19 +46,24 @@ def _tiny_unet2d():
     return unet
 
 
+def _philox_loop(model, scheduler, seed, steps, shape):
+    """diffusers' loop from fastddpm's Philox x_T of `seed` (what FastSampler starts from); no noise drawn."""
+    x = philox_normal(torch.tensor([seed]), shape, torch.zeros(1, dtype=torch.int64), stream=1)
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = model(x, t)
+            x = scheduler.step(getattr(out, "sample", out), t, x).prev_sample
+    return x
+
+
 @pytest.mark.parametrize("convert", [True, False])
 def test_fast_sampler_from_diffusers_equals_diffusers_ddim_loop(convert):
     unet = _tiny_unet2d()
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=True)
     fast = fd.FastSampler.from_diffusers(unet, scheduler, steps=10, batch_size=2, convert=convert)
     got = fast(seed=4)
-
-    x = philox_normal(torch.tensor([4]), (2, 3, 8, 8), torch.zeros(1, dtype=torch.int64), stream=1)
-    scheduler.set_timesteps(10)
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
-    torch.testing.assert_close(got, x, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(got, _philox_loop(unet, scheduler, 4, 10, (2, 3, 8, 8)), rtol=2e-4, atol=2e-4)
 
 
 # ----------------------------------------------------------------------------- every config, whole loops
@@ -205,11 +210,7 @@ def test_fast_sampler_runs_a_stable_diffusion_style_ddim_config():
                                     clip_sample_range=1.5)
     fast = fd.FastSampler.from_diffusers(_model, sched, steps=7, batch_size=2, image_shape=(3, 4, 4))
     got = fast(seed=3)
-    x = philox_normal(torch.tensor([3]), (2, 3, 4, 4), torch.zeros(1, dtype=torch.int64), stream=1)
-    sched.set_timesteps(7)
-    for t in sched.timesteps:
-        x = sched.step(_model(x, torch.full((2,), int(t))), t, x).prev_sample
-    torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, _philox_loop(_model, sched, 3, 7, (2, 3, 4, 4)), rtol=1e-4, atol=1e-4)
 
 
 def test_from_diffusers_accepts_a_pipeline_folder(tmp_path):
@@ -223,3 +224,13 @@ def test_from_diffusers_accepts_a_pipeline_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="model_index.json"):
         fd.FastSampler.from_diffusers(str(tmp_path / "empty"))
+
+
+def test_load_diffusers_folder_reproduces_its_scheduler(tmp_path):
+    unet = _tiny_unet2d()
+    sched = diffusers.DDIMScheduler(set_alpha_to_one=False, timestep_spacing="trailing", clip_sample=False)
+    diffusers.DDIMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp_path / "pipe")
+    pipe = fd.load(str(tmp_path / "pipe"), device="cpu")
+    assert isinstance(pipe.unet, fd.UNet) and pipe.config["scheduler"]["set_alpha_to_one"] is False
+    got = pipe(2, seed=3, num_inference_steps=5, output_type="pt").images
+    torch.testing.assert_close(got, _philox_loop(unet, sched, 3, 5, (2, 3, 8, 8)), rtol=2e-4, atol=2e-4)
