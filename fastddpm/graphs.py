@@ -193,9 +193,10 @@ class FastSampler:
 
             bar = tqdm(total=self.num_steps, desc=f"{type(self.sampler).__name__} (FastSampler)", unit="step")
         if self.graph is None or self.capture_mode == "step":
+            step = self._step if self.graph is None else self.graph.replay
             for _ in range(self.num_steps):
-                self._step() if self.graph is None else self.graph.replay()
-                if bar is not None:
+                step()
+                if bar is not None:  # on the host, between replays: never inside a captured graph
                     bar.update(1)
         else:
             self.graph.replay()
