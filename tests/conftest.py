@@ -18,6 +18,23 @@ if not torch.cuda.is_available():
 torch.set_default_dtype(torch.float32)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (set automatically: tests/gpu and every test "
+                                       "skipped for 'needs CUDA'); `pytest -m gpu` runs them all")
+
+
+def _needs_cuda(item) -> bool:
+    if "tests/gpu/" in item.path.as_posix() or "cuda_device" in getattr(item, "fixturenames", ()):
+        return True
+    return any("CUDA" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _needs_cuda(item):
+            item.add_marker(pytest.mark.gpu)
+
+
 def interpreter_active() -> bool:
     """Whether Triton runs kernels in its interpreter (CPU tensors can then take the Triton path)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
