@@ -93,8 +93,12 @@ def _check_capturable(model: Any, warmup: int, capture: str) -> None:
     if warmup < 1:
         raise ValueError(f"warmup must be >= 1 with capture={capture!r}: Triton compiles and autotunes its "
                          "kernels on first use, which must happen before the capture, not inside it")
-    for m in _modules(model):
-        config = m.get_compiler_config() if hasattr(m, "get_compiler_config") else None
+    # torch.compile(module) / torch.compile(fn) objects, and modules compiled in place (module.compile())
+    compiled = [model] + _modules(model)
+    compiled += [getattr(m, "_compiled_call_impl", None) for m in _modules(model)]
+    for c in compiled:
+        get_config = getattr(c, "get_compiler_config", None) if c is not None else None
+        config = get_config() if callable(get_config) else None
         if isinstance(config, dict) and config.get("triton.cudagraphs"):
             raise ValueError("the model was compiled with CUDA graphs of its own (torch.compile mode "
                              "'reduce-overhead' or 'max-autotune'), which cannot be captured inside "

@@ -198,5 +198,12 @@ def test_capture_refuses_warmup_zero_and_nested_cuda_graphs():
         with pytest.raises(ValueError, match="CUDA graphs"):
             FastSampler(wrapper, sampler, batch_size=1, image_shape=(3, 4, 4), capture="step",
                         graph_api=RecordingGraphAPI())
+    in_place = _GradModel().eval()
+    in_place.compile(mode="reduce-overhead")  # nn.Module.compile: the module itself is not wrapped
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        FastSampler(in_place, sampler, batch_size=1, capture="step", graph_api=RecordingGraphAPI())
+    with pytest.raises(ValueError, match="CUDA graphs"):  # a compiled function as the model
+        FastSampler(torch.compile(lambda x, t: x, mode="reduce-overhead"), sampler, batch_size=1,
+                    image_shape=(3, 4, 4), capture="step", graph_api=RecordingGraphAPI())
     ok = torch.compile(model, mode="max-autotune-no-cudagraphs")
     FastSampler(ok, sampler, batch_size=1, image_shape=(3, 4, 4), capture="step", graph_api=RecordingGraphAPI())
