@@ -113,7 +113,8 @@ def test_sample_records_no_autograd_graph(kind):
 
 
 # ------------------------------------------------------------------------------- device guard
-def test_every_public_launcher_runs_under_the_device_guard(triton_on_cpu):
+def test_every_public_launcher_runs_under_the_device_guard():
+    pytest.importorskip("triton")
     import kernels.attention as KA
     import kernels.group_norm as KG
     import kernels.sampler_step as KS
