@@ -6,7 +6,7 @@ Two modes:
     python benchmarks/bench_unet.py --json [--reps 3]        # script: prints JSON, writes results/unet_cpu.json
 
 Model: the DDPM CIFAR-10 config (35.7M parameters; `benchmarks.common.ddpm_cifar10_pair`, diffusers'
-weights perturbed so no layer is zero, then converted with `fd.UNet.from_diffusers`), batch 8 of
+weights perturbed so no layer is zero, then converted with `fd.unet_from_diffusers`), batch 8 of
 3x32x32, random timesteps.
 
 CPU cases (fp32):

@@ -31,7 +31,7 @@ def ddpm_cifar10_pair(seed: int = 0, device: str = "cpu", dtype: torch.dtype = t
     with torch.no_grad():  # leave no layer at zero so both models compute something non-trivial
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    ours = fd.UNet.from_diffusers(ref)
+    ours = fd.unet_from_diffusers(ref)
     return ref.to(device, dtype).eval(), ours.to(device, dtype).eval()
 
 

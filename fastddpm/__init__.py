@@ -22,6 +22,7 @@ _EXPORTS = {
     "DDIMSampler": "samplers",
     "DPMSolverSampler": "samplers",
     "UNet": "unet",
+    "unet_from_diffusers": "interop.diffusers",
     "FastSampler": "graphs",
 }
 

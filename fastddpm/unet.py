@@ -2,7 +2,7 @@
 
 The layout mirrors diffusers' `UNet2DModel` of the DDPM family (google/ddpm-cifar10-32,
 -celebahq-256, -church-256), so that those weights map onto it one to one
-(`UNet.from_diffusers`, see `fastddpm.interop.diffusers`):
+(`fastddpm.unet_from_diffusers`, in `fastddpm.interop.diffusers`):
 
     conv_in (3x3)
     down levels l = 0..L-1 at resolution image_size / 2**l:
@@ -23,9 +23,9 @@ holds no backend logic.
 Cost choices (figures: benchmarks/figures.py, benchmarks/bench_unet.py):
 * memory-lean training (`recompute_norm=True`, the default): every GroupNorm(+SiLU) output that feeds a
   convolution (both per ResBlock, the attention's qkv projection, the output norm) is recomputed in
-  backward from the norm's input rather than saved (`_NormConv`, a custom autograd function running the
+  backward from the norm's input rather than saved (`fastddpm.ops.norm_conv`, a custom autograd function running the
   same backward ops as the plain path, so the gradients are the same);
-* all ResBlocks' time projections are one matmul per forward (`_StackedLinear`; the weights stay per
+* all ResBlocks' time projections are one matmul per forward (`fastddpm.ops.stacked_linear`; the weights stay per
   block, as in diffusers, and only `emb` is saved for backward);
 * the attention's qkv and output projections are applied as 1x1 convolutions of their Linear weights on
   [B, C, H, W], q/k/v being strided views of the qkv output: no layout transposes or copies around them;
@@ -96,120 +96,14 @@ class GroupNorm(nn.Module):
         return f"{self.groups}, {self.channels}, eps={self.eps}"
 
 
-class _NormConv(torch.autograd.Function):
-    """conv2d(dropout(group_norm_silu(x, ...))) that keeps only x (and the small per-(n, c) terms) for
-    backward: the normalized, activated (and dropped-out) tensor that the convolution reads is
-    recomputed from x in backward instead of being stored (selective activation recomputation).
-
-    Backward = the GroupNorm op's forward again, then exactly the two backward ops the plain path runs
-    (`aten.convolution_backward`, `fastddpm::group_norm_silu_backward`), so the gradients equal the
-    plain path's. Dropout (p > 0) keeps its keep-mask as a bool tensor (what `nn.Dropout` saves too);
-    it draws the mask with `_dropout_noise`, as the plain path does.
-    Under autocast the convolution runs in the autocast dtype, as `F.conv2d` would (the recomputed input
-    and the weight are cast the same way in backward, the gradients cast back to their inputs' dtypes).
-    """
-
-    @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, add, scale, shift, conv_weight, conv_bias, groups: int,
-                eps: float, silu: bool, stride, padding, dilation, conv_groups: int, dropout_p: float):
-        y, _, _ = torch.ops.fastddpm.group_norm_silu(x, norm_weight, norm_bias, add, scale, shift, groups, eps, silu)
-        keep = None
-        if dropout_p > 0.0:
-            noise = _dropout_noise(y, dropout_p)
-            y = y * noise
-            keep = noise != 0
-        ctx.save_for_backward(x, norm_weight, norm_bias, add, scale, shift, conv_weight, keep)
-        ctx.groups, ctx.eps, ctx.silu, ctx.dropout_p = groups, eps, silu, dropout_p
-        ctx.conv = (stride, padding, dilation, conv_groups)
-        ctx.has_conv_bias = conv_bias is not None
-        dev = x.device.type
-        ctx.conv_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        if ctx.conv_dtype is not None:
-            y, conv_weight = y.to(ctx.conv_dtype), conv_weight.to(ctx.conv_dtype)
-            conv_bias = None if conv_bias is None else conv_bias.to(ctx.conv_dtype)
-        return F.conv2d(y, conv_weight, conv_bias, stride, padding, dilation, conv_groups)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, norm_weight, norm_bias, add, scale, shift, conv_weight, keep = ctx.saved_tensors
-        y, mean, rstd = torch.ops.fastddpm.group_norm_silu(x, norm_weight, norm_bias, add, scale, shift,
-                                                           ctx.groups, ctx.eps, ctx.silu)
-        noise = None
-        if keep is not None:
-            noise = keep.to(y.dtype).div_(1.0 - ctx.dropout_p)
-            y = y * noise
-        stride, padding, dilation, conv_groups = ctx.conv
-        bias_sizes = [conv_weight.shape[0]] if ctx.has_conv_bias else None
-        cw = conv_weight
-        if ctx.conv_dtype is not None:
-            y, cw = y.to(ctx.conv_dtype), conv_weight.to(ctx.conv_dtype)
-        dy, dconv_weight, dconv_bias = torch.ops.aten.convolution_backward(
-            grad_out, y, cw, bias_sizes, list(stride), list(padding), list(dilation), False,
-            [0] * len(stride), conv_groups, [True, True, ctx.has_conv_bias])
-        if ctx.conv_dtype is not None:
-            dy, dconv_weight = dy.to(x.dtype), dconv_weight.to(conv_weight.dtype)
-            dconv_bias = None if dconv_bias is None else dconv_bias.to(conv_weight.dtype)
-        if noise is not None:
-            dy = dy * noise
-        dx, dw, db, dadd, dscale, dshift = torch.ops.fastddpm.group_norm_silu_backward(
-            dy, x, norm_weight, norm_bias, add, scale, shift, mean, rstd, ctx.groups, ctx.silu)
-        grads = [g if t is not None else None
-                 for g, t in zip((dw, db, dadd, dscale, dshift), (norm_weight, norm_bias, add, scale, shift))]
-        return (dx, *grads, dconv_weight, dconv_bias if ctx.has_conv_bias else None,
-                None, None, None, None, None, None, None, None)
-
-
-def _norm_conv(norm: "GroupNorm", conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor], x: torch.Tensor,
+def _norm_conv(norm: GroupNorm, conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor], x: torch.Tensor,
                lean: bool, add: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
                shift: Optional[torch.Tensor] = None, silu: bool = True, dropout: Optional[nn.Dropout] = None,
                padding: int = 0) -> torch.Tensor:
-    """conv2d(dropout(norm(x, add, scale, shift, silu))) with stride 1; `lean` recomputes the norm's output in
-    backward (`_NormConv`) instead of letting the convolution save it."""
+    """conv2d(dropout(norm(x, ...))) through `fastddpm.ops.norm_conv` (`lean`: recompute the norm in backward)."""
     p = float(dropout.p) if dropout is not None and dropout.training else 0.0
-    if lean:
-        return _NormConv.apply(x, norm.weight, norm.bias, add, scale, shift, conv_weight, conv_bias, norm.groups,
-                               float(norm.eps), silu, (1, 1), (padding, padding), (1, 1), 1, p)
-    h = norm(x, add=add, scale=scale, shift=shift, silu=silu)
-    if p > 0.0:
-        h = h * _dropout_noise(h, p)
-    return F.conv2d(h, conv_weight, conv_bias, 1, padding)
-
-
-def _dropout_noise(y: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout's scaled keep-mask, bernoulli(1 - p) / (1 - p) (what `F.dropout` multiplies by), drawn into
-    a contiguous tensor: the same mask for the same seed whatever y's layout, so the lean, plain and
-    compiled paths agree (a channels-last buffer would be filled in a layout-dependent order)."""
-    return torch.empty(y.shape, dtype=y.dtype, device=y.device).bernoulli_(1.0 - p).div_(1.0 - p)
-
-
-class _StackedLinear(torch.autograd.Function):
-    """emb @ cat(weights).T + cat(biases): many Linear layers on one input as one matmul, saving for backward
-    only `emb` and the weights themselves (the concatenated copy is rebuilt in backward, never kept).
-    Under autocast the matmul runs in the autocast dtype, as `F.linear` would."""
-
-    @staticmethod
-    def forward(ctx, emb, num_weights: int, *params):
-        weights, biases = params[:num_weights], params[num_weights:]
-        ctx.save_for_backward(emb, *weights)
-        ctx.rows = [w.shape[0] for w in weights]
-        dev = emb.device.type
-        ctx.dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        weight, bias = torch.cat(weights), torch.cat(biases)
-        if ctx.dtype is not None:
-            emb, weight, bias = emb.to(ctx.dtype), weight.to(ctx.dtype), bias.to(ctx.dtype)
-        return torch.addmm(bias, emb, weight.t())
-
-    @staticmethod
-    def backward(ctx, grad):
-        emb, *weights = ctx.saved_tensors
-        weight = torch.cat(weights)
-        e = emb
-        if ctx.dtype is not None:
-            weight, e = weight.to(ctx.dtype), emb.to(ctx.dtype)
-        grad_emb = (grad @ weight).to(emb.dtype)
-        grad_weights = (grad.t() @ e).to(weights[0].dtype).split(ctx.rows, dim=0)
-        grad_biases = grad.sum(0).to(weights[0].dtype).split(ctx.rows, dim=0)
-        return (grad_emb, None, *grad_weights, *grad_biases)
+    return _ops.norm_conv(x, norm.weight, norm.bias, norm.groups, norm.eps, conv_weight, conv_bias, lean,
+                          add=add, scale=scale, shift=shift, silu=silu, dropout_p=p, padding=padding)
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -568,13 +462,6 @@ class UNet(nn.Module):
             if isinstance(m, (ResBlock, AttentionBlock)):
                 m.recompute_norm = enabled
 
-    @classmethod
-    def from_diffusers(cls, unet2d, image_size: Optional[int] = None) -> "UNet":
-        """Map a diffusers `UNet2DModel` of the DDPM family onto a UNet (see `fastddpm.interop.diffusers`)."""
-        from .interop.diffusers import unet_from_diffusers
-
-        return unet_from_diffusers(unet2d, image_size=image_size)
-
     def _embedding(self, x: torch.Tensor, t: Union[torch.Tensor, int], y: Optional[torch.Tensor]) -> torch.Tensor:
         n = x.shape[0]
         if not torch.is_tensor(t):
@@ -641,10 +528,9 @@ class UNet(nn.Module):
     def _time_projections(self, emb: torch.Tensor) -> list:
         """Every ResBlock's time projection in one matmul: the blocks' `time_proj` weights (kept per block,
         as in diffusers) are concatenated at forward time, so the forward dispatches 5 ops here instead of
-        2 per block; backward keeps no concatenated copy (`_StackedLinear`). Returns, per block in forward order, what `ResBlock.forward` takes as `proj`."""
+        2 per block; backward keeps no concatenated copy (`fastddpm.ops.stacked_linear`). Returns, per block in forward order, what `ResBlock.forward` takes as `proj`."""
         blocks = self._resblocks
-        proj = _StackedLinear.apply(emb, len(blocks), *[b.time_proj.weight for b in blocks],
-                                    *[b.time_proj.bias for b in blocks])
+        proj = _ops.stacked_linear(emb, [b.time_proj.weight for b in blocks], [b.time_proj.bias for b in blocks])
         parts = proj.split([s for b in blocks for s in b.proj_sizes()], dim=1)
         out, i = [], 0
         for b in blocks:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fastddpm import bench
+from fastddpm.cli import bench, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,10 +159,7 @@ def test_fmt():
 
 # ------------------------------------------------------------------------------ fastddpm bench
 def _parser():
-    parser = argparse.ArgumentParser(prog="fastddpm")
-    sub = parser.add_subparsers(dest="command")
-    bench.add_subcommand(sub)
-    return parser
+    return build_parser()
 
 
 def test_cli_rejects_unknown_suite(capsys):
@@ -177,7 +174,7 @@ def test_cli_rejects_unknown_suite(capsys):
 
 def test_cli_parses_known_suites():
     ns = _parser().parse_args(["bench", "--suite", "sampling", "--json"])
-    assert (ns.suite, ns.json, ns.func) == ("sampling", True, bench.run_bench)
+    assert (ns.suite, ns.json, ns._run) == ("sampling", True, bench.run)
     assert _parser().parse_args(["bench"]).suite == "all"
 
 
@@ -201,13 +198,13 @@ def test_suite_commands_in_this_checkout():
 
 
 def test_no_checkout_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "__file__", str(tmp_path / "site-packages" / "fastddpm" / "bench.py"))
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "site-packages" / "fastddpm" / "cli" / "bench.py"))
     monkeypatch.delenv("FASTDDPM_REPO", raising=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(bench.BenchError, match="checkout"):
         bench.find_repo()
     ns = argparse.Namespace(suite="all", json=False, no_report=False)
-    assert bench.run_bench(ns) == 1
+    assert bench.run(ns) == 1
 
 
 def _fake_repo(tmp_path):

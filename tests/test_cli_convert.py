@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastddpm.checkpoint import load_model
-from fastddpm.cli_convert import convert
+from fastddpm.cli.convert import convert
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -1,5 +1,4 @@
 """Evaluation drivers and the eval / nll CLI handlers, against one-shot computations and closed forms."""
-import argparse
 import json
 import math
 import os
@@ -220,16 +219,14 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def _parse(argv):
-    from fastddpm.cli_eval import add_subcommands
+    from fastddpm.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="fastddpm")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def _run(argv):
     args = _parse(argv)
-    return args.handler(args)
+    return args._run(args)
 
 
 EVAL_KEYS = {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "confidence_rate",

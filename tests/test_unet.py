@@ -95,7 +95,7 @@ def test_parameter_count_ddpm_cifar10():
     assert abs(n - ref) / ref < 0.005, (n, ref)
     assert n == ref  # the layers map one to one
     # and the full-size model converts to the same function
-    converted = fd.UNet.from_diffusers(diffusers_unet)
+    converted = fd.unet_from_diffusers(diffusers_unet)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = diffusers_unet(x, torch.tensor([517])).sample
@@ -349,7 +349,7 @@ def test_validation():
 
 
 # ---------------------------------------------------------------------------------------------------
-# diffusers interop: UNet.from_diffusers on small randomly initialised UNet2DModels of DDPM-like configs
+# diffusers interop: fd.unet_from_diffusers on small randomly initialised UNet2DModels of DDPM-like configs
 DDPM_LIKE = {
     # google/ddpm-cifar10-32, scaled down: attention at the second level, TF-style padding, eps 1e-6
     "cifar10": dict(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=2,
@@ -378,7 +378,7 @@ def test_from_diffusers_matches_diffusers(name):
     with torch.no_grad():  # diffusers' init is not zero anywhere, but make every weight count
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    unet = fd.UNet.from_diffusers(ref)
+    unet = fd.unet_from_diffusers(ref)
     assert isinstance(unet, fd.UNet) and not unet.training
     assert _num_params(unet) == _num_params(ref) + (unet.temb_channels if unet.num_classes else 0)
     size = ref.config.sample_size
@@ -392,7 +392,7 @@ def test_from_diffusers_matches_diffusers(name):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     if name == "cifar10":  # a pipeline holding the UNet2DModel converts the same way
         pipe = diffusers.DDPMPipeline(unet=ref, scheduler=diffusers.DDPMScheduler())
-        from_pipe = fd.UNet.from_diffusers(pipe).state_dict()
+        from_pipe = fd.unet_from_diffusers(pipe).state_dict()
         assert all(torch.equal(v, from_pipe[k]) for k, v in unet.state_dict().items())
 
 
@@ -405,9 +405,9 @@ def test_from_diffusers_rejects_unmappable_config(option, value):
     ref = diffusers.UNet2DModel(**cfg)
     expected = "attn_norm_num_groups" if option == "resnet_time_scale_shift" else option
     with pytest.raises(ValueError, match=expected):
-        fd.UNet.from_diffusers(ref)
+        fd.unet_from_diffusers(ref)
     with pytest.raises(ValueError, match="UNet2DModel"):
-        fd.UNet.from_diffusers(torch.nn.Linear(2, 2))
+        fd.unet_from_diffusers(torch.nn.Linear(2, 2))
 
 
 def test_cost_figures_against_diffusers_ddpm_cifar10():
@@ -417,7 +417,7 @@ def test_cost_figures_against_diffusers_ddpm_cifar10():
     from fastddpm.profiling import count_ops, saved_bytes
 
     ref = _perturb(_ddpm_cifar10_diffusers(), std=0.01)
-    ours = fd.UNet.from_diffusers(ref)
+    ours = fd.unet_from_diffusers(ref)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([321])
     ops_count, saved = {}, {}

@@ -10,9 +10,7 @@ else in ``$FASTDDPM_REPO``; without one, the command says to run it from a check
 figures are written under ``benchmarks/results/`` (by the script itself, or, for scripts that only
 print JSON, by this command) with the machine they ran on.
 
-``add_subcommand(subparsers)`` registers the sub-command on an argparse sub-parser set;
-``configure_bench`` / ``run_bench`` / ``BENCH_HELP`` are the same in the form ``fastddpm.cli``'s
-extension table expects.
+``HELP`` / ``configure(parser)`` / ``run(args)`` are this command's entry in :mod:`fastddpm.cli`.
 """
 from __future__ import annotations
 
@@ -23,12 +21,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["SUITES", "BENCH_HELP", "add_subcommand", "configure_bench", "run_bench", "find_repo", "suite_commands",
+__all__ = ["SUITES", "HELP", "configure", "run", "find_repo", "suite_commands",
            "BenchError"]
 
-BENCH_HELP = "run the benchmarks of a fastddpm checkout and regenerate the README performance section"
+HELP = "run the benchmarks of a fastddpm checkout and regenerate the README performance section"
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,7 @@ def _is_repo(path: Path) -> bool:
 def find_repo(start: Optional[Path] = None) -> Path:
     """The fastddpm checkout holding ``benchmarks/``: next to this package, else `start` (default: the
     current directory) or a parent of it, else ``$FASTDDPM_REPO``. Raises BenchError otherwise."""
-    candidates: List[Path] = [Path(__file__).resolve().parents[1]]
+    candidates: List[Path] = [Path(__file__).resolve().parents[2]]
     here = (start or Path.cwd()).resolve()
     candidates += [here, *here.parents]
     if os.environ.get("FASTDDPM_REPO"):
@@ -159,7 +157,7 @@ def run_suite(suite: str = "all", json_out: bool = False, report: bool = True, r
     return 0
 
 
-def configure_bench(parser: argparse.ArgumentParser) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     """Add ``--suite``, ``--json`` and ``--no-report`` to the ``bench`` sub-parser."""
     parser.add_argument("--suite", default="all", choices=SUITE_CHOICES,
                         help="which benchmarks to run (default: all): " + ", ".join(SUITE_CHOICES))
@@ -167,30 +165,10 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-report", action="store_true", help="do not regenerate the README performance section")
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run the ``bench`` sub-command; returns the exit status."""
     try:
         return run_suite(args.suite, json_out=bool(args.json), report=not getattr(args, "no_report", False))
     except BenchError as e:
         print(f"fastddpm bench: error: {e}", file=sys.stderr)
         return 1
-
-
-def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``bench`` on an argparse sub-parser set (``parser.add_subparsers()``); the handler is
-    stored as ``func`` in the parsed namespace."""
-    p = subparsers.add_parser("bench", help=BENCH_HELP, description=BENCH_HELP)
-    configure_bench(p)
-    p.set_defaults(func=run_bench)
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m fastddpm.bench`` without the main CLI."""
-    parser = argparse.ArgumentParser(prog="fastddpm bench", description=BENCH_HELP)
-    configure_bench(parser)
-    return run_bench(parser.parse_args(argv))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

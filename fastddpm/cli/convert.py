@@ -13,10 +13,10 @@ import argparse
 import json
 import os
 
-CONVERT_HELP = "convert a diffusers DDPM (UNet2DModel + scheduler) into a fastddpm checkpoint file"
+HELP = "convert a diffusers DDPM (UNet2DModel + scheduler) into a fastddpm checkpoint file"
 
 
-def configure_convert(p: argparse.ArgumentParser) -> None:
+def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="DIFFUSERS_DIR", help="a saved diffusers pipeline or UNet2DModel folder")
     p.add_argument("out", metavar="OUT.safetensors", help="the fastddpm checkpoint file to write")
 
@@ -35,9 +35,9 @@ def convert(source: str, out: str) -> str:
     """Convert the diffusers model in `source` and write `out`; returns `out`."""
     from diffusers import UNet2DModel
 
-    from .checkpoint import save_weights_file
-    from .interop.diffusers import unet_from_diffusers
-    from .interop.schedulers import diffusion_from_scheduler
+    from ..checkpoint import save_weights_file
+    from ..interop.diffusers import unet_from_diffusers
+    from ..interop.schedulers import diffusion_from_scheduler
 
     if not out.endswith(".safetensors"):
         raise ValueError(f"out must end with .safetensors, got {out!r}")
@@ -60,7 +60,7 @@ def convert(source: str, out: str) -> str:
     return save_weights_file(out, model.state_dict(), config)
 
 
-def run_convert(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     out = convert(args.source, args.out)
     print(f"{args.source} -> {out}")
     return 0

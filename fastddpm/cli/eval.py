@@ -1,0 +1,141 @@
+"""``fastddpm eval`` (and the options ``fastddpm nll`` shares): sample quality (FID / KID / IS / precision-recall) and bits/dim.
+
+    fastddpm eval                                              # bundled model, dpm++ 20 steps, 1000 samples,
+                                                               #   digits-FID/KID/IS/PR vs the held-out digits
+    fastddpm eval --checkpoint runs/cifar --sampler ddim --steps 50 --num 50000 --batch-size 500 \\
+        --data cifar-10-batches-py --features inception --ref-stats cifar_train_inception.npz --json fid.json
+    fastddpm nll --checkpoint runs/digits --data digits --part heldout --json bpd.json
+
+``eval`` compares samples with a reference: ``--data`` (real images; their statistics are computed,
+and written to ``--ref-stats`` when that is also given, then reused) or ``--ref-stats`` alone (an .npz
+of cached statistics). Without either, the bundled digits held-out split is the reference. Samples
+are streamed from the sampler batch by batch (image i of a seed does not depend on the batch size).
+``--features digits`` (default) is the shipped offline digits classifier, for 8x8 one-channel
+images; ``--features inception`` is InceptionV3 through the optional torch-fidelity package.
+
+``nll`` reports the full variational bound in bits/dim (prior + T terms; T model calls per image)
+averaged over the images, with its standard error.
+
+Both print a JSON object (and write it to ``--json``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+from .._names import SAMPLER_NAMES
+from ._common import CLIError, check_positive, emit_json, resolve_device
+
+HELP = "sample quality: FID / KID / IS / precision-recall of a checkpoint's samples against real data"
+
+
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="a checkpoint directory, a run directory (its newest checkpoint) or a .safetensors file; "
+                        "default: the bundled digits model")
+    p.add_argument("--batch-size", type=int, default=250, help="images per batch (default: 250)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the result JSON here")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Add the ``eval`` arguments to a parser."""
+    add_common_options(p)
+    p.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES, help="default: dpm++")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: 20 for dpm++, 50 for ddim, all T for ddpm)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default: 0)")
+    p.add_argument("--num", type=int, default=1000, help="number of samples (default: 1000)")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help='reference images: "digits", a folder, an .npz, CIFAR-10 / MNIST files '
+                        "(default with no --ref-stats: digits, held-out part)")
+    p.add_argument("--part", default=None, choices=("all", "train", "heldout"),
+                   help="for --data digits: which part of the fixed split (default: heldout)")
+    p.add_argument("--ref-stats", default=None, metavar="NPZ",
+                   help="cached reference statistics: read when the file exists, else computed from --data and written")
+    p.add_argument("--features", default="digits", metavar="NAME",
+                   help="feature extractor: digits (shipped, offline) or inception (pip install torch-fidelity)")
+    p.add_argument("--inception-weights", default=None, metavar="PTH",
+                   help="--features inception: a local copy of torch-fidelity's InceptionV3 weights")
+    p.add_argument("--metrics", default="fid,kid,is,pr",
+                   help="comma-separated subset of fid,kid,is,pr (default: all)")
+    p.add_argument("--max-keep", type=int, default=10_000,
+                   help="raw feature vectors kept per set for KID / precision-recall (default: 10000)")
+    p.add_argument("--no-clip", action="store_true", help="do not clip x0-hat to [-1, 1] at each step")
+
+
+def data_part(args: argparse.Namespace, data: str) -> str:
+    if args.part is not None:
+        if args.part != "all" and data != "digits":
+            raise CLIError(f"--part {args.part} is only defined for --data digits")
+        return args.part
+    return "heldout" if data == "digits" else "all"
+
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fastddpm eval``: sample ``--num`` images and compare them with the reference; prints JSON."""
+    from .. import checkpoint as ckpt
+    from ..evaluate import METRICS, ReferenceStats, evaluate_samples, reference_stats, sample_batches
+    from ..features import EXTRACTORS, get_extractor
+    from ..train import _make_sampler
+
+    check_positive(args, "num", "batch_size", "steps", "max_keep")
+    if args.features not in EXTRACTORS:
+        raise CLIError(f"--features must be one of {', '.join(EXTRACTORS)}, got {args.features!r}")
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise CLIError(f"--metrics must be a comma-separated subset of {','.join(METRICS)}, got {args.metrics!r}")
+    if not 0.0 <= args.eta <= 1.0:
+        raise CLIError(f"--eta must be in [0, 1], got {args.eta}")
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    if args.ref_stats and not args.data and not os.path.isfile(args.ref_stats):
+        raise CLIError(f"--ref-stats {args.ref_stats}: no such file (give --data to compute and write it)")
+    device = resolve_device(args.device)
+
+    try:
+        kw = {"weights_path": args.inception_weights} if args.features == "inception" else {}
+        extractor = get_extractor(args.features, device=device, **kw)
+    except ImportError as e:
+        raise CLIError(str(e)) from e
+    model, diffusion, config = ckpt.load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
+    mc = config["model"]
+    size, channels, num_classes = int(mc["image_size"]), int(mc["in_channels"]), mc.get("num_classes")
+    if args.features == "digits" and (size, channels) != (8, 1):
+        raise CLIError(f"--features digits needs 8x8 one-channel images; this model makes {channels}x{size}x{size} "
+                     "(use --features inception)")
+    sampler = _make_sampler(args.sampler, diffusion, args.steps, eta=args.eta)
+
+    # the reference
+    data = args.data
+    if data is None and args.ref_stats is None:
+        data = "digits"
+    ref: Any
+    t0 = time.perf_counter()
+    if args.ref_stats and os.path.isfile(args.ref_stats):
+        ref = ReferenceStats.load(args.ref_stats, extractor)
+    else:
+        ref = reference_stats(data, extractor, part=data_part(args, data), batch_size=args.batch_size,
+                              max_keep=args.max_keep, cache=args.ref_stats, progress=args.progress)
+    batches = sample_batches(model, sampler, args.num, args.batch_size, (channels, size, size), seed=args.seed,
+                             device=device, clip_denoised=not args.no_clip, progress=args.progress,
+                             num_classes=num_classes)
+    result = evaluate_samples(batches, extractor, ref, metrics=metrics, num=args.num, max_keep=args.max_keep,
+                              seed=args.seed, progress=False)
+    result.update({
+        "checkpoint": ckpt.resolve_checkpoint(args.checkpoint),
+        "sampler": args.sampler,
+        "steps": sampler.num_steps,
+        "eta": args.eta if args.sampler == "ddim" else None,
+        "seed": args.seed,
+        "seconds": round(time.perf_counter() - t0, 2),
+    })
+    emit_json(result, args.json)
+    return 0

@@ -1,0 +1,169 @@
+"""``fastddpm sample``: draw images from a checkpoint (default: the bundled digits model).
+
+    fastddpm sample                                    # 64 digits from the bundled model -> samples.png
+    fastddpm sample --sampler ddim --steps 50 --num 1000 --batch-size 250 --npz digits.npz
+    torchrun --nproc_per_node 2 -m fastddpm sample ... # each rank samples its share; rank 0 writes
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, List
+
+from .._names import SAMPLER_NAMES
+from ._common import CLIError, check_positive
+
+HELP = "draw samples from a checkpoint (default: the bundled digits model)"
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="a checkpoint directory, a run directory (its newest checkpoint) or a .safetensors "
+                        "file; default: the bundled digits model")
+    p.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES, help="default: dpm++")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: 20 for dpm++, 50 for ddim, all T for ddpm)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default: 0)")
+    p.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed; image i of a seed is the same whatever the batch size or process count (default: 0)")
+    p.add_argument("--out", default=None, metavar="PNG",
+                   help="write a PNG grid (default: samples.png when --npz is not given)")
+    p.add_argument("--npz", default=None, metavar="NPZ", help="write the images as uint8 NHWC array 'images'")
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: ceil(sqrt(num)))")
+    p.add_argument("--scale", type=int, default=None,
+                   help="enlarge the grid by this integer factor (default: up to 32-pixel tiles)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--class-label", type=int, default=None,
+                   help="class-conditional models: draw this class (default: cycle through the classes)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale w for class-conditional models (1: plain conditional)")
+    p.add_argument("--no-clip", action="store_true", help="do not clip x0-hat to [-1, 1] at each step")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar (rank 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from .. import checkpoint as ckpt
+    from ..data import save_grid, to_uint8
+    from ..train import _dist_info, _join_process_group, _make_sampler, _resolve_device
+
+    check_positive(args, "num", "batch_size", "steps", "scale", "nrow")
+    if not 0.0 <= args.eta <= 1.0:
+        raise CLIError(f"--eta must be in [0, 1], got {args.eta}")
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    out_png = args.out if (args.out or args.npz) else "samples.png"
+
+    rank, world, local_rank = _dist_info()
+    try:
+        device = _resolve_device(args.device, local_rank)
+    except ValueError:
+        raise CLIError(f"--device {args.device}: CUDA is not available") from None
+    own_group = _join_process_group(world, device)
+    distributed = world > 1 and dist.is_initialized()
+    if not distributed:
+        world, rank = 1, 0
+    try:
+        model, diffusion, config = ckpt.load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
+        mc = config["model"]
+        size, channels, num_classes = int(mc["image_size"]), int(mc["in_channels"]), mc.get("num_classes")
+        sampler = _make_sampler(args.sampler, diffusion, args.steps, eta=args.eta)
+        if args.class_label is not None:
+            if not num_classes:
+                raise CLIError("--class-label needs a class-conditional model; this one has no classes")
+            if not 0 <= args.class_label < num_classes:
+                raise CLIError(f"--class-label must be in [0, {num_classes}), got {args.class_label}")
+
+        # this rank's contiguous share of the global image indices
+        per = -(-args.num // world)
+        start, stop = min(rank * per, args.num), min((rank + 1) * per, args.num)
+        labels_all = None
+        if num_classes:
+            labels_all = (torch.full((args.num,), args.class_label, dtype=torch.int64) if args.class_label is not None
+                          else torch.arange(args.num, dtype=torch.int64) % num_classes)
+        show = args.progress and rank == 0
+        nbatches = -(-(stop - start) // args.batch_size) if stop > start else 0
+        outer = None
+        if show and nbatches > 1:
+            from tqdm.auto import tqdm
+
+            outer = tqdm(total=stop - start, desc=f"sampling ({args.sampler}, {sampler.num_steps} steps)",
+                         unit="img", file=sys.stderr)
+        chunks, label_chunks = [], []
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for b0 in range(start, stop, args.batch_size):
+                b1 = min(b0 + args.batch_size, stop)
+                net: Any = model
+                if num_classes:
+                    y = labels_all[b0:b1].to(device)
+                    label_chunks.append(labels_all[b0:b1].numpy())
+                    if args.guidance_scale == 1.0:
+                        net = _WithLabels(model, y)
+                    else:
+                        from ..guidance import GuidedModel
+
+                        net = GuidedModel(model, y, args.guidance_scale, null_label=num_classes, channels=channels)
+                x = sampler.sample(net, (b1 - b0, channels, size, size), seed=args.seed, image_offset=b0,
+                                   clip_denoised=not args.no_clip, progress=show and nbatches == 1, device=device)
+                chunks.append(to_uint8(x))
+                if outer is not None:
+                    outer.update(b1 - b0)
+        if outer is not None:
+            outer.close()
+        elapsed = time.perf_counter() - t0
+        local = np.concatenate(chunks) if chunks else np.zeros((0, size, size, channels), np.uint8)
+        local_labels = np.concatenate(label_chunks) if label_chunks else None
+        if distributed:
+            gathered: List[Any] = [None] * world if rank == 0 else None
+            dist.gather_object((local, local_labels), gathered, dst=0)
+            if rank == 0:
+                local = np.concatenate([g[0] for g in gathered])
+                if num_classes:
+                    local_labels = np.concatenate([g[1] for g in gathered if g[1] is not None])
+        if rank == 0:
+            images = local
+            assert images.shape[0] == args.num
+            written = []
+            if args.npz:
+                import io
+
+                buf = io.BytesIO()
+                arrays = {"images": images}
+                if local_labels is not None:
+                    arrays["labels"] = local_labels
+                np.savez(buf, **arrays)
+                ckpt.atomic_write_bytes(args.npz, buf.getvalue())
+                written.append(args.npz)
+            if out_png:
+                scale = args.scale if args.scale is not None else max(1, 32 // size)
+                x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+                save_grid(x, out_png, nrow=args.nrow, scale=scale)
+                written.append(out_png)
+            print(f"{args.num} images ({args.sampler}, {sampler.num_steps} steps, {elapsed:.1f} s"
+                  f"{f' on rank 0 of {world}' if world > 1 else ''}) -> {', '.join(written)}")
+        if distributed:
+            dist.barrier()
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+class _WithLabels:
+    """model(x, t) -> model(x, t, y=labels) (plain class-conditional sampling)."""
+
+    def __init__(self, model: Any, y: Any):
+        self.model, self.y = model, y
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, x: Any, t: Any) -> Any:
+        return self.model(x, t, y=self.y)

@@ -1,0 +1,115 @@
+"""The package's layering (design.md, "Dependencies point one way"), checked on the source text.
+
+* no import cycle among fastddpm's modules, counting imports inside functions (a lazy import that
+  closes a circle is still a circle);
+* `kernels/` knows only torch and triton; `fastddpm.ops` holds no kernel code;
+* op boundaries (custom autograd functions) live in `fastddpm.ops`, not in the modules that use them.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _modules(package: str) -> Dict[str, Path]:
+    out = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(name: str, path: Path, known: Dict[str, Path]) -> Set[str]:
+    """Modules of `known` that `name` imports anywhere in its source (module level or inside functions)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: Set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            candidates = [target] + [f"{target}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            candidates = [a.name for a in node.names]
+        else:
+            continue
+        # a module importing its own parent package (e.g. `from .. import __version__`) is not an edge
+        found.update(c for c in candidates if c in known and c != name and not name.startswith(c + "."))
+    return found
+
+
+def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on_stack: Set[str] = set()
+    out: List[List[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles_in_fastddpm():
+    mods = _modules("fastddpm")
+    graph = {m: _imports(m, p, mods) for m, p in mods.items()}
+    assert "fastddpm.unet" in graph and "fastddpm.interop.diffusers" in graph
+    assert _cycles(graph) == []
+
+
+def test_kernels_import_only_torch_and_triton():
+    for path in sorted((ROOT / "kernels").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            for n in names:
+                assert n.split(".")[0] != "fastddpm", f"{path.name} imports {n}"
+
+
+def _classes_deriving(path: Path, base: str) -> List[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [c.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef)
+            and any(ast.unparse(b).endswith(base) for b in c.bases)]
+
+
+def test_op_boundaries_live_in_ops():
+    for name, path in _modules("fastddpm").items():
+        if name.startswith("fastddpm.ops"):
+            assert "triton.jit" not in path.read_text(encoding="utf-8"), f"kernel code in {name}"
+            continue
+        assert _classes_deriving(path, "autograd.Function") == [], f"custom autograd function in {name}"
