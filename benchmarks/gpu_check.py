@@ -381,7 +381,7 @@ def _model_pair(ctx: Context, dtype: torch.dtype = torch.float32) -> Tuple[Any, 
     with torch.no_grad():  # leave no layer at zero
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    ours = fd.UNet.from_diffusers(ref)
+    ours = fd.unet_from_diffusers(ref)
     return ref.to(ctx.device, dtype).eval(), ours.to(ctx.device, dtype).eval()
 
 
@@ -405,7 +405,8 @@ def part_unet(ctx: Context) -> Dict[str, Any]:
     for compiled in (False, True):
         for name, m32 in models.items():
             key = f"{name}_{'compiled' if compiled else 'eager'}"
-            if not ctx.has_time(f"unet forward {key}", 5.0):
+            # Inductor takes tens of seconds per model: start a compiled variant only with that in hand
+            if not ctx.has_time(f"unet forward {key}", 40.0 if compiled and not ctx.dry else 5.0):
                 break
             m16 = _copy_to(m32, torch.bfloat16)
             fwd = compile_fn(ctx, m16) if compiled else m16
@@ -413,7 +414,7 @@ def part_unet(ctx: Context) -> Dict[str, Any]:
             with torch.no_grad():
                 result["forward"][key] = {"s": ctx.time_kernel(lambda: _call(fwd, x16, t), reps=10, warmup=3,
                                                                flush=False)}
-            if not ctx.has_time(f"unet training step {key}", 5.0):
+            if not ctx.has_time(f"unet training step {key}", 60.0 if compiled and not ctx.dry else 5.0):
                 continue
             train = _copy_to(m32, torch.float32).train()
             opt = torch.optim.AdamW(train.parameters(), lr=1e-4)
@@ -476,10 +477,11 @@ def part_sampling(ctx: Context) -> Dict[str, Any]:
     batch = 2 if ctx.dry else 256
     cases = [("ddim", 3 if ctx.dry else 50), ("ddpm", 4 if ctx.dry else 1000)]
     rows = []
+    per_step: Dict[torch.dtype, float] = {}  # slowest seconds per step seen so far (DDIM rows), per dtype
     for kind, steps in cases:
         for dtype in (torch.bfloat16, torch.float32):
             label = f"{kind}-{steps} {str(dtype).replace('torch.', '')}"
-            if not ctx.has_time(label, 2.0):
+            if not ctx.has_time(label, 2.0 + steps * per_step.get(dtype, 0.0)):
                 continue
             ref, _ = _model_pair(ctx, dtype)
             row: Dict[str, Any] = {"sampler": kind, "steps": steps, "batch": batch,
@@ -498,7 +500,8 @@ def part_sampling(ctx: Context) -> Dict[str, Any]:
                 t_pipe = ctx.time_wall(pipe_call, warmup=lambda: pipe_call(2))
             row["diffusers_pipeline"] = {"s": t_pipe, "images_per_s": per_s(batch, t_pipe)}
             for capture in ("step", "loop", "none"):
-                if not ctx.has_time(f"{label} FastSampler capture={capture}", 1.0):
+                # a warm-up call (which captures) and the timed call: do not start what cannot finish
+                if not ctx.has_time(f"{label} FastSampler capture={capture}", 1.0 + 2 * steps * per_step.get(dtype, 0.0)):
                     break
                 api = ReplayGraphAPI() if ctx.dry and capture != "none" else None
                 fast = fd.FastSampler.from_diffusers(ref, _schedulers(kind), sampler=kind, steps=steps,
@@ -510,6 +513,9 @@ def part_sampling(ctx: Context) -> Dict[str, Any]:
                 t_fast = ctx.time_wall(fast_call)  # the first call captures; the timed one replays
                 row[f"fast_sampler_{capture}"] = {"s": t_fast, "images_per_s": per_s(batch, t_fast)}
                 row[f"speedup_{capture}_vs_diffusers"] = _ratio(t_pipe, t_fast)
+                for t in (t_pipe, t_fast):
+                    if t is not None:
+                        per_step[dtype] = max(per_step.get(dtype, 0.0), t / steps)
                 del fast
             rows.append(row)
             del pipe, ref
