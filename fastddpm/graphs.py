@@ -16,6 +16,15 @@ warmed up on a side stream (Triton compilation and autotuning happen there, befo
 once in a `torch.cuda.CUDAGraph` and replayed once per timestep (`capture="step"`), or the whole loop is
 captured as one graph (`capture="loop"`). On the CPU the same static-buffer loop runs eagerly.
 
+Sampling never records an autograd graph (`__call__` runs under ``torch.no_grad()``) and always runs
+the model in eval mode: a model in train mode is switched to eval for the call (dropout would
+otherwise be captured into the graph) and every submodule's mode is restored afterwards. Capture,
+the side stream, the graph's memory pool and every replay run under the model device's guard
+(``torch.cuda.device``), so a model on a non-current GPU is captured on its own device's stream.
+Before capturing, a configuration that cannot be captured is refused with a ValueError: warmup=0
+(Triton would compile and autotune inside the capture) and a model compiled with CUDA graphs of its
+own (``torch.compile(mode="reduce-overhead" | "max-autotune")``: graphs cannot nest).
+
 Image i of seed s is a pure function of (s, i): x_T and every step's noise come from Philox counters
 (element, image, step, stream), so the result does not depend on the batch size, and equals
 `sampler.sample(model, shape, seed=s)` to float rounding.
@@ -53,12 +62,48 @@ class CudaGraphAPI:
     def capture(self, fn: Callable[[], None], device: torch.device) -> Any:
         """Record `fn`'s launches into a CUDA graph and return it (has .replay())."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # torch.cuda.graph captures on a stream (and a memory pool) of the *current* device
+        with torch.cuda.device(device), torch.cuda.graph(graph):
             fn()
         return graph
 
     def synchronize(self, device: torch.device) -> None:
         torch.cuda.synchronize(device)
+
+
+def _modules(model: Any) -> list:
+    return list(model.modules()) if isinstance(model, torch.nn.Module) else []
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any):
+    """Every submodule in eval mode inside the block, each one's own mode restored after."""
+    modes = [(m, m.training) for m in _modules(model)]
+    for m, _ in modes:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
+def _check_capturable(model: Any, warmup: int, capture: str) -> None:
+    """ValueError for what cannot be captured into FastSampler's CUDA graph."""
+    if warmup < 1:
+        raise ValueError(f"warmup must be >= 1 with capture={capture!r}: Triton compiles and autotunes its "
+                         "kernels on first use, which must happen before the capture, not inside it")
+    # torch.compile(module) / torch.compile(fn) objects, and modules compiled in place (module.compile())
+    compiled = [model] + _modules(model)
+    compiled += [getattr(m, "_compiled_call_impl", None) for m in _modules(model)]
+    for c in compiled:
+        get_config = getattr(c, "get_compiler_config", None) if c is not None else None
+        config = get_config() if callable(get_config) else None
+        if isinstance(config, dict) and config.get("triton.cudagraphs"):
+            raise ValueError("the model was compiled with CUDA graphs of its own (torch.compile mode "
+                             "'reduce-overhead' or 'max-autotune'), which cannot be captured inside "
+                             f"FastSampler's graph (capture={capture!r}): compile with mode=None or "
+                             "'max-autotune-no-cudagraphs', or use capture='none'")
 
 
 class FastSampler:
@@ -76,7 +121,8 @@ class FastSampler:
         clip_denoised: clamp x0-hat to [-1, 1] at every step.
         capture: "auto" (a per-step CUDA graph on CUDA, eager elsewhere), "step", "loop" (the whole
             loop in one graph) or "none".
-        warmup: eager steps run on a side stream before capture (compilation, autotuning, allocator).
+        warmup: eager steps run on a side stream before capture (compilation, autotuning, allocator);
+            at least 1 when capturing.
         graph_api: the object that performs stream/graph calls (default: real CUDA).
         progress: show a tqdm bar over the steps of each call (updated on the host between replays,
             outside any captured graph; with capture="loop" the one replay is one update).
@@ -137,9 +183,13 @@ class FastSampler:
             capture = "step" if use_cuda else "none"
         if capture != "none" and not use_cuda and graph_api is None:
             raise ValueError(f"capture={capture!r} needs a CUDA model; use capture='none' or 'auto' on {self.device}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+        if capture != "none":
+            _check_capturable(model, warmup, capture)
         self.capture_mode = capture
         self.graph_api = graph_api or (CudaGraphAPI() if capture != "none" else None)
-        self.warmup = int(warmup)
+        self.warmup = warmup
         self.progress = bool(progress)
         self.graph: Any = None
 
@@ -181,9 +231,18 @@ class FastSampler:
 
     @torch.no_grad()
     def __call__(self, seed: int = 0) -> torch.Tensor:
-        """Draw `batch_size` images for `seed` (image i is the same for any batch size)."""
+        """Draw `batch_size` images for `seed` (image i is the same for any batch size).
+
+        No autograd graph is recorded; the model runs in eval mode (its modes are restored after).
+        """
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        # the model's device current (streams, graph pool, Triton launches use the current device)
+        guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with guard, _eval_mode(self.model):
+            return self._run(seed)
+
+    def _run(self, seed: int) -> torch.Tensor:
         if self.capture_mode != "none" and self.graph is None:
             self._capture()
         self._reset(seed)

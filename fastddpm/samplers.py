@@ -322,6 +322,7 @@ class Sampler:
         return (x_prev, x0) if return_x0 else x_prev
 
     # ------------------------------------------------------------------------------ loop
+    @torch.no_grad()
     def sample(
         self,
         model: Model,
@@ -337,6 +338,10 @@ class Sampler:
         image_offset: int = 0,
     ) -> torch.Tensor:
         """Draw samples: x_T, then one model call and one fused step per timestep.
+
+        Runs under ``torch.no_grad()``: sampling never records an autograd graph, so a model whose
+        parameters require grad neither returns a tensor with a ``grad_fn`` nor keeps every step's
+        activations alive (memory stays flat in the number of steps).
 
         Args:
             model: callable model(x, t, **model_kwargs) -> tensor (or an object with `.sample`, as

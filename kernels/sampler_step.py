@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device_guard import on_tensor_device
+
 __all__ = ["sampler_step_forward", "sampler_step_inplace", "aot_specs", "CONFIGS", "NUM_COEFS"]
 
 NUM_COEFS = 9
@@ -243,6 +245,7 @@ def _validate(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, 
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
+@on_tensor_device
 def sampler_step_forward(
     x: torch.Tensor,
     model_output: torch.Tensor,
@@ -285,6 +288,7 @@ def sampler_step_forward(
     return x_prev, x0
 
 
+@on_tensor_device
 def sampler_step_inplace(
     x: torch.Tensor,
     model_output: torch.Tensor,
