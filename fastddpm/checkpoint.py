@@ -558,7 +558,9 @@ def load_model(path: Optional[str] = None, use_ema: bool = True, device: Any = "
     check_state_dict(model, weights, ck.path)
     model.load_state_dict(weights)
     model.to(device).eval()
-    return model, build_diffusion(ck.config), ck.config
+    diffusion = build_diffusion(ck.config)
+    model.num_timesteps = diffusion.num_timesteps  # lets the U-Net refuse t >= T (see UNet.forward)
+    return model, diffusion, ck.config
 
 
 def export_model(checkpoint: Optional[str], out: str, use_ema: bool = True) -> str:
