@@ -597,14 +597,17 @@ def _peer_failure(e: BaseException, rank: int, world: int, timeout: float) -> Di
     try:
         store = dist.distributed_c10d._get_default_store()
         store.set(_ALIVE_KEY.format(rank), "1")
-        deadline = time.monotonic() + min(2.0, timeout)
+        start = time.monotonic()
         failed: Dict[int, str] = {}
-        silent: List[int] = []
+        silent: Optional[List[int]] = None
         while True:
             failed = {r: store.get(_FAILED_KEY.format(r)).decode("utf-8", "replace") for r in range(world)
                       if r != rank and store.check([_FAILED_KEY.format(r)])}
-            silent = [r for r in range(world) if r != rank and r not in failed and not store.check([_ALIVE_KEY.format(r)])]
-            if failed or time.monotonic() > deadline:
+            if silent is None and time.monotonic() - start > 0.5:
+                # healthy peers hit the same broken collective and check in at about the same time; a rank
+                # still silent then is the dead or stalled one (one that wakes up later does not count)
+                silent = [r for r in range(world) if r != rank and not store.check([_ALIVE_KEY.format(r)])]
+            if failed or time.monotonic() - start > min(2.0, timeout):
                 break
             time.sleep(0.1)
     except Exception:  # the store lives in rank 0's process: unreachable means rank 0 is gone
@@ -613,9 +616,20 @@ def _peer_failure(e: BaseException, rank: int, world: int, timeout: float) -> Di
     if failed:
         what = "; ".join(f"rank {r} failed: {m}" for r, m in sorted(failed.items()))
         return DistributedError(f"rank {rank}: stopping because {what}")
-    who = ", ".join(map(str, silent)) if silent else "a peer"
-    return DistributedError(f"rank {rank}: stopping: rank {who} stopped responding (died, or stalled for more than "
+    who = ("rank " + ", ".join(map(str, silent))) if silent else "a peer"
+    return DistributedError(f"rank {rank}: stopping: {who} stopped responding (died, or stalled for more than "
                             f"ddp_timeout={timeout:g} s)")
+
+
+def _ddp_failure(e: BaseException, rank: int, world: int, timeout: float) -> BaseException:
+    """What a data-parallel process raises for ``e``: a peer's failure becomes one DistributedError
+    naming that rank; this process's own error is left in the store for the peers and raised as it is."""
+    if isinstance(e, (RunLockError, DistributedError)):
+        return e
+    if _is_peer_failure(e):
+        return _peer_failure(e, rank, world, timeout)
+    _record_failure(e, rank)
+    return e
 
 
 def _record_failure(e: BaseException, rank: int) -> None:
@@ -654,11 +668,9 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> TrainResult:
         lock = _lock_run(os.path.abspath(cfg.out_dir), rank, distributed)
         return _train(cfg, rank, world, device, distributed)
     except Exception as e:
-        if not distributed or isinstance(e, (RunLockError, DistributedError)):
-            raise
-        if _is_peer_failure(e):
-            raise _peer_failure(e, rank, world, cfg.ddp_timeout) from e
-        _record_failure(e, rank)
+        err = _ddp_failure(e, rank, world, cfg.ddp_timeout) if distributed else e
+        if err is not e:
+            raise err from e
         raise
     finally:
         if lock is not None:

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import checkpoint as ckpt
     from ..data import save_grid, to_uint8
-    from ..train import _dist_info, _join_process_group, _make_sampler, _resolve_device
+    from ..train import _ddp_failure, _dist_info, _join_process_group, _make_sampler, _resolve_device
 
     check_positive(args, "num", "batch_size", "steps", "scale", "nrow")
     if not 0.0 <= args.eta <= 1.0:
@@ -157,6 +157,11 @@ def run(args: argparse.Namespace) -> int:
                   f"{f' on rank 0 of {world}' if world > 1 else ''}) -> {', '.join(written)}")
         if distributed:
             dist.barrier()
+    except Exception as e:
+        err = _ddp_failure(e, rank, world, args.ddp_timeout) if distributed else e
+        if err is not e:  # a dead or stalled peer: one line naming it
+            raise err from e
+        raise
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
