@@ -18,7 +18,14 @@ its checkpoint at step s takes exactly the same steps s+1, s+2, ... as the unint
 
 Outputs in ``out_dir``: ``checkpoints/step_*/`` (see :mod:`fastddpm.checkpoint`; the last ``keep``
 are kept), ``log.jsonl`` (one JSON object per ``log_every`` steps: step, loss, lr, grad_norm, skipped,
-it_per_s, time), ``samples/step_*.png`` (EMA samples every ``sample_every`` steps).
+it_per_s, time; cut back to the resumed step on resume), ``samples/step_*.png`` (EMA samples every
+``sample_every`` steps), ``train.lock`` (pid and host of the process training there; empty when none).
+
+Resuming (``resume``): :func:`resume_config` merges a saved run's settings with the ones given (the
+CLI's ``--resume``); :func:`train` prints ``resuming from step N (path)`` and each changed setting,
+refuses model/diffusion changes by name, and with ``resume_fallback`` falls back to the newest older
+checkpoint that loads. Under DDP every collective waits at most ``ddp_timeout`` seconds; a failed or
+stalled rank ends every rank with a :class:`DistributedError` naming it.
 """
 from __future__ import annotations
 
@@ -649,8 +656,11 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> TrainResult:
     DistributedSampler, and only rank 0 writes checkpoints, logs and sample grids.
 
     Raises:
-        ValueError: a bad config, or out_dir already holding checkpoints without ``resume``.
+        ValueError: a bad config, or out_dir already holding checkpoints without ``resume``, or a
+            resume that changes the model/diffusion settings (CheckpointError: one that does not load).
         NonFiniteLossError: ``max_nonfinite`` consecutive non-finite losses.
+        RunLockError: another live process trains in out_dir.
+        DistributedError: (DDP) another rank failed or stalled for ``ddp_timeout`` seconds.
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
@@ -816,8 +826,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
             y = torch.arange(cfg.sample_num, device=device) % num_classes
         s = _make_sampler(cfg.sample_sampler, diffusion, cfg.sample_steps)
         shape = (cfg.sample_num, ds.channels, ds.image_size, ds.image_size)
-        with torch.no_grad():
-            x = s.sample(_Conditioned(net, y), shape, seed=cfg.seed)
+        from .guards import NonFiniteSampleError
+
+        try:
+            with torch.no_grad():
+                x = s.sample(_Conditioned(net, y), shape, seed=cfg.seed)
+        except NonFiniteSampleError as e:  # a grid is a by-product: say so and keep training
+            print(f"fastddpm train: step {at_step}: no sample grid: {e}", file=sys.stderr)
+            net.train(was_training)
+            return
         save_grid(x, os.path.join(run_dir, "samples", f"step_{at_step:08d}.png"), scale=max(1, 64 // ds.image_size))
         net.train(was_training)
 

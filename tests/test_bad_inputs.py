@@ -213,3 +213,21 @@ def test_absurd_config_values_are_refused_before_allocating(run_dir, tmp_path, c
         ckpt.load_model(str(out))
     assert main(["sample", "--checkpoint", str(out), "--npz", str(tmp_path / "a.npz")]) == 1
     assert "fastddpm sample: error:" in capsys.readouterr().err
+
+
+def test_nan_sample_grid_during_training_is_skipped_with_a_message(tmp_path, monkeypatch, capsys):
+    from fastddpm.guards import NonFiniteSampleError
+    from fastddpm.samplers import Sampler
+    from fastddpm.train import TrainConfig, train
+
+    def nan_sample(self, *a, **k):
+        raise NonFiniteSampleError("DPMSolverSampler: x became NaN/inf at step 3")
+
+    monkeypatch.setattr(Sampler, "sample", nan_sample)
+    r = train(TrainConfig(dataset="digits", base_channels=8, channel_mults=(1,), attention_resolutions=(), groups=4,
+                          num_res_blocks=1, num_timesteps=50, steps=2, batch_size=4, warmup_steps=0, progress=False,
+                          compile=False, sample_every=1, sample_num=2, sample_steps=2, out_dir=str(tmp_path / "r")))
+    assert r.step == 2  # training went on
+    err = capsys.readouterr().err
+    assert "step 1: no sample grid: DPMSolverSampler: x became NaN/inf at step 3" in err
+    assert not (tmp_path / "r" / "samples").exists()

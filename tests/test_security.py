@@ -187,3 +187,18 @@ def test_checkpoint_config_json_cannot_name_code(tmp_path):
     open(cfg_path, "w").write(json.dumps(cfg))
     with pytest.raises(ckpt.CheckpointError, match="time_embedding"):
         ckpt.load_model(path)
+
+
+def test_safetensors_metadata_config_is_bounded(tmp_path):
+    """A single .safetensors file carries its config as JSON metadata: absurd values are refused before
+    any model is built."""
+    path = _tiny_checkpoint(tmp_path)
+    ck = ckpt.load_checkpoint(path, load_state=False)
+    cfg = dict(ck.config, model=dict(ck.config["model"], base_channels=200000))
+    f = ckpt.save_weights_file(str(tmp_path / "m.safetensors"), ck.ema, cfg)
+    with pytest.raises(ckpt.CheckpointError, match=r"base_channels=200000 exceeds the bound 4096"):
+        ckpt.load_model(f)
+    cfg = dict(ck.config, model="os.system('x')")
+    f = ckpt.save_weights_file(str(tmp_path / "n.safetensors"), ck.ema, cfg)
+    with pytest.raises(ckpt.CheckpointError, match="model config must be a JSON object"):
+        ckpt.load_model(f)
