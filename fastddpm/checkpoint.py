@@ -6,9 +6,10 @@ A training run directory holds ``checkpoints/step_<NNNNNNNN>/``, each with
     ema.safetensors     the EMA weights (same keys), when the run keeps an EMA
     state.pt            optimizer state, step, RNG states, counters (torch.save, loaded weights_only)
     config.json         the run's config: {"model": UNet kwargs, "diffusion": {...}, "train": {...}, ...}
-    checksums.sha256    the SHA-256 of each binary file above (``sha256sum -c checksums.sha256`` checks it);
-                        loading verifies it, so flipped bytes inside tensor data are an error naming the file
-                        (config.json is left out: it is text meant to be read, and the config checks guard it)
+    checksums.sha256    the SHA-256 of each file above (``sha256sum -c checksums.sha256`` checks them);
+                        loading verifies them, so flipped bytes inside tensor data are an error naming the
+                        file (an edited config.json only warns: it is text people edit, the config checks
+                        judge it)
 
 Atomicity: the whole step directory is first written as a hidden temporary directory next to its
 final place (every file written, flushed and fsync'ed), the temporary directory is fsync'ed, renamed
@@ -28,6 +29,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -201,8 +203,8 @@ def save_checkpoint(
     config["step"] = int(step)
     try:
         os.makedirs(tmp)
-        _write(os.path.join(tmp, "config.json"), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-        files = {"model.safetensors": _safetensors_bytes(model_state, config)}
+        files = {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+                 "model.safetensors": _safetensors_bytes(model_state, config)}
         if ema_state is not None:
             files["ema.safetensors"] = _safetensors_bytes(ema_state, config)
         if train_state is not None:
@@ -456,8 +458,13 @@ def load_checkpoint(path: Optional[str], load_state: bool = True, load_model: bo
         raise CheckpointError(f"{cfg_path}: missing checkpoint file")
     with open(cfg_path, encoding="utf-8") as f:
         cfg = _parse_config(f.read(), cfg_path)
-    ck = Checkpoint(path=path, config=cfg, step=_config_step(cfg, cfg_path))
     sums = _read_checksums(path)
+    try:
+        _verify_file(cfg_path, sums)
+    except CheckpointError:  # config.json is text people edit: say so, and let the config checks judge it
+        warnings.warn(f"{cfg_path} was edited after it was written (its SHA-256 differs from {CHECKSUMS_FILE}); "
+                      "using it as it is", stacklevel=2)
+    ck = Checkpoint(path=path, config=cfg, step=_config_step(cfg, cfg_path))
     model_p, ema_p, state_p = (os.path.join(path, n) for n in ("model.safetensors", "ema.safetensors", "state.pt"))
     if load_model:
         ck.model, _ = _read_safetensors(model_p, sums)

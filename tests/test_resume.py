@@ -155,6 +155,13 @@ def test_checksums_detect_flipped_bytes(four_steps, tmp_path):
         with pytest.raises(ckpt.CheckpointError, match=rf"{name}: (SHA-256 mismatch|truncated or corrupt)"):
             ckpt.load_checkpoint(str(d))
         (d / name).write_bytes(backup)
+    # an edited config.json only warns (people edit it; the config checks judge what it says)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, note="edited")))
+    with pytest.warns(UserWarning, match=r"config\.json was edited after it was written"):
+        assert ckpt.load_checkpoint(str(d)).config["note"] == "edited"
+    with pytest.raises(ckpt.CheckpointError, match=r"config\.json: SHA-256 mismatch"):
+        ckpt.verify_checkpoint(str(d))
     _flip_tensor_byte(d / "ema.safetensors")
     with pytest.raises(ckpt.CheckpointError, match=r"ema\.safetensors: SHA-256 mismatch"):
         ckpt.load_model(str(d))
