@@ -41,6 +41,7 @@ Improved-DDPM models use `time_embedding="scale_shift"`, and usually `downsample
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -477,8 +478,12 @@ class UNet(nn.Module):
     def _embedding(self, x: torch.Tensor, t: Union[torch.Tensor, int], y: Optional[torch.Tensor]) -> torch.Tensor:
         n = x.shape[0]
         if not torch.is_tensor(t):
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise ValueError(f"t must be an integer timestep (int64 tensor [N] or an int), got {t!r}")
+            try:  # an int or a numpy int; a float or a bool is refused
+                if isinstance(t, bool):
+                    raise TypeError
+                t = operator.index(t)
+            except TypeError:
+                raise ValueError(f"t must be an integer timestep (int64 tensor [N] or an int), got {t!r}") from None
             t = torch.full((n,), t, device=x.device)
         elif t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise ValueError(f"t must hold integer timesteps (int64), got dtype {t.dtype}")

@@ -58,6 +58,7 @@ def test_unet_casts_float64_and_refuses_integer_images():
     (torch.tensor([0.5, 1.0]), "t must hold integer timesteps"),
     (2.5, "t must be an integer timestep"),
     (True, "t must be an integer timestep"),
+    ("3", "t must be an integer timestep"),
 ])
 def test_unet_refuses_bad_timesteps(t, match):
     with pytest.raises(ValueError, match=match):
@@ -70,6 +71,9 @@ def test_unet_refuses_t_beyond_the_schedule_when_known(run_dir):
     x = torch.zeros(1, 1, 8, 8)
     with torch.no_grad():
         model(x, 49)
+        import numpy as np
+
+        torch.testing.assert_close(model(x, np.int64(7)), model(x, torch.tensor([7])))  # numpy ints are ints
         with pytest.raises(ValueError, match=r"t must be timesteps in \[0, 50\), got values in \[50, 50\]"):
             model(x, 50)
 
