@@ -746,15 +746,19 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
                          "to continue that run, or choose another out_dir")
     rng_restore = None
     if resume_path is not None:
-        ck = _load_for_resume(resume_path, run_dir, cfg.resume_fallback, isinstance(cfg.resume, str))
+        ck = _load_for_resume(resume_path, _run_dir_of(resume_path) or run_dir, cfg.resume_fallback,
+                              isinstance(cfg.resume, str))
         resume_path = ck.path
         try:
             ck_model = json.loads(json.dumps(getattr(ckpt.build_model(ck.config), "config", ck.config["model"])))
         except ckpt.CheckpointError:
             ck_model = ck.config.get("model")
-        differ = config_changes(ck_model if isinstance(ck_model, dict) else {}, mcfg) + \
+        # dropout changes no weight: a resumed run may change it (fine-tuning); everything else must match
+        same_arch = {k: v for k, v in mcfg.items() if k != "dropout"}
+        ck_arch = {k: v for k, v in ck_model.items() if k != "dropout"} if isinstance(ck_model, dict) else {}
+        differ = config_changes(ck_arch, same_arch) + \
             config_changes(ck.config.get("diffusion") or {}, full_config["diffusion"])
-        if differ or ck_model != mcfg or ck.config.get("diffusion") != full_config["diffusion"]:
+        if differ or ck_arch != same_arch or ck.config.get("diffusion") != full_config["diffusion"]:
             raise ValueError(f"{resume_path}: the checkpoint's model/diffusion config differs from this run's "
                              f"({format_changes(differ) or 'entries differ'}); these must match to resume. Drop "
                              "the flags that change them, or start a new run in another --out-dir")

@@ -76,6 +76,10 @@ def test_resume_flags_override_and_are_reported(four_steps, tmp_path, capsys):
     assert main(["train", "--out-dir", str(out), "--resume", "--base-channels", "16", "--num-timesteps", "60"]) == 1
     err = capsys.readouterr().err
     assert "base_channels: 8 -> 16" in err and "num_timesteps: 50 -> 60" in err and err.count("\n") == 1
+    # dropout changes no weight: allowed, and recorded in the new checkpoint
+    assert main(["train", "--out-dir", str(out), "--resume", "--steps", "6", "--dropout", "0.0"]) == 0
+    assert "  dropout: 0.1 -> 0.0" in capsys.readouterr().err
+    assert ckpt.load_checkpoint(str(out)).config["model"]["dropout"] == 0.0
     # a finished run says there is nothing to do
     assert main(["train", "--out-dir", str(out), "--resume"]) == 0
     assert "nothing to train" in capsys.readouterr().err
