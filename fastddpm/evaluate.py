@@ -231,7 +231,7 @@ class ReferenceStats:
             raise ValueError(f"reference statistics {path!r} not found (write them with "
                              "reference_stats(data, extractor, cache=path) or `fastddpm eval --data ... --ref-stats path`)")
         try:
-            with np.load(path) as d:
+            with np.load(path, allow_pickle=False) as d:
                 mu, sigma = np.asarray(d["mu"], np.float64), np.asarray(d["sigma"], np.float64)
                 count = int(d["count"]) if "count" in d else 0
                 name = str(d["extractor"]) if "extractor" in d else "unknown"
@@ -496,7 +496,7 @@ def evaluate_samples(
 def _is_image_npz(path: str) -> bool:
     """True for an .npz of images (a dataset), False for statistics (has 'mu' and 'sigma')."""
     try:
-        with np.load(path) as d:
+        with np.load(path, allow_pickle=False) as d:
             return not ("mu" in d and "sigma" in d)
     except (OSError, ValueError):
         return False

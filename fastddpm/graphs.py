@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from .guards import check_labels, raise_if_nonfinite
 from .guidance import GuidedModel
 from .ops.sampler_step import sampler_step_
 from .ops.philox import philox_normal
@@ -161,6 +162,7 @@ class FastSampler:
             if null_label is None:
                 raise ValueError("null_label is required for a model without num_classes")
             labels = torch.as_tensor(labels, device=self.device)
+            check_labels(labels, null_label, "labels")
             if labels.shape != (batch_size,):
                 raise ValueError(f"labels must have shape ({batch_size},) (one per image), got {tuple(labels.shape)}")
             model = GuidedModel(model, labels, guidance_scale, null_label, self.shape[1]).to(self.device)
@@ -263,7 +265,16 @@ class FastSampler:
                 bar.update(self.num_steps)
         if bar is not None:
             bar.close()
+        # one check after the loop (the steps stay one op each); only a failure replays them to find the step
+        raise_if_nonfinite(self.x, lambda: self._eager_steps(seed), type(self).__name__,
+                           self.sampler._model_timesteps.tolist())
         return self.x.clone()
+
+    def _eager_steps(self, seed: int):
+        self._reset(seed)
+        for _ in range(self.num_steps):
+            self._step()
+            yield self.x
 
     @classmethod
     def from_diffusers(cls, pipeline_or_unet: Any, scheduler: Any = None, *, sampler: Optional[str] = None,

@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._names import DEFAULT_STEPS, SAMPLER_NAMES
+from .guards import FiniteWatch
 from .ops.sampler_step import NUM_COEFS, sampler_step
 from .schedule import NoiseSchedule, space_timesteps
 
@@ -402,6 +403,7 @@ class Sampler:
             x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
         x0_prev = torch.zeros_like(x) if self.uses_x0_prev else None
         clip = bool(clip_denoised)
+        watch = FiniteWatch(device, self._model_timesteps.tolist())
         iterator: Any = range(S)
         if progress:
             from tqdm.auto import tqdm
@@ -425,7 +427,9 @@ class Sampler:
             x, x0 = self._fused_step(x, out, coefs, step, x0_prev, noise, seed_arg, image_offset, clip)
             if self.uses_x0_prev:
                 x0_prev = x0
+            watch.update(x, step)  # NaN/inf: recorded on the device, raised once after the loop
             step.add_(1)
+        watch.check(type(self).__name__)
         return x
 
     def __repr__(self) -> str:

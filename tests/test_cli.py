@@ -189,3 +189,45 @@ def test_every_command_module_is_listed_and_complete(capsys):
     out = capsys.readouterr().out
     for name in table:
         assert f"    {name} " in out
+
+
+# ------------------------------------------------------------------------------ torchrun command lines
+def _documented_torchrun_commands():
+    import shlex
+
+    from fastddpm.cli import sample as sample_cli, train as train_cli
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    texts = [open(os.path.join(root, "README.md"), encoding="utf-8").read(), sample_cli.__doc__, train_cli.__doc__]
+    out = []
+    for text in texts:
+        for line in text.splitlines():
+            line = line.strip().strip("`")
+            if line.startswith("torchrun "):
+                out.append([w for w in shlex.split(line.split("#")[0]) if w != "..."])
+    return out
+
+
+def test_documented_torchrun_commands_parse_as_written():
+    """torchrun's own parser sees the whole command line first (it rejects e.g. `--num`, an abbreviation
+    of its --numa-binding): every documented DDP command must get through it and then through ours."""
+    from torch.distributed.run import get_args_parser
+
+    from fastddpm.cli import build_parser
+
+    cmds = _documented_torchrun_commands()
+    assert any("sample" in c for c in cmds) and any("train" in c for c in cmds)
+    for cmd in cmds:
+        ns = get_args_parser().parse_args(cmd[1:])
+        assert ns.module and ns.training_script == "fastddpm", cmd
+        build_parser().parse_args(ns.training_script_args)
+    # and every long flag of the DDP commands (bar the plain-use alias --num) passes torchrun untouched
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    for name in ("sample", "train"):
+        for action in sub[name]._actions:
+            for flag in action.option_strings:
+                if flag in ("--num", "-h", "--help"):
+                    continue
+                ns = get_args_parser().parse_args(["--nproc_per_node", "2", "-m", "fastddpm", name, flag, "1"])
+                assert ns.training_script_args == [name, flag, "1"], flag

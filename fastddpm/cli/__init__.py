@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# fastddpm.train's errors that are about the run, not bugs (named, so that --help imports nothing heavy)
+_ONE_LINE_ERRORS = ("NonFiniteLossError", "RunLockError", "DistributedError")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``fastddpm`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -68,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:
         # CheckpointError and the data loaders' errors are ValueErrors naming the file; a training run
         # stopped by non-finite losses raises NonFiniteLossError. Anything else is a bug: traceback.
-        if isinstance(e, (CLIError, ValueError, OSError)) or type(e).__name__ == "NonFiniteLossError":
+        if isinstance(e, (CLIError, ValueError, OSError)) or type(e).__name__ in _ONE_LINE_ERRORS:
             print(f"fastddpm {args.command}: error: {e}", file=sys.stderr)
             return 1
         raise

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import typing
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from .._names import SAMPLER_NAMES
 from ._common import CLIError
@@ -63,8 +63,11 @@ _TRAIN_HELP = {
     "sample_steps": "sampler steps for the grids",
     "log_every": "log.jsonl line / progress-bar update every N steps",
     "progress": "tqdm progress bar (rank 0)",
-    "resume": "continue from the newest checkpoint in --out-dir (or from the given checkpoint)",
+    "resume": "continue the run in --out-dir from its newest checkpoint (or from the given checkpoint) with its "
+              "saved settings; flags given override them",
+    "resume_fallback": "when the newest checkpoint does not load, resume from the newest older one that does",
     "max_nonfinite": "stop after this many non-finite losses in a row",
+    "ddp_timeout": "seconds a torchrun process waits for a dead or stalled peer before the run stops",
 }
 
 
@@ -130,6 +133,23 @@ def configure(p: argparse.ArgumentParser) -> None:
             raise TypeError(f"no command-line type for TrainConfig.{f.name}: {hint}")
 
 
+def _resumed_config(explicit: Dict[str, Any]) -> Optional[Any]:
+    """With --resume and a checkpoint to resume: the saved run's config, overridden by the flags given
+    (`explicit`); train() prints what it resumes and every changed setting. None: a fresh run."""
+    from ..train import TrainConfig, resume_config, saved_run_config
+
+    out_dir = explicit.get("out_dir", TrainConfig.out_dir)
+    found = saved_run_config(explicit.get("resume", False), out_dir)
+    if found is None:
+        return None
+    saved, path = found
+    if "out_dir" not in explicit:  # --resume CHECKPOINT alone continues that checkpoint's run directory
+        from ..train import _run_dir_of
+
+        saved = dict(saved, out_dir=_run_dir_of(path) or saved.get("out_dir", out_dir))
+    return resume_config(saved, explicit)[0]
+
+
 def run(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, train
 
@@ -147,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
         values.update(loaded)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    cfg = TrainConfig.from_dict(values)
+    cfg = _resumed_config(values)
+    if cfg is None:
+        cfg = TrainConfig.from_dict(values)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {result.step} steps ({result.skipped} skipped); checkpoint: {result.checkpoint}")
