@@ -46,6 +46,7 @@ __all__ = [
     "to_uint8",
     "make_grid",
     "save_grid",
+    "image_format",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -572,19 +573,34 @@ def make_grid(u8_nhwc: np.ndarray, nrow: Optional[int] = None, padding: int = 1,
     return grid
 
 
+def image_format(path: str) -> str:
+    """The Pillow format that `path`'s suffix names ("PNG" for .png, "JPEG" for .jpg, ...); ValueError
+    naming the suffixes Pillow can write when it names none."""
+    from PIL import Image
+
+    suffix = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"{path}: cannot tell the image format from the suffix {suffix or '(none)'!r}; "
+                         "use .png, .jpg, .webp, .bmp or another suffix Pillow writes")
+    return fmt
+
+
 def save_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None, scale: int = 1, padding: int = 1) -> str:
-    """Save float [-1, 1] NCHW images as one PNG grid (Pillow); ``scale`` enlarges it (nearest neighbour)."""
+    """Save float [-1, 1] NCHW images as one grid image (Pillow) in the format `path`'s suffix names
+    (:func:`image_format`: .png, .jpg, ...); ``scale`` enlarges it (nearest neighbour)."""
     from PIL import Image
 
     if not isinstance(scale, int) or scale < 1:
         raise ValueError(f"scale must be a positive int, got {scale!r}")
+    fmt = image_format(path)
     grid = make_grid(to_uint8(images), nrow=nrow, padding=padding)
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     im = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.png")
-    im.save(tmp, format="PNG")
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp")
+    im.save(tmp, format=fmt)
     os.replace(tmp, path)
     return path

@@ -12,7 +12,7 @@ import time
 from typing import Any, List
 
 from .._names import SAMPLER_NAMES
-from ._common import CLIError, check_positive
+from ._common import CLIError, add_threads_option, check_positive, load_model, steps_help
 
 HELP = "draw samples from a checkpoint (default: the bundled digits model)"
 
@@ -21,15 +21,15 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint directory, a run directory (its newest checkpoint) or a .safetensors "
                         "file; default: the bundled digits model")
     p.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES, help="default: dpm++")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: 20 for dpm++, 50 for ddim, all T for ddpm)")
+    p.add_argument("--steps", type=int, default=None, help=steps_help())
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default: 0)")
     p.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed; image i of a seed is the same whatever the batch size or process count (default: 0)")
-    p.add_argument("--out", default=None, metavar="PNG",
-                   help="write a PNG grid (default: samples.png when --npz is not given)")
+    p.add_argument("--out", default=None, metavar="IMAGE",
+                   help="write the grid as an image in the format its suffix names (.png, .jpg, .webp, ...; "
+                        "default: samples.png when --npz is not given)")
     p.add_argument("--npz", default=None, metavar="NPZ", help="write the images as uint8 NHWC array 'images'")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: ceil(sqrt(num)))")
     p.add_argument("--scale", type=int, default=None,
@@ -42,6 +42,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-clip", action="store_true", help="do not clip x0-hat to [-1, 1] at each step")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar (rank 0)")
+    add_threads_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +60,13 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
     out_png = args.out if (args.out or args.npz) else "samples.png"
+    if out_png:
+        from ..data import image_format
+
+        try:
+            image_format(out_png)  # refuse a suffix that names no image format before sampling
+        except ValueError as e:
+            raise CLIError(f"--out {e}") from None
 
     rank, world, local_rank = _dist_info()
     try:
@@ -70,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if not distributed:
         world, rank = 1, 0
     try:
-        model, diffusion, config = ckpt.load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
+        model, diffusion, config = load_model(args, device)
         mc = config["model"]
         size, channels, num_classes = int(mc["image_size"]), int(mc["in_channels"]), mc.get("num_classes")
         sampler = _make_sampler(args.sampler, diffusion, args.steps, eta=args.eta)
