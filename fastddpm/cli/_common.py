@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Optional
 
 __all__ = ["Command", "CLIError", "check_positive", "resolve_device", "write_json", "add_threads_option",
            "auto_threads", "apply_threads", "count_parameters", "steps_help", "diffusers_folder",
-           "load_model", "SMALL_MODEL_PARAMS"]
+           "load_model", "flag_names", "SMALL_MODEL_PARAMS"]
 
 
 @dataclass
@@ -142,3 +142,13 @@ def load_model(args: argparse.Namespace, device: Any) -> Any:
     model, diffusion, config = ckpt.load_model(path, use_ema=not getattr(args, "no_ema", False), device=device)
     apply_threads(getattr(args, "threads", None), count_parameters(model), device)
     return model, diffusion, config
+
+
+def flag_names(message: str, flags: Dict[str, str]) -> str:
+    """`message` with every library name of an option (``image_size``) replaced by its command-line
+    flag (``--image-size``); `flags` maps dest names to flags. Words inside paths are left alone."""
+    import re
+
+    for dest in sorted(flags, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w./-]){re.escape(dest)}(?![\w/])", flags[dest], message)
+    return message
