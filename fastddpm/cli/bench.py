@@ -217,10 +217,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the ``bench`` sub-command; returns the exit status."""
-    if args.update_results and args.out_dir:
+    update, out_arg = getattr(args, "update_results", False), getattr(args, "out_dir", None)
+    if update and out_arg:
         print("fastddpm bench: error: --out-dir and --update-results exclude each other", file=sys.stderr)
         return 2
-    out_dir = None if args.update_results else Path(args.out_dir or DEFAULT_OUT_DIR)
+    out_dir = None if update else Path(out_arg or DEFAULT_OUT_DIR)
     try:
         return run_suite(args.suite, json_out=bool(args.json), report=not getattr(args, "no_report", False),
                          out_dir=out_dir)
