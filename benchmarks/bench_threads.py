@@ -104,7 +104,8 @@ def main(argv: List[str] | None = None) -> int:
     args = p.parse_args(argv)
     default_threads = torch.get_num_threads()
     counts = [int(v) for v in args.threads.split(",")] if args.threads else sorted({1, 2, default_threads})
-    result = measure(counts, args.rounds)
+    result = {"benchmark": "CPU threads: the bundled model vs the CIFAR-10 U-Net at one and two torch threads "
+                           "(fp32, CPU)", **measure(counts, args.rounds)}
     result["torch_default_threads"] = default_threads
     result["command"] = "python benchmarks/bench_threads.py " + " ".join(argv if argv is not None else sys.argv[1:])
     torch.set_num_threads(default_threads)
