@@ -573,15 +573,12 @@ class DPMSolverSampler(Sampler):
 
 
 def make_sampler(name: str, diffusion: Any, steps: Steps = None, eta: float = 0.0) -> Sampler:
-    """A sampler by name: "ddpm" (respaced, default 100 steps; pass the schedule's T for all of them),
-    "ddim" (default 50 steps, `eta`), "dpm++" (DPM-Solver++(2M), default 20) or "dpm++sde" (its
-    stochastic SDE form, default 20). `steps` None takes :data:`DEFAULT_STEPS`."""
+    """A sampler by name: "ddpm" (steps None = all T), "ddim" (default 50 steps, `eta`), "dpm++"
+    (DPM-Solver++(2M), default 20) or "dpm++sde" (its stochastic SDE form, default 20)."""
     if name not in SAMPLER_NAMES:
         raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {name!r}")
     if steps is None:
         steps = DEFAULT_STEPS[name]
-        if steps is not None:  # a model trained with fewer timesteps than the default uses all of them
-            steps = min(steps, int(diffusion.num_timesteps))
     if name == "ddpm":
         return DDPMSampler(diffusion, steps=steps)
     if name == "ddim":

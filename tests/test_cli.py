@@ -237,15 +237,17 @@ def test_sample_threads_flag_and_out_suffix(tiny_run, tmp_path, capsys, keep_thr
     assert not (tmp_path / "g.xyz").exists()
 
 
-def test_ddpm_default_is_respaced_and_stated():
-    from fastddpm._names import DEFAULT_STEPS
+def test_ddpm_default_is_respaced_and_stated(tiny_run, tmp_path, capsys):
+    from fastddpm._names import CLI_DEFAULT_STEPS
     from fastddpm.cli import build_parser
-    from fastddpm.samplers import make_sampler
+    from fastddpm.cli._common import sampler_steps
 
-    _, diffusion, _ = ckpt.load_model(None)
-    assert make_sampler("ddpm", diffusion).num_steps == DEFAULT_STEPS["ddpm"] == 100
-    short = fd_diffusion(50)
-    assert make_sampler("ddpm", short).num_steps == 50  # never more steps than the schedule has
+    assert CLI_DEFAULT_STEPS["ddpm"] == 100
+    assert sampler_steps("ddpm", None, fd_diffusion(1000)) == 100
+    assert sampler_steps("ddpm", None, fd_diffusion(50)) == 50  # never more steps than the schedule has
+    assert sampler_steps("ddpm", 7, fd_diffusion(1000)) == 7
+    assert _sample(["--checkpoint", tiny_run, "--sampler", "ddpm", "--num", "2", "--npz", str(tmp_path / "x.npz")]) == 0
+    assert "(ddpm, 50 steps" in capsys.readouterr().out  # the tiny run's T = 50
     text = " ".join(build_parser()._subparsers._group_actions[0].choices["sample"].format_help().split())
     assert "100 for ddpm" in text and "10x the time" in text
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 __all__ = ["Command", "CLIError", "check_positive", "resolve_device", "write_json", "add_threads_option",
-           "auto_threads", "apply_threads", "count_parameters", "steps_help", "diffusers_folder",
+           "auto_threads", "apply_threads", "count_parameters", "steps_help", "sampler_steps", "diffusers_folder",
            "load_model", "flag_names", "SMALL_MODEL_PARAMS"]
 
 
@@ -103,12 +103,23 @@ def count_parameters(model: Any) -> int:
 
 
 def steps_help() -> str:
-    """The ``--steps`` help of the sampling commands, from :data:`fastddpm._names.DEFAULT_STEPS`."""
-    from .._names import DEFAULT_STEPS
+    """The ``--steps`` help of the sampling commands, from :data:`fastddpm._names.CLI_DEFAULT_STEPS`."""
+    from .._names import CLI_DEFAULT_STEPS
 
-    return ("sampling steps; default: " + ", ".join(f"{v} for {k}" for k, v in DEFAULT_STEPS.items())
+    return ("sampling steps; default: " + ", ".join(f"{v} for {k}" for k, v in CLI_DEFAULT_STEPS.items())
             + " (ddpm is respaced: --steps 1000 runs every step of a 1000-step schedule, 10x the time of 100;"
             " each step is one model call per batch)")
+
+
+def sampler_steps(name: str, steps: Optional[int], diffusion: Any) -> Optional[int]:
+    """``--steps``, else the command line's default for sampler `name` (:data:`CLI_DEFAULT_STEPS`),
+    capped at the schedule's T (a model trained with fewer timesteps uses all of them)."""
+    from .._names import CLI_DEFAULT_STEPS
+
+    if steps is not None:
+        return steps
+    default = CLI_DEFAULT_STEPS.get(name)
+    return None if default is None else min(default, int(diffusion.num_timesteps))
 
 
 def diffusers_folder(path: Optional[str]) -> bool:

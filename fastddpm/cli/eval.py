@@ -28,7 +28,8 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from .._names import SAMPLER_NAMES
-from ._common import CLIError, add_threads_option, check_positive, load_model, resolve_device, steps_help, write_json
+from ._common import (CLIError, add_threads_option, check_positive, load_model, resolve_device, sampler_steps,
+                      steps_help, write_json)
 
 HELP = "sample quality: FID / KID / IS / precision-recall of a checkpoint's samples against real data"
 
@@ -118,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     if args.features == "digits" and (size, channels) != (8, 1):
         raise CLIError(f"--features digits needs 8x8 one-channel images; this model makes {channels}x{size}x{size} "
                      "(use --features inception)")
-    sampler = _make_sampler(args.sampler, diffusion, args.steps, eta=args.eta)
+    sampler = _make_sampler(args.sampler, diffusion, sampler_steps(args.sampler, args.steps, diffusion),
+                            eta=args.eta)
 
     # the reference
     data = args.data

@@ -12,7 +12,7 @@ import time
 from typing import Any, List
 
 from .._names import SAMPLER_NAMES
-from ._common import CLIError, add_threads_option, check_positive, load_model, steps_help
+from ._common import CLIError, add_threads_option, check_positive, load_model, sampler_steps, steps_help
 
 HELP = "draw samples from a checkpoint (default: the bundled digits model)"
 
@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         model, diffusion, config = load_model(args, device)
         mc = config["model"]
         size, channels, num_classes = int(mc["image_size"]), int(mc["in_channels"]), mc.get("num_classes")
-        sampler = _make_sampler(args.sampler, diffusion, args.steps, eta=args.eta)
+        sampler = _make_sampler(args.sampler, diffusion, sampler_steps(args.sampler, args.steps, diffusion),
+                                eta=args.eta)
         if args.class_label is not None:
             if not num_classes:
                 raise CLIError("--class-label needs a class-conditional model; this one has no classes")
