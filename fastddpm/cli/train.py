@@ -99,6 +99,10 @@ def _optional(conv: Callable[[str], Any]) -> Callable[[str], Any]:
     return f
 
 
+def _shown(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     from ..train import DDPM_CIFAR10_RECIPE, DIGITS_RECIPE, TrainConfig
 
@@ -111,15 +115,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         default = getattr(defaults, f.name)
         help_ = _TRAIN_HELP.get(f.name, "")
-        def shown(v: Any) -> str:
-            return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
-
         if f.name in DIGITS_RECIPE or f.name in DDPM_CIFAR10_RECIPE:  # follows the dataset's image size
-            help_ = (f"{help_} (default by image size: {shown(DIGITS_RECIPE.get(f.name, default))} up to 16 px "
-                     f"as the bundled digits model, {shown(DDPM_CIFAR10_RECIPE.get(f.name, default))} at 32 px as "
+            help_ = (f"{help_} (default by image size: {_shown(DIGITS_RECIPE.get(f.name, default))} up to 16 px "
+                     f"as the bundled digits model, {_shown(DDPM_CIFAR10_RECIPE.get(f.name, default))} at 32 px as "
                      "DDPM CIFAR-10)")
         else:
-            help_ = f"{help_} (default: {shown(default)})"
+            help_ = f"{help_} (default: {_shown(default)})"
         kw: Dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name, help=help_)
         args_ = typing.get_args(hint)
         if f.name == "resume":
@@ -175,13 +176,10 @@ _SHOWN = ("base_channels", "channel_mults", "num_res_blocks", "attention_resolut
 def describe_config(cfg: Any, data: str, chosen: Dict[str, Any], explicit: Dict[str, Any]) -> str:
     """The lines ``fastddpm train`` prints: the model / diffusion / optimisation settings as flags,
     each marked with where it came from (your flag, the dataset's defaults, TrainConfig's default)."""
-    def show(v: Any) -> str:
-        return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
-
     parts = []
     for name in _SHOWN:
         mark = "" if name in explicit else ("*" if name in chosen else "")
-        parts.append(f"--{name.replace('_', '-')} {show(getattr(cfg, name))}{mark}")
+        parts.append(f"--{name.replace('_', '-')} {_shown(getattr(cfg, name))}{mark}")
     lines, line = [], "  "
     for p in parts:
         if len(line) + len(p) > 100:
