@@ -56,10 +56,11 @@ SUITES: Dict[str, Tuple[Script, ...]] = {
 SUITE_CHOICES = ("all",) + tuple(SUITES)
 REPORT = "benchmarks/report.py"
 DEFAULT_OUT_DIR = "bench-results"
-# wall time of each suite on the 2-core shared x86_64 machine the results name (`fastddpm bench --suite X`;
-# "kernels" compiles every Triton kernel ahead of time and runs them through the interpreter)
-SUITE_MINUTES = {"figures": "FIGURES_MIN", "step": "STEP_MIN", "sampling": "SAMPLING_MIN", "unet": "UNET_MIN",
-                 "kernels": "KERNELS_MIN"}
+# wall time of each suite (`fastddpm bench --suite X`, niced, on the 2-core x86_64 machine the results
+# name while other jobs kept 7-14 processes runnable: upper figures; "kernels" compiles every Triton
+# kernel ahead of time and times the reference ops)
+SUITE_MINUTES = {"figures": "about 1 min", "step": "about 1 min", "sampling": "SAMPLING_MIN",
+                 "unet": "about 16 min", "kernels": "about 1 min"}
 
 
 class BenchError(Exception):
