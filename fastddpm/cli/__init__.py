@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=cmd.help, description=cmd.help)
         cmd.configure(sp)
         # dest name -> flag, so that errors raised with a library name (image_size) name the flag
-        flags = {a.dest: a.option_strings[-1] for a in sp._actions if a.option_strings and "_" in a.dest}
+        flags = {a.dest: next(o for o in a.option_strings if o.startswith("--"))
+                 for a in sp._actions if "_" in a.dest and any(o.startswith("--") for o in a.option_strings)}
         sp.set_defaults(_run=cmd.run, _flags=flags)
     return parser
 
