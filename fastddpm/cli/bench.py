@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional, Tuple
 __all__ = ["SUITES", "HELP", "configure", "run", "find_repo", "suite_commands",
            "BenchError"]
 
-HELP = "run the benchmarks of a fastddpm checkout and regenerate the README performance section"
+HELP = ("run the benchmarks of a fastddpm checkout (results into bench-results/; --update-results: "
+        "benchmarks/results/ and the README performance section)")
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,7 @@ SUITE_CHOICES = ("all",) + tuple(SUITES)
 REPORT = "benchmarks/report.py"
 DEFAULT_OUT_DIR = "bench-results"
 # wall time of each suite (`fastddpm bench --suite X`, niced, on the 2-core x86_64 machine the results
-# name while other jobs kept 7-14 processes runnable: upper figures; "kernels" compiles every Triton
-# kernel ahead of time and times the reference ops)
+# name while other jobs kept 7-14 processes runnable, so upper figures; "sampling" was stopped at 20 min)
 SUITE_MINUTES = {"figures": "about 1 min", "step": "about 1 min", "sampling": "over 20 min",
                  "unet": "about 16 min", "kernels": "about 1 min"}
 
