@@ -353,3 +353,26 @@ def test_a_clone_named_fastddpm_imports_from_its_parent_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == os.path.join(str(tmp_path / "fastddpm"), "fastddpm", "__init__.py") or \
         proc.stdout.strip() == os.path.join(root, "fastddpm", "__init__.py")
+
+
+def test_eval_table_names_units_counts_and_comparability():
+    from fastddpm.cli.eval import format_report
+
+    result = {"checkpoint": "m.safetensors", "sampler": "dpm++", "steps": 20, "seed": 0, "num_samples": 100,
+              "reference_count": 359, "reference": "digits:heldout", "features": "digits", "fid": 40.7029,
+              "kid_mean": 0.01234, "kid_std": 0.002, "is_mean": 5.5017, "is_std": 0.5785, "precision": 0.9,
+              "recall": 0.93315, "pr_k": 3, "confidence_rate": 0.95, "ref_confidence_rate": 0.958,
+              "class_fraction_min": 0.03, "class_fraction_max": 0.17, "class_fractions": [0.1] * 10, "seconds": 6.5}
+    text = format_report(result, "e.json")
+    lines = text.splitlines()
+    assert len(lines) <= 12  # a table, not a dump
+    row = {ln.split("  ")[0]: ln for ln in lines}
+    assert "40.70" in row["FID"] and "lower is better" in row["FID"]
+    assert "0.012 +- 0.002" in row["KID"] and "not x1000" in row["KID"]
+    assert "5.50 +- 0.58" in row["IS"]
+    assert "0.900 / 0.933" in row["precision / recall"] and "k = 3" in row["precision / recall"]
+    assert "(uniform: 0.100)" in row["class share min / max"]
+    assert "100 samples vs 359 reference images" in lines[0]
+    assert "same --num (100 here)" in text and text.endswith("all figures: e.json")
+    assert not any(ln.startswith("KID") for ln in
+                   format_report({k: v for k, v in result.items() if not k.startswith("kid")}).splitlines())
