@@ -1,4 +1,4 @@
-"""Images out: samples (float [-1, 1] NCHW tensors) to uint8 arrays, PIL images and PNG grids.
+"""Images out: samples (float [-1, 1] NCHW tensors) to uint8 arrays, PIL images and image grids.
 
     images = fast(seed=0)                     # or sampler.sample(...), pipe(...) of fd.load
     fd.to_pil(images)                          # [PIL.Image] like a diffusers pipeline's .images
@@ -17,7 +17,7 @@ from typing import Any, List, Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["quantize", "to_uint8", "to_pil", "make_grid", "save_grid"]
+__all__ = ["quantize", "to_uint8", "to_pil", "make_grid", "image_format", "save_grid"]
 
 
 def _check(images: Any) -> torch.Tensor:
@@ -75,20 +75,37 @@ def make_grid(u8_nhwc: np.ndarray, nrow: Optional[int] = None, padding: int = 1,
     return grid
 
 
+def image_format(path: str) -> str:
+    """The Pillow format that `path`'s suffix names ("PNG" for .png, "JPEG" for .jpg, ...); ValueError
+    naming the suffixes Pillow can write when it names none."""
+    from PIL import Image
+
+    suffix = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"{path}: cannot tell the image format from the suffix {suffix or '(none)'!r}; "
+                         "use .png, .jpg, .webp, .bmp or another suffix Pillow writes")
+    return fmt
+
+
 def save_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None, scale: int = 1, padding: int = 1) -> str:
-    """Save float [-1, 1] NCHW images as one PNG grid, ``nrow`` images per row; ``scale`` enlarges it
-    (nearest neighbour). Written atomically (temporary file, then rename); returns ``path``."""
+    """Save float [-1, 1] NCHW images as one grid image, ``nrow`` images per row, in the format `path`'s
+    suffix names (:func:`image_format`: .png, .jpg, ...); ``scale`` enlarges it (nearest neighbour).
+    Written atomically (temporary file, then rename); returns ``path``."""
     from PIL import Image
 
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise ValueError(f"scale must be a positive int, got {scale!r}")
+    fmt = image_format(path)
     grid = make_grid(to_uint8(images), nrow=nrow, padding=padding)
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     im = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.png")
-    im.save(tmp, format="PNG")
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp")
+    if fmt == "JPEG" and im.mode not in ("L", "RGB"):
+        im = im.convert("RGB")
+    im.save(tmp, format=fmt)
     os.replace(tmp, path)
     return path

@@ -50,7 +50,7 @@ from .data import load_dataset
 from .images import save_grid
 
 __all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "RunLockError", "DistributedError", "train",
-           "resume_config", "saved_run_config", "config_changes"]
+           "resume_config", "saved_run_config", "config_changes", "dataset_defaults", "dataset_shape"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -210,6 +210,72 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {unknown}; accepted: {sorted(names)}")
         return cls(**d)
+
+
+# The bundled digits model's recipe (README, "The bundled model"): what `fastddpm train --dataset digits`
+# trains without further flags.
+DIGITS_RECIPE: Dict[str, Any] = dict(
+    base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), groups=8, dropout=0.0,
+    schedule="cosine", num_timesteps=1000, steps=14000, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.999,
+    save_every=1000, keep=3, sample_every=2000, log_every=50)
+# Ho et al.'s CIFAR-10 model (35.7M parameters), the TrainConfig defaults' architecture, with its
+# optimisation settings (their run took 800k steps; `steps` keeps TrainConfig's default).
+DDPM_CIFAR10_RECIPE: Dict[str, Any] = dict(
+    base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,), groups=32,
+    dropout=0.1, schedule="linear", num_timesteps=1000, batch_size=128, lr=2e-4, warmup_steps=5000,
+    ema_decay=0.9999)
+# channel multipliers for larger images (one level per halving down to 4-8 pixels; the widths of
+# Improved DDPM's ImageNet 64 / LSUN 128-256 models), attention at 16x16, no dropout, smaller lr and batch
+_LARGE_MULTS = ((64, (1, 2, 3, 4)), (128, (1, 1, 2, 3, 4)), (256, (1, 1, 2, 2, 4, 4)))
+
+
+def _fit_levels(image_size: int, mults: Tuple[int, ...], attention: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """`mults` cut to as many levels as `image_size` halves into (the U-Net needs it divisible by
+    2**(levels - 1)), and the attention resolution moved to the level nearest `attention`."""
+    levels = len(mults)
+    while levels > 1 and image_size % 2 ** (levels - 1):
+        levels -= 1
+    resolutions = [image_size // 2 ** lvl for lvl in range(levels)]
+    nearest = min(resolutions, key=lambda r: (abs(r - attention), r))
+    return tuple(mults[:levels]), (nearest,)
+
+
+def dataset_defaults(spec: str, channels: int, image_size: int) -> Dict[str, Any]:
+    """The TrainConfig settings that fit a dataset of `channels` x `image_size`^2 images (`spec`: its
+    dataset spec), applied over TrainConfig's defaults and under the user's own settings:
+
+    * up to 16 pixels (the bundled 8x8 digits): the bundled model's recipe (:data:`DIGITS_RECIPE`,
+      0.7M parameters), attention at half the image size;
+    * 17-32 pixels (CIFAR-10, MNIST resized to 32): Ho et al.'s CIFAR-10 model (:data:`DDPM_CIFAR10_RECIPE`);
+    * larger: the same blocks with one more level per doubling (channel multipliers (1, 2, 3, 4) at
+      64, (1, 1, 2, 3, 4) at 128, (1, 1, 2, 2, 4, 4) from 256), attention at 16x16, no dropout,
+      lr 1e-4, batch 64.
+
+    Sizes that do not halve evenly keep fewer levels (28 -> 28, 14, 7). A dict of TrainConfig fields.
+    """
+    del spec, channels  # the architecture depends on the size alone; kept for the caller's record
+    if image_size <= 16:
+        d = dict(DIGITS_RECIPE)
+        d["channel_mults"], d["attention_resolutions"] = _fit_levels(image_size, (1, 2), max(1, image_size // 2))
+    elif image_size <= 32:
+        d = dict(DDPM_CIFAR10_RECIPE)
+        d["channel_mults"], d["attention_resolutions"] = _fit_levels(image_size, (1, 2, 2, 2), 16)
+    else:
+        mults = next((m for size, m in _LARGE_MULTS if image_size <= size), _LARGE_MULTS[-1][1])
+        d = dict(DDPM_CIFAR10_RECIPE, dropout=0.0, lr=1e-4, batch_size=64)
+        d["channel_mults"], d["attention_resolutions"] = _fit_levels(image_size, mults, 16)
+    return d
+
+
+def dataset_shape(spec: str, image_size: Optional[int] = None, channels: Optional[int] = None) -> Tuple[int, int]:
+    """(channels, image_size) of the images `fastddpm train --dataset spec` trains on, after the
+    ``image_size`` / ``channels`` conversions (the digits without loading them)."""
+    if spec == "digits" and image_size is not None and channels is not None:
+        return channels, image_size
+    if spec == "digits":
+        return channels or 1, image_size or 8
+    ds = load_dataset(spec, image_size=image_size, channels=channels)
+    return ds.channels, ds.image_size
 
 
 @dataclass

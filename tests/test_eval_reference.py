@@ -113,9 +113,11 @@ def test_ref_stats_of_a_folder_are_computed_once_and_cached(tiny_checkpoint, tmp
 def test_stats_only_needs_no_checkpoint(tmp_path, capsys):
     out = tmp_path / "cifar_like.npz"
     argv = ["eval", "--checkpoint", str(tmp_path / "no-such-run"), "--data", "digits", "--part", "all",
-            "--ref-stats", str(out), "--stats-only", "--no-progress", "--device", "cpu"]
+            "--ref-stats", str(out), "--stats-only", "--no-progress", "--device", "cpu",
+            "--json", str(tmp_path / "summary.json")]
     assert _run(argv) == 0
-    summary = json.loads(capsys.readouterr().out)
+    assert "1797 images" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["reference_count"] == 1797 and summary["features"] == "digits" and summary["dim"] == 64
     with np.load(out) as d:
         assert d["mu"].shape == (64,) and d["sigma"].shape == (64, 64)

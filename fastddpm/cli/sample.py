@@ -12,7 +12,7 @@ import time
 from typing import Any, List
 
 from .._names import SAMPLER_NAMES
-from ._common import CLIError, check_positive
+from ._common import CLIError, add_threads_option, check_positive, load_model, sampler_steps, steps_help
 
 HELP = "draw samples from a checkpoint (default: the bundled digits model)"
 
@@ -21,8 +21,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint directory, a run directory (its newest checkpoint) or a .safetensors "
                         "file; default: the bundled digits model")
     p.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES, help="default: dpm++")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: 20 for dpm++, 50 for ddim, all T for ddpm)")
+    p.add_argument("--steps", type=int, default=None, help=steps_help())
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default: 0)")
     # --num-images first: torchrun's own parser rejects "--num" (a prefix of its --numa-binding) even
     # after the script name, so DDP commands must spell the long form
@@ -31,8 +30,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed; image i of a seed is the same whatever the batch size or process count (default: 0)")
-    p.add_argument("--out", default=None, metavar="PNG",
-                   help="write a PNG grid (default: samples.png when --npz is not given)")
+    p.add_argument("--out", default=None, metavar="IMAGE",
+                   help="write the grid as an image in the format its suffix names (.png, .jpg, .webp, ...; "
+                        "default: samples.png when --npz is not given)")
     p.add_argument("--npz", default=None, metavar="NPZ", help="write the images as uint8 NHWC array 'images'")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: ceil(sqrt(num)))")
     p.add_argument("--scale", type=int, default=None,
@@ -47,6 +47,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar (rank 0)")
     p.add_argument("--ddp-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="under torchrun: how long a process waits for a dead or stalled peer (default: 300)")
+    add_threads_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +65,13 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
     out_png = args.out if (args.out or args.npz) else "samples.png"
+    if out_png:
+        from ..images import image_format
+
+        try:
+            image_format(out_png)  # refuse a suffix that names no image format before sampling
+        except ValueError as e:
+            raise CLIError(f"--out {e}") from None
 
     rank, world, local_rank = _dist_info()
     try:
@@ -77,10 +85,11 @@ def run(args: argparse.Namespace) -> int:
     if not distributed:
         world, rank = 1, 0
     try:
-        model, diffusion, config = ckpt.load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
+        model, diffusion, config = load_model(args, device)
         mc = config["model"]
         size, channels, num_classes = int(mc["image_size"]), int(mc["in_channels"]), mc.get("num_classes")
-        sampler = _make_sampler(args.sampler, diffusion, args.steps, eta=args.eta)
+        sampler = _make_sampler(args.sampler, diffusion, sampler_steps(args.sampler, args.steps, diffusion),
+                                eta=args.eta)
         if args.class_label is not None:
             if not num_classes:
                 raise CLIError("--class-label needs a class-conditional model; this one has no classes")
