@@ -75,11 +75,12 @@ def test_resume_flags_override_and_are_reported(four_steps, tmp_path, capsys):
     # a change of the model or the diffusion is refused, naming the settings
     assert main(["train", "--out-dir", str(out), "--resume", "--base-channels", "16", "--num-timesteps", "60"]) == 1
     err = capsys.readouterr().err
-    assert "base_channels: 8 -> 16" in err and "num_timesteps: 50 -> 60" in err and err.count("\n") == 1
+    assert "--base-channels: 8 -> 16" in err and "--num-timesteps: 50 -> 60" in err and err.count("\n") == 1
     # dropout changes no weight: allowed, and recorded in the new checkpoint
-    assert main(["train", "--out-dir", str(out), "--resume", "--steps", "6", "--dropout", "0.0"]) == 0
-    assert "  dropout: 0.1 -> 0.0" in capsys.readouterr().err
-    assert ckpt.load_checkpoint(str(out)).config["model"]["dropout"] == 0.0
+    old = ckpt.load_checkpoint(str(out)).config["model"]["dropout"]  # the dataset's default (digits: 0)
+    assert main(["train", "--out-dir", str(out), "--resume", "--steps", "6", "--dropout", "0.25"]) == 0
+    assert f"  dropout: {old} -> 0.25" in capsys.readouterr().err
+    assert ckpt.load_checkpoint(str(out)).config["model"]["dropout"] == 0.25
     # a finished run says there is nothing to do
     assert main(["train", "--out-dir", str(out), "--resume"]) == 0
     assert "nothing to train" in capsys.readouterr().err
