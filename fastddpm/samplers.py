@@ -53,6 +53,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._names import DEFAULT_STEPS, SAMPLER_NAMES
+from .guards import FiniteWatch
 from .ops.sampler_step import NUM_COEFS, sampler_step
 from .schedule import NoiseSchedule, space_timesteps
 
@@ -153,6 +154,24 @@ def _eps_coefs(prediction: str, ab: torch.Tensor) -> Tuple[torch.Tensor, torch.T
     return (1.0 - ab).sqrt(), ab.sqrt()  # v
 
 
+def ddim_coefs(prediction: str, ab: torch.Tensor, ab_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """DDIM coefficient rows [S, 11] (float64) for steps from alpha_bar = `ab` to `ab_prev`, row by row.
+
+    sigma = eta sqrt((1 - ab_prev) / (1 - ab)) sqrt(1 - ab / ab_prev);
+    x_prev = sqrt(ab_prev) x0c + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z.
+    """
+    sigma = eta * ((1.0 - ab_prev) / (1.0 - ab)).sqrt() * (1.0 - ab / ab_prev).sqrt()
+    direction = (1.0 - ab_prev - sigma**2).clamp_min(0.0).sqrt()
+    ex, em = _eps_coefs(prediction, ab)
+    c = torch.zeros(ab.numel(), NUM_COEFS, dtype=torch.float64)
+    c[:, _A], c[:, _B] = _x0_coefs(prediction, ab)
+    c[:, _P] = ab_prev.sqrt()
+    c[:, _Q] = direction * ex
+    c[:, _R] = direction * em
+    c[:, _SIGMA] = sigma
+    return c
+
+
 class Sampler:
     """Base class: timesteps, the float64 coefficient table, the step API and the sampling loop.
 
@@ -208,7 +227,7 @@ class Sampler:
         return ascending.flip(0)
 
     def device_tables(self, device: Union[str, torch.device]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(coefs float32 [S, 9], step indices int64 [S], model timesteps int64 [S]) on `device`.
+        """(coefs float32 [S, 11], step indices int64 [S], model timesteps int64 [S]) on `device`.
 
         Cast once per device and cached. `steps[s:s+1]` is the op's step tensor for row s.
         """
@@ -277,6 +296,15 @@ class Sampler:
         """The op's (x0_prev, x0_prev2, x0_prev3) for row s (None where unused)."""
         return (None, None, None)
 
+    def _fused_step(self, x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, step: torch.Tensor,
+                    x0_prev: Optional[torch.Tensor], noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                    image_offset: int, clip: bool, *history: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x_prev, x0-hat) of one update: the fused op (a sampler that post-processes x0-hat, e.g. the
+        dynamic thresholding of `fastddpm.interop.schedulers`, wraps it). `history`: x0_prev2 (and x0_prev3),
+        passed only by samplers that read them (num_history >= 2)."""
+        return sampler_step(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, self.learned_range,
+                            *history)
+
     def _after_step(self, s: int, x0: torch.Tensor, history: Tuple[Optional[torch.Tensor], ...]) -> None:
         pass
 
@@ -317,12 +345,13 @@ class Sampler:
         if noise is None and self._noisy[s]:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         hist = self._history_for(s, x0_prev)
-        x_prev, x0 = sampler_step(x, m, coefs, steps[s:s + 1], hist[0], noise, None, 0, bool(clip_denoised),
-                                  self.learned_range, hist[1], hist[2])
+        x_prev, x0 = self._fused_step(x, m, coefs, steps[s:s + 1], hist[0], noise, None, 0, bool(clip_denoised),
+                                      *hist[1:self.num_history])
         self._after_step(s, x0, hist)
         return (x_prev, x0) if return_x0 else x_prev
 
     # ------------------------------------------------------------------------------ loop
+    @torch.no_grad()
     def sample(
         self,
         model: Model,
@@ -338,6 +367,10 @@ class Sampler:
         image_offset: int = 0,
     ) -> torch.Tensor:
         """Draw samples: x_T, then one model call and one fused step per timestep.
+
+        Runs under ``torch.no_grad()``: sampling never records an autograd graph, so a model whose
+        parameters require grad neither returns a tensor with a ``grad_fn`` nor keeps every step's
+        activations alive (memory stays flat in the number of steps).
 
         Args:
             model: callable model(x, t, **model_kwargs) -> tensor (or an object with `.sample`, as
@@ -399,6 +432,7 @@ class Sampler:
         k = self.num_history  # the history, most recent first, padded with None to the op's three
         hist: List[Optional[torch.Tensor]] = [torch.zeros_like(x) for _ in range(k)] + [None] * (3 - k)
         clip = bool(clip_denoised)
+        watch = FiniteWatch(device, self._model_timesteps.tolist())
         iterator: Any = range(S)
         if progress:
             from tqdm.auto import tqdm
@@ -419,11 +453,12 @@ class Sampler:
                     noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
                 else:
                     seed_arg = seed_t
-            x, x0 = sampler_step(x, out, coefs, step, hist[0], noise, seed_arg, image_offset, clip, self.learned_range,
-                                 hist[1], hist[2])
+            x, x0 = self._fused_step(x, out, coefs, step, hist[0], noise, seed_arg, image_offset, clip, *hist[1:k])
             if k:
                 hist = [x0] + hist[:k - 1] + [None] * (3 - k)
+            watch.update(x, step)  # NaN/inf: recorded on the device, raised once after the loop
             step.add_(1)
+        watch.check(type(self).__name__)
         return x
 
     def __repr__(self) -> str:
@@ -490,18 +525,7 @@ class DDIMSampler(Sampler):
 
     def _build_coefs(self) -> torch.Tensor:
         r = self.respaced
-        S = r.num_timesteps
-        ab, abp = r.alphas_cumprod, r.alphas_cumprod_prev
-        sigma = self.eta * ((1.0 - abp) / (1.0 - ab)).sqrt() * (1.0 - ab / abp).sqrt()
-        direction = (1.0 - abp - sigma**2).clamp_min(0.0).sqrt()
-        ex, em = _eps_coefs(self.prediction, ab)
-        c = torch.zeros(S, NUM_COEFS, dtype=torch.float64)
-        c[:, _A], c[:, _B] = _x0_coefs(self.prediction, ab)
-        c[:, _P] = abp.sqrt()
-        c[:, _Q] = direction * ex
-        c[:, _R] = direction * em
-        c[:, _SIGMA] = sigma
-        return self._per_step(c)
+        return self._per_step(ddim_coefs(self.prediction, r.alphas_cumprod, r.alphas_cumprod_prev, self.eta))
 
     def __repr__(self) -> str:
         return f"DDIMSampler(steps={self.num_steps}, eta={self.eta}, prediction={self.prediction!r})"
