@@ -415,3 +415,14 @@ def test_bad_arguments(linear):
         UniPCSampler(diff, steps=[5, 7])
     assert UniPCSampler(diff, order=2, corrector=False).num_history == 1
     assert UniPCSampler(diff, order=3).num_history == 3 and DPMSolver3MSampler(diff).num_history == 2
+
+
+@pytest.mark.parametrize("n", [5, 20])
+def test_unip3_bh2_is_dpm_solver_3m_taylor(linear, n):
+    """Two derivations of one method: UniP-3 with B(h) = e^h - 1 (its rhos from the R b system) and
+    DPM-Solver++(3M) with the Taylor D2 give the same table (lower_order_final and warm-up included)."""
+    diff = make_diffusion(linear)
+    a = UniPCSampler(diff, steps=n, corrector=False).coefs
+    b = DPMSolver3MSampler(diff, steps=n).coefs
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert (a - DPMSolver3MSampler(diff, steps=n, third_order="diffusers").coefs).abs().max() > 1e-3
