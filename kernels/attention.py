@@ -139,14 +139,18 @@ _SM90_BF16 = {
 }
 _SM90_TF32 = {
     "fwd": {32: [(64, 64, 4, 2)], 64: [(64, 64, 4, 2)], 128: [(64, 32, 4, 2)], 256: [(64, 16, 8, 1)]},
-    "bwd_dkdv": {32: [(32, 64, 4, 1)], 64: [(32, 64, 4, 1)], 128: [(32, 64, 4, 1)], 256: [(16, 64, 8, 1)]},
-    "bwd_dq": {32: [(64, 32, 4, 1)], 64: [(64, 32, 4, 1)], 128: [(64, 32, 4, 1)], 256: [(64, 16, 8, 1)]},
+    # D = 256: 16-row key tiles (mma.sync even on sm_90: a 64-row wgmma tile with two fp32 [64, 256]
+    # accumulators and fp32 operands spills)
+    "bwd_dkdv": {32: [(32, 64, 4, 1)], 64: [(32, 64, 4, 1)], 128: [(32, 64, 4, 1)], 256: [(16, 32, 8, 1)]},
+    # D = 256 runs the ieee dQ kernel (`_dq_precision`): every TF32 dQ tile tried spilled (8-312 bytes)
+    "bwd_dq": {32: [(64, 32, 4, 1)], 64: [(64, 32, 4, 1)], 128: [(64, 32, 4, 1)], 256: [(16, 16, 8, 1)]},
 }
 # fp32 under "highest" (ieee FMA dots, operands in registers): small tiles, one config each, any arch.
 _IEEE = {
     "fwd": {32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
     "bwd_dkdv": {32: [(32, 32, 4, 1)], 64: [(16, 16, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 8, 1)]},
-    "bwd_dq": {32: [(32, 32, 4, 1)], 64: [(16, 16, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 8, 1)]},
+    # D = 64 dQ: 16 x 16 tiles left a 16-byte stack frame on sm_80 for the pixel-major views
+    "bwd_dq": {32: [(32, 32, 4, 1)], 64: [(16, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 8, 1)]},
 }
 
 
@@ -156,7 +160,7 @@ def _override(table: dict, changes: dict) -> dict:
 
 # sm_80: mma.sync has no 64-row minimum; D = 256 takes the smaller tiles that stay spill-free there.
 _SM80_BF16 = _override(_SM90_BF16, {"bwd_dkdv": {256: [(32, 32, 8, 2)]}})
-_SM80_TF32 = _override(_SM90_TF32, {})
+_SM80_TF32 = _override(_SM90_TF32, {"bwd_dq": {128: [(32, 32, 4, 1)]}})
 CONFIGS: dict = {
     90: {"bf16": _SM90_BF16, "tf32": _SM90_TF32, "ieee": _IEEE},
     80: {"bf16": _SM80_BF16, "tf32": _SM80_TF32, "ieee": _IEEE},
@@ -501,6 +505,12 @@ def _precision(dtype: torch.dtype, precision: Optional[str]) -> str:
     return precision
 
 
+def _dq_precision(prec: str, block_d: int) -> str:
+    """The dQ kernel's dot precision: TF32 except at D = 256, where no TF32 tile was spill-free (the
+    exact ieee kernel runs instead: slower, more accurate)."""
+    return "ieee" if prec == "tf32" and block_d >= 256 else prec
+
+
 def _reload_q(block_d: int, block_m: int) -> bool:
     """Forward: re-load the q tile every key block (instead of keeping it live across the loop) for
     the 32-row D=256 tiles of the FMA path only; the tensor-core configs keep q (their wgmma reads it
@@ -637,13 +647,19 @@ def pixel_major(t: torch.Tensor) -> bool:
     return t.shape[2] > 1 and t.stride(2) == 1 and t.stride(3) != 1
 
 
-def empty_like_layout(t: torch.Tensor, shape: Sequence[int], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """An empty [B, H, N, D] tensor of `shape` laid out like t: N-fastest ([B, H, D, N] memory, so a
-    [B, C, H, W] reshape of its transpose is a view) when t is `pixel_major`, contiguous otherwise."""
+_OUT_LAYOUTS = ("like_input", "pixel")
+
+
+def empty_like_layout(t: torch.Tensor, shape: Sequence[int], dtype: Optional[torch.dtype] = None,
+                      out_layout: str = "like_input") -> torch.Tensor:
+    """An empty [B, H, N, D] tensor of `shape`: N-fastest ([B, H, D, N] memory, so a [B, C, H, W] reshape
+    of its transpose is a view) when `out_layout` is "pixel" or t is `pixel_major`, else contiguous."""
+    if out_layout not in _OUT_LAYOUTS:
+        raise ValueError(f"out_layout must be one of {_OUT_LAYOUTS}, got {out_layout!r}")
     b, h, n, d = shape
     dtype = t.dtype if dtype is None else dtype
-    if pixel_major(t):
-        return torch.empty((b, h, d, n), dtype=dtype, device=t.device).transpose(2, 3)
+    if out_layout == "pixel" or pixel_major(t):  # not a view: see fastddpm.ops.attention._empty_pixel_major
+        return torch.empty_strided((b, h, n, d), (h * d * n, d * n, 1, n), dtype=dtype, device=t.device)
     return torch.empty((b, h, n, d), dtype=dtype, device=t.device)
 
 
@@ -691,8 +707,8 @@ def _bwd_args(kind: str, q, k, v, do, lse, delta, grads: Sequence[torch.Tensor],
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
-                      config: Optional[Sequence[int]] = None, precision: Optional[str] = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      config: Optional[Sequence[int]] = None, precision: Optional[str] = None,
+                      out_layout: str = "like_input") -> tuple[torch.Tensor, torch.Tensor]:
     """Flash attention forward: o = softmax(sm_scale * q k^T) v, non-causal.
 
     q [B, H, Nq, D], k and v [B, H, Nk, D], any strides (read in place: no copies), one dtype (float32,
@@ -700,7 +716,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scal
     o [B, H, Nq, D] in the input dtype, laid out like q (`empty_like_layout`: N-fastest for the
     U-Net's pixel-major views, else contiguous), lse float32 [B, H, Nq] contiguous, the natural-log
     log-sum-exp of each row of scaled scores. `precision` ("ieee" | "tf32", fp32 inputs only; default
-    `fp32_precision()`, PyTorch's matmul switch). `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    `fp32_precision()`, PyTorch's matmul switch). `out_layout` "pixel" makes o N-fastest whatever q's
+    layout (the fixed layout `fastddpm.ops.attention` returns). `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages)
     forces a tile config (default: autotune over the config lists on a GPU, INTERPRET_CONFIG in the
     interpreter).
     """
@@ -708,7 +725,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scal
     scale = _check_scale(sm_scale)
     config = _check_config(config)
     prec = _precision(q.dtype, precision)
-    o = empty_like_layout(q, (b, h, n_q, d))
+    o = empty_like_layout(q, (b, h, n_q, d), out_layout=out_layout)
     lse = torch.empty((b, h, n_q), dtype=torch.float32, device=q.device)
     if b * h * n_q == 0:
         return o, lse
@@ -719,15 +736,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scal
 
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        o: torch.Tensor, lse: torch.Tensor, sm_scale: float,
-                       config: Optional[Sequence[int]] = None, precision: Optional[str] = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       config: Optional[Sequence[int]] = None, precision: Optional[str] = None,
+                       out_layout: str = "like_input") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash attention backward: (dq, dk, dv) from dO, the inputs, o and lse of `attention_forward`.
 
     do and o [B, H, Nq, D] in q's dtype, any strides; lse float32 [B, H, Nq]. Three launches: delta =
     rowsum(dO * O) (fp32), then the dK/dV kernel and the dQ kernel (P recomputed in each; no atomics,
     deterministic). Returns dq, dk, dv in the input dtype, each laid out like its input
-    (`empty_like_layout`). `config` forces (BLOCK_M, BLOCK_N, warps, stages) for both main kernels;
-    `precision` as in `attention_forward`.
+    (`empty_like_layout`; N-fastest with `out_layout="pixel"`). `config` forces (BLOCK_M, BLOCK_N,
+    warps, stages) for both main kernels; `precision` as in `attention_forward`.
     """
     b, h, n_q, n_kv, d = _check_qkv(q, k, v)
     for name, t in (("do", do), ("o", o)):
@@ -743,9 +760,9 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     config = _check_config(config)
     prec = _precision(q.dtype, precision)
     lse = lse.contiguous()  # [B, H, N] fp32: a no-op for the forward's own lse
-    dq = empty_like_layout(q, q.shape)
-    dk = empty_like_layout(k, k.shape)
-    dv = empty_like_layout(v, v.shape)
+    dq = empty_like_layout(q, q.shape, out_layout=out_layout)
+    dk = empty_like_layout(k, k.shape, out_layout=out_layout)
+    dv = empty_like_layout(v, v.shape, out_layout=out_layout)
     if b * h == 0 or n_kv == 0:
         return dq, dk, dv
     if n_q == 0:
@@ -758,7 +775,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     for part in dkdv_parts(_block_d(d), q.dtype, arch):
         args, consts = _bwd_args("bwd_dkdv", q, k, v, do, lse, delta, (dk, dv), scale, prec, part)
         _launch(_attn_bwd_dkdv_kernel, "bwd_dkdv", n_kv, b * h, args, consts, n_q, n_kv, q.dtype, config, arch)
-    args, consts = _bwd_args("bwd_dq", q, k, v, do, lse, delta, (dq,), scale, prec)
+    args, consts = _bwd_args("bwd_dq", q, k, v, do, lse, delta, (dq,), scale, _dq_precision(prec, _block_d(d)))
     _launch(_attn_bwd_dq_kernel, "bwd_dq", n_q, b * h, args, consts, n_q, n_kv, q.dtype, config, arch)
     return dq, dk, dv
 
@@ -831,6 +848,8 @@ def launch_specs(kind: str, shape: Sequence[int], layout: str, dtype: torch.dtyp
         fn = _attn_fwd_kernel
     else:
         grads = tuple(empty_like_layout(t, t.shape) for t in ((k, v) if kind == "bwd_dkdv" else (q,)))
+        if kind == "bwd_dq":
+            prec = _dq_precision(prec, _block_d(d))
         args, consts = _bwd_args(kind, q, k, v, do, lse, lse, grads, 1.0 / math.sqrt(d), prec, part)
         fn = _attn_bwd_dkdv_kernel if kind == "bwd_dkdv" else _attn_bwd_dq_kernel
     kw = _config_kwargs(kind, config, n, n, consts["BLOCK_D"])
@@ -863,11 +882,13 @@ AOT_VARIANTS: tuple = (
     ((256, 1, 256, 256), "contiguous"), ((128, 1, 256, 256), "pixel"), ((200, 1, 200, 256), "contiguous"),
     ((64, 4, 256, 64), "contiguous"), ((32, 4, 1024, 64), "contiguous"), ((128, 4, 64, 64), "contiguous"),
     ((64, 4, 256, 64), "pixel"), ((64, 4, 200, 64), "contiguous"),
-    ((32, 8, 256, 128), "contiguous"), ((32, 8, 200, 128), "contiguous"),
+    ((32, 8, 256, 128), "contiguous"), ((32, 8, 200, 128), "contiguous"), ((64, 8, 200, 32), "contiguous"),
 )
-# fp32 variants (tf32 and ieee): the U-Net's pixel-major CIFAR-10 attention and a masked one per head dim.
+# fp32 variants (tf32 and ieee): the U-Net's pixel-major views at D = 256 and 64, D = 128 contiguous, and
+# D = 32 masked.
 AOT_VARIANTS_FP32: tuple = (
     ((128, 1, 256, 256), "pixel"), ((64, 4, 256, 64), "pixel"), ((32, 8, 256, 128), "contiguous"),
+    ((64, 8, 200, 32), "contiguous"),
 )
 
 

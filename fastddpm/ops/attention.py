@@ -13,9 +13,11 @@ Two custom ops (namespace ``fastddpm``), each with a plain-PyTorch reference, a 
 
 The autograd formula saves q, k, v, o and lse only: the N x N probability matrix is never kept.
 No copies around the kernels: q, k, v (the U-Net passes strided views of its qkv projection, head_dim
-stride H*W) and dO are read in place with all four strides; o and dq, dk, dv come back laid out like
-q, k, v (`_empty_like_layout`: N-fastest for such pixel-major views, so the U-Net's [B, C, H, W]
-reshape of o is a view) on every path, fake included, so compiled graphs see the strides they get.
+stride H*W) and dO are read in place with all four strides; o and dq, dk, dv always come back
+N-fastest ([B, heads, head_dim, N] memory viewed as [B, heads, N, head_dim]: the layout the U-Net's
+output projection reads, so its [B, C, H, W] reshape of o is a view) on every path, fake included.
+The layout is fixed, not derived from the inputs' strides: inductor may run the fake on inputs laid
+out differently from the ones the kernel gets, and the outputs' strides must match the fake's.
 fp32 inputs follow PyTorch's matmul switch on the Triton path: ``torch.get_float32_matmul_precision()``
 "high"/"medium" (or ``torch.backends.cuda.matmul.allow_tf32``) run TF32 tensor-core dots (relative
 error about 1e-3), "highest" the exact fp32 ones (about 1e-6).
@@ -45,26 +47,18 @@ def _take_triton(q: Tensor, k: Tensor) -> bool:
     return q.dtype in _LOW_PRECISION and q.numel() > 0 and k.numel() > 0 and use_triton(q)
 
 
-def _pixel_major(t: Tensor) -> bool:
-    """[B, H, N, D] with N fastest (stride(N) == 1 != stride(D)); the rule of `kernels.attention.pixel_major`
-    (kept here too: this module must import without triton)."""
-    return t.shape[2] > 1 and t.stride(2) == 1 and t.stride(3) != 1
-
-
-def _empty_like_layout(t: Tensor, shape, dtype=None) -> Tensor:
-    """Empty [B, H, N, D] laid out like t: [B, H, D, N] memory when t is pixel-major, else contiguous."""
+def _empty_pixel_major(t: Tensor, shape, dtype=None) -> Tensor:
+    """Empty [B, H, N, D] on t's device in the ops' output layout: [B, H, D, N] memory, N fastest."""
     b, h, n, d = shape
     dtype = t.dtype if dtype is None else dtype
-    if _pixel_major(t):
-        return torch.empty((b, h, d, n), dtype=dtype, device=t.device).transpose(2, 3)
-    return torch.empty((b, h, n, d), dtype=dtype, device=t.device)
+    # empty_strided, not a transposed view: an op output that is a view of a fresh tensor loses its
+    # strides in compiled graphs (inductor then expects contiguous strides)
+    return torch.empty_strided((b, h, n, d), (h * d * n, d * n, 1, n), dtype=dtype, device=t.device)
 
 
-def _like(t: Tensor, value: Tensor) -> Tensor:
-    """value (a fresh reference result) in t's layout: one copy on the reference path only."""
-    if not _pixel_major(t):
-        return value.contiguous()
-    return _empty_like_layout(t, value.shape, value.dtype).copy_(value)
+def _pixel(value: Tensor) -> Tensor:
+    """value (a fresh reference result) in the ops' output layout: one copy, on the reference path only."""
+    return _empty_pixel_major(value, value.shape).copy_(value)
 
 
 def _sm_scale(q: Tensor) -> float:
@@ -82,7 +76,7 @@ def _reference_forward(q: Tensor, k: Tensor, v: Tensor, sm_scale: float) -> tupl
     rowsum = p.sum(dim=-1, keepdim=True)
     o = torch.matmul(p, v.to(cd)).div_(rowsum)
     lse = (m + rowsum.log()).squeeze(-1)
-    return _like(q, o.to(q.dtype)), lse.contiguous()
+    return _pixel(o.to(q.dtype)), lse.contiguous()
 
 
 def _reference_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
@@ -101,7 +95,7 @@ def _reference_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, 
     ds = p * (dp - delta)
     dq = torch.matmul(ds, kc) * sm_scale
     dk = torch.matmul(ds.transpose(-1, -2), qc) * sm_scale
-    return _like(q, dq.to(q.dtype)), _like(k, dk.to(k.dtype)), _like(v, dv.to(v.dtype))
+    return _pixel(dq.to(q.dtype)), _pixel(dk.to(k.dtype)), _pixel(dv.to(v.dtype))
 
 
 # ---------------------------------------------------------------------------------- custom ops
@@ -111,13 +105,13 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     if _take_triton(q, k):
         from kernels.attention import attention_forward
 
-        return attention_forward(q, k, v, sm_scale)  # strided views read in place; o laid out like q
+        return attention_forward(q, k, v, sm_scale, out_layout="pixel")  # views read in place
     return _reference_forward(q, k, v, sm_scale)
 
 
 @_attention_op.register_fake
 def _attention_fake(q, k, v):
-    o = _empty_like_layout(q, (*q.shape[:-1], v.shape[-1]))
+    o = _empty_pixel_major(q, (*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty(q.shape[:-1], dtype=_compute_dtype(q))
     return o, lse
 
@@ -129,13 +123,13 @@ def _attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tenso
     if _take_triton(q, k):
         from kernels.attention import attention_backward
 
-        return attention_backward(do, q, k, v, o, lse, sm_scale)  # in place; grads laid out like q, k, v
+        return attention_backward(do, q, k, v, o, lse, sm_scale, out_layout="pixel")
     return _reference_backward(do, q, k, v, o, lse, sm_scale)
 
 
 @_attention_backward_op.register_fake
 def _attention_backward_fake(do, q, k, v, o, lse):
-    return _empty_like_layout(q, q.shape), _empty_like_layout(k, k.shape), _empty_like_layout(v, v.shape)
+    return _empty_pixel_major(q, q.shape), _empty_pixel_major(k, k.shape), _empty_pixel_major(v, v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -163,8 +157,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             device as q: float32, bfloat16, float16 (float64 runs the reference, for gradcheck).
 
     Returns:
-        o [B, heads, N, head_dim] in q's dtype, laid out like q (N-fastest when q is such a view,
-        contiguous otherwise). Differentiable in q, k, v; only q, k, v,
+        o [B, heads, N, head_dim] in q's dtype, N-fastest ([B, heads, head_dim, N] memory: call
+        `.contiguous()` for the row-major layout). Differentiable in q, k, v; only q, k, v,
         o and the per-row log-sum-exp are saved for backward.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -87,24 +87,33 @@ def test_every_spec_of_every_existing_module_is_reported_for_each_arch(report):
 
 
 def test_attention_runs_on_tensor_cores(report):
-    """bf16/fp16 and TF32 attention (forward, dK/dV, dQ; every head dim, masked and unmasked, contiguous
-    and the U-Net's pixel-major views) issue wgmma on sm_90 and mma.sync on sm_80; the exact fp32
-    ("highest") path issues neither (FMA dots)."""
+    """bf16/fp16 attention (forward, dK/dV, dQ; every head dim, masked and unmasked, contiguous and the
+    U-Net's pixel-major views) issues wgmma on sm_90 and mma.sync on sm_80. TF32 runs on tensor cores
+    too: wgmma on sm_90 where its 64-row tiles fit (mma.sync for the D = 256 dK/dV tiles), mma.sync on
+    sm_80; at D = 256 the dQ kernel runs the exact ieee dots (no TF32 tile was spill-free). The exact
+    fp32 ("highest") path issues neither (FMA dots)."""
     rows, _ = report
     attn = [r for r in rows if r["module"] == "kernels.attention" and r["kernel"] != "attn_bwd_preprocess"]
     assert attn
     head_dims = set()
     for r in attn:
         kind = r["config"].split(" [")[0].rsplit(",", 1)[1]  # bf16 | tf32 | ieee
-        want = "none" if kind == "ieee" else ("wgmma" if r["arch"] == "sm_90" else "mma")
-        assert r["tensor_cores"] == want, r
-        if kind != "ieee":
-            head_dims.add((r["kernel"].split("[")[0], int(r["config"].split(",")[0][2:]), kind, r["arch"]))
+        name, d = r["kernel"].split("[")[0], int(r["config"].split(",")[0][2:])
+        if kind == "ieee" or (kind == "tf32" and name == "attn_bwd_dq" and d == 256):
+            want = {"none"}
+        elif r["arch"] == "sm_80":
+            want = {"mma"}
+        else:
+            want = {"wgmma", "mma"} if kind == "tf32" and d == 256 and name == "attn_bwd_dkdv" else {"wgmma"}
+        assert r["tensor_cores"] in want, r
+        if r["tensor_cores"] != "none":
+            head_dims.add((name, d, kind, r["arch"]))
     for name in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"):
         for d in (64, 128, 256):
             for kind in ("bf16", "tf32"):
                 for arch in ("sm_80", "sm_90"):
-                    assert (name, d, kind, arch) in head_dims, (name, d, kind, arch)
+                    if not (kind == "tf32" and name == "attn_bwd_dq" and d == 256):
+                        assert (name, d, kind, arch) in head_dims, (name, d, kind, arch)
 
 
 def test_tensor_core_family():
