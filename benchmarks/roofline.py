@@ -34,6 +34,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from benchmarks.common import text_table  # noqa: E402
+
 # Datasheet peaks (dense): HBM bytes/s, bf16/fp16 tensor-core FLOP/s, TF32 tensor-core FLOP/s, fp32 FLOP/s.
 GPUS: Dict[str, Dict[str, float]] = {
     "A100": {"hbm": 2.039e12, "bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},   # SXM4 80 GB
@@ -50,6 +52,12 @@ GROUP_NORM_SHAPES = [(32, 128, 64, 64), (128, 128, 32, 32), (128, 256, 16, 16), 
 SAMPLER_SHAPE = (256, 3, 32, 32)
 _GN_FLOPS_PER_ELEM_PASS = 10
 _STEP_FLOPS_PER_ELEM = 20
+
+
+def _text_table(cols, body) -> str:
+    from benchmarks.common import text_table
+
+    return text_table(cols, body)
 
 
 def _attention_rows() -> List[dict]:
@@ -127,10 +135,7 @@ def _table(data: List[dict]) -> str:
     cols = ["kernel", "shape", "bytes", "flops", "intensity", "bound_by"] + [f"bound_us_{g}" for g in GPUS]
     body = [[r["kernel"], r["shape"], f"{r['bytes']:,}", f"{r['flops']:.3g}", f"{r['intensity']:.1f}",
              r["bound_by"]] + [f"{r[f'bound_us_{g}']:.1f}" for g in GPUS] for r in data]
-    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
-    return "\n".join(lines)
+    return text_table(cols, body)
 
 
 def main(argv=None) -> int:
