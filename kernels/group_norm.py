@@ -11,6 +11,11 @@ group is the contiguous block x[n, g*CPG:(g+1)*CPG, :], M = CPG * HW elements):
     z      = A * y_hat + B        ( = (y_hat*w + b) * (1 + scale) + shift )
     y      = silu(z) = z * sigmoid(z)   if silu else z
 
+add, scale and shift ([N, C]) are read with a row stride VS (unit column stride): the U-Net passes
+column slices of its one stacked time projection, which the launchers hand over in place instead of
+copying (`_vectors`; a mix of strides falls back to contiguous copies). Their gradients are
+contiguous [N, C].
+
 Statistics are always fp32 whatever the input dtype. They are computed by a chunked merge (Chan et
 al.): each tile of the group gets its own mean (one tile reduction) and the squared deviations from
 that tile mean are accumulated per lane; tiles are merged with the exact pairwise update
