@@ -67,12 +67,17 @@ def _attention_rows() -> List[dict]:
     for b, h, n, d in ATTENTION_SHAPES:
         m = modelled_hbm_bytes(b, h, n, d, 2)
         base = b * h * n * n * d
-        bwd = (10 if d > 128 else 8) * base + 6 * base
+        split = d > 128  # sm_90 runs dK and dV as two launches at D = 256 (kernels.attention.dkdv_parts)
+        bwd = (10 if split else 8) * base + 6 * base
+        t, r = b * h * n * d * 2, b * h * n * 4
+        # the split's second launch reads q, k, dO again (3T) and lse, delta (2R) on Hopper; the A100
+        # (sm_80, one dK/dV launch) keeps the plain count and 8 + 6 matmul passes
+        bwd_bytes = m["bwd_fused"] + (3 * t + 2 * r if split else 0)
         shape = f"{b}x{h}x{n}x{d} bf16"
         rows.append({"kernel": "attention forward", "shape": shape, "bytes": m["fwd_fused"], "flops": 4 * base,
                      "rate": "bf16"})
-        rows.append({"kernel": "attention backward", "shape": shape, "bytes": m["bwd_fused"], "flops": bwd,
-                     "rate": "bf16"})
+        rows.append({"kernel": "attention backward", "shape": shape, "bytes": bwd_bytes, "flops": bwd,
+                     "rate": "bf16", "sm80": {"bytes": m["bwd_fused"], "flops": 14 * base}})
     return rows
 
 
@@ -108,7 +113,8 @@ def bound_s(row: dict, gpu: str) -> float:
     if gpu not in GPUS:
         raise ValueError(f"gpu must be one of {sorted(GPUS)}, got {gpu!r}")
     peak = GPUS[gpu]
-    return max(row["bytes"] / peak["hbm"], row["flops"] / peak[row["rate"]])
+    counts = row.get("sm80", row) if gpu == "A100" else row  # A100 runs the sm_80 launch plan
+    return max(counts["bytes"] / peak["hbm"], counts["flops"] / peak[row["rate"]])
 
 
 def fraction_of_bound(measured_s: float, row: dict, gpu: str) -> float:
