@@ -1,8 +1,11 @@
 """Triton flash attention (non-causal) forward and backward for the U-Net's self-attention.
 
 Layout: q [B, H, Nq, D], k and v [B, H, Nk, D] (the layout of ``F.scaled_dot_product_attention``),
-any strides in the B, H and N dimensions (the launchers copy a tensor whose last-dim stride is not 1);
-outputs are contiguous. Nq = Nk = N for self-attention; Nq != Nk works too. D <= 256.
+any strides in all four dimensions, head_dim's included: the kernels take every stride and read views
+in place (the U-Net's q, k, v are views of its [B, 3C, H*W] qkv projection with stride(N) = 1,
+stride(D) = H*W). Outputs (o, dq, dk, dv) are laid out like their input (`empty_like_layout`:
+N-fastest for such pixel-major views, contiguous otherwise), or always N-fastest with
+``out_layout="pixel"`` (what ``fastddpm.ops.attention`` asks for). Nq != Nk works too. D <= 256.
 
 Math (per batch*head; s = sm_scale; c = log2(e); rows i are queries, columns j keys)
 --------------------------------------------------------------------------------------
@@ -50,10 +53,12 @@ Precision
 ---------
 Accumulators (m, l, acc, dK, dV, dQ, delta, lse) are fp32 for every input dtype; for bf16/fp16
 inputs P and dS are rounded to the input dtype before their tensor-core dot (as FlashAttention does).
-fp32 inputs: every dot uses ``input_precision="ieee"`` (true fp32 FMA dots, no TF32 rounding), on
-the GPU as in the interpreter: fp32 is the accuracy path (PyTorch's default keeps
-``torch.backends.cuda.matmul.allow_tf32`` False too); bf16/fp16 is the speed path (tensor cores). The
-fp32 configs are therefore small tiles (FMA dots hold their operands in registers).
+fp32 inputs follow PyTorch's matmul precision (`fp32_precision`): "highest" (the default) uses
+``input_precision="ieee"`` (true fp32 FMA dots, small tiles: the operands live in registers; 2e-5
+absolute vs float64 in the tests); "high"/"medium" or ``torch.backends.cuda.matmul.allow_tf32`` use
+"tf32" (tensor-core dots with 10-bit mantissa operands; 1e-2 absolute stated for the GPU; the
+interpreter's dots are exact), except the D = 256 dQ kernel, which stays ieee (no spill-free TF32
+tile). bf16/fp16 always run on tensor cores.
 The interpreter's ``tl.dot`` multiplies bf16 bit patterns as integers (triton 3.9), so under
 TRITON_INTERPRET=1 bf16 operands are converted to fp32 before each dot (``UPCAST``); bf16 x bf16
 products are exact in fp32, so this is the tensor-core arithmetic up to summation order.
@@ -64,17 +69,19 @@ and the online-softmax rescale); the effect is a few fp32 ulps, far below the st
 
 Configs
 -------
-``FWD_CONFIGS[BLOCK_D]`` / ``BWD_CONFIGS[BLOCK_D]`` hold (BLOCK_M, BLOCK_N, num_warps, num_stages) for
-16-bit inputs and ``FWD_CONFIGS_FP32`` / ``BWD_CONFIGS_FP32`` for fp32 inputs; these lists are what
-``triton.autotune`` tries on a GPU (key: Nq, Nk, head dim, dtypes) and what ``aot_specs`` compiles for
-sm_80 / sm_90. Every config compiles with no spills on both (checked with ``cuobjdump
---dump-resource-usage``: LOCAL = 0 *and* STACK = 0; ptxas puts spills in the stack frame, so a
-nonzero STACK with LOCAL = 0 is still a spill) and shared memory within the limit. D = 256 needs
-32-row query tiles in the forward (64-row tiles spill on sm_90, where the [64, 256] fp32 accumulator
-of the wgmma path takes 128+ registers per thread), 8 warps, and re-reads the q tile every key block
-(``RELOAD_Q``) instead of keeping it live across the loop. Under TRITON_INTERPRET=1 the fixed
-``INTERPRET_CONFIG`` is used; every launcher also takes ``config=(BLOCK_M, BLOCK_N, warps, stages)``
-to force one.
+``CONFIGS[arch][precision][kernel][BLOCK_D]`` holds (BLOCK_M, BLOCK_N, num_warps, num_stages) per arch
+(90: Hopper, 80: the rest, `device_arch`), precision ("bf16" for bf16/fp16, "tf32", "ieee") and
+kernel ("fwd", "bwd_dkdv", "bwd_dq"); these lists are what ``triton.autotune`` tries on a GPU (key:
+Nq, Nk, head dim) and what ``aot_specs`` compiles, each arch's list for that arch, with the
+specialisation Triton's launcher gives the real arguments. Every config compiles with no spills
+(checked with ``cuobjdump --dump-resource-usage``: LOCAL = 0 *and* STACK = 0; ptxas puts spills in
+the stack frame, so a nonzero STACK with LOCAL = 0 is still a spill), shared memory within the limit,
+and to the intended tensor-core instructions (wgmma on sm_90: the tile a program owns is >= 64 rows,
+4 warps per 64; mma.sync on sm_80), read from the PTX. At D = 256 on sm_90 the dK/dV kernel runs
+twice (`dkdv_parts`: PART 1 dK, PART 2 dV), since both [64, 256] fp32 accumulators in one program
+spill. ``RELOAD_Q`` (re-read the q tile every key block) is left for the 32-row D = 256 FMA tiles.
+Under TRITON_INTERPRET=1 the fixed ``INTERPRET_CONFIG`` is used; every launcher also takes
+``config=(BLOCK_M, BLOCK_N, warps, stages)`` to force one.
 
 Modelled HBM traffic (``modelled_hbm_bytes``): T = one [B, H, N, D] tensor, A = one [B, H, N, N]
 matrix in the input dtype, R = one fp32 [B, H, N] vector; compulsory traffic (a tile re-read by
@@ -83,6 +90,7 @@ several programs of one head is counted once: it comes from L2).
     fused     forward  q, k, v, o, lse                                          4T + R
               backward preprocess dO, O, delta; dK/dV q, k, v, dO, lse, delta,
                        dk, dv; dQ q, k, v, dO, lse, delta, dq                  13T + 5R
+                       (+ 3T + 2R where dK/dV runs as two launches: D = 256 on sm_90)
     unfused   the SDPA math path + eager autograd, which materialises S, P, dP, dS (N x N):
               forward  8T + 4A,  backward 12T + 7A         (itemised in ``modelled_hbm_bytes``)
 
