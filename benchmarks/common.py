@@ -68,3 +68,11 @@ def write_result(name: str, payload: Dict[str, Any]) -> str:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     return path
+
+
+def text_table(cols, body) -> str:
+    """Left-aligned plain-text table: a header row of `cols`, then the string rows of `body`."""
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)

@@ -4,7 +4,9 @@
 
 Prints and writes benchmarks/results/figures.json: parameters, bytes saved for backward per training
 sample (fp32, parameters excluded, storages de-duplicated), ops dispatched per forward (views
-included), FLOPs per forward, ops per sampling step outside the model, and the modelled HBM bytes of
+included), non-view ops per forward and per training step (forward + backward: the stand-in for the
+kernels launched on the CUDA path where no GPU profiler is at hand; on CUDA, `cuda_kernel_counts`
+counts the kernels the profiler records instead), FLOPs per forward, ops per sampling step outside the model, and the modelled HBM bytes of
 each fused kernel against the unfused PyTorch sequence it replaces (from the kernels' aot_specs).
 """
 from __future__ import annotations
@@ -40,13 +42,45 @@ def unet_figures(batch: int) -> dict:
             row["saved_bytes_per_sample_without_recompute"] = saved_bytes(
                 training_step_fn(model, x, t), exclude=model.parameters()) / batch
             model.recompute_norm = True
+        step = training_step_fn(model, x, t)
+        row["kernel_ops_per_training_step"] = sum(count_ops(lambda: step().backward(), views=False).values())
+        model.zero_grad(set_to_none=True)
         model.eval()
         with torch.no_grad():
             row["ops_per_forward"] = sum(count_ops(lambda: model(x, t)).values())
+            row["kernel_ops_per_forward"] = sum(count_ops(lambda: model(x, t), views=False).values())
             row["flops_per_forward_per_sample"] = count_flops(lambda: model(x, t)) / batch
         out[name] = row
-    for key in ("saved_bytes_per_sample", "ops_per_forward", "flops_per_forward_per_sample"):
+    for key in ("saved_bytes_per_sample", "ops_per_forward", "kernel_ops_per_forward", "kernel_ops_per_training_step",
+                "flops_per_forward_per_sample"):
         out[f"ratio_{key}"] = out["fastddpm"][key] / out["diffusers"][key]
+    return out
+
+
+def cuda_kernel_counts(batch: int) -> dict:
+    """Kernels launched per U-Net forward and per training step (bf16 autocast) on CUDA, fastddpm vs
+    diffusers, from the profiler's kernel events. Empty without CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    ref, ours = ddpm_cifar10_pair()
+    x = torch.randn(batch, 3, 32, 32, device="cuda")
+    t = torch.randint(0, 1000, (batch,), device="cuda")
+    out = {}
+    for name, model in (("diffusers", ref), ("fastddpm", ours)):
+        model = model.cuda().train()
+        step = training_step_fn(model, x, t)
+        counts = {}
+        for what, fn in (("forward", lambda: model(x, t)), ("training_step", lambda: step().backward())):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                fn()  # warm-up: compilation and autotuning outside the count
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    fn()
+                    torch.cuda.synchronize()
+            counts[f"kernels_per_{what}"] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+        out[name] = counts
     return out
 
 
@@ -120,7 +154,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the JSON only")
     args = parser.parse_args()
     payload = {"unet_ddpm_cifar10_fp32": unet_figures(args.batch), "sampling_step_ops": sampling_step_ops(),
-               "kernel_hbm": kernel_hbm(), "command": "python benchmarks/figures.py --batch %d" % args.batch}
+               "kernel_hbm": kernel_hbm(), "cuda_kernel_counts": cuda_kernel_counts(args.batch), "command": "python benchmarks/figures.py --batch %d" % args.batch}
     path = write_result("figures", payload)
     print(json.dumps(payload, indent=2))
     if not args.json:

@@ -28,6 +28,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from benchmarks.common import text_table  # noqa: E402
 from kernels.aot import ARCHS, KERNEL_MODULES, ROW_KEYS, collect  # noqa: E402
 
 
@@ -37,10 +38,7 @@ def _table(rows) -> str:
     for r in rows:
         ratio = r["hbm_bytes_unfused"] / r["hbm_bytes_fused"] if r["hbm_bytes_fused"] else float("nan")
         body.append([str(r[c]) for c in ROW_KEYS] + [f"{ratio:.2f}x"])
-    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
-    return "\n".join(lines)
+    return text_table(cols, body)
 
 
 def main(argv=None) -> int:

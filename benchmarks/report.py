@@ -122,8 +122,18 @@ def render_figures(name: str, data: Dict[str, Any]) -> List[str]:
                  nbytes(d["saved_bytes_per_sample"]), ratio(u.get("ratio_saved_bytes_per_sample"))),
                 ("tensor ops per forward (views included)", f["ops_per_forward"], d["ops_per_forward"],
                  ratio(u.get("ratio_ops_per_forward"))),
+                *[(label, f[key], d[key], ratio(u.get(f"ratio_{key}"))) for label, key in (
+                    ("kernel-launching ops per forward (no views)", "kernel_ops_per_forward"),
+                    ("kernel-launching ops per training step (forward + backward)", "kernel_ops_per_training_step"))
+                  if key in f and key in d],
                 ("GFLOPs per forward per sample", f["flops_per_forward_per_sample"] / 1e9,
                  d["flops_per_forward_per_sample"] / 1e9, ratio(u.get("ratio_flops_per_forward_per_sample")))]
+        out += table(("figure", "fastddpm", "diffusers", "fastddpm / diffusers"), rows) + [""]
+    k = data.get("cuda_kernel_counts")
+    if k:
+        rows = [(what, k["fastddpm"][what], k["diffusers"][what], ratio(k["fastddpm"][what] / k["diffusers"][what]))
+                for what in ("kernels_per_forward", "kernels_per_training_step")]
+        out += ["CUDA kernels launched (torch profiler, bf16 autocast):", ""]
         out += table(("figure", "fastddpm", "diffusers", "fastddpm / diffusers"), rows) + [""]
     s = data.get("sampling_step_ops")
     if s:

@@ -924,8 +924,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
     consecutive = 0
     last_ckpt: Optional[str] = None
     epoch_cache: Tuple[int, Optional[torch.Tensor]] = (-1, None)
-    win_sum, win_n, win_t0, win_step0 = 0.0, 0, time.perf_counter(), step
-    grad_norm_val = float("nan")
+    # Per-step figures stay on the device and are read at log intervals only (one sync there), so a
+    # step's only host sync is the skip decision `bool(finite)` (foreach AdamW has no device-side skip).
+    win_sum = torch.zeros((), dtype=torch.float64, device=device)
+    win_n = torch.zeros((), dtype=torch.float64, device=device)
+    grad_norm = torch.full((), float("nan"), device=device)
+    pending: List[torch.Tensor] = []  # this window's per-step losses, moved into `losses` at log time
+    win_t0, win_step0 = time.perf_counter(), step
     model.train()
     log_file = open(log_path, "a", encoding="utf-8") if is_main else None
     try:
@@ -960,7 +965,6 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
                 flag = (~finite).to(torch.float32).reshape(1)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 finite = flag[0] == 0
-            loss_val = float(loss.detach())
             step += 1
             if bool(finite):
                 opt.step()
@@ -972,15 +976,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
                         decay = min(decay, (1 + updates) / (10 + updates))
                     with torch.no_grad():
                         torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
-                win_sum += loss_val
+                win_sum += loss.detach().double()
                 win_n += 1
-                grad_norm_val = float(gn)
+                grad_norm = gn.detach().float()
             else:
                 opt.zero_grad(set_to_none=True)
                 skipped += 1
                 consecutive += 1
-                if is_main:
-                    msg = f"step {step}: non-finite loss ({loss_val}), update skipped ({consecutive} in a row, {skipped} in all)"
+                if is_main:  # a non-finite step syncs once more, to print its loss
+                    msg = f"step {step}: non-finite loss ({float(loss.detach())}), update skipped ({consecutive} in a row, {skipped} in all)"
                     (bar.write(msg, file=sys.stderr) if bar is not None else print(msg, file=sys.stderr))
                 if consecutive >= cfg.max_nonfinite:
                     raise NonFiniteLossError(
@@ -988,14 +992,17 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
                         f"{step}); stopping. The last checkpoint is {last_ckpt or ckpt.latest_checkpoint(run_dir)}. "
                         "Try a lower lr, a longer warmup_steps, grad_clip, or amp='none'."
                     )
-            losses.append(loss_val)
+            pending.append(loss.detach().float())
 
             if step % cfg.log_every == 0 or step == cfg.steps:
-                mean_loss = win_sum / win_n if win_n else float("nan")
+                losses.extend(torch.stack(pending).tolist())  # the window's one host sync
+                pending.clear()
+                buf = torch.stack([win_sum, win_n])
                 if distributed:
-                    buf = torch.tensor([win_sum, float(win_n)], dtype=torch.float64, device=device)
                     dist.all_reduce(buf)
-                    mean_loss = float(buf[0] / buf[1]) if buf[1] > 0 else float("nan")
+                total, count = buf.tolist()
+                mean_loss = total / count if count > 0 else float("nan")
+                grad_norm_val = float(grad_norm)
                 now = time.perf_counter()
                 ips = (step - win_step0) / max(now - win_t0, 1e-9)
                 if is_main:
@@ -1005,7 +1012,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
                     log_file.flush()
                     if bar is not None:
                         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", skipped=skipped, refresh=False)
-                win_sum, win_n, win_t0, win_step0 = 0.0, 0, now, step
+                win_sum.zero_()
+                win_n.zero_()
+                win_t0, win_step0 = now, step
             if bar is not None:
                 bar.update(1)
 

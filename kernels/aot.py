@@ -5,12 +5,20 @@ config, with keys:
     kernel (str), config (str), fn (@triton.jit function), signature (dict name -> type string),
     constexprs (dict name -> value), num_warps (int), num_stages (int),
     hbm_bytes_fused (int), hbm_bytes_unfused (int)       (modelled, for a shape the module states)
-and optionally `options` (extra compile options, e.g. {"enable_fp_fusion": False}).
+and optionally `options` (extra compile options, e.g. {"enable_fp_fusion": False}) and `attrs`
+(Triton's argument attributes, {(arg_index,): [["tt.divisibility", 16]]}) and `archs` (the
+compute capabilities the spec is for, when its configs are chosen per arch; default: every arch). `runtime_spec(fn, args,
+kwargs)` builds signature, constexprs and attrs exactly as Triton's launcher does for concrete
+arguments (meta tensors stand in for device tensors: their data_ptr carries the storage offset), so a
+spec made from the launcher's own argument list compiles the program a GPU would run: pointers
+16-byte aligned and ints divisible by 16 get `tt.divisibility` 16, ints equal to 1 become constants.
 
 `compile_spec(spec, arch)` compiles it with `triton.compile(ASTSource(...), target=GPUTarget("cuda",
 arch, 32))` and reads registers, local memory and the stack frame (both count as spills: ptxas may
 put spill stores in the stack frame with LOCAL 0) and shared memory from the cubin with the
-`cuobjdump --dump-resource-usage` bundled in triton's package (backends/nvidia/bin). `collect()` does
+`cuobjdump --dump-resource-usage` bundled in triton's package (backends/nvidia/bin), and the
+tensor-core instruction family of the PTX (`tensor_cores`: "wgmma" for Hopper's warpgroup MMA,
+"mma" for the sm_80-style `mma.sync`, "none" for an FMA loop). `collect()` does
 this for every module and arch and returns report rows. Results are cached on disk (keyed by the
 kernel source hash, signature, constexprs, options, arch and triton version), so a second run only
 runs what changed.
@@ -33,7 +41,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = [
     "KERNEL_MODULES", "ARCHS", "SHARED_LIMIT_BYTES", "MAX_REGISTERS", "REQUIRED_SPEC_KEYS", "ROW_KEYS",
-    "find_cuobjdump", "parse_resource_usage", "compile_spec", "collect",
+    "find_cuobjdump", "parse_resource_usage", "tensor_core_family", "runtime_spec", "compile_spec", "collect",
 ]
 
 KERNEL_MODULES: Tuple[str, ...] = ("kernels.group_norm", "kernels.attention", "kernels.sampler_step")
@@ -43,9 +51,9 @@ SHARED_LIMIT_BYTES: Dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}
 MAX_REGISTERS = 255
 REQUIRED_SPEC_KEYS = ("kernel", "config", "fn", "signature", "constexprs", "num_warps", "num_stages",
                       "hbm_bytes_fused", "hbm_bytes_unfused")
-ROW_KEYS = ("kernel", "config", "arch", "registers", "spills", "shared_bytes", "hbm_bytes_fused",
+ROW_KEYS = ("kernel", "config", "arch", "tensor_cores", "registers", "spills", "shared_bytes", "hbm_bytes_fused",
             "hbm_bytes_unfused")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 def _check_not_interpreting() -> None:
@@ -80,6 +88,39 @@ def parse_resource_usage(text: str) -> Dict[str, Dict[str, int]]:
     return out
 
 
+def tensor_core_family(ptx: str) -> str:
+    """"wgmma" when the PTX issues warpgroup MMAs (sm_90), else "mma" for `mma.sync` (sm_80 style),
+    else "none" (no tensor-core instruction: an FMA loop or no matrix product at all)."""
+    if re.search(r"\bwgmma\.mma_async", ptx):
+        return "wgmma"
+    if re.search(r"\bmma\.sync", ptx):
+        return "mma"
+    return "none"
+
+
+def runtime_spec(fn, args: Sequence, kwargs: Dict) -> Dict[str, object]:
+    """signature, constexprs and attrs of `fn[grid](*args, **kwargs)` as Triton's launcher derives them.
+
+    Runs the launcher's own binder (`create_function_from_signature` + `_pack_args`, triton 3.9) on the
+    arguments: tensors (meta tensors are fine) give "*bf16"-style types and `tt.divisibility` 16 when
+    their data_ptr is 16-byte aligned; ints divisible by 16 get `tt.divisibility` 16 and ints equal to 1
+    become constexprs; constexpr arguments keep their values. Compile options in `kwargs` (num_warps,
+    num_stages, enable_fp_fusion) are left to the caller. Returns {"signature", "constexprs", "attrs"}
+    with constexprs and attrs keyed by argument-index tuples, as ASTSource takes them.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    if not isinstance(fn, JITFunction):  # an InterpretedFunction (TRITON_INTERPRET=1): same rules, same source
+        fn = JITFunction(fn.fn)
+    backend = make_backend(GPUTarget("cuda", 90, 32))  # the NVIDIA specialisation rules do not depend on arch
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    _, signature, constexprs, attrs = fn._pack_args(backend, options, bound, specialization, options)
+    return {"signature": signature, "constexprs": constexprs, "attrs": attrs}
+
+
 def _validate_spec(spec: dict, where: str) -> None:
     if not isinstance(spec, dict):
         raise ValueError(f"{where}: aot spec must be a dict, got {type(spec).__name__}")
@@ -98,7 +139,7 @@ def _cache_key(spec: dict, arch: int) -> str:
     import triton
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=spec["fn"], signature=dict(spec["signature"]), constexprs=dict(spec["constexprs"]))
+    src = _source(spec)
     payload = json.dumps({
         "v": _CACHE_VERSION, "triton": triton.__version__, "src": src.hash(), "arch": arch,
         "num_warps": spec["num_warps"], "num_stages": spec["num_stages"],
@@ -107,13 +148,20 @@ def _cache_key(spec: dict, arch: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def _source(spec: dict):
+    from triton.compiler import ASTSource
+
+    return ASTSource(fn=spec["fn"], signature=dict(spec["signature"]), constexprs=dict(spec["constexprs"]),
+                     attrs=dict(spec.get("attrs") or {}))
+
+
 def _cache_dir() -> str:
     d = os.environ.get("FASTDDPM_AOT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastddpm", "aot")
     return d
 
 
 def compile_spec(spec: dict, arch: int, use_cache: bool = True) -> Dict[str, int]:
-    """Compile one spec for sm_<arch>; returns {registers, spills, stack, shared_bytes}.
+    """Compile one spec for sm_<arch>; returns {registers, spills, stack, shared_bytes, tensor_cores}.
 
     spills = LOCAL bytes per thread from cuobjdump; shared_bytes = Triton's dynamic shared memory
     (metadata.shared) plus any static SHARED in the cubin.
@@ -133,9 +181,8 @@ def compile_spec(spec: dict, arch: int, use_cache: bool = True) -> Dict[str, int
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    src = ASTSource(fn=spec["fn"], signature=dict(spec["signature"]), constexprs=dict(spec["constexprs"]))
+    src = _source(spec)
     options = {"num_warps": int(spec["num_warps"]), "num_stages": int(spec["num_stages"])}
     options.update(spec.get("options", {}))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -156,6 +203,7 @@ def compile_spec(spec: dict, arch: int, use_cache: bool = True) -> Dict[str, int
         "spills": fields.get("LOCAL", 0),
         "stack": fields.get("STACK", 0),
         "shared_bytes": int(compiled.metadata.shared or 0) + fields.get("SHARED", 0),
+        "tensor_cores": tensor_core_family(compiled.asm["ptx"]),
     }
     if use_cache:
         try:
@@ -219,7 +267,7 @@ def collect(
 ) -> Tuple[List[dict], List[str]]:
     """Compile every spec of every module for every arch; returns (rows, notes).
 
-    A row: kernel, config, arch ("sm_80"), registers, spills, shared_bytes, hbm_bytes_fused,
+    A row: kernel, config, arch ("sm_80"), tensor_cores ("wgmma" / "mma" / "none"), registers, spills, shared_bytes, hbm_bytes_fused,
     hbm_bytes_unfused, plus module and shared_limit_bytes. Notes name the modules that were skipped
     ("<module>: ... skipped") and every spec that failed to compile ("error: ..."; it has no row).
     `jobs` > 1 compiles in worker processes.
@@ -237,7 +285,8 @@ def collect(
             notes.append(note)
         for i, spec in enumerate(specs or []):
             for arch in archs:
-                todo.append((module_name, i, spec, arch))
+                if arch in spec.get("archs", archs):
+                    todo.append((module_name, i, spec, arch))
     if jobs > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             results = list(pool.map(_worker, [(m, i, a, use_cache) for m, i, _, a in todo]))
@@ -252,6 +301,7 @@ def collect(
             "kernel": spec["kernel"],
             "config": spec["config"],
             "arch": f"sm_{arch}",
+            "tensor_cores": res["tensor_cores"],
             "registers": res["registers"],
             "spills": res["spills"],
             "stack": res["stack"],

@@ -1,8 +1,11 @@
 """Triton flash attention (non-causal) forward and backward for the U-Net's self-attention.
 
 Layout: q [B, H, Nq, D], k and v [B, H, Nk, D] (the layout of ``F.scaled_dot_product_attention``),
-any strides in the B, H and N dimensions (the launchers copy a tensor whose last-dim stride is not 1);
-outputs are contiguous. Nq = Nk = N for self-attention; Nq != Nk works too. D <= 256.
+any strides in all four dimensions, head_dim's included: the kernels take every stride and read views
+in place (the U-Net's q, k, v are views of its [B, 3C, H*W] qkv projection with stride(N) = 1,
+stride(D) = H*W). Outputs (o, dq, dk, dv) are laid out like their input (`empty_like_layout`:
+N-fastest for such pixel-major views, contiguous otherwise), or always N-fastest with
+``out_layout="pixel"`` (what ``fastddpm.ops.attention`` asks for). Nq != Nk works too. D <= 256.
 
 Math (per batch*head; s = sm_scale; c = log2(e); rows i are queries, columns j keys)
 --------------------------------------------------------------------------------------
@@ -50,10 +53,12 @@ Precision
 ---------
 Accumulators (m, l, acc, dK, dV, dQ, delta, lse) are fp32 for every input dtype; for bf16/fp16
 inputs P and dS are rounded to the input dtype before their tensor-core dot (as FlashAttention does).
-fp32 inputs: every dot uses ``input_precision="ieee"`` (true fp32 FMA dots, no TF32 rounding), on
-the GPU as in the interpreter: fp32 is the accuracy path (PyTorch's default keeps
-``torch.backends.cuda.matmul.allow_tf32`` False too); bf16/fp16 is the speed path (tensor cores). The
-fp32 configs are therefore small tiles (FMA dots hold their operands in registers).
+fp32 inputs follow PyTorch's matmul precision (`fp32_precision`): "highest" (the default) uses
+``input_precision="ieee"`` (true fp32 FMA dots, small tiles: the operands live in registers; 2e-5
+absolute vs float64 in the tests); "high"/"medium" or ``torch.backends.cuda.matmul.allow_tf32`` use
+"tf32" (tensor-core dots with 10-bit mantissa operands; 1e-2 absolute stated for the GPU; the
+interpreter's dots are exact), except the D = 256 dQ kernel, which stays ieee (no spill-free TF32
+tile). bf16/fp16 always run on tensor cores.
 The interpreter's ``tl.dot`` multiplies bf16 bit patterns as integers (triton 3.9), so under
 TRITON_INTERPRET=1 bf16 operands are converted to fp32 before each dot (``UPCAST``); bf16 x bf16
 products are exact in fp32, so this is the tensor-core arithmetic up to summation order.
@@ -64,17 +69,19 @@ and the online-softmax rescale); the effect is a few fp32 ulps, far below the st
 
 Configs
 -------
-``FWD_CONFIGS[BLOCK_D]`` / ``BWD_CONFIGS[BLOCK_D]`` hold (BLOCK_M, BLOCK_N, num_warps, num_stages) for
-16-bit inputs and ``FWD_CONFIGS_FP32`` / ``BWD_CONFIGS_FP32`` for fp32 inputs; these lists are what
-``triton.autotune`` tries on a GPU (key: Nq, Nk, head dim, dtypes) and what ``aot_specs`` compiles for
-sm_80 / sm_90. Every config compiles with no spills on both (checked with ``cuobjdump
---dump-resource-usage``: LOCAL = 0 *and* STACK = 0; ptxas puts spills in the stack frame, so a
-nonzero STACK with LOCAL = 0 is still a spill) and shared memory within the limit. D = 256 needs
-32-row query tiles in the forward (64-row tiles spill on sm_90, where the [64, 256] fp32 accumulator
-of the wgmma path takes 128+ registers per thread), 8 warps, and re-reads the q tile every key block
-(``RELOAD_Q``) instead of keeping it live across the loop. Under TRITON_INTERPRET=1 the fixed
-``INTERPRET_CONFIG`` is used; every launcher also takes ``config=(BLOCK_M, BLOCK_N, warps, stages)``
-to force one.
+``CONFIGS[arch][precision][kernel][BLOCK_D]`` holds (BLOCK_M, BLOCK_N, num_warps, num_stages) per arch
+(90: Hopper, 80: the rest, `device_arch`), precision ("bf16" for bf16/fp16, "tf32", "ieee") and
+kernel ("fwd", "bwd_dkdv", "bwd_dq"); these lists are what ``triton.autotune`` tries on a GPU (key:
+Nq, Nk, head dim) and what ``aot_specs`` compiles, each arch's list for that arch, with the
+specialisation Triton's launcher gives the real arguments. Every config compiles with no spills
+(checked with ``cuobjdump --dump-resource-usage``: LOCAL = 0 *and* STACK = 0; ptxas puts spills in
+the stack frame, so a nonzero STACK with LOCAL = 0 is still a spill), shared memory within the limit,
+and to the intended tensor-core instructions (wgmma on sm_90: the tile a program owns is >= 64 rows,
+4 warps per 64; mma.sync on sm_80), read from the PTX. At D = 256 on sm_90 the dK/dV kernel runs
+twice (`dkdv_parts`: PART 1 dK, PART 2 dV), since both [64, 256] fp32 accumulators in one program
+spill. ``RELOAD_Q`` (re-read the q tile every key block) is left for the 32-row D = 256 FMA tiles.
+Under TRITON_INTERPRET=1 the fixed ``INTERPRET_CONFIG`` is used; every launcher also takes
+``config=(BLOCK_M, BLOCK_N, warps, stages)`` to force one.
 
 Modelled HBM traffic (``modelled_hbm_bytes``): T = one [B, H, N, D] tensor, A = one [B, H, N, N]
 matrix in the input dtype, R = one fp32 [B, H, N] vector; compulsory traffic (a tile re-read by
@@ -83,6 +90,7 @@ several programs of one head is counted once: it comes from L2).
     fused     forward  q, k, v, o, lse                                          4T + R
               backward preprocess dO, O, delta; dK/dV q, k, v, dO, lse, delta,
                        dk, dv; dQ q, k, v, dO, lse, delta, dq                  13T + 5R
+                       (+ 3T + 2R where dK/dV runs as two launches: D = 256 on sm_90)
     unfused   the SDPA math path + eager autograd, which materialises S, P, dP, dS (N x N):
               forward  8T + 4A,  backward 12T + 7A         (itemised in ``modelled_hbm_bytes``)
 
@@ -103,10 +111,11 @@ import triton.language as tl
 from .device_guard import on_tensor_device
 
 __all__ = [
-    "FWD_CONFIGS",
-    "BWD_CONFIGS",
-    "FWD_CONFIGS_FP32",
-    "BWD_CONFIGS_FP32",
+    "CONFIGS",
+    "fp32_precision",
+    "dkdv_parts",
+    "pixel_major",
+    "empty_like_layout",
     "preprocess_block_m",
     "INTERPRET_CONFIG",
     "attention_forward",
@@ -121,32 +130,50 @@ _MAX_HEAD_DIM = 256
 
 Config = tuple  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 
-# Explicit config lists (autotune on a GPU + aot_specs), keyed by BLOCK_D. 16-bit inputs.
-FWD_CONFIGS: dict[int, list[Config]] = {
-    32: [(128, 64, 4, 3), (64, 64, 4, 3)],
-    64: [(128, 64, 8, 3), (64, 64, 4, 3)],
-    128: [(64, 64, 8, 3), (64, 32, 4, 3)],
-    256: [(32, 64, 8, 2), (32, 32, 8, 2)],
+# Explicit config lists (autotune on a GPU + aot_specs): CONFIGS[arch][precision][kernel][BLOCK_D],
+# entries (BLOCK_M, BLOCK_N, num_warps, num_stages); arch 90 (Hopper) or 80 (Ampere and the rest),
+# precision "bf16" (bf16 and fp16 inputs), "tf32" or "ieee" (fp32 inputs, by PyTorch's matmul
+# precision). BLOCK_M is the query tile, BLOCK_N the key tile. The tensor-core M dimension of every dot
+# is the tile a program owns: BLOCK_M in the forward and dQ kernels, BLOCK_N in dK/dV. Hopper's wgmma
+# needs it >= 64 (one warpgroup of 4 warps per 64 rows), so on sm_90 those tiles are 64 or 128; the
+# other tile is the loop step. Every entry was chosen from the AOT report (benchmarks/kernel_report.py):
+# wgmma on sm_90, mma.sync on sm_80 for bf16/fp16 and tf32, no spills (LOCAL = STACK = 0), shared
+# memory within the arch's limit, in the masked and unmasked variants the launcher selects.
+_SM90_BF16 = {
+    "fwd": {32: [(128, 64, 4, 3)], 64: [(128, 64, 8, 3), (64, 64, 4, 3)],
+            128: [(128, 64, 8, 2), (64, 64, 4, 3)], 256: [(64, 64, 8, 2)]},
+    "bwd_dkdv": {32: [(64, 64, 4, 2)], 64: [(64, 64, 4, 2), (32, 64, 4, 2)],
+                 128: [(64, 64, 8, 2), (32, 64, 4, 2)], 256: [(32, 64, 8, 2)]},
+    "bwd_dq": {32: [(64, 64, 4, 2)], 64: [(64, 64, 4, 2), (64, 32, 4, 2)],
+               128: [(64, 64, 8, 2), (64, 32, 4, 2)], 256: [(64, 32, 8, 2)]},
 }
-# Backward: BLOCK_M = query tile, BLOCK_N = key tile, in both the dK/dV and the dQ kernel.
-BWD_CONFIGS: dict[int, list[Config]] = {
-    32: [(64, 64, 4, 2), (32, 64, 4, 2)],
-    64: [(32, 64, 4, 2), (32, 32, 4, 2)],
-    128: [(32, 64, 8, 2), (32, 32, 4, 2)],
-    256: [(32, 32, 8, 2), (16, 32, 8, 1)],
+_SM90_TF32 = {
+    "fwd": {32: [(64, 64, 4, 2)], 64: [(64, 64, 4, 2)], 128: [(64, 32, 4, 2)], 256: [(64, 16, 8, 1)]},
+    # D = 256: 16-row key tiles (mma.sync even on sm_90: a 64-row wgmma tile with two fp32 [64, 256]
+    # accumulators and fp32 operands spills)
+    "bwd_dkdv": {32: [(32, 64, 4, 1)], 64: [(32, 64, 4, 1)], 128: [(32, 64, 4, 1)], 256: [(16, 32, 8, 1)]},
+    # D = 256 runs the ieee dQ kernel (`_dq_precision`): every TF32 dQ tile tried spilled (8-312 bytes)
+    "bwd_dq": {32: [(64, 32, 4, 1)], 64: [(64, 32, 4, 1)], 128: [(64, 32, 4, 1)], 256: [(16, 16, 8, 1)]},
 }
-# fp32 inputs (ieee FMA dots, operands in registers): small tiles, one config each.
-FWD_CONFIGS_FP32: dict[int, list[Config]] = {
-    32: [(32, 32, 4, 1)],
-    64: [(32, 32, 4, 1)],
-    128: [(16, 16, 4, 1)],
-    256: [(16, 16, 4, 1)],
+# fp32 under "highest" (ieee FMA dots, operands in registers): small tiles, one config each, any arch.
+_IEEE = {
+    "fwd": {32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+    "bwd_dkdv": {32: [(32, 32, 4, 1)], 64: [(16, 16, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 8, 1)]},
+    # D = 64 dQ: 16 x 16 tiles left a 16-byte stack frame on sm_80 for the pixel-major views
+    "bwd_dq": {32: [(32, 32, 4, 1)], 64: [(16, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 8, 1)]},
 }
-BWD_CONFIGS_FP32: dict[int, list[Config]] = {
-    32: [(32, 32, 4, 1)],
-    64: [(16, 16, 4, 1)],
-    128: [(16, 32, 4, 1)],
-    256: [(16, 16, 8, 1)],
+
+
+def _override(table: dict, changes: dict) -> dict:
+    return {kind: {**per_d, **changes.get(kind, {})} for kind, per_d in table.items()}
+
+
+# sm_80: mma.sync has no 64-row minimum; D = 256 takes the smaller tiles that stay spill-free there.
+_SM80_BF16 = _override(_SM90_BF16, {"bwd_dkdv": {256: [(32, 32, 8, 2)]}})
+_SM80_TF32 = _override(_SM90_TF32, {"bwd_dq": {128: [(32, 32, 4, 1)]}})
+CONFIGS: dict = {
+    90: {"bf16": _SM90_BF16, "tf32": _SM90_TF32, "ieee": _IEEE},
+    80: {"bf16": _SM80_BF16, "tf32": _SM80_TF32, "ieee": _IEEE},
 }
 
 
@@ -182,10 +209,10 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, qk_scale,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
     H, N_Q, N_KV,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
@@ -209,7 +236,7 @@ def _attn_fwd_kernel(
     mask_m = offs_m < N_Q
     mask_d = offs_d < HEAD_DIM
 
-    q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
+    q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     if not RELOAD_Q:
         if EVEN_M and EVEN_D:
             q = tl.load(q_ptrs)
@@ -224,8 +251,8 @@ def _attn_fwd_kernel(
         offs_n = start_n + offs_n0
         mask_n = offs_n < N_KV
         # K loaded transposed: [BLOCK_D, BLOCK_N].
-        kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+        kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
         if EVEN_N and EVEN_D:
             kt = tl.load(kt_ptrs)
             v = tl.load(v_ptrs)
@@ -251,7 +278,7 @@ def _attn_fwd_kernel(
 
     o = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
-    o_ptrs = o_base + offs_m[:, None] * stride_on + offs_d[None, :]
+    o_ptrs = o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     lse_ptrs = LSE + bh.to(tl.int64) * N_Q + offs_m
     if EVEN_M and EVEN_D:
         tl.store(o_ptrs, o.to(O.dtype.element_ty))
@@ -266,8 +293,8 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_bwd_preprocess_kernel(
     O, DO, DELTA,
-    stride_ob, stride_oh, stride_on,
-    stride_dob, stride_doh, stride_don,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
     H, N_Q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -281,9 +308,9 @@ def _attn_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_Q
     mask = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
                  mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=mask_m)
@@ -292,17 +319,19 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, N_Q, N_KV,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, PART: tl.constexpr,
 ):
+    # PART 0: dK and dV; 1: dK only; 2: dV only (two launches at D = 256, where two [BLOCK_N, 256]
+    # fp32 accumulators next to the wgmma operands exceed 255 registers per thread).
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N_KV, BLOCK_N)
     pid_n = pid % num_n_blocks
@@ -320,22 +349,25 @@ def _attn_bwd_dkdv_kernel(
     mask_d = offs_d < HEAD_DIM
     mask_nd = mask_n[:, None] & mask_d[None, :]
 
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     if EVEN_N and EVEN_D:
         k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
     else:
         k = tl.load(k_ptrs, mask=mask_nd, other=0.0)
-        v = tl.load(v_ptrs, mask=mask_nd, other=0.0)
+    if PART != 2:
+        if EVEN_N and EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=mask_nd, other=0.0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, N_Q, BLOCK_M):
         offs_m = start_m + offs_m0
         mask_m = offs_m < N_Q
-        q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
-        do_ptrs = do_base + offs_m[:, None] * stride_don + offs_d[None, :]
+        q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+        do_ptrs = do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
         if EVEN_M and EVEN_D:
             q = tl.load(q_ptrs)
             do = tl.load(do_ptrs)
@@ -353,30 +385,36 @@ def _attn_bwd_dkdv_kernel(
         pt = tl.math.exp2(st - lse2[None, :])
         if not EVEN_M:
             pt = tl.where(mask_m[None, :], pt, 0.0)
-        dv += _dot(pt.to(do.dtype), do, PREC, UPCAST)
-        dpt = _dot(v, tl.trans(do), PREC, UPCAST)
-        dst = pt * (dpt - delta[None, :])
-        dk += _dot(dst.to(q.dtype), q, PREC, UPCAST)
+        if PART != 1:
+            dv += _dot(pt.to(do.dtype), do, PREC, UPCAST)
+        if PART != 2:
+            dpt = _dot(v, tl.trans(do), PREC, UPCAST)
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot(dst.to(q.dtype), q, PREC, UPCAST)
     dk = dk * sm_scale
 
-    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
-    if EVEN_N and EVEN_D:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))
-    else:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask_nd)
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask_nd)
+    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    if PART != 2:
+        if EVEN_N and EVEN_D:
+            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
+        else:
+            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask_nd)
+    if PART != 1:
+        if EVEN_N and EVEN_D:
+            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))
+        else:
+            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don,
-    stride_dqb, stride_dqh, stride_dqn,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     H, N_Q, N_KV,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
@@ -399,8 +437,8 @@ def _attn_bwd_dq_kernel(
     mask_d = offs_d < HEAD_DIM
     mask_md = mask_m[:, None] & mask_d[None, :]
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :]
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
     if EVEN_M and EVEN_D:
         q = tl.load(q_ptrs)
         do = tl.load(do_ptrs)
@@ -418,9 +456,9 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, N_KV, BLOCK_N):
         offs_n = start_n + offs_n0
         mask_n = offs_n < N_KV
-        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
         # V loaded transposed: [BLOCK_D, BLOCK_N].
-        vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_d[:, None]
+        vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd
         if EVEN_N and EVEN_D:
             k = tl.load(k_ptrs)
             vt = tl.load(vt_ptrs)
@@ -436,7 +474,7 @@ def _attn_bwd_dq_kernel(
         dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
     dq = dq * sm_scale
 
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
     if EVEN_M and EVEN_D:
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
     else:
@@ -449,27 +487,62 @@ def _attn_bwd_dq_kernel(
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TUNED: dict[Any, Any] = {}
+_PRECISIONS = ("ieee", "tf32")
 
 
 def _block_d(head_dim: int) -> int:
     return max(32, triton.next_power_of_2(head_dim))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """Dot input precision: "ieee" (true fp32 for fp32 inputs; ignored for bf16/fp16 tensor-core dots)."""
+def fp32_precision() -> str:
+    """The dot precision fp32 inputs get, following PyTorch's switch: "tf32" (tensor cores) when
+    ``torch.get_float32_matmul_precision()`` is "high" or "medium" or
+    ``torch.backends.cuda.matmul.allow_tf32`` is set, else "ieee" (exact fp32 FMA dots)."""
+    if torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
     return "ieee"
 
 
-def _reload_q(block_d: int) -> bool:
-    """Forward: re-load the q tile every key block when BLOCK_D = 256 (register pressure)."""
-    return block_d >= 256
+def _precision(dtype: torch.dtype, precision: Optional[str]) -> str:
+    """Dot input precision. bf16/fp16: "ieee" (a 16-bit dot always runs on tensor cores; the flag only
+    matters for fp32). fp32: `precision` when given, else `fp32_precision()`."""
+    if dtype != torch.float32:
+        return "ieee"
+    if precision is None:
+        return fp32_precision()
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS} or None, got {precision!r}")
+    return precision
 
 
-def _configs(kind: str, block_d: int, dtype: torch.dtype) -> list[Config]:
-    fp32 = dtype == torch.float32
-    if kind == "fwd":
-        return (FWD_CONFIGS_FP32 if fp32 else FWD_CONFIGS)[block_d]
-    return (BWD_CONFIGS_FP32 if fp32 else BWD_CONFIGS)[block_d]
+def _dq_precision(prec: str, block_d: int) -> str:
+    """The dQ kernel's dot precision: TF32 except at D = 256, where no TF32 tile was spill-free (the
+    exact ieee kernel runs instead: slower, more accurate)."""
+    return "ieee" if prec == "tf32" and block_d >= 256 else prec
+
+
+def _reload_q(block_d: int, block_m: int) -> bool:
+    """Forward: re-load the q tile every key block (instead of keeping it live across the loop) for
+    the 32-row D=256 tiles of the FMA path only; the tensor-core configs keep q (their wgmma reads it
+    from shared memory)."""
+    return block_d >= 256 and block_m < 64
+
+
+def _table_name(dtype: torch.dtype, prec: str) -> str:
+    return prec if dtype == torch.float32 else "bf16"
+
+
+def _configs(kind: str, block_d: int, dtype: torch.dtype, prec: str, arch: int) -> list[Config]:
+    """The config list of `kind` ("fwd", "bwd_dkdv", "bwd_dq") for this head dim, dtype, precision, arch."""
+    return CONFIGS[arch][_table_name(dtype, prec)][kind][block_d]
+
+
+def device_arch(device: torch.device) -> int:
+    """90 on Hopper (compute capability 9.x and later), 80 elsewhere; 90 in the interpreter (so the
+    tests run the sm_90 launch plan, the D = 256 dK/dV split included)."""
+    if _interpret() or device.type != "cuda":
+        return 90
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
 def _even_flags(args: dict) -> dict:
@@ -491,29 +564,40 @@ def _check_config(config: Optional[Sequence[int]]) -> Optional[Config]:
     return tuple(config)
 
 
-def _launch(kernel, name: str, rows_of: str, n_rows: int, bh: int, args: list, consts: dict,
-            n_q: int, n_kv: int, dtype: torch.dtype, config: Optional[Config]) -> None:
+def _config_kwargs(kind: str, config: Config, n_q: int, n_kv: int, block_d: int) -> dict:
+    """Launch keywords of one fixed config: tiles, EVEN flags (RELOAD_Q for the forward), warps,
+    stages, fp fusion. Shared by the launcher and aot_specs, so the AOT gate compiles what runs."""
+    bm, bn, warps, stages = config
+    kw = dict(BLOCK_M=bm, BLOCK_N=bn, EVEN_M=n_q % bm == 0, EVEN_N=n_kv % bn == 0,
+              num_warps=warps, num_stages=stages, enable_fp_fusion=_FP_FUSION)
+    if kind == "fwd":
+        kw["RELOAD_Q"] = _reload_q(block_d, bm)
+    return kw
+
+
+def _launch(kernel, kind: str, n_rows: int, bh: int, args: list, consts: dict,
+            n_q: int, n_kv: int, dtype: torch.dtype, config: Optional[Config], arch: int) -> None:
     """Launch `kernel` with a fixed config (interpreter / forced) or through triton.autotune.
 
-    The grid is 1-D: cdiv(n_rows, BLOCK) * (batch*heads), BLOCK = BLOCK_M when the program owns query
-    rows (forward, dQ) and BLOCK_N when it owns key rows (dK/dV); the kernel recomputes the block count.
+    The grid is 1-D: cdiv(n_rows, BLOCK) * (batch*heads), BLOCK = BLOCK_N when the program owns key
+    rows (dK/dV) and BLOCK_M when it owns query rows (forward, dQ); the kernel recomputes the count.
     """
     if config is None and _interpret():
         config = INTERPRET_CONFIG
-    blk_name = "BLOCK_M" if rows_of == "M" else "BLOCK_N"
+    blk_name = "BLOCK_N" if kind == "bwd_dkdv" else "BLOCK_M"
     if config is not None:
-        bm, bn, warps, stages = config
-        blk = bm if rows_of == "M" else bn
-        kernel[(triton.cdiv(n_rows, blk) * bh,)](
-            *args, **consts, BLOCK_M=bm, BLOCK_N=bn, EVEN_M=n_q % bm == 0, EVEN_N=n_kv % bn == 0,
-            num_warps=warps, num_stages=stages, enable_fp_fusion=_FP_FUSION)
+        kw = _config_kwargs(kind, config, n_q, n_kv, consts["BLOCK_D"])
+        kernel[(triton.cdiv(n_rows, kw[blk_name]) * bh,)](*args, **consts, **kw)
         return
-    key = (name, consts["BLOCK_D"], dtype)
+    key = (kind, consts["BLOCK_D"], dtype, consts["PREC"], consts.get("PART", 0), arch)
     tuned = _TUNED.get(key)
     if tuned is None:
-        kind = "fwd" if name == "fwd" else "bwd"
-        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in _configs(kind, consts["BLOCK_D"], dtype)]
+        configs = []
+        for bm, bn, w, st in _configs(kind, consts["BLOCK_D"], dtype, consts["PREC"], arch):
+            meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+            if kind == "fwd":
+                meta["RELOAD_Q"] = _reload_q(consts["BLOCK_D"], bm)
+            configs.append(triton.Config(meta, num_warps=w, num_stages=st))
         tuned = triton.autotune(configs, key=["N_Q", "N_KV", "HEAD_DIM"])(
             triton.heuristics(_even_flags)(kernel))
         _TUNED[key] = tuned
@@ -562,54 +646,117 @@ def _check_scale(sm_scale: Any) -> float:
     return s
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """Last-dim stride 1 (copy otherwise); other strides are passed to the kernels as they are."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 def _strides(t: torch.Tensor) -> list[int]:
-    return [t.stride(0), t.stride(1), t.stride(2)]
+    """All four strides (B, heads, N, head_dim): views are read in place, whatever their layout."""
+    return list(t.stride())
+
+
+def pixel_major(t: torch.Tensor) -> bool:
+    """Whether t [B, H, N, D] runs along N fastest (stride(N) == 1 != stride(D)): the U-Net's q, k, v,
+    views of the [B, 3C, H*W] qkv projection, and the gradient the output projection sends back."""
+    return t.shape[2] > 1 and t.stride(2) == 1 and t.stride(3) != 1
+
+
+_OUT_LAYOUTS = ("like_input", "pixel")
+
+
+def empty_like_layout(t: torch.Tensor, shape: Sequence[int], dtype: Optional[torch.dtype] = None,
+                      out_layout: str = "like_input") -> torch.Tensor:
+    """An empty [B, H, N, D] tensor of `shape`: N-fastest ([B, H, D, N] memory, so a [B, C, H, W] reshape
+    of its transpose is a view) when `out_layout` is "pixel" or t is `pixel_major`, else contiguous."""
+    if out_layout not in _OUT_LAYOUTS:
+        raise ValueError(f"out_layout must be one of {_OUT_LAYOUTS}, got {out_layout!r}")
+    b, h, n, d = shape
+    dtype = t.dtype if dtype is None else dtype
+    if out_layout == "pixel" or pixel_major(t):  # not a view: see fastddpm.ops.attention._empty_pixel_major
+        return torch.empty_strided((b, h, n, d), (h * d * n, d * n, 1, n), dtype=dtype, device=t.device)
+    return torch.empty((b, h, n, d), dtype=dtype, device=t.device)
+
+
+def _fwd_args(q, k, v, o, lse, scale: float, prec: str) -> tuple[list, dict]:
+    """Positional arguments and constexprs of `_attn_fwd_kernel` (launcher and aot_specs share it)."""
+    b, h, n_q, d = q.shape
+    block_d = _block_d(d)
+    args = [q, k, v, o, lse, scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            h, n_q, k.shape[2]]
+    consts = dict(HEAD_DIM=d, BLOCK_D=block_d, EVEN_D=d == block_d, PREC=prec,
+                  UPCAST=_interpret() and q.dtype == torch.bfloat16)
+    return args, consts
+
+
+def _preprocess_args(o, do, delta) -> tuple[list, dict]:
+    b, h, n_q, d = o.shape
+    block_d = _block_d(d)
+    return ([o, do, delta, *_strides(o), *_strides(do), h, n_q],
+            dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=preprocess_block_m(block_d)))
+
+
+def dkdv_parts(block_d: int, dtype: torch.dtype, arch: int) -> tuple:
+    """PART values of the dK/dV launches: (0,) one launch for both; (1, 2) dK then dV in two launches
+    for 16-bit D = 256 on sm_90 (one [64, 256] fp32 accumulator per program keeps the 64-row wgmma
+    tile spill-free; the price is recomputing P in both: 6 matmul passes instead of 4 in that kernel).
+    sm_80's mma.sync runs 32-row tiles with both accumulators in one launch."""
+    return (1, 2) if block_d >= 256 and dtype != torch.float32 and arch >= 90 else (0,)
+
+
+def _bwd_args(kind: str, q, k, v, do, lse, delta, grads: Sequence[torch.Tensor], scale: float,
+              prec: str, part: int = 0) -> tuple[list, dict]:
+    """Arguments of `_attn_bwd_dkdv_kernel` (grads = (dk, dv)) or `_attn_bwd_dq_kernel` (grads = (dq,))."""
+    b, h, n_q, d = q.shape
+    block_d = _block_d(d)
+    args = [q, k, v, do, lse, delta, *grads, scale * _LOG2E, scale, *_strides(q), *_strides(k),
+            *_strides(v), *_strides(do)]
+    for g in grads:
+        args += _strides(g)
+    args += [h, n_q, k.shape[2]]
+    consts = dict(HEAD_DIM=d, BLOCK_D=block_d, EVEN_D=d == block_d, PREC=prec,
+                  UPCAST=_interpret() and q.dtype == torch.bfloat16)
+    if kind == "bwd_dkdv":
+        consts["PART"] = part
+    return args, consts
 
 
 @on_tensor_device
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
-                      config: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      config: Optional[Sequence[int]] = None, precision: Optional[str] = None,
+                      out_layout: str = "like_input") -> tuple[torch.Tensor, torch.Tensor]:
     """Flash attention forward: o = softmax(sm_scale * q k^T) v, non-causal.
 
-    q [B, H, Nq, D], k and v [B, H, Nk, D], one dtype (float32, bfloat16, float16), one device
-    (CUDA, or CPU under TRITON_INTERPRET=1), D <= 256. Returns (o, lse): o [B, H, Nq, D] contiguous in
-    the input dtype, lse float32 [B, H, Nq], the natural-log log-sum-exp of each row of scaled scores.
-    `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) forces a tile config (default: autotune on a
-    GPU over FWD_CONFIGS / FWD_CONFIGS_FP32, INTERPRET_CONFIG in the interpreter).
+    q [B, H, Nq, D], k and v [B, H, Nk, D], any strides (read in place: no copies), one dtype (float32,
+    bfloat16, float16), one device (CUDA, or CPU under TRITON_INTERPRET=1), D <= 256. Returns (o, lse):
+    o [B, H, Nq, D] in the input dtype, laid out like q (`empty_like_layout`: N-fastest for the
+    U-Net's pixel-major views, else contiguous), lse float32 [B, H, Nq] contiguous, the natural-log
+    log-sum-exp of each row of scaled scores. `precision` ("ieee" | "tf32", fp32 inputs only; default
+    `fp32_precision()`, PyTorch's matmul switch). `out_layout` "pixel" makes o N-fastest whatever q's
+    layout (the fixed layout `fastddpm.ops.attention` returns). `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    forces a tile config (default: autotune over the config lists on a GPU, INTERPRET_CONFIG in the
+    interpreter).
     """
     b, h, n_q, n_kv, d = _check_qkv(q, k, v)
     scale = _check_scale(sm_scale)
     config = _check_config(config)
-    q, k, v = _rows(q), _rows(k), _rows(v)
-    o = torch.empty((b, h, n_q, d), dtype=q.dtype, device=q.device)
+    prec = _precision(q.dtype, precision)
+    o = empty_like_layout(q, (b, h, n_q, d), out_layout=out_layout)
     lse = torch.empty((b, h, n_q), dtype=torch.float32, device=q.device)
     if b * h * n_q == 0:
         return o, lse
-    block_d = _block_d(d)
-    args = [q, k, v, o, lse, scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            h, n_q, n_kv]
-    consts = dict(HEAD_DIM=d, BLOCK_D=block_d, EVEN_D=d == block_d, PREC=_precision(q.dtype),
-                  UPCAST=_interpret() and q.dtype == torch.bfloat16, RELOAD_Q=_reload_q(block_d))
-    _launch(_attn_fwd_kernel, "fwd", "M", n_q, b * h, args, consts, n_q, n_kv, q.dtype, config)
+    args, consts = _fwd_args(q, k, v, o, lse, scale, prec)
+    _launch(_attn_fwd_kernel, "fwd", n_q, b * h, args, consts, n_q, n_kv, q.dtype, config, device_arch(q.device))
     return o, lse
 
 
 @on_tensor_device
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        o: torch.Tensor, lse: torch.Tensor, sm_scale: float,
-                       config: Optional[Sequence[int]] = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       config: Optional[Sequence[int]] = None, precision: Optional[str] = None,
+                       out_layout: str = "like_input") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash attention backward: (dq, dk, dv) from dO, the inputs, o and lse of `attention_forward`.
 
-    do and o [B, H, Nq, D] in q's dtype; lse float32 [B, H, Nq]. Three launches: delta = rowsum(dO * O)
-    (fp32), then the dK/dV kernel and the dQ kernel (P recomputed in each; no atomics, deterministic).
-    Returns contiguous tensors in the input dtype. `config` forces (BLOCK_M, BLOCK_N, warps, stages)
-    for both main kernels.
+    do and o [B, H, Nq, D] in q's dtype, any strides; lse float32 [B, H, Nq]. Three launches: delta =
+    rowsum(dO * O) (fp32), then the dK/dV kernel and the dQ kernel (P recomputed in each; no atomics,
+    deterministic). Returns dq, dk, dv in the input dtype, each laid out like its input
+    (`empty_like_layout`; N-fastest with `out_layout="pixel"`). `config` forces (BLOCK_M, BLOCK_N,
+    warps, stages) for both main kernels; `precision` as in `attention_forward`.
     """
     b, h, n_q, n_kv, d = _check_qkv(q, k, v)
     for name, t in (("do", do), ("o", o)):
@@ -623,30 +770,25 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                          f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
     scale = _check_scale(sm_scale)
     config = _check_config(config)
-    q, k, v, o, do = _rows(q), _rows(k), _rows(v), _rows(o), _rows(do)
-    lse = lse.contiguous()
-    dq = torch.empty((b, h, n_q, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty((b, h, n_kv, d), dtype=q.dtype, device=q.device)
-    dv = torch.empty((b, h, n_kv, d), dtype=q.dtype, device=q.device)
+    prec = _precision(q.dtype, precision)
+    lse = lse.contiguous()  # [B, H, N] fp32: a no-op for the forward's own lse
+    dq = empty_like_layout(q, q.shape, out_layout=out_layout)
+    dk = empty_like_layout(k, k.shape, out_layout=out_layout)
+    dv = empty_like_layout(v, v.shape, out_layout=out_layout)
     if b * h == 0 or n_kv == 0:
         return dq, dk, dv
     if n_q == 0:
         return dq, dk.zero_(), dv.zero_()
-    block_d = _block_d(d)
     delta = torch.empty((b, h, n_q), dtype=torch.float32, device=q.device)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, preprocess_block_m(block_d)) * b * h,)](
-        o, do, delta, *_strides(o), *_strides(do), h, n_q,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=preprocess_block_m(block_d), num_warps=_PREPROCESS_WARPS,
-        enable_fp_fusion=_FP_FUSION)
-    consts = dict(HEAD_DIM=d, BLOCK_D=block_d, EVEN_D=d == block_d, PREC=_precision(q.dtype),
-                  UPCAST=_interpret() and q.dtype == torch.bfloat16)
-    common = [scale * _LOG2E, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do)]
-    _launch(_attn_bwd_dkdv_kernel, "bwd_dkdv", "N", n_kv, b * h,
-            [q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv), h, n_q, n_kv],
-            consts, n_q, n_kv, q.dtype, config)
-    _launch(_attn_bwd_dq_kernel, "bwd_dq", "M", n_q, b * h,
-            [q, k, v, do, lse, delta, dq, *common, *_strides(dq), h, n_q, n_kv],
-            consts, n_q, n_kv, q.dtype, config)
+    args, consts = _preprocess_args(o, do, delta)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, consts["BLOCK_M"]) * b * h,)](
+        *args, **consts, num_warps=_PREPROCESS_WARPS, enable_fp_fusion=_FP_FUSION)
+    arch = device_arch(q.device)
+    for part in dkdv_parts(_block_d(d), q.dtype, arch):
+        args, consts = _bwd_args("bwd_dkdv", q, k, v, do, lse, delta, (dk, dv), scale, prec, part)
+        _launch(_attn_bwd_dkdv_kernel, "bwd_dkdv", n_kv, b * h, args, consts, n_q, n_kv, q.dtype, config, arch)
+    args, consts = _bwd_args("bwd_dq", q, k, v, do, lse, delta, (dq,), scale, _dq_precision(prec, _block_d(d)))
+    _launch(_attn_bwd_dq_kernel, "bwd_dq", n_q, b * h, args, consts, n_q, n_kv, q.dtype, config, arch)
     return dq, dk, dv
 
 
@@ -686,75 +828,134 @@ def modelled_hbm_bytes(batch: int, heads: int, n: int, head_dim: int, elem_bytes
 # Representative shape of the HBM model in aot_specs: the DDPM CIFAR-10 16x16 attention (one head of
 # 256 channels), batch 128. Every row carries the forward+backward totals of that shape.
 AOT_SHAPE = (128, 1, 256, 256)  # B, heads, N, D
-AOT_HEAD_DIMS = (32, 64, 128, 256)
-_AOT_FP32_HEAD_DIMS = AOT_HEAD_DIMS
+_KERNELS = {"fwd": "attn_fwd", "bwd_dkdv": "attn_bwd_dkdv", "bwd_dq": "attn_bwd_dq"}
 
 
-def _strides_sig(prefix: str) -> dict:
-    return {f"stride_{prefix}{c}": "i32" for c in "bhn"}
+def _meta_inputs(shape: Sequence[int], layout: str, dtype: torch.dtype) -> tuple:
+    """Meta q, k, v, dO of `shape` in `layout`: "contiguous" [B, H, N, D] tensors, or "pixel": the
+    U-Net's views of one [B, 3C, N] qkv projection (q, k, v) and of a [B, C, N] gradient (dO)."""
+    b, h, n, d = shape
+    if layout == "contiguous":
+        return tuple(torch.empty((b, h, n, d), dtype=dtype, device="meta") for _ in range(4))
+    qkv = torch.empty((b, 3 * h * d, n), dtype=dtype, device="meta")
+    q, k, v = qkv.reshape(b, 3, h, d, n).transpose(-1, -2).unbind(1)
+    do = torch.empty((b, h * d, n), dtype=dtype, device="meta").reshape(b, h, d, n).transpose(-1, -2)
+    return q, k, v, do
+
+
+def launch_specs(kind: str, shape: Sequence[int], layout: str, dtype: torch.dtype, prec: str,
+                 config: Config, part: int = 0) -> dict:
+    """signature / constexprs / attrs / warps / stages of the `kind` kernel ("fwd", "bwd_dkdv",
+    "bwd_dq") as the launcher would launch it on inputs of `shape` and `layout` with `config`: built
+    from the launcher's own argument builders and Triton's own specialisation rules
+    (`kernels.aot.runtime_spec`), on meta tensors."""
+    from kernels.aot import runtime_spec
+
+    b, h, n, d = shape
+    q, k, v, do = _meta_inputs(shape, layout, dtype)
+    o = empty_like_layout(q, q.shape)
+    lse = torch.empty((b, h, n), dtype=torch.float32, device="meta")
+    if kind == "fwd":
+        args, consts = _fwd_args(q, k, v, o, lse, 1.0 / math.sqrt(d), prec)
+        fn = _attn_fwd_kernel
+    else:
+        grads = tuple(empty_like_layout(t, t.shape) for t in ((k, v) if kind == "bwd_dkdv" else (q,)))
+        if kind == "bwd_dq":
+            prec = _dq_precision(prec, _block_d(d))
+        args, consts = _bwd_args(kind, q, k, v, do, lse, lse, grads, 1.0 / math.sqrt(d), prec, part)
+        fn = _attn_bwd_dkdv_kernel if kind == "bwd_dkdv" else _attn_bwd_dq_kernel
+    kw = _config_kwargs(kind, config, n, n, consts["BLOCK_D"])
+    warps, stages, fusion = kw.pop("num_warps"), kw.pop("num_stages"), kw.pop("enable_fp_fusion")
+    spec = runtime_spec(fn, args, {**consts, **kw})
+    spec.update(fn=fn, num_warps=warps, num_stages=stages, options={"enable_fp_fusion": fusion},
+                even=(kw["EVEN_M"], kw["EVEN_N"]))
+    return spec
+
+
+def _preprocess_spec(shape: Sequence[int], layout: str, dtype: torch.dtype) -> dict:
+    from kernels.aot import runtime_spec
+
+    b, h, n, d = shape
+    q, _, _, do = _meta_inputs(shape, layout, dtype)
+    o = empty_like_layout(q, q.shape)
+    delta = torch.empty((b, h, n), dtype=torch.float32, device="meta")
+    args, consts = _preprocess_args(o, do, delta)
+    spec = runtime_spec(_attn_bwd_preprocess_kernel, args, consts)
+    spec.update(fn=_attn_bwd_preprocess_kernel, num_warps=_PREPROCESS_WARPS, num_stages=1,
+                options={"enable_fp_fusion": _FP_FUSION})
+    return spec
+
+
+# The variants aot_specs compiles: (shape, layout, dtype name). The shapes of benchmarks/
+# bench_attention.py (contiguous) and the U-Net's pixel-major views at the DDPM CIFAR-10 16x16
+# attention (one head of 256) and at 4 heads of 64; N = 200 (not a multiple of any tile: the masked
+# variant) at each head dim.
+AOT_VARIANTS: tuple = (
+    ((256, 1, 256, 256), "contiguous"), ((128, 1, 256, 256), "pixel"), ((200, 1, 200, 256), "contiguous"),
+    ((64, 4, 256, 64), "contiguous"), ((32, 4, 1024, 64), "contiguous"), ((128, 4, 64, 64), "contiguous"),
+    ((64, 4, 256, 64), "pixel"), ((64, 4, 200, 64), "contiguous"),
+    ((32, 8, 256, 128), "contiguous"), ((32, 8, 200, 128), "contiguous"), ((64, 8, 200, 32), "contiguous"),
+)
+# fp32 variants (tf32 and ieee): the U-Net's pixel-major views at D = 256 and 64, D = 128 contiguous, and
+# D = 32 masked.
+AOT_VARIANTS_FP32: tuple = (
+    ((128, 1, 256, 256), "pixel"), ((64, 4, 256, 64), "pixel"), ((32, 8, 256, 128), "contiguous"),
+    ((64, 8, 200, 32), "contiguous"),
+)
+
+
+def _variant_specs(shape, layout: str, dtype: torch.dtype, prec: str, arch: int) -> list:
+    """(kernel name, config, spec) of every program the launcher runs for one input variant on `arch`:
+    the preprocess kernel, then every config of the forward, dK/dV (each PART) and dQ kernels."""
+    block_d = _block_d(shape[3])
+    entries = [("attn_bwd_preprocess", None, _preprocess_spec(shape, layout, dtype))]
+    for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
+        parts = dkdv_parts(block_d, dtype, arch) if kind == "bwd_dkdv" else (0,)
+        for cfg in _configs(kind, block_d, dtype, prec, arch):
+            for part in parts:
+                name = _KERNELS[kind] + ("", "[dk]", "[dv]")[part]
+                entries.append((name, cfg, launch_specs(kind, shape, layout, dtype, prec, cfg, part)))
+    return entries
+
+
+def _spec_key(spec: dict) -> tuple:
+    return (spec["fn"].__name__, repr(sorted(spec["signature"].items())), repr(sorted(spec["constexprs"].items())),
+            repr(sorted(spec["attrs"].items())), spec["num_warps"], spec["num_stages"])
 
 
 def aot_specs() -> list[dict]:
-    """One dict per kernel per config per head_dim (32, 64, 128, 256), bf16 and fp32.
-
-    Kernels: attn_fwd, attn_bwd_preprocess, attn_bwd_dkdv, attn_bwd_dq: 44 specs. Compiled with
-    EVEN_M = EVEN_N = False (the masked variant, which needs the most registers); EVEN_D = True (D is a
-    power of two). The unmasked EVEN_M = EVEN_N = True variants of the same configs were also compiled
-    for sm_80 / sm_90 when the lists were chosen (no spills, LOCAL = STACK = 0) but are left out here to
-    keep the report's compile time down; fp16 uses the bf16 configs (same tile sizes and layouts).
-    hbm_bytes_fused / hbm_bytes_unfused: forward + backward totals of ``modelled_hbm_bytes`` at
-    B=128, heads=1, N=256, D=256 (bf16; fp32 rows use 4-byte elements), the same on every row.
+    """One dict per distinct compiled program the launcher selects for the AOT_VARIANTS on each arch
+    (`archs`: the spec is compiled for that arch only, its configs being that arch's): every config
+    of every kernel (fwd, dK/dV, dQ; plus the preprocess kernel) for bf16, and for fp32 with PyTorch's
+    "tf32" precision (tensor cores) and "highest" ("ieee": FMA dots), each with the divisibility
+    attributes and constants Triton's launcher derives from the real arguments (pointers and strides
+    divisible by 16, H = 1 and unit strides as constants) and the EVEN_M / EVEN_N flags of the shape.
+    Shapes that give the same program are compiled once (their labels are joined in `config`).
+    fp16 takes the bf16 configs and programs (same tiles and layouts). hbm_bytes_*: forward + backward
+    totals of ``modelled_hbm_bytes`` at AOT_SHAPE (4-byte elements on fp32 rows), the same on every row.
     """
     b, h, n, d_model = AOT_SHAPE
-    specs = []
-    for dt, head_dims in (("bf16", AOT_HEAD_DIMS), ("fp32", _AOT_FP32_HEAD_DIMS)):
-        torch_dt = torch.bfloat16 if dt == "bf16" else torch.float32
-        elem = 2 if dt == "bf16" else 4
-        model = modelled_hbm_bytes(b, h, n, d_model, elem)
-        p = "*" + dt
-        ints = {"H": "i32", "N_Q": "i32", "N_KV": "i32"}
-        for d in head_dims:
-            block_d = _block_d(d)
-            base = dict(HEAD_DIM=d, BLOCK_D=block_d)
-            flags = dict(EVEN_M=False, EVEN_N=False, EVEN_D=d == block_d,
-                         PREC="ieee", UPCAST=False)
-            kernels = []
-            for bm, bn, w, st in _configs("fwd", block_d, torch_dt):
-                sig = {"Q": p, "K": p, "V": p, "O": p, "LSE": "*fp32", "qk_scale": "fp32",
-                       **_strides_sig("q"), **_strides_sig("k"), **_strides_sig("v"), **_strides_sig("o"),
-                       **ints}
-                kernels.append(("attn_fwd", _attn_fwd_kernel, sig,
-                                dict(base, BLOCK_M=bm, BLOCK_N=bn, **flags, RELOAD_Q=_reload_q(block_d)),
-                                w, st))
-            kernels.append(("attn_bwd_preprocess", _attn_bwd_preprocess_kernel,
-                            {"O": p, "DO": p, "DELTA": "*fp32", **_strides_sig("o"), **_strides_sig("do"),
-                             "H": "i32", "N_Q": "i32"},
-                            dict(base, BLOCK_M=preprocess_block_m(block_d)), _PREPROCESS_WARPS, 1))
-            for bm, bn, w, st in _configs("bwd", block_d, torch_dt):
-                common = {"qk_scale": "fp32", "sm_scale": "fp32", **_strides_sig("q"), **_strides_sig("k"),
-                          **_strides_sig("v"), **_strides_sig("do")}
-                consts = dict(base, BLOCK_M=bm, BLOCK_N=bn, **flags)
-                kernels.append(("attn_bwd_dkdv", _attn_bwd_dkdv_kernel,
-                                {"Q": p, "K": p, "V": p, "DO": p, "LSE": "*fp32", "DELTA": "*fp32", "DK": p,
-                                 "DV": p, **common, **_strides_sig("dk"), **_strides_sig("dv"), **ints},
-                                consts, w, st))
-                kernels.append(("attn_bwd_dq", _attn_bwd_dq_kernel,
-                                {"Q": p, "K": p, "V": p, "DO": p, "LSE": "*fp32", "DELTA": "*fp32", "DQ": p,
-                                 **common, **_strides_sig("dq"), **ints},
-                                consts, w, st))
-            for name, fn, sig, consts, w, st in kernels:
-                signature = dict(sig, **{key: "constexpr" for key in consts})
-                cfg = ",".join(f"{key}={consts[key]}" for key in ("BLOCK_M", "BLOCK_N") if key in consts)
-                specs.append({
-                    "kernel": name,
-                    "config": f"D={d},{cfg},warps={w},stages={st},{dt}",
-                    "fn": fn,
-                    "signature": signature,
-                    "constexprs": consts,
-                    "num_warps": w,
-                    "num_stages": st,
-                    "options": {"enable_fp_fusion": _FP_FUSION},
-                    "hbm_bytes_fused": model["fused"],
-                    "hbm_bytes_unfused": model["unfused"],
-                })
-    return specs
+    jobs = [(v, torch.bfloat16, "ieee") for v in AOT_VARIANTS]
+    jobs += [(v, torch.float32, p) for p in ("tf32", "ieee") for v in AOT_VARIANTS_FP32]
+    specs: dict = {}
+    for arch in (90, 80):
+        for (shape, layout), dtype, prec in jobs:
+            model = modelled_hbm_bytes(b, h, n, d_model, 2 if dtype == torch.bfloat16 else 4)
+            label = f"{'x'.join(map(str, shape))} {layout}"
+            for name, cfg, spec in _variant_specs(shape, layout, dtype, prec, arch):
+                key = _spec_key(spec) + (arch,)
+                if key in specs:
+                    specs[key]["shapes"].append(label)
+                    continue
+                tiles = "" if cfg is None else "BLOCK_M={},BLOCK_N={},warps={},stages={},".format(*cfg)
+                even = spec.pop("even", None)
+                masked = "" if even is None else ("unmasked," if all(even) else "masked,")
+                spec.update(kernel=name, tiles=f"D={shape[3]},{tiles}{masked}{_table_name(dtype, prec)}",
+                            shapes=[label], archs=(arch,), hbm_bytes_fused=model["fused"],
+                            hbm_bytes_unfused=model["unfused"])
+                specs[key] = spec
+    out = []
+    for spec in specs.values():
+        spec["config"] = f"{spec.pop('tiles')} [{'; '.join(spec.pop('shapes'))}]"
+        out.append(spec)
+    return out

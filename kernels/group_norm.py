@@ -11,6 +11,11 @@ group is the contiguous block x[n, g*CPG:(g+1)*CPG, :], M = CPG * HW elements):
     z      = A * y_hat + B        ( = (y_hat*w + b) * (1 + scale) + shift )
     y      = silu(z) = z * sigmoid(z)   if silu else z
 
+add, scale and shift ([N, C]) are read with a row stride VS (unit column stride): the U-Net passes
+column slices of its one stacked time projection, which the launchers hand over in place instead of
+copying (`_vectors`; a mix of strides falls back to contiguous copies). Their gradients are
+contiguous [N, C].
+
 Statistics are always fp32 whatever the input dtype. They are computed by a chunked merge (Chan et
 al.): each tile of the group gets its own mean (one tile reduction) and the squared deviations from
 that tile mean are accumulated per lane; tiles are merged with the exact pairwise update
@@ -229,7 +234,7 @@ def _grad_tile(DY, X, x_base, c, cmask, h, hmask, HW, a, mean, rstd, A, Bc,
 
 # ------------------------------------------------------------------------------------------ forward
 @triton.jit
-def _gn_stats_kernel(X, ADD, PMEAN, PM2, C, HW, CPG, G, HW_PER_SPLIT, S,
+def _gn_stats_kernel(X, ADD, PMEAN, PM2, C, VS, HW, CPG, G, HW_PER_SPLIT, S,
                      HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK: tl.constexpr):
     """Split path, forward pass 1: (mean, M2) of slice s of group (n, g) -> PMEAN/PM2[(n*G+g)*S + s]."""
     ng = tl.program_id(0)
@@ -237,7 +242,7 @@ def _gn_stats_kernel(X, ADD, PMEAN, PM2, C, HW, CPG, G, HW_PER_SPLIT, S,
     n = ng // G
     g = ng % G
     x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
-    add_base = n * C + g * CPG
+    add_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     hw_lo = s * HW_PER_SPLIT
     hw_hi = tl.minimum(hw_lo + HW_PER_SPLIT, HW)
     cnt, mean, m2 = _slice_stats(X, ADD, x_base, add_base, CPG, HW, hw_lo, hw_hi,
@@ -248,7 +253,7 @@ def _gn_stats_kernel(X, ADD, PMEAN, PM2, C, HW, CPG, G, HW_PER_SPLIT, S,
 
 @triton.jit
 def _gn_fwd_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, PMEAN, PM2,
-                   C, HW, CPG, G, HW_PER_SPLIT, S, eps,
+                   C, VS, HW, CPG, G, HW_PER_SPLIT, S, eps,
                    HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
                    FUSED_STATS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -260,8 +265,9 @@ def _gn_fwd_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, PMEAN, PM2,
     g = ng % G
     x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
     nc_base = n * C + g * CPG
+    v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     if FUSED_STATS:
-        cnt, mean, m2 = _slice_stats(X, ADD, x_base, nc_base, CPG, HW, 0, HW,
+        cnt, mean, m2 = _slice_stats(X, ADD, x_base, v_base, CPG, HW, 0, HW,
                                      HAS_ADD, BLOCK_C, BLOCK_HW)
     else:
         cnt = tl.zeros([], dtype=tl.float32)
@@ -286,13 +292,13 @@ def _gn_fwd_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, PMEAN, PM2,
     for c0 in range(0, CPG, BLOCK_C):
         c = g * CPG + c0 + offs_c
         cmask = (c0 + offs_c) < CPG
-        w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, c, cmask, n * C,
+        w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, c, cmask, n * VS,
                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
         alpha = A * rstd
         # z = (u - mean) * alpha + Bc: subtract first (exact for near-constant groups, where rstd is
         # large; folding mean into the FMA would amplify rounding by rstd), then one FMA
         if HAS_ADD:
-            a = tl.load(ADD + nc_base + c0 + offs_c, mask=cmask, other=0.0).to(tl.float32)
+            a = tl.load(ADD + v_base + c0 + offs_c, mask=cmask, other=0.0).to(tl.float32)
         for h0 in range(hw_lo, hw_hi, BLOCK_HW):
             h = h0 + offs_h
             mask = cmask[:, None] & (h < hw_hi)[None, :]
@@ -309,7 +315,7 @@ def _gn_fwd_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, PMEAN, PM2,
 # ----------------------------------------------------------------------------------------- backward
 @triton.jit
 def _gn_bwd_reduce_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
-                          C, HW, CPG, G, HW_PER_SPLIT, S,
+                          C, VS, HW, CPG, G, HW_PER_SPLIT, S,
                           HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK: tl.constexpr):
@@ -320,6 +326,7 @@ def _gn_bwd_reduce_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
     g = ng % G
     x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
     nc_base = n * C + g * CPG
+    v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     mean = tl.load(MEAN + ng)
     rstd = tl.load(RSTD + ng)
     hw_lo = s * HW_PER_SPLIT
@@ -329,10 +336,10 @@ def _gn_bwd_reduce_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
     for c0 in range(0, CPG, BLOCK_C):
         cl = c0 + offs_c
         cmask = cl < CPG
-        w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, g * CPG + cl, cmask, n * C,
+        w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, g * CPG + cl, cmask, n * VS,
                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
         if HAS_ADD:
-            a = tl.load(ADD + nc_base + cl, mask=cmask, other=0.0).to(tl.float32)
+            a = tl.load(ADD + v_base + cl, mask=cmask, other=0.0).to(tl.float32)
         else:
             a = tl.zeros([BLOCK_C], tl.float32)
         sg = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
@@ -350,7 +357,7 @@ def _gn_bwd_reduce_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
 @triton.jit
 def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
                       DX, DADD, DSCALE, DSHIFT, DWP, DBP,
-                      C, HW, CPG, G, HW_PER_SPLIT, S,
+                      C, VS, HW, CPG, G, HW_PER_SPLIT, S,
                       HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
                       FUSED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -366,6 +373,7 @@ def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
     g = ng % G
     x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
     nc_base = n * C + g * CPG
+    v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     mean = tl.load(MEAN + ng)
     rstd = tl.load(RSTD + ng)
     offs_c = tl.arange(0, BLOCK_C)
@@ -377,11 +385,11 @@ def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
     for c0 in range(0, CPG, BLOCK_C):
         cl = c0 + offs_c
         cmask = cl < CPG
-        w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, g * CPG + cl, cmask, n * C,
+        w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, g * CPG + cl, cmask, n * VS,
                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
         if FUSED:
             if HAS_ADD:
-                a = tl.load(ADD + nc_base + cl, mask=cmask, other=0.0).to(tl.float32)
+                a = tl.load(ADD + v_base + cl, mask=cmask, other=0.0).to(tl.float32)
             else:
                 a = tl.zeros([BLOCK_C], tl.float32)
             sg2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
@@ -423,10 +431,10 @@ def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
     for c0 in range(0, CPG, BLOCK_C):
         cl = c0 + offs_c
         cmask = cl < CPG
-        w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, g * CPG + cl, cmask, n * C,
+        w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, g * CPG + cl, cmask, n * VS,
                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
         if HAS_ADD:
-            a = tl.load(ADD + nc_base + cl, mask=cmask, other=0.0).to(tl.float32)
+            a = tl.load(ADD + v_base + cl, mask=cmask, other=0.0).to(tl.float32)
         else:
             a = tl.zeros([BLOCK_C], tl.float32)
         da = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
@@ -445,7 +453,7 @@ def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
 
 # -------------------------------------------------------------------------------- single-tile path
 @triton.jit
-def _gn_fwd_single_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, C, HW, CPG, G, eps,
+def _gn_fwd_single_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, C, VS, HW, CPG, G, eps,
                           HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
@@ -456,6 +464,7 @@ def _gn_fwd_single_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, C, HW, CPG,
     g = ng % G
     x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
     nc_base = n * C + g * CPG
+    v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     cl = tl.arange(0, BLOCK_C)
     h = tl.arange(0, BLOCK_HW)
     cmask = cl < CPG
@@ -463,7 +472,7 @@ def _gn_fwd_single_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, C, HW, CPG,
     offs = x_base + cl[:, None] * HW + h[None, :]
     u = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
-        a = tl.load(ADD + nc_base + cl, mask=cmask, other=0.0).to(tl.float32)
+        a = tl.load(ADD + v_base + cl, mask=cmask, other=0.0).to(tl.float32)
         u = tl.where(mask, u + a[:, None], 0.0)
     mean = tl.sum(tl.sum(u, axis=1), axis=0) / (CPG * HW)
     d = tl.where(mask, u - mean, 0.0)
@@ -471,7 +480,7 @@ def _gn_fwd_single_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, C, HW, CPG,
     rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     tl.store(MEAN + ng, mean)
     tl.store(RSTD + ng, rstd)
-    w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, g * CPG + cl, cmask, n * C,
+    w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, g * CPG + cl, cmask, n * VS,
                                      HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
     z = d * (A * rstd)[:, None] + Bc[:, None]
     if SILU:
@@ -481,7 +490,7 @@ def _gn_fwd_single_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, C, HW, CPG,
 
 @triton.jit
 def _gn_bwd_single_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD,
-                          DX, DADD, DSCALE, DSHIFT, DWP, DBP, C, HW, CPG, G,
+                          DX, DADD, DSCALE, DSHIFT, DWP, DBP, C, VS, HW, CPG, G,
                           HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
@@ -491,15 +500,16 @@ def _gn_bwd_single_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD,
     g = ng % G
     x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
     nc_base = n * C + g * CPG
+    v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     mean = tl.load(MEAN + ng)
     rstd = tl.load(RSTD + ng)
     cl = tl.arange(0, BLOCK_C)
     h = tl.arange(0, BLOCK_HW)
     cmask = cl < CPG
-    w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, g * CPG + cl, cmask, n * C,
+    w, b, s1, A, Bc = _channel_coefs(W, B, SCALE, SHIFT, g * CPG + cl, cmask, n * VS,
                                      HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
     if HAS_ADD:
-        a = tl.load(ADD + nc_base + cl, mask=cmask, other=0.0).to(tl.float32)
+        a = tl.load(ADD + v_base + cl, mask=cmask, other=0.0).to(tl.float32)
     else:
         a = tl.zeros([BLOCK_C], tl.float32)
     mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < HW, HW, a,
@@ -628,6 +638,17 @@ def _c(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
 
 
+def _vectors(add, scale, shift, c: int) -> tuple:
+    """(add, scale, shift, VS): the [N, C] vectors read in place with row stride VS when they share one
+    and have unit column stride (the U-Net's column slices of its stacked time projection), else
+    made contiguous (VS = C). No copy of the per-block time-embedding slices."""
+    given = [t for t in (add, scale, shift) if t is not None]
+    strides = {t.stride(0) for t in given if t.shape[0] > 1}
+    if all(t.stride(1) == 1 or t.shape[1] == 1 for t in given) and len(strides) <= 1:
+        return add, scale, shift, (strides.pop() if strides else c)
+    return _c(add), _c(scale), _c(shift), c
+
+
 @on_tensor_device
 def group_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                        add: Optional[torch.Tensor], scale: Optional[torch.Tensor],
@@ -644,7 +665,8 @@ def group_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
     if block is not None and (block < 1 or block & (block - 1)):
         raise ValueError(f"block must be a power of two or None, got {block!r}")
     x = x.contiguous()
-    weight, bias, add, scale, shift = map(_c, (weight, bias, add, scale, shift))
+    weight, bias = _c(weight), _c(bias)
+    add, scale, shift, vs = _vectors(add, scale, shift, c)
     y = torch.empty_like(x)
     mean = torch.empty((n, groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
@@ -656,19 +678,19 @@ def group_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
     if single is not None:
         bc, bhw, warps = single
         _gn_fwd_single_kernel[(n * groups,)](
-            x, add, weight, bias, scale, shift, y, mean, rstd, c, hw, cpg, groups, float(eps), **flags,
+            x, add, weight, bias, scale, shift, y, mean, rstd, c, vs, hw, cpg, groups, float(eps), **flags,
             BLOCK_C=bc, BLOCK_HW=bhw, num_warps=warps, enable_fp_fusion=_FP_FUSION)
         return y, mean, rstd
     if S > 1:
         pmean = torch.empty((n * groups, S), device=x.device, dtype=torch.float32)
         pm2 = torch.empty_like(pmean)
         _launch(_gn_stats_kernel, "stats", (n * groups, S),
-                [x, add, pmean, pm2, c, hw, cpg, groups, per, S], dict(HAS_ADD=flags["HAS_ADD"]),
+                [x, add, pmean, pm2, c, vs, hw, cpg, groups, per, S], dict(HAS_ADD=flags["HAS_ADD"]),
                 cpg, hw, block, use_tune)
     else:
         pmean = pm2 = mean
     _launch(_gn_fwd_kernel, "fwd", (n * groups, S),
-            [x, add, weight, bias, scale, shift, y, mean, rstd, pmean, pm2, c, hw, cpg, groups, per, S,
+            [x, add, weight, bias, scale, shift, y, mean, rstd, pmean, pm2, c, vs, hw, cpg, groups, per, S,
              float(eps)], dict(flags, FUSED_STATS=S == 1), cpg, hw, block, use_tune)
     return y, mean, rstd
 
@@ -695,7 +717,8 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torc
     x, dy = x.contiguous(), dy.contiguous()
     mean = mean.contiguous().to(torch.float32)
     rstd = rstd.contiguous().to(torch.float32)
-    weight, bias, add, scale, shift = map(_c, (weight, bias, add, scale, shift))
+    weight, bias = _c(weight), _c(bias)
+    add, scale, shift, vs = _vectors(add, scale, shift, c)
     dev = x.device
     S, per = _plan(n, groups, cpg, hw, dev, block, split)
     use_tune = block is None and not _interpret()
@@ -705,9 +728,10 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torc
     dx = torch.empty_like(x)
     dadd = None
     if add is not None:
-        dadd = torch.empty((n, c, S), device=dev, dtype=f32) if S > 1 else torch.empty_like(add)
-    dscale = torch.empty_like(scale) if scale is not None else None
-    dshift = torch.empty_like(shift) if shift is not None else None
+        dadd = torch.empty((n, c, S), device=dev, dtype=f32) if S > 1 else torch.empty((n, c), device=dev, dtype=add.dtype)
+    # [N, C] contiguous whatever the inputs' row stride
+    dscale = torch.empty((n, c), device=dev, dtype=scale.dtype) if scale is not None else None
+    dshift = torch.empty((n, c), device=dev, dtype=shift.dtype) if shift is not None else None
     dwp = torch.empty((n, c), device=dev, dtype=f32) if weight is not None else None
     dbp = torch.empty((n, c), device=dev, dtype=f32) if bias is not None else None
     single = _single_tile(cpg, hw) if (S == 1 and block is None) else None
@@ -715,19 +739,19 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torc
         bc, bhw, warps = single
         _gn_bwd_single_kernel[(n * groups,)](
             dy, x, add, weight, bias, scale, shift, mean, rstd, dx, dadd, dscale, dshift, dwp, dbp,
-            c, hw, cpg, groups, **flags, BLOCK_C=bc, BLOCK_HW=bhw, num_warps=warps,
+            c, vs, hw, cpg, groups, **flags, BLOCK_C=bc, BLOCK_HW=bhw, num_warps=warps,
             enable_fp_fusion=_FP_FUSION)
     elif S > 1:
         psg = torch.empty((n, c, S), device=dev, dtype=f32)
         psgy = torch.empty_like(psg)
         _launch(_gn_bwd_reduce_kernel, "bwd_reduce", (n * groups, S),
-                [dy, x, add, weight, bias, scale, shift, mean, rstd, psg, psgy, c, hw, cpg, groups,
+                [dy, x, add, weight, bias, scale, shift, mean, rstd, psg, psgy, c, vs, hw, cpg, groups,
                  per, S], flags, cpg, hw, block, use_tune)
     if single is None:
         psg, psgy = (psg, psgy) if S > 1 else (mean, mean)  # unused when FUSED
         _launch(_gn_bwd_dx_kernel, "bwd_dx", (n * groups, S),
                 [dy, x, add, weight, bias, scale, shift, mean, rstd, psg, psgy, dx, dadd, dscale, dshift,
-                 dwp, dbp, c, hw, cpg, groups, per, S], dict(flags, FUSED=S == 1), cpg, hw, block,
+                 dwp, dbp, c, vs, hw, cpg, groups, per, S], dict(flags, FUSED=S == 1), cpg, hw, block,
                 use_tune)
     if dadd is not None and S > 1:
         dadd = dadd.sum(-1).to(add.dtype)
@@ -793,7 +817,7 @@ def aot_specs() -> list[dict]:
     cpg, hw = c // groups, h * w
     model = modelled_hbm_bytes(n, c, h, w, groups, 2)
     flags = dict(HAS_ADD=True, HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True)
-    ints = {"C": "i32", "HW": "i32", "CPG": "i32", "G": "i32", "HW_PER_SPLIT": "i32", "S": "i32"}
+    ints = {"C": "i32", "VS": "i32", "HW": "i32", "CPG": "i32", "G": "i32", "HW_PER_SPLIT": "i32", "S": "i32"}
     specs = []
     for ci, (block, warps) in enumerate(CONFIGS):
         bc, bhw = _tiles(block, cpg, hw)
@@ -840,13 +864,13 @@ def aot_specs() -> list[dict]:
         cfg = f"TILE={bc}x{bhw},warps={warps},bf16"
         specs.append(_spec("gn_fwd_single", cfg, _gn_fwd_single_kernel,
                            {"X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p, "Y": p,
-                            "MEAN": "*fp32", "RSTD": "*fp32", "C": "i32", "HW": "i32", "CPG": "i32",
+                            "MEAN": "*fp32", "RSTD": "*fp32", "C": "i32", "VS": "i32", "HW": "i32", "CPG": "i32",
                             "G": "i32", "eps": "fp32"},
                            dict(flags, BLOCK_C=bc, BLOCK_HW=bhw), warps, model))
         specs.append(_spec("gn_bwd_single", cfg, _gn_bwd_single_kernel,
                            {"DY": p, "X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p,
                             "MEAN": "*fp32", "RSTD": "*fp32", "DX": p, "DADD": p, "DSCALE": p,
-                            "DSHIFT": p, "DWP": "*fp32", "DBP": "*fp32", "C": "i32", "HW": "i32",
+                            "DSHIFT": p, "DWP": "*fp32", "DBP": "*fp32", "C": "i32", "VS": "i32", "HW": "i32",
                             "CPG": "i32", "G": "i32"},
                            dict(flags, BLOCK_C=bc, BLOCK_HW=bhw), warps, model))
     return specs

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 import fastddpm as fd
 from fastddpm.profiling import saved_bytes
-from fastddpm.ops import stacked_linear
 from fastddpm.unet import ResBlock
 
 torch.set_num_threads(1)
@@ -166,18 +165,54 @@ def test_compile_fullgraph_training_with_recompute():
         torch.testing.assert_close(got[n], g, atol=1e-5 * scale, rtol=0, msg=n)
 
 
-def test_stacked_linear_equals_separate_linears_gradcheck():
-    g = torch.Generator().manual_seed(0)
-    emb = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    ws = [torch.randn(r, 5, dtype=torch.float64, generator=g, requires_grad=True) for r in (2, 4, 3)]
-    bs = [torch.randn(r, dtype=torch.float64, generator=g, requires_grad=True) for r in (2, 4, 3)]
-    got = stacked_linear(emb, ws, bs)
-    expected = torch.cat([F.linear(emb, w, b) for w, b in zip(ws, bs)], dim=1)
-    torch.testing.assert_close(got, expected, atol=1e-14, rtol=1e-14)
-    assert torch.autograd.gradcheck(lambda e, *p: stacked_linear(e, p[:3], p[3:]), (emb, *ws, *bs))
-    # only emb is saved beyond the weights themselves (no concatenated copy kept)
-    assert saved_bytes(lambda: stacked_linear(emb, ws, bs), exclude=ws + bs) == emb.numel() * 8
+def test_stacked_time_projection_is_one_parameter_with_per_block_keys():
+    """One stacked parameter (each block's time_proj a row view), one matmul per forward with no
+    concatenation of weights, only emb saved for it, and diffusers' per-block state-dict keys."""
+    torch.manual_seed(0)
+    model = fd.UNet(image_size=8, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
+                    attention_resolutions=(), dropout=0.0, time_embedding="scale_shift")
+    blocks = model._resblocks
+    w = model.time_proj_stack.weight
+    assert all(b.time_proj.weight.data_ptr() == w[b.time_proj.start].data_ptr() for b in blocks)
+    assert not any(".time_proj." in n for n, _ in model.named_parameters())
+    sd = model.state_dict()
+    assert "time_proj_stack.weight" not in sd
+    for key, b in zip(model._time_proj_keys, blocks):
+        torch.testing.assert_close(sd[f"{key}.weight"], b.time_proj.weight, rtol=0, atol=0)
+    # a per-block state dict (what diffusers' mapping and older checkpoints hold) loads into the rows
+    other = fd.UNet(image_size=8, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
+                    attention_resolutions=(), dropout=0.0, time_embedding="scale_shift")
+    other.load_state_dict(sd)
+    torch.testing.assert_close(other.time_proj_stack.weight, w, rtol=0, atol=0)
+    # per-block math: each block's projection equals F.linear with its own rows (independent reference)
+    emb = torch.randn(3, w.shape[1], dtype=torch.float64)
+    model.double()
+    projs = model._time_projections(emb)
+    for b, p in zip(blocks, projs):
+        ref = F.linear(emb, b.time_proj.weight, b.time_proj.bias)
+        torch.testing.assert_close(torch.cat(p, dim=1), ref, rtol=1e-12, atol=1e-12)
+    x, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([3, 7])
+    cats = [shape for name, shape in _ops_with_shapes(lambda: model(x, t)) if name == "aten.cat.default"]
+    assert tuple(w.shape) not in cats and (w.shape[0],) not in cats, cats
+    emb = emb.requires_grad_()
+    assert saved_bytes(lambda: model._time_projections(emb), exclude=list(model.parameters())) == emb.numel() * 8
 
+
+def _ops_with_shapes(fn):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class _Rec(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                seen.append((str(func), tuple(out.shape)))
+            return out
+
+    with torch.no_grad(), _Rec():
+        fn()
+    return seen
 
 def test_config_key_default_and_round_trip():
     model = fd.UNet(**TINY)

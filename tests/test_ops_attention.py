@@ -67,7 +67,7 @@ def test_forward_backward_fp32(shape):
     ref = [t.detach().double().requires_grad_(True) for t in qkv]
     do = torch.randn(b, h, n, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     o, g = grads(attention, qkv, do.float())
-    assert o.dtype == torch.float32 and o.shape == (b, h, n, d) and o.is_contiguous()
+    assert o.dtype == torch.float32 and o.shape == (b, h, n, d) and o.transpose(-1, -2).is_contiguous()  # N-fastest
     assert rel_err(o, F.scaled_dot_product_attention(*ref)) <= 1e-5
     _, g_ref = grads(composed, ref, do)
     for a, r in zip(g, g_ref):
@@ -158,8 +158,12 @@ def test_compile_fullgraph_inductor_both_ops_matches_eager():
         return x + o.transpose(-1, -2).reshape(x.shape)
 
     compiled = torch.compile(block, fullgraph=True, backend="inductor")
-    y_c = compiled(x, w, b, temb)
-    g_c = torch.autograd.grad(y_c.square().sum(), (x, w, b, temb))
+    # No on-disk graph caches: their keys do not cover a custom op's fake (output strides), so a graph
+    # cached by an older version of the ops would be replayed with stale output layouts.
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        y_c = compiled(x, w, b, temb)
+        g_c = torch.autograd.grad(y_c.square().sum(), (x, w, b, temb))
     y_e = block(x, w, b, temb)
     g_e = torch.autograd.grad(y_e.square().sum(), (x, w, b, temb))
     torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,7 @@ from .backend import current_backend, preferred_memory_format, triton_available,
 from .group_norm import group_norm_silu
 from .attention import attention
 from .sampler_step import sampler_step, sampler_step_
-from .fused import dropout_noise, norm_conv, stacked_linear
+from .fused import dropout_noise, norm_conv
 
 __all__ = ["group_norm_silu", "attention", "sampler_step", "sampler_step_", "use_backend", "current_backend", "triton_available",
-           "preferred_memory_format", "norm_conv", "stacked_linear", "dropout_noise"]
+           "preferred_memory_format", "norm_conv", "dropout_noise"]

@@ -12,6 +12,15 @@ Two custom ops (namespace ``fastddpm``), each with a plain-PyTorch reference, a 
   P = exp(q k^T * scale - lse) and uses delta = rowsum(dO * O) (see `_reference_backward`).
 
 The autograd formula saves q, k, v, o and lse only: the N x N probability matrix is never kept.
+No copies around the kernels: q, k, v (the U-Net passes strided views of its qkv projection, head_dim
+stride H*W) and dO are read in place with all four strides; o and dq, dk, dv always come back
+N-fastest ([B, heads, head_dim, N] memory viewed as [B, heads, N, head_dim]: the layout the U-Net's
+output projection reads, so its [B, C, H, W] reshape of o is a view) on every path, fake included.
+The layout is fixed, not derived from the inputs' strides: inductor may run the fake on inputs laid
+out differently from the ones the kernel gets, and the outputs' strides must match the fake's.
+fp32 inputs follow PyTorch's matmul switch on the Triton path: ``torch.get_float32_matmul_precision()``
+"high"/"medium" (or ``torch.backends.cuda.matmul.allow_tf32``) run TF32 tensor-core dots (relative
+error about 1e-3), "highest" the exact fp32 ones (about 1e-6).
 The reference computes in float32 for float32 / bfloat16 / float16 inputs (float64 for float64)
 and casts the outputs back to the input dtype.
 
@@ -64,6 +73,20 @@ def _take_triton(q: Tensor, k: Tensor) -> bool:
     return use_triton(q) and kernel_takes(q, k)
 
 
+def _empty_pixel_major(t: Tensor, shape, dtype=None) -> Tensor:
+    """Empty [B, H, N, D] on t's device in the ops' output layout: [B, H, D, N] memory, N fastest."""
+    b, h, n, d = shape
+    dtype = t.dtype if dtype is None else dtype
+    # empty_strided, not a transposed view: an op output that is a view of a fresh tensor loses its
+    # strides in compiled graphs (inductor then expects contiguous strides)
+    return torch.empty_strided((b, h, n, d), (h * d * n, d * n, 1, n), dtype=dtype, device=t.device)
+
+
+def _pixel(value: Tensor) -> Tensor:
+    """value (a fresh reference result) in the ops' output layout: one copy, on the reference path only."""
+    return _empty_pixel_major(value, value.shape).copy_(value)
+
+
 def _sm_scale(q: Tensor) -> float:
     return 1.0 / math.sqrt(q.shape[-1])
 
@@ -79,7 +102,7 @@ def _reference_forward(q: Tensor, k: Tensor, v: Tensor, sm_scale: float) -> tupl
     rowsum = p.sum(dim=-1, keepdim=True)
     o = torch.matmul(p, v.to(cd)).div_(rowsum)
     lse = (m + rowsum.log()).squeeze(-1)
-    return o.to(q.dtype).contiguous(), lse.contiguous()
+    return _pixel(o.to(q.dtype)), lse.contiguous()
 
 
 def _reference_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
@@ -98,7 +121,7 @@ def _reference_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, 
     ds = p * (dp - delta)
     dq = torch.matmul(ds, kc) * sm_scale
     dk = torch.matmul(ds.transpose(-1, -2), qc) * sm_scale
-    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+    return _pixel(dq.to(q.dtype)), _pixel(dk.to(k.dtype)), _pixel(dv.to(v.dtype))
 
 
 # ---------------------------------------------------------------------------------- custom ops
@@ -108,14 +131,13 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     if _take_triton(q, k):
         from kernels.attention import attention_forward
 
-        o, lse = attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), sm_scale)
-        return o.contiguous(), lse.contiguous()
+        return attention_forward(q, k, v, sm_scale, out_layout="pixel")  # views read in place
     return _reference_forward(q, k, v, sm_scale)
 
 
 @_attention_op.register_fake
 def _attention_fake(q, k, v):
-    o = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    o = _empty_pixel_major(q, (*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty(q.shape[:-1], dtype=_compute_dtype(q))
     return o, lse
 
@@ -127,15 +149,13 @@ def _attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tenso
     if _take_triton(q, k):
         from kernels.attention import attention_backward
 
-        dq, dk, dv = attention_backward(do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
-                                        o.contiguous(), lse.contiguous(), sm_scale)
-        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+        return attention_backward(do, q, k, v, o, lse, sm_scale, out_layout="pixel")
     return _reference_backward(do, q, k, v, o, lse, sm_scale)
 
 
 @_attention_backward_op.register_fake
 def _attention_backward_fake(do, q, k, v, o, lse):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return _empty_pixel_major(q, q.shape), _empty_pixel_major(k, k.shape), _empty_pixel_major(v, v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -163,7 +183,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             device as q: float32, bfloat16, float16 (float64 runs the reference, for gradcheck).
 
     Returns:
-        o [B, heads, N, head_dim] in q's dtype (contiguous). Differentiable in q, k, v; only q, k, v,
+        o [B, heads, N, head_dim] in q's dtype, N-fastest ([B, heads, head_dim, N] memory: call
+        `.contiguous()` for the row-major layout). Differentiable in q, k, v; only q, k, v,
         o and the per-row log-sum-exp are saved for backward.
 
     Dispatch: head_dim > 256 on CUDA goes to ``F.scaled_dot_product_attention`` (flash /

@@ -2,21 +2,20 @@
 
 * :func:`norm_conv` / :class:`NormConv`: conv2d(dropout(group_norm_silu(x))) keeping only x for backward
   (selective activation recomputation: the memory-lean training path of `fastddpm.UNet`);
-* :func:`stacked_linear` / :class:`StackedLinear`: many Linear layers on one input as one matmul.
 
 They are custom autograd functions over the `fastddpm::group_norm_silu` ops and aten ops, so they live
 here beside the custom ops, not in the modules that use them.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .group_norm import group_norm_silu
 
-__all__ = ["NormConv", "norm_conv", "dropout_noise", "StackedLinear", "stacked_linear"]
+__all__ = ["NormConv", "norm_conv", "dropout_noise"]
 
 
 class NormConv(torch.autograd.Function):
@@ -104,38 +103,3 @@ def dropout_noise(y: torch.Tensor, p: float) -> torch.Tensor:
     a contiguous tensor: the same mask for the same seed whatever y's layout, so the lean, plain and
     compiled paths agree (a channels-last buffer would be filled in a layout-dependent order)."""
     return torch.empty(y.shape, dtype=y.dtype, device=y.device).bernoulli_(1.0 - p).div_(1.0 - p)
-
-
-class StackedLinear(torch.autograd.Function):
-    """emb @ cat(weights).T + cat(biases): many Linear layers on one input as one matmul, saving for backward
-    only `emb` and the weights themselves (the concatenated copy is rebuilt in backward, never kept).
-    Under autocast the matmul runs in the autocast dtype, as `F.linear` would."""
-
-    @staticmethod
-    def forward(ctx, emb, num_weights: int, *params):
-        weights, biases = params[:num_weights], params[num_weights:]
-        ctx.save_for_backward(emb, *weights)
-        ctx.rows = [w.shape[0] for w in weights]
-        dev = emb.device.type
-        ctx.dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        weight, bias = torch.cat(weights), torch.cat(biases)
-        if ctx.dtype is not None:
-            emb, weight, bias = emb.to(ctx.dtype), weight.to(ctx.dtype), bias.to(ctx.dtype)
-        return torch.addmm(bias, emb, weight.t())
-
-    @staticmethod
-    def backward(ctx, grad):
-        emb, *weights = ctx.saved_tensors
-        weight = torch.cat(weights)
-        e = emb
-        if ctx.dtype is not None:
-            weight, e = weight.to(ctx.dtype), emb.to(ctx.dtype)
-        grad_emb = (grad @ weight).to(emb.dtype)
-        grad_weights = (grad.t() @ e).to(weights[0].dtype).split(ctx.rows, dim=0)
-        grad_biases = grad.sum(0).to(weights[0].dtype).split(ctx.rows, dim=0)
-        return (grad_emb, None, *grad_weights, *grad_biases)
-
-
-def stacked_linear(emb: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
-    """emb @ cat(weights).T + cat(biases) as one matmul (`StackedLinear`); split the result by rows."""
-    return StackedLinear.apply(emb, len(weights), *weights, *biases)

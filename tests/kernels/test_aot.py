@@ -77,13 +77,51 @@ def test_every_spec_of_every_existing_module_is_reported_for_each_arch(report):
         assert hasattr(module, "aot_specs"), f"{module_name} exists but has no aot_specs()"
         specs = module.aot_specs()
         assert specs, f"{module_name}.aot_specs() is empty"
-        expected = {(s["kernel"], s["config"]) for s in specs}
         for arch in ARCHS:
+            expected = {(s["kernel"], s["config"]) for s in specs if arch in s.get("archs", ARCHS)}
             got = {(r["kernel"], r["config"]) for r in rows
                    if r.get("module") == module_name and r["arch"] == f"sm_{arch}"}
             assert got == expected, (module_name, arch, expected - got, got - expected)
     for module_name in set(KERNEL_MODULES) - set(existing):
         assert f"{module_name}: module does not exist yet" in proc.stderr
+
+
+def test_attention_runs_on_tensor_cores(report):
+    """bf16/fp16 attention (forward, dK/dV, dQ; every head dim, masked and unmasked, contiguous and the
+    U-Net's pixel-major views) issues wgmma on sm_90 and mma.sync on sm_80. TF32 runs on tensor cores
+    too: wgmma on sm_90 where its 64-row tiles fit (mma.sync for the D = 256 dK/dV tiles), mma.sync on
+    sm_80; at D = 256 the dQ kernel runs the exact ieee dots (no TF32 tile was spill-free). The exact
+    fp32 ("highest") path issues neither (FMA dots)."""
+    rows, _ = report
+    attn = [r for r in rows if r["module"] == "kernels.attention" and r["kernel"] != "attn_bwd_preprocess"]
+    assert attn
+    head_dims = set()
+    for r in attn:
+        kind = r["config"].split(" [")[0].rsplit(",", 1)[1]  # bf16 | tf32 | ieee
+        name, d = r["kernel"].split("[")[0], int(r["config"].split(",")[0][2:])
+        if kind == "ieee" or (kind == "tf32" and name == "attn_bwd_dq" and d == 256):
+            want = {"none"}
+        elif r["arch"] == "sm_80":
+            want = {"mma"}
+        else:
+            want = {"wgmma", "mma"} if kind == "tf32" and d == 256 and name == "attn_bwd_dkdv" else {"wgmma"}
+        assert r["tensor_cores"] in want, r
+        if r["tensor_cores"] != "none":
+            head_dims.add((name, d, kind, r["arch"]))
+    for name in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"):
+        for d in (64, 128, 256):
+            for kind in ("bf16", "tf32"):
+                for arch in ("sm_80", "sm_90"):
+                    if not (kind == "tf32" and name == "attn_bwd_dq" and d == 256):
+                        assert (name, d, kind, arch) in head_dims, (name, d, kind, arch)
+
+
+def test_tensor_core_family():
+    from kernels.aot import tensor_core_family
+
+    assert tensor_core_family("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...}") == "wgmma"
+    assert tensor_core_family("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}") == "mma"
+    assert tensor_core_family("fma.rn.f32 %f1, %f2, %f3, %f4;") == "none"
 
 
 def test_parse_resource_usage():
