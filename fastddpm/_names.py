@@ -5,3 +5,8 @@ from __future__ import annotations
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++", "dpm++sde")
 # the number of steps a sampler name gets by default (None: all T)
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20, "dpm++sde": 20}
+# the timestep spacing a sampler name gets by default (fastddpm.spacing.SPACINGS; measured on the
+# bundled digits model, docs/quality_table.md); a checkpoint's tuned schedule takes precedence in the CLI
+DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpm++": "quadratic", "dpm++sde": "quadratic"}
+# the spacings a sampler accepts by name (fastddpm.spacing.SPACINGS, kept here free of torch for the CLI)
+SPACING_NAMES = ("uniform", "trailing", "quadratic", "logsnr", "karras")

@@ -1,0 +1,349 @@
+"""The sampler table users choose from: digits-FD against model calls, fastddpm vs diffusers, one model.
+
+    python scripts/quality_table.py                           # the default grid (see GRID), bundled model
+    python scripts/quality_table.py --settings "fastddpm:unipc:tuned,diffusers:unipc-bh2-3:trailing" --calls 6,10
+    python scripts/quality_table.py --settings fastddpm:ddpm:uniform --calls 1000 --cache-dir /tmp/qcache
+
+Every setting is (library, sampler, spacing) at a number of *model calls* per image (counted honestly:
+DPM-Solver++(2M)'s final call at t = 0 counts; UniPC's corrector reuses the next call and adds none).
+For each of ``--seeds`` seeds it draws ``--num`` images from the same x_T (Philox seed s, image i the
+same for every sampler and for the diffusers schedulers, which are driven through a small adapter
+around the same model), rounds them to 8 bits, and scores them with the Frechet distance in the
+64-d features of the digits classifier shipped with fastddpm (fastddpm.features, "digits-FD"), against
+the whole digits set (1,797 images; FID's convention: the training set's statistics). The noise floor
+is an exact copy of the data: ``--num`` digits drawn with replacement from the 1,797, scored the same
+way. Reported: the mean over seeds and its spread (sd over seeds).
+
+Results accumulate in ``<out-dir>/quality_table.json`` (a setting re-run replaces its old entry;
+every entry records the command, the time and the seconds it took), from which ``quality_table.md``
+and ``quality_table.png`` are regenerated. Expensive settings (DDPM-1000) can be cached as uint8
+samples in ``--cache-dir`` and scored again later.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, ROOT)
+
+from fastddpm import checkpoint as ckpt  # noqa: E402
+from fastddpm.evaluate import load_images, reference_stats  # noqa: E402
+from fastddpm.features import get_extractor  # noqa: E402
+from fastddpm.metrics import frechet_distance  # noqa: E402
+from fastddpm.ops.philox import philox_normal  # noqa: E402
+
+CALLS = (5, 6, 8, 10, 15, 20)
+
+
+# ------------------------------------------------------------------------------ diffusers adapter
+def diffusers_scheduler(name: str, spacing: str, betas: np.ndarray, prediction: str) -> Any:
+    """A diffusers scheduler over `betas` by short name ("unipc-bh2-3", "dpm++2m", "dpm++3m", "sde-dpm++2m",
+    "deis-3", "unipc-bh1-2", ...) and spacing ("trailing", "linspace", "leading", "karras", "lu", "lu-clip")."""
+    import diffusers
+
+    pred = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[prediction]
+    kw: Dict[str, Any] = dict(num_train_timesteps=len(betas), trained_betas=betas.tolist(), prediction_type=pred)
+    if spacing == "karras":
+        kw["use_karras_sigmas"] = True
+    elif spacing.startswith("lu"):
+        kw["use_lu_lambdas"] = True
+    else:
+        kw["timestep_spacing"] = spacing
+    if spacing.endswith("-clip"):  # diffusers' advice for cosine schedules
+        kw["lambda_min_clipped"] = -5.1
+    if name.startswith("unipc"):
+        _, bh, order = name.split("-")
+        return diffusers.UniPCMultistepScheduler(solver_type=bh, solver_order=int(order), **kw)
+    if name.startswith("deis"):
+        return diffusers.DEISMultistepScheduler(solver_order=int(name.split("-")[1]), **kw)
+    if name in ("dpm++2m", "dpm++3m", "sde-dpm++2m"):
+        algo = "sde-dpmsolver++" if name.startswith("sde") else "dpmsolver++"
+        return diffusers.DPMSolverMultistepScheduler(algorithm_type=algo, solver_order=3 if "3m" in name else 2, **kw)
+    raise ValueError(f"unknown diffusers scheduler {name!r}")
+
+
+@torch.no_grad()
+def diffusers_sample(model: Any, scheduler: Any, x: torch.Tensor, calls: int, seed: int) -> Tuple[torch.Tensor, int]:
+    """Run a diffusers scheduler from x_T with `calls` timesteps; (x_0, model calls made)."""
+    scheduler.set_timesteps(calls)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    x = x * scheduler.init_noise_sigma
+    n = 0
+    for t in scheduler.timesteps:
+        tt = torch.full((x.shape[0],), int(t), dtype=torch.int64)
+        out = model(scheduler.scale_model_input(x, t), tt)
+        n += 1
+        x = scheduler.step(out, t, x, generator=gen).prev_sample
+    return x, n
+
+
+# ------------------------------------------------------------------------------ one setting
+def x_T(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """The x_T every sampler starts from for `seed` (fastddpm's Philox stream 1 at step 0)."""
+    z = torch.zeros(1, dtype=torch.int64)
+    return philox_normal(torch.tensor([seed]), shape, z, stream=1)
+
+
+def fastddpm_sampler(name: str, spacing: str, calls: int, diffusion: Any, tuned: Dict[str, Any]) -> Any:
+    """The fastddpm sampler of a setting: `calls` model calls, `spacing` (or the checkpoint's tuned schedule)."""
+    from fastddpm.samplers import make_sampler
+
+    if spacing == "tuned":
+        ts = (tuned.get(name) or {}).get(str(calls))
+        if ts is None:
+            raise KeyError(f"no tuned schedule for {name} at {calls} calls")
+        return make_sampler(name, diffusion, steps=list(ts))
+    if name == "ddpm" and spacing == "uniform":
+        return make_sampler(name, diffusion, steps=calls)
+    return make_sampler(name, diffusion, steps=calls, spacing=spacing)
+
+
+def draw(setting: str, calls: int, seed: int, num: int, model: Any, diffusion: Any, shape: Sequence[int],
+         tuned: Dict[str, Any]) -> Tuple[np.ndarray, int]:
+    """uint8 NHWC samples of one setting and seed, and the model calls per image it made."""
+    from fastddpm.data import to_uint8
+
+    lib, name, spacing = setting.split(":")
+    full = (num, *shape)
+    if lib == "fastddpm":
+        s = fastddpm_sampler(name, spacing, calls, diffusion, tuned)
+        with torch.no_grad():
+            x = s.sample(model, full, seed=seed)
+        made = s.num_steps
+    elif lib == "diffusers":
+        betas = diffusion.schedule.betas.numpy()
+        sch = diffusers_scheduler(name, spacing, betas, diffusion.prediction)
+        x, made = diffusers_sample(model, sch, x_T(seed, full), calls, seed)
+        x = x.clamp(-1, 1)
+    else:
+        raise ValueError(f"setting must start with fastddpm: or diffusers:, got {setting!r}")
+    return to_uint8(x), made
+
+
+class Scorer:
+    """digits-FD of uint8 NHWC images against the whole digits set."""
+
+    def __init__(self) -> None:
+        self.ext = get_extractor("digits")
+        self.ref = reference_stats("digits", self.ext, part="all")
+
+    def __call__(self, u8: np.ndarray) -> float:
+        x = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        feats = []
+        with torch.no_grad():
+            for i in range(0, x.shape[0], 1000):
+                feats.append(self.ext(x[i:i + 1000]).double())
+        f = torch.cat(feats).numpy()
+        return float(frechet_distance(f.mean(0), np.cov(f, rowvar=False), self.ref.mu, self.ref.sigma))
+
+
+def floor_row(scorer: Scorer, num: int, seeds: Sequence[int]) -> Dict[str, Any]:
+    """The noise floor: `num` digits drawn with replacement from the data, scored like samples."""
+    from fastddpm.data import to_uint8
+
+    data = to_uint8(load_images("digits", "all"))
+    scores = []
+    for s in seeds:
+        idx = np.random.default_rng(s).integers(0, len(data), num)
+        scores.append(scorer(data[idx]))
+    return {"setting": "data:copy:-", "calls": 0, "scores": scores}
+
+
+# ------------------------------------------------------------------------------ report
+LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": "DPM-Solver++(2M)", "dpm++sde": "SDE-DPM-Solver++(2M)",
+          "dpm++3m": "DPM-Solver++(3M)", "unipc": "UniPC"}
+
+
+def label(setting: str) -> str:
+    lib, name, spacing = setting.split(":")
+    if lib == "data":
+        return "exact copy of the data (noise floor)"
+    if lib == "fastddpm":
+        return f"fastddpm {LABELS.get(name, name)}, {spacing}"
+    return f"diffusers {name}, {spacing}"
+
+
+def summarize(entry: Dict[str, Any]) -> Tuple[float, float]:
+    s = np.asarray(entry["scores"], dtype=np.float64)
+    return float(s.mean()), float(s.std(ddof=1)) if s.size > 1 else 0.0
+
+
+def load_results(path: str) -> Dict[str, Any]:
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    return {"entries": {}}
+
+
+def save_results(results: Dict[str, Any], out_dir: str, defaults: Optional[Dict[str, Any]] = None) -> None:
+    from fastddpm.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(os.path.join(out_dir, "quality_table.json"),
+                       (json.dumps(results, indent=1, sort_keys=True) + "\n").encode())
+    write_markdown(results, out_dir)
+    plot(results, os.path.join(out_dir, "quality_table.png"))
+
+
+def _best(entries: List[Dict[str, Any]], lib: str, calls: int) -> Optional[Dict[str, Any]]:
+    c = [e for e in entries if e["setting"].startswith(lib + ":") and e["calls"] == calls]
+    return min(c, key=lambda e: summarize(e)[0]) if c else None
+
+
+def write_markdown(results: Dict[str, Any], out_dir: str) -> None:
+    entries = list(results["entries"].values())
+    counts = sorted({e["calls"] for e in entries if 0 < e["calls"] <= 100})
+    settings = sorted({e["setting"] for e in entries if 0 < e["calls"] <= 100},
+                      key=lambda s: (not s.startswith("fastddpm"), s))
+    by = {(e["setting"], e["calls"]): e for e in entries}
+    meta = results.get("meta", {})
+    lines = ["# Sample quality against model calls (bundled digits model)", "",
+             f"digits-FD (Frechet distance in the 64-d features of fastddpm's digits classifier) against all "
+             f"{meta.get('reference_count', 1797)} digits; {meta.get('num', '?')} samples per setting and seed, "
+             f"mean of {meta.get('num_seeds', '?')} seeds (the same x_T for every sampler at a seed); "
+             "lower is better. Model calls per image are counted honestly (DPM-Solver++'s final call at t = 0 "
+             "counts; UniPC's corrector reuses the next call). Machine and commands: see the end.", ""]
+    ref = [e for e in entries if e["calls"] > 100 or e["setting"].startswith("data:")]
+    for e in ref:
+        m, sd = summarize(e)
+        what = label(e["setting"]) if e["calls"] == 0 else f"{label(e['setting'])}, {e['calls']} calls"
+        lines.append(f"- **{what}**: {m:.4f} +- {sd:.4f} (sd over {len(e['scores'])} seeds)")
+    lines += ["", "| setting | " + " | ".join(f"{c} calls" for c in counts) + " |",
+              "| --- | " + " | ".join("---:" for _ in counts) + " |"]
+    for s in settings:
+        cells = []
+        for c in counts:
+            e = by.get((s, c))
+            cells.append("-" if e is None else f"{summarize(e)[0]:.4f}")
+        lines.append(f"| {label(s)} | " + " | ".join(cells) + " |")
+    ddpm = next((e for e in entries if e["setting"] == "fastddpm:ddpm:uniform" and e["calls"] == 1000), None)
+    lines += ["", "Best of each library per count (ratio to DDPM-1000 where measured):", "",
+              "| model calls | fastddpm best | diffusers best | fastddpm / diffusers |", "| ---: | --- | --- | ---: |"]
+    for c in counts:
+        f, d = _best(entries, "fastddpm", c), _best(entries, "diffusers", c)
+        def cell(e):
+            if e is None:
+                return "-"
+            m = summarize(e)[0]
+            r = f", {m / summarize(ddpm)[0]:.2f}x DDPM-1000" if ddpm else ""
+            return f"{m:.4f} ({label(e['setting'])}{r})"
+        ratio = f"{summarize(f)[0] / summarize(d)[0]:.2f}" if f and d else "-"
+        lines.append(f"| {c} | {cell(f)} | {cell(d)} | {ratio} |")
+    lines += ["", "Runs that produced these entries (the table may combine several invocations of the same script "
+              "on the same model, metric and seeds):", ""]
+    for cmd in sorted({(e["command"], e.get("machine", "")) for e in entries}):
+        lines.append(f"- `{cmd[0]}` ({cmd[1]})")
+    lines += ["", "![digits-FD against model calls](quality_table.png)"]
+    with open(os.path.join(out_dir, "quality_table.md"), "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def plot(results: Dict[str, Any], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return False
+    entries = list(results["entries"].values())
+    settings = sorted({e["setting"] for e in entries if 0 < e["calls"] <= 100})
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for s in settings:
+        es = sorted((e for e in entries if e["setting"] == s and 0 < e["calls"] <= 100), key=lambda e: e["calls"])
+        ls = "-" if s.startswith("fastddpm") else "--"
+        ax.plot([e["calls"] for e in es], [summarize(e)[0] for e in es], ls=ls, marker="o", ms=3, label=label(s))
+    for e in entries:
+        if e["calls"] > 100 or e["setting"].startswith("data:"):
+            ax.axhline(summarize(e)[0], color="k" if e["calls"] else "gray", ls=":", lw=1,
+                       label=label(e["setting"]) + (f" {e['calls']}" if e["calls"] else ""))
+    ax.set_yscale("log")
+    ax.set_xlabel("model calls per image")
+    ax.set_ylabel("digits-FD vs all digits (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------ main
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="default: the bundled digits model")
+    ap.add_argument("--settings", required=True, help="comma-separated lib:sampler:spacing")
+    ap.add_argument("--calls", default=",".join(map(str, CALLS)), help="comma-separated model calls per image")
+    ap.add_argument("--num", type=int, default=2000, help="samples per setting and seed (default: 2000)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--floor", action="store_true", help="also (re)compute the noise floor row")
+    ap.add_argument("--cache-dir", default=None, help="keep / reuse uint8 samples here (for DDPM-1000)")
+    ap.add_argument("--out-dir", default=os.path.join(ROOT, "docs"))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    calls_list = [int(c) for c in args.calls.split(",")]
+    model, diffusion, config = ckpt.load_model(args.checkpoint, device="cpu")
+    mc = config["model"]
+    shape = (int(mc["in_channels"]), int(mc["image_size"]), int(mc["image_size"]))
+    from fastddpm.tune import load_tuned_schedules
+
+    tuned = load_tuned_schedules(ckpt.resolve_checkpoint(args.checkpoint))
+    scorer = Scorer()
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "quality_table.json")
+    cmd = "python scripts/quality_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    machine = f"{platform.machine()} CPU, torch {torch.__version__}, {args.threads} thread(s), shared"
+    results = load_results(path)
+    results["meta"] = {"num": args.num, "num_seeds": len(seeds), "seeds": seeds, "reference_count": scorer.ref.count,
+                       "metric": "digits-FD, fastddpm.features digits classifier, reference = all digits"}
+    if args.floor:
+        e = floor_row(scorer, args.num, seeds)
+        e.update(command=cmd, machine=machine, seconds=0.0, time=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        results["entries"]["data:copy:-@0"] = e
+        print(f"floor: {summarize(e)[0]:.4f} +- {summarize(e)[1]:.4f}", flush=True)
+        save_results(results, args.out_dir)
+    for setting in args.settings.split(","):
+        for calls in calls_list:
+            t0 = time.perf_counter()
+            scores, made = [], None
+            try:
+                for seed in seeds:
+                    cache = (os.path.join(args.cache_dir, f"{setting.replace(':', '_')}_{calls}_{seed}_{args.num}.npz")
+                             if args.cache_dir else None)
+                    if cache and os.path.isfile(cache):
+                        with np.load(cache) as d:
+                            u8, made = d["images"], int(d["calls"])
+                    else:
+                        u8, made = draw(setting, calls, seed, args.num, model, diffusion, shape, tuned)
+                        if cache:
+                            os.makedirs(args.cache_dir, exist_ok=True)
+                            np.savez(cache, images=u8, calls=made)
+                    scores.append(scorer(u8))
+                    print(f"  {setting} {calls} seed {seed}: {scores[-1]:.4f}", flush=True)
+            except KeyError as e:
+                print(f"skip {setting} {calls}: {e}", flush=True)
+                continue
+            if made != calls:
+                print(f"note: {setting} at --calls {calls} made {made} model calls per image", flush=True)
+            e = {"setting": setting, "calls": made, "scores": scores, "command": cmd, "machine": machine,
+                 "seconds": round(time.perf_counter() - t0, 1), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            results["entries"][f"{setting}@{made}"] = e
+            print(f"{label(setting):>45} {made:>5} calls: {summarize(e)[0]:.4f} +- {summarize(e)[1]:.4f} "
+                  f"({e['seconds']} s)", flush=True)
+            save_results(results, args.out_dir)
+    return results
+
+
+if __name__ == "__main__":
+    main()
