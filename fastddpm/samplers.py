@@ -113,11 +113,12 @@ def quadratic_timesteps(num_timesteps: int, steps: int) -> List[int]:
 
 
 def _spaced_timesteps(diffusion: Any, steps: Steps, spacing: Optional[Spacing], default: str,
-                      allow_none: bool = True) -> Tuple[List[int], str]:
+                      default_steps: Optional[int] = None) -> Tuple[List[int], str]:
     """(descending timesteps, spacing label) from a sampler's `steps` and `spacing` arguments.
 
     An int `steps` is spaced with `spacing` (None: the sampler's `default`); an explicit list may come
-    as `steps` or as `spacing` (then `steps` is None or its length); None steps = all T timesteps.
+    as `steps` or as `spacing` (then `steps` is None, the class default `default_steps`, or the list's
+    length); None steps = all T timesteps.
     """
     sched = getattr(diffusion, "schedule", None)
     T = int(getattr(sched, "num_timesteps", 0) or 0)
@@ -125,7 +126,7 @@ def _spaced_timesteps(diffusion: Any, steps: Steps, spacing: Optional[Spacing], 
         raise ValueError(f"diffusion must be a fastddpm.GaussianDiffusion (with a NoiseSchedule), got {type(diffusion).__name__}")
     if spacing is not None and not isinstance(spacing, str):  # an explicit list as spacing=
         ts = _resolve_timesteps(T, spacing, allow_none=False)
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or int(steps) != len(ts)):
+        if steps is not None and steps != default_steps and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or int(steps) != len(ts)):
             raise ValueError(f"steps must be None or {len(ts)} (the length of the explicit spacing list), got {steps!r}")
         return ts, "explicit"
     if isinstance(spacing, str) and spacing not in SPACINGS:
@@ -133,7 +134,7 @@ def _spaced_timesteps(diffusion: Any, steps: Steps, spacing: Optional[Spacing], 
     if steps is None or isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         if spacing is not None and steps is not None:
             raise ValueError(f"spacing={spacing!r} needs an int steps; got an explicit list of timesteps as steps")
-        return _resolve_timesteps(T, steps, allow_none), ("uniform" if steps is None else "explicit")
+        return _resolve_timesteps(T, steps, allow_none=True), ("uniform" if steps is None else "explicit")
     if not 1 <= int(steps) <= T:
         raise ValueError(f"steps must be an int in [1, {T}] (or None, or a descending list), got {steps}")
     spacing = spacing or default
@@ -475,7 +476,7 @@ class DDIMSampler(Sampler):
         if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(float(eta)) or not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"eta must be a real number in [0, 1], got {eta!r}")
         self.eta = float(eta)
-        ts, self.spacing = _spaced_timesteps(diffusion, steps, spacing, default="uniform")
+        ts, self.spacing = _spaced_timesteps(diffusion, steps, spacing, default="uniform", default_steps=50)
         self._setup(diffusion, ts)
 
     def _build_coefs(self) -> torch.Tensor:
@@ -531,7 +532,7 @@ class DPMSolverSampler(Sampler):
         self.stochastic = stochastic
         self._x0_prev: Optional[torch.Tensor] = None
         self._last_row: Optional[int] = None
-        ts, self.spacing = _spaced_timesteps(diffusion, steps, spacing, default="quadratic")
+        ts, self.spacing = _spaced_timesteps(diffusion, steps, spacing, default="quadratic", default_steps=20)
         self._setup(diffusion, ts)
 
     def _build_coefs(self) -> torch.Tensor:

@@ -22,6 +22,7 @@ samples in ``--cache-dir`` and scored again later.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -51,7 +52,10 @@ def diffusers_scheduler(name: str, spacing: str, betas: np.ndarray, prediction: 
     import diffusers
 
     pred = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[prediction]
-    kw: Dict[str, Any] = dict(num_train_timesteps=len(betas), trained_betas=betas.tolist(), prediction_type=pred)
+    # thresholding with sample_max_value = 1 clamps x0-hat to [-1, 1]: fastddpm's clip_denoised=True (without
+    # it, x0-hat = (x - sigma eps) / alpha at t = 999 of the cosine schedule amplifies the model's error 2e4x)
+    kw: Dict[str, Any] = dict(num_train_timesteps=len(betas), trained_betas=betas.tolist(), prediction_type=pred,
+                              thresholding=True, sample_max_value=1.0)
     if spacing == "karras":
         kw["use_karras_sigmas"] = True
     elif spacing.startswith("lu"):
@@ -82,7 +86,8 @@ def diffusers_sample(model: Any, scheduler: Any, x: torch.Tensor, calls: int, se
         tt = torch.full((x.shape[0],), int(t), dtype=torch.int64)
         out = model(scheduler.scale_model_input(x, t), tt)
         n += 1
-        x = scheduler.step(out, t, x, generator=gen).prev_sample
+        kw = {"generator": gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        x = scheduler.step(out, t, x, **kw).prev_sample
     return x, n
 
 
