@@ -10,3 +10,5 @@ DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20, "dpm++sde": 20}
 DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpm++": "quadratic", "dpm++sde": "quadratic"}
 # the spacings a sampler accepts by name (fastddpm.spacing.SPACINGS, kept here free of torch for the CLI)
 SPACING_NAMES = ("uniform", "trailing", "quadratic", "logsnr", "karras")
+# what `fastddpm sample` draws with when no --sampler / --steps is given (measured: docs/quality_table.md)
+DEFAULT_SAMPLER = "dpm++"

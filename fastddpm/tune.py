@@ -247,3 +247,30 @@ def save_tuned_schedule(checkpoint_path: str, result: TuneResult, extra: Optiona
     data["schedules"].setdefault(result.sampler, {})[str(result.steps)] = entry
     atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
     return path
+
+
+def sampler_for_checkpoint(checkpoint_path: str, diffusion: Any, name: Optional[str] = None,
+                           steps: Optional[int] = None, spacing: Optional[str] = None, eta: float = 0.0) -> Any:
+    """The sampler `fastddpm sample` uses: `name` (default DEFAULT_SAMPLER) at `steps` (default
+    DEFAULT_STEPS[name]) on the checkpoint's tuned schedule for (name, steps) when one is stored and
+    `spacing` is None or "tuned", else on `spacing` (default DEFAULT_SPACING[name]).
+
+    `spacing="tuned"` without a stored schedule raises ValueError. The returned sampler's `.spacing`
+    says which was used ("tuned" for a stored schedule).
+    """
+    from ._names import DEFAULT_SAMPLER, DEFAULT_STEPS
+    from .samplers import make_sampler
+
+    name = name or DEFAULT_SAMPLER
+    if steps is None:
+        steps = DEFAULT_STEPS.get(name)
+    if spacing in (None, "tuned") and steps is not None:
+        ts = tuned_timesteps(checkpoint_path, name, steps)
+        if ts is not None:
+            s = make_sampler(name, diffusion, steps=ts, eta=eta)
+            s.spacing = "tuned"
+            return s
+        if spacing == "tuned":
+            raise ValueError(f"spacing='tuned': {schedules_path(checkpoint_path)} holds no schedule for {name} at "
+                             f"{steps} steps (run `fastddpm tune-steps --sampler {name} --steps {steps}`)")
+    return make_sampler(name, diffusion, steps=steps, eta=eta, spacing=spacing)

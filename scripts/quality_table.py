@@ -339,6 +339,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             except KeyError as e:
                 print(f"skip {setting} {calls}: {e}", flush=True)
                 continue
+            except (IndexError, RuntimeError, ValueError) as e:  # a scheduler that breaks on this schedule
+                if not setting.startswith("diffusers:"):
+                    raise
+                print(f"FAILED {setting} {calls}: {type(e).__name__}: {e}", flush=True)
+                results.setdefault("failed", {})[f"{setting}@{calls}"] = f"{type(e).__name__}: {e}"
+                save_results(results, args.out_dir)
+                continue
             if made != calls:
                 print(f"note: {setting} at --calls {calls} made {made} model calls per image", flush=True)
             e = {"setting": setting, "calls": made, "scores": scores, "command": cmd, "machine": machine,

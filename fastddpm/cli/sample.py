@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, List
 
-from .._names import SAMPLER_NAMES
+from .._names import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, SAMPLER_NAMES, SPACING_NAMES
 from ._common import CLIError, check_positive
 
 HELP = "draw samples from a checkpoint (default: the bundled digits model)"
@@ -20,9 +20,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="a checkpoint directory, a run directory (its newest checkpoint) or a .safetensors "
                         "file; default: the bundled digits model")
-    p.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES, help="default: dpm++")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES, help=f"default: {DEFAULT_SAMPLER}")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: 20 for dpm++, 50 for ddim, all T for ddpm)")
+                   help="model calls per image (default: " + ", ".join(
+                       f"{'all T' if v is None else v} for {k}" for k, v in DEFAULT_STEPS.items()) + ")")
+    p.add_argument("--spacing", default=None, choices=SPACING_NAMES + ("tuned",),
+                   help="timestep spacing (default: the checkpoint's tuned schedule for this sampler and step "
+                        "count when `fastddpm tune-steps` stored one, else " + ", ".join(
+                            f"{v} for {k}" for k, v in DEFAULT_SPACING.items()) + ")")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="precision of the model calls; the sampler state stays fp32 (default: fp32)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default: 0)")
     p.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
@@ -51,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import checkpoint as ckpt
     from ..data import save_grid, to_uint8
-    from ..train import _dist_info, _join_process_group, _make_sampler, _resolve_device
+    from ..precision import reduced_precision
+    from ..train import _dist_info, _join_process_group, _resolve_device
+    from ..tune import sampler_for_checkpoint
 
     check_positive(args, "num", "batch_size", "steps", "scale", "nrow")
     if not 0.0 <= args.eta <= 1.0:
@@ -73,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
         model, diffusion, config = ckpt.load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
         mc = config["model"]
         size, channels, num_classes = int(mc["image_size"]), int(mc["in_channels"]), mc.get("num_classes")
-        sampler = _make_sampler(args.sampler, diffusion, args.steps, eta=args.eta)
+        sampler = sampler_for_checkpoint(ckpt.resolve_checkpoint(args.checkpoint), diffusion, args.sampler, args.steps,
+                                         args.spacing, eta=args.eta)
+        model = reduced_precision(model, args.dtype)
         if args.class_label is not None:
             if not num_classes:
                 raise CLIError("--class-label needs a class-conditional model; this one has no classes")
@@ -146,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
                 x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
                 save_grid(x, out_png, nrow=args.nrow, scale=scale)
                 written.append(out_png)
-            print(f"{args.num} images ({args.sampler}, {sampler.num_steps} steps, {elapsed:.1f} s"
+            print(f"{args.num} images ({args.sampler}, {sampler.num_steps} steps, {sampler.spacing} spacing, "
+                  f"{args.dtype}, {elapsed:.1f} s"
                   f"{f' on rank 0 of {world}' if world > 1 else ''}) -> {', '.join(written)}")
         if distributed:
             dist.barrier()
