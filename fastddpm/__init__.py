@@ -21,6 +21,8 @@ _EXPORTS = {
     "DDPMSampler": "samplers",
     "DDIMSampler": "samplers",
     "DPMSolverSampler": "samplers",
+    "DPMSolver3MSampler": "samplers",
+    "UniPCSampler": "samplers",
     "UNet": "unet",
     "unet_from_diffusers": "interop.diffusers",
     "FastSampler": "graphs",

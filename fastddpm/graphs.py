@@ -1,13 +1,14 @@
 """FastSampler: the sampling loop on static device buffers, replayed from a captured CUDA graph.
 
-Everything a step touches is allocated once on the model's device: x, the previous x0-hat
-(DPM-Solver++), the per-step coefficient table [S, 9], the model-timestep table [S], the step counter
+Everything a step touches is allocated once on the model's device: x, the previous x0-hats
+(multistep solvers: one to three), the per-step coefficient table [S, 11], the model-timestep table [S], the step counter
 and the Philox seed (int64 [1] tensors), the model's timestep input t (int64 [N]) and the fused
 kernel's completion counter (int32 [1]). One step is the model call and ONE op:
 
     out = model(x, t)
-    fastddpm.ops.sampler_step_(x, out, coefs, step, t, model_timesteps, x0_prev, seed=seed)
-        # in place: x <- x_{t-1}, x0_prev <- x0-hat, step += 1, t[:] = model_timesteps[min(step, S-1)]
+    fastddpm.ops.sampler_step_(x, out, coefs, step, t, model_timesteps, x0_prev, seed=seed, x0_prev2=..., x0_prev3=...)
+        # in place: x <- x_{t-1}, x0_prev3 <- x0_prev2 <- x0_prev <- x0-hat, step += 1,
+        # t[:] = model_timesteps[min(step, S-1)]
 
 so no kernel argument that changes between steps is a Python number: the same launches replayed S
 times walk through the S rows of the tables with fresh Philox noise at every step. `t` is set to the
@@ -128,7 +129,10 @@ class FastSampler:
         self.step = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.seed = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.x = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-        self.x0_prev = torch.zeros_like(self.x) if sampler.uses_x0_prev else None
+        k = int(getattr(sampler, "num_history", 1 if sampler.uses_x0_prev else 0))
+        # the previous x0-hats, most recent first (None beyond the sampler's history)
+        self.history = [torch.zeros_like(self.x) if i < k else None for i in range(3)]
+        self.x0_prev = self.history[0]
         # the model's timestep input, rewritten by the fused step for the next step
         self.t = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         # completion counter of the fused in-place kernel (0 between launches)
@@ -151,16 +155,18 @@ class FastSampler:
         self.t.fill_(self.model_timesteps[0])
         self.done.zero_()
         self.x.copy_(philox_normal(self.seed, self.shape, self.step, stream=1, device=self.device))
-        if self.x0_prev is not None:
-            self.x0_prev.zero_()
+        for h in self.history:
+            if h is not None:
+                h.zero_()
 
     def _step(self) -> None:
         out = self.model(self.x, self.t)
         if not isinstance(out, torch.Tensor):
             out = out.sample  # diffusers' UNet2DModel output (an attribute: dispatches nothing)
         # one op: reads only the first C channels of a 2C output unless learned_range
-        sampler_step_(self.x, out, self.coefs, self.step, self.t, self.model_timesteps, self.x0_prev, self.seed, 0,
-                      self.clip, self.sampler.learned_range, self.done)
+        h = self.history
+        sampler_step_(self.x, out, self.coefs, self.step, self.t, self.model_timesteps, h[0], self.seed, 0,
+                      self.clip, self.sampler.learned_range, self.done, h[1], h[2])
 
     def _loop(self) -> None:
         for _ in range(self.num_steps):

@@ -52,8 +52,8 @@ from .ops.sampler_step import NUM_COEFS, sampler_step
 from .schedule import NoiseSchedule, space_timesteps
 from .spacing import SPACINGS, Spacing, make_timesteps
 
-__all__ = ["DDPMSampler", "DDIMSampler", "DPMSolverSampler", "Sampler", "quadratic_timesteps", "make_sampler",
-           "SAMPLER_NAMES", "DEFAULT_STEPS", "DEFAULT_SPACING", "SPACINGS"]
+__all__ = ["DDPMSampler", "DDIMSampler", "DPMSolverSampler", "DPMSolver3MSampler", "UniPCSampler", "Sampler",
+           "quadratic_timesteps", "make_sampler", "SAMPLER_NAMES", "DEFAULT_STEPS", "DEFAULT_SPACING", "SPACINGS"]
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -62,7 +62,9 @@ Steps = Union[None, int, Sequence[int], torch.Tensor]
 Model = Callable[..., Any]
 
 # coefficient columns
-_A, _B, _P, _Q, _R, _P2, _SIGMA, _LOG_MIN, _LOG_MAX = range(NUM_COEFS)
+_A, _B, _P, _Q, _R, _P2, _SIGMA, _LOG_MIN, _LOG_MAX, _P3, _P4 = range(NUM_COEFS)
+# the history columns, most recent first (x0_prev, x0_prev2, x0_prev3)
+_HISTORY_COLS = (_P2, _P3, _P4)
 
 
 def _resolve_timesteps(num_timesteps: int, steps: Steps, allow_none: bool) -> List[int]:
@@ -167,8 +169,13 @@ class Sampler:
 
     #: whether the op's learned_range path is used (DDPM with variance="learned_range")
     learned_range: bool = False
-    #: whether the update reads the previous x0-hat (DPM-Solver++ 2M)
-    uses_x0_prev: bool = False
+    #: how many previous x0-hats the update reads (0; 1 for DPM-Solver++ 2M; up to 3, multistep solvers)
+    num_history: int = 0
+
+    @property
+    def uses_x0_prev(self) -> bool:
+        """Whether the update reads the previous x0-hat (multistep solvers)."""
+        return self.num_history > 0
 
     def _setup(self, diffusion: Any, timesteps: List[int]) -> None:
         schedule = getattr(diffusion, "schedule", None)
@@ -194,7 +201,7 @@ class Sampler:
         self._model_timesteps = self.timesteps if tm is None else torch.as_tensor(tm, dtype=torch.int64)[self.timesteps]
         coefs = self._build_coefs()
         if coefs.dtype != torch.float64 or tuple(coefs.shape) != (len(timesteps), NUM_COEFS):
-            raise AssertionError("internal: coefficient table must be float64 [S, 9]")
+            raise AssertionError(f"internal: coefficient table must be float64 [S, {NUM_COEFS}]")
         self.coefs: torch.Tensor = coefs  # float64, CPU, row s <-> timesteps[s]
         # rows that add noise (known on the host: no sync in the loop)
         self._noisy: List[bool] = [bool(v != 0) for v in coefs[:, _SIGMA].tolist()]
@@ -274,10 +281,11 @@ class Sampler:
             model_output = model_output[:, :c]
         return model_output
 
-    def _x0_prev_for(self, s: int, x0_prev: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None
+    def _history_for(self, s: int, x0_prev: Any) -> Tuple[Optional[torch.Tensor], ...]:
+        """The op's (x0_prev, x0_prev2, x0_prev3) for row s (None where unused)."""
+        return (None, None, None)
 
-    def _after_step(self, s: int, x0: torch.Tensor) -> None:
+    def _after_step(self, s: int, x0: torch.Tensor, history: Tuple[Optional[torch.Tensor], ...]) -> None:
         pass
 
     def step(
@@ -288,7 +296,7 @@ class Sampler:
         noise: Optional[torch.Tensor] = None,
         clip_denoised: bool = True,
         *,
-        x0_prev: Optional[torch.Tensor] = None,
+        x0_prev: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None,
         generator: Optional[torch.Generator] = None,
         return_x0: bool = False,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
@@ -302,8 +310,9 @@ class Sampler:
             noise: standard normals of x's shape for the sigma * z term; None draws them with
                 torch.randn (and `generator`) on the steps that add noise.
             clip_denoised: clamp x0-hat to [-1, 1] (diffusers' clip_sample).
-            x0_prev: DPM-Solver++ only: the x0-hat of the previous step; None uses the one kept from the
-                previous call (ValueError when that is not the previous timestep). Others ignore it.
+            x0_prev: multistep solvers only: the x0-hat of the previous step (a sequence, most recent
+                first, for solvers that read several); None uses the history kept from the previous
+                calls (ValueError when that is not the previous timestep). Others ignore it.
             generator: RNG for the noise when `noise` is None.
             return_x0: also return the (clipped) x0-hat, like diffusers' pred_original_sample.
 
@@ -315,9 +324,10 @@ class Sampler:
         coefs, steps, _ = self.device_tables(x.device)
         if noise is None and self._noisy[s]:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        x_prev, x0 = sampler_step(x, m, coefs, steps[s:s + 1], self._x0_prev_for(s, x0_prev), noise, None, 0,
-                                  bool(clip_denoised), self.learned_range)
-        self._after_step(s, x0)
+        hist = self._history_for(s, x0_prev)
+        x_prev, x0 = sampler_step(x, m, coefs, steps[s:s + 1], hist[0], noise, None, 0, bool(clip_denoised),
+                                  self.learned_range, hist[1], hist[2])
+        self._after_step(s, x0, hist)
         return (x_prev, x0) if return_x0 else x_prev
 
     # ------------------------------------------------------------------------------ loop
@@ -394,7 +404,8 @@ class Sampler:
             x = philox_normal(seed_t, shape, step, stream=1, image_offset=image_offset, device=device).to(dtype)
         else:
             x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
-        x0_prev = torch.zeros_like(x) if self.uses_x0_prev else None
+        k = self.num_history  # the history, most recent first, padded with None to the op's three
+        hist: List[Optional[torch.Tensor]] = [torch.zeros_like(x) for _ in range(k)] + [None] * (3 - k)
         clip = bool(clip_denoised)
         iterator: Any = range(S)
         if progress:
@@ -416,9 +427,10 @@ class Sampler:
                     noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
                 else:
                     seed_arg = seed_t
-            x, x0 = sampler_step(x, out, coefs, step, x0_prev, noise, seed_arg, image_offset, clip, self.learned_range)
-            if self.uses_x0_prev:
-                x0_prev = x0
+            x, x0 = sampler_step(x, out, coefs, step, hist[0], noise, seed_arg, image_offset, clip, self.learned_range,
+                                 hist[1], hist[2])
+            if k:
+                hist = [x0] + hist[:k - 1] + [None] * (3 - k)
             step.add_(1)
         return x
 
@@ -499,7 +511,44 @@ class DDIMSampler(Sampler):
                 f"prediction={self.prediction!r})")
 
 
-class DPMSolverSampler(Sampler):
+class _MultistepSampler(Sampler):
+    """The history `step()` keeps for the multistep solvers: the x0-hats of the last `num_history`
+    steps, most recent first. Take the steps in order from timesteps[0] (the first step resets the
+    state), or pass `x0_prev=` explicitly (a tensor, or a sequence most recent first); `reset()`
+    clears it."""
+
+    def _init_state(self) -> None:
+        self._history: List[torch.Tensor] = []
+        self._last_row: Optional[int] = None
+
+    def reset(self) -> None:
+        """Forget the previous x0-hats kept by `step()`."""
+        self._init_state()
+
+    def _history_for(self, s: int, x0_prev: Any) -> Tuple[Optional[torch.Tensor], ...]:
+        need = min(s, self.num_history)  # row s reads the x0-hats of rows s-1, ..., s-need
+        if need == 0:
+            return (None, None, None)
+        if x0_prev is not None:
+            hist = [x0_prev] if isinstance(x0_prev, torch.Tensor) else list(x0_prev)
+            if len(hist) < need or not all(isinstance(h, torch.Tensor) for h in hist):
+                raise ValueError(f"x0_prev: the step at t={int(self.timesteps[s])} needs the x0-hats of the {need} "
+                                 f"previous timesteps (tensors, most recent first), got {len(hist)}")
+        elif self._last_row != s - 1 or len(self._history) < need:
+            raise ValueError(
+                f"x0_prev: {type(self).__name__} step at t={int(self.timesteps[s])} needs the x0-hat of the previous "
+                f"timestep {int(self.timesteps[s - 1])}: take the steps in order from timesteps[0], or pass x0_prev="
+            )
+        else:
+            hist = self._history
+        return tuple(hist[:need]) + (None,) * (3 - need)
+
+    def _after_step(self, s: int, x0: torch.Tensor, history: Tuple[Optional[torch.Tensor], ...]) -> None:
+        self._history = [x0] + [h for h in history if h is not None][: self.num_history - 1]
+        self._last_row = s
+
+
+class DPMSolverSampler(_MultistepSampler):
     """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in data (x0) prediction.
 
     Timesteps: an int `steps` gives time-quadratic spacing (`quadratic_timesteps`: t_i =
@@ -523,15 +572,14 @@ class DPMSolverSampler(Sampler):
     first step resets the state), or pass `x0_prev=` explicitly; `reset()` clears it.
     """
 
-    uses_x0_prev = True
+    num_history = 1
 
     def __init__(self, diffusion: Any, steps: Steps = 20, stochastic: bool = False, *,
                  spacing: Optional[Spacing] = None):
         if not isinstance(stochastic, bool):
             raise ValueError(f"stochastic must be True or False, got {stochastic!r}")
         self.stochastic = stochastic
-        self._x0_prev: Optional[torch.Tensor] = None
-        self._last_row: Optional[int] = None
+        self._init_state()
         ts, self.spacing = _spaced_timesteps(diffusion, steps, spacing, default="quadratic", default_steps=20)
         self._setup(diffusion, ts)
 
@@ -564,32 +612,270 @@ class DPMSolverSampler(Sampler):
         return (f"DPMSolverSampler(steps={self.num_steps}, spacing={self.spacing!r}, stochastic={self.stochastic}, "
                 f"prediction={self.prediction!r})")
 
-    def reset(self) -> None:
-        """Forget the previous x0-hat kept by `step()`."""
-        self._x0_prev = None
-        self._last_row = None
 
-    def _x0_prev_for(self, s: int, x0_prev: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        if s == 0:
-            return None
-        if x0_prev is not None:
-            return x0_prev
-        if self._x0_prev is None or self._last_row != s - 1:
-            raise ValueError(
-                f"x0_prev: DPM-Solver++ step at t={int(self.timesteps[s])} needs the x0-hat of the previous "
-                f"timestep {int(self.timesteps[s - 1])}: take the steps in order from timesteps[0], or pass x0_prev="
-            )
-        return self._x0_prev
 
-    def _after_step(self, s: int, x0: torch.Tensor) -> None:
-        self._x0_prev = x0
-        self._last_row = s
+def _log_snr(schedule: NoiseSchedule, timesteps: torch.Tensor) -> Tuple[List[float], List[float], List[float]]:
+    """(alpha, sigma, lambda = log(alpha / sigma)) at the timesteps, float64 Python floats."""
+    ab = schedule.alphas_cumprod[timesteps]
+    alpha, sigma = ab.sqrt(), (1.0 - ab).sqrt()
+    return alpha.tolist(), sigma.tolist(), (alpha.log() - sigma.log()).tolist()
+
+
+def _solver_orders(S: int, order: int, lower_order_final: bool) -> List[int]:
+    """The order of each row's step: warm-up min(order, s + 1) (only s earlier x0-hats exist), at most
+    S - s with `lower_order_final` (the last transition second order), and 1 at the final row (the
+    step to sigma = 0, where lambda is infinite, is x0-hat itself)."""
+    orders = [min(order, s + 1, S - s) if lower_order_final else min(order, s + 1) for s in range(S)]
+    orders[-1] = 1
+    return orders
+
+
+def _table_from_rows(sampler: Sampler, q: List[float], hist: List[List[float]], sigma: List[float]) -> torch.Tensor:
+    """The float64 table of a data-prediction multistep solver: x' = Q x + P x0-hat + sum_k P_k x0_prev_k
+    + SIGMA z; hist[s] = [P, P2, P3, P4] (the coefficient of x0-hat and of the history, most recent first)."""
+    S = len(q)
+    ab = sampler.schedule.alphas_cumprod[sampler.timesteps]
+    c = torch.zeros(S, NUM_COEFS, dtype=torch.float64)
+    c[:, _A], c[:, _B] = _x0_coefs(sampler.prediction, ab)
+    c[:, _Q] = torch.tensor(q, dtype=torch.float64)
+    c[:, _SIGMA] = torch.tensor(sigma, dtype=torch.float64)
+    for col, k in zip((_P,) + _HISTORY_COLS, range(4)):
+        c[:, col] = torch.tensor([row[k] for row in hist], dtype=torch.float64)
+    return c
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_diffusion(diffusion: Any) -> int:
+    """T of a GaussianDiffusion's schedule (ValueError for anything else)."""
+    sched = getattr(diffusion, "schedule", None)
+    T = int(getattr(sched, "num_timesteps", 0) or 0)
+    if T < 1:
+        raise ValueError(f"diffusion must be a fastddpm.GaussianDiffusion (with a NoiseSchedule), got {type(diffusion).__name__}")
+    return T
+
+
+THIRD_ORDER_FORMS = ("taylor", "diffusers")
+
+
+class DPMSolver3MSampler(_MultistepSampler):
+    """DPM-Solver++(3M) (Lu et al. 2022), multistep third order in data (x0) prediction.
+
+    Timesteps as `DPMSolverSampler` (an int: time-quadratic; or an explicit descending list; None: all
+    T); `steps` counts model evaluations. With lambda = log(alpha/sigma), h = lambda' - lambda,
+    r0 = (lambda - lambda_prev)/h, r1 = (lambda_prev - lambda_prev2)/h and the x0-hats m0 (this step),
+    m1, m2 (the two before):
+        D1_0 = (m0 - m1)/r0,  D1_1 = (m1 - m2)/r1,  D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1)  (~ h x0')
+        x' = (sigma'/sigma) x + phi1 m0 + phi2 D1 + phi3 D2,
+        phi1 = alpha'(1 - e^{-h}), phi2 = alpha'(1 - (1 - e^{-h})/h), phi3 = alpha'(1/2 - (h - 1 + e^{-h})/h^2)
+    (the exponential integrator of the Taylor expansion of x0-hat in lambda). third_order="taylor"
+    (default): D2 = 2 (D1_0 - D1_1)/(r0+r1) ~ h^2 x0'', the term the expansion needs, so the error falls
+    at third order as steps double. third_order="diffusers": D2 = (D1_0 - D1_1)/(r0+r1), half of it,
+    as diffusers' DPMSolverMultistepScheduler(solver_order=3) (and the DPM-Solver reference code) compute
+    it: step for step equal to diffusers, but second order (measured on the exact Gaussian model in
+    tests/test_samplers.py::test_dpm_solver_3m_order_of_convergence). Warm-up: first order (DDIM) at
+    the first step, second order (2M, the midpoint form of `DPMSolverSampler`) at the second, where
+    fewer previous x0-hats exist. The final step (at timesteps[-1]) returns x0-hat.
+
+    stochastic=True: SDE-DPM-Solver++(3M) (diffusers' "sde-dpmsolver++" with solver_order=3): x scaled by
+    e^{-h} sigma'/sigma, phi1 = alpha'(1 - e^{-2h}), phi2 = alpha'(1 - (1 - e^{-2h})/(2h)),
+    phi3 = alpha'((1 - e^{-2h} - 2h)/(2h)^2 - 1/2) (diffusers' coefficients), plus
+    sigma' sqrt(1 - e^{-2h}) z (the sampler's Philox stream, as for DDPM); warm-up as
+    `DPMSolverSampler(stochastic=True)`.
+
+    lower_order_final (default True): the last transition (timesteps[-2] -> timesteps[-1]) is at most
+    second order, as diffusers' lower_order_final does below 15 steps (diffusers switches it off from
+    15 steps on: pass lower_order_final=False there for parity).
+
+    The update is linear in (x, x0-hat, x0_prev, x0_prev2): one fused `sampler_step` per step with P, P2
+    and P3; `step()` keeps the two previous x0-hats (see `_MultistepSampler`).
+    """
+
+    num_history = 2
+
+    def __init__(self, diffusion: Any, steps: Steps = 20, stochastic: bool = False, lower_order_final: bool = True,
+                 third_order: str = "taylor", *, spacing: Optional[Spacing] = None):
+        _check_diffusion(diffusion)
+        if third_order not in THIRD_ORDER_FORMS:
+            raise ValueError(f"third_order must be one of {THIRD_ORDER_FORMS}, got {third_order!r}")
+        self.third_order = third_order
+        # D2 = 2 (D1_0 - D1_1)/(r0 + r1) ~ h^2 x0'' (the Taylor term phi3 multiplies); diffusers: half of it
+        self._d2_scale = 2.0 if third_order == "taylor" else 1.0
+        self.stochastic = _check_flag("stochastic", stochastic)
+        self.lower_order_final = _check_flag("lower_order_final", lower_order_final)
+        self._init_state()
+        ts, self.spacing = _spaced_timesteps(diffusion, steps, spacing, default="quadratic", default_steps=20)
+        self._setup(diffusion, ts)
+
+    def _build_coefs(self) -> torch.Tensor:
+        alpha, sigma, lam = _log_snr(self.schedule, self.timesteps)
+        S = len(lam)
+        orders = _solver_orders(S, 3, self.lower_order_final)
+        q, noise = [0.0] * S, [0.0] * S
+        rows = [[0.0] * 4 for _ in range(S)]
+        rows[S - 1][0] = 1.0  # final step: x0-hat
+        for s in range(S - 1):
+            h = lam[s + 1] - lam[s]
+            if self.stochastic:
+                e = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
+                q[s] = sigma[s + 1] / sigma[s] * math.exp(-h)
+                noise[s] = sigma[s + 1] * math.sqrt(e)
+                phi2 = alpha[s + 1] * (1.0 - e / (2.0 * h))
+                # the Taylor term: alpha' int_0^h 2 e^{-2(h-u)} u^2/2 du / h^2 = alpha'(1/2 + (e - 2h)/(2h)^2);
+                # diffusers writes - 1/2 (an O(1) weight on D2: first order as steps double)
+                phi3 = alpha[s + 1] * ((e - 2.0 * h) / (2.0 * h) ** 2 + (0.5 if self.third_order == "taylor" else -0.5))
+            else:
+                e = -math.expm1(-h)  # 1 - e^{-h}
+                q[s] = sigma[s + 1] / sigma[s]
+                phi2 = alpha[s + 1] * (1.0 - e / h)
+                phi3 = alpha[s + 1] * (0.5 - (h - e) / h**2)
+            phi1 = alpha[s + 1] * e
+            if orders[s] == 1:
+                rows[s][0] = phi1
+            elif orders[s] == 2:  # midpoint: phi1 (m0 + (m0 - m1) / (2 r0))
+                r0 = (lam[s] - lam[s - 1]) / h
+                rows[s][0], rows[s][1] = phi1 * (1.0 + 0.5 / r0), -phi1 * 0.5 / r0
+            else:  # third order, as coefficient vectors over (m0, m1, m2)
+                r0, r1 = (lam[s] - lam[s - 1]) / h, (lam[s - 1] - lam[s - 2]) / h
+                d10 = [1.0 / r0, -1.0 / r0, 0.0]
+                d11 = [0.0, 1.0 / r1, -1.0 / r1]
+                diff = [a - b for a, b in zip(d10, d11)]
+                d1 = [a + r0 / (r0 + r1) * b for a, b in zip(d10, diff)]
+                d2 = [self._d2_scale * b / (r0 + r1) for b in diff]
+                for k in range(3):
+                    rows[s][k] = phi1 * (k == 0) + phi2 * d1[k] + phi3 * d2[k]
+        return _table_from_rows(self, q, rows, noise)
+
+    def __repr__(self) -> str:
+        return (f"DPMSolver3MSampler(steps={self.num_steps}, spacing={self.spacing!r}, stochastic={self.stochastic}, "
+                f"lower_order_final={self.lower_order_final}, third_order={self.third_order!r}, "
+                f"prediction={self.prediction!r})")
+
+
+UNIPC_VARIANTS = ("bh1", "bh2")
+
+
+def _unipc_rhos(lam: List[float], s: int, order: int, variant: str) -> Tuple[List[float], List[float], List[float],
+                                                                                 float, float]:
+    """UniPC's (rks, rhos_p, rhos_c, h_phi_1, B_h) for the transition from row s to row s+1 at `order`
+    (Zhao et al. 2023, the B(h) form in data prediction: hh = -h, B_h = hh (bh1) or e^{hh} - 1 (bh2)).
+
+    rk_i = (lambda_{s-i} - lambda_s) / h for i = 1..order-1; R[k][j] = rks[j]^k with rks = (rk_1, ...,
+    1); b_k = k! h phi_{k+1}(hh) / B_h. The predictor's rhos solve R[:-1, :-1] rho = b[:-1] (order 2:
+    the simplified 1/2); the corrector's solve R rho = b (order 1: the simplified 1/2)."""
+    h = lam[s + 1] - lam[s]
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    B_h = hh if variant == "bh1" else math.expm1(hh)
+    rks = [(lam[s - i] - lam[s]) / h for i in range(1, order)] + [1.0]
+    R = torch.tensor([[rk ** k for rk in rks] for k in range(order)], dtype=torch.float64)
+    b, h_phi_k, factorial = [], h_phi_1 / hh - 1.0, 1.0
+    for i in range(1, order + 1):
+        b.append(h_phi_k * factorial / B_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1.0 / factorial
+    bt = torch.tensor(b, dtype=torch.float64)
+    if order == 1:
+        rhos_p: List[float] = []
+    elif order == 2:
+        rhos_p = [0.5]
+    else:
+        rhos_p = torch.linalg.solve(R[:-1, :-1], bt[:-1]).tolist()
+    rhos_c = [0.5] if order == 1 else torch.linalg.solve(R, bt).tolist()
+    return rks[:-1], rhos_p, rhos_c, h_phi_1, B_h
+
+
+class UniPCSampler(_MultistepSampler):
+    """UniPC (Zhao et al. 2023): the UniP-p predictor with the UniC corrector, data prediction, B(h) =
+    "bh1" (h) or "bh2" (e^h - 1), orders 1-3; `steps` counts model evaluations, as for every sampler.
+
+    Step s (x_s from the previous predictor, x0_s from the model call at timesteps[s]):
+        corrector (s > 0): x_s^c = (sigma_s/sigma_{s-1}) x_{s-1}^c - alpha_s h_phi_1 x0_{s-1}
+                           - alpha_s B(h) (sum_i rho^c_i D_i + rho^c_p (x0_s - x0_{s-1}))
+        predictor:         x_{s+1} = (sigma_{s+1}/sigma_s) x_s^c - alpha_{s+1} h_phi_1 x0_s - alpha_{s+1} B(h) sum_i rho^p_i D_i
+    with D_i = (x0_{s-i} - x0_s)/r_i the divided differences (`_unipc_rhos`). The corrector reuses the
+    model call the predictor needs anyway: it adds no model call. Both are linear in the stored state,
+    and x_s^c - x_s is a combination of x0-hats only (the sigma ratios are the same), so corrector and
+    predictor fold into ONE row of the coefficient table: x_{s+1} = Q x_s + P x0_s + P2 x0_{s-1}
+    + P3 x0_{s-2} + P4 x0_{s-3} (order 3 reads three previous x0-hats, all computed from the
+    uncorrected x's that the model saw, as diffusers' UniPCMultistepScheduler keeps them). The
+    corrector at step s has the order of the predictor that produced x_s.
+
+    Warm-up: order min(order, s + 1) at step s; lower_order_final (default True): the last transition
+    at most second order, the step before at most third (diffusers' lower_order_final). The final step
+    returns x0-hat (the predictor to sigma = 0). corrector=False gives UniP alone.
+    Defaults (order 3, bh2, lower_order_final): measured on the exact Gaussian model
+    (tests/test_samplers.py::test_lower_order_final_choice, ::test_unipc_order_of_convergence).
+    """
+
+    def __init__(self, diffusion: Any, steps: Steps = 10, order: int = 3, variant: str = "bh2",
+                 lower_order_final: bool = True, corrector: bool = True, *, spacing: Optional[Spacing] = None):
+        _check_diffusion(diffusion)
+        if isinstance(order, bool) or not isinstance(order, numbers.Integral) or not 1 <= int(order) <= 3:
+            raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+        if variant not in UNIPC_VARIANTS:
+            raise ValueError(f"variant must be one of {UNIPC_VARIANTS}, got {variant!r}")
+        self.order = int(order)
+        self.variant = variant
+        self.lower_order_final = _check_flag("lower_order_final", lower_order_final)
+        self.corrector = _check_flag("corrector", corrector)
+        # the corrector at step s reads x0-hats back to s - order (the predictor's order that made x_s)
+        self.num_history = self.order if self.corrector else self.order - 1
+        self._init_state()
+        ts, self.spacing = _spaced_timesteps(diffusion, steps, spacing, default="quadratic", default_steps=10)
+        self._setup(diffusion, ts)
+
+    def _build_coefs(self) -> torch.Tensor:
+        alpha, sigma, lam = _log_snr(self.schedule, self.timesteps)
+        S = len(lam)
+        orders = _solver_orders(S, self.order, self.lower_order_final)
+        q = [0.0] * S
+        rows = [[0.0] * 4 for _ in range(S)]
+        rows[S - 1][0] = 1.0  # final step: x0-hat
+        prev_pred: List[float] = []  # the previous predictor's x0 coefficients (x0_{s-1}, x0_{s-2}, ...)
+        for s in range(S - 1):
+            # corrector: delta = x_s^c - x_s over (x0_s, x0_{s-1}, x0_{s-2}, x0_{s-3})
+            delta = [0.0] * 4
+            if s > 0 and self.corrector:
+                p = orders[s - 1]
+                rks, _, rhos_c, h_phi_1, B_h = _unipc_rhos(lam, s - 1, p, self.variant)
+                a = alpha[s] * B_h
+                delta[0] = -a * rhos_c[-1]
+                delta[1] = -alpha[s] * h_phi_1 + a * rhos_c[-1]
+                for i, (rk, rho) in enumerate(zip(rks, rhos_c[:-1]), start=1):
+                    delta[1] += a * rho / rk
+                    delta[1 + i] -= a * rho / rk
+                for k, v in enumerate(prev_pred):  # minus the predictor that produced x_s
+                    delta[1 + k] -= v
+            # predictor from x_s^c over (x0_s, x0_{s-1}, x0_{s-2})
+            rks, rhos_p, _, h_phi_1, B_h = _unipc_rhos(lam, s, orders[s], self.variant)
+            a = alpha[s + 1] * B_h
+            pred = [-alpha[s + 1] * h_phi_1] + [0.0] * len(rks)
+            for i, (rk, rho) in enumerate(zip(rks, rhos_p), start=1):
+                pred[0] += a * rho / rk
+                pred[i] -= a * rho / rk
+            q[s] = sigma[s + 1] / sigma[s]
+            for k in range(4):
+                rows[s][k] = q[s] * delta[k] + (pred[k] if k < len(pred) else 0.0)
+            prev_pred = pred
+        return _table_from_rows(self, q, rows, [0.0] * S)
+
+    def __repr__(self) -> str:
+        return (f"UniPCSampler(steps={self.num_steps}, spacing={self.spacing!r}, order={self.order}, variant={self.variant!r}, "
+                f"lower_order_final={self.lower_order_final}, corrector={self.corrector}, "
+                f"prediction={self.prediction!r})")
 
 
 def make_sampler(name: str, diffusion: Any, steps: Steps = None, eta: float = 0.0, *,
                  spacing: Optional[Spacing] = None) -> Sampler:
     """A sampler by name: "ddpm" (steps None = all T), "ddim" (default 50 steps, `eta`), "dpm++"
-    (DPM-Solver++(2M), default 20) or "dpm++sde" (its stochastic SDE form, default 20).
+    (DPM-Solver++(2M), default 20), "dpm++sde" (its stochastic SDE form, default 20), "dpm++3m"
+    (DPM-Solver++(3M), default 20), "dpm++3m-sde" (its SDE form, default 20) or "unipc" (UniPC,
+    bh2, order 3, default 10).
 
     `spacing` (see `fastddpm.spacing`): "uniform", "trailing", "quadratic", "logsnr", "karras" or an
     explicit descending list of timesteps; None takes `DEFAULT_SPACING[name]` (measured per sampler on
@@ -605,4 +891,8 @@ def make_sampler(name: str, diffusion: Any, steps: Steps = None, eta: float = 0.
         return DDPMSampler(diffusion, steps=steps, spacing=spacing)
     if name == "ddim":
         return DDIMSampler(diffusion, steps=steps, eta=eta, spacing=spacing)
+    if name in ("dpm++3m", "dpm++3m-sde"):
+        return DPMSolver3MSampler(diffusion, steps=steps, stochastic=name == "dpm++3m-sde", spacing=spacing)
+    if name == "unipc":
+        return UniPCSampler(diffusion, steps=steps, spacing=spacing)
     return DPMSolverSampler(diffusion, steps=steps, stochastic=name == "dpm++sde", spacing=spacing)

@@ -1,13 +1,15 @@
-"""Fused sampler step: one elementwise pass per sampling step for DDPM / DDIM / DPM-Solver++(2M).
+"""Fused sampler step: one elementwise pass per sampling step for DDPM / DDIM / the multistep solvers
+(DPM-Solver++ 2M / 3M, UniPC).
 
 Contract (see fastddpm.ops.sampler_step): with m = model_output[:, :C], row = coefs[step],
     x0   = A*x + B*m
     x0c  = clamp(x0, -1, 1) if clip else x0
-    mean = P*x0c + Q*x + R*m (+ P2*x0_prev when x0_prev is given)
+    mean = P*x0c + Q*x + R*m (+ P2*x0_prev + P3*x0_prev2 + P4*x0_prev3, the history given: NUM_HIST of them)
     sigma = SIGMA                                   (or SIGMA*exp(0.5*(f*LOG_MAX + (1-f)*LOG_MIN)),
                                                      f = (v+1)/2, v = model_output[:, C:] if learned_range)
     x_prev = mean + sigma*z,  returns (x_prev, x0c)
-Columns of coefs: 0 A, 1 B, 2 P, 3 Q, 4 R, 5 P2, 6 SIGMA, 7 LOG_MIN, 8 LOG_MAX.
+Columns of coefs: 0 A, 1 B, 2 P, 3 Q, 4 R, 5 P2, 6 SIGMA, 7 LOG_MIN, 8 LOG_MAX, 9 P3, 10 P4; the row
+stride is a runtime argument, so a 9-column table (no second history) is read as it is.
 
 The step index and the seed are read from device tensors inside the kernel, so a captured CUDA graph
 replays the right step with fresh noise. z is `noise` when given, otherwise Philox4x32-10 normals
@@ -17,7 +19,7 @@ When neither noise nor seed is given, z = 0 (deterministic samplers: DDIM eta=0,
 
 Two launchers share the body (`_step_tile`): `sampler_step_forward` returns new tensors, and
 `sampler_step_inplace` (FastSampler's whole step outside the model, one launch) writes x_{t-1} into x and
-x0-hat into x0_prev, then the last program to finish (an acq_rel completion counter, see
+shifts the history (x0_prev3 <- x0_prev2 <- x0_prev <- x0-hat, each element read before it is written), then the last program to finish (an acq_rel completion counter, see
 `_sampler_step_inplace_kernel`) increments the step counter and writes the next model timestep.
 
 Grid: (cdiv(E, BLOCK), N) with E = elements per image, so each program knows its image and the element
@@ -41,9 +43,12 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["sampler_step_forward", "sampler_step_inplace", "aot_specs", "CONFIGS", "NUM_COEFS"]
+__all__ = ["sampler_step_forward", "sampler_step_inplace", "aot_specs", "CONFIGS", "NUM_COEFS", "MAX_HISTORY"]
 
-NUM_COEFS = 9
+NUM_COEFS = 11
+# the first 9 columns: tables of samplers with at most one history tensor may stop there
+LEGACY_COEFS = 9
+MAX_HISTORY = 3
 # (BLOCK, num_warps): the autotune list on real GPUs and the AOT report's configs. 4-8 fp32 elements
 # per thread (16 per thread doubles the registers to ~155 with in-kernel Philox, for no gain in a
 # memory-bound kernel).
@@ -58,13 +63,15 @@ STEP_STREAM = 0
 
 @triton.jit
 def _step_tile(
-    X, M, X0P, NOISE, COEF, STEP, SEED, XOUT, X0OUT,
-    E, m_image_stride, image_offset,
-    CLIP: tl.constexpr, LEARNED: tl.constexpr, HAS_X0P: tl.constexpr, NOISE_MODE: tl.constexpr,
-    STREAM: tl.constexpr, STORE_X0: tl.constexpr, BLOCK: tl.constexpr,
+    X, M, X0P, X0P2, X0P3, NOISE, COEF, STEP, SEED, XOUT, X0OUT,
+    E, m_image_stride, image_offset, NCOL,
+    CLIP: tl.constexpr, LEARNED: tl.constexpr, NUM_HIST: tl.constexpr, NOISE_MODE: tl.constexpr,
+    STREAM: tl.constexpr, STORE_X0: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The body shared by both launchers: one BLOCK of one image; returns the step it loaded.
 
+    NUM_HIST history tensors (x0_prev, x0_prev2, x0_prev3) enter the mean with P2, P3, P4. SHIFT (the
+    in-place step): X0P3 <- X0P2 and X0P2 <- X0P1 after the loads; x0 goes to X0OUT (= X0P).
     Every element is loaded and stored by this program only (XOUT may be X and X0OUT may be X0P: the
     in-place step reads an element and then overwrites that same element, race-free).
     """
@@ -76,7 +83,7 @@ def _step_tile(
     m_base = img.to(tl.int64) * m_image_stride
 
     step = tl.load(STEP)
-    row = COEF + step * 9
+    row = COEF + step * NCOL
     ca = tl.load(row + 0)
     cb = tl.load(row + 1)
     cp = tl.load(row + 2)
@@ -91,10 +98,18 @@ def _step_tile(
     if CLIP:
         x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
     mean = cp * x0 + cq * x + cr * m
-    if HAS_X0P:
+    if NUM_HIST >= 1:
         cp2 = tl.load(row + 5)
-        x0p = tl.load(X0P + base + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = mean + cp2 * x0p
+        h1_raw = tl.load(X0P + base + offs, mask=mask, other=0.0)
+        mean = mean + cp2 * h1_raw.to(tl.float32)
+    if NUM_HIST >= 2:
+        cp3 = tl.load(row + 9)
+        h2_raw = tl.load(X0P2 + base + offs, mask=mask, other=0.0)
+        mean = mean + cp3 * h2_raw.to(tl.float32)
+    if NUM_HIST >= 3:
+        cp4 = tl.load(row + 10)
+        h3_raw = tl.load(X0P3 + base + offs, mask=mask, other=0.0)
+        mean = mean + cp4 * h3_raw.to(tl.float32)
 
     if NOISE_MODE != 0:
         if LEARNED:
@@ -123,6 +138,11 @@ def _step_tile(
         x_prev = mean
 
     tl.store(XOUT + base + offs, x_prev.to(XOUT.dtype.element_ty), mask=mask)
+    if SHIFT:  # the stored history values move one slot back unchanged (no rounding)
+        if NUM_HIST >= 3:
+            tl.store(X0P3 + base + offs, h2_raw, mask=mask)
+        if NUM_HIST >= 2:
+            tl.store(X0P2 + base + offs, h1_raw, mask=mask)
     if STORE_X0:
         tl.store(X0OUT + base + offs, x0.to(X0OUT.dtype.element_ty), mask=mask)
     return step
@@ -130,27 +150,28 @@ def _step_tile(
 
 @triton.jit
 def _sampler_step_kernel(
-    X, M, X0P, NOISE, COEF, STEP, SEED, XOUT, X0OUT,
-    E, m_image_stride, image_offset,
-    CLIP: tl.constexpr, LEARNED: tl.constexpr, HAS_X0P: tl.constexpr, NOISE_MODE: tl.constexpr,
+    X, M, X0P, X0P2, X0P3, NOISE, COEF, STEP, SEED, XOUT, X0OUT,
+    E, m_image_stride, image_offset, NCOL,
+    CLIP: tl.constexpr, LEARNED: tl.constexpr, NUM_HIST: tl.constexpr, NOISE_MODE: tl.constexpr,
     STREAM: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    _step_tile(X, M, X0P, NOISE, COEF, STEP, SEED, XOUT, X0OUT, E, m_image_stride, image_offset,
-               CLIP, LEARNED, HAS_X0P, NOISE_MODE, STREAM, True, BLOCK)
+    _step_tile(X, M, X0P, X0P2, X0P3, NOISE, COEF, STEP, SEED, XOUT, X0OUT, E, m_image_stride, image_offset, NCOL,
+               CLIP, LEARNED, NUM_HIST, NOISE_MODE, STREAM, True, False, BLOCK)
 
 
 @triton.jit
 def _sampler_step_inplace_kernel(
-    X, M, X0P, COEF, STEP, SEED, MODEL_T, TOUT, DONE,
-    E, m_image_stride, image_offset, S, NT,
-    CLIP: tl.constexpr, LEARNED: tl.constexpr, HAS_X0P: tl.constexpr, NOISE_MODE: tl.constexpr,
+    X, M, X0P, X0P2, X0P3, COEF, STEP, SEED, MODEL_T, TOUT, DONE,
+    E, m_image_stride, image_offset, NCOL, S, NT,
+    CLIP: tl.constexpr, LEARNED: tl.constexpr, NUM_HIST: tl.constexpr, NOISE_MODE: tl.constexpr,
     STREAM: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """x <- x_{t-1}, x0_prev <- x0-hat (when HAS_X0P) in place; then the last program to finish does
+    """x <- x_{t-1} and the history shift x0_prev3 <- x0_prev2 <- x0_prev <- x0-hat (the NUM_HIST buffers
+    given) in place; then the last program to finish does
     step += 1, TOUT[:] = MODEL_T[min(step, S - 1)] and DONE = 0.
 
     Why this is race-free:
-    - elementwise: each element of x / x0_prev is read and then written by the one program that owns
+    - elementwise: each element of x / the history buffers is read and then written by the one program that owns
       it (same offsets), so no program reads an element another one writes;
     - step: every program loads STEP at its start (in `_step_tile`). The CTA barrier then makes every
       thread's load of STEP precede this program's `atomic_add(DONE, 1, acq_rel)` (issued once per
@@ -162,8 +183,8 @@ def _sampler_step_inplace_kernel(
       (stream order makes it visible there). The counter is an integer, so the order in which programs
       arrive does not change any value: nothing here is a floating-point reduction.
     """
-    step = _step_tile(X, M, X0P, X, COEF, STEP, SEED, X, X0P, E, m_image_stride, image_offset,
-                      CLIP, LEARNED, HAS_X0P, NOISE_MODE, STREAM, HAS_X0P, BLOCK)
+    step = _step_tile(X, M, X0P, X0P2, X0P3, X, COEF, STEP, SEED, X, X0P, E, m_image_stride, image_offset, NCOL,
+                      CLIP, LEARNED, NUM_HIST, NOISE_MODE, STREAM, NUM_HIST >= 1, True, BLOCK)
     tl.debug_barrier()
     num_programs = tl.num_programs(0) * tl.num_programs(1)
     old = tl.atomic_add(DONE, 1, sem="acq_rel")
@@ -177,7 +198,7 @@ def _sampler_step_inplace_kernel(
         tl.store(DONE, 0)
 
 
-_TUNE_KEY = ["E", "CLIP", "LEARNED", "HAS_X0P", "NOISE_MODE"]
+_TUNE_KEY = ["E", "CLIP", "LEARNED", "NUM_HIST", "NOISE_MODE"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,7 +210,7 @@ def _autotuned(inplace: bool):
     # The benchmark runs of autotuning would step the sampler once per run: restore every buffer the
     # kernel writes after each run (triton's restore_value), so only the final launch counts.
     return triton.autotune(configs=configs, key=_TUNE_KEY,
-                           restore_value=["X", "X0P", "STEP", "TOUT", "DONE"])(_sampler_step_inplace_kernel)
+                           restore_value=["X", "X0P", "X0P2", "X0P3", "STEP", "TOUT", "DONE"])(_sampler_step_inplace_kernel)
 
 
 def _launch(inplace: bool, args: tuple, flags: dict, numel_image: int, n: int) -> None:
@@ -216,9 +237,19 @@ def _check_like(name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> None:
                          f"{getattr(t, 'shape', t)}")
 
 
+def _history(x0_prev, x0_prev2, x0_prev3) -> int:
+    """The number of history tensors given; ValueError unless they are given in order."""
+    if x0_prev3 is not None and x0_prev2 is None:
+        raise ValueError("x0_prev3 needs x0_prev2 (the history is given most recent first)")
+    if x0_prev2 is not None and x0_prev is None:
+        raise ValueError("x0_prev2 needs x0_prev (the history is given most recent first)")
+    return sum(t is not None for t in (x0_prev, x0_prev2, x0_prev3))
+
+
 def _validate(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range,
-              extra_channels_ok) -> None:
-    """ValueError naming the argument for every violation of the launchers' contract."""
+              extra_channels_ok, x0_prev2=None, x0_prev3=None) -> int:
+    """ValueError naming the argument for every violation of the launchers' contract; returns the
+    number of history tensors."""
     if x.dim() < 2:
         raise ValueError(f"x must be [N, C, *spatial], got shape {tuple(x.shape)}")
     n, c = x.shape[0], x.shape[1]
@@ -228,8 +259,11 @@ def _validate(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, 
             or model_output.shape[2:] != x.shape[2:]:
         raise ValueError(f"model_output must have shape {(n, want_c) + tuple(x.shape[2:])} "
                          f"(learned_range={learned_range}), got {tuple(model_output.shape)}")
-    if coefs.dim() != 2 or coefs.shape[1] != NUM_COEFS or coefs.dtype != torch.float32:
-        raise ValueError(f"coefs must be a float32 tensor [S, {NUM_COEFS}], got {coefs.dtype} {tuple(coefs.shape)}")
+    num_hist = _history(x0_prev, x0_prev2, x0_prev3)
+    widths = (LEGACY_COEFS, NUM_COEFS) if num_hist <= 1 else (NUM_COEFS,)
+    if coefs.dim() != 2 or coefs.shape[1] not in widths or coefs.dtype != torch.float32:
+        raise ValueError(f"coefs must be a float32 tensor [S, {NUM_COEFS}] ([S, {LEGACY_COEFS}] without x0_prev2), "
+                         f"got {coefs.dtype} {tuple(coefs.shape)}")
     if step.dtype != torch.int64 or step.numel() != 1:
         raise ValueError(f"step must be an int64 tensor with one element, got {step.dtype} {tuple(step.shape)}")
     if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1):
@@ -237,10 +271,13 @@ def _validate(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, 
     if not isinstance(image_offset, int) or image_offset < 0:
         raise ValueError(f"image_offset must be a non-negative int, got {image_offset!r}")
     _check_like("x0_prev", x0_prev, x)
+    _check_like("x0_prev2", x0_prev2, x)
+    _check_like("x0_prev3", x0_prev3, x)
     _check_like("noise", noise, x)
     for name, t in (("model_output", model_output), ("coefs", coefs), ("step", step), ("seed", seed)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    return num_hist
 
 
 def sampler_step_forward(
@@ -254,14 +291,18 @@ def sampler_step_forward(
     image_offset: int,
     clip: bool,
     learned_range: bool,
+    x0_prev2: Optional[torch.Tensor] = None,
+    x0_prev3: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the fused step; returns new tensors (x_prev, x0c) in x's dtype.
 
-    x [N, C, *spatial]; model_output [N, C or 2C (learned_range), *spatial]; coefs float32 [S, 9];
-    step / seed int64 tensors with one element on x's device (seed may be None when noise is given, or
-    when no noise is wanted: then z = 0); noise / x0_prev like x or None. Inputs are made contiguous.
+    x [N, C, *spatial]; model_output [N, C or 2C (learned_range), *spatial]; coefs float32 [S, 11]
+    ([S, 9] without x0_prev2); step / seed int64 tensors with one element on x's device (seed may be
+    None when noise is given, or when no noise is wanted: then z = 0); noise / x0_prev / x0_prev2 /
+    x0_prev3 like x or None (the history most recent first). Inputs are made contiguous.
     """
-    _validate(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False)
+    num_hist = _validate(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False,
+                         x0_prev2, x0_prev3)
     n = x.shape[0]
     x = x.contiguous()
     model_output = model_output.contiguous()
@@ -274,12 +315,12 @@ def sampler_step_forward(
     if numel_image >= 2**31:
         raise ValueError(f"x must have fewer than 2**31 elements per image, got {numel_image}")
     noise_mode = NOISE_GIVEN if noise is not None else (NOISE_PHILOX if seed is not None else NOISE_NONE)
-    x0p = x0_prev.contiguous() if x0_prev is not None else x
+    h1, h2, h3 = (t.contiguous() if t is not None else x for t in (x0_prev, x0_prev2, x0_prev3))
     nz = noise.contiguous() if noise is not None else x
     sd = seed if seed is not None else step
-    args = (x, model_output, x0p, nz, coefs, step, sd, x_prev, x0, numel_image, model_output[0].numel(),
-            image_offset)
-    flags = dict(CLIP=bool(clip), LEARNED=bool(learned_range), HAS_X0P=x0_prev is not None,
+    args = (x, model_output, h1, h2, h3, nz, coefs, step, sd, x_prev, x0, numel_image, model_output[0].numel(),
+            image_offset, coefs.shape[1])
+    flags = dict(CLIP=bool(clip), LEARNED=bool(learned_range), NUM_HIST=num_hist,
                  NOISE_MODE=noise_mode, STREAM=STEP_STREAM)
     _launch(False, args, flags, numel_image, n)
     return x_prev, x0
@@ -298,18 +339,22 @@ def sampler_step_inplace(
     image_offset: int,
     clip: bool,
     learned_range: bool,
+    x0_prev2: Optional[torch.Tensor] = None,
+    x0_prev3: Optional[torch.Tensor] = None,
 ) -> None:
     """The whole sampling step in one launch, in place (FastSampler's step outside the model).
 
-    Writes x_{t-1} into x and x0-hat into x0_prev (when given), then step += 1 and
+    Writes x_{t-1} into x and shifts the history given (x0_prev3 <- x0_prev2 <- x0_prev <- x0-hat),
+    then step += 1 and
     t_out[:] = model_timesteps[min(step, S - 1)] (the model timestep of the next step), done by the
     last program to finish (see `_sampler_step_inplace_kernel`). z is the Philox stream of `seed`, or
     0 when seed is None. model_output may have 2C channels also without learned_range (only the first
-    C are read). x and x0_prev must be contiguous (they are written); done_counter is an int32 [1]
-    buffer holding 0, owned by the caller, and holds 0 again after the launch.
+    C are read). x and the history buffers must be contiguous (they are written) and distinct;
+    done_counter is an int32 [1] buffer holding 0, owned by the caller, and holds 0 again after the launch.
     """
-    _validate(x, model_output, coefs, step, x0_prev, None, seed, image_offset, learned_range, True)
-    for name, t in (("x", x), ("x0_prev", x0_prev)):
+    num_hist = _validate(x, model_output, coefs, step, x0_prev, None, seed, image_offset, learned_range, True,
+                         x0_prev2, x0_prev3)
+    for name, t in (("x", x), ("x0_prev", x0_prev), ("x0_prev2", x0_prev2), ("x0_prev3", x0_prev3)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (the in-place step writes it)")
     s_rows = coefs.shape[0]
@@ -337,11 +382,11 @@ def sampler_step_inplace(
     coefs = coefs.contiguous()
     model_timesteps = model_timesteps.contiguous()
     noise_mode = NOISE_PHILOX if seed is not None else NOISE_NONE
-    x0p = x0_prev if x0_prev is not None else x
+    h1, h2, h3 = (t if t is not None else x for t in (x0_prev, x0_prev2, x0_prev3))
     sd = seed if seed is not None else step
-    args = (x, model_output, x0p, coefs, step, sd, model_timesteps, t_out, done_counter, numel_image,
-            model_output[0].numel(), image_offset, s_rows, t_out.numel())
-    flags = dict(CLIP=bool(clip), LEARNED=bool(learned_range), HAS_X0P=x0_prev is not None,
+    args = (x, model_output, h1, h2, h3, coefs, step, sd, model_timesteps, t_out, done_counter, numel_image,
+            model_output[0].numel(), image_offset, coefs.shape[1], s_rows, t_out.numel())
+    flags = dict(CLIP=bool(clip), LEARNED=bool(learned_range), NUM_HIST=num_hist,
                  NOISE_MODE=noise_mode, STREAM=STEP_STREAM)
     _launch(True, args, flags, numel_image, n)
 
@@ -352,28 +397,33 @@ def sampler_step_inplace(
 REPORT_SHAPE = (256, 3, 32, 32)
 
 # Specializations compiled for the report: the heaviest in registers (in-kernel Philox + learned-range
-# sigma + clip: DDPM) and the one with the most loads (x0_prev: DPM-Solver++ 2M, no noise).
+# sigma + clip: DDPM), DPM-Solver++ 2M (one history tensor, no noise), SDE-DPM-Solver++(3M) (two history
+# tensors and Philox) and UniPC-3 (three history tensors: the most loads).
 _VARIANTS = [
-    ("ddpm_learned_philox", dict(CLIP=True, LEARNED=True, HAS_X0P=False, NOISE_MODE=NOISE_PHILOX)),
-    ("dpmpp_2m", dict(CLIP=False, LEARNED=False, HAS_X0P=True, NOISE_MODE=NOISE_NONE)),
+    ("ddpm_learned_philox", dict(CLIP=True, LEARNED=True, NUM_HIST=0, NOISE_MODE=NOISE_PHILOX)),
+    ("dpmpp_2m", dict(CLIP=False, LEARNED=False, NUM_HIST=1, NOISE_MODE=NOISE_NONE)),
+    ("dpmpp_3m_sde", dict(CLIP=False, LEARNED=False, NUM_HIST=2, NOISE_MODE=NOISE_PHILOX)),
+    ("unipc_3", dict(CLIP=False, LEARNED=False, NUM_HIST=3, NOISE_MODE=NOISE_NONE)),
 ]
 
 
-def hbm_bytes_fused(numel: int, elem_bytes: int, learned: bool, has_x0p: bool, noise_given: bool) -> int:
-    """Modelled HBM bytes of the fused kernel: each input read once, x_prev and x0 written once."""
-    reads = 1 + (2 if learned else 1) + (1 if has_x0p else 0) + (1 if noise_given else 0)
+def hbm_bytes_fused(numel: int, elem_bytes: int, learned: bool, num_hist: int, noise_given: bool) -> int:
+    """Modelled HBM bytes of the fused kernel: each input read once (`num_hist` history tensors; a bool
+    counts as 0 / 1), x_prev and x0 written once."""
+    reads = 1 + (2 if learned else 1) + int(num_hist) + (1 if noise_given else 0)
     writes = 2
     return (reads + writes) * numel * elem_bytes
 
 
-def hbm_bytes_unfused(numel: int, elem_bytes: int, learned: bool, has_x0p: bool, clip: bool,
+def hbm_bytes_unfused(numel: int, elem_bytes: int, learned: bool, num_hist: int, clip: bool,
                       philox: bool, noise_given: bool) -> int:
     """Modelled HBM bytes of the eager PyTorch sequence of the same step (one kernel per op).
 
     Each elementwise op reads its tensor operands and writes its result (scalars from the coefficient
     table are free); tensors of size `numel` x elem_bytes. The sequence:
       A*x (r1 w1), B*m (r1 w1), add -> x0 (r2 w1), clamp (r1 w1) if clip,
-      P*x0 (r1 w1), Q*x (r1 w1), add (r2 w1), R*m (r1 w1), add (r2 w1), [P2*x0_prev (r1 w1), add (r2 w1)],
+      P*x0 (r1 w1), Q*x (r1 w1), add (r2 w1), R*m (r1 w1), add (r2 w1), per history tensor
+      [P_k*x0_prev_k (r1 w1), add (r2 w1)],
       noise: randn (w1) when drawn on the host path, sigma*z (r1 w1), add (r2 w1) -- with learned range
       sigma is a tensor: (v+1)/2 (r1 w1), f*LOG_MAX (r1 w1), (1-f) (r1 w1), *LOG_MIN (r1 w1), add (r2 w1),
       *0.5 (r1 w1), exp (r1 w1), *SIGMA (r1 w1), then sigma*z reads two tensors (r2 w1).
@@ -383,8 +433,7 @@ def hbm_bytes_unfused(numel: int, elem_bytes: int, learned: bool, has_x0p: bool,
     if clip:
         passes += 2
     passes += 2 + 2 + 3 + 2 + 3  # P*x0, Q*x, add, R*m, add
-    if has_x0p:
-        passes += 2 + 3
+    passes += (2 + 3) * int(num_hist)
     if philox or noise_given:
         if philox:
             passes += 1  # torch.randn writes the noise tensor
@@ -397,13 +446,14 @@ def hbm_bytes_unfused(numel: int, elem_bytes: int, learned: bool, has_x0p: bool,
     return passes * numel * elem_bytes
 
 
-def hbm_bytes_inplace_unfused(numel: int, elem_bytes: int, learned: bool, has_x0p: bool, clip: bool,
+def hbm_bytes_inplace_unfused(numel: int, elem_bytes: int, learned: bool, num_hist: int, clip: bool,
                               philox: bool) -> int:
     """Modelled HBM bytes of the unfused in-place step: the eager sequence of `hbm_bytes_unfused`, then
-    copying x_prev into x (r1 w1) and x0 into x0_prev (r1 w1) when kept (step += 1 and the gather of
-    the next model timestep move a few bytes and are not counted)."""
-    copies = 2 + (2 if has_x0p else 0)
-    return hbm_bytes_unfused(numel, elem_bytes, learned, has_x0p, clip, philox, False) + copies * numel * elem_bytes
+    copying x_prev into x (r1 w1) and shifting the history (one copy, r1 w1, per history buffer: the
+    oldest first, x0 into x0_prev last); step += 1 and the gather of the next model timestep move a few
+    bytes and are not counted."""
+    copies = 2 + 2 * int(num_hist)
+    return hbm_bytes_unfused(numel, elem_bytes, learned, num_hist, clip, philox, False) + copies * numel * elem_bytes
 
 
 def _config_specs(kernel: str, fn, signature: dict, flags: dict, fused: int, unfused: int) -> List[dict]:
@@ -426,30 +476,30 @@ def aot_specs() -> List[dict]:
     for s in REPORT_SHAPE:
         numel *= s
     specs = []
+    flag_types = {"CLIP": "constexpr", "LEARNED": "constexpr", "NUM_HIST": "constexpr", "NOISE_MODE": "constexpr",
+                  "STREAM": "constexpr", "BLOCK": "constexpr"}
+    history = {"X0P": "*fp32", "X0P2": "*fp32", "X0P3": "*fp32"}
+    signature = {
+        "X": "*fp32", "M": "*fp32", **history, "NOISE": "*fp32", "COEF": "*fp32", "STEP": "*i64",
+        "SEED": "*i64", "XOUT": "*fp32", "X0OUT": "*fp32", "E": "i32", "m_image_stride": "i32",
+        "image_offset": "i32", "NCOL": "i32", **flag_types,
+    }
     for name, flags in _VARIANTS:
-        signature = {
-            "X": "*fp32", "M": "*fp32", "X0P": "*fp32", "NOISE": "*fp32", "COEF": "*fp32", "STEP": "*i64",
-            "SEED": "*i64", "XOUT": "*fp32", "X0OUT": "*fp32", "E": "i32", "m_image_stride": "i32",
-            "image_offset": "i32", "CLIP": "constexpr", "LEARNED": "constexpr", "HAS_X0P": "constexpr",
-            "NOISE_MODE": "constexpr", "STREAM": "constexpr", "BLOCK": "constexpr",
-        }
-        fused = hbm_bytes_fused(numel, 4, flags["LEARNED"], flags["HAS_X0P"], flags["NOISE_MODE"] == NOISE_GIVEN)
-        unfused = hbm_bytes_unfused(numel, 4, flags["LEARNED"], flags["HAS_X0P"], flags["CLIP"],
+        fused = hbm_bytes_fused(numel, 4, flags["LEARNED"], flags["NUM_HIST"], flags["NOISE_MODE"] == NOISE_GIVEN)
+        unfused = hbm_bytes_unfused(numel, 4, flags["LEARNED"], flags["NUM_HIST"], flags["CLIP"],
                                     flags["NOISE_MODE"] == NOISE_PHILOX, flags["NOISE_MODE"] == NOISE_GIVEN)
         specs += _config_specs(f"sampler_step[{name}]", _sampler_step_kernel, signature, flags, fused, unfused)
     # The in-place launcher (FastSampler's one op per step): Philox or no noise, never a noise tensor.
     inplace_signature = {
-        "X": "*fp32", "M": "*fp32", "X0P": "*fp32", "COEF": "*fp32", "STEP": "*i64", "SEED": "*i64",
+        "X": "*fp32", "M": "*fp32", **history, "COEF": "*fp32", "STEP": "*i64", "SEED": "*i64",
         "MODEL_T": "*i64", "TOUT": "*i64", "DONE": "*i32", "E": "i32", "m_image_stride": "i32",
-        "image_offset": "i32", "S": "i32", "NT": "i32", "CLIP": "constexpr", "LEARNED": "constexpr",
-        "HAS_X0P": "constexpr", "NOISE_MODE": "constexpr", "STREAM": "constexpr", "BLOCK": "constexpr",
+        "image_offset": "i32", "NCOL": "i32", "S": "i32", "NT": "i32", **flag_types,
     }
     for name, flags in _VARIANTS:
-        # in place: reads x, m (2C with learned range) and x0_prev; writes x, and x0_prev when kept
-        reads = 1 + (2 if flags["LEARNED"] else 1) + (1 if flags["HAS_X0P"] else 0)
-        writes = 1 + (1 if flags["HAS_X0P"] else 0)
-        fused = (reads + writes) * numel * 4
-        unfused = hbm_bytes_inplace_unfused(numel, 4, flags["LEARNED"], flags["HAS_X0P"], flags["CLIP"],
+        # in place: reads x, m (2C with learned range) and the history; writes x and the history
+        k = flags["NUM_HIST"]
+        fused = ((1 + (2 if flags["LEARNED"] else 1) + k) + (1 + k)) * numel * 4
+        unfused = hbm_bytes_inplace_unfused(numel, 4, flags["LEARNED"], k, flags["CLIP"],
                                             flags["NOISE_MODE"] == NOISE_PHILOX)
         specs += _config_specs(f"sampler_step_inplace[{name}]", _sampler_step_inplace_kernel, inplace_signature,
                                flags, fused, unfused)

@@ -1,4 +1,4 @@
-"""`fastddpm::sampler_step`: one fused elementwise pass per sampling step (DDPM, DDIM, DPM-Solver++ 2M).
+"""`fastddpm::sampler_step`: one fused elementwise pass per sampling step (DDPM, DDIM, DPM-Solver++ 2M/3M, UniPC).
 
 The op is generic over the samplers: a per-step row of a coefficient table says what to do.
 With C = x.shape[1], m = model_output[:, :C] (fp32 math whatever the dtype), row = coefs[step]:
@@ -6,12 +6,16 @@ With C = x.shape[1], m = model_output[:, :C] (fp32 math whatever the dtype), row
     x0    = A*x + B*m                               (eps: A=sqrt(1/ab), B=-sqrt(1/ab-1); x0: A=0, B=1;
                                                      v: A=sqrt(ab), B=-sqrt(1-ab))
     x0c   = clamp(x0, -1, 1) if clip else x0
-    mean  = P*x0c + Q*x + R*m + P2*x0_prev          (the x0_prev term only when x0_prev is given)
+    mean  = P*x0c + Q*x + R*m + P2*x0_prev + P3*x0_prev2 + P4*x0_prev3
+                                                    (each history term only when that tensor is given;
+                                                     the history is most recent first: x0_prev2 needs
+                                                     x0_prev, x0_prev3 needs x0_prev2)
     sigma = SIGMA                                   if not learned_range
           = SIGMA * exp(0.5*(f*LOG_MAX + (1-f)*LOG_MIN)), f = (v+1)/2, v = model_output[:, C:2C]
     x_prev = mean + sigma * z                       returns (x_prev, x0c), both in x's dtype
 
-Columns of coefs: 0 A, 1 B, 2 P, 3 Q, 4 R, 5 P2, 6 SIGMA, 7 LOG_MIN, 8 LOG_MAX.
+Columns of coefs: 0 A, 1 B, 2 P, 3 Q, 4 R, 5 P2, 6 SIGMA, 7 LOG_MIN, 8 LOG_MAX, 9 P3, 10 P4. A table
+of the first 9 columns only ([S, 9], the layout before P3 / P4 existed) is accepted without x0_prev2.
 
 z is `noise` when given; else, when `seed` is given, the Philox stream of `fastddpm.ops.philox`
 (z[i, e] = normal(seed, c0=e, c1=image_offset+i, c2=step, c3=0)); when neither is given z = 0, which
@@ -33,14 +37,16 @@ from .backend import use_triton
 __all__ = ["sampler_step", "sampler_step_", "sampler_step_reference", "sampler_step_inplace_reference",
            "NUM_COEFS", "COLUMNS"]
 
-NUM_COEFS = 9
-COLUMNS = ("A", "B", "P", "Q", "R", "P2", "SIGMA", "LOG_MIN", "LOG_MAX")
+NUM_COEFS = 11
+COLUMNS = ("A", "B", "P", "Q", "R", "P2", "SIGMA", "LOG_MIN", "LOG_MAX", "P3", "P4")
+# tables of samplers with at most one history tensor may stop after LOG_MAX
+LEGACY_COEFS = 9
 
 
 def _check(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, x0_prev: Optional[Tensor],
     noise: Optional[Tensor], seed: Optional[Tensor], image_offset: int, learned_range: bool,
-    extra_channels_ok: bool = False,
+    extra_channels_ok: bool = False, x0_prev2: Optional[Tensor] = None, x0_prev3: Optional[Tensor] = None,
 ) -> None:
     """ValueError naming the argument for every violation of the op's contract (no device sync).
 
@@ -60,20 +66,26 @@ def _check(
             f"({'2C channels with learned_range=True' if learned_range else 'C channels'}), "
             f"got {model_output.dtype} {tuple(model_output.shape)}"
         )
-    if coefs.dim() != 2 or coefs.shape[1] != NUM_COEFS or coefs.dtype != torch.float32:
-        raise ValueError(f"coefs must be a float32 tensor [S, {NUM_COEFS}], got {coefs.dtype} {tuple(coefs.shape)}")
+    if x0_prev3 is not None and x0_prev2 is None:
+        raise ValueError("x0_prev3 needs x0_prev2 (the history is given most recent first)")
+    if x0_prev2 is not None and x0_prev is None:
+        raise ValueError("x0_prev2 needs x0_prev (the history is given most recent first)")
+    widths = [NUM_COEFS] if x0_prev2 is not None else [LEGACY_COEFS, NUM_COEFS]
+    if coefs.dim() != 2 or coefs.shape[1] not in widths or coefs.dtype != torch.float32:
+        raise ValueError(f"coefs must be a float32 tensor [S, {NUM_COEFS}] ([S, {LEGACY_COEFS}] without x0_prev2), "
+                         f"got {coefs.dtype} {tuple(coefs.shape)}")
     if step.dtype != torch.int64 or step.numel() != 1:
         raise ValueError(f"step must be an int64 tensor with one element, got {step.dtype} {tuple(step.shape)}")
     if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1):
         raise ValueError(f"seed must be None or an int64 tensor with one element, got {seed.dtype} {tuple(seed.shape)}")
-    for name, t in (("x0_prev", x0_prev), ("noise", noise)):
+    for name, t in (("x0_prev", x0_prev), ("x0_prev2", x0_prev2), ("x0_prev3", x0_prev3), ("noise", noise)):
         if t is not None and (t.shape != x.shape or not t.dtype.is_floating_point):
             raise ValueError(f"{name} must be None or a floating-point tensor of x's shape {tuple(x.shape)}, "
                              f"got {t.dtype} {tuple(t.shape)}")
     if image_offset < 0:
         raise ValueError(f"image_offset must be a non-negative int, got {image_offset}")
     for name, t in (("model_output", model_output), ("coefs", coefs), ("step", step), ("x0_prev", x0_prev),
-                    ("noise", noise), ("seed", seed)):
+                    ("x0_prev2", x0_prev2), ("x0_prev3", x0_prev3), ("noise", noise), ("seed", seed)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
@@ -81,7 +93,8 @@ def _check(
 def sampler_step_reference(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, x0_prev: Optional[Tensor] = None,
     noise: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
-    clip: bool = True, learned_range: bool = False,
+    clip: bool = True, learned_range: bool = False, x0_prev2: Optional[Tensor] = None,
+    x0_prev3: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The plain-PyTorch implementation of the op (same arguments and results; no checks).
 
@@ -91,10 +104,10 @@ def sampler_step_reference(
     """
     c = x.shape[1]
     wdt = torch.promote_types(x.dtype, torch.float32)  # fp32 math for fp32/bf16/fp16, fp64 for fp64
-    row = coefs.index_select(0, step.reshape(1)).reshape(NUM_COEFS)  # on the device, no .item()
+    row = coefs.index_select(0, step.reshape(1)).reshape(coefs.shape[1])  # on the device, no .item()
     if row.dtype != wdt:
         row = row.to(wdt)
-    a, b, p, q, r, p2, sig, log_min, log_max = row.unbind(0)
+    a, b, p, q, r, p2, sig, log_min, log_max = row[:LEGACY_COEFS].unbind(0)
     xf = x if x.dtype == wdt else x.to(wdt)  # may be x itself: never written
     m = model_output if model_output.shape[1] == c else model_output[:, :c]
     if m.dtype != wdt:
@@ -104,8 +117,9 @@ def sampler_step_reference(
         x0.clamp_(-1.0, 1.0)
     mean = torch.addcmul(q * xf, p, x0)
     mean.addcmul_(r, m)
-    if x0_prev is not None:
-        mean.addcmul_(p2, x0_prev if x0_prev.dtype == wdt else x0_prev.to(wdt))
+    for col, h in ((5, x0_prev), (9, x0_prev2), (10, x0_prev3)):
+        if h is not None:
+            mean.addcmul_(row[col], h if h.dtype == wdt else h.to(wdt))
     if noise is None and seed is not None and not (x.device.type == "cpu" and float(sig) == 0.0):
         # SIGMA == 0 (DDIM eta = 0, DPM-Solver++, the last step) makes sigma 0, learned_range included
         # (sigma = SIGMA * exp(...)): the draw is skipped on the CPU, where reading SIGMA costs no device
@@ -137,6 +151,8 @@ def sampler_step(
     image_offset: int = 0,
     clip: bool = True,
     learned_range: bool = False,
+    x0_prev2: Optional[Tensor] = None,
+    x0_prev3: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """One sampling step x_t -> (x_{t-1}, x0-hat) driven by the coefficient row `coefs[step]`.
 
@@ -144,34 +160,39 @@ def sampler_step(
         x: x_t, [N, C, *spatial], float32/bf16/fp16 (fp64 accepted on the reference path).
         model_output: [N, C, *spatial], or [N, 2C, *spatial] with learned_range (channels C..2C-1 are
             the variance interpolation v in [-1, 1]).
-        coefs: float32 [S, 9] on x's device (columns A, B, P, Q, R, P2, SIGMA, LOG_MIN, LOG_MAX).
+        coefs: float32 [S, 11] on x's device (columns A, B, P, Q, R, P2, SIGMA, LOG_MIN, LOG_MAX, P3, P4;
+            [S, 9] without x0_prev2).
         step: int64 tensor [1] on x's device: the row of `coefs` (also the Philox step counter).
-        x0_prev: the previous x0-hat (DPM-Solver++ 2M) or None.
+        x0_prev: the previous x0-hat (multistep solvers) or None.
         noise: the standard normals z (x's shape) or None.
         seed: int64 tensor [1]: draw z from the Philox stream when `noise` is None. With neither,
             z = 0 (the caller guarantees sigma = 0).
         image_offset: global index of image 0 of this batch (Philox counter c1 = image_offset + i).
         clip: clamp x0-hat to [-1, 1] before the update.
         learned_range: sigma interpolates LOG_MIN/LOG_MAX with the model's extra channels.
+        x0_prev2, x0_prev3: the x0-hat of two / three steps back (DPM-Solver++ 3M, UniPC) or None.
 
     Returns:
         (x_prev, x0c): new tensors in x's dtype.
     """
-    _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range)
+    _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False, x0_prev2, x0_prev3)
     if use_triton(x):
         from kernels.sampler_step import sampler_step_forward
 
-        return sampler_step_forward(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, learned_range)
-    return sampler_step_reference(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, learned_range)
+        return sampler_step_forward(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, learned_range,
+                                    x0_prev2, x0_prev3)
+    return sampler_step_reference(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, learned_range,
+                                  x0_prev2, x0_prev3)
 
 
 @sampler_step.register_fake
 def _(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, x0_prev: Optional[Tensor] = None,
     noise: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
-    clip: bool = True, learned_range: bool = False,
+    clip: bool = True, learned_range: bool = False, x0_prev2: Optional[Tensor] = None,
+    x0_prev3: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range)
+    _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False, x0_prev2, x0_prev3)
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -179,9 +200,9 @@ def _(
 def _check_inplace(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, t_out: Tensor, model_timesteps: Tensor,
     x0_prev: Optional[Tensor], seed: Optional[Tensor], image_offset: int, learned_range: bool,
-    done_counter: Optional[Tensor],
+    done_counter: Optional[Tensor], x0_prev2: Optional[Tensor] = None, x0_prev3: Optional[Tensor] = None,
 ) -> None:
-    _check(x, model_output, coefs, step, x0_prev, None, seed, image_offset, learned_range, extra_channels_ok=True)
+    _check(x, model_output, coefs, step, x0_prev, None, seed, image_offset, learned_range, True, x0_prev2, x0_prev3)
     s = coefs.shape[0]
     if model_timesteps.dtype != torch.int64 or tuple(model_timesteps.shape) != (s,):
         raise ValueError(f"model_timesteps must be an int64 tensor of shape ({s},) (one per coefs row), "
@@ -199,13 +220,18 @@ def _check_inplace(
 def sampler_step_inplace_reference(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, t_out: Tensor, model_timesteps: Tensor,
     x0_prev: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
-    clip: bool = True, learned_range: bool = False,
+    clip: bool = True, learned_range: bool = False, x0_prev2: Optional[Tensor] = None,
+    x0_prev3: Optional[Tensor] = None,
 ) -> None:
     """The plain-PyTorch in-place step: `sampler_step_reference`, then the results and the counters
-    are written into the caller's buffers (no checks)."""
+    are written into the caller's buffers, the history shifted oldest first (no checks)."""
     x_prev, x0 = sampler_step_reference(x, model_output, coefs, step, x0_prev, None, seed, image_offset, clip,
-                                        learned_range)
+                                        learned_range, x0_prev2, x0_prev3)
     x.copy_(x_prev)
+    if x0_prev3 is not None:
+        x0_prev3.copy_(x0_prev2)
+    if x0_prev2 is not None:
+        x0_prev2.copy_(x0_prev)
     if x0_prev is not None:
         x0_prev.copy_(x0)
     step.add_(1)
@@ -213,7 +239,8 @@ def sampler_step_inplace_reference(
     t_out.copy_(model_timesteps.index_select(0, nxt).expand_as(t_out))
 
 
-@torch.library.custom_op("fastddpm::sampler_step_", mutates_args=("x", "step", "t_out", "x0_prev", "done_counter"))
+@torch.library.custom_op("fastddpm::sampler_step_",
+                         mutates_args=("x", "step", "t_out", "x0_prev", "done_counter", "x0_prev2", "x0_prev3"))
 def sampler_step_(
     x: Tensor,
     model_output: Tensor,
@@ -227,11 +254,14 @@ def sampler_step_(
     clip: bool = True,
     learned_range: bool = False,
     done_counter: Optional[Tensor] = None,
+    x0_prev2: Optional[Tensor] = None,
+    x0_prev3: Optional[Tensor] = None,
 ) -> None:
     """One sampling step in place, counters included: the whole step of a static-buffer sampling loop.
 
     Same math as `sampler_step` (z is the Philox stream of `seed`, or 0 when seed is None). Writes
-    x_{t-1} into `x` and x0-hat into `x0_prev` (when given), then `step += 1` and
+    x_{t-1} into `x` and shifts the history given (x0_prev3 <- x0_prev2 <- x0_prev <- x0-hat), then
+    `step += 1` and
     `t_out[:] = model_timesteps[min(step, S - 1)]`, the model timestep of the next step, so that a loop
     `model(x, t_out); sampler_step_(x, out, ..., t_out, ...)` needs nothing else per step (one op
     outside the model, no host sync: a CUDA graph replays it).
@@ -240,30 +270,32 @@ def sampler_step_(
         x: x_t [N, C, *spatial] (written; contiguous on the Triton path).
         model_output: [N, C, *spatial] or [N, 2C, *spatial]: with learned_range channels C..2C-1 are v;
             without it the extra channels are ignored (no slice op is needed by the caller).
-        coefs: float32 [S, 9] (see `sampler_step`).
+        coefs: float32 [S, 11] ([S, 9] without x0_prev2; see `sampler_step`).
         step: int64 [1], the row of `coefs`; incremented by one.
         t_out: int64 [N'] (any N', usually N); every element is set to the next model timestep.
         model_timesteps: int64 [S], the model timestep of each row.
-        x0_prev: the previous x0-hat (DPM-Solver++ 2M), overwritten with this step's x0-hat; or None.
+        x0_prev: the previous x0-hat (multistep solvers), overwritten with this step's x0-hat; or None.
         seed: int64 [1] Philox seed, or None (z = 0; the caller guarantees sigma = 0).
         image_offset: global index of image 0 of this batch.
         clip: clamp x0-hat to [-1, 1].
         learned_range: sigma interpolates LOG_MIN/LOG_MAX with the model's extra channels.
         done_counter: int32 [1] holding 0, the Triton kernel's completion counter (left at 0); a
             caller that steps repeatedly allocates it once. None: the Triton path allocates one per call.
+        x0_prev2, x0_prev3: the older history (x0-hat of two / three steps back), shifted back by one
+            (x0_prev3 <- x0_prev2 <- x0_prev); or None.
     """
     _check_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed, image_offset,
-                   learned_range, done_counter)
+                   learned_range, done_counter, x0_prev2, x0_prev3)
     if use_triton(x):
         from kernels.sampler_step import sampler_step_inplace
 
         if done_counter is None:
             done_counter = torch.zeros(1, dtype=torch.int32, device=x.device)
         sampler_step_inplace(x, model_output, coefs, step, t_out, model_timesteps, done_counter, x0_prev, seed,
-                             image_offset, clip, learned_range)
+                             image_offset, clip, learned_range, x0_prev2, x0_prev3)
         return
     sampler_step_inplace_reference(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed,
-                                   image_offset, clip, learned_range)
+                                   image_offset, clip, learned_range, x0_prev2, x0_prev3)
 
 
 @sampler_step_.register_fake
@@ -271,7 +303,8 @@ def _(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, t_out: Tensor, model_timesteps: Tensor,
     x0_prev: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
     clip: bool = True, learned_range: bool = False, done_counter: Optional[Tensor] = None,
+    x0_prev2: Optional[Tensor] = None, x0_prev3: Optional[Tensor] = None,
 ) -> None:
     _check_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed, image_offset,
-                   learned_range, done_counter)
+                   learned_range, done_counter, x0_prev2, x0_prev3)
     return None
