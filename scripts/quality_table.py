@@ -16,13 +16,15 @@ way. Reported: the mean over seeds and its spread (sd over seeds).
 
 Results accumulate in ``<out-dir>/quality_table.json`` (a setting re-run replaces its old entry;
 every entry records the command, the time and the seconds it took), from which ``quality_table.md``
-and ``quality_table.png`` are regenerated. Expensive settings (DDPM-1000) can be cached as uint8
+and ``quality_table.svg`` (the plot) are regenerated. Expensive settings (DDPM-1000) can be cached as uint8
 samples in ``--cache-dir`` and scored again later.
 """
 from __future__ import annotations
 
 import argparse
+import html
 import inspect
+import math
 import json
 import os
 import platform
@@ -195,7 +197,7 @@ def save_results(results: Dict[str, Any], out_dir: str, defaults: Optional[Dict[
     atomic_write_bytes(os.path.join(out_dir, "quality_table.json"),
                        (json.dumps(results, indent=1, sort_keys=True) + "\n").encode())
     write_markdown(results, out_dir)
-    plot(results, os.path.join(out_dir, "quality_table.png"))
+    plot(results, os.path.join(out_dir, "quality_table.svg"))
 
 
 def _best(entries: List[Dict[str, Any]], lib: str, calls: int) -> Optional[Dict[str, Any]]:
@@ -210,10 +212,11 @@ def write_markdown(results: Dict[str, Any], out_dir: str) -> None:
                       key=lambda s: (not s.startswith("fastddpm"), s))
     by = {(e["setting"], e["calls"]): e for e in entries}
     meta = results.get("meta", {})
+    full_seeds = max((len(e["scores"]) for e in entries), default=1)
     lines = ["# Sample quality against model calls (bundled digits model)", "",
              f"digits-FD (Frechet distance in the 64-d features of fastddpm's digits classifier) against all "
              f"{meta.get('reference_count', 1797)} digits; {meta.get('num', '?')} samples per setting and seed, "
-             f"mean of {meta.get('num_seeds', '?')} seeds (the same x_T for every sampler at a seed); "
+             f"mean of {full_seeds} seeds unless a cell says otherwise (the same x_T for every sampler at a seed); "
              "lower is better. Model calls per image are counted honestly (DPM-Solver++'s final call at t = 0 "
              "counts; UniPC's corrector reuses the next call). Machine and commands: see the end.", ""]
     ref = [e for e in entries if e["calls"] > 100 or e["setting"].startswith("data:")]
@@ -227,7 +230,11 @@ def write_markdown(results: Dict[str, Any], out_dir: str) -> None:
         cells = []
         for c in counts:
             e = by.get((s, c))
-            cells.append("-" if e is None else f"{summarize(e)[0]:.4f}")
+            if e is None:
+                cells.append("-")
+            else:
+                k = len(e["scores"])
+                cells.append(f"{summarize(e)[0]:.4f}" + ("" if k >= full_seeds else f" ({k} seed{'s' if k > 1 else ''})"))
         lines.append(f"| {label(s)} | " + " | ".join(cells) + " |")
     ddpm = next((e for e in entries if e["setting"] == "fastddpm:ddpm:uniform" and e["calls"] == 1000), None)
     lines += ["", "Best of each library per count (ratio to DDPM-1000 where measured):", "",
@@ -242,44 +249,81 @@ def write_markdown(results: Dict[str, Any], out_dir: str) -> None:
             return f"{m:.4f} ({label(e['setting'])}{r})"
         ratio = f"{summarize(f)[0] / summarize(d)[0]:.2f}" if f and d else "-"
         lines.append(f"| {c} | {cell(f)} | {cell(d)} | {ratio} |")
+    failed = results.get("failed", {})
+    if failed:
+        lines += ["", "Settings that could not run (diffusers raised on this schedule; no score):", ""]
+        lines += [f"- {label(k.split('@')[0])} at {k.split('@')[1]} calls: `{v}`" for k, v in sorted(failed.items())]
     lines += ["", "Runs that produced these entries (the table may combine several invocations of the same script "
               "on the same model, metric and seeds):", ""]
     for cmd in sorted({(e["command"], e.get("machine", "")) for e in entries}):
         lines.append(f"- `{cmd[0]}` ({cmd[1]})")
-    lines += ["", "![digits-FD against model calls](quality_table.png)"]
+    lines += ["", "![digits-FD against model calls](quality_table.svg)"]
     with open(os.path.join(out_dir, "quality_table.md"), "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
 
 
-def plot(results: Dict[str, Any], path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return False
+def plot(results: Dict[str, Any], path: str) -> str:
+    """digits-FD (log scale) against model calls, one line per setting, as a self-contained SVG
+    (no plotting dependency); reference rows (DDPM-1000, the noise floor) as horizontal lines."""
     entries = list(results["entries"].values())
-    settings = sorted({e["setting"] for e in entries if 0 < e["calls"] <= 100})
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for s in settings:
-        es = sorted((e for e in entries if e["setting"] == s and 0 < e["calls"] <= 100), key=lambda e: e["calls"])
-        ls = "-" if s.startswith("fastddpm") else "--"
-        ax.plot([e["calls"] for e in es], [summarize(e)[0] for e in es], ls=ls, marker="o", ms=3, label=label(s))
-    for e in entries:
-        if e["calls"] > 100 or e["setting"].startswith("data:"):
-            ax.axhline(summarize(e)[0], color="k" if e["calls"] else "gray", ls=":", lw=1,
-                       label=label(e["setting"]) + (f" {e['calls']}" if e["calls"] else ""))
-    ax.set_yscale("log")
-    ax.set_xlabel("model calls per image")
-    ax.set_ylabel("digits-FD vs all digits (lower is better)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    settings = sorted({e["setting"] for e in entries if 0 < e["calls"] <= 100},
+                      key=lambda s: (not s.startswith("fastddpm"), s))
+    curves = {s: sorted(((e["calls"], summarize(e)[0]) for e in entries if e["setting"] == s and 0 < e["calls"] <= 100))
+              for s in settings}
+    refs = [(label(e["setting"]) + (f", {e['calls']} calls" if e["calls"] else ""), summarize(e)[0])
+            for e in entries if e["calls"] > 100 or e["setting"].startswith("data:")]
+    ys = [y for c in curves.values() for _, y in c] + [y for _, y in refs]
+    xs = [x for c in curves.values() for x, _ in c] or [5, 20]
+    if not ys:
+        return path
+    W, H, L, R, Tp, B = 980, 560, 70, 330, 20, 50
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = math.log10(max(min(ys), 1e-6)) - 0.05, math.log10(max(ys)) + 0.05
+
+    def px(x: float) -> float:
+        return L + (x - x0) / max(x1 - x0, 1) * (W - L - R)
+
+    def py(y: float) -> float:
+        return Tp + (y1 - math.log10(max(y, 1e-6))) / max(y1 - y0, 1e-9) * (H - Tp - B)
+
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+              "#7f7f7f", "#393b79", "#637939", "#843c39", "#7b4173", "#3182bd", "#e6550d"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<rect x="{L}" y="{Tp}" width="{W - L - R}" height="{H - Tp - B}" fill="none" stroke="#444"/>']
+    for k in range(math.floor(y0), math.ceil(y1) + 1):
+        for m in (1, 2, 5):
+            v = m * 10 ** k
+            if y0 <= math.log10(v) <= y1:
+                out.append(f'<line x1="{L}" x2="{W - R}" y1="{py(v):.1f}" y2="{py(v):.1f}" stroke="#ddd"/>'
+                           f'<text x="{L - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
+    for x in sorted(set(xs)):
+        out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{Tp}" y2="{H - B}" stroke="#eee"/>'
+                   f'<text x="{px(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x}</text>')
+    out.append(f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">model calls per image</text>')
+    out.append(f'<text x="16" y="{(Tp + H - B) / 2}" transform="rotate(-90 16 {(Tp + H - B) / 2})" '
+               'text-anchor="middle">digits-FD vs all digits (log; lower is better)</text>')
+    legend_y = Tp + 8
+    for i, (name, y) in enumerate(refs):
+        out.append(f'<line x1="{L}" x2="{W - R}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#000" '
+                   f'stroke-dasharray="{"2,3" if i else "6,3"}"/>')
+        out.append(f'<line x1="{W - R + 10}" x2="{W - R + 34}" y1="{legend_y}" y2="{legend_y}" stroke="#000" '
+                   f'stroke-dasharray="{"2,3" if i else "6,3"}"/><text x="{W - R + 40}" y="{legend_y + 4}">'
+                   f'{html.escape(name)} ({y:.3g})</text>')
+        legend_y += 16
+    for i, (s, pts) in enumerate(curves.items()):
+        col = colors[i % len(colors)]
+        dash = "" if s.startswith("fastddpm") else ' stroke-dasharray="5,3"'
+        d = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+        out.append(f'<polyline points="{d}" fill="none" stroke="{col}" stroke-width="1.6"{dash}/>')
+        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{col}"/>' for x, y in pts]
+        out.append(f'<line x1="{W - R + 10}" x2="{W - R + 34}" y1="{legend_y}" y2="{legend_y}" stroke="{col}" '
+                   f'stroke-width="2"{dash}/><text x="{W - R + 40}" y="{legend_y + 4}">{html.escape(label(s))}</text>')
+        legend_y += 16
+    out.append("</svg>")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(out) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------------------ main
@@ -348,7 +392,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 continue
             if made != calls:
                 print(f"note: {setting} at --calls {calls} made {made} model calls per image", flush=True)
-            e = {"setting": setting, "calls": made, "scores": scores, "command": cmd, "machine": machine,
+            e = {"setting": setting, "calls": made, "scores": scores, "seeds": seeds, "num": args.num, "command": cmd,
+             "machine": machine,
                  "seconds": round(time.perf_counter() - t0, 1), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             results["entries"][f"{setting}@{made}"] = e
             print(f"{label(setting):>45} {made:>5} calls: {summarize(e)[0]:.4f} +- {summarize(e)[1]:.4f} "

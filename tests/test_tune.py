@@ -118,6 +118,11 @@ def test_cli_tune_steps_stores_and_sample_uses_it(tmp_path, capsys):
     model, d, _ = ckpt.load_model(path)
     want = make_sampler("ddim", d, steps=stored["3"]).sample(model, (4, 1, 8, 8), seed=0)
     assert (np.load(out)["images"] == to_uint8(want)).all()
+    from fastddpm.graphs import FastSampler
+
+    fast = FastSampler.from_checkpoint(path, "ddim", 3, batch_size=4)
+    assert fast.sampler.timesteps.tolist() == stored["3"] and fast.sampler.spacing == "tuned"
+    assert FastSampler.from_checkpoint(path, "ddim", 3, spacing="uniform", batch_size=4).sampler.spacing == "uniform"
     assert main(["sample", "--checkpoint", path, "--sampler", "ddim", "--steps", "5", "--spacing", "tuned",
                  "--num", "2", "--no-progress"]) == 1
     assert "holds no schedule for ddim at 5 steps" in capsys.readouterr().err
