@@ -119,9 +119,12 @@ def draw(setting: str, calls: int, seed: int, num: int, model: Any, diffusion: A
     """uint8 NHWC samples of one setting and seed, and the model calls per image it made."""
     from fastddpm.data import to_uint8
 
-    lib, name, spacing = setting.split(":")
+    lib, name, spacing, *rest = setting.split(":")
     full = (num, *shape)
     if lib == "fastddpm":
+        from fastddpm.precision import reduced_precision
+
+        model = reduced_precision(model, rest[0] if rest else None)  # e.g. fastddpm:unipc:tuned:bf16
         s = fastddpm_sampler(name, spacing, calls, diffusion, tuned)
         with torch.no_grad():
             x = s.sample(model, full, seed=seed)
@@ -167,15 +170,15 @@ def floor_row(scorer: Scorer, num: int, seeds: Sequence[int]) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------------------ report
 LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": "DPM-Solver++(2M)", "dpm++sde": "SDE-DPM-Solver++(2M)",
-          "dpm++3m": "DPM-Solver++(3M)", "unipc": "UniPC"}
+          "dpm++3m": "DPM-Solver++(3M)", "dpm++3m-sde": "SDE-DPM-Solver++(3M)", "unipc": "UniPC"}
 
 
 def label(setting: str) -> str:
-    lib, name, spacing = setting.split(":")
+    lib, name, spacing, *rest = setting.split(":")
     if lib == "data":
         return "exact copy of the data (noise floor)"
     if lib == "fastddpm":
-        return f"fastddpm {LABELS.get(name, name)}, {spacing}"
+        return f"fastddpm {LABELS.get(name, name)}, {spacing}" + (f", model in {rest[0]}" if rest else "")
     return f"diffusers {name}, {spacing}"
 
 
@@ -330,7 +333,8 @@ def plot(results: Dict[str, Any], path: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="default: the bundled digits model")
-    ap.add_argument("--settings", required=True, help="comma-separated lib:sampler:spacing")
+    ap.add_argument("--settings", required=True,
+                    help="comma-separated lib:sampler:spacing (fastddpm settings may add :bf16 / :fp16 for the model calls)")
     ap.add_argument("--calls", default=",".join(map(str, CALLS)), help="comma-separated model calls per image")
     ap.add_argument("--num", type=int, default=2000, help="samples per setting and seed (default: 2000)")
     ap.add_argument("--seeds", default="0,1,2")
@@ -362,14 +366,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         results["entries"]["data:copy:-@0"] = e
         print(f"floor: {summarize(e)[0]:.4f} +- {summarize(e)[1]:.4f}", flush=True)
         save_results(results, args.out_dir)
-    for setting in args.settings.split(","):
-        for calls in calls_list:
-            t0 = time.perf_counter()
-            scores, made = [], None
-            try:
-                for seed in seeds:
-                    cache = (os.path.join(args.cache_dir, f"{setting.replace(':', '_')}_{calls}_{seed}_{args.num}.npz")
-                             if args.cache_dir else None)
+    # seed-outer: an interrupted run still leaves every setting with its first seeds (cells say how many)
+    fresh = set()
+    for seed in seeds:
+        for setting in args.settings.split(","):
+            for calls in calls_list:
+                t0 = time.perf_counter()
+                cache = (os.path.join(args.cache_dir, f"{setting.replace(':', '_')}_{calls}_{seed}_{args.num}.npz")
+                         if args.cache_dir else None)
+                try:
                     if cache and os.path.isfile(cache):
                         with np.load(cache) as d:
                             u8, made = d["images"], int(d["calls"])
@@ -378,27 +383,32 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                         if cache:
                             os.makedirs(args.cache_dir, exist_ok=True)
                             np.savez(cache, images=u8, calls=made)
-                    scores.append(scorer(u8))
-                    print(f"  {setting} {calls} seed {seed}: {scores[-1]:.4f}", flush=True)
-            except KeyError as e:
-                print(f"skip {setting} {calls}: {e}", flush=True)
-                continue
-            except (IndexError, RuntimeError, ValueError) as e:  # a scheduler that breaks on this schedule
-                if not setting.startswith("diffusers:"):
-                    raise
-                print(f"FAILED {setting} {calls}: {type(e).__name__}: {e}", flush=True)
-                results.setdefault("failed", {})[f"{setting}@{calls}"] = f"{type(e).__name__}: {e}"
+                except KeyError as e:
+                    print(f"skip {setting} {calls}: {e}", flush=True)
+                    continue
+                except (IndexError, RuntimeError, ValueError) as e:  # a scheduler that breaks on this schedule
+                    if not setting.startswith("diffusers:"):
+                        raise
+                    print(f"FAILED {setting} {calls}: {type(e).__name__}: {e}", flush=True)
+                    results.setdefault("failed", {})[f"{setting}@{calls}"] = f"{type(e).__name__}: {e}"
+                    save_results(results, args.out_dir)
+                    continue
+                score = scorer(u8)
+                key = f"{setting}@{made}"
+                if key not in fresh:  # a setting re-run replaces its old entry
+                    fresh.add(key)
+                    results["entries"][key] = {"setting": setting, "calls": made, "scores": [], "seeds": [],
+                                               "num": args.num, "command": cmd, "machine": machine, "seconds": 0.0}
+                e = results["entries"][key]
+                e["scores"].append(score)
+                e["seeds"].append(seed)
+                e["seconds"] = round(e["seconds"] + time.perf_counter() - t0, 1)
+                e["time"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                if made != calls:
+                    print(f"note: {setting} at --calls {calls} made {made} model calls per image", flush=True)
+                print(f"{label(setting):>45} {made:>5} calls seed {seed}: {score:.4f} (mean so far "
+                      f"{summarize(e)[0]:.4f}, {time.perf_counter() - t0:.0f} s)", flush=True)
                 save_results(results, args.out_dir)
-                continue
-            if made != calls:
-                print(f"note: {setting} at --calls {calls} made {made} model calls per image", flush=True)
-            e = {"setting": setting, "calls": made, "scores": scores, "seeds": seeds, "num": args.num, "command": cmd,
-             "machine": machine,
-                 "seconds": round(time.perf_counter() - t0, 1), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-            results["entries"][f"{setting}@{made}"] = e
-            print(f"{label(setting):>45} {made:>5} calls: {summarize(e)[0]:.4f} +- {summarize(e)[1]:.4f} "
-                  f"({e['seconds']} s)", flush=True)
-            save_results(results, args.out_dir)
     return results
 
 
