@@ -333,7 +333,10 @@ def plot(results: Dict[str, Any], path: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="default: the bundled digits model")
-    ap.add_argument("--settings", required=True,
+    ap.add_argument("--merge", default=None, metavar="JSON,JSON",
+                    help="combine the entries of these quality_table.json files (runs made in parallel) into "
+                         "--out-dir and regenerate the table and plot; samples nothing")
+    ap.add_argument("--settings", default=None,
                     help="comma-separated lib:sampler:spacing (fastddpm settings may add :bf16 / :fp16 for the model calls)")
     ap.add_argument("--calls", default=",".join(map(str, CALLS)), help="comma-separated model calls per image")
     ap.add_argument("--num", type=int, default=2000, help="samples per setting and seed (default: 2000)")
@@ -343,6 +346,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "docs"))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.merge:
+        merged: Dict[str, Any] = {"entries": {}, "failed": {}}
+        nums = set()
+        for part in args.merge.split(","):
+            r = load_results(part)
+            for k, e in r["entries"].items():
+                nums.add(e.get("num", r.get("meta", {}).get("num")))
+                merged["entries"][k] = e
+        if len(nums) > 1:  # digits-FD is biased by 1/num: rows with different sample counts do not compare
+            raise SystemExit(f"--merge: the files hold different samples per setting {sorted(map(str, nums))}")
+            merged["failed"].update(r.get("failed", {}))
+            merged["meta"] = r.get("meta", merged.get("meta", {}))
+        os.makedirs(args.out_dir, exist_ok=True)
+        save_results(merged, args.out_dir)
+        return merged
+    if not args.settings:
+        ap.error("--settings is required (or --merge)")
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     calls_list = [int(c) for c in args.calls.split(",")]
@@ -373,12 +393,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             for calls in calls_list:
                 t0 = time.perf_counter()
                 cache = (os.path.join(args.cache_dir, f"{setting.replace(':', '_')}_{calls}_{seed}_{args.num}.npz")
-                         if args.cache_dir else None)
+                         if args.cache_dir and ":tuned" not in setting else None)  # a tuned schedule may change
                 try:
                     if cache and os.path.isfile(cache):
                         with np.load(cache) as d:
                             u8, made = d["images"], int(d["calls"])
                     else:
+                        if ":tuned" in setting:  # re-read: `fastddpm tune-steps` may be adding schedules meanwhile
+                            tuned = load_tuned_schedules(ckpt.resolve_checkpoint(args.checkpoint))
                         u8, made = draw(setting, calls, seed, args.num, model, diffusion, shape, tuned)
                         if cache:
                             os.makedirs(args.cache_dir, exist_ok=True)
