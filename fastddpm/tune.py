@@ -205,7 +205,10 @@ def tune_timesteps(model: Any, diffusion: Any, sampler: str = "unipc", steps: in
 # ------------------------------------------------------------------------------ storage
 def schedules_path(checkpoint_path: str) -> str:
     """Where the tuned schedules of a checkpoint live: ``X.schedules.json`` beside a ``X.safetensors``
-    file, ``schedules.json`` inside a checkpoint directory."""
+    file, ``schedules.json`` inside a checkpoint directory (a path that already ends in
+    ``.schedules.json`` is the sidecar itself)."""
+    if checkpoint_path.endswith(".schedules.json"):
+        return checkpoint_path
     if os.path.isdir(checkpoint_path):
         return os.path.join(checkpoint_path, "schedules.json")
     return os.path.splitext(checkpoint_path)[0] + ".schedules.json"

@@ -344,6 +344,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--floor", action="store_true", help="also (re)compute the noise floor row")
     ap.add_argument("--cache-dir", default=None, help="keep / reuse uint8 samples here (for DDPM-1000)")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "docs"))
+    ap.add_argument("--tuned", default=None, metavar="JSON",
+                    help="read the 'tuned' schedules from this sidecar file instead of the checkpoint's")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     if args.merge:
@@ -371,7 +373,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     shape = (int(mc["in_channels"]), int(mc["image_size"]), int(mc["image_size"]))
     from fastddpm.tune import load_tuned_schedules
 
-    tuned = load_tuned_schedules(ckpt.resolve_checkpoint(args.checkpoint))
+    sidecar = args.tuned or ckpt.resolve_checkpoint(args.checkpoint)
+    tuned = load_tuned_schedules(sidecar)
     scorer = Scorer()
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "quality_table.json")
@@ -400,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                             u8, made = d["images"], int(d["calls"])
                     else:
                         if ":tuned" in setting:  # re-read: `fastddpm tune-steps` may be adding schedules meanwhile
-                            tuned = load_tuned_schedules(ckpt.resolve_checkpoint(args.checkpoint))
+                            tuned = load_tuned_schedules(sidecar)
                         u8, made = draw(setting, calls, seed, args.num, model, diffusion, shape, tuned)
                         if cache:
                             os.makedirs(args.cache_dir, exist_ok=True)
