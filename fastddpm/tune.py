@@ -83,7 +83,7 @@ def tune_timesteps(model: Any, diffusion: Any, sampler: str = "unipc", steps: in
                    shape: Optional[Sequence[int]] = None, num_samples: int = 256, val_samples: int = 256,
                    reference_steps: int = 200, seed: int = 0, max_rounds: int = 4, max_seconds: float = 600.0,
                    batch_size: int = 512, init: Optional[Sequence[int]] = None,
-                   cache: Optional[Dict[Any, torch.Tensor]] = None,
+                   cache: Optional[Dict[Any, torch.Tensor]] = None, keep_last: bool = False,
                    log: Optional[Callable[[str], None]] = None) -> TuneResult:
     """Timesteps minimising `sampler`'s error at `steps` model calls against a `reference_steps` solution.
 
@@ -100,6 +100,8 @@ def tune_timesteps(model: Any, diffusion: Any, sampler: str = "unipc", steps: in
         batch_size: images per model call.
         init: a starting schedule (descending, `steps` long); default: the best built-in spacing.
         cache: a dict kept across calls to reuse the reference solutions (same model and diffusion).
+        keep_last: do not move the last timestep (the level the final x0-hat is taken at is then the
+            initial schedule's, e.g. trailing's T/S - 1: a quality choice, tuned only on the path to it).
         log: a callable taking progress lines (e.g. print).
 
     Returns:
@@ -168,7 +170,7 @@ def tune_timesteps(model: Any, diffusion: Any, sampler: str = "unipc", steps: in
     frac = 0.5
     for rnd in range(max_rounds):
         improved = False
-        for i in range(1, steps):
+        for i in range(1, steps - 1 if keep_last else steps):
             if time.perf_counter() - t_start > max_seconds:
                 break
             upper = ts[i - 1]  # strictly below the previous timestep

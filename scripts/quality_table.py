@@ -104,7 +104,7 @@ def fastddpm_sampler(name: str, spacing: str, calls: int, diffusion: Any, tuned:
     """The fastddpm sampler of a setting: `calls` model calls, `spacing` (or the checkpoint's tuned schedule)."""
     from fastddpm.samplers import make_sampler
 
-    if spacing == "tuned":
+    if spacing.startswith("tuned"):  # "tuned", or a labelled variant ("tuned-keeplast") read from --tuned
         ts = (tuned.get(name) or {}).get(str(calls))
         if ts is None:
             raise KeyError(f"no tuned schedule for {name} at {calls} calls")
@@ -258,7 +258,7 @@ def write_markdown(results: Dict[str, Any], out_dir: str) -> None:
         lines += [f"- {label(k.split('@')[0])} at {k.split('@')[1]} calls: `{v}`" for k, v in sorted(failed.items())]
     lines += ["", "Runs that produced these entries (the table may combine several invocations of the same script "
               "on the same model, metric and seeds):", ""]
-    for cmd in sorted({(e["command"], e.get("machine", "")) for e in entries}):
+    for cmd in sorted({(c, e.get("machine", "")) for e in entries for c in e["command"].split(" ; ")}):
         lines.append(f"- `{cmd[0]}` ({cmd[1]})")
     lines += ["", "![digits-FD against model calls](quality_table.svg)"]
     with open(os.path.join(out_dir, "quality_table.md"), "w", encoding="utf-8") as fh:
@@ -420,10 +420,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     continue
                 score = scorer(u8)
                 key = f"{setting}@{made}"
-                if key not in fresh:  # a setting re-run replaces its old entry
+                if key not in fresh:  # a re-run replaces the old scores of its seeds and keeps the others
                     fresh.add(key)
-                    results["entries"][key] = {"setting": setting, "calls": made, "scores": [], "seeds": [],
-                                               "num": args.num, "command": cmd, "machine": machine, "seconds": 0.0}
+                    old = results["entries"].get(key)
+                    keep = ([(sd, sc) for sd, sc in zip(old.get("seeds", []), old["scores"]) if sd not in seeds]
+                            if old and old.get("num") == args.num else [])
+                    results["entries"][key] = {"setting": setting, "calls": made, "scores": [sc for _, sc in keep],
+                                               "seeds": [sd for sd, _ in keep], "num": args.num,
+                                               "command": (old["command"] + " ; " if keep else "") + cmd,
+                                               "machine": machine, "seconds": 0.0}
                 e = results["entries"][key]
                 e["scores"].append(score)
                 e["seeds"].append(seed)

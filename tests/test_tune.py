@@ -48,6 +48,10 @@ def test_tune_improves_on_uniform_for_the_exact_gaussian_model(gaussian):
     assert all(a > b for a, b in zip(r.timesteps, r.timesteps[1:]))
     # on fresh x_T and against another reference solver, the tuned schedule still beats uniform
     assert _error(model, d, r.timesteps) < 0.7 * _error(model, d, make_sampler("ddim", d, steps=4).timesteps.tolist())
+    # keep_last: the last timestep stays where the initial schedule put it (trailing's T/S - 1 = 249)
+    k = ft.tune_timesteps(model, d, "ddim", 4, shape=(1, 4, 4), num_samples=64, val_samples=64, reference_steps=100,
+                          max_rounds=2, init=[999, 749, 499, 249], keep_last=True)
+    assert k.timesteps[-1] == 249 and k.timesteps[0] == 999 and k.objective <= k.initial_objective
 
 
 def test_tune_rejects_stochastic_samplers_and_bad_args(gaussian):

@@ -30,6 +30,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-steps", type=int, default=200,
                    help="DPM-Solver++ logSNR steps of the reference solution (default: 200)")
     p.add_argument("--max-rounds", type=int, default=4, help="step fractions of the descent (default: 4)")
+    p.add_argument("--keep-last", action="store_true",
+                   help="start from the trailing spacing and keep its last timestep (tune only the path to it)")
     p.add_argument("--max-seconds", type=float, default=600.0, help="time bound per step count (default: 600)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tuning x_T (validation: seed + 1)")
     p.add_argument("--batch-size", type=int, default=512)
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from .. import checkpoint as ckpt
+    from ..spacing import make_timesteps
     from ..tune import save_tuned_schedule, tune_timesteps
 
     if args.sampler not in TUNABLE:
@@ -67,9 +70,13 @@ def run(args: argparse.Namespace) -> int:
     cache: dict = {}
     report = {"checkpoint": path, "sampler": args.sampler, "results": []}
     for n in steps:
+        init = make_timesteps(diffusion.schedule, n, "trailing") if args.keep_last else None
         r = tune_timesteps(model, diffusion, args.sampler, n, num_samples=args.num_samples, val_samples=args.val_samples,
                            reference_steps=args.reference_steps, seed=args.seed, max_rounds=args.max_rounds,
-                           max_seconds=args.max_seconds, batch_size=args.batch_size, cache=cache, log=log)
+                           max_seconds=args.max_seconds, batch_size=args.batch_size, cache=cache, init=init,
+                           keep_last=args.keep_last, log=log)
+        if args.keep_last:
+            r.initial_spacing = "trailing"
         entry = r.to_dict()
         if not args.dry_run:
             entry["stored_in"] = save_tuned_schedule(path, r, extra={"weights": "raw" if args.no_ema else "ema"})
