@@ -216,10 +216,13 @@ def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--min-time", type=float, default=0.2, help="about 4 x the seconds of one timed repeat (default 0.2)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_cpu.json"))
+    p.add_argument("--out", default=None,
+                   help="where to write the JSON (default: step_cpu.json in $FASTDDPM_BENCH_RESULTS, which "
+                        "`fastddpm bench` sets, else in benchmarks/results/)")
     args = p.parse_args(argv)
     result = run_all(args.min_time)
-    out = Path(args.out)
+    out = Path(args.out or os.path.join(os.environ.get("FASTDDPM_BENCH_RESULTS")
+                                        or str(ROOT / "benchmarks" / "results"), "step_cpu.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:

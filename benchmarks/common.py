@@ -12,6 +12,13 @@ import torch
 import fastddpm as fd
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# `fastddpm bench` points this at its --out-dir so that a run leaves the tracked results/ alone
+RESULTS_ENV = "FASTDDPM_BENCH_RESULTS"
+
+
+def results_dir() -> str:
+    """Where write_result writes: $FASTDDPM_BENCH_RESULTS when set, else benchmarks/results/."""
+    return os.environ.get(RESULTS_ENV) or RESULTS
 
 # google/ddpm-cifar10-32's UNet2DModel config
 DDPM_CIFAR10_DIFFUSERS = dict(
@@ -51,9 +58,9 @@ def machine() -> Dict[str, Any]:
 
 
 def write_result(name: str, payload: Dict[str, Any]) -> str:
-    """Write benchmarks/results/<name>.json (with the machine) atomically; returns the path."""
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}.json")
+    """Write <results_dir()>/<name>.json (with the machine) atomically; returns the path."""
+    os.makedirs(results_dir(), exist_ok=True)
+    path = os.path.join(results_dir(), f"{name}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump({"machine": machine(), **payload}, fh, indent=2, default=str)

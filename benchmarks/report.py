@@ -7,7 +7,8 @@
 Only the text between `<!-- perf:begin -->` and `<!-- perf:end -->` is replaced. Every results file
 becomes a subsection with the command that reproduces it, the machine it ran on, and the ratios to
 the peers measured in the same run (the ratios are read from the file, never recomputed across files).
-Files this script knows (figures, step_cpu, sampling_cpu, sampling_gpu) get tables of their own; any
+Files this script knows (figures, step_cpu, sampling_cpu, sampling_gpu, gpu_* from
+benchmarks/gpu_check.py) get tables of their own; any
 other file gets a generic table of its numbers. GPU figures appear only when a results file from a
 GPU run exists: nothing is filled in or estimated. The output holds no timestamps, so it is a pure
 function of the results files and `--check` is stable.
@@ -242,6 +243,76 @@ def render_unet(name: str, data: Dict[str, Any]) -> List[str]:
     return out
 
 
+def _num(v: Any, scale: float = 1.0) -> str:
+    """A figure of a gpu_check file: n/a when it was not measured (null), else fmt(v * scale)."""
+    return "n/a" if not isinstance(v, (int, float)) or isinstance(v, bool) else fmt(float(v) * scale)
+
+
+def render_gpu_check(name: str, data: Dict[str, Any]) -> List[str]:
+    """benchmarks/gpu_check.py's file: versions, each part's status and time, then each part's figures."""
+    v, peaks, parts = data.get("versions", {}), data.get("peaks", {}), data.get("parts", {})
+    out = [f"### GPU check on {v.get('device_name', '?')} (every GPU-only test and benchmark, one command)", ""]
+    out += preamble(name, data)
+    out += [f"torch {v.get('torch')}, triton {v.get('triton')}, CUDA {v.get('cuda')}, driver {v.get('driver')}; "
+            f"% of peak against {peaks.get('matched') or 'no listed device'}: HBM {_num(peaks.get('hbm_Bps'), 1e-12)} TB/s, "
+            f"bf16 dense {_num(peaks.get('bf16_flops'), 1e-12)} TFLOP/s (datasheet).", ""]
+    out += table(("part", "status", "seconds", "budget s"),
+                 [(p, e.get("status", "?"), _num(e.get("seconds")), _num(e.get("budget_s"))) for p, e in parts.items()])
+    out.append("")
+    res = {p: e.get("result") or {} for p, e in parts.items()}
+    if res.get("tests"):
+        c = res["tests"].get("counts", {})
+        out += [f"GPU tests (`{res['tests'].get('command', '')}`): " + ", ".join(f"{n} {k}" for k, n in c.items())
+                + "." + ("" if not res["tests"].get("failed") else " Failed: " + "; ".join(res["tests"]["failed"][:10])), ""]
+    if res.get("device"):
+        d = res["device"]
+        out += [f"Measured ceilings: device-to-device copy {_num(d.get('copy_Bps'), 1e-12)} TB/s "
+                f"({_num(d.get('copy_pct_of_peak'))}% of the datasheet), bf16 matmul {d.get('matmul_n')}^3 "
+                f"{_num(d.get('bf16_matmul_flops'), 1e-12)} TFLOP/s ({_num(d.get('matmul_pct_of_peak'))}%).", ""]
+    rows = []
+    for r in (res.get("group_norm") or {}).get("rows", []):
+        for impl in ("fastddpm", "torch_eager", "torch_compile"):
+            if impl in r:
+                m = r[impl]
+                rows.append(("x".join(map(str, r["shape"])), impl, _num(m.get("fwd_GBps")), _num(m.get("fwd_pct_of_peak")),
+                             _num(m.get("fwd_bwd_GBps")), _num(m.get("fwd_bwd_pct_of_peak"))))
+    if rows:
+        out += ["GroupNorm+SiLU (scale-shift, bf16; GB/s of the fused kernels' modelled bytes, same bytes for every row):", ""]
+        out += table(("N x C x H x W", "implementation", "fwd GB/s", "fwd % peak", "fwd+bwd GB/s", "fwd+bwd % peak"), rows)
+        out.append("")
+    rows = [("x".join(map(str, r["shape"])), r.get("path", ""), _num(r["fastddpm"].get("fwd_s"), 1e3),
+             _num(r["sdpa"].get("fwd_s"), 1e3), _num(r["fastddpm"].get("fwd_bwd_s"), 1e3), _num(r["sdpa"].get("fwd_bwd_s"), 1e3),
+             _num(r["fastddpm"].get("fwd_bwd_tflops")), _num(r["fastddpm"].get("fwd_bwd_pct_of_peak")))
+            for r in (res.get("attention") or {}).get("rows", [])]
+    if rows:
+        out += ["Attention (bf16, B x heads x N x head_dim), milliseconds:", ""]
+        out += table(("shape", "path", "fwd ms", "SDPA fwd ms", "fwd+bwd ms", "SDPA fwd+bwd ms", "fwd+bwd TFLOP/s",
+                      "% peak"), rows) + [""]
+    rows = [(r["sampler"], r["dtype"], _num(r["fused"].get("GBps")), _num(r["fused"].get("pct_of_peak")),
+             _num(r["unfused_reference"].get("GBps")), _num(r.get("time_ratio_fused_vs_unfused")))
+            for r in (res.get("step") or {}).get("rows", [])]
+    if rows:
+        out += ["Sampler step (one fused launch vs the unfused reference, 256x3x32x32):", ""]
+        out += table(("sampler", "dtype", "fused GB/s", "% peak", "unfused GB/s (same bytes)", "time fused / unfused"), rows)
+        out.append("")
+    u = res.get("unet") or {}
+    rows = [(section, impl, _num(m.get("s"), 1e3)) for section in ("forward", "train_step")
+            for impl, m in (u.get(section) or {}).items()]
+    if rows:
+        out += [f"U-Net ({u.get('config')}, batch {u.get('batch')}, bf16; training step = forward, MSE, backward, "
+                "AdamW under autocast), milliseconds:", ""]
+        out += table(("measurement", "implementation", "ms"), rows) + [""]
+    rows = []
+    for r in (res.get("sampling") or {}).get("rows", []):
+        rows.append((f"{r['sampler']}-{r['steps']}", r["dtype"], r["batch"], _num(r["diffusers_pipeline"].get("images_per_s")),
+                     *(_num((r.get(f"fast_sampler_{c}") or {}).get("images_per_s")) for c in ("step", "loop", "none"))))
+    if rows:
+        out += ["FastSampler end to end vs diffusers' pipeline (same weights, same run), images/s:", ""]
+        out += table(("sampler", "dtype", "batch", "diffusers pipeline", "capture=step", "capture=loop", "capture=none"), rows)
+        out.append("")
+    return out
+
+
 def _leaves(obj: Any, prefix: str = "") -> List[Tuple[str, Any]]:
     if isinstance(obj, dict):
         out = []
@@ -308,11 +379,18 @@ def render(results: Path = RESULTS) -> str:
     if not items:
         lines += ["No benchmark results yet: run `fastddpm bench` from a checkout.", ""]
     for name, data in items:
+        if name.startswith("gpu_") and isinstance(data, dict) and data.get("dry_run"):
+            continue  # a --dry-run file carries no figures
         renderer = RENDERERS.get(name) or (render_unet if name.startswith("unet") else None)
+        if name.startswith("gpu_") and isinstance(data, dict) and data.get("benchmark") == "gpu_check":
+            renderer = render_gpu_check
         try:
             lines += renderer(name, data) if renderer else render_generic(name, data)
         except (KeyError, TypeError, IndexError, ZeroDivisionError):  # a format this script does not know
             lines += render_generic(name, data)
+    if not any(n.startswith("gpu_") and isinstance(d, dict) and not d.get("dry_run") for n, d in items):
+        lines += ["GPU check: not run on a GPU yet. `python benchmarks/gpu_check.py` on a CUDA machine runs every "
+                  "GPU-only test and benchmark in about 8 minutes and writes benchmarks/results/gpu_<device>.json.", ""]
     if not any(n.endswith("gpu") or (isinstance(d, dict) and isinstance(d.get("machine"), dict)
                                      and d["machine"].get("gpu")) for n, d in items):
         lines += ["GPU figures: none yet (no results file from a GPU run); `fastddpm bench` on a CUDA machine "

@@ -29,12 +29,22 @@ _EXPORTS = {
     "UNet": "unet",
     "unet_from_diffusers": "interop.diffusers",
     "FastSampler": "graphs",
+    "to_pil": "images",
+    "to_uint8": "images",
+    "save_grid": "images",
+    "fid": "evaluate",
+    "load": "pretrained",
+    "Pipeline": "pretrained",
 }
+# submodules reachable as attributes without an explicit import (fd.metrics.frechet_distance, ...)
+_SUBMODULES = ("metrics", "evaluate", "features", "inception", "images", "interop")
 
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'fastddpm' has no attribute {name!r}")

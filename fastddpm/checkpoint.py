@@ -6,6 +6,10 @@ A training run directory holds ``checkpoints/step_<NNNNNNNN>/``, each with
     ema.safetensors     the EMA weights (same keys), when the run keeps an EMA
     state.pt            optimizer state, step, RNG states, counters (torch.save, loaded weights_only)
     config.json         the run's config: {"model": UNet kwargs, "diffusion": {...}, "train": {...}, ...}
+    checksums.sha256    the SHA-256 of each file above (``sha256sum -c checksums.sha256`` checks them);
+                        loading verifies them, so flipped bytes inside tensor data are an error naming the
+                        file (an edited config.json only warns: it is text people edit, the config checks
+                        judge it)
 
 Atomicity: the whole step directory is first written as a hidden temporary directory next to its
 final place (every file written, flushed and fsync'ed), the temporary directory is fsync'ed, renamed
@@ -19,11 +23,13 @@ bundled model ships (``fastddpm/assets/digits.safetensors``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -39,9 +45,12 @@ __all__ = [
     "latest_checkpoint",
     "resolve_checkpoint",
     "load_checkpoint",
+    "verify_checkpoint",
     "build_model",
     "build_diffusion",
     "check_state_dict",
+    "check_train_state",
+    "CHECKSUMS_FILE",
     "load_model",
     "export_model",
     "BUNDLED_MODEL",
@@ -51,6 +60,7 @@ FORMAT = "fastddpm-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "fastddpm_config"
 CKPT_SUBDIR = "checkpoints"
+CHECKSUMS_FILE = "checksums.sha256"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits.safetensors")
 
@@ -193,12 +203,17 @@ def save_checkpoint(
     config["step"] = int(step)
     try:
         os.makedirs(tmp)
-        _write(os.path.join(tmp, "config.json"), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-        _write(os.path.join(tmp, "model.safetensors"), _safetensors_bytes(model_state, config))
+        files = {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+                 "model.safetensors": _safetensors_bytes(model_state, config)}
         if ema_state is not None:
-            _write(os.path.join(tmp, "ema.safetensors"), _safetensors_bytes(ema_state, config))
+            files["ema.safetensors"] = _safetensors_bytes(ema_state, config)
         if train_state is not None:
-            _write(os.path.join(tmp, "state.pt"), _torch_bytes(train_state))
+            files["state.pt"] = _torch_bytes(train_state)
+        for name, data in files.items():
+            _write(os.path.join(tmp, name), data)
+        # sha256sum's format: "<hex>  <name>"
+        sums = "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in files.items())
+        _write(os.path.join(tmp, CHECKSUMS_FILE), sums.encode())
         _fsync_dir(tmp)
         old = None
         if os.path.exists(final):  # re-saving a step: move the old one aside first
@@ -267,7 +282,45 @@ def resolve_checkpoint(path: Optional[str]) -> str:
     return path
 
 
-def _read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+def _read_checksums(ckpt_dir: str) -> Dict[str, str]:
+    """{file name: sha256 hex} from a checkpoint's checksums.sha256 ({} for checkpoints written without one)."""
+    p = os.path.join(ckpt_dir, CHECKSUMS_FILE)
+    if not os.path.isfile(p):
+        return {}
+    out = {}
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.strip().split(None, 1)
+            if len(parts) != 2 or not re.fullmatch(r"[0-9a-f]{64}", parts[0]):
+                raise CheckpointError(f"{p}: malformed line {line.strip()!r} (expected '<sha256>  <file>')")
+            out[parts[1].lstrip("*")] = parts[0]
+    return out
+
+
+def _verify_file(path: str, sums: Dict[str, str]) -> None:
+    """Raise CheckpointError naming ``path`` when its SHA-256 differs from the one recorded at save time."""
+    want = sums.get(os.path.basename(path))
+    if want is None or not os.path.isfile(path):
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    if h.hexdigest() != want:
+        raise CheckpointError(
+            f"{path}: SHA-256 mismatch: the file changed after it was written (disk corruption, a partial copy or "
+            f"an edit); recorded {want[:16]}..., found {h.hexdigest()[:16]}... ({CHECKSUMS_FILE} beside it)"
+        )
+
+
+def verify_checkpoint(path: str) -> None:
+    """Check every file of checkpoint directory ``path`` against its checksums.sha256 (CheckpointError if not)."""
+    sums = _read_checksums(path)
+    for name in sums:
+        _verify_file(os.path.join(path, name), sums)
+
+
+def _read_safetensors(path: str, sums: Optional[Dict[str, str]] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     from safetensors import safe_open
 
     if not os.path.isfile(path):
@@ -283,6 +336,7 @@ def _read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str
         raise CheckpointError(
             f"{path}: truncated or corrupt safetensors file ({size} bytes): {type(e).__name__}: {e}"
         ) from e
+    _verify_file(path, sums or {})  # after parsing, so a truncated file keeps its plainer message
     return out, meta
 
 
@@ -294,6 +348,84 @@ def _parse_config(text: str, where: str) -> Dict[str, Any]:
     if not isinstance(cfg, dict) or "model" not in cfg or "diffusion" not in cfg:
         raise CheckpointError(f"{where}: the config must be a JSON object with 'model' and 'diffusion' entries")
     return cfg
+
+
+def _config_step(cfg: Dict[str, Any], where: str) -> int:
+    step = cfg.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{where}: 'step' must be a non-negative int, got {step!r}")
+    return step
+
+
+def check_train_state(state: Any, where: str, step: int, world_size: Optional[int] = None) -> None:
+    """Check a loaded state.pt before anything uses it; CheckpointError naming the entry otherwise.
+
+    ``step`` is the checkpoint's own step (its config and directory name): state.pt must agree with it,
+    and every step is either an update or a skipped one (``updates + skipped == step``).
+    """
+    def bad(msg: str) -> CheckpointError:
+        return CheckpointError(f"{where}: {msg} (a damaged or hand-edited training state; resume from another "
+                               "checkpoint)")
+
+    if not isinstance(state, dict):
+        raise bad(f"expected a dict, got {type(state).__name__}")
+    for key in ("optimizer", "step", "skipped", "updates", "rng"):
+        if key not in state:
+            raise bad(f"missing entry {key!r}")
+    for key in ("step", "skipped", "updates"):
+        v = state[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise bad(f"{key!r} must be a non-negative int, got {v!r}")
+    if state["step"] != step:
+        raise bad(f"'step' is {state['step']} but the checkpoint is of step {step}")
+    if state["skipped"] + state["updates"] != state["step"]:
+        raise bad(f"'updates' ({state['updates']}) + 'skipped' ({state['skipped']}) must equal 'step' ({step})")
+    opt = state["optimizer"]
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        raise bad("'optimizer' must be an optimizer state dict (with 'state' and 'param_groups')")
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    ref = torch.get_rng_state()
+    for r in rngs:
+        cpu = r.get("cpu") if isinstance(r, dict) else None
+        if not torch.is_tensor(cpu) or cpu.dtype != torch.uint8 or cpu.shape != ref.shape:
+            raise bad(f"'rng' must hold a 'cpu' uint8 tensor of shape {tuple(ref.shape)} per process")
+    if world_size is not None and state.get("world_size", len(rngs)) != len(rngs):
+        raise bad(f"'world_size' {state.get('world_size')!r} does not match the {len(rngs)} RNG states")
+
+
+# bounds on checkpoint config values, checked before anything is allocated (a hand-edited or hostile config
+# could otherwise ask for terabytes); each is far beyond any model this library trains
+CONFIG_BOUNDS = {"image_size": 4096, "in_channels": 64, "base_channels": 4096, "num_res_blocks": 64,
+                 "channel_mults": 64, "levels": 12, "num_heads": 1024, "head_channels": 4096,
+                 "num_classes": 1_000_000, "groups": 4096, "out_channels": 128, "num_timesteps": 100_000}
+MAX_PARAMETERS = 20_000_000_000
+
+
+def _check_bound(name: str, value: Any, where: str) -> None:
+    bound = CONFIG_BOUNDS[name]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > bound:
+        raise CheckpointError(f"{where}: {name}={value!r} exceeds the bound {bound} for a checkpoint config; "
+                              "refused before building anything (a damaged or hand-edited config?)")
+
+
+def _check_model_bounds(m: Dict[str, Any]) -> None:
+    where = "the checkpoint's model config"
+    for k in ("image_size", "in_channels", "base_channels", "num_res_blocks", "num_heads", "head_channels",
+              "num_classes", "groups", "out_channels"):
+        _check_bound(k, m.get(k), where)
+    mults = m.get("channel_mults", ())
+    if isinstance(mults, (list, tuple)):
+        _check_bound("levels", len(mults), where)
+        for v in mults:
+            _check_bound("channel_mults", v, where)
+        widest = m.get("base_channels", 0) * max([v for v in mults if isinstance(v, (int, float))] or [0])
+        if isinstance(widest, (int, float)) and widest > 0:
+            # a generous over-estimate of the parameter count: every conv of every block at the widest width
+            per_level = 3 * (int(m.get("num_res_blocks", 1) or 1) + 1) * 2 * 9 * widest ** 2
+            estimate = per_level * (len(mults) + 1)
+            if estimate > MAX_PARAMETERS:
+                raise CheckpointError(f"{where}: about {estimate:.3g} parameters (base_channels * channel_mults = "
+                                      f"{widest}) exceed the bound {MAX_PARAMETERS:.3g}; refused before building")
 
 
 def load_checkpoint(path: Optional[str], load_state: bool = True, load_model: bool = True,
@@ -319,21 +451,27 @@ def load_checkpoint(path: Optional[str], load_state: bool = True, load_model: bo
                     break
             else:
                 raise CheckpointError(f"{path}: no config in the file's metadata and no {cands[0]} or {cands[1]}")
-        return Checkpoint(path=path, config=cfg, model=weights, step=int(cfg.get("step", 0)))
+        return Checkpoint(path=path, config=cfg, model=weights, step=_config_step(cfg, path))
 
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{cfg_path}: missing checkpoint file")
     with open(cfg_path, encoding="utf-8") as f:
         cfg = _parse_config(f.read(), cfg_path)
-    ck = Checkpoint(path=path, config=cfg, step=int(cfg.get("step", 0)))
+    sums = _read_checksums(path)
+    try:
+        _verify_file(cfg_path, sums)
+    except CheckpointError:  # config.json is text people edit: say so, and let the config checks judge it
+        warnings.warn(f"{cfg_path} was edited after it was written (its SHA-256 differs from {CHECKSUMS_FILE}); "
+                      "using it as it is", stacklevel=2)
+    ck = Checkpoint(path=path, config=cfg, step=_config_step(cfg, cfg_path))
     model_p, ema_p, state_p = (os.path.join(path, n) for n in ("model.safetensors", "ema.safetensors", "state.pt"))
     if load_model:
-        ck.model, _ = _read_safetensors(model_p)
+        ck.model, _ = _read_safetensors(model_p, sums)
     if load_ema and os.path.exists(ema_p):
-        ck.ema, _ = _read_safetensors(ema_p)
+        ck.ema, _ = _read_safetensors(ema_p, sums)
     elif load_ema and not load_model and not os.path.exists(ema_p):
-        ck.model, _ = _read_safetensors(model_p)  # no EMA: fall back to the raw weights
+        ck.model, _ = _read_safetensors(model_p, sums)  # no EMA: fall back to the raw weights
     if load_state:
         if not os.path.isfile(state_p):
             raise CheckpointError(f"{state_p}: missing checkpoint file (needed to resume training)")
@@ -344,6 +482,7 @@ def load_checkpoint(path: Optional[str], load_state: bool = True, load_model: bo
                 f"{state_p}: truncated or corrupt training state ({os.path.getsize(state_p)} bytes): "
                 f"{type(e).__name__}: {e}"
             ) from e
+        _verify_file(state_p, sums)
     return ck
 
 
@@ -354,7 +493,10 @@ def build_model(config: Dict[str, Any]) -> torch.nn.Module:
 
     import inspect
 
+    if not isinstance(config.get("model"), dict):
+        raise CheckpointError("the checkpoint's model config must be a JSON object of UNet arguments")
     m = dict(config["model"])
+    _check_model_bounds(m)
     # keyword arguments this UNet version does not know (written by another version) are dropped: any
     # real architecture difference still shows up in check_state_dict as missing/mis-shaped weights
     params = inspect.signature(UNet.__init__).parameters
@@ -372,7 +514,15 @@ def build_diffusion(config: Dict[str, Any]):
     from .schedule import NoiseSchedule
 
     d = config["diffusion"]
-    schedule, T = d.get("schedule", "linear"), int(d.get("num_timesteps", 1000))
+    if not isinstance(d, dict):
+        raise CheckpointError("the checkpoint's diffusion config must be a JSON object")
+    schedule, T = d.get("schedule", "linear"), d.get("num_timesteps", 1000)
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise CheckpointError(f"the checkpoint's diffusion config: num_timesteps must be a positive int, got {T!r}")
+    _check_bound("num_timesteps", T, "the checkpoint's diffusion config")
+    if schedule == "custom" and (not isinstance(d.get("betas"), list) or len(d["betas"]) > CONFIG_BOUNDS["num_timesteps"]):
+        raise CheckpointError("the checkpoint's diffusion config: 'custom' needs 'betas', a list of at most "
+                              f"{CONFIG_BOUNDS['num_timesteps']} numbers")
     if schedule == "linear":
         sched = NoiseSchedule.linear(T)
     elif schedule == "cosine":
@@ -415,7 +565,9 @@ def load_model(path: Optional[str] = None, use_ema: bool = True, device: Any = "
     check_state_dict(model, weights, ck.path)
     model.load_state_dict(weights)
     model.to(device).eval()
-    return model, build_diffusion(ck.config), ck.config
+    diffusion = build_diffusion(ck.config)
+    model.num_timesteps = diffusion.num_timesteps  # lets the U-Net refuse t >= T (see UNet.forward)
+    return model, diffusion, ck.config
 
 
 def export_model(checkpoint: Optional[str], out: str, use_ema: bool = True) -> str:

@@ -7,7 +7,7 @@ images in [-1, 1] (``x = u8 / 127.5 - 1``), optionally flipped left-right at ran
     ds = load_dataset("digits")                       # 1,797 8x8 handwritten digits, 1 channel, 10 classes
     ds = load_dataset("path/to/folder", image_size=64, random_flip=True)
     ds = load_dataset("images.npz")                   # key "images" (else the first array), NHWC or NCHW
-    ds = load_dataset("cifar-10-batches-py")          # a folder of data_batch_* pickles
+    ds = load_dataset("cifar-10-batches-py")          # CIFAR-10's python batches (restricted unpickler)
     ds = load_dataset("mnist/")                       # a folder holding train-images-idx3-ubyte[.gz]
     ds = load_dataset("t10k-images-idx3-ubyte.gz")    # or the IDX file itself
 
@@ -28,7 +28,7 @@ import gzip
 import os
 import pickle
 import struct
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,11 +41,10 @@ __all__ = [
     "load_image_folder",
     "load_npz",
     "load_cifar10",
+    "safe_load_pickle",
+    "UnsafePickleError",
     "load_idx",
     "IMAGE_EXTENSIONS",
-    "to_uint8",
-    "make_grid",
-    "save_grid",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -361,44 +360,154 @@ def load_image_folder(root: str, image_size: Optional[int] = None, random_flip: 
     return ImageDataset(images, labels, random_flip=random_flip, classes=classes, source=root)
 
 
+# ---------------------------------------------------------------------- CIFAR-10 (restricted unpickling)
+CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST_BATCH = "test_batch"
+CIFAR_META = "batches.meta"
+
+
+class UnsafePickleError(ValueError):
+    """A pickle asked for something a CIFAR-10 batch never holds; the file was not loaded."""
+
+
+def _numpy_reconstructors() -> Tuple[Any, Any]:
+    """numpy's own ndarray and scalar reconstruction functions (whatever module numpy keeps them in)."""
+    return np.empty(0).__reduce__()[0], np.float64(0).__reduce__()[0]
+
+
+_NUMERIC_KINDS = "biufc"  # bool, signed/unsigned ints, floats, complex: plain numbers only
+
+
+def _numeric_dtype(spec: Any, *args: Any) -> np.dtype:
+    # Python 2 pickles (the CIFAR-10 files) read with encoding="bytes" give the dtype code as bytes
+    code = spec.decode("latin1") if isinstance(spec, bytes) else spec
+    try:
+        dt = np.dtype(code) if isinstance(code, str) else None
+    except TypeError:
+        dt = None
+    if dt is None or dt.kind not in _NUMERIC_KINDS or dt.fields is not None:
+        raise UnsafePickleError(f"a numpy dtype {spec!r} (only numeric dtypes are allowed)")
+    return np.dtype(code, *args)
+
+
+def _array_reconstruct(subtype: Any, shape: Any, dtype_code: Any) -> np.ndarray:
+    if subtype is not np.ndarray:
+        raise UnsafePickleError(f"an array of type {subtype!r} (only numpy.ndarray is allowed)")
+    return _numpy_reconstructors()[0](np.ndarray, shape, dtype_code)
+
+
+def _scalar_reconstruct(dtype: Any, *args: Any) -> Any:
+    if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMERIC_KINDS:
+        raise UnsafePickleError(f"a numpy scalar of dtype {dtype!r} (only numeric dtypes are allowed)")
+    return _numpy_reconstructors()[1](dtype, *args)
+
+
+def _latin1_encode(text: Any, encoding: str = "utf-8") -> bytes:
+    # how Python 3's pickle protocol <= 2 writes bytes: _codecs.encode(str, "latin1")
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+_SAFE_GLOBALS = {}
+for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+    _SAFE_GLOBALS[(_mod, "_reconstruct")] = _array_reconstruct
+    _SAFE_GLOBALS[(_mod, "scalar")] = _scalar_reconstruct
+_SAFE_GLOBALS[("numpy", "ndarray")] = np.ndarray
+_SAFE_GLOBALS[("numpy", "dtype")] = _numeric_dtype
+_SAFE_GLOBALS[("_codecs", "encode")] = _latin1_encode
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what the CIFAR-10 python batches hold: dicts, lists, bytes, str, ints and numeric numpy
+    arrays (through numpy's reconstruction functions). Any other global (os.system, builtins.eval, any
+    class) is refused before it is looked up, so no code in the file runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        fn = _SAFE_GLOBALS.get((module, name))
+        if fn is None:
+            raise UnsafePickleError(f"the global {module}.{name}")
+        return fn
+
+
+def safe_load_pickle(path: str) -> Any:
+    """Unpickle a CIFAR-10 batch file with :class:`_CifarUnpickler`.
+
+    Raises ValueError naming the file: it is refused (and nothing in it executed) when it references
+    anything beyond plain containers and numeric numpy arrays; unreadable when it is truncated/corrupt.
+    """
+    try:
+        with open(path, "rb") as fh:
+            return _CifarUnpickler(fh, encoding="bytes").load()
+    except UnsafePickleError as e:
+        raise UnsafePickleError(
+            f"{path}: refused to unpickle {e}; a CIFAR-10 batch holds only dicts, lists, bytes, str, ints "
+            "and numeric numpy arrays. The file was not loaded (nothing in it was run)"
+        ) from None
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read the CIFAR-10 batch ({type(e).__name__}: {e})") from e
+
+
+def _is_cifar_dir(d: str) -> bool:
+    """The real layout: batches.meta plus data_batch_1..5 and/or test_batch (exact names)."""
+    has = lambda n: os.path.isfile(os.path.join(d, n))  # noqa: E731
+    return has(CIFAR_META) and (any(has(n) for n in CIFAR_TRAIN_BATCHES) or has(CIFAR_TEST_BATCH))
+
+
 def _find_cifar_dir(root: str) -> Optional[str]:
     for d in (root, os.path.join(root, "cifar-10-batches-py")):
-        if glob.glob(os.path.join(glob.escape(d), "data_batch_*")):
+        if _is_cifar_dir(d):
             return d
     return None
 
 
+_CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _cifar_classes(d: str) -> List[str]:
+    """Class names from batches.meta ("label_names"), read with the restricted unpickler."""
+    meta = safe_load_pickle(os.path.join(d, CIFAR_META))
+    names = meta.get(b"label_names", meta.get("label_names")) if isinstance(meta, dict) else None
+    if isinstance(names, list) and names and all(isinstance(n, (bytes, str)) for n in names):
+        return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
+    return list(_CIFAR_CLASSES)
+
+
 def load_cifar10(root: str, image_size: Optional[int] = None, random_flip: bool = False,
                  channels: Optional[int] = None, split: str = "train") -> ImageDataset:
-    """CIFAR-10 from its python batches: ``data_batch_*`` (split="train") or ``test_batch`` ("test")."""
+    """CIFAR-10 from its python batches: ``data_batch_1..5`` (split="train") or ``test_batch`` ("test").
+
+    The folder must have the real layout (``batches.meta`` and the batch files); every file is read
+    with a restricted unpickler that refuses anything but plain data (see :func:`safe_load_pickle`).
+    """
     _check_options(image_size, channels)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     d = _find_cifar_dir(root) if os.path.isdir(root) else None
     if d is None:
-        raise ValueError(f"{root}: not a CIFAR-10 python batches folder (no data_batch_* files)")
-    pattern = "data_batch_*" if split == "train" else "test_batch"
-    files = sorted(glob.glob(os.path.join(glob.escape(d), pattern)))
+        raise ValueError(f"{root}: not a CIFAR-10 python batches folder (needs {CIFAR_META} and "
+                         f"data_batch_1..5 and/or {CIFAR_TEST_BATCH})")
+    names = CIFAR_TRAIN_BATCHES if split == "train" else (CIFAR_TEST_BATCH,)
+    files = [os.path.join(d, n) for n in names if os.path.isfile(os.path.join(d, n))]
     if not files:
-        raise ValueError(f"{d}: no {pattern} files")
+        raise ValueError(f"{d}: no {' / '.join(names)} files for split={split!r}")
     datas, labels = [], []
     for f in files:
+        batch = safe_load_pickle(f)
         try:
-            with open(f, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
             data = np.asarray(batch[b"data"] if b"data" in batch else batch["data"], dtype=np.uint8)
             lab = batch.get(b"labels", batch.get("labels"))
         except Exception as e:
             raise ValueError(f"{f}: cannot read the CIFAR-10 batch ({type(e).__name__}: {e})") from e
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise ValueError(f"{f}: expected 'data' of shape [N, 3072], got {data.shape}")
-        if lab is None or len(lab) != data.shape[0]:
+        if not isinstance(lab, (list, np.ndarray)) or len(lab) != data.shape[0]:
             raise ValueError(f"{f}: missing or wrong-length 'labels'")
         datas.append(data.reshape(-1, 3, 32, 32))
         labels.extend(int(v) for v in lab)
     images = torch.from_numpy(np.concatenate(datas))
     images = _resize_u8(_convert_channels(images, channels), image_size)
-    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    classes: Optional[List[str]] = _cifar_classes(d)
     if max(labels) >= len(classes):
         classes = None
     return ImageDataset(images, labels, random_flip=random_flip, classes=classes, source=d)
@@ -497,7 +606,8 @@ def load_dataset(
     """Load a dataset from a spec string.
 
     Args:
-        spec: "digits" (built in), a folder (CIFAR-10 python batches if it holds ``data_batch_*``,
+        spec: "digits" (built in), a folder (CIFAR-10 python batches if it has their layout:
+            ``batches.meta`` with ``data_batch_1..5`` and/or ``test_batch``;
             MNIST if it holds ``train-images-idx3-ubyte[.gz]``, else a folder of images), an .npz
             file, or an IDX file.
         image_size: resize (centre crop to square + antialiased resize) to this side; None keeps
@@ -542,49 +652,3 @@ def load_dataset(
         f"dataset {spec!r} not found: expected \"digits\", a folder (images, CIFAR-10 batches or MNIST IDX files), "
         "an .npz file or an IDX file"
     )
-
-
-# ---------------------------------------------------------------------- writing images
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Float images in [-1, 1], [N, C, H, W] -> uint8 NHWC numpy array (round((x + 1) * 127.5), clipped)."""
-    if not torch.is_tensor(images) or images.ndim != 4:
-        raise ValueError(f"images must be a 4-D tensor [N, C, H, W], got {getattr(images, 'shape', type(images))}")
-    u8 = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return u8.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def make_grid(u8_nhwc: np.ndarray, nrow: Optional[int] = None, padding: int = 1, pad_value: int = 0) -> np.ndarray:
-    """Tile uint8 NHWC images into one HxWxC array, ``nrow`` images per row (default: ceil(sqrt(N)))."""
-    n, h, w, c = u8_nhwc.shape
-    if n == 0:
-        raise ValueError("make_grid needs at least one image")
-    if nrow is None:
-        nrow = int(np.ceil(np.sqrt(n)))
-    if nrow < 1:
-        raise ValueError(f"nrow must be a positive int, got {nrow}")
-    ncol = nrow
-    nrows = int(np.ceil(n / ncol))
-    grid = np.full((padding + nrows * (h + padding), padding + ncol * (w + padding), c), pad_value, dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        y0, x0 = padding + r * (h + padding), padding + q * (w + padding)
-        grid[y0 : y0 + h, x0 : x0 + w] = u8_nhwc[i]
-    return grid
-
-
-def save_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None, scale: int = 1, padding: int = 1) -> str:
-    """Save float [-1, 1] NCHW images as one PNG grid (Pillow); ``scale`` enlarges it (nearest neighbour)."""
-    from PIL import Image
-
-    if not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"scale must be a positive int, got {scale!r}")
-    grid = make_grid(to_uint8(images), nrow=nrow, padding=padding)
-    if scale > 1:
-        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    im = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.png")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path

@@ -3,7 +3,7 @@
     from fastddpm.evaluate import reference_stats, evaluate_samples, sample_batches, nll_over_dataset
     from fastddpm.features import get_extractor
 
-    ext = get_extractor("digits")                                  # or "inception" (torch-fidelity)
+    ext = get_extractor("digits")                                  # or "inception" (the FID InceptionV3)
     ref = reference_stats("digits", ext, part="heldout", cache="digits_ref.npz")
     batches = sample_batches(model, sampler, num=10_000, batch_size=250, shape=(1, 8, 8), seed=0)
     res = evaluate_samples(batches, ext, ref, metrics=("fid", "kid", "is", "pr"), num=10_000)
@@ -46,6 +46,10 @@ __all__ = [
     "ReferenceStats",
     "load_images",
     "reference_stats",
+    "reference_from",
+    "stats_cache_path",
+    "is_stats_file",
+    "fid",
     "evaluate_samples",
     "sample_batches",
     "nll_over_dataset",
@@ -227,7 +231,7 @@ class ReferenceStats:
             raise ValueError(f"reference statistics {path!r} not found (write them with "
                              "reference_stats(data, extractor, cache=path) or `fastddpm eval --data ... --ref-stats path`)")
         try:
-            with np.load(path) as d:
+            with np.load(path, allow_pickle=False) as d:
                 mu, sigma = np.asarray(d["mu"], np.float64), np.asarray(d["sigma"], np.float64)
                 count = int(d["count"]) if "count" in d else 0
                 name = str(d["extractor"]) if "extractor" in d else "unknown"
@@ -289,6 +293,77 @@ def reference_stats(data: Any, extractor: Any, part: str = "all", batch_size: in
         os.makedirs(d, exist_ok=True)
         ref.save(cache)
     return ref
+
+
+def stats_cache_dir() -> str:
+    """Where computed dataset statistics are cached: $FASTDDPM_CACHE/ref_stats, default ~/.cache/fastddpm/ref_stats."""
+    root = os.environ.get("FASTDDPM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastddpm")
+    return os.path.join(root, "ref_stats")
+
+
+def stats_cache_path(data: str, extractor: Any, part: str = "all", max_keep: int = 10_000) -> str:
+    """The cache file of `data`'s statistics: keyed by its absolute path, its size and modification time
+    (a folder's change when files are added or removed), the part, the extractor and max_keep."""
+    import hashlib
+
+    spec = os.fspath(data)
+    ident = spec if spec == "digits" else os.path.abspath(spec)
+    stamp = ""
+    if os.path.exists(ident):
+        st = os.stat(ident)
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    key = hashlib.sha256(f"{ident}|{stamp}|{part}|{_extractor_name(extractor)}|{max_keep}".encode()).hexdigest()[:16]
+    base = os.path.basename(ident.rstrip(os.sep)) or "data"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in base)[:40]
+    return os.path.join(stats_cache_dir(), f"{safe}-{_extractor_name(extractor)}-{part}-{key}.npz")
+
+
+def is_stats_file(path: Any) -> bool:
+    """True for an .npz of statistics ('mu' and 'sigma': fastddpm's, pytorch-fid's or clean-fid's)."""
+    p = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    return bool(p) and p.endswith(".npz") and os.path.isfile(p) and not _is_image_npz(p)
+
+
+def reference_from(spec: Any, extractor: Any, part: str = "all", batch_size: int = 256, max_keep: int = 10_000,
+                   cache: Union[bool, str] = True, progress: bool = False) -> ReferenceStats:
+    """The reference for `spec`: a statistics .npz used as it is (fastddpm's, or the published
+    pytorch-fid / clean-fid files: only 'mu' and 'sigma' are read from those), or real images (the
+    digits, a folder, an image .npz, CIFAR-10 batches, MNIST IDX, a tensor) whose statistics are
+    computed once and cached (``cache=True``: :func:`stats_cache_path`; a str: that file; False: none).
+    """
+    if is_stats_file(spec):
+        return ReferenceStats.load(os.fspath(spec), extractor)
+    if cache is True:
+        cache = stats_cache_path(spec, extractor, part, max_keep) if isinstance(spec, (str, os.PathLike)) else None
+    return reference_stats(spec, extractor, part=part, batch_size=batch_size, max_keep=max_keep,
+                           cache=cache or None, progress=progress)
+
+
+def fid(samples: Any, reference: Any, features: Any = "inception", *, batch_size: int = 50, device: Any = "cpu",
+        weights_path: Optional[str] = None, cache: Union[bool, str] = True, progress: bool = False) -> float:
+    """FID of `samples` against `reference` in one call.
+
+    Args:
+        samples: float [-1, 1] NCHW images, an iterable of such batches, or a dataset spec (e.g. a
+            folder of PNGs written by ``fastddpm sample``).
+        reference: a statistics .npz (fastddpm, pytorch-fid, clean-fid), a dataset spec, a tensor,
+            or a :class:`ReferenceStats`.
+        features: "inception" (the FID InceptionV3 that papers report), "digits", or an extractor.
+        cache: cache the reference's statistics (see :func:`reference_from`).
+    """
+    from .features import get_extractor
+
+    extractor = features
+    if isinstance(features, str):
+        kw = {"weights_path": weights_path, "batch_size": batch_size} if features == "inception" else {}
+        extractor = get_extractor(features, device=device, **kw)
+    ref = reference if isinstance(reference, ReferenceStats) else reference_from(
+        reference, extractor, batch_size=batch_size, max_keep=0, cache=cache, progress=progress)
+    if isinstance(samples, (str, os.PathLike)):
+        samples = load_images(samples)
+    if torch.is_tensor(samples):
+        samples = _batched(load_images(samples), batch_size)
+    return float(evaluate_samples(samples, extractor, ref, metrics=("fid",), max_keep=0, progress=progress)["fid"])
 
 
 def _check_positive(name: str, v: Any) -> None:
@@ -370,6 +445,8 @@ def evaluate_samples(
 
     keep = max_keep if any(m in metrics for m in ("kid", "pr")) else 0
     stats = FeatureStats(max_keep=keep)
+    if "is" in metrics and num is not None and not 1 <= is_splits <= num:
+        raise ValueError(f"is_splits must be in [1, num={num}] (one image per split at least), got {is_splits}")
     is_acc = _ISAccumulator(is_splits, num) if "is" in metrics else None
     tally = _ClassTally(confidence_threshold)
     if progress:
@@ -419,7 +496,7 @@ def evaluate_samples(
 def _is_image_npz(path: str) -> bool:
     """True for an .npz of images (a dataset), False for statistics (has 'mu' and 'sigma')."""
     try:
-        with np.load(path) as d:
+        with np.load(path, allow_pickle=False) as d:
             return not ("mu" in d and "sigma" in d)
     except (OSError, ValueError):
         return False

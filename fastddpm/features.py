@@ -14,12 +14,12 @@ Two extractors ship:
   training part of :func:`digits_split`) and shipped as ``fastddpm/assets/digits_classifier.safetensors``
   + ``.json``. Its 64-d penultimate activations give an offline "digits-FID", its softmax an IS-style
   score, a confidence rate and per-class counts. No network, no extra dependency.
-- :class:`InceptionV3Features` (``get_extractor("inception")``): the standard FID InceptionV3 (pool3,
-  2048-d; ``logits_unbiased`` for IS) through the optional package ``torch-fidelity``
-  (``pip install torch-fidelity``, which pulls in torchvision). That package downloads its own weights
-  on first use (or takes ``weights_path=`` for an offline copy); fastddpm never downloads weights.
-  Images are converted like the reference implementations: [-1, 1] -> uint8 (round((x+1)*127.5)),
-  grayscale repeated to 3 channels, then the package resizes to 299x299 as TF-FID does.
+- :class:`InceptionV3Features` (``get_extractor("inception")``): the FID InceptionV3 of pytorch-fid /
+  the papers (pool3, 2048-d; unbiased logits for IS), defined in :mod:`fastddpm.inception` in plain
+  torch (no torchvision, no torch-fidelity). Its weights ``pt_inception-2015-12-05-6726825d.pth`` come
+  from ``weights_path=`` or the torch hub cache, downloaded there once (checksum verified) when online.
+  Images are converted as pytorch-fid reads PNG files: [-1, 1] -> uint8 (round((x+1)*127.5)) -> /255,
+  grayscale repeated to 3 channels, then 299x299 bilinear and 2x - 1.
 """
 from __future__ import annotations
 
@@ -157,63 +157,61 @@ def load_digits_classifier(path: Optional[str] = None, device: Any = "cpu") -> D
     return model.to(device).eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------- InceptionV3 (optional)
-_INCEPTION_HINT = (
-    "the 'inception' feature extractor needs the optional package torch-fidelity: "
-    "pip install torch-fidelity  (it also installs torchvision and downloads the InceptionV3 "
-    "FID weights on first use; or pass weights_path= to a local copy). Offline, use --features digits."
-)
-
-
+# ----------------------------------------------------------------------------- InceptionV3 (FID)
 class InceptionV3Features:
-    """InceptionV3 pool3 features (2048-d) and IS logits, from torch-fidelity's TF-compatible port.
+    """The FID InceptionV3's pool3 features (2048-d) and IS probabilities, exactly as pytorch-fid feeds it.
+
+    Images (float [-1, 1] NCHW, 1 or 3 channels) are quantised as they would be saved
+    (:func:`fastddpm.images.quantize`: round((x + 1) * 127.5)), read back as pytorch-fid reads a PNG
+    (u8 / 255, grayscale repeated to RGB), then resized to 299x299 (bilinear, align_corners=False)
+    and mapped to [-1, 1] inside :class:`fastddpm.inception.FIDInceptionV3`. So features of samples
+    equal pytorch-fid's features of the same samples written as PNG files, and statistics from
+    pytorch-fid (or clean-fid's "legacy_pytorch" mode) are comparable as they are.
 
     Args:
-        weights_path: a local copy of torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``
-            (None: torch-fidelity downloads it to its cache the first time).
+        weights_path: a local copy of ``pt_inception-2015-12-05-6726825d.pth`` (None: the torch hub
+            cache, downloaded there once when missing and ``download``).
         device: where to run the network.
         batch_size: images per network call (the caller's batches are split to this).
+        download: allow the one-time download.
+        model: an already built FIDInceptionV3 (tests; skips loading weights).
 
-    Raises ImportError (naming the pip command) when torch-fidelity cannot be imported.
+    IS probabilities: the softmax of the 1008 logits without the fc bias (the TF Inception Score).
     """
 
     name = "inception"
     dim = 2048
     num_classes = 1008
 
-    def __init__(self, weights_path: Optional[str] = None, device: Any = "cpu", batch_size: int = 64):
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError as exc:
-            raise ImportError(f"{_INCEPTION_HINT} (import failed: {exc})") from exc
-        if not isinstance(batch_size, int) or batch_size < 1:
+    def __init__(self, weights_path: Optional[str] = None, device: Any = "cpu", batch_size: int = 64,
+                 download: bool = True, model: Optional[nn.Module] = None):
+        from .inception import load_fid_inception
+
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.net = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path
-        )
-        self.net.to(self.device).eval().requires_grad_(False)
+        net = model if model is not None else load_fid_inception(weights_path, device=self.device, download=download)
+        self.net = net.to(self.device).eval().requires_grad_(False)
 
     @staticmethod
-    def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] float NCHW (1 or 3 channels) -> uint8 NCHW with 3 channels: round((x + 1) * 127.5)."""
+    def to_unit_rgb(images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] float NCHW (1 or 3 channels) -> float32 RGB in [0, 1] on the 256 levels u8 / 255."""
+        from .images import quantize
+
         x = _check_images(images)
         if x.shape[1] not in (1, 3):
             raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(x.shape)}")
-        u8 = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return u8.expand(-1, 3, -1, -1).contiguous() if u8.shape[1] == 1 else u8
+        u = quantize(x).float() / 255.0
+        return u.expand(-1, 3, -1, -1) if u.shape[1] == 1 else u
 
     @torch.no_grad()
     def features_and_probs(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(pool3 features [N, 2048], softmax of the 1008 unbiased logits [N, 1008])."""
-        u8 = self.to_uint8_rgb(images)
-        feats, logits = [], []
-        for chunk in u8.split(self.batch_size):
-            f, lg = self.net(chunk.to(self.device))
-            feats.append(f.float().cpu())
-            logits.append(lg.float().cpu())
-        return torch.cat(feats), torch.softmax(torch.cat(logits), dim=1)
+        """(pool3 features [N, 2048], softmax of the 1008 unbiased logits [N, 1008]), float32 on the CPU."""
+        feats = [self.net.pool3(chunk.to(self.device)).float()
+                 for chunk in self.to_unit_rgb(images).split(self.batch_size)]
+        f = torch.cat(feats)
+        return f.cpu(), torch.softmax(self.net.logits_unbiased(f).float(), dim=1).cpu()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.features_and_probs(images)[0]
@@ -221,17 +219,17 @@ class InceptionV3Features:
     def probs(self, images: torch.Tensor) -> torch.Tensor:
         return self.features_and_probs(images)[1]
 
+    @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        u8 = self.to_uint8_rgb(images)
-        with torch.no_grad():
-            return torch.cat([self.net(c.to(self.device))[1].float().cpu() for c in u8.split(self.batch_size)])
+        f = torch.cat([self.net.pool3(c.to(self.device)) for c in self.to_unit_rgb(images).split(self.batch_size)])
+        return self.net.logits_unbiased(f).float().cpu()
 
 
 def get_extractor(name: str, device: Any = "cpu", **kwargs: Any):
-    """A feature extractor by name: "digits" (shipped classifier) or "inception" (needs torch-fidelity).
+    """A feature extractor by name: "digits" (shipped classifier) or "inception" (the FID InceptionV3).
 
     Extra keyword arguments go to the extractor (``path=`` for digits, ``weights_path=`` /
-    ``batch_size=`` for inception).
+    ``batch_size=`` / ``download=`` for inception).
     """
     if name == "digits":
         return load_digits_classifier(kwargs.pop("path", None), device=device)

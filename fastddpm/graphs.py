@@ -17,6 +17,15 @@ warmed up on a side stream (Triton compilation and autotuning happen there, befo
 once in a `torch.cuda.CUDAGraph` and replayed once per timestep (`capture="step"`), or the whole loop is
 captured as one graph (`capture="loop"`). On the CPU the same static-buffer loop runs eagerly.
 
+Sampling never records an autograd graph (`__call__` runs under ``torch.no_grad()``) and always runs
+the model in eval mode: a model in train mode is switched to eval for the call (dropout would
+otherwise be captured into the graph) and every submodule's mode is restored afterwards. Capture,
+the side stream, the graph's memory pool and every replay run under the model device's guard
+(``torch.cuda.device``), so a model on a non-current GPU is captured on its own device's stream.
+Before capturing, a configuration that cannot be captured is refused with a ValueError: warmup=0
+(Triton would compile and autotune inside the capture) and a model compiled with CUDA graphs of its
+own (``torch.compile(mode="reduce-overhead" | "max-autotune")``: graphs cannot nest).
+
 Image i of seed s is a pure function of (s, i): x_T and every step's noise come from Philox counters
 (element, image, step, stream), so the result does not depend on the batch size, and equals
 `sampler.sample(model, shape, seed=s)` to float rounding.
@@ -28,6 +37,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from .guards import check_labels, raise_if_nonfinite
 from .guidance import GuidedModel
 from .ops.sampler_step import sampler_step_
 from .ops.philox import philox_normal
@@ -54,7 +64,8 @@ class CudaGraphAPI:
     def capture(self, fn: Callable[[], None], device: torch.device) -> Any:
         """Record `fn`'s launches into a CUDA graph and return it (has .replay())."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # torch.cuda.graph captures on a stream (and a memory pool) of the *current* device
+        with torch.cuda.device(device), torch.cuda.graph(graph):
             fn()
         return graph
 
@@ -62,12 +73,47 @@ class CudaGraphAPI:
         torch.cuda.synchronize(device)
 
 
+def _modules(model: Any) -> list:
+    return list(model.modules()) if isinstance(model, torch.nn.Module) else []
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any):
+    """Every submodule in eval mode inside the block, each one's own mode restored after."""
+    modes = [(m, m.training) for m in _modules(model)]
+    for m, _ in modes:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
+def _check_capturable(model: Any, warmup: int, capture: str) -> None:
+    """ValueError for what cannot be captured into FastSampler's CUDA graph."""
+    if warmup < 1:
+        raise ValueError(f"warmup must be >= 1 with capture={capture!r}: Triton compiles and autotunes its "
+                         "kernels on first use, which must happen before the capture, not inside it")
+    # torch.compile(module) / torch.compile(fn) objects, and modules compiled in place (module.compile())
+    compiled = [model] + _modules(model)
+    compiled += [getattr(m, "_compiled_call_impl", None) for m in _modules(model)]
+    for c in compiled:
+        get_config = getattr(c, "get_compiler_config", None) if c is not None else None
+        config = get_config() if callable(get_config) else None
+        if isinstance(config, dict) and config.get("triton.cudagraphs"):
+            raise ValueError("the model was compiled with CUDA graphs of its own (torch.compile mode "
+                             "'reduce-overhead' or 'max-autotune'), which cannot be captured inside "
+                             f"FastSampler's graph (capture={capture!r}): compile with mode=None or "
+                             "'max-autotune-no-cudagraphs', or use capture='none'")
+
+
 class FastSampler:
     """A sampler bound to one model, batch size and image shape, with all buffers allocated once.
 
     Args:
         model: model(x, t) -> output (or a class-conditional model(x, t, y=...) with `labels`).
-        sampler: a DDPMSampler, DDIMSampler or DPMSolverSampler (its tables are reused).
+        sampler: a fastddpm sampler (DDPM, DDIM, DPM-Solver++ 2M / 3M, UniPC; its tables are reused).
         batch_size: images per call.
         image_shape: (C, H, W); default (model.in_channels, model.image_size, model.image_size).
         dtype: the dtype the model runs in ("fp32", "bf16", "fp16" or a torch dtype; default: its
@@ -80,19 +126,25 @@ class FastSampler:
         clip_denoised: clamp x0-hat to [-1, 1] at every step.
         capture: "auto" (a per-step CUDA graph on CUDA, eager elsewhere), "step", "loop" (the whole
             loop in one graph) or "none".
-        warmup: eager steps run on a side stream before capture (compilation, autotuning, allocator).
+        warmup: eager steps run on a side stream before capture (compilation, autotuning, allocator);
+            at least 1 when capturing.
         graph_api: the object that performs stream/graph calls (default: real CUDA).
+        progress: show a tqdm bar over the steps of each call (updated on the host between replays,
+            outside any captured graph; with capture="loop" the one replay is one update).
     """
 
     def __init__(self, model: Callable[..., Any], sampler: Any, batch_size: int,
                  image_shape: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None, *,
                  labels: Optional[torch.Tensor] = None, guidance_scale: Union[float, torch.Tensor, None] = None,
                  null_label: Optional[int] = None, clip_denoised: bool = True, capture: str = "auto",
-                 warmup: int = 2, graph_api: Optional[CudaGraphAPI] = None):
+                 warmup: int = 2, graph_api: Optional[CudaGraphAPI] = None, progress: bool = False):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if capture not in CAPTURE_MODES:
             raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
+        if getattr(sampler, "thresholding", None) is not None:
+            raise ValueError("the sampler applies dynamic thresholding (thresholding=True in the scheduler config), "
+                             "a per-image quantile that FastSampler does not capture: use sampler.sample(model, shape)")
         if not hasattr(sampler, "device_tables"):
             raise ValueError(f"sampler must be a fastddpm sampler (DDPMSampler, DDIMSampler, DPMSolverSampler), "
                              f"got {type(sampler).__name__}")
@@ -118,6 +170,7 @@ class FastSampler:
             if null_label is None:
                 raise ValueError("null_label is required for a model without num_classes")
             labels = torch.as_tensor(labels, device=self.device)
+            check_labels(labels, null_label, "labels")
             if labels.shape != (batch_size,):
                 raise ValueError(f"labels must have shape ({batch_size},) (one per image), got {tuple(labels.shape)}")
             model = GuidedModel(model, labels, guidance_scale, null_label, self.shape[1]).to(self.device)
@@ -143,9 +196,14 @@ class FastSampler:
             capture = "step" if use_cuda else "none"
         if capture != "none" and not use_cuda and graph_api is None:
             raise ValueError(f"capture={capture!r} needs a CUDA model; use capture='none' or 'auto' on {self.device}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+        if capture != "none":
+            _check_capturable(model, warmup, capture)
         self.capture_mode = capture
         self.graph_api = graph_api or (CudaGraphAPI() if capture != "none" else None)
-        self.warmup = int(warmup)
+        self.warmup = warmup
+        self.progress = bool(progress)
         self.graph: Any = None
 
     # ------------------------------------------------------------------------------ one step
@@ -188,20 +246,48 @@ class FastSampler:
 
     @torch.no_grad()
     def __call__(self, seed: int = 0) -> torch.Tensor:
-        """Draw `batch_size` images for `seed` (image i is the same for any batch size)."""
+        """Draw `batch_size` images for `seed` (image i is the same for any batch size).
+
+        No autograd graph is recorded; the model runs in eval mode (its modes are restored after).
+        """
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        # the model's device current (streams, graph pool, Triton launches use the current device)
+        guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with guard, _eval_mode(self.model):
+            return self._run(seed)
+
+    def _run(self, seed: int) -> torch.Tensor:
         if self.capture_mode != "none" and self.graph is None:
             self._capture()
         self._reset(seed)
-        if self.graph is None:
-            self._loop()
-        elif self.capture_mode == "step":
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.num_steps, desc=f"{type(self.sampler).__name__} (FastSampler)", unit="step")
+        if self.graph is None or self.capture_mode == "step":
+            step = self._step if self.graph is None else self.graph.replay
             for _ in range(self.num_steps):
-                self.graph.replay()
+                step()
+                if bar is not None:  # on the host, between replays: never inside a captured graph
+                    bar.update(1)
         else:
             self.graph.replay()
+            if bar is not None:
+                bar.update(self.num_steps)
+        if bar is not None:
+            bar.close()
+        # one check after the loop (the steps stay one op each); only a failure replays them to find the step
+        raise_if_nonfinite(self.x, lambda: self._eager_steps(seed), type(self).__name__,
+                           self.sampler._model_timesteps.tolist())
         return self.x.clone()
+
+    def _eager_steps(self, seed: int):
+        self._reset(seed)
+        for _ in range(self.num_steps):
+            self._step()
+            yield self.x
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Optional[str] = None, sampler: Optional[str] = None,
@@ -225,17 +311,29 @@ class FastSampler:
                        **kwargs: Any) -> "FastSampler":
         """Build a FastSampler from a diffusers pipeline (or a UNet2DModel and its scheduler).
 
+        `pipeline_or_unet` may be a pipeline, a UNet2DModel (with `scheduler`), or the path of a local
+        pipeline folder (what `pipeline.save_pretrained` writes; a Hub id is passed to diffusers).
         The diffusion (betas in float64, prediction and variance types), the timesteps and clip_sample
-        come from the scheduler (see `fastddpm.interop.schedulers`). With `convert` a UNet2DModel is
+        come from the scheduler (see `fastddpm.interop.schedulers`: every DDPM/DDIM config option is
+        reproduced or refused). With `convert` a UNet2DModel is
         mapped into fd.UNet so its GroupNorms and attentions run the fused ops; otherwise (or for any
         other eps-model callable) the model is called as it is and only the step is fused.
         """
+        import os
+
         from .interop.schedulers import sampler_from_scheduler
 
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be a positive int or None, got {steps!r}")
+        if isinstance(pipeline_or_unet, (str, os.PathLike)):  # a pipeline folder (or a Hub id)
+            from .interop.diffusers import load_diffusers_pipeline
+
+            pipeline_or_unet = load_diffusers_pipeline(pipeline_or_unet)
         unet = getattr(pipeline_or_unet, "unet", pipeline_or_unet)
         scheduler = scheduler if scheduler is not None else getattr(pipeline_or_unet, "scheduler", None)
         if scheduler is None:
-            raise ValueError("scheduler is required when a bare model is given")
+            raise ValueError(f"scheduler is required with a bare model ({type(unet).__name__}); a pipeline "
+                             "(or a pipeline folder's path) brings its own")
         smp, clip = sampler_from_scheduler(scheduler, sampler, steps, eta)
         kwargs.setdefault("clip_denoised", clip)
         config = getattr(unet, "config", None)

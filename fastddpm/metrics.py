@@ -114,7 +114,7 @@ class FeatureStats:
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) from an .npz written by FeatureStats.save (or any .npz with 'mu' and 'sigma')."""
     try:
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             return np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
     except (OSError, KeyError, ValueError) as exc:
         raise ValueError(f"cannot read reference statistics from {path!r}: {exc}") from exc

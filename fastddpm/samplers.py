@@ -1,7 +1,7 @@
-"""Samplers: DDPM (ancestral, respaced), DDIM(eta) and DPM-Solver++(2M), one step API and one loop.
+"""Samplers: DDPM (ancestral, respaced), DDIM(eta), DPM-Solver++(2M) and (3M), UniPC; one step API and one loop.
 
-Every sampler is a coefficient table: row s holds the nine numbers (A, B, P, Q, R, P2, SIGMA, LOG_MIN,
-LOG_MAX) that the fused op `fastddpm.ops.sampler_step` needs to take step s (timestep
+Every sampler is a coefficient table: row s holds the eleven numbers (A, B, P, Q, R, P2, SIGMA, LOG_MIN,
+LOG_MAX, P3, P4) that the fused op `fastddpm.ops.sampler_step` needs to take step s (timestep
 `timesteps[s]`, descending). The table is computed in float64 on the CPU from the (respaced)
 `NoiseSchedule` when the sampler is built and cast to float32 once per device; the loop indexes it on
 the device with an int64 step counter, so `sample` never synchronises with the host.
@@ -37,6 +37,11 @@ final model evaluation (at timesteps[-1] = 0) returns x0-hat itself, i.e. a firs
 sigma = 0. `steps` counts model evaluations. `stochastic=True` ("dpm++sde") is SDE-DPM-Solver++(2M)
 (Lu et al. 2022, sec. 4 / diffusers' "sde-dpmsolver++", midpoint): the same multistep x0 terms with
 (1 - e^{-2h}) in place of (1 - e^{-h}), x scaled by e^{-h} sigma'/sigma, plus sigma' sqrt(1 - e^{-2h}) z.
+
+DPM-Solver++(3M) (`DPMSolver3MSampler`, "dpm++3m" / "dpm++3m-sde") and UniPC (`UniPCSampler`, "unipc")
+have the same timesteps semantics as DPM-Solver++(2M) and read up to two (3M) or three (UniPC-3: its
+corrector reaches one step further back) previous x0-hats: the op's x0_prev, x0_prev2, x0_prev3 with
+the columns P2, P3, P4. UniPC's corrector and predictor fold into one table row (see the class).
 """
 from __future__ import annotations
 
@@ -48,12 +53,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._names import DEFAULT_SPACING, DEFAULT_STEPS, SAMPLER_NAMES
+from .guards import FiniteWatch
 from .ops.sampler_step import NUM_COEFS, sampler_step
 from .schedule import NoiseSchedule, space_timesteps
 from .spacing import SPACINGS, Spacing, make_timesteps
 
 __all__ = ["DDPMSampler", "DDIMSampler", "DPMSolverSampler", "DPMSolver3MSampler", "UniPCSampler", "Sampler",
-           "quadratic_timesteps", "make_sampler", "SAMPLER_NAMES", "DEFAULT_STEPS", "DEFAULT_SPACING", "SPACINGS"]
+           "gaussian_gain", "quadratic_timesteps", "make_sampler", "SAMPLER_NAMES", "DEFAULT_STEPS", "DEFAULT_SPACING",
+           "SPACINGS"]
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -161,6 +168,24 @@ def _eps_coefs(prediction: str, ab: torch.Tensor) -> Tuple[torch.Tensor, torch.T
     return (1.0 - ab).sqrt(), ab.sqrt()  # v
 
 
+def ddim_coefs(prediction: str, ab: torch.Tensor, ab_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """DDIM coefficient rows [S, 11] (float64) for steps from alpha_bar = `ab` to `ab_prev`, row by row.
+
+    sigma = eta sqrt((1 - ab_prev) / (1 - ab)) sqrt(1 - ab / ab_prev);
+    x_prev = sqrt(ab_prev) x0c + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z.
+    """
+    sigma = eta * ((1.0 - ab_prev) / (1.0 - ab)).sqrt() * (1.0 - ab / ab_prev).sqrt()
+    direction = (1.0 - ab_prev - sigma**2).clamp_min(0.0).sqrt()
+    ex, em = _eps_coefs(prediction, ab)
+    c = torch.zeros(ab.numel(), NUM_COEFS, dtype=torch.float64)
+    c[:, _A], c[:, _B] = _x0_coefs(prediction, ab)
+    c[:, _P] = ab_prev.sqrt()
+    c[:, _Q] = direction * ex
+    c[:, _R] = direction * em
+    c[:, _SIGMA] = sigma
+    return c
+
+
 class Sampler:
     """Base class: timesteps, the float64 coefficient table, the step API and the sampling loop.
 
@@ -216,7 +241,7 @@ class Sampler:
         return ascending.flip(0)
 
     def device_tables(self, device: Union[str, torch.device]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(coefs float32 [S, 9], step indices int64 [S], model timesteps int64 [S]) on `device`.
+        """(coefs float32 [S, 11], step indices int64 [S], model timesteps int64 [S]) on `device`.
 
         Cast once per device and cached. `steps[s:s+1]` is the op's step tensor for row s.
         """
@@ -285,6 +310,15 @@ class Sampler:
         """The op's (x0_prev, x0_prev2, x0_prev3) for row s (None where unused)."""
         return (None, None, None)
 
+    def _fused_step(self, x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, step: torch.Tensor,
+                    x0_prev: Optional[torch.Tensor], noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                    image_offset: int, clip: bool, *history: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x_prev, x0-hat) of one update: the fused op (a sampler that post-processes x0-hat, e.g. the
+        dynamic thresholding of `fastddpm.interop.schedulers`, wraps it). `history`: x0_prev2 (and x0_prev3),
+        passed only by samplers that read them (num_history >= 2)."""
+        return sampler_step(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, self.learned_range,
+                            *history)
+
     def _after_step(self, s: int, x0: torch.Tensor, history: Tuple[Optional[torch.Tensor], ...]) -> None:
         pass
 
@@ -325,12 +359,13 @@ class Sampler:
         if noise is None and self._noisy[s]:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         hist = self._history_for(s, x0_prev)
-        x_prev, x0 = sampler_step(x, m, coefs, steps[s:s + 1], hist[0], noise, None, 0, bool(clip_denoised),
-                                  self.learned_range, hist[1], hist[2])
+        x_prev, x0 = self._fused_step(x, m, coefs, steps[s:s + 1], hist[0], noise, None, 0, bool(clip_denoised),
+                                      *hist[1:self.num_history])
         self._after_step(s, x0, hist)
         return (x_prev, x0) if return_x0 else x_prev
 
     # ------------------------------------------------------------------------------ loop
+    @torch.no_grad()
     def sample(
         self,
         model: Model,
@@ -346,6 +381,10 @@ class Sampler:
         image_offset: int = 0,
     ) -> torch.Tensor:
         """Draw samples: x_T, then one model call and one fused step per timestep.
+
+        Runs under ``torch.no_grad()``: sampling never records an autograd graph, so a model whose
+        parameters require grad neither returns a tensor with a ``grad_fn`` nor keeps every step's
+        activations alive (memory stays flat in the number of steps).
 
         Args:
             model: callable model(x, t, **model_kwargs) -> tensor (or an object with `.sample`, as
@@ -407,6 +446,7 @@ class Sampler:
         k = self.num_history  # the history, most recent first, padded with None to the op's three
         hist: List[Optional[torch.Tensor]] = [torch.zeros_like(x) for _ in range(k)] + [None] * (3 - k)
         clip = bool(clip_denoised)
+        watch = FiniteWatch(device, self._model_timesteps.tolist())
         iterator: Any = range(S)
         if progress:
             from tqdm.auto import tqdm
@@ -427,11 +467,12 @@ class Sampler:
                     noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
                 else:
                     seed_arg = seed_t
-            x, x0 = sampler_step(x, out, coefs, step, hist[0], noise, seed_arg, image_offset, clip, self.learned_range,
-                                 hist[1], hist[2])
+            x, x0 = self._fused_step(x, out, coefs, step, hist[0], noise, seed_arg, image_offset, clip, *hist[1:k])
             if k:
                 hist = [x0] + hist[:k - 1] + [None] * (3 - k)
+            watch.update(x, step)  # NaN/inf: recorded on the device, raised once after the loop
             step.add_(1)
+        watch.check(type(self).__name__)
         return x
 
     def __repr__(self) -> str:
@@ -493,18 +534,7 @@ class DDIMSampler(Sampler):
 
     def _build_coefs(self) -> torch.Tensor:
         r = self.respaced
-        S = r.num_timesteps
-        ab, abp = r.alphas_cumprod, r.alphas_cumprod_prev
-        sigma = self.eta * ((1.0 - abp) / (1.0 - ab)).sqrt() * (1.0 - ab / abp).sqrt()
-        direction = (1.0 - abp - sigma**2).clamp_min(0.0).sqrt()
-        ex, em = _eps_coefs(self.prediction, ab)
-        c = torch.zeros(S, NUM_COEFS, dtype=torch.float64)
-        c[:, _A], c[:, _B] = _x0_coefs(self.prediction, ab)
-        c[:, _P] = abp.sqrt()
-        c[:, _Q] = direction * ex
-        c[:, _R] = direction * em
-        c[:, _SIGMA] = sigma
-        return self._per_step(c)
+        return self._per_step(ddim_coefs(self.prediction, r.alphas_cumprod, r.alphas_cumprod_prev, self.eta))
 
     def __repr__(self) -> str:
         return (f"DDIMSampler(steps={self.num_steps}, spacing={self.spacing!r}, eta={self.eta}, "
@@ -689,7 +719,15 @@ class DPMSolver3MSampler(_MultistepSampler):
 
     lower_order_final (default True): the last transition (timesteps[-2] -> timesteps[-1]) is at most
     second order, as diffusers' lower_order_final does below 15 steps (diffusers switches it off from
-    15 steps on: pass lower_order_final=False there for parity).
+    15 steps on: pass lower_order_final=False there for parity). Chosen by measurement
+    (scripts/multistep_choices.py, docs/multistep_choices.md): with the time-quadratic steps it halves
+    the exact-Gaussian ODE error at 5 steps (0.19 vs 0.42) and lowers it at 6-20; on the digits model it
+    changes the ODE error by <= 1% at 10 and 20 steps and costs 9% at 5 (0.48 vs 0.44); with diffusers'
+    linspace steps (no call at t = 0) the Gaussian error at 5 steps is lower without it (0.025 vs 0.046).
+    The warm-up (orders 1, 2, 3 at the first three steps) is the least the history allows; its
+    first-order first step limits 2M and 3M alike on the digits model (their errors coincide at 20
+    steps), which is where UniPC's corrector gains. third_order: "taylor" and "diffusers" differ by <= 1%
+    on the digits model at 5-20 steps; "taylor" has the order.
 
     The update is linear in (x, x0-hat, x0_prev, x0_prev2): one fused `sampler_step` per step with P, P2
     and P3; `step()` keeps the two previous x0-hats (see `_MultistepSampler`).
@@ -807,9 +845,15 @@ class UniPCSampler(_MultistepSampler):
 
     Warm-up: order min(order, s + 1) at step s; lower_order_final (default True): the last transition
     at most second order, the step before at most third (diffusers' lower_order_final). The final step
-    returns x0-hat (the predictor to sigma = 0). corrector=False gives UniP alone.
-    Defaults (order 3, bh2, lower_order_final): measured on the exact Gaussian model
-    (tests/test_samplers.py::test_lower_order_final_choice, ::test_unipc_order_of_convergence).
+    returns x0-hat (the predictor to sigma = 0). corrector=False gives UniP alone (then the same table
+    as DPM-Solver++(3M) "taylor" for bh2).
+    Defaults (order 3, bh2, lower_order_final) by measurement (scripts/multistep_choices.py,
+    docs/multistep_choices.md; ODE error, not sample quality): bh2 beats bh1 in every setting measured
+    (digits, 20 time-quadratic steps: 0.099 vs 0.340); order 3 and order 2 are within 3% on the digits
+    model, order 3 is ahead on the exact Gaussian model from 15 steps (0.008 vs 0.012 at 20) and behind
+    at 5-10 with time-quadratic steps; lower_order_final: halves the Gaussian error at 5 time-quadratic
+    steps (0.25 vs 0.50), digits within 5%; the corrector lowers the digits error by 20-40% at 10-20
+    steps (0.211 vs 0.288 at 10) at no model call.
     """
 
     def __init__(self, diffusion: Any, steps: Steps = 10, order: int = 3, variant: str = "bh2",
@@ -868,6 +912,30 @@ class UniPCSampler(_MultistepSampler):
         return (f"UniPCSampler(steps={self.num_steps}, spacing={self.spacing!r}, order={self.order}, variant={self.variant!r}, "
                 f"lower_order_final={self.lower_order_final}, corrector={self.corrector}, "
                 f"prediction={self.prediction!r})")
+
+
+def gaussian_gain(sampler: Sampler, data_variance: float) -> float:
+    """k with sample = k x_T when the model is the exact denoiser of N(0, data_variance) data.
+
+    For such data E[eps | x_t] = sqrt(1 - ab) x_t / (ab s2 + 1 - ab), so a deterministic sampler (no
+    noise column) is a linear map of x_T; k is computed here in float64 from the sampler's coefficient
+    table with the op's formula (no clipping). The exact probability-flow ODE gives
+    k = g(t1) sqrt(var(t1) / var(t0)), var(t) = ab_t s2 + 1 - ab_t, g(t) = sqrt(ab_t) s2 / var(t), for
+    timesteps t0 (first) and t1 (last): the relative difference is the solver's error on this problem.
+    """
+    s2 = float(data_variance)
+    ab_all = sampler.schedule.alphas_cumprod
+    x, hist = 1.0, [0.0, 0.0, 0.0]
+    for row, t in zip(sampler.coefs.tolist(), sampler.timesteps.tolist()):
+        ab = float(ab_all[t])
+        eps = math.sqrt(1.0 - ab) / (ab * s2 + 1.0 - ab) * x
+        x0_exact = math.sqrt(ab) * s2 / (ab * s2 + 1.0 - ab) * x
+        m = {"eps": eps, "x0": x0_exact, "v": math.sqrt(ab) * eps - math.sqrt(1.0 - ab) * x0_exact}[sampler.prediction]
+        x0 = row[_A] * x + row[_B] * m
+        x = (row[_P] * x0 + row[_Q] * x + row[_R] * m
+             + sum(row[col] * h for col, h in zip(_HISTORY_COLS, hist)))
+        hist = [x0] + hist[:2]
+    return x
 
 
 def make_sampler(name: str, diffusion: Any, steps: Steps = None, eta: float = 0.0, *,

@@ -27,7 +27,13 @@ class NoiseSchedule:
     """
 
     def __init__(self, betas: Betas):
-        b = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
+        if isinstance(betas, (str, bytes)):
+            raise ValueError(f"betas must be a non-empty 1-D sequence of floats in (0, 1), got {betas!r}")
+        try:
+            b = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"betas must be a non-empty 1-D sequence of floats in (0, 1), got "
+                             f"{type(betas).__name__} ({e})") from None
         if b.ndim != 1 or b.numel() == 0:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(b.shape)}")
         if not torch.isfinite(b).all() or (b <= 0).any() or (b >= 1).any():

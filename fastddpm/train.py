@@ -18,15 +18,24 @@ its checkpoint at step s takes exactly the same steps s+1, s+2, ... as the unint
 
 Outputs in ``out_dir``: ``checkpoints/step_*/`` (see :mod:`fastddpm.checkpoint`; the last ``keep``
 are kept), ``log.jsonl`` (one JSON object per ``log_every`` steps: step, loss, lr, grad_norm, skipped,
-it_per_s, time), ``samples/step_*.png`` (EMA samples every ``sample_every`` steps).
+it_per_s, time; cut back to the resumed step on resume), ``samples/step_*.png`` (EMA samples every
+``sample_every`` steps), ``train.lock`` (pid and host of the process training there; empty when none).
+
+Resuming (``resume``): :func:`resume_config` merges a saved run's settings with the ones given (the
+CLI's ``--resume``); :func:`train` prints ``resuming from step N (path)`` and each changed setting,
+refuses model/diffusion changes by name, and with ``resume_fallback`` falls back to the newest older
+checkpoint that loads. Under DDP every collective waits at most ``ddp_timeout`` seconds; a failed or
+stalled rank ends every rank with a :class:`DistributedError` naming it.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,13 +46,23 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from ._names import SAMPLER_NAMES
-from .data import load_dataset, save_grid
+from .data import load_dataset
+from .images import save_grid
 
-__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train"]
+__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "RunLockError", "DistributedError", "train",
+           "resume_config", "saved_run_config", "config_changes", "dataset_defaults", "dataset_shape"]
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the loss was non-finite for ``max_nonfinite`` consecutive steps."""
+
+
+class RunLockError(RuntimeError):
+    """Another live training process owns the run directory (its ``train.lock``)."""
+
+
+class DistributedError(RuntimeError):
+    """A peer process of a data-parallel run failed or stalled; the message says which rank."""
 
 
 @dataclass
@@ -68,7 +87,10 @@ class TrainConfig:
     sample_num, sample_sampler (a name of `samplers.SAMPLER_NAMES`), sample_steps, log_every, progress (tqdm
     bar on rank 0).
     Robustness: resume (False; True: continue from out_dir's newest checkpoint, or start afresh if
-    there is none; or a checkpoint path), max_nonfinite (stop after this many non-finite losses in a row).
+    there is none; or a checkpoint path), resume_fallback (when the newest checkpoint does not load,
+    resume from the newest older one that does, instead of stopping), max_nonfinite (stop after this
+    many non-finite losses in a row), ddp_timeout (seconds a data-parallel process waits for its peers
+    before the run stops, naming the rank that failed).
     """
 
     # data
@@ -122,7 +144,9 @@ class TrainConfig:
     progress: bool = True
     # robustness
     resume: Union[bool, str] = False
+    resume_fallback: bool = False
     max_nonfinite: int = 10
+    ddp_timeout: float = 300.0
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise ValueError naming the field and the accepted values."""
@@ -145,8 +169,10 @@ class TrainConfig:
             pos_int(n)
         for n in ("warmup_steps", "save_every", "keep", "sample_every", "seed"):
             pos_int(n, 0)
-        for n in ("lr", "weight_decay", "grad_clip"):
+        for n in ("lr", "weight_decay", "grad_clip", "ddp_timeout"):
             nonneg_float(n)
+        if self.ddp_timeout <= 0:
+            raise ValueError(f"ddp_timeout must be > 0 seconds, got {self.ddp_timeout!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         for n in ("p_uncond", "ema_decay", "adam_beta1", "adam_beta2"):
@@ -186,6 +212,72 @@ class TrainConfig:
         return cls(**d)
 
 
+# The bundled digits model's recipe (README, "The bundled model"): what `fastddpm train --dataset digits`
+# trains without further flags.
+DIGITS_RECIPE: Dict[str, Any] = dict(
+    base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), groups=8, dropout=0.0,
+    schedule="cosine", num_timesteps=1000, steps=14000, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.999,
+    save_every=1000, keep=3, sample_every=2000, log_every=50)
+# Ho et al.'s CIFAR-10 model (35.7M parameters), the TrainConfig defaults' architecture, with its
+# optimisation settings (their run took 800k steps; `steps` keeps TrainConfig's default).
+DDPM_CIFAR10_RECIPE: Dict[str, Any] = dict(
+    base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,), groups=32,
+    dropout=0.1, schedule="linear", num_timesteps=1000, batch_size=128, lr=2e-4, warmup_steps=5000,
+    ema_decay=0.9999)
+# channel multipliers for larger images (one level per halving down to 4-8 pixels; the widths of
+# Improved DDPM's ImageNet 64 / LSUN 128-256 models), attention at 16x16, no dropout, smaller lr and batch
+_LARGE_MULTS = ((64, (1, 2, 3, 4)), (128, (1, 1, 2, 3, 4)), (256, (1, 1, 2, 2, 4, 4)))
+
+
+def _fit_levels(image_size: int, mults: Tuple[int, ...], attention: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """`mults` cut to as many levels as `image_size` halves into (the U-Net needs it divisible by
+    2**(levels - 1)), and the attention resolution moved to the level nearest `attention`."""
+    levels = len(mults)
+    while levels > 1 and image_size % 2 ** (levels - 1):
+        levels -= 1
+    resolutions = [image_size // 2 ** lvl for lvl in range(levels)]
+    nearest = min(resolutions, key=lambda r: (abs(r - attention), r))
+    return tuple(mults[:levels]), (nearest,)
+
+
+def dataset_defaults(spec: str, channels: int, image_size: int) -> Dict[str, Any]:
+    """The TrainConfig settings that fit a dataset of `channels` x `image_size`^2 images (`spec`: its
+    dataset spec), applied over TrainConfig's defaults and under the user's own settings:
+
+    * up to 16 pixels (the bundled 8x8 digits): the bundled model's recipe (:data:`DIGITS_RECIPE`,
+      0.7M parameters), attention at half the image size;
+    * 17-32 pixels (CIFAR-10, MNIST resized to 32): Ho et al.'s CIFAR-10 model (:data:`DDPM_CIFAR10_RECIPE`);
+    * larger: the same blocks with one more level per doubling (channel multipliers (1, 2, 3, 4) at
+      64, (1, 1, 2, 3, 4) at 128, (1, 1, 2, 2, 4, 4) from 256), attention at 16x16, no dropout,
+      lr 1e-4, batch 64.
+
+    Sizes that do not halve evenly keep fewer levels (28 -> 28, 14, 7). A dict of TrainConfig fields.
+    """
+    del spec, channels  # the architecture depends on the size alone; kept for the caller's record
+    if image_size <= 16:
+        d = dict(DIGITS_RECIPE)
+        d["channel_mults"], d["attention_resolutions"] = _fit_levels(image_size, (1, 2), max(1, image_size // 2))
+    elif image_size <= 32:
+        d = dict(DDPM_CIFAR10_RECIPE)
+        d["channel_mults"], d["attention_resolutions"] = _fit_levels(image_size, (1, 2, 2, 2), 16)
+    else:
+        mults = next((m for size, m in _LARGE_MULTS if image_size <= size), _LARGE_MULTS[-1][1])
+        d = dict(DDPM_CIFAR10_RECIPE, dropout=0.0, lr=1e-4, batch_size=64)
+        d["channel_mults"], d["attention_resolutions"] = _fit_levels(image_size, mults, 16)
+    return d
+
+
+def dataset_shape(spec: str, image_size: Optional[int] = None, channels: Optional[int] = None) -> Tuple[int, int]:
+    """(channels, image_size) of the images `fastddpm train --dataset spec` trains on, after the
+    ``image_size`` / ``channels`` conversions (the digits without loading them)."""
+    if spec == "digits" and image_size is not None and channels is not None:
+        return channels, image_size
+    if spec == "digits":
+        return channels or 1, image_size or 8
+    ds = load_dataset(spec, image_size=image_size, channels=channels)
+    return ds.channels, ds.image_size
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` returns (on every rank)."""
@@ -221,24 +313,37 @@ def _dist_info() -> Tuple[int, int, int]:
 def _resolve_device(spec: str, local_rank: int) -> torch.device:
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device(f"cuda:{local_rank}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {spec!r} asked for, but CUDA is not available")
+    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {spec!r} asked for, but there are {torch.cuda.device_count()} CUDA devices")
     return dev
 
 
-def _join_process_group(world: int, device: torch.device) -> bool:
+DEFAULT_DDP_TIMEOUT = 300.0
+
+
+def _join_process_group(world: int, device: torch.device, timeout: float = DEFAULT_DDP_TIMEOUT) -> bool:
     """Join torchrun's process group when world > 1 (nccl on CUDA, gloo on the CPU).
 
-    Returns whether this call created the group (the caller then destroys it when done).
+    ``timeout`` (seconds) bounds every collective: a dead or stalled peer ends the run after it
+    instead of torch's default 30 minutes. Returns whether this call created the group (the caller
+    then destroys it when done).
     """
     if world <= 1 or dist.is_initialized():
         return False
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=float(timeout)))
     return True
 
 
@@ -301,6 +406,314 @@ def _truncate_log(path: str, step: int) -> None:
     ckpt.atomic_write_bytes(path, "".join(keep).encode())
 
 
+
+# ------------------------------------------------------------------------------------------ resume
+# settings the weights depend on: a resumed run may not change them (the train() check of the built model
+# and diffusion configs is the final word; this list refuses the obvious cases before any work)
+CHECKPOINT_FIELDS = ("image_size", "channels", "class_cond", "base_channels", "channel_mults", "num_res_blocks",
+                     "attention_resolutions", "num_heads", "head_channels", "time_embedding", "groups",
+                     "learn_sigma", "schedule", "num_timesteps", "prediction", "variance", "loss")
+# run-control settings that are not part of what a run "is" (never reported as changes)
+_NOT_SETTINGS = ("resume", "resume_fallback")
+
+
+def _same(name: str, old: Any, new: Any) -> bool:
+    if name == "out_dir" and isinstance(old, str) and isinstance(new, str):
+        return os.path.abspath(old) == os.path.abspath(new)
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return list(old) == list(new)
+    return old == new
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """(name, old, new) for every setting whose value differs between two TrainConfig dicts."""
+    out = []
+    for name, value in new.items():
+        if name in _NOT_SETTINGS or name not in old:
+            continue
+        if not _same(name, old[name], value):
+            out.append((name, old[name], value))
+    return out
+
+
+def _show(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def format_changes(changes: Sequence[Tuple[str, Any, Any]]) -> str:
+    """``name: old -> new`` for each change, comma-separated."""
+    return ", ".join(f"{n}: {_show(a)} -> {_show(b)}" for n, a, b in changes)
+
+
+def _run_dir_of(checkpoint_path: str) -> Optional[str]:
+    """RUN for RUN/checkpoints/step_N, else None."""
+    parent = os.path.dirname(os.path.abspath(checkpoint_path))
+    if ckpt._STEP_RE.match(os.path.basename(os.path.abspath(checkpoint_path))) and \
+            os.path.basename(parent) == ckpt.CKPT_SUBDIR:
+        return os.path.dirname(parent)
+    return None
+
+
+def saved_run_config(resume: Union[bool, str], out_dir: str) -> Optional[Tuple[Dict[str, Any], str]]:
+    """The saved TrainConfig dict ("train" entry) of the checkpoint ``resume`` would continue, and its path.
+
+    None when there is nothing to resume (``resume`` false, or no checkpoint in ``out_dir``). Only the
+    config is read (no weights). If the checkpoint's own config.json does not load, the run directory's
+    config.json (written when the run started) is used.
+    """
+    if not resume:
+        return None
+    path = ckpt.resolve_checkpoint(resume) if isinstance(resume, str) else ckpt.latest_checkpoint(out_dir)
+    if path is None:
+        return None
+    try:
+        saved = ckpt.load_checkpoint(path, load_state=False, load_model=False, load_ema=False).config.get("train")
+    except ckpt.CheckpointError:
+        saved = None
+        run = _run_dir_of(path) or (out_dir if not isinstance(resume, str) else None)
+        run_cfg = os.path.join(run, "config.json") if run else None
+        if run_cfg and os.path.isfile(run_cfg):
+            try:
+                with open(run_cfg, encoding="utf-8") as f:
+                    saved = json.load(f).get("train")
+            except (OSError, ValueError, AttributeError):
+                saved = None
+    if not isinstance(saved, dict):
+        return None
+    return saved, path
+
+
+def resume_config(saved: Dict[str, Any], explicit: Dict[str, Any]) -> Tuple[TrainConfig, List[Tuple[str, Any, Any]]]:
+    """The configuration of a resumed run: the saved run's settings, overridden by those given (``explicit``).
+
+    Returns (config, changes) with changes = [(name, saved value, new value)] for every setting that
+    differs; :func:`train` prints them when it resumes. Raises ValueError naming the settings when
+    a change would make the checkpoint unusable (model architecture or diffusion: CHECKPOINT_FIELDS).
+    Saved fields this version does not know are dropped.
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    base = {k: v for k, v in saved.items() if k in names}
+    cfg = TrainConfig.from_dict({**base, **explicit}).validate()
+    changes = config_changes(base, cfg.to_dict())
+    refused = [c for c in changes if c[0] in CHECKPOINT_FIELDS and c[1] is not None]
+    if refused:
+        raise ValueError(f"cannot resume with other model/diffusion settings than the checkpoint's ("
+                         f"{format_changes(refused)}): its weights need the saved ones. Drop these flags, or "
+                         "start a new run in another --out-dir")
+    return cfg, changes
+
+
+def _resume_message(path: str, step: int, saved: Dict[str, Any], cfg: TrainConfig, saved_world: int,
+                    world: int) -> str:
+    lines = [f"fastddpm train: resuming from step {step} ({path})"]
+    for name, old, new in config_changes(saved, cfg.to_dict()):
+        lines.append(f"  {name}: {_show(old)} -> {_show(new)}")
+    if saved_world != world:
+        lines.append(f"  world size: {saved_world} -> {world} processes: the global batch stays batch_size="
+                     f"{cfg.batch_size} images per step ({cfg.batch_size // max(saved_world, 1)} -> "
+                     f"{cfg.batch_size // world} per process); the data order and noise from here on differ "
+                     "from the uninterrupted run")
+    if step >= cfg.steps:
+        lines.append(f"  the run already reached step {step} >= steps={cfg.steps}: nothing to train (pass a "
+                     "larger --steps to continue)")
+    return "\n".join(lines)
+
+
+def _load_for_resume(path: str, run_dir: str, fallback: bool, explicit_path: bool) -> ckpt.Checkpoint:
+    """Load checkpoint ``path`` with its training state, checked. When it does not load, name the newest
+    older checkpoint of the run that does, and resume from that one only with ``fallback``."""
+    try:
+        return _load_checked(path)
+    except ckpt.CheckpointError as e:
+        error = e
+    older = [p for st, p in reversed(ckpt.list_checkpoints(run_dir))
+             if os.path.abspath(p) != os.path.abspath(path) and st < _step_of(path)]
+    for p in older:
+        try:
+            ck = _load_checked(p)
+        except ckpt.CheckpointError:
+            continue
+        if fallback and not explicit_path:
+            print(f"fastddpm train: warning: {error}\n  falling back to the newest checkpoint that loads: {p}",
+                  file=sys.stderr)
+            return ck
+        raise ckpt.CheckpointError(f"{error}\n  the newest older checkpoint that loads is {p} (step {ck.step}): "
+                                   f"resume from it with --resume {p}, or add --resume-fallback "
+                                   "(resume_fallback=True) to fall back to it") from error
+    raise ckpt.CheckpointError(f"{error}\n  no older checkpoint of {run_dir} loads either") from error
+
+
+def _step_of(path: str) -> int:
+    m = ckpt._STEP_RE.match(os.path.basename(os.path.abspath(path)))
+    return int(m.group(1)) if m else 1 << 62
+
+
+def _load_checked(path: str) -> ckpt.Checkpoint:
+    ck = ckpt.load_checkpoint(path, load_state=True)
+    ckpt.check_train_state(ck.state, os.path.join(ck.path, "state.pt"), ck.step)
+    return ck
+
+
+# ------------------------------------------------------------------------------------------ run lock
+LOCK_FILE = "train.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+class _RunLock:
+    """One training process per run directory: ``train.lock`` holds the owner's pid and host.
+
+    The lock is an flock on that file (released by the kernel when the owner dies, even by kill -9);
+    a file left with a dead owner's record is a stale lock, taken over with a message. Where flock is
+    unavailable, the pid/host record decides (a live pid on this host, or any other host, refuses).
+    """
+
+    def __init__(self, run_dir: str):
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, LOCK_FILE)
+        self.fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            self._acquire()
+        except BaseException:
+            self.fh.close()
+            raise
+
+    def _owner(self) -> Dict[str, Any]:
+        self.fh.seek(0)
+        try:
+            rec = json.loads(self.fh.read() or "{}")
+        except ValueError:
+            return {}
+        return rec if isinstance(rec, dict) else {}
+
+    def _acquire(self) -> None:
+        host = socket.gethostname()
+        try:
+            import fcntl
+
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except (BlockingIOError, PermissionError):
+            raise self._busy(self._owner()) from None
+        except (ImportError, OSError):  # no flock here (Windows, some network file systems)
+            locked = False
+        owner = self._owner()
+        if owner.get("pid") is not None:
+            same_host = owner.get("host") == host
+            if not locked and (not same_host or _pid_alive(int(owner["pid"]))) and owner.get("pid") != os.getpid():
+                raise self._busy(owner)
+            print(f"fastddpm train: taking over the stale lock {self.path} of pid {owner.get('pid')} on "
+                  f"{owner.get('host')} (that process is gone)", file=sys.stderr)
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(json.dumps({"pid": os.getpid(), "host": host,
+                                  "started": datetime.datetime.now().isoformat(timespec="seconds")}) + "\n")
+        self.fh.flush()
+
+    def _busy(self, owner: Dict[str, Any]) -> RunLockError:
+        return RunLockError(
+            f"{os.path.dirname(self.path)} is in use by another training process (pid {owner.get('pid', '?')} on "
+            f"{owner.get('host', '?')}, since {owner.get('started', '?')}; lock file {self.path}): wait for it to "
+            "end or choose another --out-dir")
+
+    def release(self) -> None:
+        # empty the record but keep the file: unlinking would let a waiting opener lock a dead inode
+        try:
+            self.fh.seek(0)
+            self.fh.truncate()
+            self.fh.flush()
+        finally:
+            self.fh.close()
+
+
+def _lock_run(run_dir: str, rank: int, distributed: bool) -> Optional[_RunLock]:
+    """Rank 0 takes the run lock; under DDP every rank learns the outcome (and raises the same error)."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = _RunLock(run_dir)
+        except RunLockError as e:
+            error = str(e)
+    if distributed:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise RunLockError(error)
+    return lock
+
+
+# ------------------------------------------------------------------------------------------ DDP faults
+_FAILED_KEY = "fastddpm/failed/{}"
+_ALIVE_KEY = "fastddpm/alive/{}"
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    """An error of a collective or the rendezvous store (a peer died or stalled), not of this process's work."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(k in text for k in (
+        "gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+        "Timed out", "timed out", "Socket Timeout", "recvBytes", "sendBytes"))
+
+
+def _peer_failure(e: BaseException, rank: int, world: int, timeout: float) -> DistributedError:
+    """One line naming the failed rank(s), from the records the ranks leave in the rendezvous store."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(_ALIVE_KEY.format(rank), "1")
+        start = time.monotonic()
+        failed: Dict[int, str] = {}
+        silent: Optional[List[int]] = None
+        while True:
+            failed = {r: store.get(_FAILED_KEY.format(r)).decode("utf-8", "replace") for r in range(world)
+                      if r != rank and store.check([_FAILED_KEY.format(r)])}
+            if silent is None and time.monotonic() - start > 0.5:
+                # healthy peers hit the same broken collective and check in at about the same time; a rank
+                # still silent then is the dead or stalled one (one that wakes up later does not count)
+                silent = [r for r in range(world) if r != rank and not store.check([_ALIVE_KEY.format(r)])]
+            if failed or time.monotonic() - start > min(2.0, timeout):
+                break
+            time.sleep(0.1)
+    except Exception:  # the store lives in rank 0's process: unreachable means rank 0 is gone
+        return DistributedError(f"rank {rank}: stopping: lost contact with rank 0 (it died, or stalled for more than "
+                                f"ddp_timeout={timeout:g} s)")
+    if failed:
+        what = "; ".join(f"rank {r} failed: {m}" for r, m in sorted(failed.items()))
+        return DistributedError(f"rank {rank}: stopping because {what}")
+    who = ("rank " + ", ".join(map(str, silent))) if silent else "a peer"
+    return DistributedError(f"rank {rank}: stopping: {who} stopped responding (died, or stalled for more than "
+                            f"ddp_timeout={timeout:g} s)")
+
+
+def _ddp_failure(e: BaseException, rank: int, world: int, timeout: float) -> BaseException:
+    """What a data-parallel process raises for ``e``: a peer's failure becomes one DistributedError
+    naming that rank; this process's own error is left in the store for the peers and raised as it is."""
+    if isinstance(e, (RunLockError, DistributedError)):
+        return e
+    if _is_peer_failure(e):
+        return _peer_failure(e, rank, world, timeout)
+    _record_failure(e, rank)
+    return e
+
+
+def _record_failure(e: BaseException, rank: int) -> None:
+    """Leave this rank's error in the store for its peers (best effort: the store may be gone)."""
+    try:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        dist.distributed_c10d._get_default_store().set(_FAILED_KEY.format(rank), f"{type(e).__name__}: {first}")
+    except Exception:
+        pass
+
 # ------------------------------------------------------------------------------------------ train
 def train(config: Union[TrainConfig, Dict[str, Any]]) -> TrainResult:
     """Train a U-Net with the DDPM objective; see :class:`TrainConfig` and the module docstring.
@@ -310,8 +723,11 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> TrainResult:
     DistributedSampler, and only rank 0 writes checkpoints, logs and sample grids.
 
     Raises:
-        ValueError: a bad config, or out_dir already holding checkpoints without ``resume``.
+        ValueError: a bad config, or out_dir already holding checkpoints without ``resume``, or a
+            resume that changes the model/diffusion settings (CheckpointError: one that does not load).
         NonFiniteLossError: ``max_nonfinite`` consecutive non-finite losses.
+        RunLockError: another live process trains in out_dir.
+        DistributedError: (DDP) another rank failed or stalled for ``ddp_timeout`` seconds.
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
@@ -321,11 +737,21 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> TrainResult:
 
     rank, world, local_rank = _dist_info()
     device = _resolve_device(cfg.device, local_rank)
-    own_group = _join_process_group(world, device)
+    own_group = _join_process_group(world, device, cfg.ddp_timeout)
     distributed = world > 1 and dist.is_initialized()
+    rank, world = (rank, world) if distributed else (0, 1)
+    lock = None
     try:
-        return _train(cfg, rank if distributed else 0, world if distributed else 1, device, distributed)
+        lock = _lock_run(os.path.abspath(cfg.out_dir), rank, distributed)
+        return _train(cfg, rank, world, device, distributed)
+    except Exception as e:
+        err = _ddp_failure(e, rank, world, cfg.ddp_timeout) if distributed else e
+        if err is not e:
+            raise err from e
+        raise
     finally:
+        if lock is not None:
+            lock.release()
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -387,15 +813,22 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
                          "to continue that run, or choose another out_dir")
     rng_restore = None
     if resume_path is not None:
-        ck = ckpt.load_checkpoint(resume_path, load_state=True)
+        ck = _load_for_resume(resume_path, _run_dir_of(resume_path) or run_dir, cfg.resume_fallback,
+                              isinstance(cfg.resume, str))
+        resume_path = ck.path
         try:
             ck_model = json.loads(json.dumps(getattr(ckpt.build_model(ck.config), "config", ck.config["model"])))
         except ckpt.CheckpointError:
             ck_model = ck.config.get("model")
-        if ck_model != mcfg or ck.config.get("diffusion") != full_config["diffusion"]:
-            raise ValueError(f"{resume_path}: the checkpoint's model/diffusion config differs from this run's:\n"
-                             f"  checkpoint: {ck.config.get('model')} {ck.config.get('diffusion')}\n"
-                             f"  this run:   {mcfg} {full_config['diffusion']}")
+        # dropout changes no weight: a resumed run may change it (fine-tuning); everything else must match
+        same_arch = {k: v for k, v in mcfg.items() if k != "dropout"}
+        ck_arch = {k: v for k, v in ck_model.items() if k != "dropout"} if isinstance(ck_model, dict) else {}
+        differ = config_changes(ck_arch, same_arch) + \
+            config_changes(ck.config.get("diffusion") or {}, full_config["diffusion"])
+        if differ or ck_arch != same_arch or ck.config.get("diffusion") != full_config["diffusion"]:
+            raise ValueError(f"{resume_path}: the checkpoint's model/diffusion config differs from this run's "
+                             f"({format_changes(differ) or 'entries differ'}); these must match to resume. Drop "
+                             "the flags that change them, or start a new run in another --out-dir")
         ckpt.check_state_dict(model, ck.model, resume_path)
         model.load_state_dict(ck.model)
         if ema is not None:
@@ -408,10 +841,16 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
             step, skipped, updates = int(st["step"]), int(st["skipped"]), int(st["updates"])
             rngs = st["rng"]
             rng_restore = rngs[rank] if isinstance(rngs, list) and rank < len(rngs) else rngs[0] if isinstance(rngs, list) else rngs
-        except (KeyError, ValueError, TypeError, IndexError) as e:
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"{resume_path}/state.pt: incomplete or incompatible training state ({e})") from e
         if is_main:
-            _truncate_log(log_path, step)
+            saved_world = st.get("world_size", len(rngs) if isinstance(rngs, list) else 1)
+            print(_resume_message(resume_path, step, ck.config.get("train") or {}, cfg, saved_world, world),
+                  file=sys.stderr)
+    if is_main:
+        # the log holds exactly the steps before this one: a dead run's lines past its last checkpoint
+        # (all of them, when it died before the first) would otherwise appear twice
+        _truncate_log(log_path, step)
 
     # ---------------------------------------------------------------- wrap: DDP, compile, autocast
     train_model: torch.nn.Module = model
@@ -458,8 +897,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
             y = torch.arange(cfg.sample_num, device=device) % num_classes
         s = _make_sampler(cfg.sample_sampler, diffusion, cfg.sample_steps)
         shape = (cfg.sample_num, ds.channels, ds.image_size, ds.image_size)
-        with torch.no_grad():
-            x = s.sample(_Conditioned(net, y), shape, seed=cfg.seed)
+        from .guards import NonFiniteSampleError
+
+        try:
+            with torch.no_grad():
+                x = s.sample(_Conditioned(net, y), shape, seed=cfg.seed)
+        except NonFiniteSampleError as e:  # a grid is a by-product: say so and keep training
+            print(f"fastddpm train: step {at_step}: no sample grid: {e}", file=sys.stderr)
+            net.train(was_training)
+            return
         save_grid(x, os.path.join(run_dir, "samples", f"step_{at_step:08d}.png"), scale=max(1, 64 // ds.image_size))
         net.train(was_training)
 

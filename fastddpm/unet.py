@@ -41,6 +41,7 @@ Improved-DDPM models use `time_embedding="scale_shift"`, and usually `downsample
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops as _ops
+from .guards import check_labels
 
 __all__ = ["UNet", "timestep_embedding"]
 
@@ -246,6 +248,17 @@ class MidBlock(nn.Module):
         """`projs`: the two ResBlocks' time projections already computed (see `ResBlock.forward`), or None."""
         p1, p2 = projs if projs is not None else (None, None)
         return self.resnet2(self.attention(self.resnet1(x, emb, p1)), emb, p2)
+
+
+def _check_timesteps(t: torch.Tensor, num_timesteps: Optional[int]) -> None:
+    """ValueError unless 0 <= t (< num_timesteps when known). Only CPU tensors are read: reading CUDA
+    ones would cost a host sync per model call."""
+    if t.device.type != "cpu" or t.numel() == 0 or torch.compiler.is_compiling():  # values are data: not traced
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or (num_timesteps is not None and hi >= num_timesteps):
+        bound = f"[0, {num_timesteps})" if num_timesteps is not None else ">= 0"
+        raise ValueError(f"t must be timesteps in {bound}, got values in [{lo}, {hi}]")
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -465,13 +478,20 @@ class UNet(nn.Module):
     def _embedding(self, x: torch.Tensor, t: Union[torch.Tensor, int], y: Optional[torch.Tensor]) -> torch.Tensor:
         n = x.shape[0]
         if not torch.is_tensor(t):
-            if isinstance(t, bool) or not isinstance(t, (int, float)):
-                raise ValueError(f"t must be an int64 tensor of shape [N] or a scalar, got {type(t).__name__}")
+            try:  # an int or a numpy int; a float or a bool is refused
+                if isinstance(t, bool):
+                    raise TypeError
+                t = operator.index(t)
+            except TypeError:
+                raise ValueError(f"t must be an integer timestep (int64 tensor [N] or an int), got {t!r}") from None
             t = torch.full((n,), t, device=x.device)
+        elif t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"t must hold integer timesteps (int64), got dtype {t.dtype}")
         elif t.dim() == 0:
             t = t.reshape(1).expand(n)
         elif t.shape != (n,):
             raise ValueError(f"t must have shape [N] = [{n}] or be a scalar, got shape {tuple(t.shape)}")
+        _check_timesteps(t, getattr(self, "num_timesteps", None))
         dtype = self.time_linear1.weight.dtype
         emb = timestep_embedding(t.to(x.device), self.base_channels, self.flip_sin_to_cos, self.freq_shift)
         emb = self.time_linear2(F.silu(self.time_linear1(emb.to(dtype))))
@@ -481,6 +501,8 @@ class UNet(nn.Module):
             elif not torch.is_tensor(y) or y.shape != (n,) or y.dtype.is_floating_point or y.dtype == torch.bool:
                 raise ValueError(f"y must be an integer tensor of shape [N] = [{n}] with labels in "
                                  f"[0, {self.num_classes}] (num_classes = null class) or None")
+            elif y.device.type == "cpu" and not torch.compiler.is_compiling():  # CUDA: would sync every step
+                check_labels(y, self.num_classes, "y")
             emb = emb + self.class_embedding(y.to(x.device))
         elif y is not None:
             raise ValueError("y (class labels) was given but the UNet has num_classes=None")
@@ -489,10 +511,16 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: Union[torch.Tensor, int], y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Model output [N, out_channels, H, W] for x_t [N, in_channels, H, W] at timesteps t [N] (int64, or a
         scalar broadcast to the batch), with class labels y [N] (None: the null class) when num_classes is set."""
+        if not torch.is_tensor(x):
+            raise ValueError(f"x must be a torch.Tensor [N, C, H, W], got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] != self.image_size \
                 or x.shape[3] != self.image_size:
             raise ValueError(f"x must have shape [N, {self.in_channels}, {self.image_size}, {self.image_size}] "
                              f"(in_channels, image_size), got {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"x must be a floating-point tensor (images in [-1, 1]), got dtype {x.dtype}")
+        if x.dtype != self.conv_in.weight.dtype:  # e.g. float64 input to a float32 model: run in the model's dtype
+            x = x.to(self.conv_in.weight.dtype)
         emb = F.silu(self._embedding(x, t, y))  # every ResBlock's projection starts with SiLU
         projs = iter(self._time_projections(emb))
         # Activations run in the layout the ops prefer on this device (channels-last on the CPU: NHWC is

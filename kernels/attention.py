@@ -100,6 +100,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device_guard import on_tensor_device
+
 __all__ = [
     "FWD_CONFIGS",
     "BWD_CONFIGS",
@@ -569,6 +571,7 @@ def _strides(t: torch.Tensor) -> list[int]:
     return [t.stride(0), t.stride(1), t.stride(2)]
 
 
+@on_tensor_device
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
                       config: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash attention forward: o = softmax(sm_scale * q k^T) v, non-causal.
@@ -596,6 +599,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scal
     return o, lse
 
 
+@on_tensor_device
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        o: torch.Tensor, lse: torch.Tensor, sm_scale: float,
                        config: Optional[Sequence[int]] = None

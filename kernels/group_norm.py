@@ -111,6 +111,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device_guard import on_tensor_device
+
 __all__ = [
     "CONFIGS",
     "INTERPRET_BLOCK",
@@ -626,6 +628,7 @@ def _c(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
 
 
+@on_tensor_device
 def group_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                        add: Optional[torch.Tensor], scale: Optional[torch.Tensor],
                        shift: Optional[torch.Tensor], groups: int, eps: float, silu: bool,
@@ -670,6 +673,7 @@ def group_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
     return y, mean, rstd
 
 
+@on_tensor_device
 def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                         bias: Optional[torch.Tensor], add: Optional[torch.Tensor],
                         scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],

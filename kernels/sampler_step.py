@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device_guard import on_tensor_device
+
 __all__ = ["sampler_step_forward", "sampler_step_inplace", "aot_specs", "CONFIGS", "NUM_COEFS", "MAX_HISTORY"]
 
 NUM_COEFS = 11
@@ -280,6 +282,7 @@ def _validate(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, 
     return num_hist
 
 
+@on_tensor_device
 def sampler_step_forward(
     x: torch.Tensor,
     model_output: torch.Tensor,
@@ -326,6 +329,7 @@ def sampler_step_forward(
     return x_prev, x0
 
 
+@on_tensor_device
 def sampler_step_inplace(
     x: torch.Tensor,
     model_output: torch.Tensor,

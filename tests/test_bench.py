@@ -260,3 +260,38 @@ def test_render_unet_and_fallback(tmp_path):
     # a known file in an unexpected format falls back to the generic table instead of failing
     assert "### step_cpu" in text and "rows:\n\n| sampler |\n|---|\n| ddpm |" in text
     assert "One sampler step()" not in text
+
+
+def test_run_suite_with_out_dir_leaves_the_checkout_alone(tmp_path):
+    repo, log = _fake_repo(tmp_path)
+    out = tmp_path / "out"
+    assert bench.run_suite("kernels", repo=repo, out_dir=out) == 1  # bench_attention.py prints no JSON
+    assert json.loads((out / "kernels.json").read_text())["rows"] == [{"kernel": "k", "registers": 32}]
+    assert json.loads((out / "group_norm.json").read_text())["model"] == [1, 2]
+    assert not (repo / "benchmarks" / "results").exists()  # nothing written into the checkout
+    timings = json.loads((out / "timings.json").read_text())["seconds"]
+    assert set(timings) == {"benchmarks/kernel_report.py", "benchmarks/bench_group_norm.py",
+                            "benchmarks/bench_attention.py"}
+    assert (out / "performance.md").exists()  # the report, printed into the out dir, not the README
+
+
+def test_cli_writes_an_out_dir_unless_update_results(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(bench, "run_suite", lambda suite, json_out, report, out_dir: calls.append((suite, out_dir)) or 0)
+    from fastddpm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--suite", "step"]) == 0
+    assert main(["bench", "--out-dir", "x"]) == 0
+    assert main(["bench", "--update-results", "--no-report"]) == 0
+    assert calls == [("step", Path("bench-results")), ("all", Path("x")), ("all", None)]
+
+
+def test_bench_help_states_each_suite_time(capsys):
+    from fastddpm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in bench.SUITES:
+        assert f"{name}: {bench.SUITE_MINUTES[name]}" in text

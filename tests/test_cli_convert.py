@@ -52,3 +52,25 @@ def test_convert_command_line(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(tmp_path / "m.safetensors"), "--num", "2", "--steps", "3",
                  "--out", str(tmp_path / "s.png"), "--no-progress"]) == 0
     assert (tmp_path / "s.png").exists()
+
+
+def test_convert_bare_unet_folder_with_schedule_flags(tmp_path, capsys):
+    from fastddpm.cli import main
+
+    unet, _ = _save_pipeline(tmp_path / "pipe")
+    unet.save_pretrained(tmp_path / "bare")  # config.json + weights, no scheduler
+    out = str(tmp_path / "m.safetensors")
+    assert main(["convert", str(tmp_path / "bare"), out]) == 1
+    err = capsys.readouterr().err
+    assert "--beta-schedule linear" in err and "no noise schedule" in err
+    assert main(["convert", str(tmp_path / "bare"), out, "--beta-schedule", "linear", "--num-train-timesteps", "200",
+                 "--prediction-type", "v_prediction"]) == 0
+    captured = capsys.readouterr()
+    assert "accelerate" not in captured.err + captured.out  # diffusers' low_cpu_mem_usage warning is not shown
+    model, diff, _ = load_model(out, use_ema=False)
+    # DDPMScheduler's linear betas: linspace(beta_start, beta_end, T) with its defaults 1e-4 and 0.02
+    torch.testing.assert_close(diff.schedule.betas, torch.linspace(1e-4, 0.02, 200, dtype=torch.float64))
+    assert diff.prediction == "v"
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 150])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), unet(x, t).sample, rtol=1e-4, atol=1e-4)

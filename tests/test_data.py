@@ -174,8 +174,11 @@ def test_cifar10_batches(tmp_path):
         all_labels += labels
     with open(d / "test_batch", "wb") as f:
         pickle.dump({b"data": all_data[0][:2], b"labels": all_labels[:2]}, f)
+    names = [b"c%d" % i for i in range(10)]
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names, b"num_cases_per_batch": 3}, f)
     ds = load_dataset(str(tmp_path))  # finds the sub-folder
-    assert len(ds) == 6 and ds.num_classes == 10
+    assert len(ds) == 6 and ds.num_classes == 10 and ds.classes == [n.decode() for n in names]
     ref = np.concatenate(all_data).reshape(-1, 3, 32, 32)
     x, y = ds.batch(range(6))
     torch.testing.assert_close(x.double(), _expected(ref), atol=1e-6, rtol=0)

@@ -1,17 +1,14 @@
 """Feature extractors: the shipped digits classifier (accuracy recomputed from the data), digits-FID
-sanity (real vs real small, noise large), and the optional InceptionV3 adapter."""
-import importlib.util
+sanity (real vs real small, noise large). The FID InceptionV3: tests/test_inception.py."""
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
 from fastddpm.data import load_dataset
-from fastddpm.features import (DIGITS_CLASSIFIER_PATH, DIGITS_SPLIT_SEED, DigitsClassifier, InceptionV3Features,
-                               digits_split, get_extractor, load_digits_classifier)
+from fastddpm.features import (DIGITS_CLASSIFIER_PATH, DIGITS_SPLIT_SEED, DigitsClassifier, digits_split,
+                               get_extractor, load_digits_classifier)
 from fastddpm.metrics import frechet_distance
 
 
@@ -117,53 +114,4 @@ def test_classifier_roundtrip_from_other_path(tmp_path, clf, digits):
         torch.testing.assert_close(loaded.logits(x), model.logits(x))
     assert loaded.dim == 16
 
-
-# ----------------------------------------------------------------------------- InceptionV3 adapter
-def test_inception_missing_package_names_pip(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import fails as if not installed
-    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
-    with pytest.raises(ImportError, match="pip install torch-fidelity"):
-        get_extractor("inception")
-
-
-def test_inception_adapter_converts_and_batches(monkeypatch):
-    """With a stand-in network: [-1,1] -> uint8 round((x+1)*127.5), gray -> 3 channels, split into batches."""
-    seen = []
-
-    class FakeNet(torch.nn.Module):
-        def __init__(self, name, features_list, feature_extractor_weights_path=None):
-            super().__init__()
-            assert features_list == ["2048", "logits_unbiased"]
-            self.weights_path = feature_extractor_weights_path
-
-        def forward(self, x):
-            seen.append(x.clone())
-            f = x.float().mean((2, 3)).repeat(1, 683)[:, :2048]
-            return f, x.float().mean((1, 2, 3))[:, None] * torch.linspace(0, 0.01, 1008)
-
-    mod = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
-    mod.FeatureExtractorInceptionV3 = FakeNet
-    monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
-    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", mod)
-    ext = InceptionV3Features(weights_path="/w.pth", batch_size=3)
-    assert ext.net.weights_path == "/w.pth"
-    x = torch.linspace(-1.2, 1.2, 7 * 64).reshape(7, 1, 8, 8)
-    f, p = ext.features_and_probs(x)
-    assert [s.shape[0] for s in seen] == [3, 3, 1]
-    u8 = torch.cat(seen)
-    assert u8.dtype == torch.uint8 and u8.shape == (7, 3, 8, 8)
-    expect = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    assert torch.equal(u8[:, 0:1], expect) and torch.equal(u8[:, 2:3], expect)
-    assert f.shape == (7, 2048) and p.shape == (7, 1008)
-    torch.testing.assert_close(p.sum(1), torch.ones(7))
-    assert torch.equal(ext(x), f)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is None, reason="torch-fidelity not installed")
-def test_inception_real_network_shapes():  # pragma: no cover - needs the package and its weights
-    try:
-        ext = get_extractor("inception")
-    except Exception as e:  # no network for the weights download
-        pytest.skip(f"InceptionV3 weights unavailable: {e}")
-    f, p = ext.features_and_probs(torch.rand(2, 3, 32, 32) * 2 - 1)
-    assert f.shape == (2, 2048) and p.shape == (2, 1008)
+# InceptionV3: tests/test_inception.py

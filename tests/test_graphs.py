@@ -225,7 +225,7 @@ def test_one_op_per_step_with_2c_output_and_guidance():
     assert n == 1
 
 
-def test_triton_backend_one_op_per_step_and_same_images():
+def test_triton_backend_one_op_per_step_and_same_images(triton_on_cpu):
     pytest.importorskip("triton")
     from fastddpm.ops import use_backend
 

@@ -20,7 +20,8 @@ import torch
 
 from fastddpm.graphs import FastSampler
 from fastddpm.ops import use_backend
-from fastddpm.samplers import DPMSolver3MSampler, DPMSolverSampler, UniPCSampler, make_sampler, quadratic_timesteps
+from fastddpm.samplers import (DPMSolver3MSampler, DPMSolverSampler, UniPCSampler, gaussian_gain, make_sampler,
+                               quadratic_timesteps)
 from fastddpm.schedule import NoiseSchedule
 from test_samplers import S2, GaussianDenoiser, ddim_map, make_diffusion, mc_var
 
@@ -119,18 +120,8 @@ def unipc_map(ab_all, timesteps, s2=S2, order=3, variant="bh2", lower_order_fina
 
 
 def table_map(sampler, s2=S2):
-    """k from the sampler's float64 coefficient table run on the scalar exact-denoiser recursion (eps
-    model): what the fused op computes, in float64."""
-    ab_all = sampler.schedule.alphas_cumprod
-    x, hist = 1.0, [0.0, 0.0, 0.0]
-    for row, t in zip(sampler.coefs.tolist(), sampler.timesteps.tolist()):
-        A, B, P, Q, R, P2, _sig, _lmin, _lmax, P3, P4 = row
-        ab = float(ab_all[t])
-        eps = math.sqrt(1 - ab) / (ab * s2 + 1 - ab) * x
-        x0 = A * x + B * eps
-        x = P * x0 + Q * x + R * eps + P2 * hist[0] + P3 * hist[1] + P4 * hist[2]
-        hist = [x0] + hist[:2]
-    return x
+    """k from the sampler's float64 coefficient table (what the fused op computes, in float64)."""
+    return gaussian_gain(sampler, s2)
 
 
 def exact_map(sampler, s2=S2):
@@ -180,6 +171,7 @@ def test_sample_is_the_closed_form_map(linear, name, prediction):
     ts = sampler.timesteps.tolist()
     k = dpm_3m_map(linear.alphas_cumprod, ts) if name == "dpm++3m" else unipc_map(linear.alphas_cumprod, ts)
     torch.testing.assert_close(x, (k * x_T.double()).float(), rtol=1e-4, atol=1e-4)
+    assert gaussian_gain(sampler, S2) == pytest.approx(k, rel=1e-10)  # the float64 table, any prediction
     # 10 model calls on the time-quadratic steps: the sample variance is 0.291 (3M) / 0.281 (UniPC)
     # where the data's is 0.25; DDIM on the same timesteps gives 0.173
     k_ddim, _ = ddim_map(linear.alphas_cumprod, ts, 0.0)
@@ -423,3 +415,14 @@ def test_bad_arguments(linear):
         UniPCSampler(diff, steps=[5, 7])
     assert UniPCSampler(diff, order=2, corrector=False).num_history == 1
     assert UniPCSampler(diff, order=3).num_history == 3 and DPMSolver3MSampler(diff).num_history == 2
+
+
+@pytest.mark.parametrize("n", [5, 20])
+def test_unip3_bh2_is_dpm_solver_3m_taylor(linear, n):
+    """Two derivations of one method: UniP-3 with B(h) = e^h - 1 (its rhos from the R b system) and
+    DPM-Solver++(3M) with the Taylor D2 give the same table (lower_order_final and warm-up included)."""
+    diff = make_diffusion(linear)
+    a = UniPCSampler(diff, steps=n, corrector=False).coefs
+    b = DPMSolver3MSampler(diff, steps=n).coefs
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert (a - DPMSolver3MSampler(diff, steps=n, third_order="diffusers").coefs).abs().max() > 1e-3

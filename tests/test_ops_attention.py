@@ -188,7 +188,7 @@ def test_validation():
 
 # ------------------------------------------------------------------------------- Triton path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_path_matches_float64(dtype):
+def test_triton_path_matches_float64(dtype, triton_on_cpu):
     """The op's Triton branch (interpreter on CPU) against the float64 oracle, same bounds as above."""
     pytest.importorskip("triton")
     try:
@@ -212,7 +212,7 @@ def test_triton_path_matches_float64(dtype):
         assert rel_err(a, r) <= bound, f"{name}: {rel_err(a, r):.3g} > {bound:.3g}"
 
 
-def test_triton_path_opcheck_fake_matches_real():
+def test_triton_path_opcheck_fake_matches_real(triton_on_cpu):
     """Schema and fake/real agreement (shapes, dtypes, strides) of both ops on the Triton branch."""
     pytest.importorskip("triton")
     try:

@@ -602,7 +602,7 @@ def test_reference_function_is_the_op():
 # --------------------------------------------------------------------------------------------- Triton
 @pytest.mark.skipif(not __import__("fastddpm.ops.backend", fromlist=["x"]).triton_available(), reason="triton not installed")
 @pytest.mark.parametrize("how", ["seed", "generator"])
-def test_triton_backend_samples_match_reference(linear, how):
+def test_triton_backend_samples_match_reference(linear, how, triton_on_cpu):
     """Whole loops through the Triton kernel (interpreter on CPU) equal the reference path: the
     kernel's in-kernel Philox noise (seed) and given noise (generator), every sampler kind."""
     cases = [

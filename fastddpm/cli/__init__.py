@@ -19,7 +19,7 @@ import importlib
 import sys
 from typing import Dict, Optional, Sequence
 
-from ._common import CLIError, Command
+from ._common import CLIError, Command, flag_names
 
 __all__ = ["main", "build_parser", "commands", "Command", "CLIError", "COMMAND_MODULES"]
 
@@ -54,8 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cmd in commands().items():
         sp = sub.add_parser(name, help=cmd.help, description=cmd.help)
         cmd.configure(sp)
-        sp.set_defaults(_run=cmd.run)
+        # dest name -> flag, so that errors raised with a library name (image_size) name the flag
+        flags = {a.dest: next(o for o in a.option_strings if o.startswith("--"))
+                 for a in sp._actions if "_" in a.dest and any(o.startswith("--") for o in a.option_strings)}
+        sp.set_defaults(_run=cmd.run, _flags=flags)
     return parser
+
+
+# fastddpm.train's errors that are about the run, not bugs (named, so that --help imports nothing heavy)
+_ONE_LINE_ERRORS = ("NonFiniteLossError", "RunLockError", "DistributedError")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -69,8 +76,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:
         # CheckpointError and the data loaders' errors are ValueErrors naming the file; a training run
         # stopped by non-finite losses raises NonFiniteLossError. Anything else is a bug: traceback.
-        if isinstance(e, (CLIError, ValueError, OSError)) or type(e).__name__ == "NonFiniteLossError":
-            print(f"fastddpm {args.command}: error: {e}", file=sys.stderr)
+        if isinstance(e, (CLIError, ValueError, OSError)) or type(e).__name__ in _ONE_LINE_ERRORS:
+            print(f"fastddpm {args.command}: error: {flag_names(str(e), getattr(args, '_flags', {}))}",
+                  file=sys.stderr)
             return 1
         raise
 

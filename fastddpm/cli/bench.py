@@ -1,14 +1,17 @@
-"""``fastddpm bench``: run the benchmark scripts of a fastddpm checkout, then regenerate the README report.
+"""``fastddpm bench``: run the benchmark scripts of a fastddpm checkout and report their figures.
 
-    fastddpm bench                      # every suite, then benchmarks/report.py (README performance section)
-    fastddpm bench --suite sampling     # one suite: figures | step | sampling | unet | kernels
-    fastddpm bench --suite step --json  # the scripts print JSON instead of tables
+    fastddpm bench --suite step         # one suite -> bench-results/step_cpu.json + bench-results/performance.md
+    fastddpm bench --out-dir my-run     # every suite, results under my-run/
+    fastddpm bench --update-results     # every suite -> benchmarks/results/ + the README performance section
 
 The benchmarks live in the repository (``benchmarks/``), not in the installed package: the checkout is
 found next to the package (an editable install), else in the current directory or one of its parents,
 else in ``$FASTDDPM_REPO``; without one, the command says to run it from a checkout. Each suite's
-figures are written under ``benchmarks/results/`` (by the script itself, or, for scripts that only
-print JSON, by this command) with the machine they ran on.
+figures are written as JSON with the machine they ran on (by the script itself, or, for scripts that
+only print JSON, by this command) into ``--out-dir`` (default ``bench-results/`` in the current
+directory), with the report rendered from them as ``performance.md`` beside them and each script's
+wall time in ``timings.json``. Only ``--update-results`` writes the tracked ``benchmarks/results/``
+and regenerates the README's performance section (``--no-report``: the results, not the README).
 
 ``HELP`` / ``configure(parser)`` / ``run(args)`` are this command's entry in :mod:`fastddpm.cli`.
 """
@@ -26,7 +29,8 @@ from typing import Any, Dict, List, Optional, Tuple
 __all__ = ["SUITES", "HELP", "configure", "run", "find_repo", "suite_commands",
            "BenchError"]
 
-HELP = "run the benchmarks of a fastddpm checkout and regenerate the README performance section"
+HELP = ("run the benchmarks of a fastddpm checkout (results into bench-results/; --update-results: "
+        "benchmarks/results/ and the README performance section)")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,11 @@ SUITES: Dict[str, Tuple[Script, ...]] = {
 }
 SUITE_CHOICES = ("all",) + tuple(SUITES)
 REPORT = "benchmarks/report.py"
+DEFAULT_OUT_DIR = "bench-results"
+# wall time of each suite (`fastddpm bench --suite X`, niced, on the 2-core x86_64 machine the results
+# name while other jobs kept 7-14 processes runnable, so upper figures; "sampling" was stopped at 20 min)
+SUITE_MINUTES = {"figures": "about 1 min", "step": "about 1 min", "sampling": "over 20 min",
+                 "unet": "about 16 min", "kernels": "about 1 min"}
 
 
 class BenchError(Exception):
@@ -104,7 +113,7 @@ def suite_commands(suite: str, repo: Path, json_out: bool = False) -> List[Tuple
     return out
 
 
-def _write_captured(repo: Path, name: str, data: Any, command: str) -> Path:
+def _write_captured(repo: Path, name: str, data: Any, command: str, out_dir: Optional[Path] = None) -> Path:
     """results/<name>.json from a script's JSON stdout, with the machine (benchmarks.common)."""
     import importlib.util
 
@@ -114,22 +123,44 @@ def _write_captured(repo: Path, name: str, data: Any, command: str) -> Path:
         raise BenchError(f"benchmarks/common.py is missing from {repo}")
     common = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(common)
-    write_result = common.write_result
     payload = data if isinstance(data, dict) else {"rows": data}
-    return Path(write_result(name, {"command": command, **payload}))
+    old = os.environ.get(common.RESULTS_ENV)
+    if out_dir is not None:
+        os.environ[common.RESULTS_ENV] = str(out_dir)
+    try:
+        return Path(common.write_result(name, {"command": command, **payload}))
+    finally:
+        if out_dir is not None:
+            if old is None:
+                os.environ.pop(common.RESULTS_ENV, None)
+            else:
+                os.environ[common.RESULTS_ENV] = old
 
 
-def run_suite(suite: str = "all", json_out: bool = False, report: bool = True, repo: Optional[Path] = None) -> int:
+def run_suite(suite: str = "all", json_out: bool = False, report: bool = True, repo: Optional[Path] = None,
+              out_dir: Optional[Path] = None) -> int:
     """Run `suite`'s scripts (each in its own process, from the repo root), then the report.
+
+    `out_dir` None writes the tracked ``benchmarks/results/`` and (`report`) regenerates the README's
+    performance section; a folder receives the results JSON, ``performance.md`` (the report rendered
+    from them) and ``timings.json`` instead, and the checkout is left as it was.
     Returns 0 when every script succeeded, else 1 (the remaining scripts still run)."""
+    import time
+
     _check_suite(suite)
     repo = repo or find_repo()
-    failed = []
+    if out_dir is not None:
+        out_dir = Path(out_dir).resolve()
+        out_dir.mkdir(parents=True, exist_ok=True)
+    failed, timings = [], {}
     for script, argv in suite_commands(suite, repo, json_out):
         command = "python " + " ".join([script.path, *argv[2:]])
         print(f"fastddpm bench: {command}", file=sys.stderr, flush=True)
         env = dict(os.environ)
         env["PYTHONPATH"] = str(repo) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if out_dir is not None:
+            env["FASTDDPM_BENCH_RESULTS"] = str(out_dir)
+        t0 = time.perf_counter()
         if script.capture is None:
             rc = subprocess.call(argv, cwd=repo, env=env)
         else:
@@ -142,13 +173,26 @@ def run_suite(suite: str = "all", json_out: bool = False, report: bool = True, r
                 print(f"fastddpm bench: {script.path} printed no JSON; nothing written", file=sys.stderr)
                 rc = rc or 1
             else:
-                path = _write_captured(repo, script.capture, data, command)
+                path = _write_captured(repo, script.capture, data, command, out_dir)
                 print(f"fastddpm bench: written {path}", file=sys.stderr)
+        timings[script.path] = round(time.perf_counter() - t0, 1)
         if rc != 0:
             failed.append(script.path)
             print(f"fastddpm bench: {script.path} exited with status {rc}", file=sys.stderr)
+    if out_dir is not None:
+        (out_dir / "timings.json").write_text(json.dumps({"seconds": timings}, indent=2) + "\n")
     if report and (repo / REPORT).is_file():
-        rc = subprocess.call([sys.executable, str(repo / REPORT)], cwd=repo)
+        report_argv = [sys.executable, str(repo / REPORT)]
+        if out_dir is not None:
+            report_argv += ["--results", str(out_dir), "--print"]
+            proc = subprocess.run(report_argv, cwd=repo, stdout=subprocess.PIPE, text=True)
+            rc = proc.returncode
+            if rc == 0:
+                (out_dir / "performance.md").write_text(proc.stdout)
+                print(f"fastddpm bench: results and report in {out_dir} (the checkout is unchanged; "
+                      "--update-results writes benchmarks/results/ and the README)", file=sys.stderr)
+        else:
+            rc = subprocess.call(report_argv, cwd=repo)
         if rc != 0:
             failed.append(REPORT)
     if failed:
@@ -158,17 +202,30 @@ def run_suite(suite: str = "all", json_out: bool = False, report: bool = True, r
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Add ``--suite``, ``--json`` and ``--no-report`` to the ``bench`` sub-parser."""
+    """Add ``--suite``, ``--out-dir``, ``--update-results``, ``--json`` and ``--no-report``."""
+    took = "; ".join(f"{name}: {SUITE_MINUTES[name]}" for name in SUITES)
     parser.add_argument("--suite", default="all", choices=SUITE_CHOICES,
-                        help="which benchmarks to run (default: all): " + ", ".join(SUITE_CHOICES))
+                        help=f"which benchmarks to run (default: all). Wall time on a shared 2-core CPU: {took}")
+    parser.add_argument("--out-dir", default=None, metavar="DIR",
+                        help=f"write the results JSON, performance.md and timings.json here (default: "
+                             f"{DEFAULT_OUT_DIR}/ in the current directory)")
+    parser.add_argument("--update-results", action="store_true",
+                        help="write the tracked benchmarks/results/*.json and regenerate the README performance "
+                             "section instead (for maintainers)")
     parser.add_argument("--json", action="store_true", help="the scripts print JSON instead of tables")
-    parser.add_argument("--no-report", action="store_true", help="do not regenerate the README performance section")
+    parser.add_argument("--no-report", action="store_true", help="no report (performance.md / README section)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the ``bench`` sub-command; returns the exit status."""
+    update, out_arg = getattr(args, "update_results", False), getattr(args, "out_dir", None)
+    if update and out_arg:
+        print("fastddpm bench: error: --out-dir and --update-results exclude each other", file=sys.stderr)
+        return 2
+    out_dir = None if update else Path(out_arg or DEFAULT_OUT_DIR)
     try:
-        return run_suite(args.suite, json_out=bool(args.json), report=not getattr(args, "no_report", False))
+        return run_suite(args.suite, json_out=bool(args.json), report=not getattr(args, "no_report", False),
+                         out_dir=out_dir)
     except BenchError as e:
         print(f"fastddpm bench: error: {e}", file=sys.stderr)
         return 1

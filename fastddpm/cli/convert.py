@@ -1,38 +1,74 @@
 """`fastddpm convert DIFFUSERS_DIR OUT.safetensors`: a diffusers DDPM into a fastddpm checkpoint file.
 
 DIFFUSERS_DIR is a saved pipeline (with unet/ and scheduler/ sub-folders, e.g. a local copy of
-google/ddpm-cifar10-32) or a UNet2DModel folder with a scheduler_config.json beside it. The U-Net is
-mapped weight for weight into fastddpm.UNet (fastddpm.interop.diffusers); the betas, prediction and
-variance types come from the scheduler config (fastddpm.interop.schedulers). The result samples with
+google/ddpm-cifar10-32), a UNet2DModel folder with a scheduler_config.json beside it, or a bare
+UNet2DModel folder (config.json + weights) together with the noise schedule as flags
+(``--beta-schedule linear`` and, where they differ from DDPM's, ``--num-train-timesteps``,
+``--beta-start``, ``--beta-end``, ``--prediction-type``, ``--variance-type``; named as in diffusers'
+DDPMScheduler; given with a scheduler config they override its entries). The U-Net is mapped weight
+for weight into fastddpm.UNet (fastddpm.interop.diffusers); the betas, prediction and variance types
+come from the scheduler config (fastddpm.interop.schedulers). The result samples with
 `fastddpm sample --checkpoint OUT.safetensors`. Options with no fastddpm equivalent are refused with an
-error naming the option.
+error naming the option. Needs diffusers: ``pip install "fastddpm[diffusers]"``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from typing import Any, Dict, Optional
+
+from ._common import CLIError
 
 HELP = "convert a diffusers DDPM (UNet2DModel + scheduler) into a fastddpm checkpoint file"
+INSTALL_HINT = 'fastddpm convert needs diffusers: pip install "fastddpm[diffusers]"'
+# DDPMScheduler's config keys that the schedule flags set (flag dest == key)
+_SCHEDULE_KEYS = ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end", "prediction_type",
+                  "variance_type", "clip_sample")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="DIFFUSERS_DIR", help="a saved diffusers pipeline or UNet2DModel folder")
+    p.add_argument("source", metavar="DIFFUSERS_DIR",
+                   help="a saved diffusers pipeline (model_index.json, unet/, scheduler/), a UNet2DModel folder "
+                        "with scheduler_config.json beside it, or a bare UNet2DModel folder with --beta-schedule")
     p.add_argument("out", metavar="OUT.safetensors", help="the fastddpm checkpoint file to write")
+    g = p.add_argument_group("noise schedule", "needed for a bare UNet2DModel folder (no scheduler config); "
+                             "with one, each flag given overrides its entry")
+    g.add_argument("--beta-schedule", default=None, choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
+                   help="diffusers' beta_schedule (DDPM: linear)")
+    g.add_argument("--num-train-timesteps", type=int, default=None, metavar="T", help="diffusion steps T (default: 1000)")
+    g.add_argument("--beta-start", type=float, default=None, metavar="X", help="first beta (default: 0.0001)")
+    g.add_argument("--beta-end", type=float, default=None, metavar="X", help="last beta (default: 0.02)")
+    g.add_argument("--prediction-type", default=None, choices=("epsilon", "sample", "v_prediction"),
+                   help="what the U-Net predicts (default: epsilon)")
+    g.add_argument("--variance-type", default=None, choices=("fixed_small", "fixed_large", "learned_range"),
+                   help="the reverse-process variance (default: fixed_small)")
+    g.add_argument("--clip-sample", default=None, action=argparse.BooleanOptionalAction,
+                   help="clip x0-hat to [-1, 1] when sampling (default: on)")
 
 
-def _scheduler_config(source: str) -> dict:
+def _scheduler_config(source: str, overrides: Optional[Dict[str, Any]] = None) -> dict:
+    """The scheduler config of `source` (its scheduler/ sub-folder or a scheduler_config.json beside
+    the U-Net) with `overrides` applied; from `overrides` alone when `source` has none."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     for candidate in (os.path.join(source, "scheduler", "scheduler_config.json"),
                       os.path.join(source, "scheduler_config.json")):
         if os.path.isfile(candidate):
             with open(candidate, encoding="utf-8") as fh:
-                return json.load(fh)
-    raise ValueError(f"{source}: no scheduler/scheduler_config.json or scheduler_config.json (needed for the "
-                     f"noise schedule)")
+                return {**json.load(fh), **overrides}
+    if "beta_schedule" in overrides:
+        return {"_class_name": "DDPMScheduler", **overrides}
+    raise ValueError(f"{source}: no noise schedule: a saved pipeline has scheduler/scheduler_config.json; for a "
+                     "bare UNet2DModel folder pass the schedule it was trained with, e.g. --beta-schedule linear "
+                     "(DDPM; add --num-train-timesteps, --beta-start, --beta-end, --prediction-type, --variance-type "
+                     "where they differ from 1000, 0.0001, 0.02, epsilon, fixed_small), or put a "
+                     "scheduler_config.json beside its config.json")
 
 
-def convert(source: str, out: str) -> str:
-    """Convert the diffusers model in `source` and write `out`; returns `out`."""
+def convert(source: str, out: str, schedule: Optional[Dict[str, Any]] = None) -> str:
+    """Convert the diffusers model in `source` and write `out`; returns `out`. `schedule`: scheduler
+    config entries (DDPMScheduler's names) that override or, for a bare UNet2DModel, supply the
+    source's. Raises ImportError without diffusers, ValueError for what cannot be converted."""
     from diffusers import UNet2DModel
 
     from ..checkpoint import save_weights_file
@@ -43,9 +79,11 @@ def convert(source: str, out: str) -> str:
         raise ValueError(f"out must end with .safetensors, got {out!r}")
     if not os.path.isdir(source):
         raise ValueError(f"{source}: not a directory (expected a saved diffusers pipeline or UNet2DModel)")
+    sched_cfg = _scheduler_config(source, schedule)  # before loading weights: a missing schedule fails fast
     sub = "unet" if os.path.isdir(os.path.join(source, "unet")) else None
-    unet = UNet2DModel.from_pretrained(source, subfolder=sub) if sub else UNet2DModel.from_pretrained(source)
-    sched_cfg = _scheduler_config(source)
+    # low_cpu_mem_usage=False: the default asks for `accelerate` and warns on every run without it
+    kw: Dict[str, Any] = {"low_cpu_mem_usage": False, **({"subfolder": sub} if sub else {})}
+    unet = UNet2DModel.from_pretrained(source, **kw)
     diffusion = diffusion_from_scheduler(sched_cfg)
     model = unet_from_diffusers(unet)
     config = {
@@ -61,6 +99,10 @@ def convert(source: str, out: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = convert(args.source, args.out)
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise CLIError(INSTALL_HINT) from None
+    out = convert(args.source, args.out, {k: getattr(args, k, None) for k in _SCHEDULE_KEYS})
     print(f"{args.source} -> {out}")
     return 0

@@ -3,14 +3,14 @@
     fastddpm nll --checkpoint runs/digits --data digits --part heldout --json bpd.json
 
 Reports the full variational bound in bits/dim (prior + T terms; T model calls per image) averaged over
-the images, with its standard error, as JSON (also written to ``--json``).
+the images, with its standard error, as one line (every figure as JSON with ``--json FILE``).
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-from ._common import CLIError, check_positive, emit_json, resolve_device
+from ._common import CLIError, check_positive, load_model, resolve_device, write_json
 from .eval import add_common_options, data_part
 
 HELP = "bits/dim of a dataset under a checkpoint (full variational bound, with its standard error)"
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
     device = resolve_device(args.device)
-    model, diffusion, config = ckpt.load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
+    model, diffusion, config = load_model(args, device)
     if config["model"].get("num_classes"):
         from ..train import _Conditioned
 
@@ -46,5 +46,8 @@ def run(args: argparse.Namespace) -> int:
     res.update({"checkpoint": ckpt.resolve_checkpoint(args.checkpoint), "data": args.data,
                 "part": data_part(args, args.data), "seed": args.seed,
                 "seconds": round(time.perf_counter() - t0, 2)})
-    emit_json(res, args.json)
+    write_json(res, args.json)
+    print(f"{res['bpd']:.3f} +- {res['stderr']:.3f} bits/dim (standard error) over {res['num']} images of "
+          f"{args.data} ({res['part']}); prior {res['prior_bpd']:.4f}, decoder {res['decoder_bpd']:.3f} bits/dim; "
+          f"{res['seconds']:.1f} s" + (f"; all figures: {args.json}" if args.json else ""))
     return 0

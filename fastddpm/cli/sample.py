@@ -1,8 +1,8 @@
 """``fastddpm sample``: draw images from a checkpoint (default: the bundled digits model).
 
     fastddpm sample                                    # 64 digits from the bundled model -> samples.png
-    fastddpm sample --sampler ddim --steps 50 --num 1000 --batch-size 250 --npz digits.npz
-    torchrun --nproc_per_node 2 -m fastddpm sample ... # each rank samples its share; rank 0 writes
+    fastddpm sample --sampler ddim --steps 50 --num-images 1000 --batch-size 250 --npz digits.npz
+    torchrun --nproc_per_node 2 -m fastddpm sample --num-images 64 --npz out.npz  # each rank samples its share
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 import time
 from typing import Any, List
 
-from .._names import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, SAMPLER_NAMES, SPACING_NAMES
-from ._common import CLIError, check_positive
+from .._names import DEFAULT_SAMPLER, DEFAULT_SPACING, SAMPLER_NAMES, SPACING_NAMES
+from ._common import CLIError, add_threads_option, check_positive, load_model, sampler_steps, steps_help
 
 HELP = "draw samples from a checkpoint (default: the bundled digits model)"
 
@@ -21,9 +21,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint directory, a run directory (its newest checkpoint) or a .safetensors "
                         "file; default: the bundled digits model")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES, help=f"default: {DEFAULT_SAMPLER}")
-    p.add_argument("--steps", type=int, default=None,
-                   help="model calls per image (default: " + ", ".join(
-                       f"{'all T' if v is None else v} for {k}" for k, v in DEFAULT_STEPS.items()) + ")")
+    p.add_argument("--steps", type=int, default=None, help=steps_help())
     p.add_argument("--spacing", default=None, choices=SPACING_NAMES + ("tuned",),
                    help="timestep spacing (default: the checkpoint's tuned schedule for this sampler and step "
                         "count when `fastddpm tune-steps` stored one, else " + ", ".join(
@@ -31,12 +29,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="precision of the model calls; the sampler state stays fp32 (default: fp32)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default: 0)")
-    p.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
+    # --num-images first: torchrun's own parser rejects "--num" (a prefix of its --numa-binding) even
+    # after the script name, so DDP commands must spell the long form
+    p.add_argument("--num-images", "--num", dest="num", type=int, default=64,
+                   help="number of images (default: 64); write --num-images under torchrun")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed; image i of a seed is the same whatever the batch size or process count (default: 0)")
-    p.add_argument("--out", default=None, metavar="PNG",
-                   help="write a PNG grid (default: samples.png when --npz is not given)")
+    p.add_argument("--out", default=None, metavar="IMAGE",
+                   help="write the grid as an image in the format its suffix names (.png, .jpg, .webp, ...; "
+                        "default: samples.png when --npz is not given)")
     p.add_argument("--npz", default=None, metavar="NPZ", help="write the images as uint8 NHWC array 'images'")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: ceil(sqrt(num)))")
     p.add_argument("--scale", type=int, default=None,
@@ -49,6 +51,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-clip", action="store_true", help="do not clip x0-hat to [-1, 1] at each step")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar (rank 0)")
+    p.add_argument("--ddp-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for a dead or stalled peer (default: 300)")
+    add_threads_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from .. import checkpoint as ckpt
-    from ..data import save_grid, to_uint8
+    from ..images import save_grid, to_uint8
     from ..precision import reduced_precision
-    from ..train import _dist_info, _join_process_group, _resolve_device
+    from ..train import _ddp_failure, _dist_info, _join_process_group, _resolve_device
     from ..tune import sampler_for_checkpoint
 
     check_positive(args, "num", "batch_size", "steps", "scale", "nrow")
@@ -68,22 +73,35 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
     out_png = args.out if (args.out or args.npz) else "samples.png"
+    if out_png:
+        from ..images import image_format
+
+        try:
+            image_format(out_png)  # refuse a suffix that names no image format before sampling
+        except ValueError as e:
+            raise CLIError(f"--out {e}") from None
 
     rank, world, local_rank = _dist_info()
     try:
         device = _resolve_device(args.device, local_rank)
-    except ValueError:
-        raise CLIError(f"--device {args.device}: CUDA is not available") from None
-    own_group = _join_process_group(world, device)
+    except ValueError as e:
+        raise CLIError(f"--device: {e}") from None
+    if not args.ddp_timeout > 0:
+        raise CLIError(f"--ddp-timeout must be > 0 seconds, got {args.ddp_timeout}")
+    own_group = _join_process_group(world, device, args.ddp_timeout)
     distributed = world > 1 and dist.is_initialized()
     if not distributed:
         world, rank = 1, 0
     try:
-        model, diffusion, config = ckpt.load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
+        model, diffusion, config = load_model(args, device)
         mc = config["model"]
         size, channels, num_classes = int(mc["image_size"]), int(mc["in_channels"]), mc.get("num_classes")
-        sampler = sampler_for_checkpoint(ckpt.resolve_checkpoint(args.checkpoint), diffusion, args.sampler, args.steps,
-                                         args.spacing, eta=args.eta)
+        try:  # where `fastddpm tune-steps` stored this checkpoint's schedules
+            ck_path = ckpt.resolve_checkpoint(args.checkpoint)
+        except ValueError:
+            ck_path = args.checkpoint
+        sampler = sampler_for_checkpoint(ck_path, diffusion, args.sampler,
+                                         sampler_steps(args.sampler, args.steps, diffusion), args.spacing, eta=args.eta)
         model = reduced_precision(model, args.dtype)
         if args.class_label is not None:
             if not num_classes:
@@ -162,6 +180,11 @@ def run(args: argparse.Namespace) -> int:
                   f"{f' on rank 0 of {world}' if world > 1 else ''}) -> {', '.join(written)}")
         if distributed:
             dist.barrier()
+    except Exception as e:
+        err = _ddp_failure(e, rank, world, args.ddp_timeout) if distributed else e
+        if err is not e:  # a dead or stalled peer: one line naming it
+            raise err from e
+        raise
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -11,12 +11,13 @@ import dataclasses
 import json
 import os
 import typing
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from .._names import SAMPLER_NAMES
-from ._common import CLIError
+from ._common import CLIError, add_threads_option, apply_threads
 
-HELP = "train a DDPM (flags mirror fastddpm.train.TrainConfig)"
+HELP = ("train a DDPM (flags mirror fastddpm.train.TrainConfig; model and optimisation defaults follow the "
+        "dataset's image size, see fastddpm.train.dataset_defaults)")
 
 _TRAIN_HELP = {
     "dataset": '"digits" (built in), an image folder, an .npz file, a CIFAR-10 batches folder or MNIST IDX file/folder',
@@ -59,12 +60,15 @@ _TRAIN_HELP = {
     "keep": "keep the last K checkpoints (0: all)",
     "sample_every": "write an EMA sample grid every N steps (0: never)",
     "sample_num": "images per sample grid",
-    "sample_sampler": "sampler for the grids: ddpm, ddim or dpm++",
+    "sample_sampler": "sampler for the grids: " + ", ".join(SAMPLER_NAMES),
     "sample_steps": "sampler steps for the grids",
     "log_every": "log.jsonl line / progress-bar update every N steps",
     "progress": "tqdm progress bar (rank 0)",
-    "resume": "continue from the newest checkpoint in --out-dir (or from the given checkpoint)",
+    "resume": "continue the run in --out-dir from its newest checkpoint (or from the given checkpoint) with its "
+              "saved settings; flags given override them",
+    "resume_fallback": "when the newest checkpoint does not load, resume from the newest older one that does",
     "max_nonfinite": "stop after this many non-finite losses in a row",
+    "ddp_timeout": "seconds a torchrun process waits for a dead or stalled peer before the run stops",
 }
 
 
@@ -98,8 +102,12 @@ def _optional(conv: Callable[[str], Any]) -> Callable[[str], Any]:
     return f
 
 
+def _shown(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+
+
 def configure(p: argparse.ArgumentParser) -> None:
-    from ..train import TrainConfig
+    from ..train import DDPM_CIFAR10_RECIPE, DIGITS_RECIPE, TrainConfig
 
     p.add_argument("--config", metavar="JSON", help="read a TrainConfig from a JSON file (a run's config.json "
                    "'train' entry works); flags given on the command line override it")
@@ -110,8 +118,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         default = getattr(defaults, f.name)
         help_ = _TRAIN_HELP.get(f.name, "")
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_ = f"{help_} (default: {shown})"
+        if f.name in DIGITS_RECIPE or f.name in DDPM_CIFAR10_RECIPE:  # follows the dataset's image size
+            help_ = (f"{help_} (default by image size: {_shown(DIGITS_RECIPE.get(f.name, default))} up to 16 px "
+                     f"as the bundled digits model, {_shown(DDPM_CIFAR10_RECIPE.get(f.name, default))} at 32 px as "
+                     "DDPM CIFAR-10)")
+        else:
+            help_ = f"{help_} (default: {_shown(default)})"
         kw: Dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name, help=help_)
         args_ = typing.get_args(hint)
         if f.name == "resume":
@@ -128,6 +140,75 @@ def configure(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=_optional(int), metavar="N|none", **kw)
         else:  # pragma: no cover - a new field type needs a branch here
             raise TypeError(f"no command-line type for TrainConfig.{f.name}: {hint}")
+    add_threads_option(p)
+
+
+def _num_params(cfg: Any) -> int:
+    """The U-Net's parameter count for `cfg` (built on the meta device: no memory, no time), without its
+    few attention parameters, which need the image size: enough to choose the thread count."""
+    import torch
+
+    from ..train import model_config
+    from ..unet import UNet
+
+    mc = model_config(cfg, 2 ** (len(cfg.channel_mults) - 1), 1, None)
+    mc["attention_resolutions"] = []
+    with torch.device("meta"):
+        return sum(p.numel() for p in UNet(**mc).parameters())
+
+
+def fresh_config(explicit: Dict[str, Any]) -> Any:
+    """TrainConfig defaults <- :func:`fastddpm.train.dataset_defaults` for the dataset's image shape <-
+    `explicit` (the flags given and --config's values); prints the configuration (rank 0)."""
+    from ..train import TrainConfig, dataset_defaults, dataset_shape
+
+    spec = explicit.get("dataset", TrainConfig.dataset)
+    channels, size = dataset_shape(spec, explicit.get("image_size"), explicit.get("channels"))
+    chosen = dataset_defaults(spec, channels, size)
+    cfg = TrainConfig.from_dict({**chosen, **explicit})
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(describe_config(cfg, f"{spec} ({channels}x{size}x{size})", chosen, explicit), flush=True)
+    return cfg
+
+
+_SHOWN = ("base_channels", "channel_mults", "num_res_blocks", "attention_resolutions", "groups", "dropout",
+          "time_embedding", "learn_sigma", "schedule", "num_timesteps", "prediction", "variance", "loss",
+          "steps", "batch_size", "lr", "warmup_steps", "ema_decay", "out_dir")
+
+
+def describe_config(cfg: Any, data: str, chosen: Dict[str, Any], explicit: Dict[str, Any]) -> str:
+    """The lines ``fastddpm train`` prints: the model / diffusion / optimisation settings as flags,
+    each marked with where it came from (your flag, the dataset's defaults, TrainConfig's default)."""
+    parts = []
+    for name in _SHOWN:
+        mark = "" if name in explicit else ("*" if name in chosen else "")
+        parts.append(f"--{name.replace('_', '-')} {_shown(getattr(cfg, name))}{mark}")
+    lines, line = [], "  "
+    for p in parts:
+        if len(line) + len(p) > 100:
+            lines.append(line.rstrip())
+            line = "  "
+        line += p + "  "
+    lines.append(line.rstrip())
+    return (f"training on {data} with (* = the dataset's default, see fastddpm.train.dataset_defaults; "
+            "flags override):\n" + "\n".join(lines))
+
+
+def _resumed_config(explicit: Dict[str, Any]) -> Optional[Any]:
+    """With --resume and a checkpoint to resume: the saved run's config, overridden by the flags given
+    (`explicit`); train() prints what it resumes and every changed setting. None: a fresh run."""
+    from ..train import TrainConfig, resume_config, saved_run_config
+
+    out_dir = explicit.get("out_dir", TrainConfig.out_dir)
+    found = saved_run_config(explicit.get("resume", False), out_dir)
+    if found is None:
+        return None
+    saved, path = found
+    if "out_dir" not in explicit:  # --resume CHECKPOINT alone continues that checkpoint's run directory
+        from ..train import _run_dir_of
+
+        saved = dict(saved, out_dir=_run_dir_of(path) or saved.get("out_dir", out_dir))
+    return resume_config(saved, explicit)[0]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,7 +228,10 @@ def run(args: argparse.Namespace) -> int:
         values.update(loaded)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    cfg = TrainConfig.from_dict(values)
+    cfg = _resumed_config(values)
+    if cfg is None:
+        cfg = fresh_config(values)
+    apply_threads(getattr(args, "threads", None), _num_params(cfg), "cuda" if cfg.device.startswith("cuda") else "cpu")
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {result.step} steps ({result.skipped} skipped); checkpoint: {result.checkpoint}")

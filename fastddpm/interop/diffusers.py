@@ -229,3 +229,23 @@ def unet_from_diffusers(unet2d: torch.nn.Module, image_size: Optional[int] = Non
     model.to(device=ref.device, dtype=ref.dtype)
     model.train(unet2d.training)
     return model
+
+
+def load_diffusers_pipeline(source: Any) -> Any:
+    """A diffusers pipeline from a local pipeline folder (model_index.json, unet/, scheduler/) or a Hub id.
+
+    A folder is read offline (``DiffusionPipeline.from_pretrained(path)``); a name that is not a
+    folder goes to the Hub as diffusers does. Raises ValueError for a path that exists but is no
+    pipeline folder, ImportError (naming the pip command) without diffusers.
+    """
+    import os
+
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError as exc:  # pragma: no cover - diffusers is a test dependency
+        raise ImportError(f"loading a diffusers pipeline needs diffusers: pip install diffusers ({exc})") from exc
+    path = os.fspath(source)
+    if os.path.exists(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise ValueError(f"{path!r} is not a diffusers pipeline folder (no model_index.json; a folder saved by "
+                         "pipeline.save_pretrained holds one)")
+    return DiffusionPipeline.from_pretrained(path)

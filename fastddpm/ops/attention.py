@@ -13,14 +13,30 @@ Two custom ops (namespace ``fastddpm``), each with a plain-PyTorch reference, a 
 
 The autograd formula saves q, k, v, o and lse only: the N x N probability matrix is never kept.
 The reference computes in float32 for float32 / bfloat16 / float16 inputs (float64 for float64)
-and casts the outputs back to the input dtype. float64 always uses the reference (the Triton
-kernels take fp32/bf16/fp16).
+and casts the outputs back to the input dtype.
+
+Dispatch rule (per call, decided from the tensors' device, dtype and shape and the backend; see
+`attention`):
+
+1. head_dim > 256 on CUDA (the 512-wide heads of the 256x256 DDPM models): torch's
+   ``F.scaled_dot_product_attention``, which picks flash / memory-efficient / cuDNN / math on CUDA
+   and carries its own autograd. The Triton kernels take head_dim <= 256 only, and the reference's
+   N x N scores are the slow, memory-hungry way on a GPU.
+2. Otherwise the custom op. Its implementation runs the Triton kernel when the backend selects
+   Triton (CUDA tensors with triton importable, or ``use_backend("triton")``) AND the kernel takes
+   the input: dtype float32 / bfloat16 / float16, head_dim <= 256, non-empty, and the tensor is on
+   CUDA or Triton's interpreter is active (TRITON_INTERPRET=1). Everything else runs the reference:
+   float64 (the gradcheck oracle), CPU tensors, head_dim > 256 off CUDA.
+
+Rule 1 reads only static tensor properties, so it adds no graph break under ``torch.compile``.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import use_triton
@@ -28,14 +44,24 @@ from .backend import use_triton
 __all__ = ["attention"]
 
 _LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+# The largest head_dim the Triton kernels take (kernels.attention._MAX_HEAD_DIM; a test checks that
+# they agree). Kept here so that the dispatch never imports triton.
+KERNEL_MAX_HEAD_DIM = 256
 
 
 def _compute_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def kernel_takes(q: Tensor, k: Tensor) -> bool:
+    """Whether the Triton kernels accept these inputs (dtype, head_dim, non-empty, launchable device)."""
+    launchable = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return (q.dtype in _LOW_PRECISION and q.shape[-1] <= KERNEL_MAX_HEAD_DIM and q.numel() > 0
+            and k.numel() > 0 and launchable)
+
+
 def _take_triton(q: Tensor, k: Tensor) -> bool:
-    return q.dtype in _LOW_PRECISION and q.numel() > 0 and k.numel() > 0 and use_triton(q)
+    return use_triton(q) and kernel_takes(q, k)
 
 
 def _sm_scale(q: Tensor) -> float:
@@ -139,6 +165,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     Returns:
         o [B, heads, N, head_dim] in q's dtype (contiguous). Differentiable in q, k, v; only q, k, v,
         o and the per-row log-sum-exp are saved for backward.
+
+    Dispatch: head_dim > 256 on CUDA goes to ``F.scaled_dot_product_attention`` (flash /
+    memory-efficient / cuDNN, whatever torch picks; the Triton kernels stop at 256). Everything else
+    goes to the ``fastddpm::attention`` custom op, which runs the Triton kernel where the backend
+    selects Triton and the kernel takes the input (fp32/bf16/fp16, head_dim <= 256, CUDA or the
+    interpreter), and the plain-PyTorch reference otherwise (float64 always).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -160,5 +192,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if q.shape[3] < 1 or k.shape[2] < 1:
         raise ValueError(f"head_dim and the key length must be at least 1, got q {list(q.shape)}, "
                          f"k {list(k.shape)}")
+    if q.is_cuda and q.shape[3] > KERNEL_MAX_HEAD_DIM and q.dtype in _LOW_PRECISION:
+        return F.scaled_dot_product_attention(q, k, v).contiguous()
     o, _ = _attention_op(q, k, v)
     return o

@@ -176,6 +176,7 @@ def sampler_step(
         (x_prev, x0c): new tensors in x's dtype.
     """
     _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False, x0_prev2, x0_prev3)
+    _check_row(step, coefs)
     if use_triton(x):
         from kernels.sampler_step import sampler_step_forward
 
@@ -194,6 +195,16 @@ def _(
 ) -> Tuple[Tensor, Tensor]:
     _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False, x0_prev2, x0_prev3)
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _check_row(step: Tensor, coefs: Tensor) -> None:
+    """ValueError unless 0 <= step < S. Only a CPU step is read (free there); a CUDA one stays unread,
+    since reading it would sync the host on every step (callers build it from the sampler's tables)."""
+    if step.device.type != "cpu":
+        return
+    s = int(step.reshape(-1)[0])
+    if not 0 <= s < coefs.shape[0]:
+        raise ValueError(f"step must index a row of coefs: 0 <= step < {coefs.shape[0]}, got {s}")
 
 
 # ------------------------------------------------------------------ the in-place step (FastSampler)
@@ -286,6 +297,7 @@ def sampler_step_(
     """
     _check_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed, image_offset,
                    learned_range, done_counter, x0_prev2, x0_prev3)
+    _check_row(step, coefs)
     if use_triton(x):
         from kernels.sampler_step import sampler_step_inplace
 
