@@ -117,7 +117,7 @@ def fastddpm_sampler(name: str, spacing: str, calls: int, diffusion: Any, tuned:
 def draw(setting: str, calls: int, seed: int, num: int, model: Any, diffusion: Any, shape: Sequence[int],
          tuned: Dict[str, Any]) -> Tuple[np.ndarray, int]:
     """uint8 NHWC samples of one setting and seed, and the model calls per image it made."""
-    from fastddpm.data import to_uint8
+    from fastddpm.images import to_uint8
 
     lib, name, spacing, *rest = setting.split(":")
     full = (num, *shape)
@@ -158,7 +158,7 @@ class Scorer:
 
 def floor_row(scorer: Scorer, num: int, seeds: Sequence[int]) -> Dict[str, Any]:
     """The noise floor: `num` digits drawn with replacement from the data, scored like samples."""
-    from fastddpm.data import to_uint8
+    from fastddpm.images import to_uint8
 
     data = to_uint8(load_images("digits", "all"))
     scores = []
@@ -376,7 +376,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         for part in args.merge.split(","):
             r = load_results(part)
             for k, e in r["entries"].items():
-                nums.add(e.get("num", r.get("meta", {}).get("num")))
+                if not e["setting"].startswith("data:"):  # the floor row predates per-entry counts
+                    nums.add(e.get("num", r.get("meta", {}).get("num")))
                 merged["entries"][k] = e
         if len(nums) > 1:  # digits-FD is biased by 1/num: rows with different sample counts do not compare
             raise SystemExit(f"--merge: the files hold different samples per setting {sorted(map(str, nums))}")

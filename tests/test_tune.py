@@ -117,7 +117,7 @@ def test_cli_tune_steps_stores_and_sample_uses_it(tmp_path, capsys):
                  "--no-progress", "--device", "cpu"]) == 0
     assert "tuned spacing" in capsys.readouterr().out
     from fastddpm import checkpoint as ckpt
-    from fastddpm.data import to_uint8
+    from fastddpm.images import to_uint8
 
     model, d, _ = ckpt.load_model(path)
     want = make_sampler("ddim", d, steps=stored["3"]).sample(model, (4, 1, 8, 8), seed=0)

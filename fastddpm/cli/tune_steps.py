@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from .._names import DEFAULT_SAMPLER
-from ._common import CLIError, emit_json, resolve_device
+from ._common import CLIError, resolve_device, write_json
 
 HELP = "tune a sampler's timesteps for a checkpoint (stored with it; used by `fastddpm sample`)"
 TUNABLE = ("ddim", "dpm++", "dpm++3m", "unipc")
@@ -81,5 +81,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.dry_run:
             entry["stored_in"] = save_tuned_schedule(path, r, extra={"weights": "raw" if args.no_ema else "ema"})
         report["results"].append(entry)
-    emit_json(report, args.json)
+    import json
+
+    write_json(report, args.json)
+    print(json.dumps(report, indent=2, sort_keys=True))
     return 0
