@@ -17,7 +17,7 @@ import torch
 __all__ = ["DTYPES", "parse_dtype", "reduced_precision", "ReducedPrecisionModel"]
 
 # --dtype names -> torch dtypes
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 def parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
@@ -25,7 +25,8 @@ def parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
     if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str):
-        alias = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
+        alias = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32",
+                 "float64": "fp64", "double": "fp64"}
         key = alias.get(dtype, dtype)
         if key in DTYPES:
             return DTYPES[key]
