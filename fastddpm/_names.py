@@ -5,6 +5,20 @@ from __future__ import annotations
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++", "dpm++sde", "dpm++3m", "dpm++3m-sde", "unipc")
 # the number of steps a sampler name gets by default (None: all T)
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20, "dpm++sde": 20, "dpm++3m": 20, "dpm++3m-sde": 20, "unipc": 10}
+# the timestep spacing a sampler name gets by default (fastddpm.spacing.SPACINGS). Measured on the bundled
+# digits model (docs/quality_table.md): with "trailing" (diffusers' spacing: the last step jumps from
+# T/S - 1 to x0) UniPC scores 2-2.7x better than with "logsnr" at 5-8 model calls and equals diffusers'
+# UniPC; time-quadratic spacing, the multistep solvers' class default (kept: it is what makes them good on
+# exact Gaussian data), has the largest ODE error of the five spacings on this model (tune-steps' report).
+# DDPM / DDIM keep "uniform". A checkpoint's tuned schedule (fastddpm tune-steps) takes precedence in the CLI.
+# The SDE forms keep "quadratic": with "trailing" fastddpm's SDE-DPM-Solver++(2M) scored 3.17 at 15 calls
+# (diffusers' 1.93), not understood yet.
+DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpm++": "trailing", "dpm++sde": "quadratic",
+                   "dpm++3m": "trailing", "dpm++3m-sde": "quadratic", "unipc": "trailing"}
+# the spacings a sampler accepts by name (fastddpm.spacing.SPACINGS, kept here free of torch for the CLI)
+SPACING_NAMES = ("uniform", "trailing", "quadratic", "logsnr", "karras")
+# what `fastddpm sample` draws with when no --sampler / --steps is given (measured: docs/quality_table.md)
+DEFAULT_SAMPLER = "unipc"
 # ... and on the command line (`fastddpm sample` / `eval`), where DDPM is respaced to 100 steps: all
 # 1000 of a 1000-step schedule cost 10x the time (minutes for 16 digits from the bundled model on a
 # CPU) for no better digits-FID (README, "Sample quality against sampling steps": 11.5 at 1000, 9.6 at 100)

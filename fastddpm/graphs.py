@@ -116,7 +116,10 @@ class FastSampler:
         sampler: a fastddpm sampler (DDPM, DDIM, DPM-Solver++ 2M / 3M, UniPC; its tables are reused).
         batch_size: images per call.
         image_shape: (C, H, W); default (model.in_channels, model.image_size, model.image_size).
-        dtype: dtype of x; default the model's parameter dtype.
+        dtype: the dtype the model runs in ("fp32", "bf16", "fp16" or a torch dtype; default: its
+            parameters' dtype): the weights are cast once (a copy) and each call's output comes back as
+            fp32; x, the previous x0-hat and the coefficient tables always stay fp32
+            (fastddpm.precision).
         labels: int64 [batch_size] class labels for classifier-free guidance (needs `guidance_scale`).
         guidance_scale: the guidance weight w; one batched model call per step evaluates both branches.
         null_label: the unconditional class (default model.num_classes, fd.UNet's null class).
@@ -147,7 +150,11 @@ class FastSampler:
                              f"got {type(sampler).__name__}")
         param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
         self.device = param.device if param is not None else torch.device("cpu")
-        self.dtype = dtype or (param.dtype if param is not None else torch.float32)
+        from .precision import parse_dtype, reduced_precision
+
+        self.model_dtype = parse_dtype(dtype) or (param.dtype if param is not None else torch.float32)
+        self.dtype = torch.float32  # the sampler state; only the model runs in model_dtype
+        model = reduced_precision(model, self.model_dtype)
         if image_shape is None:
             try:
                 image_shape = (model.in_channels, model.image_size, model.image_size)
@@ -281,6 +288,22 @@ class FastSampler:
         for _ in range(self.num_steps):
             self._step()
             yield self.x
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Optional[str] = None, sampler: Optional[str] = None,
+                        steps: Optional[int] = None, *, spacing: Optional[str] = None, eta: float = 0.0,
+                        batch_size: int = 16, use_ema: bool = True, device: Any = "cpu",
+                        **kwargs: Any) -> "FastSampler":
+        """A FastSampler for a checkpoint (None: the bundled digits model) with what `fastddpm sample`
+        uses by default: the default sampler and steps, and the checkpoint's tuned schedule for them
+        when one is stored (`fastddpm tune-steps`; see `fastddpm.tune.sampler_for_checkpoint`)."""
+        from . import checkpoint as ckpt
+        from .tune import sampler_for_checkpoint
+
+        path = ckpt.resolve_checkpoint(checkpoint)
+        model, diffusion, _ = ckpt.load_model(path, use_ema=use_ema, device=device)
+        smp = sampler_for_checkpoint(path, diffusion, sampler, steps, spacing, eta)
+        return cls(model, smp, batch_size, **kwargs)
 
     @classmethod
     def from_diffusers(cls, pipeline_or_unet: Any, scheduler: Any = None, *, sampler: Optional[str] = None,

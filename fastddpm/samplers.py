@@ -52,14 +52,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._names import DEFAULT_STEPS, SAMPLER_NAMES
+from ._names import DEFAULT_SPACING, DEFAULT_STEPS, SAMPLER_NAMES
 from .guards import FiniteWatch
 from .ops.sampler_step import NUM_COEFS, sampler_step
 from .schedule import NoiseSchedule, space_timesteps
+from .spacing import SPACINGS, Spacing, make_timesteps
 
 __all__ = ["DDPMSampler", "DDIMSampler", "DPMSolverSampler", "DPMSolver3MSampler", "UniPCSampler", "Sampler",
-           "gaussian_gain", "quadratic_timesteps", "make_sampler",
-           "SAMPLER_NAMES", "DEFAULT_STEPS"]
+           "gaussian_gain", "quadratic_timesteps", "make_sampler", "SAMPLER_NAMES", "DEFAULT_STEPS", "DEFAULT_SPACING",
+           "SPACINGS"]
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -111,29 +112,42 @@ def quadratic_timesteps(num_timesteps: int, steps: int) -> List[int]:
     """`steps` descending timesteps t_i = round((i / (steps-1))^2 (T-1)), i = steps-1..0, strictly decreasing.
 
     Duplicates near t = 0 (where the rounded values collide) are pushed up by one, so exactly `steps`
-    distinct timesteps are returned, T-1 and 0 included (steps = 1: [T-1]).
+    distinct timesteps are returned, T-1 and 0 included (steps = 1: [T-1]). Same as
+    `fastddpm.spacing.make_timesteps(schedule, steps, "quadratic")`.
     """
     T = num_timesteps
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= int(steps) <= T:
         raise ValueError(f"steps must be an int in [1, {T}], got {steps!r}")
-    steps = int(steps)
-    if steps == 1:
-        return [T - 1]
-    ts: List[int] = []
-    for i in range(steps):
-        v = round((i / (steps - 1)) ** 2 * (T - 1))
-        ts.append(v if not ts or v > ts[-1] else ts[-1] + 1)
-    return ts[::-1]
+    return make_timesteps(NoiseSchedule.linear(T), int(steps), "quadratic")
 
 
-def _multistep_timesteps(num_timesteps: int, steps: Steps) -> List[int]:
-    """The multistep solvers' timesteps: an int is time-quadratic (`quadratic_timesteps`), None all T,
-    or an explicit strictly descending list."""
-    if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):
-        if not 1 <= int(steps) <= num_timesteps:
-            raise ValueError(f"steps must be an int in [1, {num_timesteps}] (or None, or a descending list), got {steps}")
-        steps = quadratic_timesteps(num_timesteps, int(steps))
-    return _resolve_timesteps(num_timesteps, steps, allow_none=True)
+def _spaced_timesteps(diffusion: Any, steps: Steps, spacing: Optional[Spacing], default: str,
+                      default_steps: Optional[int] = None) -> Tuple[List[int], str]:
+    """(descending timesteps, spacing label) from a sampler's `steps` and `spacing` arguments.
+
+    An int `steps` is spaced with `spacing` (None: the sampler's `default`); an explicit list may come
+    as `steps` or as `spacing` (then `steps` is None, the class default `default_steps`, or the list's
+    length); None steps = all T timesteps.
+    """
+    sched = getattr(diffusion, "schedule", None)
+    T = int(getattr(sched, "num_timesteps", 0) or 0)
+    if T < 1 or not isinstance(sched, NoiseSchedule):
+        raise ValueError(f"diffusion must be a fastddpm.GaussianDiffusion (with a NoiseSchedule), got {type(diffusion).__name__}")
+    if spacing is not None and not isinstance(spacing, str):  # an explicit list as spacing=
+        ts = _resolve_timesteps(T, spacing, allow_none=False)
+        if steps is not None and steps != default_steps and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or int(steps) != len(ts)):
+            raise ValueError(f"steps must be None or {len(ts)} (the length of the explicit spacing list), got {steps!r}")
+        return ts, "explicit"
+    if isinstance(spacing, str) and spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS} or an explicit descending list of timesteps, got {spacing!r}")
+    if steps is None or isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        if spacing is not None and steps is not None:
+            raise ValueError(f"spacing={spacing!r} needs an int steps; got an explicit list of timesteps as steps")
+        return _resolve_timesteps(T, steps, allow_none=True), ("uniform" if steps is None else "explicit")
+    if not 1 <= int(steps) <= T:
+        raise ValueError(f"steps must be an int in [1, {T}] (or None, or a descending list), got {steps}")
+    spacing = spacing or default
+    return make_timesteps(sched, int(steps), spacing), spacing
 
 
 def _x0_coefs(prediction: str, ab: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -462,7 +476,8 @@ class Sampler:
         return x
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(steps={self.num_steps}, prediction={self.prediction!r}, variance={self.variance!r})"
+        return (f"{type(self).__name__}(steps={self.num_steps}, spacing={getattr(self, 'spacing', 'explicit')!r}, "
+                f"prediction={self.prediction!r}, variance={self.variance!r})")
 
 
 class DDPMSampler(Sampler):
@@ -474,13 +489,10 @@ class DDPMSampler(Sampler):
             `space_timesteps`, T-1 and 0 included) or an explicit strictly descending list.
     """
 
-    def __init__(self, diffusion: Any, steps: Steps = None):
-        sched = getattr(diffusion, "schedule", None)
-        T = int(getattr(sched, "num_timesteps", 0) or 0)
-        if T < 1:
-            raise ValueError(f"diffusion must be a fastddpm.GaussianDiffusion (with a NoiseSchedule), got {type(diffusion).__name__}")
+    def __init__(self, diffusion: Any, steps: Steps = None, *, spacing: Optional[Spacing] = None):
+        ts, self.spacing = _spaced_timesteps(diffusion, steps, spacing, default="uniform")
         self.learned_range = getattr(diffusion, "variance", None) == "learned_range"
-        self._setup(diffusion, _resolve_timesteps(T, steps, allow_none=True))
+        self._setup(diffusion, ts)
 
     def _build_coefs(self) -> torch.Tensor:
         r = self.respaced
@@ -513,22 +525,20 @@ class DDIMSampler(Sampler):
     use_clipped_model_output=False); a learned-variance model's extra channels are ignored.
     """
 
-    def __init__(self, diffusion: Any, steps: Steps = 50, eta: float = 0.0):
-        sched = getattr(diffusion, "schedule", None)
-        T = int(getattr(sched, "num_timesteps", 0) or 0)
-        if T < 1:
-            raise ValueError(f"diffusion must be a fastddpm.GaussianDiffusion (with a NoiseSchedule), got {type(diffusion).__name__}")
+    def __init__(self, diffusion: Any, steps: Steps = 50, eta: float = 0.0, *, spacing: Optional[Spacing] = None):
         if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(float(eta)) or not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"eta must be a real number in [0, 1], got {eta!r}")
         self.eta = float(eta)
-        self._setup(diffusion, _resolve_timesteps(T, steps, allow_none=True))
+        ts, self.spacing = _spaced_timesteps(diffusion, steps, spacing, default="uniform", default_steps=50)
+        self._setup(diffusion, ts)
 
     def _build_coefs(self) -> torch.Tensor:
         r = self.respaced
         return self._per_step(ddim_coefs(self.prediction, r.alphas_cumprod, r.alphas_cumprod_prev, self.eta))
 
     def __repr__(self) -> str:
-        return f"DDIMSampler(steps={self.num_steps}, eta={self.eta}, prediction={self.prediction!r})"
+        return (f"DDIMSampler(steps={self.num_steps}, spacing={self.spacing!r}, eta={self.eta}, "
+                f"prediction={self.prediction!r})")
 
 
 class _MultistepSampler(Sampler):
@@ -594,16 +604,14 @@ class DPMSolverSampler(_MultistepSampler):
 
     num_history = 1
 
-    def __init__(self, diffusion: Any, steps: Steps = 20, stochastic: bool = False):
-        sched = getattr(diffusion, "schedule", None)
-        T = int(getattr(sched, "num_timesteps", 0) or 0)
-        if T < 1:
-            raise ValueError(f"diffusion must be a fastddpm.GaussianDiffusion (with a NoiseSchedule), got {type(diffusion).__name__}")
+    def __init__(self, diffusion: Any, steps: Steps = 20, stochastic: bool = False, *,
+                 spacing: Optional[Spacing] = None):
         if not isinstance(stochastic, bool):
             raise ValueError(f"stochastic must be True or False, got {stochastic!r}")
         self.stochastic = stochastic
         self._init_state()
-        self._setup(diffusion, _multistep_timesteps(T, steps))
+        ts, self.spacing = _spaced_timesteps(diffusion, steps, spacing, default="quadratic", default_steps=20)
+        self._setup(diffusion, ts)
 
     def _build_coefs(self) -> torch.Tensor:
         ab = self.schedule.alphas_cumprod[self.timesteps]  # per row (descending timesteps)
@@ -631,7 +639,7 @@ class DPMSolverSampler(_MultistepSampler):
         return c
 
     def __repr__(self) -> str:
-        return (f"DPMSolverSampler(steps={self.num_steps}, stochastic={self.stochastic}, "
+        return (f"DPMSolverSampler(steps={self.num_steps}, spacing={self.spacing!r}, stochastic={self.stochastic}, "
                 f"prediction={self.prediction!r})")
 
 
@@ -728,8 +736,8 @@ class DPMSolver3MSampler(_MultistepSampler):
     num_history = 2
 
     def __init__(self, diffusion: Any, steps: Steps = 20, stochastic: bool = False, lower_order_final: bool = True,
-                 third_order: str = "taylor"):
-        T = _check_diffusion(diffusion)
+                 third_order: str = "taylor", *, spacing: Optional[Spacing] = None):
+        _check_diffusion(diffusion)
         if third_order not in THIRD_ORDER_FORMS:
             raise ValueError(f"third_order must be one of {THIRD_ORDER_FORMS}, got {third_order!r}")
         self.third_order = third_order
@@ -738,7 +746,8 @@ class DPMSolver3MSampler(_MultistepSampler):
         self.stochastic = _check_flag("stochastic", stochastic)
         self.lower_order_final = _check_flag("lower_order_final", lower_order_final)
         self._init_state()
-        self._setup(diffusion, _multistep_timesteps(T, steps))
+        ts, self.spacing = _spaced_timesteps(diffusion, steps, spacing, default="quadratic", default_steps=20)
+        self._setup(diffusion, ts)
 
     def _build_coefs(self) -> torch.Tensor:
         alpha, sigma, lam = _log_snr(self.schedule, self.timesteps)
@@ -780,7 +789,7 @@ class DPMSolver3MSampler(_MultistepSampler):
         return _table_from_rows(self, q, rows, noise)
 
     def __repr__(self) -> str:
-        return (f"DPMSolver3MSampler(steps={self.num_steps}, stochastic={self.stochastic}, "
+        return (f"DPMSolver3MSampler(steps={self.num_steps}, spacing={self.spacing!r}, stochastic={self.stochastic}, "
                 f"lower_order_final={self.lower_order_final}, third_order={self.third_order!r}, "
                 f"prediction={self.prediction!r})")
 
@@ -848,8 +857,8 @@ class UniPCSampler(_MultistepSampler):
     """
 
     def __init__(self, diffusion: Any, steps: Steps = 10, order: int = 3, variant: str = "bh2",
-                 lower_order_final: bool = True, corrector: bool = True):
-        T = _check_diffusion(diffusion)
+                 lower_order_final: bool = True, corrector: bool = True, *, spacing: Optional[Spacing] = None):
+        _check_diffusion(diffusion)
         if isinstance(order, bool) or not isinstance(order, numbers.Integral) or not 1 <= int(order) <= 3:
             raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
         if variant not in UNIPC_VARIANTS:
@@ -861,7 +870,8 @@ class UniPCSampler(_MultistepSampler):
         # the corrector at step s reads x0-hats back to s - order (the predictor's order that made x_s)
         self.num_history = self.order if self.corrector else self.order - 1
         self._init_state()
-        self._setup(diffusion, _multistep_timesteps(T, steps))
+        ts, self.spacing = _spaced_timesteps(diffusion, steps, spacing, default="quadratic", default_steps=10)
+        self._setup(diffusion, ts)
 
     def _build_coefs(self) -> torch.Tensor:
         alpha, sigma, lam = _log_snr(self.schedule, self.timesteps)
@@ -899,7 +909,7 @@ class UniPCSampler(_MultistepSampler):
         return _table_from_rows(self, q, rows, [0.0] * S)
 
     def __repr__(self) -> str:
-        return (f"UniPCSampler(steps={self.num_steps}, order={self.order}, variant={self.variant!r}, "
+        return (f"UniPCSampler(steps={self.num_steps}, spacing={self.spacing!r}, order={self.order}, variant={self.variant!r}, "
                 f"lower_order_final={self.lower_order_final}, corrector={self.corrector}, "
                 f"prediction={self.prediction!r})")
 
@@ -928,21 +938,29 @@ def gaussian_gain(sampler: Sampler, data_variance: float) -> float:
     return x
 
 
-def make_sampler(name: str, diffusion: Any, steps: Steps = None, eta: float = 0.0) -> Sampler:
+def make_sampler(name: str, diffusion: Any, steps: Steps = None, eta: float = 0.0, *,
+                 spacing: Optional[Spacing] = None) -> Sampler:
     """A sampler by name: "ddpm" (steps None = all T), "ddim" (default 50 steps, `eta`), "dpm++"
     (DPM-Solver++(2M), default 20), "dpm++sde" (its stochastic SDE form, default 20), "dpm++3m"
     (DPM-Solver++(3M), default 20), "dpm++3m-sde" (its SDE form, default 20) or "unipc" (UniPC,
-    bh2, order 3, default 10)."""
+    bh2, order 3, default 10).
+
+    `spacing` (see `fastddpm.spacing`): "uniform", "trailing", "quadratic", "logsnr", "karras" or an
+    explicit descending list of timesteps; None takes `DEFAULT_SPACING[name]` (measured per sampler on
+    the bundled model: docs/quality_table.md).
+    """
     if name not in SAMPLER_NAMES:
         raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {name!r}")
-    if steps is None:
+    if steps is None and (spacing is None or isinstance(spacing, str)):
         steps = DEFAULT_STEPS[name]
+    if spacing is None and isinstance(steps, numbers.Integral):
+        spacing = DEFAULT_SPACING[name]
     if name == "ddpm":
-        return DDPMSampler(diffusion, steps=steps)
+        return DDPMSampler(diffusion, steps=steps, spacing=spacing)
     if name == "ddim":
-        return DDIMSampler(diffusion, steps=steps, eta=eta)
+        return DDIMSampler(diffusion, steps=steps, eta=eta, spacing=spacing)
     if name in ("dpm++3m", "dpm++3m-sde"):
-        return DPMSolver3MSampler(diffusion, steps=steps, stochastic=name == "dpm++3m-sde")
+        return DPMSolver3MSampler(diffusion, steps=steps, stochastic=name == "dpm++3m-sde", spacing=spacing)
     if name == "unipc":
-        return UniPCSampler(diffusion, steps=steps)
-    return DPMSolverSampler(diffusion, steps=steps, stochastic=name == "dpm++sde")
+        return UniPCSampler(diffusion, steps=steps, spacing=spacing)
+    return DPMSolverSampler(diffusion, steps=steps, stochastic=name == "dpm++sde", spacing=spacing)

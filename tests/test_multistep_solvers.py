@@ -164,7 +164,7 @@ def test_dpm_solver_3m_table_is_the_multistep_formula(linear, kw, n):
 @pytest.mark.parametrize("name", ["dpm++3m", "unipc"])
 def test_sample_is_the_closed_form_map(linear, name, prediction):
     """The whole loop (fused op, fp32, every prediction type) is k x_T with the independent k."""
-    sampler = make_sampler(name, make_diffusion(linear, prediction), steps=10)
+    sampler = make_sampler(name, make_diffusion(linear, prediction), steps=10, spacing="quadratic")
     x = sampler.sample(GaussianDenoiser(linear, prediction), (4, 3, 8, 8), generator=torch.Generator().manual_seed(3),
                        clip_denoised=False)
     x_T = torch.randn((4, 3, 8, 8), generator=torch.Generator().manual_seed(3))

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, List
 
-from .._names import SAMPLER_NAMES
+from .._names import DEFAULT_SAMPLER, DEFAULT_SPACING, SAMPLER_NAMES, SPACING_NAMES
 from ._common import CLIError, add_threads_option, check_positive, load_model, sampler_steps, steps_help
 
 HELP = "draw samples from a checkpoint (default: the bundled digits model)"
@@ -20,8 +20,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="a checkpoint directory, a run directory (its newest checkpoint) or a .safetensors "
                         "file; default: the bundled digits model")
-    p.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES, help="default: dpm++")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES, help=f"default: {DEFAULT_SAMPLER}")
     p.add_argument("--steps", type=int, default=None, help=steps_help())
+    p.add_argument("--spacing", default=None, choices=SPACING_NAMES + ("tuned",),
+                   help="timestep spacing (default: the checkpoint's tuned schedule for this sampler and step "
+                        "count when `fastddpm tune-steps` stored one, else " + ", ".join(
+                            f"{v} for {k}" for k, v in DEFAULT_SPACING.items()) + ")")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="precision of the model calls; the sampler state stays fp32 (default: fp32)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default: 0)")
     # --num-images first: torchrun's own parser rejects "--num" (a prefix of its --numa-binding) even
     # after the script name, so DDP commands must spell the long form
@@ -57,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import checkpoint as ckpt
     from ..images import save_grid, to_uint8
-    from ..train import _ddp_failure, _dist_info, _join_process_group, _make_sampler, _resolve_device
+    from ..precision import reduced_precision
+    from ..train import _ddp_failure, _dist_info, _join_process_group, _resolve_device
+    from ..tune import sampler_for_checkpoint
 
     check_positive(args, "num", "batch_size", "steps", "scale", "nrow")
     if not 0.0 <= args.eta <= 1.0:
@@ -88,8 +96,13 @@ def run(args: argparse.Namespace) -> int:
         model, diffusion, config = load_model(args, device)
         mc = config["model"]
         size, channels, num_classes = int(mc["image_size"]), int(mc["in_channels"]), mc.get("num_classes")
-        sampler = _make_sampler(args.sampler, diffusion, sampler_steps(args.sampler, args.steps, diffusion),
-                                eta=args.eta)
+        try:  # where `fastddpm tune-steps` stored this checkpoint's schedules
+            ck_path = ckpt.resolve_checkpoint(args.checkpoint)
+        except ValueError:
+            ck_path = args.checkpoint
+        sampler = sampler_for_checkpoint(ck_path, diffusion, args.sampler,
+                                         sampler_steps(args.sampler, args.steps, diffusion), args.spacing, eta=args.eta)
+        model = reduced_precision(model, args.dtype)
         if args.class_label is not None:
             if not num_classes:
                 raise CLIError("--class-label needs a class-conditional model; this one has no classes")
@@ -162,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
                 x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
                 save_grid(x, out_png, nrow=args.nrow, scale=scale)
                 written.append(out_png)
-            print(f"{args.num} images ({args.sampler}, {sampler.num_steps} steps, {elapsed:.1f} s"
+            print(f"{args.num} images ({args.sampler}, {sampler.num_steps} steps, {sampler.spacing} spacing, "
+                  f"{args.dtype}, {elapsed:.1f} s"
                   f"{f' on rank 0 of {world}' if world > 1 else ''}) -> {', '.join(written)}")
         if distributed:
             dist.barrier()

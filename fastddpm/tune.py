@@ -1,0 +1,281 @@
+"""Timestep schedules tuned for one model (Align-Your-Steps-like search), stored beside its checkpoint.
+
+`tune_timesteps(model, diffusion, "unipc", 10)` finds the `steps` timesteps at which a deterministic
+sampler best reproduces a high-step solution of the same probability-flow ODE from the same x_T:
+
+1. draw `num_samples` x_T (Philox seed `seed`) and solve each to x_0 with DPM-Solver++(2M) at
+   `reference_steps` logSNR-spaced steps (the reference; the sampler's own error at that many steps
+   is negligible next to a 5-20 step solver's);
+2. start from the best built-in spacing (uniform, trailing, quadratic, logsnr, karras) by the
+   objective: the mean squared error per pixel between the sampler's x_0 and the reference;
+3. coordinate descent on the timesteps t_1..t_{S-1} (t_0 = T-1 stays: x_T is drawn there): move
+   one timestep by a fraction of the gap to its neighbour, keep the move when the objective falls;
+   halve the fraction when a whole sweep keeps nothing; stop after `max_rounds` fractions or
+   `max_seconds`;
+4. guard against fitting the tuning noise: score initial and tuned schedules on `val_samples`
+   fresh x_T (seed + 1); the tuned one is returned only if it also wins there, else the initial one.
+
+The search calls the model (steps x num_samples) per evaluation, so on a CPU it takes minutes for
+the bundled 8x8 model at the defaults. Schedules are stored in a JSON sidecar beside the checkpoint
+(``X.schedules.json`` for ``X.safetensors``, ``schedules.json`` in a checkpoint directory), written
+atomically; `fastddpm sample` and `FastSampler.from_checkpoint` use them by default when present.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = ["tune_timesteps", "TuneResult", "schedules_path", "load_tuned_schedules", "save_tuned_schedule",
+           "tuned_timesteps", "SCHEDULES_FORMAT"]
+
+SCHEDULES_FORMAT = "fastddpm-schedules"
+SCHEDULES_VERSION = 1
+# samplers whose output is a deterministic function of x_T (the ODE objective needs one)
+DETERMINISTIC = ("ddim", "dpm++", "dpm++3m", "unipc")
+
+
+@dataclass
+class TuneResult:
+    """What `tune_timesteps` found: the schedule and its objective (mean squared error per pixel
+    against the reference) on the tuning and on the fresh validation samples, before and after."""
+
+    sampler: str
+    steps: int
+    timesteps: List[int]
+    initial_spacing: str
+    initial_timesteps: List[int]
+    objective: float
+    initial_objective: float
+    val_objective: float
+    val_initial_objective: float
+    accepted: bool
+    evaluations: int
+    seconds: float
+    spacing_objectives: Dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _check_int(name: str, v: Any, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def _x0(model: Any, sampler: Any, xT_seed: int, n: int, shape: Sequence[int], batch_size: int) -> torch.Tensor:
+    """The sampler's x_0 from the Philox x_T of images 0..n-1 of `xT_seed`, in batches."""
+    out = []
+    with torch.no_grad():
+        for b0 in range(0, n, batch_size):
+            b1 = min(n, b0 + batch_size)
+            out.append(sampler.sample(model, (b1 - b0, *shape), seed=xT_seed, image_offset=b0).float())
+    return torch.cat(out)
+
+
+def tune_timesteps(model: Any, diffusion: Any, sampler: str = "unipc", steps: int = 10, *,
+                   shape: Optional[Sequence[int]] = None, num_samples: int = 256, val_samples: int = 256,
+                   reference_steps: int = 200, seed: int = 0, max_rounds: int = 4, max_seconds: float = 600.0,
+                   batch_size: int = 512, init: Optional[Sequence[int]] = None,
+                   cache: Optional[Dict[Any, torch.Tensor]] = None, keep_last: bool = False,
+                   log: Optional[Callable[[str], None]] = None) -> TuneResult:
+    """Timesteps minimising `sampler`'s error at `steps` model calls against a `reference_steps` solution.
+
+    Args:
+        model: model(x, t) -> output (the trained network, eval mode).
+        diffusion: its GaussianDiffusion.
+        sampler: a deterministic sampler name: "ddim" (eta 0), "dpm++", "dpm++3m" or "unipc".
+        steps: model calls per image (the schedule's length).
+        shape: (C, H, W); default from model.in_channels / model.image_size.
+        num_samples: x_T used by the search; val_samples: fresh x_T (seed + 1) for the overfitting check.
+        reference_steps: DPM-Solver++(2M) logSNR steps of the reference solution.
+        seed: Philox seed of the tuning x_T (validation: seed + 1).
+        max_rounds: step fractions tried (1/2, 1/4, ...); max_seconds: time bound of the descent.
+        batch_size: images per model call.
+        init: a starting schedule (descending, `steps` long); default: the best built-in spacing.
+        cache: a dict kept across calls to reuse the reference solutions (same model and diffusion).
+        keep_last: do not move the last timestep (the level the final x0-hat is taken at is then the
+            initial schedule's, e.g. trailing's T/S - 1: a quality choice, tuned only on the path to it).
+        log: a callable taking progress lines (e.g. print).
+
+    Returns:
+        a TuneResult; `.timesteps` is the schedule to use (the initial one when tuning did not also
+        improve the validation objective).
+    """
+    from .samplers import make_sampler
+    from .spacing import SPACINGS, strictly_descending
+
+    if sampler not in DETERMINISTIC:
+        raise ValueError(f"sampler must be a deterministic sampler {DETERMINISTIC} (the objective is the error "
+                         f"against the ODE solution from the same x_T), got {sampler!r}")
+    T = int(diffusion.schedule.num_timesteps)
+    _check_int("steps", steps, 2)
+    if steps > T:
+        raise ValueError(f"steps must be <= T = {T}, got {steps}")
+    for name, v in (("num_samples", num_samples), ("val_samples", val_samples), ("reference_steps", reference_steps),
+                    ("max_rounds", max_rounds), ("batch_size", batch_size)):
+        _check_int(name, v, 1)
+    if shape is None:
+        try:
+            shape = (int(model.in_channels), int(model.image_size), int(model.image_size))
+        except AttributeError:
+            raise ValueError("shape is required for a model without in_channels / image_size") from None
+    say = log or (lambda s: None)
+    cache = {} if cache is None else cache
+    t_start = time.perf_counter()
+    evaluations = 0
+
+    def reference(s: int, n: int) -> torch.Tensor:
+        key = ("reference", s, n, reference_steps, tuple(shape))
+        if key not in cache:
+            ref = make_sampler("dpm++", diffusion, steps=reference_steps, spacing="logsnr")
+            cache[key] = _x0(model, ref, s, n, shape, batch_size)
+        return cache[key]
+
+    def objective(ts: Sequence[int], s: int, n: int) -> float:
+        nonlocal evaluations
+        evaluations += 1
+        x = _x0(model, make_sampler(sampler, diffusion, steps=list(ts)), s, n, shape, batch_size)
+        return float(((x - reference(s, n)) ** 2).mean())
+
+    ref_tr = reference(seed, num_samples)  # noqa: F841 (computed once up front)
+    say(f"reference: {reference_steps}-step DPM-Solver++ on {num_samples} + {val_samples} x_T")
+    spacing_obj: Dict[str, float] = {}
+    if init is not None:
+        from .samplers import _resolve_timesteps
+
+        start = _resolve_timesteps(T, init, allow_none=False)
+        if len(start) != steps:
+            raise ValueError(f"init must hold {steps} timesteps, got {len(start)}")
+        init_name = "init"
+        best = objective(start, seed, num_samples)
+    else:
+        cands = {}
+        for sp in SPACINGS:
+            ts = make_sampler(sampler, diffusion, steps=steps, spacing=sp).timesteps.tolist()
+            if tuple(ts) not in cands.values():
+                cands[sp] = tuple(ts)
+                spacing_obj[sp] = objective(ts, seed, num_samples)
+                say(f"  {sp:>9}: {spacing_obj[sp]:.3e}")
+        init_name = min(spacing_obj, key=spacing_obj.get)
+        start, best = list(cands[init_name]), spacing_obj[init_name]
+    initial, initial_obj = list(start), best
+    ts = list(start)
+    frac = 0.5
+    for rnd in range(max_rounds):
+        improved = False
+        for i in range(1, steps - 1 if keep_last else steps):
+            if time.perf_counter() - t_start > max_seconds:
+                break
+            upper = ts[i - 1]  # strictly below the previous timestep
+            lower = ts[i + 1] if i + 1 < steps else -1
+            for direction in (-1, 1):
+                gap = (ts[i] - lower) if direction < 0 else (upper - ts[i])
+                move = max(1, int(round(frac * gap)))
+                cand_t = ts[i] + direction * move
+                if not lower < cand_t < upper:
+                    continue
+                cand = ts[:i] + [cand_t] + ts[i + 1:]
+                v = objective(cand, seed, num_samples)
+                if v < best:
+                    ts, best, improved = cand, v, True
+                    break
+        say(f"  round {rnd + 1} (fraction {frac:g}): {best:.3e} {ts}")
+        if time.perf_counter() - t_start > max_seconds:
+            break
+        if not improved:
+            frac /= 2
+    ts = strictly_descending(ts, T)
+    val_init = objective(initial, seed + 1, val_samples)
+    val_tuned = objective(ts, seed + 1, val_samples) if ts != initial else val_init
+    accepted = val_tuned < val_init
+    say(f"validation on fresh x_T: {init_name} {val_init:.3e} -> tuned {val_tuned:.3e} "
+        f"({'accepted' if accepted else 'rejected: keeping ' + init_name})")
+    return TuneResult(sampler=sampler, steps=steps, timesteps=ts if accepted else initial, initial_spacing=init_name,
+                      initial_timesteps=initial, objective=best if accepted else initial_obj,
+                      initial_objective=initial_obj, val_objective=val_tuned if accepted else val_init,
+                      val_initial_objective=val_init, accepted=accepted, evaluations=evaluations,
+                      seconds=round(time.perf_counter() - t_start, 1), spacing_objectives=spacing_obj)
+
+
+# ------------------------------------------------------------------------------ storage
+def schedules_path(checkpoint_path: str) -> str:
+    """Where the tuned schedules of a checkpoint live: ``X.schedules.json`` beside a ``X.safetensors``
+    file, ``schedules.json`` inside a checkpoint directory (a path that already ends in
+    ``.schedules.json`` is the sidecar itself)."""
+    if checkpoint_path.endswith(".schedules.json"):
+        return checkpoint_path
+    if os.path.isdir(checkpoint_path):
+        return os.path.join(checkpoint_path, "schedules.json")
+    return os.path.splitext(checkpoint_path)[0] + ".schedules.json"
+
+
+def _read(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        return {"format": SCHEDULES_FORMAT, "version": SCHEDULES_VERSION, "schedules": {}}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable tuned-schedule file ({e}); delete it or re-run `fastddpm tune-steps`") from e
+    if not isinstance(data, dict) or data.get("format") != SCHEDULES_FORMAT or not isinstance(data.get("schedules"), dict):
+        raise ValueError(f"{path}: not a fastddpm tuned-schedule file (format {SCHEDULES_FORMAT!r})")
+    return data
+
+
+def load_tuned_schedules(checkpoint_path: str) -> Dict[str, Dict[str, List[int]]]:
+    """{sampler name: {str(steps): descending timesteps}} stored with a checkpoint ({} when none)."""
+    data = _read(schedules_path(checkpoint_path))
+    return {k: {s: [int(t) for t in v["timesteps"]] for s, v in d.items()} for k, d in data["schedules"].items()}
+
+
+def tuned_timesteps(checkpoint_path: str, sampler: str, steps: int) -> Optional[List[int]]:
+    """The tuned schedule stored for (sampler, steps) with a checkpoint, or None."""
+    return load_tuned_schedules(checkpoint_path).get(sampler, {}).get(str(int(steps)))
+
+
+def save_tuned_schedule(checkpoint_path: str, result: TuneResult, extra: Optional[Dict[str, Any]] = None) -> str:
+    """Add (or replace) `result`'s schedule in the checkpoint's sidecar file, atomically; returns its path."""
+    from .checkpoint import atomic_write_bytes
+
+    path = schedules_path(checkpoint_path)
+    data = _read(path)
+    entry = {"timesteps": [int(t) for t in result.timesteps], "tuning": result.to_dict()}
+    if extra:
+        entry.update(extra)
+    data["schedules"].setdefault(result.sampler, {})[str(result.steps)] = entry
+    atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+    return path
+
+
+def sampler_for_checkpoint(checkpoint_path: str, diffusion: Any, name: Optional[str] = None,
+                           steps: Optional[int] = None, spacing: Optional[str] = None, eta: float = 0.0) -> Any:
+    """The sampler `fastddpm sample` uses: `name` (default DEFAULT_SAMPLER) at `steps` (default
+    DEFAULT_STEPS[name]) on the checkpoint's tuned schedule for (name, steps) when one is stored and
+    `spacing` is None or "tuned", else on `spacing` (default DEFAULT_SPACING[name]).
+
+    `spacing="tuned"` without a stored schedule raises ValueError. The returned sampler's `.spacing`
+    says which was used ("tuned" for a stored schedule).
+    """
+    from ._names import DEFAULT_SAMPLER, DEFAULT_STEPS
+    from .samplers import make_sampler
+
+    name = name or DEFAULT_SAMPLER
+    if steps is None:
+        steps = DEFAULT_STEPS.get(name)
+    if spacing in (None, "tuned") and steps is not None:
+        ts = tuned_timesteps(checkpoint_path, name, steps)
+        if ts is not None:
+            s = make_sampler(name, diffusion, steps=ts, eta=eta)
+            s.spacing = "tuned"
+            return s
+        if spacing == "tuned":
+            raise ValueError(f"spacing='tuned': {schedules_path(checkpoint_path)} holds no schedule for {name} at "
+                             f"{steps} steps (run `fastddpm tune-steps --sampler {name} --steps {steps}`)")
+    return make_sampler(name, diffusion, steps=steps, eta=eta, spacing=spacing)
