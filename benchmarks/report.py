@@ -363,9 +363,22 @@ def render_generic(name: str, data: Any, max_rows: int = 40) -> List[str]:
     return out
 
 
+def render_dtype(name: str, data: Dict[str, Any]) -> List[str]:
+    """bench_dtype.py: images/s of FastSampler with the model in fp32 / bf16 (cast) / bf16 (autocast)."""
+    label = {"fp32": "fp32", "bf16": "bf16 (weights cast once: `--dtype bf16`)", "bf16-autocast": "bf16 autocast"}
+    lines = [f"### Reduced precision on the CPU ({data['model']}, batch {data['batch']}, {data['threads']} thread)", "",
+             "| model calls in | images/s | vs fp32 | relative error of one call | of the sample |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for key, ips in data["images_per_s"].items():
+        err1, err = data["model_call_rel_error"][key], data["sample_rel_error"][key]
+        lines.append(f"| {label.get(key, key)} | {ips:.3f} | {data['ratio_to_fp32'][key]:.2f}x | "
+                     f"{'-' if key == 'fp32' else f'{err1:.1e}'} | {'-' if key == 'fp32' else f'{err:.1e}'} |")
+    return lines + [""] + preamble(name, data)
+
+
 RENDERERS: Dict[str, Callable[[str, Dict[str, Any]], List[str]]] = {
     "figures": render_figures, "step_cpu": render_step, "sampling_cpu": render_sampling_cpu,
-    "sampling_gpu": render_sampling_gpu,
+    "sampling_gpu": render_sampling_gpu, "dtype_cpu": render_dtype,
 }
 
 
@@ -400,7 +413,7 @@ def render(results: Path = RESULTS) -> str:
             lines += render_generic(name, data)
     if not any(n.startswith("gpu_") and isinstance(d, dict) and not d.get("dry_run") for n, d in items):
         lines += ["GPU check: not run on a GPU yet. `python benchmarks/gpu_check.py` on a CUDA machine runs every "
-                  "GPU-only test and benchmark in about 8 minutes and writes benchmarks/results/gpu_<device>.json.", ""]
+                  "GPU-only test and benchmark within an 8-minute budget and writes benchmarks/results/gpu_<device>.json.", ""]
     if not any(n.endswith("gpu") or (isinstance(d, dict) and isinstance(d.get("machine"), dict)
                                      and d["machine"].get("gpu")) for n, d in items):
         lines += ["GPU figures: none yet (no results file from a GPU run); `fastddpm bench` on a CUDA machine "

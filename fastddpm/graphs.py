@@ -182,10 +182,9 @@ class FastSampler:
         self.step = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.seed = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.x = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-        k = int(getattr(sampler, "num_history", 1 if sampler.uses_x0_prev else 0))
+        k = sampler.num_history
         # the previous x0-hats, most recent first (None beyond the sampler's history)
         self.history = [torch.zeros_like(self.x) if i < k else None for i in range(3)]
-        self.x0_prev = self.history[0]
         # the model's timestep input, rewritten by the fused step for the next step
         self.t = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         # completion counter of the fused in-place kernel (0 between launches)

@@ -606,9 +606,7 @@ class DPMSolverSampler(_MultistepSampler):
 
     def __init__(self, diffusion: Any, steps: Steps = 20, stochastic: bool = False, *,
                  spacing: Optional[Spacing] = None):
-        if not isinstance(stochastic, bool):
-            raise ValueError(f"stochastic must be True or False, got {stochastic!r}")
-        self.stochastic = stochastic
+        self.stochastic = _check_flag("stochastic", stochastic)
         self._init_state()
         ts, self.spacing = _spaced_timesteps(diffusion, steps, spacing, default="quadratic", default_steps=20)
         self._setup(diffusion, ts)
@@ -680,15 +678,6 @@ def _check_flag(name: str, value: Any) -> bool:
     return value
 
 
-def _check_diffusion(diffusion: Any) -> int:
-    """T of a GaussianDiffusion's schedule (ValueError for anything else)."""
-    sched = getattr(diffusion, "schedule", None)
-    T = int(getattr(sched, "num_timesteps", 0) or 0)
-    if T < 1:
-        raise ValueError(f"diffusion must be a fastddpm.GaussianDiffusion (with a NoiseSchedule), got {type(diffusion).__name__}")
-    return T
-
-
 THIRD_ORDER_FORMS = ("taylor", "diffusers")
 
 
@@ -737,7 +726,6 @@ class DPMSolver3MSampler(_MultistepSampler):
 
     def __init__(self, diffusion: Any, steps: Steps = 20, stochastic: bool = False, lower_order_final: bool = True,
                  third_order: str = "taylor", *, spacing: Optional[Spacing] = None):
-        _check_diffusion(diffusion)
         if third_order not in THIRD_ORDER_FORMS:
             raise ValueError(f"third_order must be one of {THIRD_ORDER_FORMS}, got {third_order!r}")
         self.third_order = third_order
@@ -858,7 +846,6 @@ class UniPCSampler(_MultistepSampler):
 
     def __init__(self, diffusion: Any, steps: Steps = 10, order: int = 3, variant: str = "bh2",
                  lower_order_final: bool = True, corrector: bool = True, *, spacing: Optional[Spacing] = None):
-        _check_diffusion(diffusion)
         if isinstance(order, bool) or not isinstance(order, numbers.Integral) or not 1 <= int(order) <= 3:
             raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
         if variant not in UNIPC_VARIANTS:

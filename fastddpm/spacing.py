@@ -36,7 +36,7 @@ import torch
 from ._names import SPACING_NAMES
 from .schedule import NoiseSchedule, space_timesteps
 
-__all__ = ["SPACINGS", "make_timesteps", "strictly_descending", "log_snr", "edm_sigma", "DEFAULT_SIGMA_MAX",
+__all__ = ["SPACINGS", "make_timesteps", "strictly_descending", "edm_sigma", "DEFAULT_SIGMA_MAX",
            "KARRAS_RHO"]
 
 SPACINGS = SPACING_NAMES
@@ -44,12 +44,6 @@ DEFAULT_SIGMA_MAX = 80.0
 KARRAS_RHO = 7.0
 
 Spacing = Union[str, Sequence[int]]
-
-
-def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """lambda_t = log(alpha_t / sigma_t) = 0.5 log(ab / (1 - ab)), float64."""
-    ab = alphas_cumprod.to(torch.float64)
-    return 0.5 * (ab.log() - torch.log1p(-ab))
 
 
 def edm_sigma(alphas_cumprod: torch.Tensor) -> torch.Tensor:

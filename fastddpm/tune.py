@@ -23,7 +23,6 @@ atomically; `fastddpm sample` and `FastSampler.from_checkpoint` use them by defa
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -144,7 +143,7 @@ def tune_timesteps(model: Any, diffusion: Any, sampler: str = "unipc", steps: in
         x = _x0(model, make_sampler(sampler, diffusion, steps=list(ts)), s, n, shape, batch_size)
         return float(((x - reference(s, n)) ** 2).mean())
 
-    ref_tr = reference(seed, num_samples)  # noqa: F841 (computed once up front)
+    reference(seed, num_samples)  # computed (and memoised) once up front, before the search
     say(f"reference: {reference_steps}-step DPM-Solver++ on {num_samples} + {val_samples} x_T")
     spacing_obj: Dict[str, float] = {}
     if init is not None:

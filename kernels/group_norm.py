@@ -264,7 +264,6 @@ def _gn_fwd_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, PMEAN, PM2,
     n = ng // G
     g = ng % G
     x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
-    nc_base = n * C + g * CPG
     v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     if FUSED_STATS:
         cnt, mean, m2 = _slice_stats(X, ADD, x_base, v_base, CPG, HW, 0, HW,
@@ -463,7 +462,6 @@ def _gn_fwd_single_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, C, VS, HW, 
     n = ng // G
     g = ng % G
     x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
-    nc_base = n * C + g * CPG
     v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     cl = tl.arange(0, BLOCK_C)
     h = tl.arange(0, BLOCK_HW)

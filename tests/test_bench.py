@@ -295,3 +295,8 @@ def test_bench_help_states_each_suite_time(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name in bench.SUITES:
         assert f"{name}: {bench.SUITE_MINUTES[name]}" in text
+
+
+def test_readme_performance_section_is_current():
+    """The README's generated section is what report.py renders from the committed results files."""
+    assert report.main(["--check"]) == 0

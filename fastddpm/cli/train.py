@@ -102,12 +102,9 @@ def _optional(conv: Callable[[str], Any]) -> Callable[[str], Any]:
     return f
 
 
-def _shown(v: Any) -> str:
-    return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
-
-
 def configure(p: argparse.ArgumentParser) -> None:
     from ..train import DDPM_CIFAR10_RECIPE, DIGITS_RECIPE, TrainConfig
+    from ..train import _show as _shown
 
     p.add_argument("--config", metavar="JSON", help="read a TrainConfig from a JSON file (a run's config.json "
                    "'train' entry works); flags given on the command line override it")
@@ -179,6 +176,8 @@ _SHOWN = ("base_channels", "channel_mults", "num_res_blocks", "attention_resolut
 def describe_config(cfg: Any, data: str, chosen: Dict[str, Any], explicit: Dict[str, Any]) -> str:
     """The lines ``fastddpm train`` prints: the model / diffusion / optimisation settings as flags,
     each marked with where it came from (your flag, the dataset's defaults, TrainConfig's default)."""
+    from ..train import _show as _shown
+
     parts = []
     for name in _SHOWN:
         mark = "" if name in explicit else ("*" if name in chosen else "")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from .._names import DEFAULT_SAMPLER
-from ._common import CLIError, resolve_device, write_json
+from ._common import CLIError, check_positive, resolve_device, write_json
 
 HELP = "tune a sampler's timesteps for a checkpoint (stored with it; used by `fastddpm sample`)"
 TUNABLE = ("ddim", "dpm++", "dpm++3m", "unipc")
@@ -58,9 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--steps must be an int or a comma-separated list of ints, got {args.steps!r}") from None
     if any(s < 2 for s in steps):
         raise CLIError(f"--steps must be >= 2, got {args.steps}")
-    for name in ("num_samples", "val_samples", "reference_steps", "max_rounds", "batch_size"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")
+    check_positive(args, "num_samples", "val_samples", "reference_steps", "max_rounds", "batch_size")
     device = resolve_device(args.device)
     path = ckpt.resolve_checkpoint(args.checkpoint)
     model, diffusion, config = ckpt.load_model(path, use_ema=not args.no_ema, device=device)

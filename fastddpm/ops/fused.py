@@ -1,7 +1,7 @@
 """Op boundaries that fuse or recompute around the U-Net's convolutions and time projections.
 
 * :func:`norm_conv` / :class:`NormConv`: conv2d(dropout(group_norm_silu(x))) keeping only x for backward
-  (selective activation recomputation: the memory-lean training path of `fastddpm.UNet`);
+  (selective activation recomputation: the memory-lean training path of `fastddpm.UNet`).
 
 They are custom autograd functions over the `fastddpm::group_norm_silu` ops and aten ops, so they live
 here beside the custom ops, not in the modules that use them.
