@@ -203,6 +203,30 @@ def save_results(results: Dict[str, Any], out_dir: str, defaults: Optional[Dict[
     plot(results, os.path.join(out_dir, "quality_table.svg"))
 
 
+def merge_results(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """One results dict from several runs' (made in parallel or one after another): an entry present in
+    several parts keeps the union of their seeds (a later part's score wins for a seed both have)."""
+    merged: Dict[str, Any] = {"entries": {}, "failed": {}}
+    nums = set()
+    for r in parts:
+        for k, e in r["entries"].items():
+            if not e["setting"].startswith("data:"):  # the floor row predates per-entry counts
+                nums.add(e.get("num", r.get("meta", {}).get("num")))
+            old = merged["entries"].get(k)
+            if old is not None and "seeds" in e and "seeds" in old:
+                by = dict(zip(old["seeds"], old["scores"]))
+                by.update(zip(e["seeds"], e["scores"]))
+                cmds = list(dict.fromkeys(old["command"].split(" ; ") + e["command"].split(" ; ")))
+                e = dict(e, seeds=sorted(by), scores=[by[sd] for sd in sorted(by)], command=" ; ".join(cmds),
+                         seconds=round(old.get("seconds", 0.0) + e.get("seconds", 0.0), 1))
+            merged["entries"][k] = e
+        merged["failed"].update(r.get("failed", {}))
+        merged["meta"] = r.get("meta", merged.get("meta", {}))
+    if len(nums) > 1:  # digits-FD is biased by 1/num: rows with different sample counts do not compare
+        raise SystemExit(f"--merge: the files hold different samples per setting {sorted(map(str, nums))}")
+    return merged
+
+
 def _on(entry: Dict[str, Any], seeds: Sequence[int]) -> float:
     """Mean score of an entry over `seeds` (a paired comparison: the same x_T for every setting)."""
     by = dict(zip(entry.get("seeds", range(len(entry["scores"]))), entry["scores"]))
@@ -270,7 +294,8 @@ def write_markdown(results: Dict[str, Any], out_dir: str) -> None:
             if e is None:
                 return "-"
             m = _on(e, seeds)
-            r = f", {m / summarize(ddpm)[0]:.2f}x DDPM-1000" if ddpm else ""
+            r = f", {m / _on(ddpm, seeds):.2f}x DDPM-1000" if ddpm and set(seeds) <= set(ddpm.get("seeds", [])) else (
+                f", {m / summarize(ddpm)[0]:.2f}x DDPM-1000 (its mean)" if ddpm else "")
             return f"{m:.4f} ({label(e['setting'])}{r})"
         ratio = f"{_on(f, seeds) / _on(d, seeds):.2f}" if f and d else "-"
         lines.append(f"| {c} | {','.join(map(str, seeds))} | {cell(f)} | {cell(d)} | {ratio} |")
@@ -371,18 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     if args.merge:
-        merged: Dict[str, Any] = {"entries": {}, "failed": {}}
-        nums = set()
-        for part in args.merge.split(","):
-            r = load_results(part)
-            for k, e in r["entries"].items():
-                if not e["setting"].startswith("data:"):  # the floor row predates per-entry counts
-                    nums.add(e.get("num", r.get("meta", {}).get("num")))
-                merged["entries"][k] = e
-        if len(nums) > 1:  # digits-FD is biased by 1/num: rows with different sample counts do not compare
-            raise SystemExit(f"--merge: the files hold different samples per setting {sorted(map(str, nums))}")
-            merged["failed"].update(r.get("failed", {}))
-            merged["meta"] = r.get("meta", merged.get("meta", {}))
+        merged = merge_results([load_results(part) for part in args.merge.split(",")])
         os.makedirs(args.out_dir, exist_ok=True)
         save_results(merged, args.out_dir)
         return merged

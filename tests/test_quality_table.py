@@ -1,0 +1,40 @@
+"""scripts/quality_table.py's bookkeeping: merging runs made in parallel or one after another."""
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("quality_table", os.path.join(ROOT, "scripts", "quality_table.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _entry(setting, calls, seeds, scores, num=2000, cmd="run"):
+    return {"setting": setting, "calls": calls, "seeds": seeds, "scores": scores, "num": num, "command": cmd,
+            "seconds": 1.0}
+
+
+def test_merge_keeps_the_union_of_seeds_and_the_later_score():
+    qt = _script()
+    a = {"entries": {"fastddpm:ddim:uniform@10": _entry("fastddpm:ddim:uniform", 10, [0, 1], [6.0, 7.0], cmd="a")}}
+    b = {"entries": {"fastddpm:ddim:uniform@10": _entry("fastddpm:ddim:uniform", 10, [1, 2], [7.5, 8.0], cmd="b"),
+                     "fastddpm:ddpm:uniform@1000": _entry("fastddpm:ddpm:uniform", 1000, [0], [1.7], cmd="b")}}
+    m = qt.merge_results([a, b])
+    e = m["entries"]["fastddpm:ddim:uniform@10"]
+    assert e["seeds"] == [0, 1, 2] and e["scores"] == [6.0, 7.5, 8.0]
+    assert e["command"] == "a ; b" and e["seconds"] == 2.0
+    assert m["entries"]["fastddpm:ddpm:uniform@1000"]["scores"] == [1.7]
+    assert qt.summarize(e)[0] == pytest.approx((6.0 + 7.5 + 8.0) / 3)
+
+
+def test_merge_refuses_different_sample_counts():
+    qt = _script()
+    a = {"entries": {"x@5": _entry("fastddpm:ddim:uniform", 5, [0], [1.0], num=2000)}}
+    b = {"entries": {"y@5": _entry("fastddpm:unipc:trailing", 5, [0], [1.0], num=500)}}
+    with pytest.raises(SystemExit, match="different samples"):
+        qt.merge_results([a, b])
