@@ -310,7 +310,9 @@ def _dist_info() -> Tuple[int, int, int]:
     return rank, world, local
 
 
-def _resolve_device(spec: str, local_rank: int) -> torch.device:
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """`spec` ('auto', 'cpu', 'cuda' or 'cuda:N') as a torch.device; 'auto' and a bare 'cuda' take the
+    process's local rank (torchrun). ValueError naming the accepted values when it cannot be used."""
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     try:
@@ -736,7 +738,7 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> TrainResult:
     cfg = dataclasses.replace(config).validate()
 
     rank, world, local_rank = _dist_info()
-    device = _resolve_device(cfg.device, local_rank)
+    device = resolve_device(cfg.device, local_rank)
     own_group = _join_process_group(world, device, cfg.ddp_timeout)
     distributed = world > 1 and dist.is_initialized()
     rank, world = (rank, world) if distributed else (0, 1)

@@ -32,19 +32,14 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
             raise CLIError(f"--{n.replace('_', '-')} must be a positive int, got {v}")
 
 
-def resolve_device(name: str) -> Any:
+def resolve_device(name: str, local_rank: int = 0) -> Any:
     """``--device`` (auto, cpu, cuda or cuda:N) as a torch.device; CLIError when it cannot be used."""
-    import torch
+    from ..train import resolve_device as _resolve  # the one resolver (train() takes the same spec)
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise CLIError(f"--device {name!r}: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available")
-    return dev
+        return _resolve(name, local_rank)
+    except ValueError as e:
+        raise CLIError(f"--device: {e}") from None
 
 
 def write_json(result: Dict[str, Any], path: Optional[str]) -> None:

@@ -12,7 +12,7 @@ import time
 from typing import Any, List
 
 from .._names import DEFAULT_SAMPLER, DEFAULT_SPACING, SAMPLER_NAMES, SPACING_NAMES
-from ._common import CLIError, add_threads_option, check_positive, load_model, sampler_steps, steps_help
+from ._common import CLIError, add_threads_option, check_positive, load_model, resolve_device, sampler_steps, steps_help
 
 HELP = "draw samples from a checkpoint (default: the bundled digits model)"
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import checkpoint as ckpt
     from ..images import save_grid, to_uint8
     from ..precision import reduced_precision
-    from ..train import _ddp_failure, _dist_info, _join_process_group, _resolve_device
+    from ..train import _ddp_failure, _dist_info, _join_process_group
     from ..tune import sampler_for_checkpoint
 
     check_positive(args, "num", "batch_size", "steps", "scale", "nrow")
@@ -82,10 +82,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--out {e}") from None
 
     rank, world, local_rank = _dist_info()
-    try:
-        device = _resolve_device(args.device, local_rank)
-    except ValueError as e:
-        raise CLIError(f"--device: {e}") from None
+    device = resolve_device(args.device, local_rank)
     if not args.ddp_timeout > 0:
         raise CLIError(f"--ddp-timeout must be > 0 seconds, got {args.ddp_timeout}")
     own_group = _join_process_group(world, device, args.ddp_timeout)
