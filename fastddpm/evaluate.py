@@ -80,11 +80,13 @@ def _extractor_name(extractor: Any) -> str:
     return str(getattr(extractor, "name", type(extractor).__name__))
 
 
-def load_images(data: Any, part: str = "all") -> torch.Tensor:
+def load_images(data: Any, part: str = "all", image_size: Optional[int] = None,
+                channels: Optional[int] = None) -> torch.Tensor:
     """Float [-1, 1] NCHW images from a dataset spec ("digits", a path), an ImageDataset or a tensor.
 
     ``part``: "all", or for the bundled digits "train" / "heldout", the two sides of
     :func:`fastddpm.features.digits_split` (the classifier's training part and the held-out 20%).
+    ``image_size`` / ``channels``: a dataset spec's images converted as ``fastddpm train`` converts them.
     """
     from .data import ImageDataset, load_dataset
 
@@ -93,8 +95,7 @@ def load_images(data: Any, part: str = "all") -> torch.Tensor:
     if isinstance(data, (str, os.PathLike)):
         if part != "all" and os.fspath(data) != "digits":
             raise ValueError(f"part={part!r} is only defined for the bundled 'digits' set, not {os.fspath(data)!r}")
-        ds = load_dataset(os.fspath(data))
-        data = ds
+        data = load_dataset(os.fspath(data), image_size=image_size, channels=channels)
     elif part != "all":
         raise ValueError(f"part={part!r} needs data='digits'")
     if isinstance(data, ImageDataset):

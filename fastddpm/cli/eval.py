@@ -188,18 +188,9 @@ def reference_data(args: argparse.Namespace, data: str) -> Tuple[Any, str]:
     if size is None and channels is None:
         return data, part
     check_positive(args, "image_size")
-    from ..data import load_dataset
+    from ..evaluate import load_images
 
-    ds = load_dataset(data, image_size=size, channels=channels)
-    idx = list(range(len(ds)))
-    if part != "all":
-        from ..features import digits_split
-
-        train_idx, heldout_idx = digits_split(len(ds))
-        idx = (train_idx if part == "train" else heldout_idx).tolist()
-    import torch
-
-    return ds.batch(torch.tensor(idx, dtype=torch.int64))[0], "all"
+    return load_images(data, part, image_size=size, channels=channels), "all"
 
 
 def _pm(mean: float, std: Optional[float], digits: int = 2) -> str:
