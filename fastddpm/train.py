@@ -9,7 +9,8 @@ or ``fastddpm train --dataset digits ...`` (flags mirror :class:`TrainConfig`), 
 CUDA; each process gets ``batch_size / N`` images of every step's global batch).
 
 Reproducibility and exact resume. A "step" consumes one global batch, whether the update is applied
-or skipped (non-finite loss). Everything random in a step is a function of (seed, rank, step):
+or skipped (non-finite loss or gradient norm: decided on the device, no host sync in a step; see the
+comment in the loop). Everything random in a step is a function of (seed, rank, step):
 the data order is DistributedSampler's (seed, epoch) permutation, and the flips, timesteps, noise
 and label dropout are drawn from generators seeded from (seed, rank, step). Dropout uses torch's
 global RNG, whose state is saved in every checkpoint and restored on resume. So a run resumed from
@@ -89,7 +90,8 @@ class TrainConfig:
     Robustness: resume (False; True: continue from out_dir's newest checkpoint, or start afresh if
     there is none; or a checkpoint path), resume_fallback (when the newest checkpoint does not load,
     resume from the newest older one that does, instead of stopping), max_nonfinite (stop after this
-    many non-finite losses in a row), ddp_timeout (seconds a data-parallel process waits for its peers
+    many non-finite losses in a row; seen at the next log, checkpoint or sample step, since a step
+    does not read the device), ddp_timeout (seconds a data-parallel process waits for its peers
     before the run stops, naming the rank that failed).
     """
 
@@ -756,7 +758,8 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> TrainResult:
     Raises:
         ValueError: a bad config, or out_dir already holding checkpoints without ``resume``, or a
             resume that changes the model/diffusion settings (CheckpointError: one that does not load).
-        NonFiniteLossError: ``max_nonfinite`` consecutive non-finite losses.
+        NonFiniteLossError: ``max_nonfinite`` consecutive non-finite losses (raised at the next log,
+            checkpoint or sample step: up to ``log_every - 1`` steps later, before that step's checkpoint).
         RunLockError: another live process trains in out_dir.
         DistributedError: (DDP) another rank failed or stalled for ``ddp_timeout`` seconds.
     """

@@ -172,3 +172,20 @@ def test_foreach_adamw_state_loads_into_the_fused_optimizer():
         opt.step()
     for a, b in zip(old_p, new_p):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoint_of_the_foreach_optimizer_resumes_exactly(tmp_path):
+    a = tmp_path / "a"
+    train(_cfg(a, steps=4, log_every=1, save_every=2, keep=0))
+    ck = _ck(a, 2)
+    state = copy.deepcopy(ck.state)
+    for g in state["optimizer"]["param_groups"]:  # as the foreach AdamW wrote it (its steps: CPU float32)
+        g.update(fused=None, foreach=None)
+    b = tmp_path / "b"
+    ckpt.save_checkpoint(str(b), 2, ck.config, ck.model, ck.ema, state)
+    train(_cfg(b, steps=4, log_every=1, resume=True))
+    ca, cb = _ck(a, 4), _ck(b, 4)
+    assert all(g["fused"] for g in cb.state["optimizer"]["param_groups"])
+    for name in ("model", "ema"):
+        for k, v in getattr(ca, name).items():
+            assert torch.equal(getattr(cb, name)[k], v), (name, k)
