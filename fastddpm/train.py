@@ -961,7 +961,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
     last_ckpt: Optional[str] = None
     epoch_cache: Tuple[int, Optional[torch.Tensor]] = (-1, None)
     # No host sync inside a step: what a step produces stays on the device and is read at sync points
-    # only, the log steps (one read) and the checkpoint and sample steps (which sync anyway). The skip of
+    # only, the log steps and the checkpoint and sample steps (which sync anyway). The skip of
     # a non-finite step is decided on the device too: fused AdamW skips its update and its step count
     # where `found_inf` is 1, the EMA's weight is multiplied by the finite flag, and `updates_t` (the EMA
     # warm-up's count) only counts finite steps. So the skip messages and the max_nonfinite stop come at
