@@ -147,12 +147,14 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.random_flip:
             flip = torch.rand(idx.numel(), generator=generator) < 0.5
             u8 = torch.where(flip[:, None, None, None], u8.flip(-1), u8)
-        x = _to_float(u8.to(device) if device is not None else u8)
+        # non_blocking: a blocking host-to-device copy waits for the GPU (the training loop's steps have no
+        # host sync); from pageable memory CUDA stages the source before returning, so this is safe
+        x = _to_float(u8.to(device, non_blocking=True) if device is not None else u8)
         y = None
         if self.labels is not None:
             y = self.labels.index_select(0, idx)
             if device is not None:
-                y = y.to(device)
+                y = y.to(device, non_blocking=True)
         return x, y
 
 

@@ -9,7 +9,8 @@ or ``fastddpm train --dataset digits ...`` (flags mirror :class:`TrainConfig`), 
 CUDA; each process gets ``batch_size / N`` images of every step's global batch).
 
 Reproducibility and exact resume. A "step" consumes one global batch, whether the update is applied
-or skipped (non-finite loss). Everything random in a step is a function of (seed, rank, step):
+or skipped (non-finite loss or gradient norm: decided on the device, no host sync in a step; see the
+comment in the loop). Everything random in a step is a function of (seed, rank, step):
 the data order is DistributedSampler's (seed, epoch) permutation, and the flips, timesteps, noise
 and label dropout are drawn from generators seeded from (seed, rank, step). Dropout uses torch's
 global RNG, whose state is saved in every checkpoint and restored on resume. So a run resumed from
@@ -89,7 +90,8 @@ class TrainConfig:
     Robustness: resume (False; True: continue from out_dir's newest checkpoint, or start afresh if
     there is none; or a checkpoint path), resume_fallback (when the newest checkpoint does not load,
     resume from the newest older one that does, instead of stopping), max_nonfinite (stop after this
-    many non-finite losses in a row), ddp_timeout (seconds a data-parallel process waits for its peers
+    many non-finite losses in a row; seen at the next log, checkpoint or sample step, since a step
+    does not read the device), ddp_timeout (seconds a data-parallel process waits for its peers
     before the run stops, naming the rank that failed).
     """
 
@@ -378,6 +380,37 @@ class _Conditioned(torch.nn.Module):
         if self.y is None:
             return self.model(x, t)
         return self.model(x, t, self.y[: x.shape[0]])
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    """``opt.load_state_dict(state)``, keeping ``opt``'s implementation ("fused", "foreach", "capturable").
+
+    load_state_dict takes every group setting from the saved dict: a checkpoint of the foreach AdamW
+    (written before training used the fused one) would turn the optimizer back into foreach, which
+    cannot skip an update on the device. With our flags in the groups, torch also moves the saved step
+    counts (CPU tensors under foreach) to the parameters' device as float32, the fused layout."""
+    saved = state["param_groups"]
+    if len(saved) == len(opt.param_groups):  # else load_state_dict raises its own error
+        flags = ("fused", "foreach", "capturable")
+        saved = [{**g, **{k: ours[k] for k in flags if k in ours}} for g, ours in zip(saved, opt.param_groups)]
+    opt.load_state_dict({**state, "param_groups": saved})
+
+
+def _ema_update(ema_params: List[torch.Tensor], params: List[torch.Tensor], updates: torch.Tensor,
+                finite: torch.Tensor, ema_decay: float, warmup: bool) -> None:
+    """ema += (1 - decay) * finite * (param - ema), decay = min(ema_decay, (1 + n) / (10 + n)) after n
+    updates (``warmup``) or ema_decay; all on the device, so a skipped step (finite False) leaves the EMA
+    as it was without a host sync. Three multi-tensor launches: torch's foreach lerp takes a tensor weight
+    only as one tensor per parameter, which is a kernel per parameter."""
+    decay = torch.full((), ema_decay, dtype=torch.float64, device=updates.device)
+    if warmup:
+        n = updates.to(torch.float64)
+        decay = torch.minimum(decay, (1 + n) / (10 + n))
+    weight = ((1.0 - decay) * finite).to(ema_params[0].dtype)
+    with torch.no_grad():
+        delta = torch._foreach_sub(params, ema_params)
+        torch._foreach_mul_(delta, weight)
+        torch._foreach_add_(ema_params, delta)
 
 
 def _rng_state(device: torch.device) -> Dict[str, Any]:
@@ -727,7 +760,8 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> TrainResult:
     Raises:
         ValueError: a bad config, or out_dir already holding checkpoints without ``resume``, or a
             resume that changes the model/diffusion settings (CheckpointError: one that does not load).
-        NonFiniteLossError: ``max_nonfinite`` consecutive non-finite losses.
+        NonFiniteLossError: ``max_nonfinite`` consecutive non-finite losses (raised at the next log,
+            checkpoint or sample step: up to ``log_every - 1`` steps later, before that step's checkpoint).
         RunLockError: another live process trains in out_dir.
         DistributedError: (DDP) another rank failed or stalled for ``ddp_timeout`` seconds.
     """
@@ -795,8 +829,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
     full_config["model"] = mcfg
     diffusion = ckpt.build_diffusion(full_config)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+    # fused: the one AdamW of torch that skips an update on the device (`found_inf`, see the loop); it has
+    # CPU and CUDA kernels for the float32 parameters used here (torch >= 2.13), so both take one path
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            weight_decay=cfg.weight_decay)
+                            weight_decay=cfg.weight_decay, fused=True)
 
     # ---------------------------------------------------------------- resume
     step, skipped, updates = 0, 0, 0
@@ -839,7 +875,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
             ema.load_state_dict(ck.ema)
         st = ck.state
         try:
-            opt.load_state_dict(st["optimizer"])
+            _load_optimizer_state(opt, st["optimizer"])
             step, skipped, updates = int(st["step"]), int(st["skipped"]), int(st["updates"])
             rngs = st["rng"]
             rng_restore = rngs[rank] if isinstance(rngs, list) and rank < len(rngs) else rngs[0] if isinstance(rngs, list) else rngs
@@ -882,7 +918,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
             rng_all = [rng]
         path = None
         if is_main:
-            state = {"optimizer": opt.state_dict(), "step": at_step, "skipped": skipped, "updates": updates,
+            state = {"optimizer": opt.state_dict(), "step": at_step, "skipped": skipped, "updates": int(updates_t),
                      "rng": rng_all, "world_size": world}
             path = ckpt.save_checkpoint(run_dir, at_step, full_config, model.state_dict(),
                                         ema.state_dict() if ema is not None else None, state, keep=cfg.keep)
@@ -923,15 +959,49 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
         bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
     losses: List[float] = []
     start_step = step
-    consecutive = 0
+    consecutive = 0  # non-finite steps in a row, up to the last step read back
     last_ckpt: Optional[str] = None
     epoch_cache: Tuple[int, Optional[torch.Tensor]] = (-1, None)
-    # Per-step figures stay on the device and are read at log intervals only (one sync there), so a
-    # step's only host sync is the skip decision `bool(finite)` (foreach AdamW has no device-side skip).
+    # No host sync inside a step: what a step produces stays on the device and is read at sync points
+    # only, the log steps and the checkpoint and sample steps (which sync anyway). The skip of
+    # a non-finite step is decided on the device too: fused AdamW skips its update and its step count
+    # where `found_inf` is 1, the EMA's weight is multiplied by the finite flag, and `updates_t` (the EMA
+    # warm-up's count) only counts finite steps. So the skip messages and the max_nonfinite stop come at
+    # the next sync point, up to log_every - 1 steps late; the stop still names the exact steps, and it
+    # comes before that point's checkpoint (no checkpoint holds a step after the stop).
+    updates_t = torch.tensor(updates, dtype=torch.int64, device=device)
     win_sum = torch.zeros((), dtype=torch.float64, device=device)
     win_n = torch.zeros((), dtype=torch.float64, device=device)
-    grad_norm = torch.full((), float("nan"), device=device)
-    pending: List[torch.Tensor] = []  # this window's per-step losses, moved into `losses` at log time
+    grad_norm = torch.full((), float("nan"), device=device)  # of the last applied update
+    pending_loss: List[torch.Tensor] = []  # the per-step losses and finite flags since the last sync point
+    pending_finite: List[torch.Tensor] = []
+
+    def read_pending() -> None:
+        """At a sync point: the steps since the last one into `losses`, their skip messages, the stop."""
+        nonlocal skipped, consecutive
+        if not pending_loss:
+            return
+        step_losses, flags = torch.stack([torch.stack(pending_loss), torch.stack(pending_finite).float()]).tolist()
+        pending_loss.clear()
+        pending_finite.clear()
+        losses.extend(step_losses)
+        for s, (value, ok) in enumerate(zip(step_losses, flags), start=step - len(flags) + 1):
+            if ok:
+                consecutive = 0
+                continue
+            skipped += 1
+            consecutive += 1
+            if is_main:
+                msg = f"step {s}: non-finite loss ({value}), update skipped ({consecutive} in a row, {skipped} in all)"
+                (bar.write(msg, file=sys.stderr) if bar is not None else print(msg, file=sys.stderr))
+            if consecutive >= cfg.max_nonfinite:
+                late = f" (seen at step {step}: losses are read at log, checkpoint and sample steps)" if s < step else ""
+                raise NonFiniteLossError(
+                    f"the loss was non-finite for {consecutive} consecutive steps (steps {s - consecutive + 1}..{s})"
+                    f"{late}; stopping. The last checkpoint is {last_ckpt or ckpt.latest_checkpoint(run_dir)}. "
+                    "Try a lower lr, a longer warmup_steps, grad_clip, or amp='none'."
+                )
+
     win_t0, win_step0 = time.perf_counter(), step
     model.train()
     log_file = open(log_path, "a", encoding="utf-8") if is_main else None
@@ -947,7 +1017,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
             x0, y = ds.batch(idx, generator=g_cpu, device=device)
             if num_classes:
                 drop = torch.rand(y.shape[0], generator=g_cpu) < cfg.p_uncond
-                y = torch.where(drop.to(device), torch.full_like(y, num_classes), y)
+                y = torch.where(drop.to(device, non_blocking=True), torch.full_like(y, num_classes), y)
             else:
                 y = None
             t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=g_dev, device=device)
@@ -955,7 +1025,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
 
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr  # a Python float: fused AdamW passes it to its kernel as an argument
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 terms = diffusion.training_losses(_Conditioned(train_model, y), x0, t=t, noise=noise)
                 loss = terms["loss"].float().mean()
@@ -968,43 +1038,28 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 finite = flag[0] == 0
             step += 1
-            if bool(finite):
-                opt.step()
-                updates += 1
-                consecutive = 0
-                if ema is not None:
-                    decay = cfg.ema_decay
-                    if cfg.ema_warmup:
-                        decay = min(decay, (1 + updates) / (10 + updates))
-                    with torch.no_grad():
-                        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
-                win_sum += loss.detach().double()
-                win_n += 1
-                grad_norm = gn.detach().float()
-            else:
-                opt.zero_grad(set_to_none=True)
-                skipped += 1
-                consecutive += 1
-                if is_main:  # a non-finite step syncs once more, to print its loss
-                    msg = f"step {step}: non-finite loss ({float(loss.detach())}), update skipped ({consecutive} in a row, {skipped} in all)"
-                    (bar.write(msg, file=sys.stderr) if bar is not None else print(msg, file=sys.stderr))
-                if consecutive >= cfg.max_nonfinite:
-                    raise NonFiniteLossError(
-                        f"the loss was non-finite for {consecutive} consecutive steps (steps {step - consecutive + 1}.."
-                        f"{step}); stopping. The last checkpoint is {last_ckpt or ckpt.latest_checkpoint(run_dir)}. "
-                        "Try a lower lr, a longer warmup_steps, grad_clip, or amp='none'."
-                    )
-            pending.append(loss.detach().float())
+            opt.found_inf = (~finite).to(torch.float32)  # 1.0: the fused kernel leaves params and state alone
+            opt.step()
+            updates_t += finite
+            if ema is not None:
+                _ema_update(ema_params, params, updates_t, finite, cfg.ema_decay, cfg.ema_warmup)
+            win_sum += torch.where(finite, loss.detach().double(), 0.0)
+            win_n += finite
+            grad_norm = torch.where(finite, gn.detach().float(), grad_norm)
+            pending_loss.append(loss.detach().float())
+            pending_finite.append(finite)
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                losses.extend(torch.stack(pending).tolist())  # the window's one host sync
-                pending.clear()
+            log_now = step % cfg.log_every == 0 or step == cfg.steps
+            save_now = bool(cfg.save_every) and step % cfg.save_every == 0 and step != cfg.steps
+            sample_now = bool(cfg.sample_every) and step % cfg.sample_every == 0
+            if log_now or save_now or sample_now:
+                read_pending()  # a sync point: the stop check comes before its checkpoint
+            if log_now:
                 buf = torch.stack([win_sum, win_n])
                 if distributed:
                     dist.all_reduce(buf)
-                total, count = buf.tolist()
+                total, count, grad_norm_val = torch.cat([buf, grad_norm.double().reshape(1)]).tolist()
                 mean_loss = total / count if count > 0 else float("nan")
-                grad_norm_val = float(grad_norm)
                 now = time.perf_counter()
                 ips = (step - win_step0) / max(now - win_t0, 1e-9)
                 if is_main:
@@ -1020,9 +1075,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
             if bar is not None:
                 bar.update(1)
 
-            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+            if save_now:
                 last_ckpt = save(step) or last_ckpt
-            if cfg.sample_every and step % cfg.sample_every == 0 and is_main:
+            if sample_now and is_main:
                 sample_grid(step)
         # always end with a checkpoint of the final step (unless a resumed run had nothing left to do)
         if step > start_step or resume_path is None:
