@@ -159,7 +159,29 @@ def _merge(cnt, mean, m2, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def _slice_stats(X, ADD, x_base, add_base, CPG, HW, hw_lo, hw_hi,
+def _known_multiple(v, ALIGN: tl.constexpr):
+    """v itself (the launcher guarantees ALIGN | v), written so Triton's axis analysis knows ALIGN divides
+    it: with CPG a multiple of ALIGN, a channels-last group's base offset and its channel mask come in
+    runs of ALIGN, so loads and stores along C vectorise (an int argument not divisible by 16 is
+    otherwise taken as divisible by 1: scalar 2-byte accesses)."""
+    return (v // ALIGN) * ALIGN
+
+
+@triton.jit
+def _group_base(n, g, C, HW, CPG, CHANNELS_LAST: tl.constexpr):
+    """(offset of element (n, c=g*CPG, hw=0), channel stride, spatial stride) of group (n, g).
+
+    NCHW: stride_c = HW, stride_hw = 1; channels-last (NHWC): stride_c = 1, stride_hw = C. The unit
+    stride is a literal, so Triton's axis analysis sees which tile axis is contiguous and vectorises
+    and coalesces along it (HW in NCHW, C in NHWC)."""
+    if CHANNELS_LAST:
+        return n.to(tl.int64) * C * HW + g * CPG, 1, C
+    else:
+        return n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW, HW, 1
+
+
+@triton.jit
+def _slice_stats(X, ADD, x_base, add_base, CPG, sc, shw, hw_lo, hw_hi,
                  HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """(count, mean, M2) in fp32 of u = x + add over channels [0, CPG) x hw [hw_lo, hw_hi) of a group."""
     cnt = tl.zeros([], dtype=tl.float32)
@@ -177,7 +199,7 @@ def _slice_stats(X, ADD, x_base, add_base, CPG, HW, hw_lo, hw_hi,
         for h0 in range(hw_lo, hw_hi, BLOCK_HW):
             h = h0 + offs_h
             mask = cmask[:, None] & (h < hw_hi)[None, :]
-            u = tl.load(X + x_base + c[:, None] * HW + h[None, :], mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(X + x_base + c[:, None] * sc + h[None, :] * shw, mask=mask, other=0.0).to(tl.float32)
             if HAS_ADD:
                 u = tl.where(mask, u + a[:, None], 0.0)
             n_t = (nc * tl.minimum(hw_hi - h0, BLOCK_HW)).to(tl.float32)
@@ -214,12 +236,12 @@ def _channel_coefs(W, B, SCALE, SHIFT, c, cmask, nc_base,
 
 
 @triton.jit
-def _grad_tile(DY, X, x_base, c, cmask, h, hmask, HW, a, mean, rstd, A, Bc,
+def _grad_tile(DY, X, x_base, c, cmask, h, hmask, sc, shw, a, mean, rstd, A, Bc,
                HAS_ADD: tl.constexpr, SILU: tl.constexpr):
     """Recompute y_hat = (x + a - mean) rstd and g = dy * silu'(z) on one [BLOCK_C, BLOCK_HW] tile
     (both 0 outside the mask; `a` is the per-channel add vector, ignored unless HAS_ADD)."""
     mask = cmask[:, None] & hmask[None, :]
-    offs = x_base + c[:, None] * HW + h[None, :]
+    offs = x_base + c[:, None] * sc + h[None, :] * shw
     u = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
         u = u + a[:, None]
@@ -235,17 +257,19 @@ def _grad_tile(DY, X, x_base, c, cmask, h, hmask, HW, a, mean, rstd, A, Bc,
 # ------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _gn_stats_kernel(X, ADD, PMEAN, PM2, C, VS, HW, CPG, G, HW_PER_SPLIT, S,
-                     HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK: tl.constexpr):
     """Split path, forward pass 1: (mean, M2) of slice s of group (n, g) -> PMEAN/PM2[(n*G+g)*S + s]."""
     ng = tl.program_id(0)
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    CPG = _known_multiple(CPG, ALIGN)
+    x_base, sc, shw = _group_base(n, g, C, HW, CPG, CHANNELS_LAST)
     add_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     hw_lo = s * HW_PER_SPLIT
     hw_hi = tl.minimum(hw_lo + HW_PER_SPLIT, HW)
-    cnt, mean, m2 = _slice_stats(X, ADD, x_base, add_base, CPG, HW, hw_lo, hw_hi,
+    cnt, mean, m2 = _slice_stats(X, ADD, x_base, add_base, CPG, sc, shw, hw_lo, hw_hi,
                                  HAS_ADD, BLOCK_C, BLOCK_HW)
     tl.store(PMEAN + ng * S + s, mean)
     tl.store(PM2 + ng * S + s, m2)
@@ -256,17 +280,19 @@ def _gn_fwd_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, PMEAN, PM2,
                    C, VS, HW, CPG, G, HW_PER_SPLIT, S, eps,
                    HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                   FUSED_STATS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                   FUSED_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
                    BLOCK: tl.constexpr):
     """Statistics (in-program, or merged from S slice partials) then y = act(u * alpha + beta) on slice s."""
     ng = tl.program_id(0)
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    CPG = _known_multiple(CPG, ALIGN)
+    x_base, sc, shw = _group_base(n, g, C, HW, CPG, CHANNELS_LAST)
     v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     if FUSED_STATS:
-        cnt, mean, m2 = _slice_stats(X, ADD, x_base, v_base, CPG, HW, 0, HW,
+        cnt, mean, m2 = _slice_stats(X, ADD, x_base, v_base, CPG, sc, shw, 0, HW,
                                      HAS_ADD, BLOCK_C, BLOCK_HW)
     else:
         cnt = tl.zeros([], dtype=tl.float32)
@@ -301,7 +327,7 @@ def _gn_fwd_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, PMEAN, PM2,
         for h0 in range(hw_lo, hw_hi, BLOCK_HW):
             h = h0 + offs_h
             mask = cmask[:, None] & (h < hw_hi)[None, :]
-            offs = x_base + (c0 + offs_c)[:, None] * HW + h[None, :]
+            offs = x_base + (c0 + offs_c)[:, None] * sc + h[None, :] * shw
             xv = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_ADD:
                 xv = xv + a[:, None]
@@ -317,13 +343,16 @@ def _gn_bwd_reduce_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
                           C, VS, HW, CPG, G, HW_PER_SPLIT, S,
                           HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK: tl.constexpr):
+                          CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_HW: tl.constexpr,
+                          BLOCK: tl.constexpr):
     """Split path, backward pass 1: Sg, Sgy of slice s per channel -> PSG/PSGY[(n*C + c)*S + s] (fp32)."""
     ng = tl.program_id(0)
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    CPG = _known_multiple(CPG, ALIGN)
+    x_base, sc, shw = _group_base(n, g, C, HW, CPG, CHANNELS_LAST)
     nc_base = n * C + g * CPG
     v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     mean = tl.load(MEAN + ng)
@@ -345,7 +374,7 @@ def _gn_bwd_reduce_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
         sgy = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
         for h0 in range(hw_lo, hw_hi, BLOCK_HW):
             h = h0 + offs_h
-            mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < hw_hi, HW, a,
+            mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < hw_hi, sc, shw, a,
                                                mean, rstd, A, Bc, HAS_ADD, SILU)
             sg += gt
             sgy += gt * y_hat
@@ -359,7 +388,8 @@ def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
                       C, VS, HW, CPG, G, HW_PER_SPLIT, S,
                       HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                      FUSED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                      FUSED: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
                       BLOCK: tl.constexpr):
     """Per-channel sums (in-program, or summed from S slice partials), per-channel outputs, then dx.
 
@@ -370,7 +400,8 @@ def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    CPG = _known_multiple(CPG, ALIGN)
+    x_base, sc, shw = _group_base(n, g, C, HW, CPG, CHANNELS_LAST)
     nc_base = n * C + g * CPG
     v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     mean = tl.load(MEAN + ng)
@@ -395,7 +426,7 @@ def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
             sgy2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
             for h0 in range(0, HW, BLOCK_HW):
                 h = h0 + offs_h
-                mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < HW, HW, a,
+                mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < HW, sc, shw, a,
                                                    mean, rstd, A, Bc, HAS_ADD, SILU)
                 sg2 += gt
                 sgy2 += gt * y_hat
@@ -439,7 +470,7 @@ def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
         da = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
         for h0 in range(hw_lo, hw_hi, BLOCK_HW):
             h = h0 + offs_h
-            mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < hw_hi, HW, a,
+            mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < hw_hi, sc, shw, a,
                                                mean, rstd, A, Bc, HAS_ADD, SILU)
             dx = rstd * (gt * A[:, None] - c1 - y_hat * c2)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
@@ -455,19 +486,21 @@ def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
 def _gn_fwd_single_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, C, VS, HW, CPG, G, eps,
                           HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                          CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_HW: tl.constexpr):
     """Whole group in one [BLOCK_C >= CPG, BLOCK_HW >= HW] tile: one read of x, exact two-pass
     statistics in registers, one write of y."""
     ng = tl.program_id(0)
     n = ng // G
     g = ng % G
-    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    CPG = _known_multiple(CPG, ALIGN)
+    x_base, sc, shw = _group_base(n, g, C, HW, CPG, CHANNELS_LAST)
     v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     cl = tl.arange(0, BLOCK_C)
     h = tl.arange(0, BLOCK_HW)
     cmask = cl < CPG
     mask = cmask[:, None] & (h < HW)[None, :]
-    offs = x_base + cl[:, None] * HW + h[None, :]
+    offs = x_base + cl[:, None] * sc + h[None, :] * shw
     u = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
         a = tl.load(ADD + v_base + cl, mask=cmask, other=0.0).to(tl.float32)
@@ -491,12 +524,14 @@ def _gn_bwd_single_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD,
                           DX, DADD, DSCALE, DSHIFT, DWP, DBP, C, VS, HW, CPG, G,
                           HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                          CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_HW: tl.constexpr):
     """Whole group in one tile: one read of x and dy, all sums in registers, one write of dx."""
     ng = tl.program_id(0)
     n = ng // G
     g = ng % G
-    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    CPG = _known_multiple(CPG, ALIGN)
+    x_base, sc, shw = _group_base(n, g, C, HW, CPG, CHANNELS_LAST)
     nc_base = n * C + g * CPG
     v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     mean = tl.load(MEAN + ng)
@@ -510,7 +545,7 @@ def _gn_bwd_single_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD,
         a = tl.load(ADD + v_base + cl, mask=cmask, other=0.0).to(tl.float32)
     else:
         a = tl.zeros([BLOCK_C], tl.float32)
-    mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < HW, HW, a,
+    mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < HW, sc, shw, a,
                                        mean, rstd, A, Bc, HAS_ADD, SILU)
     sg = tl.where(cmask, tl.sum(gt, axis=1), 0.0)
     sgy = tl.where(cmask, tl.sum(gt * y_hat, axis=1), 0.0)
@@ -532,8 +567,13 @@ def _gn_bwd_single_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD,
 
 
 # ----------------------------------------------------------------------------------------- launchers
-def _tiles(block: int, cpg: int, hw: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_HW) for a tile budget of `block` elements."""
+def _tiles(block: int, cpg: int, hw: int, channels_last: bool = False) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) for a tile budget of `block` elements. The contiguous axis gets the budget
+    first: HW in NCHW; C in channels-last, where a group is CPG adjacent elements per pixel (a [1, 512]
+    tile there would read one element every C)."""
+    if channels_last:
+        bc = min(triton.next_power_of_2(cpg), block)
+        return bc, max(1, min(block // bc, triton.next_power_of_2(hw)))
     bhw = min(triton.next_power_of_2(hw), block)
     bc = max(1, min(block // bhw, triton.next_power_of_2(cpg)))
     return bc, bhw
@@ -541,8 +581,8 @@ def _tiles(block: int, cpg: int, hw: int) -> tuple[int, int]:
 
 # triton.heuristics: the tile shape follows from the autotuned BLOCK and the group's CPG, HW
 _TILE_HEURISTICS = {
-    "BLOCK_C": lambda a: _tiles(a["BLOCK"], a["CPG"], a["HW"])[0],
-    "BLOCK_HW": lambda a: _tiles(a["BLOCK"], a["CPG"], a["HW"])[1],
+    "BLOCK_C": lambda a: _tiles(a["BLOCK"], a["CPG"], a["HW"], a["CHANNELS_LAST"])[0],
+    "BLOCK_HW": lambda a: _tiles(a["BLOCK"], a["CPG"], a["HW"], a["CHANNELS_LAST"])[1],
 }
 
 
@@ -596,7 +636,8 @@ def _launch(kernel, name: str, grid, args: list, consts: dict, cpg: int, hw: int
         tuned = _TUNED.get(name)
         if tuned is None:
             configs = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in CONFIGS]
-            tuned = triton.autotune(configs, key=["CPG", "HW", "S"], do_bench=_AUTOTUNE_DO_BENCH)(
+            tuned = triton.autotune(configs, key=["CPG", "HW", "S", "CHANNELS_LAST"],
+                                    do_bench=_AUTOTUNE_DO_BENCH)(
                 triton.heuristics(_TILE_HEURISTICS)(kernel))
             _TUNED[name] = tuned
         tuned[grid](*args, **consts, enable_fp_fusion=_FP_FUSION)
@@ -605,7 +646,7 @@ def _launch(kernel, name: str, grid, args: list, consts: dict, cpg: int, hw: int
         block, warps = INTERPRET_BLOCK, _INTERPRET_WARPS
     else:
         warps = dict(CONFIGS).get(block, 4 if block <= 2048 else 8)
-    bc, bhw = _tiles(block, cpg, hw)
+    bc, bhw = _tiles(block, cpg, hw, consts["CHANNELS_LAST"])
     kernel[grid](*args, **consts, BLOCK_C=bc, BLOCK_HW=bhw, BLOCK=block, num_warps=warps,
                  enable_fp_fusion=_FP_FUSION)
 
@@ -636,6 +677,34 @@ def _c(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """True when t is dense with C innermost ([N, *spatial, C] in memory, e.g. 4-D channels_last) and
+    not also plain contiguous (C == 1 or H*W == 1: both layouts are the same memory; NCHW is used)."""
+    return t.dim() > 2 and not t.is_contiguous() and t.movedim(1, -1).is_contiguous()
+
+
+def _in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """t itself when it already has the layout (NCHW-contiguous or channels-last), else a copy in it."""
+    if not channels_last:
+        return t.contiguous()
+    return t if _is_channels_last(t) else t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def _align(cpg: int, channels_last: bool) -> int:
+    """The ALIGN constexpr: the largest power of two <= 8 dividing CPG in channels-last (runs of 8 bf16 =
+    16-byte vectors along C), 1 in NCHW (there HW, the contiguous axis, gets Triton's own divisibility
+    specialisation). At most 4 variants (CPG 1, 2, 4, 8+ : the U-Net's CPG are 4 and 8)."""
+    return min(cpg & -cpg, 8) if channels_last else 1
+
+
+def _empty_in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """An uninitialised tensor like t with the canonical strides of the layout (what the op's fake
+    implementation returns, also for size-1 dims whose strides t may have arbitrary)."""
+    if not channels_last:
+        return torch.empty(t.shape, device=t.device, dtype=t.dtype)
+    return torch.empty(t.movedim(1, -1).shape, device=t.device, dtype=t.dtype).movedim(-1, 1)
+
+
 def _vectors(add, scale, shift, c: int) -> tuple:
     """(add, scale, shift, VS): the [N, C] vectors read in place with row stride VS when they share one
     and have unit column stride (the U-Net's column slices of its stacked time projection), else
@@ -662,16 +731,18 @@ def group_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
     n, c, hw, cpg = _check(x, weight, bias, add, scale, shift, groups)
     if block is not None and (block < 1 or block & (block - 1)):
         raise ValueError(f"block must be a power of two or None, got {block!r}")
-    x = x.contiguous()
+    cl = _is_channels_last(x)
+    x = _in_layout(x, cl)  # NCHW or channels-last: read in place (any other strides: one copy to NCHW)
     weight, bias = _c(weight), _c(bias)
     add, scale, shift, vs = _vectors(add, scale, shift, c)
-    y = torch.empty_like(x)
+    y = _empty_in_layout(x, cl)
     mean = torch.empty((n, groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     S, per = _plan(n, groups, cpg, hw, x.device, block, split)
     use_tune = block is None and not _interpret()
     flags = dict(HAS_ADD=add is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu))
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
+                 CHANNELS_LAST=cl, ALIGN=_align(cpg, cl))
     single = _single_tile(cpg, hw) if (S == 1 and block is None) else None
     if single is not None:
         bc, bhw, warps = single
@@ -683,7 +754,8 @@ def group_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
         pmean = torch.empty((n * groups, S), device=x.device, dtype=torch.float32)
         pm2 = torch.empty_like(pmean)
         _launch(_gn_stats_kernel, "stats", (n * groups, S),
-                [x, add, pmean, pm2, c, vs, hw, cpg, groups, per, S], dict(HAS_ADD=flags["HAS_ADD"]),
+                [x, add, pmean, pm2, c, vs, hw, cpg, groups, per, S],
+                dict(HAS_ADD=flags["HAS_ADD"], CHANNELS_LAST=cl, ALIGN=flags["ALIGN"]),
                 cpg, hw, block, use_tune)
     else:
         pmean = pm2 = mean
@@ -712,7 +784,9 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torc
         raise ValueError(f"mean and rstd must have shape [{n}, {groups}]")
     if block is not None and (block < 1 or block & (block - 1)):
         raise ValueError(f"block must be a power of two or None, got {block!r}")
-    x, dy = x.contiguous(), dy.contiguous()
+    cl = _is_channels_last(x)
+    x = _in_layout(x, cl)
+    dy = _in_layout(dy, cl)  # dy follows x's layout (a copy only when the two differ)
     mean = mean.contiguous().to(torch.float32)
     rstd = rstd.contiguous().to(torch.float32)
     weight, bias = _c(weight), _c(bias)
@@ -721,9 +795,10 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torc
     S, per = _plan(n, groups, cpg, hw, dev, block, split)
     use_tune = block is None and not _interpret()
     flags = dict(HAS_ADD=add is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu))
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
+                 CHANNELS_LAST=cl, ALIGN=_align(cpg, cl))
     f32 = torch.float32
-    dx = torch.empty_like(x)
+    dx = _empty_in_layout(x, cl)
     dadd = None
     if add is not None:
         dadd = torch.empty((n, c, S), device=dev, dtype=f32) if S > 1 else torch.empty((n, c), device=dev, dtype=add.dtype)
