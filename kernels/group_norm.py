@@ -889,7 +889,8 @@ def aot_specs() -> list[dict]:
     n, c, h, w, groups = _AOT_SHAPE
     cpg, hw = c // groups, h * w
     model = modelled_hbm_bytes(n, c, h, w, groups, 2)
-    flags = dict(HAS_ADD=True, HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True)
+    flags = dict(HAS_ADD=True, HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True,
+                 CHANNELS_LAST=False, ALIGN=1)
     ints = {"C": "i32", "VS": "i32", "HW": "i32", "CPG": "i32", "G": "i32", "HW_PER_SPLIT": "i32", "S": "i32"}
     specs = []
     for ci, (block, warps) in enumerate(CONFIGS):
@@ -900,7 +901,7 @@ def aot_specs() -> list[dict]:
             kernels = [
                 ("gn_stats", _gn_stats_kernel,
                  {"X": p, "ADD": p, "PMEAN": "*fp32", "PM2": "*fp32", **ints},
-                 dict(HAS_ADD=True)),
+                 dict(HAS_ADD=True, CHANNELS_LAST=False, ALIGN=1)),
                 ("gn_fwd", _gn_fwd_kernel,
                  {"X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p, "Y": p, "MEAN": "*fp32",
                   "RSTD": "*fp32", "PMEAN": "*fp32", "PM2": "*fp32", **ints, "eps": "fp32"},
@@ -946,6 +947,66 @@ def aot_specs() -> list[dict]:
                             "DSHIFT": p, "DWP": "*fp32", "DBP": "*fp32", "C": "i32", "VS": "i32", "HW": "i32",
                             "CPG": "i32", "G": "i32"},
                            dict(flags, BLOCK_C=bc, BLOCK_HW=bhw), warps, model))
+    return specs + _channels_last_specs(model)
+
+
+# The channels-last variants aot_specs adds: one config of the looped/split kernels (BLOCK=2048 with
+# 8 warps: 8 elements per thread, the most register pressure in CONFIGS) and the single-tile kernels
+# at the U-Net's group shapes, bf16; (label, C, CPG, HW, S).
+_AOT_CL_BLOCK = (2048, 8)
+_AOT_CL_LOOPED = (("32x128x64x64", 128, 4, 64 * 64, 1), ("1x128x256x256", 128, 4, 256 * 256, 16))
+_AOT_CL_SINGLE = ((128, 4, 32 * 32), (256, 8, 16 * 16), (256, 8, 8 * 8))
+
+
+def _channels_last_specs(model: dict) -> list[dict]:
+    """CHANNELS_LAST=True specs as a GPU launch builds them: `kernels.aot.runtime_spec` on the launchers'
+    argument lists (meta tensors: 16-byte aligned pointers; C, VS, HW divisible by 16 get Triton's
+    divisibility attribute, S = 1 becomes a constant), so the ALIGN vector accesses along C are what is
+    compiled. Looped/split kernels at `_AOT_CL_BLOCK` (S = 1 at 32x128x64x64, S = 16 at 1x128x256x256),
+    single-tile kernels at the DDPM CIFAR-10 group shapes; all options on, bf16."""
+    from kernels.aot import runtime_spec
+
+    def t(dt=torch.bfloat16):
+        return torch.empty(1, dtype=dt, device="meta")
+
+    x, v, f32 = t(), t(), torch.float32
+    flags = dict(HAS_ADD=True, HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True,
+                 CHANNELS_LAST=True)
+    specs = []
+
+    def add(name: str, config: str, fn, args: list, consts: dict, warps: int) -> None:
+        spec = runtime_spec(fn, args, consts)
+        spec.update(kernel=name, config=config, fn=fn, num_warps=warps, num_stages=1,
+                    options={"enable_fp_fusion": _FP_FUSION}, hbm_bytes_fused=model["fused"],
+                    hbm_bytes_unfused=model["unfused"])
+        specs.append(spec)
+
+    block, warps = _AOT_CL_BLOCK
+    for label, c, cpg, hw, S in _AOT_CL_LOOPED:
+        bc, bhw = _tiles(block, cpg, hw, True)
+        tiles = dict(ALIGN=_align(cpg, True), BLOCK_C=bc, BLOCK_HW=bhw, BLOCK=block)
+        ints = [c, c, hw, cpg, 32, min(hw, 4096), S]
+        cfg = f"BLOCK={block},warps={warps},bf16,channels_last,{label}"
+        fwd = [x, v, v, v, v, v, x, t(f32), t(f32), t(f32), t(f32), *ints, 1e-5]
+        bwd = [x, x, v, v, v, v, v, t(f32), t(f32), t(f32), t(f32)]
+        grads = [x, t(f32) if S > 1 else v, v, v, t(f32), t(f32)]
+        if S > 1:
+            add("gn_stats", cfg, _gn_stats_kernel, [x, v, t(f32), t(f32), *ints],
+                dict(HAS_ADD=True, CHANNELS_LAST=True, **tiles), warps)
+            add("gn_bwd_reduce", cfg, _gn_bwd_reduce_kernel, bwd + ints, dict(flags, **tiles), warps)
+        add("gn_fwd" if S == 1 else "gn_fwd_split", cfg, _gn_fwd_kernel, fwd,
+            dict(flags, FUSED_STATS=S == 1, **tiles), warps)
+        add("gn_bwd_dx" if S == 1 else "gn_bwd_dx_split", cfg, _gn_bwd_dx_kernel, bwd + grads + ints,
+            dict(flags, FUSED=S == 1, **tiles), warps)
+    for c, cpg, hw in _AOT_CL_SINGLE:
+        bc, bhw, warps = _single_tile(cpg, hw)
+        consts = dict(flags, ALIGN=_align(cpg, True), BLOCK_C=bc, BLOCK_HW=bhw)
+        cfg = f"TILE={bc}x{bhw},warps={warps},bf16,channels_last"
+        ints = [c, c, hw, cpg, 32]
+        add("gn_fwd_single", cfg, _gn_fwd_single_kernel,
+            [x, v, v, v, v, v, x, t(f32), t(f32), *ints, 1e-5], consts, warps)
+        add("gn_bwd_single", cfg, _gn_bwd_single_kernel,
+            [x, x, v, v, v, v, v, t(f32), t(f32), x, v, v, v, t(f32), t(f32), *ints], consts, warps)
     return specs
 
 

@@ -358,11 +358,25 @@ def test_hbm_model_and_specs():
     kernels = {s["kernel"] for s in specs}
     looped = {"gn_stats", "gn_fwd", "gn_fwd_split", "gn_bwd_reduce", "gn_bwd_dx", "gn_bwd_dx_split"}
     assert kernels == looped | {"gn_fwd_single", "gn_bwd_single"}
-    assert len([s for s in specs if s["kernel"] in looped]) == len(looped) * len(CONFIGS) + 2
-    for s in specs:
+    nchw = [s for s in specs if "channels_last" not in s["config"]]
+    assert len([s for s in nchw if s["kernel"] in looped]) == len(looped) * len(CONFIGS) + 2
+    for s in nchw:
         assert set(s["constexprs"]) <= set(s["signature"])
         assert all(s["signature"][k] == "constexpr" for k in s["constexprs"])
+        assert s["constexprs"]["CHANNELS_LAST"] is False and s["constexprs"]["ALIGN"] == 1
         assert s["hbm_bytes_fused"] == m["fused"] and s["hbm_bytes_unfused"] == m["unfused"]
+    # channels-last variants: every kernel once per looped/split config and per single-tile shape, built
+    # from launch arguments (constexprs keyed by argument index, divisibility attributes as at launch)
+    cl = [s for s in specs if "channels_last" in s["config"]]
+    assert sorted(s["kernel"] for s in cl if s["kernel"] in looped) == sorted(looped)
+    assert len([s for s in cl if s["kernel"].endswith("_single")]) == 6
+    for s in cl:
+        names = list(s["signature"])
+        consts = {names[i]: v for (i,), v in s["constexprs"].items()}
+        assert all(s["signature"][k] == "constexpr" for k in consts)
+        assert consts["CHANNELS_LAST"] is True and consts["ALIGN"] == consts["BLOCK_C"] in (4, 8)
+        assert s["attrs"][(names.index("X"),)] == [["tt.divisibility", 16]]
+        assert s["attrs"][(names.index("CPG"),)] == []  # CPG 4 / 8: why the ALIGN constexpr exists
 
 
 # ------------------------------------------------------------------------------------ GPU only
