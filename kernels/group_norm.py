@@ -1,7 +1,7 @@
 """Triton forward and backward of ``group_norm_silu``: GroupNorm (+ additive input) + affine + FiLM + SiLU.
 
 Math (x: [N, C, *spatial], flattened to [N, C, HW]; G groups of CPG = C / G channels; per (n, g) the
-group is the contiguous block x[n, g*CPG:(g+1)*CPG, :], M = CPG * HW elements):
+group is x[n, g*CPG:(g+1)*CPG, :], M = CPG * HW elements; memory layout NCHW or channels-last, below):
 
     u      = x + add[n, c]                               (add omitted: u = x)
     mean   = mean(u over the group),  var = mean((u - mean)^2),  rstd = 1 / sqrt(var + eps)
@@ -39,6 +39,40 @@ dweight/dbias: per-(n, c) fp32 partials written by the program that owns (n, gro
 the batch in torch (deterministic, no atomics). No kernel uses atomics: every output element has
 exactly one writer, so results are bitwise reproducible for a fixed config and split.
 
+Memory layout (NCHW and channels-last)
+--------------------------------------
+Every kernel reads x / dy and writes y / dx at element offset n*C*HW + c*stride_c + hw*stride_hw:
+NCHW (contiguous) stride_c = HW, stride_hw = 1; channels-last (NHWC, e.g. torch.channels_last: any x
+whose movedim(1, -1) is contiguous) stride_c = 1, stride_hw = C. The launchers pass both layouts in
+place (no copy; outputs come back in x's layout, dy is brought to x's layout only when it differs);
+other strides are copied to NCHW once. The math, the fp32 Chan-merge statistics, the tile loops and
+the one-writer-per-element rule are the same for both; only the addressing and the tile shape change.
+
+Choice: a ``CHANNELS_LAST: tl.constexpr`` per kernel, not runtime strides. With the unit stride a
+literal, Triton's axis analysis knows which tile axis is contiguous and its coalescing pass makes that
+axis the fastest-varying one of the thread layout and vectorises along it (HW in NCHW, C in NHWC).
+Runtime stride arguments would get there too in triton 3.9 (an int argument equal to 1 is specialised
+into a constant), but only through that launch-time rule (a version or a launch path without it goes
+scalar, silently), the host needs the layout anyway to pick the tile shape, and the strides follow
+from C and HW: the flag carries all the information. NCHW compiles to the program it was before the
+flag (the literal-1 multiplies fold away; the sm_90 PTX of the NCHW aot_specs at BLOCK=1024 and of the
+single-tile kernels was compared instruction for instruction: identical, debug info aside).
+
+Coalescing in NHWC: a group is CPG adjacent elements per pixel (4 or 8 in the DDPM U-Net: 8 or 16
+bytes in bf16), pixels C elements apart. So the looped tiles give the channel axis the budget first
+(BLOCK_C = min(next_pow2(CPG), BLOCK), BLOCK_HW = BLOCK / BLOCK_C; NCHW gives HW the budget) and each
+thread reads one group's run of channels of a pixel. CPG is a runtime int and, not being a multiple of
+16, Triton would take it as divisible by 1 (scalar 2-byte accesses: the group base g*CPG and the channel
+mask are not known aligned); the ``ALIGN`` constexpr (largest power of two <= 8 dividing CPG, 1 in
+NCHW) restates CPG as (CPG // ALIGN) * ALIGN so both come in runs of ALIGN: with CPG = 4 in bf16 every
+x/dy load and y/dx store is one 8-byte vector per pixel (ld.global.v2.b32 in sm_90 PTX; NCHW:
+16-byte v4). A warp then covers 32 pixels x 8 bytes of one group: sectors are shared with the programs
+of the neighbouring groups of the same pixels (adjacent program ids, running at the same time), so
+DRAM traffic stays one pass per tensor pass through L2, but the L1/L2 transaction count is higher than
+in NCHW. Whether that beats the NCHW copies around cuDNN's NHWC convolutions is what
+benchmarks/gpu_check.py (part "layout") measures; the modelled HBM bytes below are the same for both
+layouts (same passes over the same tensors).
+
 Kernels and launch plan
 -----------------------
 A group is walked as a [CPG, HW] matrix in tiles [BLOCK_C, BLOCK_HW] (BLOCK_HW = min(next_pow2(HW),
@@ -66,7 +100,7 @@ tiles), with loops over channel tiles and HW tiles: no single-block assumption.
   a huge group made of many channels with a tiny HW (e.g. groups=1, C=4096, 4x4) stays one program.
 
 Configs: ``CONFIGS`` (BLOCK, num_warps) is the explicit list used by ``aot_specs`` and by
-``triton.autotune`` of the looped/split kernels on a GPU (key: CPG, HW, S and dtypes; BLOCK_C/BLOCK_HW
+``triton.autotune`` of the looped/split kernels on a GPU (key: CPG, HW, S, CHANNELS_LAST and dtypes; BLOCK_C/BLOCK_HW
 follow from BLOCK by ``triton.heuristics``). Autotuning picks the fastest config once per key and
 process; results are bitwise reproducible for a given config. Under TRITON_INTERPRET=1 one fixed small
 config is used (``INTERPRET_BLOCK``), and every launcher takes ``block=`` to force a BLOCK and the
