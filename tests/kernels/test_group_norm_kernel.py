@@ -274,6 +274,25 @@ def test_channels_last_bf16_vs_torch_same_dtype(path):
         assert _err(got, want) <= 2 * _err(torch_lp, want) + floor * _scale(want), name
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 5), (1, 2, 2, 3, 2)])
+def test_channels_innermost_other_ranks_fp32(shape):
+    """[N, C, L] and [N, C, D, H, W] stored with C innermost (movedim(1, -1) contiguous, e.g.
+    channels_last_3d): read in place by the channels-last kernels, outputs in the same strides."""
+    g = torch.Generator().manual_seed(29)
+    ins, _ = _inputs(*shape[:2], 1, 1, seed=31)
+    last = (shape[0], *shape[2:], shape[1])
+    x = torch.randn(last, generator=g, dtype=torch.float64).movedim(-1, 1)
+    dy = torch.randn(last, generator=g, dtype=torch.float64).movedim(-1, 1)
+    assert not x.is_contiguous() and x.stride(1) == 1
+    flat = (shape[0], shape[1], -1, 1)
+    y_ref, g_ref = _ref_run([x.reshape(flat), *ins[1:]], dy.reshape(flat), 2, True)
+    y, _, _, grads = _kernel_run([x, *ins[1:]], dy, 2, True, torch.float32)
+    assert y.stride() == grads[0].stride() == x.stride()
+    assert _err(y.reshape(flat), y_ref) <= 1e-5 * _scale(y_ref)
+    for name, got, want in zip(NAMES, grads, g_ref):
+        assert _err(got.reshape(want.shape), want) <= 1e-5 * _scale(want), name
+
+
 def test_channels_last_x_with_nchw_dy():
     """dy in the other layout than x: dy is brought to x's layout, dx has x's layout; same values as
     with matching layouts."""
