@@ -378,8 +378,7 @@ def _gn_bwd_reduce_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
                           HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
                           CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_HW: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          BLOCK_HW: tl.constexpr, BLOCK: tl.constexpr):
     """Split path, backward pass 1: Sg, Sgy of slice s per channel -> PSG/PSGY[(n*C + c)*S + s] (fp32)."""
     ng = tl.program_id(0)
     s = tl.program_id(1)

@@ -12,6 +12,10 @@ Two custom ops (namespace ``fastddpm``), each with a plain-PyTorch reference, a 
 * ``fastddpm::group_norm_silu_backward(dy, x, weight, bias, add, scale, shift, mean, rstd, groups, silu)
   -> (dx, dweight, dbias, dadd, dscale, dshift)``
 
+Layout: outputs (y, dx) are channels-last when x is a 4-D channels-last tensor, else contiguous, on
+every path (`_out_format`); the Triton kernels read and write NCHW and channels-last in place, so
+neither path copies a channels-last x, dy, y or dx.
+
 The autograd formula saves only the inputs and the per-(n, group) ``mean`` / ``rstd`` (float32
 [N, groups]; float64 for float64 inputs) and recomputes the normalized and activated values in the
 backward op: no normalized or activated tensor is kept for backward.
