@@ -17,6 +17,9 @@ whose time has run out stops cleanly, records what it skipped, and says so):
   step        the fused sampler step against the unfused reference, GB/s (256x3x32x32)
   unet        the DDPM CIFAR-10 U-Net forward and training step (bf16): fd.UNet against diffusers'
               UNet2DModel (same weights), eager and under torch.compile
+  layout      fd.UNet (bf16, eager) forward and forward+backward with NCHW activations (the CUDA
+              default) against channels-last ones (NHWC: cuDNN's bf16 convolutions, the GroupNorm
+              kernels' channels-last path): times, ratios and the verdict the default waits for
   sampling    FastSampler end to end (DDIM-50, DDPM-1000; batch 256; bf16 and fp32; capture step,
               loop and none) in images/s against diffusers' DDIMPipeline / DDPMPipeline, same weights
 
@@ -72,8 +75,9 @@ PEAKS: List[Tuple[str, float, float]] = [
     ("A100", 2.0e12, 312e12),
 ]
 # Seconds per part, 480 in all (8 minutes on one H100 / H200, compilation and autotuning included).
-PART_BUDGETS: Dict[str, float] = {"tests": 120, "device": 10, "group_norm": 35, "attention": 35, "step": 15,
-                                  "unet": 110, "sampling": 155}
+# "layout" took its 30 s from "tests" (10) and "sampling" (20); unused time of a part carries over.
+PART_BUDGETS: Dict[str, float] = {"tests": 110, "device": 10, "group_norm": 35, "attention": 35, "step": 15,
+                                  "unet": 110, "layout": 30, "sampling": 135}
 PARTS = tuple(PART_BUDGETS)
 CIFAR_GN_SHAPES = [(128, 128, 32, 32), (128, 256, 16, 16), (128, 256, 8, 8), (128, 256, 4, 4), (128, 512, 16, 16)]
 ATTN_SHAPES = [(128, 1, 256, 256), (64, 4, 256, 64), (32, 4, 1024, 64), (16, 1, 256, 512)]
@@ -442,6 +446,62 @@ def _copy_to(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return copy.deepcopy(model).to(dtype)
 
 
+# ------------------------------------------------------------------------------ part: layout
+LAYOUTS = {"nchw": ("contiguous", torch.contiguous_format), "channels_last": ("channels_last", torch.channels_last)}
+# channels-last must beat NCHW by more than this (time ratio) in forward and forward+backward to be the verdict
+LAYOUT_MARGIN = 0.97
+
+
+def part_layout(ctx: Context) -> Dict[str, Any]:
+    """fd.UNet in bf16, activations (and convolution weights) NCHW vs channels-last, eager: forward
+    (no grad) and forward+backward (training mode, the parameters' gradients) times, the two outputs
+    compared, and the verdict for `preferred_memory_format` on CUDA."""
+    from fastddpm.ops import use_memory_format
+
+    batch = 2 if ctx.dry else 128
+    _, ours32 = _model_pair(ctx)
+    size = ours32.image_size
+    x = torch.randn(batch, 3, size, size, device=ctx.device, dtype=torch.bfloat16)
+    t = torch.randint(0, 1000, (batch,), device=ctx.device)
+    result: Dict[str, Any] = {"batch": batch, "dtype": "bfloat16", "config": "DDPM CIFAR-10" if not ctx.dry
+                              else "tiny (dry run)", "margin": LAYOUT_MARGIN}
+    outs = {}
+    for key, (name, fmt) in LAYOUTS.items():
+        if not ctx.has_time(f"layout {key}", 5.0):
+            break
+        model = _copy_to(ours32, torch.bfloat16).to(memory_format=fmt)
+        with use_memory_format(name):
+            with torch.no_grad():
+                outs[key] = _call(model.eval(), x, t).float()
+                t_f = ctx.time_kernel(lambda: _call(model, x, t), reps=10, warmup=3, flush=False)
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+
+            def fwd_bwd(model=model, params=params):
+                return torch.autograd.grad(_call(model, x, t).float().square().mean(), params)
+
+            t_fb = ctx.time_kernel(fwd_bwd, reps=10, warmup=3, flush=False)
+        result[key] = {"fwd_s": t_f, "fwd_bwd_s": t_fb}
+        del model
+    if len(outs) == 2:
+        result["rel_err_channels_last_vs_nchw"] = rel_err(outs["channels_last"], outs["nchw"])
+    ratios = {}
+    for what in ("fwd", "fwd_bwd"):
+        a, b = (result.get(k, {}).get(f"{what}_s") for k in ("channels_last", "nchw"))
+        ratios[what] = result[f"{what}_time_ratio_channels_last_vs_nchw"] = _ratio(a, b)
+    result["verdict"] = layout_verdict(ratios["fwd"], ratios["fwd_bwd"])
+    return result
+
+
+def layout_verdict(fwd_ratio: Optional[float], fwd_bwd_ratio: Optional[float]) -> str:
+    """What the measurement decides for the CUDA default of `fastddpm.ops.preferred_memory_format`."""
+    if fwd_ratio is None or fwd_bwd_ratio is None:
+        return "not measured"
+    if fwd_ratio < LAYOUT_MARGIN and fwd_bwd_ratio < LAYOUT_MARGIN:
+        return "channels_last"
+    return "nchw"
+
+
 # ------------------------------------------------------------------------------ part: sampling
 class ReplayGraphAPI:
     """Dry run only: FastSampler's capture calls on the CPU ('replay' re-runs the captured body)."""
@@ -527,7 +587,7 @@ def part_sampling(ctx: Context) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------ driver
 PART_FUNCS: Dict[str, Callable[[Context], Dict[str, Any]]] = {
     "tests": part_tests, "device": part_device, "group_norm": part_group_norm, "attention": part_attention,
-    "step": part_step, "unet": part_unet, "sampling": part_sampling,
+    "step": part_step, "unet": part_unet, "layout": part_layout, "sampling": part_sampling,
 }
 
 
@@ -556,11 +616,11 @@ def versions(device: torch.device) -> Dict[str, Any]:
 def _fused_backend(part: str, dry: bool) -> contextlib.AbstractContextManager:
     """Force the Triton kernels for fastddpm's ops (what "auto" picks for CUDA tensors), so a missing triton
     fails loudly instead of timing the reference. In the dry run the op-level parts run them in the
-    interpreter; the whole-model parts (unet, sampling) use the reference there, which is what an
+    interpreter; the whole-model parts (unet, layout, sampling) use the reference there, which is what an
     interpreted U-Net would compute, minutes faster."""
     from fastddpm.ops import triton_available, use_backend
 
-    if dry and part in ("unet", "sampling"):
+    if dry and part in ("unet", "layout", "sampling"):
         return use_backend("reference")
     return use_backend("triton") if triton_available() else contextlib.nullcontext()
 

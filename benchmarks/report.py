@@ -312,6 +312,15 @@ def render_gpu_check(name: str, data: Dict[str, Any]) -> List[str]:
         out += [f"U-Net ({u.get('config')}, batch {u.get('batch')}, bf16; training step = forward, MSE, backward, "
                 "AdamW under autocast), milliseconds:", ""]
         out += table(("measurement", "implementation", "ms"), rows) + [""]
+    lay = res.get("layout") or {}
+    rows = [(key, _num((lay.get(key) or {}).get("fwd_s"), 1e3), _num((lay.get(key) or {}).get("fwd_bwd_s"), 1e3))
+            for key in ("nchw", "channels_last") if key in lay]
+    if rows:
+        out += [f"Activation layout (fd.UNet, {lay.get('config')}, batch {lay.get('batch')}, bf16, eager), milliseconds; "
+                f"channels-last / NCHW: forward {_num(lay.get('fwd_time_ratio_channels_last_vs_nchw'))}, "
+                f"forward+backward {_num(lay.get('fwd_bwd_time_ratio_channels_last_vs_nchw'))}; verdict for the "
+                f"CUDA default: {lay.get('verdict')}:", ""]
+        out += table(("activations", "forward ms", "forward+backward ms"), rows) + [""]
     rows = []
     for r in (res.get("sampling") or {}).get("rows", []):
         rows.append((f"{r['sampler']}-{r['steps']}", r["dtype"], r["batch"], _num(r["diffusers_pipeline"].get("images_per_s")),

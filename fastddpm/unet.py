@@ -34,7 +34,8 @@ Cost choices (figures: benchmarks/figures.py, benchmarks/bench_unet.py):
   [B, C, H, W], q/k/v being strided views of the qkv output: no layout transposes or copies around them;
 * activations take the layout `fastddpm.ops.preferred_memory_format` names for the device: channels-last on
   the CPU, where oneDNN's convolutions work in NHWC natively (an NCHW input is reordered on every call) and
-  the reference ops keep the layout; NCHW where the Triton kernels run. The output is contiguous.
+  the reference ops keep the layout; NCHW where the Triton kernels run (until benchmarks/gpu_check.py has
+  timed both layouts on a GPU; `fastddpm.ops.use_memory_format` forces one). The output is contiguous.
 
 Defaults follow the DDPM paper's CIFAR-10 model as released (TF "SAME" padding of the strided
 convolution = `downsample_padding=0`, GroupNorm eps 1e-6, `flip_sin_to_cos=False`, `freq_shift=1`).

@@ -1,7 +1,7 @@
 """Triton forward and backward of ``group_norm_silu``: GroupNorm (+ additive input) + affine + FiLM + SiLU.
 
 Math (x: [N, C, *spatial], flattened to [N, C, HW]; G groups of CPG = C / G channels; per (n, g) the
-group is the contiguous block x[n, g*CPG:(g+1)*CPG, :], M = CPG * HW elements):
+group is x[n, g*CPG:(g+1)*CPG, :], M = CPG * HW elements; memory layout NCHW or channels-last, below):
 
     u      = x + add[n, c]                               (add omitted: u = x)
     mean   = mean(u over the group),  var = mean((u - mean)^2),  rstd = 1 / sqrt(var + eps)
@@ -39,6 +39,40 @@ dweight/dbias: per-(n, c) fp32 partials written by the program that owns (n, gro
 the batch in torch (deterministic, no atomics). No kernel uses atomics: every output element has
 exactly one writer, so results are bitwise reproducible for a fixed config and split.
 
+Memory layout (NCHW and channels-last)
+--------------------------------------
+Every kernel reads x / dy and writes y / dx at element offset n*C*HW + c*stride_c + hw*stride_hw:
+NCHW (contiguous) stride_c = HW, stride_hw = 1; channels-last (NHWC, e.g. torch.channels_last: any x
+whose movedim(1, -1) is contiguous) stride_c = 1, stride_hw = C. The launchers pass both layouts in
+place (no copy; outputs come back in x's layout, dy is brought to x's layout only when it differs);
+other strides are copied to NCHW once. The math, the fp32 Chan-merge statistics, the tile loops and
+the one-writer-per-element rule are the same for both; only the addressing and the tile shape change.
+
+Choice: a ``CHANNELS_LAST: tl.constexpr`` per kernel, not runtime strides. With the unit stride a
+literal, Triton's axis analysis knows which tile axis is contiguous and its coalescing pass makes that
+axis the fastest-varying one of the thread layout and vectorises along it (HW in NCHW, C in NHWC).
+Runtime stride arguments would get there too in triton 3.9 (an int argument equal to 1 is specialised
+into a constant), but only through that launch-time rule (a version or a launch path without it goes
+scalar, silently), the host needs the layout anyway to pick the tile shape, and the strides follow
+from C and HW: the flag carries all the information. NCHW compiles to the program it was before the
+flag (the literal-1 multiplies fold away; the sm_90 PTX of the NCHW aot_specs at BLOCK=1024 and of the
+single-tile kernels was compared instruction for instruction: identical, debug info aside).
+
+Coalescing in NHWC: a group is CPG adjacent elements per pixel (4 or 8 in the DDPM U-Net: 8 or 16
+bytes in bf16), pixels C elements apart. So the looped tiles give the channel axis the budget first
+(BLOCK_C = min(next_pow2(CPG), BLOCK), BLOCK_HW = BLOCK / BLOCK_C; NCHW gives HW the budget) and each
+thread reads one group's run of channels of a pixel. CPG is a runtime int and, not being a multiple of
+16, Triton would take it as divisible by 1 (scalar 2-byte accesses: the group base g*CPG and the channel
+mask are not known aligned); the ``ALIGN`` constexpr (largest power of two <= 8 dividing CPG, 1 in
+NCHW) restates CPG as (CPG // ALIGN) * ALIGN so both come in runs of ALIGN: with CPG = 4 in bf16 every
+x/dy load and y/dx store is one 8-byte vector per pixel (ld.global.v2.b32 in sm_90 PTX; NCHW:
+16-byte v4). A warp then covers 32 pixels x 8 bytes of one group: sectors are shared with the programs
+of the neighbouring groups of the same pixels (adjacent program ids, running at the same time), so
+DRAM traffic stays one pass per tensor pass through L2, but the L1/L2 transaction count is higher than
+in NCHW. Whether that beats the NCHW copies around cuDNN's NHWC convolutions is what
+benchmarks/gpu_check.py (part "layout") measures; the modelled HBM bytes below are the same for both
+layouts (same passes over the same tensors).
+
 Kernels and launch plan
 -----------------------
 A group is walked as a [CPG, HW] matrix in tiles [BLOCK_C, BLOCK_HW] (BLOCK_HW = min(next_pow2(HW),
@@ -66,7 +100,7 @@ tiles), with loops over channel tiles and HW tiles: no single-block assumption.
   a huge group made of many channels with a tiny HW (e.g. groups=1, C=4096, 4x4) stays one program.
 
 Configs: ``CONFIGS`` (BLOCK, num_warps) is the explicit list used by ``aot_specs`` and by
-``triton.autotune`` of the looped/split kernels on a GPU (key: CPG, HW, S and dtypes; BLOCK_C/BLOCK_HW
+``triton.autotune`` of the looped/split kernels on a GPU (key: CPG, HW, S, CHANNELS_LAST and dtypes; BLOCK_C/BLOCK_HW
 follow from BLOCK by ``triton.heuristics``). Autotuning picks the fastest config once per key and
 process; results are bitwise reproducible for a given config. Under TRITON_INTERPRET=1 one fixed small
 config is used (``INTERPRET_BLOCK``), and every launcher takes ``block=`` to force a BLOCK and the
@@ -159,7 +193,29 @@ def _merge(cnt, mean, m2, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def _slice_stats(X, ADD, x_base, add_base, CPG, HW, hw_lo, hw_hi,
+def _known_multiple(v, ALIGN: tl.constexpr):
+    """v itself (the launcher guarantees ALIGN | v), written so Triton's axis analysis knows ALIGN divides
+    it: with CPG a multiple of ALIGN, a channels-last group's base offset and its channel mask come in
+    runs of ALIGN, so loads and stores along C vectorise (an int argument not divisible by 16 is
+    otherwise taken as divisible by 1: scalar 2-byte accesses)."""
+    return (v // ALIGN) * ALIGN
+
+
+@triton.jit
+def _group_base(n, g, C, HW, CPG, CHANNELS_LAST: tl.constexpr):
+    """(offset of element (n, c=g*CPG, hw=0), channel stride, spatial stride) of group (n, g).
+
+    NCHW: stride_c = HW, stride_hw = 1; channels-last (NHWC): stride_c = 1, stride_hw = C. The unit
+    stride is a literal, so Triton's axis analysis sees which tile axis is contiguous and vectorises
+    and coalesces along it (HW in NCHW, C in NHWC)."""
+    if CHANNELS_LAST:
+        return n.to(tl.int64) * C * HW + g * CPG, 1, C
+    else:
+        return n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW, HW, 1
+
+
+@triton.jit
+def _slice_stats(X, ADD, x_base, add_base, CPG, sc, shw, hw_lo, hw_hi,
                  HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """(count, mean, M2) in fp32 of u = x + add over channels [0, CPG) x hw [hw_lo, hw_hi) of a group."""
     cnt = tl.zeros([], dtype=tl.float32)
@@ -177,7 +233,7 @@ def _slice_stats(X, ADD, x_base, add_base, CPG, HW, hw_lo, hw_hi,
         for h0 in range(hw_lo, hw_hi, BLOCK_HW):
             h = h0 + offs_h
             mask = cmask[:, None] & (h < hw_hi)[None, :]
-            u = tl.load(X + x_base + c[:, None] * HW + h[None, :], mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(X + x_base + c[:, None] * sc + h[None, :] * shw, mask=mask, other=0.0).to(tl.float32)
             if HAS_ADD:
                 u = tl.where(mask, u + a[:, None], 0.0)
             n_t = (nc * tl.minimum(hw_hi - h0, BLOCK_HW)).to(tl.float32)
@@ -214,12 +270,12 @@ def _channel_coefs(W, B, SCALE, SHIFT, c, cmask, nc_base,
 
 
 @triton.jit
-def _grad_tile(DY, X, x_base, c, cmask, h, hmask, HW, a, mean, rstd, A, Bc,
+def _grad_tile(DY, X, x_base, c, cmask, h, hmask, sc, shw, a, mean, rstd, A, Bc,
                HAS_ADD: tl.constexpr, SILU: tl.constexpr):
     """Recompute y_hat = (x + a - mean) rstd and g = dy * silu'(z) on one [BLOCK_C, BLOCK_HW] tile
     (both 0 outside the mask; `a` is the per-channel add vector, ignored unless HAS_ADD)."""
     mask = cmask[:, None] & hmask[None, :]
-    offs = x_base + c[:, None] * HW + h[None, :]
+    offs = x_base + c[:, None] * sc + h[None, :] * shw
     u = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
         u = u + a[:, None]
@@ -235,17 +291,19 @@ def _grad_tile(DY, X, x_base, c, cmask, h, hmask, HW, a, mean, rstd, A, Bc,
 # ------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _gn_stats_kernel(X, ADD, PMEAN, PM2, C, VS, HW, CPG, G, HW_PER_SPLIT, S,
-                     HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK: tl.constexpr):
     """Split path, forward pass 1: (mean, M2) of slice s of group (n, g) -> PMEAN/PM2[(n*G+g)*S + s]."""
     ng = tl.program_id(0)
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    CPG = _known_multiple(CPG, ALIGN)
+    x_base, sc, shw = _group_base(n, g, C, HW, CPG, CHANNELS_LAST)
     add_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     hw_lo = s * HW_PER_SPLIT
     hw_hi = tl.minimum(hw_lo + HW_PER_SPLIT, HW)
-    cnt, mean, m2 = _slice_stats(X, ADD, x_base, add_base, CPG, HW, hw_lo, hw_hi,
+    cnt, mean, m2 = _slice_stats(X, ADD, x_base, add_base, CPG, sc, shw, hw_lo, hw_hi,
                                  HAS_ADD, BLOCK_C, BLOCK_HW)
     tl.store(PMEAN + ng * S + s, mean)
     tl.store(PM2 + ng * S + s, m2)
@@ -256,17 +314,19 @@ def _gn_fwd_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, PMEAN, PM2,
                    C, VS, HW, CPG, G, HW_PER_SPLIT, S, eps,
                    HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                   FUSED_STATS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                   FUSED_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
                    BLOCK: tl.constexpr):
     """Statistics (in-program, or merged from S slice partials) then y = act(u * alpha + beta) on slice s."""
     ng = tl.program_id(0)
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    CPG = _known_multiple(CPG, ALIGN)
+    x_base, sc, shw = _group_base(n, g, C, HW, CPG, CHANNELS_LAST)
     v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     if FUSED_STATS:
-        cnt, mean, m2 = _slice_stats(X, ADD, x_base, v_base, CPG, HW, 0, HW,
+        cnt, mean, m2 = _slice_stats(X, ADD, x_base, v_base, CPG, sc, shw, 0, HW,
                                      HAS_ADD, BLOCK_C, BLOCK_HW)
     else:
         cnt = tl.zeros([], dtype=tl.float32)
@@ -301,7 +361,7 @@ def _gn_fwd_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, PMEAN, PM2,
         for h0 in range(hw_lo, hw_hi, BLOCK_HW):
             h = h0 + offs_h
             mask = cmask[:, None] & (h < hw_hi)[None, :]
-            offs = x_base + (c0 + offs_c)[:, None] * HW + h[None, :]
+            offs = x_base + (c0 + offs_c)[:, None] * sc + h[None, :] * shw
             xv = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_ADD:
                 xv = xv + a[:, None]
@@ -317,13 +377,15 @@ def _gn_bwd_reduce_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
                           C, VS, HW, CPG, G, HW_PER_SPLIT, S,
                           HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK: tl.constexpr):
+                          CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_HW: tl.constexpr, BLOCK: tl.constexpr):
     """Split path, backward pass 1: Sg, Sgy of slice s per channel -> PSG/PSGY[(n*C + c)*S + s] (fp32)."""
     ng = tl.program_id(0)
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    CPG = _known_multiple(CPG, ALIGN)
+    x_base, sc, shw = _group_base(n, g, C, HW, CPG, CHANNELS_LAST)
     nc_base = n * C + g * CPG
     v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     mean = tl.load(MEAN + ng)
@@ -345,7 +407,7 @@ def _gn_bwd_reduce_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
         sgy = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
         for h0 in range(hw_lo, hw_hi, BLOCK_HW):
             h = h0 + offs_h
-            mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < hw_hi, HW, a,
+            mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < hw_hi, sc, shw, a,
                                                mean, rstd, A, Bc, HAS_ADD, SILU)
             sg += gt
             sgy += gt * y_hat
@@ -359,7 +421,8 @@ def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
                       C, VS, HW, CPG, G, HW_PER_SPLIT, S,
                       HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                      FUSED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                      FUSED: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
                       BLOCK: tl.constexpr):
     """Per-channel sums (in-program, or summed from S slice partials), per-channel outputs, then dx.
 
@@ -370,7 +433,8 @@ def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    CPG = _known_multiple(CPG, ALIGN)
+    x_base, sc, shw = _group_base(n, g, C, HW, CPG, CHANNELS_LAST)
     nc_base = n * C + g * CPG
     v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     mean = tl.load(MEAN + ng)
@@ -395,7 +459,7 @@ def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
             sgy2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
             for h0 in range(0, HW, BLOCK_HW):
                 h = h0 + offs_h
-                mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < HW, HW, a,
+                mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < HW, sc, shw, a,
                                                    mean, rstd, A, Bc, HAS_ADD, SILU)
                 sg2 += gt
                 sgy2 += gt * y_hat
@@ -439,7 +503,7 @@ def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
         da = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
         for h0 in range(hw_lo, hw_hi, BLOCK_HW):
             h = h0 + offs_h
-            mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < hw_hi, HW, a,
+            mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < hw_hi, sc, shw, a,
                                                mean, rstd, A, Bc, HAS_ADD, SILU)
             dx = rstd * (gt * A[:, None] - c1 - y_hat * c2)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
@@ -455,19 +519,21 @@ def _gn_bwd_dx_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD, PSG, PSGY,
 def _gn_fwd_single_kernel(X, ADD, W, B, SCALE, SHIFT, Y, MEAN, RSTD, C, VS, HW, CPG, G, eps,
                           HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                          CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_HW: tl.constexpr):
     """Whole group in one [BLOCK_C >= CPG, BLOCK_HW >= HW] tile: one read of x, exact two-pass
     statistics in registers, one write of y."""
     ng = tl.program_id(0)
     n = ng // G
     g = ng % G
-    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    CPG = _known_multiple(CPG, ALIGN)
+    x_base, sc, shw = _group_base(n, g, C, HW, CPG, CHANNELS_LAST)
     v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     cl = tl.arange(0, BLOCK_C)
     h = tl.arange(0, BLOCK_HW)
     cmask = cl < CPG
     mask = cmask[:, None] & (h < HW)[None, :]
-    offs = x_base + cl[:, None] * HW + h[None, :]
+    offs = x_base + cl[:, None] * sc + h[None, :] * shw
     u = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
         a = tl.load(ADD + v_base + cl, mask=cmask, other=0.0).to(tl.float32)
@@ -491,12 +557,14 @@ def _gn_bwd_single_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD,
                           DX, DADD, DSCALE, DSHIFT, DWP, DBP, C, VS, HW, CPG, G,
                           HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                          CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_HW: tl.constexpr):
     """Whole group in one tile: one read of x and dy, all sums in registers, one write of dx."""
     ng = tl.program_id(0)
     n = ng // G
     g = ng % G
-    x_base = n.to(tl.int64) * C * HW + g.to(tl.int64) * CPG * HW
+    CPG = _known_multiple(CPG, ALIGN)
+    x_base, sc, shw = _group_base(n, g, C, HW, CPG, CHANNELS_LAST)
     nc_base = n * C + g * CPG
     v_base = n * VS + g * CPG  # add/scale/shift rows: stride VS (views of a wider projection)
     mean = tl.load(MEAN + ng)
@@ -510,7 +578,7 @@ def _gn_bwd_single_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD,
         a = tl.load(ADD + v_base + cl, mask=cmask, other=0.0).to(tl.float32)
     else:
         a = tl.zeros([BLOCK_C], tl.float32)
-    mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < HW, HW, a,
+    mask, offs, y_hat, gt = _grad_tile(DY, X, x_base, cl, cmask, h, h < HW, sc, shw, a,
                                        mean, rstd, A, Bc, HAS_ADD, SILU)
     sg = tl.where(cmask, tl.sum(gt, axis=1), 0.0)
     sgy = tl.where(cmask, tl.sum(gt * y_hat, axis=1), 0.0)
@@ -532,8 +600,13 @@ def _gn_bwd_single_kernel(DY, X, ADD, W, B, SCALE, SHIFT, MEAN, RSTD,
 
 
 # ----------------------------------------------------------------------------------------- launchers
-def _tiles(block: int, cpg: int, hw: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_HW) for a tile budget of `block` elements."""
+def _tiles(block: int, cpg: int, hw: int, channels_last: bool = False) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) for a tile budget of `block` elements. The contiguous axis gets the budget
+    first: HW in NCHW; C in channels-last, where a group is CPG adjacent elements per pixel (a [1, 512]
+    tile there would read one element every C)."""
+    if channels_last:
+        bc = min(triton.next_power_of_2(cpg), block)
+        return bc, max(1, min(block // bc, triton.next_power_of_2(hw)))
     bhw = min(triton.next_power_of_2(hw), block)
     bc = max(1, min(block // bhw, triton.next_power_of_2(cpg)))
     return bc, bhw
@@ -541,8 +614,8 @@ def _tiles(block: int, cpg: int, hw: int) -> tuple[int, int]:
 
 # triton.heuristics: the tile shape follows from the autotuned BLOCK and the group's CPG, HW
 _TILE_HEURISTICS = {
-    "BLOCK_C": lambda a: _tiles(a["BLOCK"], a["CPG"], a["HW"])[0],
-    "BLOCK_HW": lambda a: _tiles(a["BLOCK"], a["CPG"], a["HW"])[1],
+    "BLOCK_C": lambda a: _tiles(a["BLOCK"], a["CPG"], a["HW"], a["CHANNELS_LAST"])[0],
+    "BLOCK_HW": lambda a: _tiles(a["BLOCK"], a["CPG"], a["HW"], a["CHANNELS_LAST"])[1],
 }
 
 
@@ -596,7 +669,8 @@ def _launch(kernel, name: str, grid, args: list, consts: dict, cpg: int, hw: int
         tuned = _TUNED.get(name)
         if tuned is None:
             configs = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in CONFIGS]
-            tuned = triton.autotune(configs, key=["CPG", "HW", "S"], do_bench=_AUTOTUNE_DO_BENCH)(
+            tuned = triton.autotune(configs, key=["CPG", "HW", "S", "CHANNELS_LAST"],
+                                    do_bench=_AUTOTUNE_DO_BENCH)(
                 triton.heuristics(_TILE_HEURISTICS)(kernel))
             _TUNED[name] = tuned
         tuned[grid](*args, **consts, enable_fp_fusion=_FP_FUSION)
@@ -605,7 +679,7 @@ def _launch(kernel, name: str, grid, args: list, consts: dict, cpg: int, hw: int
         block, warps = INTERPRET_BLOCK, _INTERPRET_WARPS
     else:
         warps = dict(CONFIGS).get(block, 4 if block <= 2048 else 8)
-    bc, bhw = _tiles(block, cpg, hw)
+    bc, bhw = _tiles(block, cpg, hw, consts["CHANNELS_LAST"])
     kernel[grid](*args, **consts, BLOCK_C=bc, BLOCK_HW=bhw, BLOCK=block, num_warps=warps,
                  enable_fp_fusion=_FP_FUSION)
 
@@ -636,6 +710,34 @@ def _c(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """True when t is dense with C innermost ([N, *spatial, C] in memory, e.g. 4-D channels_last) and
+    not also plain contiguous (C == 1 or H*W == 1: both layouts are the same memory; NCHW is used)."""
+    return t.dim() > 2 and not t.is_contiguous() and t.movedim(1, -1).is_contiguous()
+
+
+def _in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """t itself when it already has the layout (NCHW-contiguous or channels-last), else a copy in it."""
+    if not channels_last:
+        return t.contiguous()
+    return t if _is_channels_last(t) else t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def _align(cpg: int, channels_last: bool) -> int:
+    """The ALIGN constexpr: the largest power of two <= 8 dividing CPG in channels-last (runs of 8 bf16 =
+    16-byte vectors along C), 1 in NCHW (there HW, the contiguous axis, gets Triton's own divisibility
+    specialisation). At most 4 variants (CPG 1, 2, 4, 8+ : the U-Net's CPG are 4 and 8)."""
+    return min(cpg & -cpg, 8) if channels_last else 1
+
+
+def _empty_in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """An uninitialised tensor like t with the canonical strides of the layout (what the op's fake
+    implementation returns, also for size-1 dims whose strides t may have arbitrary)."""
+    if not channels_last:
+        return torch.empty(t.shape, device=t.device, dtype=t.dtype)
+    return torch.empty(t.movedim(1, -1).shape, device=t.device, dtype=t.dtype).movedim(-1, 1)
+
+
 def _vectors(add, scale, shift, c: int) -> tuple:
     """(add, scale, shift, VS): the [N, C] vectors read in place with row stride VS when they share one
     and have unit column stride (the U-Net's column slices of its stacked time projection), else
@@ -662,16 +764,18 @@ def group_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
     n, c, hw, cpg = _check(x, weight, bias, add, scale, shift, groups)
     if block is not None and (block < 1 or block & (block - 1)):
         raise ValueError(f"block must be a power of two or None, got {block!r}")
-    x = x.contiguous()
+    cl = _is_channels_last(x)
+    x = _in_layout(x, cl)  # NCHW or channels-last: read in place (any other strides: one copy to NCHW)
     weight, bias = _c(weight), _c(bias)
     add, scale, shift, vs = _vectors(add, scale, shift, c)
-    y = torch.empty_like(x)
+    y = _empty_in_layout(x, cl)
     mean = torch.empty((n, groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     S, per = _plan(n, groups, cpg, hw, x.device, block, split)
     use_tune = block is None and not _interpret()
     flags = dict(HAS_ADD=add is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu))
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
+                 CHANNELS_LAST=cl, ALIGN=_align(cpg, cl))
     single = _single_tile(cpg, hw) if (S == 1 and block is None) else None
     if single is not None:
         bc, bhw, warps = single
@@ -683,7 +787,8 @@ def group_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
         pmean = torch.empty((n * groups, S), device=x.device, dtype=torch.float32)
         pm2 = torch.empty_like(pmean)
         _launch(_gn_stats_kernel, "stats", (n * groups, S),
-                [x, add, pmean, pm2, c, vs, hw, cpg, groups, per, S], dict(HAS_ADD=flags["HAS_ADD"]),
+                [x, add, pmean, pm2, c, vs, hw, cpg, groups, per, S],
+                dict(HAS_ADD=flags["HAS_ADD"], CHANNELS_LAST=cl, ALIGN=flags["ALIGN"]),
                 cpg, hw, block, use_tune)
     else:
         pmean = pm2 = mean
@@ -712,7 +817,9 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torc
         raise ValueError(f"mean and rstd must have shape [{n}, {groups}]")
     if block is not None and (block < 1 or block & (block - 1)):
         raise ValueError(f"block must be a power of two or None, got {block!r}")
-    x, dy = x.contiguous(), dy.contiguous()
+    cl = _is_channels_last(x)
+    x = _in_layout(x, cl)
+    dy = _in_layout(dy, cl)  # dy follows x's layout (a copy only when the two differ)
     mean = mean.contiguous().to(torch.float32)
     rstd = rstd.contiguous().to(torch.float32)
     weight, bias = _c(weight), _c(bias)
@@ -721,9 +828,10 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torc
     S, per = _plan(n, groups, cpg, hw, dev, block, split)
     use_tune = block is None and not _interpret()
     flags = dict(HAS_ADD=add is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu))
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
+                 CHANNELS_LAST=cl, ALIGN=_align(cpg, cl))
     f32 = torch.float32
-    dx = torch.empty_like(x)
+    dx = _empty_in_layout(x, cl)
     dadd = None
     if add is not None:
         dadd = torch.empty((n, c, S), device=dev, dtype=f32) if S > 1 else torch.empty((n, c), device=dev, dtype=add.dtype)
@@ -814,7 +922,8 @@ def aot_specs() -> list[dict]:
     n, c, h, w, groups = _AOT_SHAPE
     cpg, hw = c // groups, h * w
     model = modelled_hbm_bytes(n, c, h, w, groups, 2)
-    flags = dict(HAS_ADD=True, HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True)
+    flags = dict(HAS_ADD=True, HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True,
+                 CHANNELS_LAST=False, ALIGN=1)
     ints = {"C": "i32", "VS": "i32", "HW": "i32", "CPG": "i32", "G": "i32", "HW_PER_SPLIT": "i32", "S": "i32"}
     specs = []
     for ci, (block, warps) in enumerate(CONFIGS):
@@ -825,7 +934,7 @@ def aot_specs() -> list[dict]:
             kernels = [
                 ("gn_stats", _gn_stats_kernel,
                  {"X": p, "ADD": p, "PMEAN": "*fp32", "PM2": "*fp32", **ints},
-                 dict(HAS_ADD=True)),
+                 dict(HAS_ADD=True, CHANNELS_LAST=False, ALIGN=1)),
                 ("gn_fwd", _gn_fwd_kernel,
                  {"X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p, "Y": p, "MEAN": "*fp32",
                   "RSTD": "*fp32", "PMEAN": "*fp32", "PM2": "*fp32", **ints, "eps": "fp32"},
@@ -871,6 +980,66 @@ def aot_specs() -> list[dict]:
                             "DSHIFT": p, "DWP": "*fp32", "DBP": "*fp32", "C": "i32", "VS": "i32", "HW": "i32",
                             "CPG": "i32", "G": "i32"},
                            dict(flags, BLOCK_C=bc, BLOCK_HW=bhw), warps, model))
+    return specs + _channels_last_specs(model)
+
+
+# The channels-last variants aot_specs adds: one config of the looped/split kernels (BLOCK=2048 with
+# 8 warps: 8 elements per thread, the most register pressure in CONFIGS) and the single-tile kernels
+# at the U-Net's group shapes, bf16; (label, C, CPG, HW, S).
+_AOT_CL_BLOCK = (2048, 8)
+_AOT_CL_LOOPED = (("32x128x64x64", 128, 4, 64 * 64, 1), ("1x128x256x256", 128, 4, 256 * 256, 16))
+_AOT_CL_SINGLE = ((128, 4, 32 * 32), (256, 8, 16 * 16), (256, 8, 8 * 8))
+
+
+def _channels_last_specs(model: dict) -> list[dict]:
+    """CHANNELS_LAST=True specs as a GPU launch builds them: `kernels.aot.runtime_spec` on the launchers'
+    argument lists (meta tensors: 16-byte aligned pointers; C, VS, HW divisible by 16 get Triton's
+    divisibility attribute, S = 1 becomes a constant), so the ALIGN vector accesses along C are what is
+    compiled. Looped/split kernels at `_AOT_CL_BLOCK` (S = 1 at 32x128x64x64, S = 16 at 1x128x256x256),
+    single-tile kernels at the DDPM CIFAR-10 group shapes; all options on, bf16."""
+    from kernels.aot import runtime_spec
+
+    def t(dt=torch.bfloat16):
+        return torch.empty(1, dtype=dt, device="meta")
+
+    x, v, f32 = t(), t(), torch.float32
+    flags = dict(HAS_ADD=True, HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True,
+                 CHANNELS_LAST=True)
+    specs = []
+
+    def add(name: str, config: str, fn, args: list, consts: dict, warps: int) -> None:
+        spec = runtime_spec(fn, args, consts)
+        spec.update(kernel=name, config=config, fn=fn, num_warps=warps, num_stages=1,
+                    options={"enable_fp_fusion": _FP_FUSION}, hbm_bytes_fused=model["fused"],
+                    hbm_bytes_unfused=model["unfused"])
+        specs.append(spec)
+
+    block, warps = _AOT_CL_BLOCK
+    for label, c, cpg, hw, S in _AOT_CL_LOOPED:
+        bc, bhw = _tiles(block, cpg, hw, True)
+        tiles = dict(ALIGN=_align(cpg, True), BLOCK_C=bc, BLOCK_HW=bhw, BLOCK=block)
+        ints = [c, c, hw, cpg, 32, min(hw, 4096), S]
+        cfg = f"BLOCK={block},warps={warps},bf16,channels_last,{label}"
+        fwd = [x, v, v, v, v, v, x, t(f32), t(f32), t(f32), t(f32), *ints, 1e-5]
+        bwd = [x, x, v, v, v, v, v, t(f32), t(f32), t(f32), t(f32)]
+        grads = [x, t(f32) if S > 1 else v, v, v, t(f32), t(f32)]
+        if S > 1:
+            add("gn_stats", cfg, _gn_stats_kernel, [x, v, t(f32), t(f32), *ints],
+                dict(HAS_ADD=True, CHANNELS_LAST=True, **tiles), warps)
+            add("gn_bwd_reduce", cfg, _gn_bwd_reduce_kernel, bwd + ints, dict(flags, **tiles), warps)
+        add("gn_fwd" if S == 1 else "gn_fwd_split", cfg, _gn_fwd_kernel, fwd,
+            dict(flags, FUSED_STATS=S == 1, **tiles), warps)
+        add("gn_bwd_dx" if S == 1 else "gn_bwd_dx_split", cfg, _gn_bwd_dx_kernel, bwd + grads + ints,
+            dict(flags, FUSED=S == 1, **tiles), warps)
+    for c, cpg, hw in _AOT_CL_SINGLE:
+        bc, bhw, warps = _single_tile(cpg, hw)
+        consts = dict(flags, ALIGN=_align(cpg, True), BLOCK_C=bc, BLOCK_HW=bhw)
+        cfg = f"TILE={bc}x{bhw},warps={warps},bf16,channels_last"
+        ints = [c, c, hw, cpg, 32]
+        add("gn_fwd_single", cfg, _gn_fwd_single_kernel,
+            [x, v, v, v, v, v, x, t(f32), t(f32), *ints, 1e-5], consts, warps)
+        add("gn_bwd_single", cfg, _gn_bwd_single_kernel,
+            [x, x, v, v, v, v, v, t(f32), t(f32), x, v, v, v, t(f32), t(f32), *ints], consts, warps)
     return specs
 
 

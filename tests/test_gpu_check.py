@@ -77,6 +77,9 @@ def test_dry_run_runs_every_part_with_no_timings(dry_run):
     assert parts["unet"]["forward_rel_err_fastddpm_vs_diffusers"] <= 1e-4
     assert set(parts["unet"]["forward"]) == set(parts["unet"]["train_step"]) == {
         "fastddpm_eager", "diffusers_eager", "fastddpm_compiled", "diffusers_compiled"}
+    layout = parts["layout"]
+    assert {"nchw", "channels_last"} <= set(layout) and layout["rel_err_channels_last_vs_nchw"] <= 2e-2
+    assert layout["verdict"] == "not measured"  # a dry run decides nothing
     rows = parts["sampling"]["rows"]
     assert [(r["sampler"], r["dtype"]) for r in rows] == [("ddim", "bfloat16"), ("ddim", "float32"),
                                                           ("ddpm", "bfloat16"), ("ddpm", "float32")]
@@ -99,7 +102,8 @@ def test_report_renders_a_gpu_file_and_says_when_there_is_none(dry_run, tmp_path
     text = report.render(tmp_path)
     assert "### GPU check on NVIDIA H200" in text and "not run on a GPU yet" not in text
     assert "HBM 4.80 TB/s" in text and "| 1.25 |" in text  # 1.25 ms, the one figure set above
-    for heading in ("GroupNorm+SiLU", "Attention", "Sampler step", "U-Net", "FastSampler end to end"):
+    for heading in ("GroupNorm+SiLU", "Attention", "Sampler step", "U-Net", "Activation layout",
+                    "FastSampler end to end"):
         assert heading in text
     assert report.render(tmp_path) == text  # a pure function of the files
 
@@ -118,6 +122,14 @@ def test_parts_option():
     with pytest.raises(Exception, match="subset of tests,device"):
         gpu_check.parse_parts("attention,nope")
     assert math.isclose(sum(gpu_check.PART_BUDGETS.values()), 480)  # 8 minutes in all
+
+
+def test_layout_verdict():
+    """channels-last becomes the verdict only when faster than NCHW by the margin in both measurements."""
+    v, m = gpu_check.layout_verdict, gpu_check.LAYOUT_MARGIN
+    assert v(None, 0.5) == v(0.5, None) == "not measured"
+    assert v(0.8, 0.9) == "channels_last"
+    assert v(0.8, m) == v(m + 0.01, 0.8) == v(1.2, 1.1) == "nchw"
 
 
 def test_spent_budget_skips_later_parts_cleanly(tmp_path, capsys):

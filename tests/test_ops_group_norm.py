@@ -15,12 +15,14 @@ Errors are measured as max |ours - oracle| / max(1, max |oracle|) per output ten
 """
 from __future__ import annotations
 
+import sys
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.library import opcheck
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastddpm.ops import group_norm_silu, use_backend
 
@@ -321,14 +323,18 @@ def test_triton_path_matches_float64(dtype, triton_on_cpu):
         assert rel_err(a, r) <= bound, f"{name}: {rel_err(a, r):.3g} > {bound:.3g}"
 
 
-def test_triton_path_opcheck_fake_matches_real(triton_on_cpu):
-    """Schema and fake/real agreement (shapes, dtypes, strides) of both ops on the Triton branch."""
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_triton_path_opcheck_fake_matches_real(layout, triton_on_cpu):
+    """Schema and fake/real agreement (shapes, dtypes, strides) of both ops on the Triton branch, for an
+    NCHW x and for a channels-last x (which the kernels read and write in place)."""
     pytest.importorskip("triton")
     try:
         import kernels.group_norm  # noqa: F401
     except ImportError as e:
         pytest.skip(f"kernels.group_norm not importable: {e}")
     inp = make_inputs(2, 2, 3, (3, 5), OPTIONS["scale_shift"], dtype=torch.bfloat16, param_dtype=torch.float32)
+    if layout == "channels_last":
+        inp["x"] = inp["x"].contiguous(memory_format=torch.channels_last)
     args = (inp["x"], inp["weight"], inp["bias"], None, inp["scale"], inp["shift"], 2, 1e-5, True)
     with use_backend("triton"):
         opcheck(torch.ops.fastddpm.group_norm_silu.default, args, test_utils=("test_schema", "test_faketensor"))
@@ -337,6 +343,97 @@ def test_triton_path_opcheck_fake_matches_real(triton_on_cpu):
         bargs = (torch.randn_like(inp["x"]), *args[:6], mean, rstd, 2, True)
         opcheck(torch.ops.fastddpm.group_norm_silu_backward.default, bargs,
                 test_utils=("test_schema", "test_faketensor"))
+        if layout == "channels_last":
+            y, _, _ = torch.ops.fastddpm.group_norm_silu(*args)
+            dx = torch.ops.fastddpm.group_norm_silu_backward(*bargs)[0]
+            assert y.stride() == dx.stride() == inp["x"].stride() == (90, 1, 30, 6)
+
+
+class _CopyRecorder(TorchDispatchMode):
+    """(op, numel) of every aten copy run inside the group_norm custom ops' bodies, outside Triton
+    kernel launches (the interpreter mirrors whole storages to emulate device memory: no GPU work)."""
+
+    _COPIES = {torch.ops.aten.copy_.default, torch.ops.aten.clone.default, torch.ops.aten._to_copy.default,
+               torch.ops.aten.contiguous.default}
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        from triton.runtime import interpreter
+
+        gn = sys.modules["fastddpm.ops.group_norm"]
+        self.impls = {torch.ops.fastddpm.group_norm_silu.default: gn._group_norm_silu_op._init_fn,
+                      torch.ops.fastddpm.group_norm_silu_backward.default: gn._group_norm_silu_backward_op._init_fn}
+        self.inside = self.launching = 0
+        self.records: list = []
+        launch = interpreter.GridExecutor.__call__
+
+        def marked(grid_self, *args, **kwargs):
+            self.launching += 1
+            try:
+                return launch(grid_self, *args, **kwargs)
+            finally:
+                self.launching -= 1
+
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", marked)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.impls:  # run the op's body under this mode so that its aten ops are seen
+            self.inside += 1
+            try:
+                with self:
+                    return self.impls[func](*args, **kwargs)
+            finally:
+                self.inside -= 1
+        out = func(*args, **kwargs)
+        if self.inside and not self.launching and func in self._COPIES:
+            self.records.append((str(func), out.numel() if isinstance(out, torch.Tensor) else 0))
+        return out
+
+
+@pytest.mark.parametrize("path", ["single_tile", "looped"])
+def test_triton_channels_last_makes_no_x_sized_copy(path, monkeypatch, triton_on_cpu):
+    """Forward and backward of a channels-last x (and dy) on the Triton branch copy nothing of x's size
+    (before: x to NCHW and y back, dy and x to NCHW and dx back); the outputs are channels-last and equal
+    the NCHW run's (float64 oracle bound of test_triton_path_matches_float64)."""
+    kernels = pytest.importorskip("kernels.group_norm")
+    if path == "looped":
+        monkeypatch.setattr(kernels, "SINGLE_MAX", 0)
+    base = make_inputs(2, 2, 3, (4, 5), OPTIONS["all"], seed=6)
+    dy = torch.randn(base["x"].shape, generator=torch.Generator().manual_seed(7))
+    cl = torch.channels_last
+    inp = cast(dict(base, x=base["x"].contiguous(memory_format=cl)), torch.float32, True)
+    rec = _CopyRecorder(monkeypatch)
+    with use_backend("triton"), rec:
+        y, g = grads_of(ours, inp, dy.contiguous(memory_format=cl))
+    big = [r for r in rec.records if r[1] >= base["x"].numel()]
+    assert rec.inside == 0 and big == [], big
+    assert y.stride() == g[0].stride() == inp["x"].stride() and not y.is_contiguous()
+    y_r, g_r = grads_of(lambda i: torch_composition(**i), cast(base, torch.float64, True), dy.double())
+    for name, a, r in zip(["y", *TENSORS], (y, *g), (y_r, *g_r)):
+        assert rel_err(a, r) <= (1e-5 if name == "y" else 1e-4), name
+
+
+def test_triton_channels_last_compiles_fullgraph(triton_on_cpu):
+    """torch.compile(fullgraph=True) over the Triton branch with a channels-last x: the fake ops' strides
+    carry the layout through the graph; values equal eager."""
+    pytest.importorskip("kernels.group_norm")
+    inp = make_inputs(2, 2, 3, (5, 5), OPTIONS["all"])
+    inp["x"] = inp["x"].contiguous(memory_format=torch.channels_last)
+    leaves = {k: inp[k].clone().requires_grad_(True) for k in TENSORS}
+
+    def fn(x, weight, bias, add, scale, shift):
+        return group_norm_silu(x, weight, bias, 2, 1e-5, add, scale, shift) * 2.0
+
+    with use_backend("triton"):
+        y_c = torch.compile(fn, fullgraph=True, backend="aot_eager")(**leaves)
+        g_c = torch.autograd.grad(y_c.square().sum(), list(leaves.values()))
+        y_e = fn(**leaves)
+        g_e = torch.autograd.grad(y_e.square().sum(), list(leaves.values()))
+    assert y_c.stride() == y_e.stride() == leaves["x"].stride() and g_c[0].stride() == leaves["x"].stride()
+    torch.testing.assert_close(y_c, y_e, rtol=0, atol=0)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_non_contiguous_inputs_like_the_unet():

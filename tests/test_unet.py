@@ -184,6 +184,48 @@ def test_preferred_memory_format():
             assert ops.preferred_memory_format(torch.zeros(1)) == torch.contiguous_format
 
 
+def test_use_memory_format_overrides_the_default():
+    """use_memory_format forces the layout (gpu_check times both), restores it on exit, checks its argument."""
+    t = torch.zeros(1)
+    with ops.use_memory_format("contiguous"):
+        assert ops.preferred_memory_format(t) == torch.contiguous_format
+        with ops.use_memory_format("channels_last"):
+            assert ops.preferred_memory_format(t) == torch.channels_last
+        assert ops.preferred_memory_format(t) == torch.contiguous_format
+        with ops.use_memory_format("auto"):
+            assert ops.preferred_memory_format(t) == torch.channels_last  # the CPU default
+    assert ops.preferred_memory_format(t) == torch.channels_last
+    with pytest.raises(ValueError, match="memory format must be one of"):
+        with ops.use_memory_format("nhwc"):
+            pass
+
+
+def test_channels_last_on_the_triton_path_equals_nchw(triton_on_cpu):
+    """The U-Net with channels-last activations where the Triton kernels run (the GroupNorm kernels'
+    channels-last path, attention on channels-last views; interpreter here): same output and gradients as
+    the CUDA default, NCHW."""
+    torch.manual_seed(4)
+    # one level at 4x4 with attention: every fused op (GroupNorm kernels, norm_conv, attention) at least
+    # once, few interpreted launches
+    model = _perturb(fd.UNet(**dict(TINY, image_size=4, base_channels=8, channel_mults=(1,), groups=2),
+                             num_heads=1)).train()
+    x = torch.randn(1, 3, 4, 4)
+    t = torch.tensor([300])
+
+    def run(fmt):
+        model.zero_grad(set_to_none=True)
+        with ops.use_backend("triton"), ops.use_memory_format(fmt):
+            out = model(x, t)
+            out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    out_cl, g_cl = run("channels_last")
+    out_nchw, g_nchw = run("contiguous")
+    torch.testing.assert_close(out_cl, out_nchw, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_cl, g_nchw):
+        torch.testing.assert_close(a, b, atol=1e-4 * (1 + b.abs().max().item()), rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["add", "scale_shift"])
 def test_channels_last_forward_backward_equal_nchw(mode, monkeypatch):
     """The U-Net on the CPU runs channels-last; forcing NCHW gives the same output and gradients, and the

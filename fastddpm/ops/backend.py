@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 
 BACKENDS = ("auto", "reference", "triton")
+MEMORY_FORMATS = {"auto": None, "contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 _state = threading.local()
 
@@ -54,13 +55,36 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and triton_available()
 
 
+@contextlib.contextmanager
+def use_memory_format(name: str) -> Iterator[None]:
+    """Force the layout `preferred_memory_format` returns inside the block: "auto" (the per-device
+    default), "contiguous" (NCHW) or "channels_last". benchmarks/gpu_check.py times the U-Net both ways."""
+    if name not in MEMORY_FORMATS:
+        raise ValueError(f"memory format must be one of {tuple(MEMORY_FORMATS)}, got {name!r}")
+    previous = getattr(_state, "memory_format", None)
+    _state.memory_format = MEMORY_FORMATS[name]
+    try:
+        yield
+    finally:
+        _state.memory_format = previous
+
+
 def preferred_memory_format(t: torch.Tensor) -> torch.memory_format:
-    """The activation layout the fused ops and the convolutions around them run fastest in for tensor `t`.
+    """The activation layout the fused ops and the convolutions around them run fastest in for tensor `t`
+    (`use_memory_format` overrides it).
 
     channels-last where the reference path runs on the CPU: oneDNN's convolutions work in NHWC natively
     (an NCHW input is reordered on every call), and the reference ops keep a channels-last input's
-    layout. Contiguous (NCHW) wherever the Triton kernels run: they read NCHW rows of one (n, group).
+    layout. Contiguous (NCHW) wherever the Triton kernels run, for now: the GroupNorm kernels have a
+    channels-last path (NHWC read and written in place, no copy; tested in the interpreter and compiled
+    for sm_80/sm_90 without spills), and cuDNN's bf16 convolutions are usually faster in NHWC, but no GPU
+    has been available to time the two layouts. benchmarks/gpu_check.py (part "layout") times the U-Net's
+    bf16 forward and forward+backward both ways; the default moves to channels-last on CUDA only if that
+    measurement shows it faster.
     """
+    forced = getattr(_state, "memory_format", None)
+    if forced is not None:
+        return forced
     if t.device.type == "cpu" and not use_triton(t):
         return torch.channels_last
     return torch.contiguous_format

@@ -12,6 +12,10 @@ Two custom ops (namespace ``fastddpm``), each with a plain-PyTorch reference, a 
 * ``fastddpm::group_norm_silu_backward(dy, x, weight, bias, add, scale, shift, mean, rstd, groups, silu)
   -> (dx, dweight, dbias, dadd, dscale, dshift)``
 
+Layout: outputs (y, dx) are channels-last when x is a 4-D channels-last tensor, else contiguous, on
+every path (`_out_format`); the Triton kernels read and write NCHW and channels-last in place, so
+neither path copies a channels-last x, dy, y or dx.
+
 The autograd formula saves only the inputs and the per-(n, group) ``mean`` / ``rstd`` (float32
 [N, groups]; float64 for float64 inputs) and recomputes the normalized and activated values in the
 backward op: no normalized or activated tensor is kept for backward.
@@ -58,8 +62,9 @@ def _absent(x: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------ reference
 def _out_format(x: Tensor) -> torch.memory_format:
-    """The layout of the op's outputs (y; dx in backward): channels-last when x is a 4-D channels-last
-    tensor (the CPU's fast convolution layout, see `backend.preferred_memory_format`), else contiguous."""
+    """The layout of the op's outputs (y; dx in backward) on every path (reference, Triton, fake):
+    channels-last when x is a 4-D channels-last tensor (the CPU's fast convolution layout, see
+    `backend.preferred_memory_format`; the Triton kernels read and write it in place), else contiguous."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
@@ -217,8 +222,11 @@ def _group_norm_silu_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     if _take_triton(x):
         from kernels.group_norm import group_norm_forward
 
-        y, mean, rstd = group_norm_forward(x.contiguous(), weight, bias, add, scale, shift, groups, eps, silu)
-        return y.contiguous(memory_format=_out_format(x)), mean, rstd
+        # the kernels read and write NCHW and channels-last in place: no copy of a channels-last x
+        fmt = _out_format(x)
+        y, mean, rstd = group_norm_forward(x.contiguous(memory_format=fmt), weight, bias, add, scale, shift,
+                                           groups, eps, silu)
+        return y, mean, rstd
     return _reference_forward(x, weight, bias, add, scale, shift, groups, eps, silu)
 
 
@@ -237,9 +245,10 @@ def _group_norm_silu_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor]
     if _take_triton(x):
         from kernels.group_norm import group_norm_backward
 
-        grads = group_norm_backward(dy.contiguous(), x.contiguous(), weight, bias, add, scale, shift,
-                                    mean, rstd, groups, silu)
-        dx = grads[0].contiguous(memory_format=_out_format(x))
+        fmt = _out_format(x)  # dx comes back in x's layout (channels-last read and written in place)
+        grads = group_norm_backward(dy.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt), weight,
+                                    bias, add, scale, shift, mean, rstd, groups, silu)
+        dx = grads[0]
         rest = [_absent(x) if t is None else t.contiguous() for t in grads[1:]]
         return (dx, *rest)
     return _reference_backward(dy, x, weight, bias, add, scale, shift, mean, rstd, groups, silu)

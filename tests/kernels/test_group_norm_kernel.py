@@ -96,6 +96,7 @@ def _check_fp32(ins, dy, groups, silu, **kw):
     assert mean.dtype == torch.float32 and mean.shape == (x.shape[0], groups)
     assert _err(mean, m_ref) <= 1e-5 * _scale(m_ref)
     assert _err(rstd, r_ref) <= 1e-5 * _scale(r_ref)
+    return y, grads
 
 
 # ------------------------------------------------------------------------------------ option grid
@@ -208,6 +209,112 @@ def test_low_precision_vs_torch_same_dtype(dtype, shape, groups):
         assert _err(got, want) <= bound, (name, _err(got, want), bound)
 
 
+# ------------------------------------------------------------------------------------ channels-last
+# Every path on channels-last (NHWC) x and dy: single tile, looped (block=16: [4, 4] C-first tiles,
+# several per group), split (block=8, split=2: two HW slices). The kernels read and write NHWC in place;
+# outputs keep the layout.
+_PATHS = {"single_tile": {}, "looped": dict(block=16), "split": dict(block=8, split=2)}
+_CL_OPTIONS = {  # (weight, bias, add, scale, shift, silu)
+    "all": (True, True, True, True, True, True),
+    "none": (False, False, False, False, False, False),
+    "w_add_silu": (True, False, True, False, False, True),
+    "b_scale_shift": (False, True, False, True, True, False),
+}
+
+
+def _to_channels_last(ins, dy):
+    cl = torch.channels_last
+    return [ins[0].contiguous(memory_format=cl), *ins[1:]], dy.contiguous(memory_format=cl)
+
+
+def _check_channels_last(shape, groups, opts, path, seed):
+    w, b, add, scale, shift, silu = opts
+    ins, dy = _to_channels_last(*_inputs(*shape, weight=w, bias=b, add=add, scale=scale, shift=shift,
+                                         seed=seed))
+    y, grads = _check_fp32(ins, dy, groups, silu, **_PATHS[path])  # values against float64
+    cl = torch.channels_last
+    assert y.is_contiguous(memory_format=cl) and grads[0].is_contiguous(memory_format=cl)
+    if shape[2] * shape[3] > 1:  # H*W = 1: NHWC and NCHW are the same memory, both contiguous
+        assert not y.is_contiguous() and not grads[0].is_contiguous()
+
+
+@pytest.mark.parametrize("path", list(_PATHS))
+@pytest.mark.parametrize("opt", list(_CL_OPTIONS))
+def test_channels_last_options_fp32(path, opt):
+    """CPG = 3 (not a power of two: masked channel rows), H*W = 15 (masked tails)."""
+    _check_channels_last((2, 6, 3, 5), 2, _CL_OPTIONS[opt], path, seed=len(opt))
+
+
+@pytest.mark.parametrize("path", list(_PATHS))
+@pytest.mark.parametrize("shape,groups", [
+    ((2, 8, 3, 4), 2),    # CPG = 4 (ALIGN 4), H*W = 12
+    ((1, 6, 1, 5), 3),    # CPG = 2, H = 1
+    ((2, 12, 1, 1), 2),   # H*W = 1: channels-last is also contiguous (the NCHW kernels, same memory)
+    ((1, 16, 2, 3), 1),   # CPG = 16: ALIGN capped at 8, two runs of 8 per pixel
+])
+def test_channels_last_shapes_fp32(path, shape, groups):
+    _check_channels_last(shape, groups, _CL_OPTIONS["all"], path, seed=shape[1])
+
+
+@pytest.mark.parametrize("path", list(_PATHS))
+def test_channels_last_bf16_vs_torch_same_dtype(path):
+    """bf16 NHWC with the per-dtype bound of test_low_precision_vs_torch_same_dtype (torch's bf16 path on
+    the same values in NCHW)."""
+    ins, dy = _inputs(2, 6, 3, 5, seed=8)
+    ins = [None if t is None else t.to(torch.bfloat16).double() for t in ins]
+    dy = dy.to(torch.bfloat16).double()
+    y_ref, g_ref = _ref_run(ins, dy, 2, True)
+    y_t, g_t = _ref_run(ins, dy, 2, True, dtype=torch.bfloat16)
+    y, _, _, grads = _kernel_run(*_to_channels_last(ins, dy), 2, True, torch.bfloat16, **_PATHS[path])
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    floor = torch.finfo(torch.bfloat16).eps
+    assert _err(y, y_ref) <= 2 * _err(y_t, y_ref) + floor * _scale(y_ref), "y"
+    for name, got, want, torch_lp in zip(NAMES, grads, g_ref, g_t):
+        assert got.dtype == torch.bfloat16, name
+        assert _err(got, want) <= 2 * _err(torch_lp, want) + floor * _scale(want), name
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 5), (1, 2, 2, 3, 2)])
+def test_channels_innermost_other_ranks_fp32(shape):
+    """[N, C, L] and [N, C, D, H, W] stored with C innermost (movedim(1, -1) contiguous, e.g.
+    channels_last_3d): read in place by the channels-last kernels, outputs in the same strides."""
+    g = torch.Generator().manual_seed(29)
+    ins, _ = _inputs(*shape[:2], 1, 1, seed=31)
+    last = (shape[0], *shape[2:], shape[1])
+    x = torch.randn(last, generator=g, dtype=torch.float64).movedim(-1, 1)
+    dy = torch.randn(last, generator=g, dtype=torch.float64).movedim(-1, 1)
+    assert not x.is_contiguous() and x.stride(1) == 1
+    flat = (shape[0], shape[1], -1, 1)
+    y_ref, g_ref = _ref_run([x.reshape(flat), *ins[1:]], dy.reshape(flat), 2, True)
+    y, _, _, grads = _kernel_run([x, *ins[1:]], dy, 2, True, torch.float32)
+    assert y.stride() == grads[0].stride() == x.stride()
+    assert _err(y.reshape(flat), y_ref) <= 1e-5 * _scale(y_ref)
+    for name, got, want in zip(NAMES, grads, g_ref):
+        assert _err(got.reshape(want.shape), want) <= 1e-5 * _scale(want), name
+
+
+def test_channels_last_x_with_nchw_dy():
+    """dy in the other layout than x: dy is brought to x's layout, dx has x's layout; same values as
+    with matching layouts."""
+    ins, dy = _to_channels_last(*_inputs(2, 6, 3, 5, seed=9))
+    y, mean, rstd, grads = _kernel_run(ins, dy, 2, True, torch.float32, block=16)
+    args = [None if t is None else t.float() for t in ins]
+    mixed = group_norm_backward(dy.float().contiguous(), args[0], *args[1:], mean, rstd, 2, True, block=16)
+    assert mixed[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(grads, mixed):
+        assert torch.equal(a, b)
+
+
+def test_channels_last_tiles_follow_the_contiguous_axis():
+    """Looped tiles: NCHW gives the HW axis the budget, channels-last the C axis (CPG first)."""
+    import kernels.group_norm as K
+
+    assert K._tiles(512, 4, 4096) == (1, 512) and K._tiles(512, 4, 4096, True) == (4, 128)
+    assert K._tiles(16, 3, 15, True) == (4, 4) and K._tiles(8, 16, 6, True) == (8, 1)
+    assert [K._align(cpg, True) for cpg in (1, 2, 3, 4, 6, 8, 16, 24)] == [1, 2, 1, 4, 2, 8, 8, 8]
+    assert K._align(4, False) == 1
+
+
 # ------------------------------------------------------------------------------------ determinism
 @pytest.mark.parametrize("split", [1, 2])
 def test_deterministic(split):
@@ -270,11 +377,25 @@ def test_hbm_model_and_specs():
     kernels = {s["kernel"] for s in specs}
     looped = {"gn_stats", "gn_fwd", "gn_fwd_split", "gn_bwd_reduce", "gn_bwd_dx", "gn_bwd_dx_split"}
     assert kernels == looped | {"gn_fwd_single", "gn_bwd_single"}
-    assert len([s for s in specs if s["kernel"] in looped]) == len(looped) * len(CONFIGS) + 2
-    for s in specs:
+    nchw = [s for s in specs if "channels_last" not in s["config"]]
+    assert len([s for s in nchw if s["kernel"] in looped]) == len(looped) * len(CONFIGS) + 2
+    for s in nchw:
         assert set(s["constexprs"]) <= set(s["signature"])
         assert all(s["signature"][k] == "constexpr" for k in s["constexprs"])
+        assert s["constexprs"]["CHANNELS_LAST"] is False and s["constexprs"]["ALIGN"] == 1
         assert s["hbm_bytes_fused"] == m["fused"] and s["hbm_bytes_unfused"] == m["unfused"]
+    # channels-last variants: every kernel once per looped/split config and per single-tile shape, built
+    # from launch arguments (constexprs keyed by argument index, divisibility attributes as at launch)
+    cl = [s for s in specs if "channels_last" in s["config"]]
+    assert sorted(s["kernel"] for s in cl if s["kernel"] in looped) == sorted(looped)
+    assert len([s for s in cl if s["kernel"].endswith("_single")]) == 6
+    for s in cl:
+        names = list(s["signature"])
+        consts = {names[i]: v for (i,), v in s["constexprs"].items()}
+        assert all(s["signature"][k] == "constexpr" for k in consts)
+        assert consts["CHANNELS_LAST"] is True and consts["ALIGN"] == consts["BLOCK_C"] in (4, 8)
+        assert s["attrs"][(names.index("X"),)] == [["tt.divisibility", 16]]
+        assert s["attrs"][(names.index("CPG"),)] == []  # CPG 4 / 8: why the ALIGN constexpr exists
 
 
 # ------------------------------------------------------------------------------------ GPU only
