@@ -31,10 +31,10 @@ default (use_clipped_model_output=False).
 DPM-Solver++(2M) (Lu et al. 2022, data prediction): lambda_t = log(sqrt(ab_t) / sqrt(1 - ab_t)); an int
 `steps` gives time-quadratic spacing t_i = round((i / (S-1))^2 (T-1)) (made strictly increasing; dense
 near t = 0, where lambda moves fastest: the uniform spacing puts one huge lambda step at the end, which
-the multistep extrapolation overshoots). The first step and the last transition (to timesteps[-1]) are
-first order (DPM-Solver++ 1 = DDIM), the others second-order multistep with the previous x0-hat, and the
-final model evaluation (at timesteps[-1] = 0) returns x0-hat itself, i.e. a first-order step to
-sigma = 0. `steps` counts model evaluations. `stochastic=True` ("dpm++sde") is SDE-DPM-Solver++(2M)
+the multistep extrapolation overshoots). The first step is first order (DPM-Solver++ 1 = DDIM), and so
+is the last transition (to timesteps[-1]) when the timesteps end at t = 0 (`first_order_final`); the
+others are second-order multistep with the previous x0-hat, and the final model evaluation (at
+timesteps[-1]) returns x0-hat itself, i.e. a first-order step to sigma = 0. `steps` counts model evaluations. `stochastic=True` ("dpm++sde") is SDE-DPM-Solver++(2M)
 (Lu et al. 2022, sec. 4 / diffusers' "sde-dpmsolver++", midpoint): the same multistep x0 terms with
 (1 - e^{-2h}) in place of (1 - e^{-h}), x scaled by e^{-h} sigma'/sigma, plus sigma' sqrt(1 - e^{-2h}) z.
 
