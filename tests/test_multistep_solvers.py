@@ -320,7 +320,7 @@ def test_dpm_solver_2m_matches_diffusers(linear, schedule, stochastic, n_steps):
     DPMSolverMultistepScheduler(solver_order=2, timestep_spacing="trailing", final_sigmas_type="zero")
     over the whole loop, same noise, x0-hat clipped to [-1, 1] (diffusers: thresholding with
     sample_max_value=1): the transition to timesteps[-1] is second order, the final x0-hat first order.
-    (Before the fix the transition was first order: a max abs difference of 0.2-1.1 from there on.)"""
+    (With the transition at first order, fastddpm's rule before this test, every case fails.)"""
     sch = linear if schedule == "linear" else NoiseSchedule.cosine(T)
     sched = diffusers.DPMSolverMultistepScheduler(
         num_train_timesteps=T, trained_betas=sch.betas.numpy(), solver_order=2, timestep_spacing="trailing",
