@@ -16,7 +16,7 @@ DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20, "dpm++sde": 20, "dpm++3m
 # fastddpm:dpm++3m-sde:trailing,fastddpm:dpm++3m-sde:quadratic --calls 10,15,20 --seeds 0,1,2`):
 # SDE-DPM-Solver++(2M) 2.75 vs quadratic's 4.18 at 10 calls (better on every seed), 2.85 vs 2.59 at 15 and
 # 2.83 vs 2.70 at 20 (one noise draw moves a score by +-0.55 sd: scripts/sde_noise_spread.py);
-# SDE-DPM-Solver++(3M) 2.34 vs 12.66 at 10, 2.65 vs 2.64 at 15.
+# SDE-DPM-Solver++(3M) 2.34 vs 12.66 at 10, 2.65 vs 2.64 at 15 (seed 0 at 20: 2.48 vs 2.11).
 DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpm++": "trailing", "dpm++sde": "trailing",
                    "dpm++3m": "trailing", "dpm++3m-sde": "trailing", "unipc": "trailing"}
 # the spacings a sampler accepts by name (fastddpm.spacing.SPACINGS, kept here free of torch for the CLI)
