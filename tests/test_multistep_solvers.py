@@ -276,7 +276,7 @@ PRED = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 TOL = 3e-4  # the project's drop-in parity contract (tests/test_diffusers_parity.py); measured ~2e-6
 
 
-def _compare(sched, ours, n_steps, prediction, stochastic=False, upto=None, shape=(2, 3, 4, 4)):
+def _compare(sched, ours, n_steps, prediction, stochastic=False, upto=None, shape=(2, 3, 4, 4), clip=False):
     from test_diffusers_parity import FixedModel
 
     schedule = ours.schedule
@@ -291,7 +291,7 @@ def _compare(sched, ours, n_steps, prediction, stochastic=False, upto=None, shap
         noise = torch.randn(shape, generator=g)
         kw = dict(variance_noise=noise) if stochastic else {}
         x_ref = sched.step(model(x_ref, t), t, x_ref, **kw).prev_sample
-        x = ours.step(model(x, t), t, x, noise=noise if stochastic else None, clip_denoised=False)
+        x = ours.step(model(x, t), t, x, noise=noise if stochastic else None, clip_denoised=clip)
         worst = max(worst, (x - x_ref).abs().max().item())
     assert torch.isfinite(x_ref).all() and x_ref.abs().max() > 0.1
     return worst
@@ -310,6 +310,43 @@ def test_dpm_solver_3m_matches_diffusers(linear, prediction, stochastic, n_steps
                               lower_order_final=n_steps < 15, third_order="diffusers")
     worst = _compare(sched, ours, n_steps, prediction, stochastic)
     assert worst <= TOL, f"max abs diff {worst:.3g}"
+
+
+@pytest.mark.parametrize("n_steps", [5, 10, 15, 20])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["ode", "sde"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_dpm_solver_2m_matches_diffusers(linear, schedule, stochastic, n_steps):
+    """DPM-Solver++(2M) and SDE-DPM-Solver++(2M) on "trailing" timesteps equal diffusers'
+    DPMSolverMultistepScheduler(solver_order=2, timestep_spacing="trailing", final_sigmas_type="zero")
+    over the whole loop, same noise, x0-hat clipped to [-1, 1] (diffusers: thresholding with
+    sample_max_value=1): the transition to timesteps[-1] is second order, the final x0-hat first order.
+    (With the transition at first order, fastddpm's rule before this test, every case fails.)"""
+    sch = linear if schedule == "linear" else NoiseSchedule.cosine(T)
+    sched = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=T, trained_betas=sch.betas.numpy(), solver_order=2, timestep_spacing="trailing",
+        algorithm_type="sde-dpmsolver++" if stochastic else "dpmsolver++", thresholding=True, sample_max_value=1.0)
+    sched.set_timesteps(n_steps)
+    ours = make_sampler("dpm++sde" if stochastic else "dpm++", make_diffusion(sch), steps=n_steps, spacing="trailing")
+    assert not ours.first_order_final
+    worst = _compare(sched, ours, n_steps, "eps", stochastic, clip=True)
+    assert worst <= TOL, f"max abs diff {worst:.3g}"
+
+
+def test_dpm_solver_2m_first_order_final(linear):
+    """Timesteps ending at t = 0 keep the first-order last transition by default (diffusers, given the
+    same list, differs from there on); first_order_final=False equals diffusers on them too."""
+    ts = quadratic_timesteps(T, 9)
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, trained_betas=linear.betas.numpy(),
+                                                  solver_order=2, algorithm_type="sde-dpmsolver++")
+    sched.set_timesteps(timesteps=ts)
+    default = DPMSolverSampler(make_diffusion(linear), steps=ts, stochastic=True)
+    assert default.first_order_final
+    assert _compare(sched, default, 9, "eps", stochastic=True) > 1e-2
+    sched.set_timesteps(timesteps=ts)
+    parity = DPMSolverSampler(make_diffusion(linear), steps=ts, stochastic=True, first_order_final=False)
+    assert _compare(sched, parity, 9, "eps", stochastic=True) <= TOL
+    with pytest.raises(ValueError, match="first_order_final"):
+        DPMSolverSampler(make_diffusion(linear), steps=ts, first_order_final=1)
 
 
 @pytest.mark.parametrize("n_steps", [7, 12])

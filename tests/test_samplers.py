@@ -109,9 +109,12 @@ def ddim_map(ab_all, timesteps, eta, s2=S2):
     return k, nv
 
 
-def dpm_solver_map(ab_all, timesteps, s2=S2):
+def dpm_solver_map(ab_all, timesteps, s2=S2, first_order_final=None):
     """k with DPM-Solver++(2M) sample = k x_T (Lu et al. 2022, Algorithm 2, first order at the first
-    step and the last transition; the final evaluation returns x0-hat)."""
+    step and, when timesteps end at t = 0 (first_order_final None), the last transition; the final
+    evaluation returns x0-hat)."""
+    if first_order_final is None:
+        first_order_final = timesteps[-1] == 0
     ab = [float(ab_all[t]) for t in timesteps]
     alpha = [math.sqrt(a) for a in ab]
     sigma = [math.sqrt(1 - a) for a in ab]
@@ -122,7 +125,7 @@ def dpm_solver_map(ab_all, timesteps, s2=S2):
         if i == len(ab) - 1:
             return d
         h = lam[i + 1] - lam[i]
-        if d_prev is None or i == len(ab) - 2:  # first order: first step and last transition
+        if d_prev is None or (i == len(ab) - 2 and first_order_final):  # first order
             D = d
         else:
             r = (lam[i] - lam[i - 1]) / h
@@ -134,7 +137,8 @@ def dpm_solver_map(ab_all, timesteps, s2=S2):
 def sde_dpm_solver_variance(ab_all, timesteps, s2=S2):
     """Variance of SDE-DPM-Solver++(2M) samples (Lu et al. 2022; diffusers' "sde-dpmsolver++", midpoint)
     from x_T ~ N(0, 1) with the exact denoiser: x is tracked as coefficients over the independent
-    normals (x_T, z_1, ..., z_S), so the 2M term's correlation with the previous x0-hat is exact."""
+    normals (x_T, z_1, ..., z_S), so the 2M term's correlation with the previous x0-hat is exact. The
+    last transition is first order only when the timesteps end at t = 0."""
     ab = [float(ab_all[t]) for t in timesteps]
     alpha = [math.sqrt(a) for a in ab]
     sigma = [math.sqrt(1 - a) for a in ab]
@@ -147,7 +151,7 @@ def sde_dpm_solver_variance(ab_all, timesteps, s2=S2):
         if i == n - 1:
             return sum(c * c for c in d)
         h = lam[i + 1] - lam[i]
-        if d_prev is None or i == n - 2:
+        if d_prev is None or (i == n - 2 and timesteps[-1] == 0):
             D = d
         else:
             r = (lam[i] - lam[i - 1]) / h
@@ -232,15 +236,24 @@ def test_ddim_eta1_gaussian_variance(linear):
     assert mc_var(x) == pytest.approx(k * k + nv, rel=MC_RTOL)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_dpm_solver_is_the_closed_form_map(linear, prediction):
-    sampler = DPMSolverSampler(make_diffusion(linear, prediction), steps=20)
-    assert sampler.timesteps.tolist() == quadratic(20)
+@pytest.mark.parametrize("prediction,spacing", [("eps", "quadratic"), ("v", "quadratic"), ("eps", "trailing")])
+def test_dpm_solver_is_the_closed_form_map(linear, prediction, spacing):
+    sampler = DPMSolverSampler(make_diffusion(linear, prediction), steps=20, spacing=spacing)
+    assert sampler.timesteps.tolist() == (quadratic(20) if spacing == "quadratic" else [round(T - i * T / 20) - 1 for i in range(20)])
     x = sampler.sample(GaussianDenoiser(linear, prediction), (4, 3, 8, 8),
                        generator=torch.Generator().manual_seed(3), clip_denoised=False)
     x_T = torch.randn((4, 3, 8, 8), generator=torch.Generator().manual_seed(3))
     k = dpm_solver_map(linear.alphas_cumprod, sampler.timesteps.tolist())
     torch.testing.assert_close(x, (k * x_T.double()).float(), rtol=1e-4, atol=1e-4)
+    if spacing == "trailing":
+        # x0-hat at t = 49 of the exact probability-flow solution: within 1.2%; with the last transition
+        # at first order (the rule of timesteps that end at t = 0) 3.7%
+        ab = linear.alphas_cumprod
+        var = lambda t: float(ab[t]) * S2 + 1 - float(ab[t])  # noqa: E731
+        exact = math.sqrt(float(ab[49])) * S2 / var(49) * math.sqrt(var(49) / var(999))
+        first = dpm_solver_map(ab, sampler.timesteps.tolist(), first_order_final=True)
+        assert abs(k / exact - 1) < 0.015 and abs(first / exact - 1) > 2 * abs(k / exact - 1)
+        return
     # 20 steps of a second-order solver: the sample variance is the data's to a few % (4% here)
     assert k * k == pytest.approx(S2, rel=0.06)
     # and it beats first order (DDIM) on the same timesteps by far
@@ -248,10 +261,11 @@ def test_dpm_solver_is_the_closed_form_map(linear, prediction):
     assert abs(k * k - S2) < 0.5 * abs(k_ddim * k_ddim - S2)
 
 
-@pytest.mark.parametrize("steps", [20, 100])
-def test_sde_dpm_solver_gaussian_variance(linear, steps):
-    sampler = DPMSolverSampler(make_diffusion(linear), steps=steps, stochastic=True)
-    assert sampler.timesteps.tolist() == quadratic(steps)
+@pytest.mark.parametrize("steps,spacing", [(20, "quadratic"), (100, "quadratic"), (15, "trailing")])
+def test_sde_dpm_solver_gaussian_variance(linear, steps, spacing):
+    sampler = DPMSolverSampler(make_diffusion(linear), steps=steps, stochastic=True, spacing=spacing)
+    if spacing == "quadratic":
+        assert sampler.timesteps.tolist() == quadratic(steps)
     x = sampler.sample(GaussianDenoiser(linear), MC_SHAPE, generator=torch.Generator().manual_seed(5),
                        clip_denoised=False)
     want = sde_dpm_solver_variance(linear.alphas_cumprod, sampler.timesteps.tolist())
