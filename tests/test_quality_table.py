@@ -38,3 +38,14 @@ def test_merge_refuses_different_sample_counts():
     b = {"entries": {"y@5": _entry("fastddpm:unipc:trailing", 5, [0], [1.0], num=500)}}
     with pytest.raises(SystemExit, match="different samples"):
         qt.merge_results([a, b])
+
+
+def test_readme_table_is_the_rendering_of_the_results_file():
+    """The README's table section is generated from docs/quality_table.json (`--readme`), never hand-edited."""
+    qt = _script()
+    results = qt.load_results(os.path.join(ROOT, "docs", "quality_table.json"))
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    assert qt.readme_section(results) in readme, (
+        "README.md's quality table is stale: python scripts/quality_table.py --merge docs/quality_table.json "
+        "--out-dir docs --readme README.md")
