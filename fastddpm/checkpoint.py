@@ -39,6 +39,7 @@ __all__ = [
     "CheckpointError",
     "Checkpoint",
     "atomic_write_bytes",
+    "atomic_write_json",
     "save_checkpoint",
     "save_weights_file",
     "list_checkpoints",
@@ -112,6 +113,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             pass
         raise
     _fsync_dir(d)
+
+
+def atomic_write_json(path: str, obj: Any, indent: int = 2) -> None:
+    """``obj`` as sorted-key JSON (and a final newline) written to ``path`` atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=True) + "\n").encode())
 
 
 def _safetensors_bytes(state: Dict[str, torch.Tensor], config: Optional[Dict[str, Any]]) -> bytes:
@@ -589,5 +595,5 @@ def export_model(checkpoint: Optional[str], out: str, use_ema: bool = True) -> s
     config["weights"] = "ema" if (use_ema and ck.ema is not None) else "raw"
     config["exported_from"] = {"step": ck.step}
     save_weights_file(out, weights, config)
-    atomic_write_bytes(os.path.splitext(out)[0] + ".json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(os.path.splitext(out)[0] + ".json", config)
     return out

@@ -241,7 +241,7 @@ def tuned_timesteps(checkpoint_path: str, sampler: str, steps: int) -> Optional[
 
 def save_tuned_schedule(checkpoint_path: str, result: TuneResult, extra: Optional[Dict[str, Any]] = None) -> str:
     """Add (or replace) `result`'s schedule in the checkpoint's sidecar file, atomically; returns its path."""
-    from .checkpoint import atomic_write_bytes
+    from .checkpoint import atomic_write_json
 
     path = schedules_path(checkpoint_path)
     data = _read(path)
@@ -249,7 +249,7 @@ def save_tuned_schedule(checkpoint_path: str, result: TuneResult, extra: Optiona
     if extra:
         entry.update(extra)
     data["schedules"].setdefault(result.sampler, {})[str(result.steps)] = entry
-    atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_json(path, data, indent=1)
     return path
 
 

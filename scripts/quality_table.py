@@ -195,10 +195,7 @@ def load_results(path: str) -> Dict[str, Any]:
 
 
 def save_results(results: Dict[str, Any], out_dir: str, defaults: Optional[Dict[str, Any]] = None) -> None:
-    from fastddpm.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(os.path.join(out_dir, "quality_table.json"),
-                       (json.dumps(results, indent=1, sort_keys=True) + "\n").encode())
+    ckpt.atomic_write_json(os.path.join(out_dir, "quality_table.json"), results, indent=1)
     write_markdown(results, out_dir)
     plot(results, os.path.join(out_dir, "quality_table.svg"))
 

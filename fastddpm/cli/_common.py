@@ -45,9 +45,9 @@ def resolve_device(name: str, local_rank: int = 0) -> Any:
 def write_json(result: Dict[str, Any], path: Optional[str]) -> None:
     """Write `result` as JSON to `path` atomically (nothing when `path` is None)."""
     if path:
-        from ..checkpoint import atomic_write_bytes
+        from ..checkpoint import atomic_write_json
 
-        atomic_write_bytes(path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_json(path, result)
 
 
 # Below this many parameters a model runs fastest on one CPU thread: the work per op is too small to
