@@ -115,8 +115,8 @@ def fastddpm_sampler(name: str, spacing: str, calls: int, diffusion: Any, tuned:
 
 
 def draw(setting: str, calls: int, seed: int, num: int, model: Any, diffusion: Any, shape: Sequence[int],
-         tuned: Dict[str, Any]) -> Tuple[np.ndarray, int]:
-    """uint8 NHWC samples of one setting and seed, and the model calls per image it made."""
+         tuned: Dict[str, Any]) -> Tuple[np.ndarray, int, List[int]]:
+    """uint8 NHWC samples of one setting and seed, the model calls per image it made, and its timesteps."""
     from fastddpm.images import to_uint8
 
     lib, name, spacing, *rest = setting.split(":")
@@ -128,15 +128,15 @@ def draw(setting: str, calls: int, seed: int, num: int, model: Any, diffusion: A
         s = fastddpm_sampler(name, spacing, calls, diffusion, tuned)
         with torch.no_grad():
             x = s.sample(model, full, seed=seed)
-        made = s.num_steps
+        made, timesteps = s.num_steps, [int(t) for t in s.timesteps]
     elif lib == "diffusers":
         betas = diffusion.schedule.betas.numpy()
         sch = diffusers_scheduler(name, spacing, betas, diffusion.prediction)
         x, made = diffusers_sample(model, sch, x_T(seed, full), calls, seed)
-        x = x.clamp(-1, 1)
+        x, timesteps = x.clamp(-1, 1), [int(t) for t in sch.timesteps]
     else:
         raise ValueError(f"setting must start with fastddpm: or diffusers:, got {setting!r}")
-    return to_uint8(x), made
+    return to_uint8(x), made, timesteps
 
 
 class Scorer:
@@ -173,11 +173,17 @@ LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": "DPM-Solver++(2M)", "dpm++sde
           "dpm++3m": "DPM-Solver++(3M)", "dpm++3m-sde": "SDE-DPM-Solver++(3M)", "unipc": "UniPC"}
 
 
+# the two tuned variants: `tune-steps` free search (docs/quality_table_unipc_tuned.schedules.json) and with
+# --keep-last (docs/..._keeplast...; the shipped schedules in fastddpm/assets: what `fastddpm sample` uses)
+SPACING_LABELS = {"tuned": "tuned (free search)", "tuned-keeplast": "tuned, last t kept"}
+
+
 def label(setting: str) -> str:
     lib, name, spacing, *rest = setting.split(":")
     if lib == "data":
         return "exact copy of the data (noise floor)"
     if lib == "fastddpm":
+        spacing = SPACING_LABELS.get(spacing, spacing)
         return f"fastddpm {LABELS.get(name, name)}, {spacing}" + (f", model in {rest[0]}" if rest else "")
     return f"diffusers {name}, {spacing}"
 
@@ -470,13 +476,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     if cache and os.path.isfile(cache):
                         with np.load(cache) as d:
                             u8, made = d["images"], int(d["calls"])
+                            timesteps = d["timesteps"].tolist() if "timesteps" in d else None
                     else:
                         if ":tuned" in setting:  # re-read: `fastddpm tune-steps` may be adding schedules meanwhile
                             tuned = load_tuned_schedules(sidecar)
-                        u8, made = draw(setting, calls, seed, args.num, model, diffusion, shape, tuned)
+                        u8, made, timesteps = draw(setting, calls, seed, args.num, model, diffusion, shape, tuned)
                         if cache:
                             os.makedirs(args.cache_dir, exist_ok=True)
-                            np.savez(cache, images=u8, calls=made)
+                            np.savez(cache, images=u8, calls=made, timesteps=np.asarray(timesteps))
                 except KeyError as e:
                     print(f"skip {setting} {calls}: {e}", flush=True)
                     continue
@@ -499,6 +506,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                                "command": (old["command"] + " ; " if keep else "") + cmd,
                                                "machine": machine, "seconds": 0.0}
                 e = results["entries"][key]
+                if timesteps is not None and len(timesteps) <= 100:  # what a tuned / spaced setting ran
+                    e["timesteps"] = timesteps
                 e["scores"].append(score)
                 e["seeds"].append(seed)
                 e["seconds"] = round(e["seconds"] + time.perf_counter() - t0, 1)

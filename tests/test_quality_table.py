@@ -49,3 +49,24 @@ def test_readme_table_is_the_rendering_of_the_results_file():
     assert qt.readme_section(results) in readme, (
         "README.md's quality table is stale: python scripts/quality_table.py --merge docs/quality_table.json "
         "--out-dir docs --readme README.md")
+
+
+def test_draw_fastddpm_unipc_equals_diffusers_unipc_on_trailing_timesteps():
+    """The adapter drives diffusers from the same x_T: fastddpm's UniPC and diffusers' UniPC (bh2, order 3)
+    on the same trailing timesteps give the same 8-bit images (up to rare rounding flips), and each
+    entry records the timesteps it ran."""
+    pytest.importorskip("diffusers")
+    import numpy as np
+    import torch
+
+    from fastddpm import checkpoint as ckpt
+
+    qt = _script()
+    torch.set_num_threads(1)
+    model, diffusion, config = ckpt.load_model(None, device="cpu")
+    shape = (config["model"]["in_channels"], config["model"]["image_size"], config["model"]["image_size"])
+    a, made_a, ts_a = qt.draw("fastddpm:unipc:trailing", 5, 0, 8, model, diffusion, shape, {})
+    b, made_b, ts_b = qt.draw("diffusers:unipc-bh2-3:trailing", 5, 0, 8, model, diffusion, shape, {})
+    assert made_a == made_b == 5 and ts_a == ts_b == [999, 799, 599, 399, 199]
+    diff = np.abs(a.astype(np.int64) - b.astype(np.int64))
+    assert diff.max() <= 1 and diff.mean() < 0.01
