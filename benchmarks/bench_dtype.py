@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
 
 import fastddpm as fd  # noqa: E402
 from benchmarks.common import ddpm_cifar10_pair, write_result  # noqa: E402
+from fastddpm.precision import parse_dtype  # noqa: E402
 
 
 class _Autocast(torch.nn.Module):
@@ -74,7 +75,7 @@ def main(argv=None) -> Dict[str, Any]:
     fast = {}
     for v in variants:
         if v.endswith("-autocast"):
-            dt = fd_dtype(v.split("-")[0])
+            dt = parse_dtype(v.split("-")[0])
             fast[v] = fd.FastSampler(_Autocast(net, dt), smp, batch_size=args.batch, image_shape=(3, 32, 32))
         else:
             fast[v] = fd.FastSampler(net, smp, batch_size=args.batch, dtype=v)
@@ -112,12 +113,6 @@ def main(argv=None) -> Dict[str, Any]:
     if not args.no_write:
         print("wrote", write_result(f"dtype_{args.device}", res))
     return res
-
-
-def fd_dtype(name: str) -> torch.dtype:
-    from fastddpm.precision import parse_dtype
-
-    return parse_dtype(name)
 
 
 if __name__ == "__main__":

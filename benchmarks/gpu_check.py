@@ -620,9 +620,9 @@ def _fused_backend(part: str, dry: bool) -> contextlib.AbstractContextManager:
     interpreted U-Net would compute, minutes faster."""
     from fastddpm.ops import triton_available, use_backend
 
-    if dry and part in ("unet", "layout", "sampling"):
+    if dry and (part in ("unet", "layout", "sampling") or not triton_available()):
         return use_backend("reference")
-    return use_backend("triton") if triton_available() else contextlib.nullcontext()
+    return use_backend("triton")  # raises when triton is missing: never time the reference as the kernels
 
 
 def parse_parts(text: str) -> List[str]:

@@ -54,12 +54,6 @@ _GN_FLOPS_PER_ELEM_PASS = 10
 _STEP_FLOPS_PER_ELEM = 20
 
 
-def _text_table(cols, body) -> str:
-    from benchmarks.common import text_table
-
-    return text_table(cols, body)
-
-
 def _attention_rows() -> List[dict]:
     from kernels.attention import modelled_hbm_bytes
 

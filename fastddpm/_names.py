@@ -27,3 +27,9 @@ DEFAULT_SAMPLER = "unipc"
 # 1000 of a 1000-step schedule cost 10x the time (minutes for 16 digits from the bundled model on a
 # CPU) for no better digits-FID (README, "Sample quality against sampling steps": 11.5 at 1000, 9.6 at 100)
 CLI_DEFAULT_STEPS = {**DEFAULT_STEPS, "ddpm": 100}
+
+# seconds a data-parallel process (`fastddpm train` / `sample` under torchrun) waits for its peers
+DEFAULT_DDP_TIMEOUT = 300.0
+
+# samplers whose output is a deterministic function of x_T (what `tune_timesteps` / `fastddpm tune-steps` tune)
+DETERMINISTIC_SAMPLERS = ("ddim", "dpm++", "dpm++3m", "unipc")

@@ -303,19 +303,25 @@ def _read_checksums(ckpt_dir: str) -> Dict[str, str]:
     return out
 
 
+def sha256_file(path: str) -> str:
+    """The hex SHA-256 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _verify_file(path: str, sums: Dict[str, str]) -> None:
     """Raise CheckpointError naming ``path`` when its SHA-256 differs from the one recorded at save time."""
     want = sums.get(os.path.basename(path))
     if want is None or not os.path.isfile(path):
         return
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    if h.hexdigest() != want:
+    found = sha256_file(path)
+    if found != want:
         raise CheckpointError(
             f"{path}: SHA-256 mismatch: the file changed after it was written (disk corruption, a partial copy or "
-            f"an edit); recorded {want[:16]}..., found {h.hexdigest()[:16]}... ({CHECKSUMS_FILE} beside it)"
+            f"an edit); recorded {want[:16]}..., found {found[:16]}... ({CHECKSUMS_FILE} beside it)"
         )
 
 
@@ -363,7 +369,7 @@ def _config_step(cfg: Dict[str, Any], where: str) -> int:
     return step
 
 
-def check_train_state(state: Any, where: str, step: int, world_size: Optional[int] = None) -> None:
+def check_train_state(state: Any, where: str, step: int) -> None:
     """Check a loaded state.pt before anything uses it; CheckpointError naming the entry otherwise.
 
     ``step`` is the checkpoint's own step (its config and directory name): state.pt must agree with it,
@@ -395,7 +401,7 @@ def check_train_state(state: Any, where: str, step: int, world_size: Optional[in
         cpu = r.get("cpu") if isinstance(r, dict) else None
         if not torch.is_tensor(cpu) or cpu.dtype != torch.uint8 or cpu.shape != ref.shape:
             raise bad(f"'rng' must hold a 'cpu' uint8 tensor of shape {tuple(ref.shape)} per process")
-    if world_size is not None and state.get("world_size", len(rngs)) != len(rngs):
+    if state.get("world_size", len(rngs)) != len(rngs):
         raise bad(f"'world_size' {state.get('world_size')!r} does not match the {len(rngs)} RNG states")
 
 

@@ -27,7 +27,6 @@ SHA-256 prefix in its name (``6726825d``), as torch.hub does.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Optional, Sequence, Tuple, Union
 
@@ -228,16 +227,10 @@ class FIDInceptionV3(nn.Module):
 
 
 # ----------------------------------------------------------------------------- weights
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_hash(path: str, prefix: str, what: str) -> None:
-    digest = _sha256(path)
+    from .checkpoint import sha256_file
+
+    digest = sha256_file(path)
     if not digest.startswith(prefix):
         raise ValueError(f"{what} {path!r} is not the FID InceptionV3 weight file: its SHA-256 {digest[:16]}... "
                          f"does not start with {prefix} (a partial download or another file)")

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from ._names import SAMPLER_NAMES
+from ._names import DEFAULT_DDP_TIMEOUT, SAMPLER_NAMES
 from .data import load_dataset
 from .images import save_grid
 
@@ -148,7 +148,7 @@ class TrainConfig:
     resume: Union[bool, str] = False
     resume_fallback: bool = False
     max_nonfinite: int = 10
-    ddp_timeout: float = 300.0
+    ddp_timeout: float = DEFAULT_DDP_TIMEOUT
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise ValueError naming the field and the accepted values."""
@@ -332,10 +332,7 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-DEFAULT_DDP_TIMEOUT = 300.0
-
-
-def _join_process_group(world: int, device: torch.device, timeout: float = DEFAULT_DDP_TIMEOUT) -> bool:
+def _join_process_group(world: int, device: torch.device, timeout: float) -> bool:
     """Join torchrun's process group when world > 1 (nccl on CUDA, gloo on the CPU).
 
     ``timeout`` (seconds) bounds every collective: a dead or stalled peer ends the run after it
@@ -863,7 +860,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
         ck_arch = {k: v for k, v in ck_model.items() if k != "dropout"} if isinstance(ck_model, dict) else {}
         differ = config_changes(ck_arch, same_arch) + \
             config_changes(ck.config.get("diffusion") or {}, full_config["diffusion"])
-        if differ or ck_arch != same_arch or ck.config.get("diffusion") != full_config["diffusion"]:
+        if ck_arch != same_arch or ck.config.get("diffusion") != full_config["diffusion"]:  # differ: the message
             raise ValueError(f"{resume_path}: the checkpoint's model/diffusion config differs from this run's "
                              f"({format_changes(differ) or 'entries differ'}); these must match to resume. Drop "
                              "the flags that change them, or start a new run in another --out-dir")

@@ -30,13 +30,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ._names import DETERMINISTIC_SAMPLERS
+
 __all__ = ["tune_timesteps", "TuneResult", "schedules_path", "load_tuned_schedules", "save_tuned_schedule",
            "tuned_timesteps", "SCHEDULES_FORMAT"]
 
 SCHEDULES_FORMAT = "fastddpm-schedules"
 SCHEDULES_VERSION = 1
 # samplers whose output is a deterministic function of x_T (the ODE objective needs one)
-DETERMINISTIC = ("ddim", "dpm++", "dpm++3m", "unipc")
+DETERMINISTIC = DETERMINISTIC_SAMPLERS
 
 
 @dataclass
@@ -108,7 +110,7 @@ def tune_timesteps(model: Any, diffusion: Any, sampler: str = "unipc", steps: in
         improve the validation objective).
     """
     from .samplers import make_sampler
-    from .spacing import SPACINGS, strictly_descending
+    from .spacing import SPACINGS
 
     if sampler not in DETERMINISTIC:
         raise ValueError(f"sampler must be a deterministic sampler {DETERMINISTIC} (the objective is the error "
@@ -190,7 +192,6 @@ def tune_timesteps(model: Any, diffusion: Any, sampler: str = "unipc", steps: in
             break
         if not improved:
             frac /= 2
-    ts = strictly_descending(ts, T)
     val_init = objective(initial, seed + 1, val_samples)
     val_tuned = objective(ts, seed + 1, val_samples) if ts != initial else val_init
     accepted = val_tuned < val_init

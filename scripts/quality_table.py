@@ -109,8 +109,6 @@ def fastddpm_sampler(name: str, spacing: str, calls: int, diffusion: Any, tuned:
         if ts is None:
             raise KeyError(f"no tuned schedule for {name} at {calls} calls")
         return make_sampler(name, diffusion, steps=list(ts))
-    if name == "ddpm" and spacing == "uniform":
-        return make_sampler(name, diffusion, steps=calls)
     return make_sampler(name, diffusion, steps=calls, spacing=spacing)
 
 
@@ -200,7 +198,7 @@ def load_results(path: str) -> Dict[str, Any]:
     return {"entries": {}}
 
 
-def save_results(results: Dict[str, Any], out_dir: str, defaults: Optional[Dict[str, Any]] = None) -> None:
+def save_results(results: Dict[str, Any], out_dir: str) -> None:
     ckpt.atomic_write_json(os.path.join(out_dir, "quality_table.json"), results, indent=1)
     write_markdown(results, out_dir)
     plot(results, os.path.join(out_dir, "quality_table.svg"))

@@ -24,6 +24,9 @@ import fastddpm.ops as ops
 pytest.importorskip("triton")
 from triton.runtime import interpreter  # noqa: E402
 
+# these force the Triton path on CPU tensors: only the interpreter runs it (skips where TRITON_INTERPRET is off)
+pytestmark = pytest.mark.usefixtures("triton_on_cpu")
+
 A = sys.modules["fastddpm.ops.attention"]
 _IMPLS = {torch.ops.fastddpm.attention.default: A._attention_op._init_fn,
           torch.ops.fastddpm.attention_backward.default: A._attention_backward_op._init_fn}

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, List
 
-from .._names import DEFAULT_SAMPLER, DEFAULT_SPACING, SAMPLER_NAMES, SPACING_NAMES
+from .._names import DEFAULT_DDP_TIMEOUT, DEFAULT_SAMPLER, DEFAULT_SPACING, SAMPLER_NAMES, SPACING_NAMES
 from ._common import CLIError, add_threads_option, check_positive, load_model, resolve_device, sampler_steps, steps_help
 
 HELP = "draw samples from a checkpoint (default: the bundled digits model)"
@@ -51,7 +51,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-clip", action="store_true", help="do not clip x0-hat to [-1, 1] at each step")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar (rank 0)")
-    p.add_argument("--ddp-timeout", type=float, default=300.0, metavar="SECONDS",
+    p.add_argument("--ddp-timeout", type=float, default=DEFAULT_DDP_TIMEOUT, metavar="SECONDS",
                    help="under torchrun: how long a process waits for a dead or stalled peer (default: 300)")
     add_threads_option(p)
 
@@ -93,10 +93,7 @@ def run(args: argparse.Namespace) -> int:
         model, diffusion, config = load_model(args, device)
         mc = config["model"]
         size, channels, num_classes = int(mc["image_size"]), int(mc["in_channels"]), mc.get("num_classes")
-        try:  # where `fastddpm tune-steps` stored this checkpoint's schedules
-            ck_path = ckpt.resolve_checkpoint(args.checkpoint)
-        except ValueError:
-            ck_path = args.checkpoint
+        ck_path = ckpt.resolve_checkpoint(args.checkpoint)  # where `fastddpm tune-steps` stored its schedules
         sampler = sampler_for_checkpoint(ck_path, diffusion, args.sampler,
                                          sampler_steps(args.sampler, args.steps, diffusion), args.spacing, eta=args.eta)
         model = reduced_precision(model, args.dtype)

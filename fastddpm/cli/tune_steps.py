@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import argparse
 
-from .._names import DEFAULT_SAMPLER
+from .._names import DEFAULT_SAMPLER, DETERMINISTIC_SAMPLERS
 from ._common import CLIError, check_positive, resolve_device, write_json
 
 HELP = "tune a sampler's timesteps for a checkpoint (stored with it; used by `fastddpm sample`)"
-TUNABLE = ("ddim", "dpm++", "dpm++3m", "unipc")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Add the ``tune-steps`` arguments to a parser."""
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="a checkpoint directory, a run directory or a .safetensors file (default: the bundled model)")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, help=f"one of {', '.join(TUNABLE)} (default: {DEFAULT_SAMPLER})")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, help=f"one of {', '.join(DETERMINISTIC_SAMPLERS)} (default: {DEFAULT_SAMPLER})")
     p.add_argument("--steps", default="10", help="model calls per image, or a comma-separated list (default: 10)")
     p.add_argument("--num-samples", type=int, default=256, help="x_T used by the search (default: 256)")
     p.add_argument("--val-samples", type=int, default=256, help="fresh x_T for the validation check (default: 256)")
@@ -50,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from ..spacing import make_timesteps
     from ..tune import save_tuned_schedule, tune_timesteps
 
-    if args.sampler not in TUNABLE:
-        raise CLIError(f"--sampler must be one of {TUNABLE} (deterministic samplers), got {args.sampler!r}")
+    if args.sampler not in DETERMINISTIC_SAMPLERS:
+        raise CLIError(f"--sampler must be one of {DETERMINISTIC_SAMPLERS} (deterministic samplers), got {args.sampler!r}")
     try:
         steps = [int(s) for s in str(args.steps).split(",")]
     except ValueError:
