@@ -35,6 +35,8 @@ _EXPORTS = {
     "fid": "evaluate",
     "load": "pretrained",
     "Pipeline": "pretrained",
+    "distill": "distill",  # the function; the module fastddpm.distill is callable as the same function
+    "DistillConfig": "distill",
 }
 # submodules reachable as attributes without an explicit import (fd.metrics.frechet_distance, ...)
 _SUBMODULES = ("metrics", "evaluate", "features", "inception", "images", "interop")

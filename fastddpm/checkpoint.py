@@ -55,6 +55,7 @@ __all__ = [
     "load_model",
     "export_model",
     "BUNDLED_MODEL",
+    "BUNDLED",
 ]
 
 FORMAT = "fastddpm-checkpoint"
@@ -64,6 +65,10 @@ CKPT_SUBDIR = "checkpoints"
 CHECKSUMS_FILE = "checksums.sha256"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits.safetensors")
+# names of the bundled checkpoints (used when no file or folder of that name exists): the digits model and its
+# distilled 1-4-call students (`fastddpm distill`, docs/distillation.md)
+BUNDLED = {"digits": BUNDLED_MODEL,
+           "digits-distilled": os.path.join(os.path.dirname(BUNDLED_MODEL), "digits-distilled.safetensors")}
 
 
 class CheckpointError(ValueError):
@@ -273,6 +278,8 @@ def resolve_checkpoint(path: Optional[str]) -> str:
             )
         return BUNDLED_MODEL
     path = os.path.expanduser(os.fspath(path))
+    if not os.path.exists(path) and path in BUNDLED and os.path.isfile(BUNDLED[path]):
+        return BUNDLED[path]
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: checkpoint not found (no such file or directory)")
     if os.path.isdir(path):
@@ -500,7 +507,16 @@ def load_checkpoint(path: Optional[str], load_state: bool = True, load_model: bo
 
 # ------------------------------------------------------------------------------ building models
 def build_model(config: Dict[str, Any]) -> torch.nn.Module:
-    """A fastddpm.UNet from a checkpoint config's "model" entry (UNet keyword arguments)."""
+    """A fastddpm.UNet from a checkpoint config's "model" entry (UNet keyword arguments); for a distilled
+    checkpoint (a "distill" entry, `fastddpm.distill`) a `fastddpm.student.StudentSet` of such U-Nets."""
+    from .student import build_student_set, is_distilled
+
+    if is_distilled(config):
+        return build_student_set(config, _build_unet)
+    return _build_unet(config)
+
+
+def _build_unet(config: Dict[str, Any]) -> torch.nn.Module:
     from .unet import UNet
 
     import inspect
@@ -578,7 +594,8 @@ def load_model(path: Optional[str] = None, use_ema: bool = True, device: Any = "
     model.load_state_dict(weights)
     model.to(device).eval()
     diffusion = build_diffusion(ck.config)
-    model.num_timesteps = diffusion.num_timesteps  # lets the U-Net refuse t >= T (see UNet.forward)
+    for m in getattr(model, "students", {}).values() or [model]:
+        m.num_timesteps = diffusion.num_timesteps  # lets the U-Net refuse t >= T (see UNet.forward)
     return model, diffusion, ck.config
 
 

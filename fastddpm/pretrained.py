@@ -17,7 +17,9 @@ is the `fd.UNet`.
 Sampling: `FastSampler` (static buffers; a CUDA graph on CUDA), one per (sampler, steps, eta, batch
 size), built on first use and reused. Image i of a seed is the same whatever the batch size. For a
 diffusers folder the default sampler reproduces its scheduler's config (`fastddpm.interop.schedulers`);
-for fastddpm checkpoints it is DPM-Solver++(2M), 20 steps, as `fastddpm sample`.
+for fastddpm checkpoints it is DPM-Solver++(2M), 20 steps, as `fastddpm sample`. For a distilled checkpoint
+(`fastddpm distill`, e.g. `fd.load("digits-distilled")`) `num_inference_steps` is the student's model calls K
+(default: the most it holds) and the sampler is that student's deterministic DDIM.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from ._names import SAMPLER_NAMES
 from .graphs import FastSampler
 from .images import to_pil, to_uint8
 from .samplers import make_sampler
+from .student import is_distilled, student_for
 
 __all__ = ["load", "Pipeline", "PipelineOutput", "OUTPUT_TYPES"]
 
@@ -110,7 +113,12 @@ class Pipeline:
         if getattr(self.unet, "num_classes", None):
             raise ValueError("this model is class-conditional: sample it with fd.FastSampler(pipe.unet, sampler, "
                              "batch_size, labels=..., guidance_scale=...) or `fastddpm sample --class-label`")
-        smp, clip = self.sampler(sampler, num_inference_steps, eta)
+        net = self.unet
+        if is_distilled(self.config):  # a `fastddpm distill` student set: num_inference_steps = its model calls
+            net, smp = student_for(self.unet, self.diffusion, self.config, num_inference_steps)
+            clip = True
+        else:
+            smp, clip = self.sampler(sampler, num_inference_steps, eta)
         if getattr(smp, "thresholding", None) is not None:  # dynamic thresholding: the eager loop
             with torch.no_grad():
                 x = smp.sample(self.unet, (batch_size, *self.image_shape), seed=seed, clip_denoised=clip,
@@ -119,7 +127,7 @@ class Pipeline:
             key = (sampler, num_inference_steps, float(eta), batch_size)
             fast = self._fast.get(key)
             if fast is None:
-                fast = self._fast[key] = FastSampler(self.unet, smp, batch_size, clip_denoised=clip)
+                fast = self._fast[key] = FastSampler(net, smp, batch_size, clip_denoised=clip)
             fast.progress = bool(progress)
             x = fast(seed=seed)
         if output_type == "pt":

@@ -32,6 +32,7 @@ COMMAND_MODULES: Dict[str, str] = {
     "convert": "convert",
     "bench": "bench",
     "tune-steps": "tune_steps",
+    "distill": "distill",
 }
 
 

@@ -158,8 +158,14 @@ def run(args: argparse.Namespace) -> int:
     if args.features == "digits" and (size, channels) != (8, 1):
         raise CLIError(f"--features digits needs 8x8 one-channel images; this model makes {channels}x{size}x{size} "
                      "(use --features inception)")
-    sampler = _make_sampler(args.sampler, diffusion, sampler_steps(args.sampler, args.steps, diffusion),
-                            eta=args.eta)
+    from ..student import is_distilled, student_for
+
+    if is_distilled(config):  # a `fastddpm distill` student set: --steps picks the student (K model calls)
+        model, sampler = student_for(model, diffusion, config, args.steps)
+        args.sampler = "distilled"
+    else:
+        sampler = _make_sampler(args.sampler, diffusion, sampler_steps(args.sampler, args.steps, diffusion),
+                                eta=args.eta)
 
     batches = sample_batches(model, sampler, args.num, args.batch_size, (channels, size, size), seed=args.seed,
                              device=device, clip_denoised=not args.no_clip, progress=args.progress,

@@ -21,7 +21,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint directory, a run directory (its newest checkpoint) or a .safetensors "
                         "file; default: the bundled digits model")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES, help=f"default: {DEFAULT_SAMPLER}")
-    p.add_argument("--steps", type=int, default=None, help=steps_help())
+    p.add_argument("--steps", type=int, default=None,
+                   help=steps_help() + "; a distilled checkpoint (`fastddpm distill`): its model calls K, one of "
+                   "the counts it holds (default: the largest)")
     p.add_argument("--spacing", default=None, choices=SPACING_NAMES + ("tuned",),
                    help="timestep spacing (default: the checkpoint's tuned schedule for this sampler and step "
                         "count when `fastddpm tune-steps` stored one, else " + ", ".join(
@@ -64,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import checkpoint as ckpt
     from ..images import save_grid, to_uint8
     from ..precision import reduced_precision
+    from ..student import is_distilled, student_for
     from ..train import _ddp_failure, _dist_info, _join_process_group
     from ..tune import sampler_for_checkpoint
 
@@ -94,8 +97,13 @@ def run(args: argparse.Namespace) -> int:
         mc = config["model"]
         size, channels, num_classes = int(mc["image_size"]), int(mc["in_channels"]), mc.get("num_classes")
         ck_path = ckpt.resolve_checkpoint(args.checkpoint)  # where `fastddpm tune-steps` stored its schedules
-        sampler = sampler_for_checkpoint(ck_path, diffusion, args.sampler,
-                                         sampler_steps(args.sampler, args.steps, diffusion), args.spacing, eta=args.eta)
+        if is_distilled(config):  # a `fastddpm distill` student set: --steps picks the student (K model calls)
+            model, sampler = student_for(model, diffusion, config, args.steps)
+            args.sampler = "distilled"
+        else:
+            sampler = sampler_for_checkpoint(ck_path, diffusion, args.sampler,
+                                             sampler_steps(args.sampler, args.steps, diffusion), args.spacing,
+                                             eta=args.eta)
         model = reduced_precision(model, args.dtype)
         if args.class_label is not None:
             if not num_classes:

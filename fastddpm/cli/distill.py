@@ -1,0 +1,85 @@
+"""``fastddpm distill``: few-call students of a trained model, data-free (`fastddpm.distill`).
+
+    fastddpm distill --calls 1,2,4 --steps 2000 --out-dir runs/distill          # the bundled digits model
+    fastddpm distill --checkpoint runs/cifar --calls 2,4 --steps 20000 --out-dir runs/cifar-distill
+    fastddpm distill ... --resume                                                # continue exactly
+    fastddpm sample --checkpoint runs/distill --steps 2                          # sample student K = 2
+"""
+from __future__ import annotations
+
+import argparse
+
+from .._names import DETERMINISTIC_SAMPLERS, SPACING_NAMES
+from ._common import CLIError, add_threads_option, write_json
+
+# fastddpm.distill.DistillConfig's defaults (tests check they agree), here so that --help imports no torch
+_DEFAULTS = argparse.Namespace(steps=2000, batch_size=64, lr=1e-4, num_pairs=8192, teacher_sampler="unipc",
+                               teacher_steps=20, teacher_spacing="trailing", spacing="trailing", ema_decay=0.995,
+                               save_every=500, log_every=25, seed=0)
+
+HELP = "distil a trained model into 1-4-call students, data-free (sampled with `fastddpm sample --steps K`)"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Add the ``distill`` arguments to a parser."""
+    d = _DEFAULTS
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="the teacher: a checkpoint directory, run directory or .safetensors file (default: the "
+                        "bundled digits model)")
+    p.add_argument("--calls", default="1,2,3,4",
+                   help="model calls per image of the students, comma-separated: one student each (default: 1,2,3,4)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="the run directory (checkpoints, log, pairs)")
+    p.add_argument("--resume", action="store_true", help="continue the distillation run in --out-dir exactly")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"pairs per step (default: {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr})")
+    p.add_argument("--num-pairs", type=int, default=d.num_pairs,
+                   help=f"teacher trajectories (x_T, x_0) drawn once (default: {d.num_pairs})")
+    p.add_argument("--teacher-sampler", default=d.teacher_sampler, choices=DETERMINISTIC_SAMPLERS,
+                   help=f"the teacher's solver (default: {d.teacher_sampler})")
+    p.add_argument("--teacher-steps", type=int, default=d.teacher_steps,
+                   help=f"the teacher solver's model calls (default: {d.teacher_steps})")
+    p.add_argument("--teacher-spacing", default=d.teacher_spacing, choices=SPACING_NAMES,
+                   help=f"(default: {d.teacher_spacing})")
+    p.add_argument("--spacing", default=d.spacing, choices=SPACING_NAMES,
+                   help=f"the students' timesteps (default: {d.spacing})")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="class-conditional teachers: distil the guided model at this scale w")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"(default: {d.ema_decay})")
+    p.add_argument("--save-every", type=int, default=d.save_every, help=f"(default: {d.save_every})")
+    p.add_argument("--log-every", type=int, default=d.log_every, help=f"(default: {d.log_every})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the pairs' x_T and the batches (default: {d.seed})")
+    p.add_argument("--no-clip", action="store_true", help="do not clip x0-hat to [-1, 1] (teacher and students)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the result here")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    add_threads_option(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fastddpm distill``: distil, print where the students are and how to sample them."""
+    import torch
+
+    from ..distill import DistillConfig, distill
+
+    try:
+        calls = tuple(int(c) for c in str(args.calls).split(","))
+    except ValueError:
+        raise CLIError(f"--calls must be a comma-separated list of positive ints, got {args.calls!r}") from None
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    torch.set_num_threads(args.threads or 1)
+    cfg = DistillConfig(checkpoint=args.checkpoint, calls=calls, steps=args.steps, out_dir=args.out_dir,
+                        resume=args.resume, batch_size=args.batch_size, lr=args.lr, num_pairs=args.num_pairs,
+                        teacher_sampler=args.teacher_sampler, teacher_steps=args.teacher_steps,
+                        teacher_spacing=args.teacher_spacing, spacing=args.spacing,
+                        guidance_scale=args.guidance_scale, ema_decay=args.ema_decay, clip=not args.no_clip,
+                        seed=args.seed, save_every=args.save_every, log_every=args.log_every, progress=args.progress)
+    r = distill(cfg)
+    last = r.losses[-1] if r.losses else {}
+    summary = {"out_dir": r.out_dir, "checkpoint": r.checkpoint, "timesteps": {str(k): v for k, v in r.timesteps.items()},
+               "final_losses": last, "seconds": round(r.seconds, 1)}
+    write_json(summary, args.json)
+    ks = ",".join(str(k) for k in r.timesteps)
+    print(f"students for {ks} model calls -> {r.checkpoint} ({r.seconds:.0f} s); sample one with "
+          f"`fastddpm sample --checkpoint {r.out_dir} --steps K`")
+    return 0

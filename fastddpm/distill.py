@@ -1,0 +1,433 @@
+"""Data-free distillation: students that sample in K = 1-4 model calls from any trained fastddpm model.
+
+    import fastddpm as fd
+    result = fd.distill(calls=(1, 2, 4), steps=2000, out_dir="runs/distill")   # the bundled model
+    pipe = fd.load("runs/distill")
+    images = pipe(16, num_inference_steps=2).images                              # 2 model calls
+
+Method (trajectory distillation, unrolled): draw x_T ~ N(0, I) (Philox, as every sampler), run the
+teacher's deterministic solver (default UniPC, 20 calls, trailing spacing) to its x_0, and keep the
+pairs (x_T, x_0) (no training data is read). Student K starts as a copy of the teacher and samples
+with deterministic DDIM (eta = 0) at its own K timesteps (trailing spacing: 999, 499 for K = 2 on a
+1000-step schedule); it is trained so that its whole K-step chain, unrolled and differentiated end to
+end, lands where the teacher lands: loss = mean (student_chain_K(x_T) - x_0)^2. The chain is the fused
+op's own reference (`sampler_step_reference`), so what is trained is exactly what `FastSampler` runs.
+
+Model kinds: eps, x0 and v predictions, any schedule (the DDIM table handles all three). A
+learned-range model's variance channels are ignored (kept as the teacher's: deterministic DDIM never
+reads them). A class-conditional model is distilled as its guided version at `guidance_scale`: the
+pairs come from the guided teacher with labels drawn per pair, and the student is called with those
+labels (and samples with one call per step, no guidance branch).
+
+The run directory is a checkpoint run like `fastddpm train`'s: atomic checkpoints with checksums
+(the student set and its EMA, optimizer, RNG and the generator of the pair batches), exact
+`--resume`, a run lock, a JSONL log and a progress bar. The teacher pairs are stored once in the run
+directory (``teacher_pairs.safetensors``) and checked on resume.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import checkpoint as ckpt
+from ._names import DETERMINISTIC_SAMPLERS
+from .ops.sampler_step import sampler_step_reference
+from .samplers import DDIMSampler, make_sampler
+from .spacing import make_timesteps
+from .student import StudentSet, distilled_calls, is_distilled, student_timesteps_of
+
+__all__ = ["DistillConfig", "DistillResult", "distill", "student_timesteps", "student_sampler", "ddim_chain",
+           "teacher_pairs", "train_step", "PAIRS_FILE", "LOG_FILE"]
+
+PAIRS_FILE = "teacher_pairs.safetensors"
+LOG_FILE = "distill_log.jsonl"
+LOSSES = ("x0",)
+
+
+@dataclass
+class DistillConfig:
+    """What `distill` runs. Every field is a `fastddpm distill` flag of the same name.
+
+    checkpoint: the teacher (None: the bundled digits model). calls: the K to distil (one student each).
+    steps: optimizer steps (each updates every student on one batch of pairs). out_dir: the run directory.
+    resume: continue the run in out_dir exactly. batch_size, lr: Adam's batch and learning rate.
+    num_pairs: teacher trajectories drawn (x_T, x_0). teacher_sampler / teacher_steps / teacher_spacing:
+    the teacher's deterministic solver. spacing: the students' timesteps ("trailing", "uniform", ...).
+    guidance_scale: class-conditional teachers only (distil the guided model at this w).
+    ema_decay: EMA of the student weights (what is sampled by default). clip: clamp x0-hat to [-1, 1].
+    """
+
+    checkpoint: Optional[str] = None
+    calls: Tuple[int, ...] = (1, 2, 3, 4)
+    steps: int = 2000
+    out_dir: str = "runs/distill"
+    resume: bool = False
+    batch_size: int = 64
+    lr: float = 1e-4
+    num_pairs: int = 8192
+    teacher_sampler: str = "unipc"
+    teacher_steps: int = 20
+    teacher_spacing: str = "trailing"
+    spacing: str = "trailing"
+    loss: str = "x0"
+    guidance_scale: Optional[float] = None
+    ema_decay: float = 0.995
+    clip: bool = True
+    seed: int = 0
+    save_every: int = 500
+    log_every: int = 25
+    keep: int = 2
+    pair_batch: int = 500
+    progress: bool = True
+
+    def validate(self) -> "DistillConfig":
+        def bad(name: str, want: str) -> ValueError:
+            return ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+        calls = tuple(self.calls) if not isinstance(self.calls, int) else (self.calls,)
+        if not calls or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in calls):
+            raise bad("calls", "one or more positive ints (model calls per image)")
+        if len(set(calls)) != len(calls):
+            raise bad("calls", "distinct model-call counts")
+        self.calls = tuple(sorted(calls))
+        for name in ("steps", "batch_size", "num_pairs", "teacher_steps", "save_every", "log_every", "pair_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(name, "a positive int")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0):
+            raise bad("keep", "a non-negative int")
+        if max(self.calls) > self.teacher_steps:
+            raise ValueError(f"calls must be at most the teacher's steps (--teacher-steps {self.teacher_steps}): a "
+                             f"student cannot be distilled from a coarser solver, got {list(self.calls)}")
+        if self.teacher_sampler not in DETERMINISTIC_SAMPLERS:
+            raise bad("teacher_sampler", f"a deterministic sampler {DETERMINISTIC_SAMPLERS}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            raise bad("lr", "a learning rate in (0, 1)")
+        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+            raise bad("ema_decay", "in [0, 1)")
+        if self.loss not in LOSSES:
+            raise bad("loss", f"one of {LOSSES}")
+        if self.guidance_scale is not None and not isinstance(self.guidance_scale, (int, float)):
+            raise bad("guidance_scale", "a number or None")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["calls"] = list(self.calls)
+        return d
+
+
+@dataclass
+class DistillResult:
+    """What `distill` returns: the run directory, its newest checkpoint, the students' timesteps,
+    the losses logged and the wall time of this invocation."""
+
+    out_dir: str
+    checkpoint: str
+    timesteps: Dict[int, List[int]]
+    losses: List[Dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------ the student's sampler
+def student_timesteps(diffusion: Any, calls: int, spacing: str = "trailing") -> List[int]:
+    """The K timesteps (descending) a K-call student samples at."""
+    return [int(t) for t in make_timesteps(diffusion.schedule, int(calls), spacing)]
+
+
+def student_sampler(diffusion: Any, timesteps: Sequence[int]) -> DDIMSampler:
+    """Deterministic DDIM at the student's timesteps: the sampler a student runs (fused op, FastSampler)."""
+    return DDIMSampler(diffusion, steps=[int(t) for t in timesteps], eta=0.0)
+
+
+def ddim_chain(model: Callable[..., Any], sampler: DDIMSampler, x: torch.Tensor, clip: bool = True,
+               model_kwargs: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+    """The sampler's deterministic chain from x (= x_T) as a differentiable function of the model.
+
+    Each step is the fused op's reference implementation with the sampler's own coefficient table,
+    so the result equals `sampler.sample` from the same x_T (tests check it).
+    """
+    coefs = sampler.coefs.to(device=x.device, dtype=torch.float32)
+    c = x.shape[1]
+    kw = model_kwargs or {}
+    for s, t in enumerate(sampler._model_timesteps.tolist()):
+        out = model(x, torch.full((x.shape[0],), int(t), dtype=torch.int64, device=x.device), **kw)
+        out = out if isinstance(out, torch.Tensor) else out.sample
+        step = torch.tensor([s], dtype=torch.int64, device=x.device)
+        x, _ = sampler_step_reference(x, out[:, :c], coefs, step, clip=clip)
+    return x
+
+
+# ------------------------------------------------------------------------------ teacher pairs
+def _labels(num: int, num_classes: int, seed: int) -> torch.Tensor:
+    return torch.randint(num_classes, (num,), generator=torch.Generator().manual_seed(seed + 7919))
+
+
+@torch.no_grad()
+def teacher_pairs(model: Callable[..., Any], diffusion: Any, shape: Sequence[int], num: int, seed: int = 0, *,
+                  sampler: str = "unipc", steps: int = 20, spacing: str = "trailing", clip: bool = True,
+                  batch: int = 500, labels: Optional[torch.Tensor] = None, guidance_scale: Optional[float] = None,
+                  progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x_T, x_0) of `num` teacher trajectories: x_T from Philox `seed` (image i the same whatever
+    `batch`), x_0 from the teacher's deterministic `sampler` at `steps` calls."""
+    from .ops.philox import philox_normal
+
+    smp = make_sampler(sampler, diffusion, steps=steps, spacing=spacing)
+    xs, x0s = [], []
+    rng = range(0, num, batch)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rng = tqdm(rng, desc=f"teacher pairs ({sampler}, {steps} calls)", unit="batch")
+    zero = torch.zeros(1, dtype=torch.int64)
+    for i in rng:
+        n = min(batch, num - i)
+        full = (n, *shape)
+        xs.append(philox_normal(torch.tensor([seed]), full, zero, stream=1, image_offset=i))
+        if labels is None:
+            x0s.append(smp.sample(model, full, seed=seed, clip_denoised=clip, image_offset=i))
+        else:
+            from .guidance import GuidedModel
+
+            g = GuidedModel(model, labels[i:i + n], guidance_scale, model.num_classes, shape[0])
+            x0s.append(smp.sample(g, full, seed=seed, clip_denoised=clip, image_offset=i))
+    return torch.cat(xs), torch.cat(x0s)
+
+
+# ------------------------------------------------------------------------------ teacher loading and checks
+def _load_teacher(checkpoint: Optional[str]) -> Tuple[torch.nn.Module, Any, Dict[str, Any], str]:
+    """(model, diffusion, config, path) of a teacher; ValueError naming `checkpoint` when it is not one."""
+    try:
+        path = ckpt.resolve_checkpoint(checkpoint)
+        probe = ckpt.load_checkpoint(path, load_state=False, load_model=False, load_ema=False)
+    except ckpt.CheckpointError as e:
+        raise ValueError(f"checkpoint must be a trained fastddpm diffusion model: {e}") from None
+    cfg = probe.config
+    if not isinstance(cfg.get("model"), dict) or not isinstance(cfg.get("diffusion"), dict):
+        raise ValueError(f"checkpoint must be a trained fastddpm diffusion model (a config with 'model' and "
+                         f"'diffusion' entries), got {path!r}")
+    if is_distilled(cfg):
+        raise ValueError(f"checkpoint must be a diffusion model, not a distilled student set: {path!r}")
+    model, diffusion, config = ckpt.load_model(path, device="cpu")
+    return model, diffusion, config, path
+
+
+def _check_out_dir(cfg: DistillConfig) -> Optional[str]:
+    """The checkpoint to resume (None for a fresh run); ValueError for --resume on what is not a distillation
+    run, or a fresh run over an existing one."""
+    latest = ckpt.latest_checkpoint(cfg.out_dir) if os.path.isdir(cfg.out_dir) else None
+    if latest is not None:
+        probe = ckpt.load_checkpoint(latest, load_state=False, load_model=False, load_ema=False)
+        if not is_distilled(probe.config):
+            raise ValueError(f"out_dir {cfg.out_dir!r} holds a training run, not a distillation run: --resume "
+                             "continues only `fastddpm distill` runs; choose another --out-dir")
+        if not cfg.resume:
+            raise ValueError(f"out_dir {cfg.out_dir!r} already holds a distillation run: pass --resume to continue "
+                             "it or choose another --out-dir")
+    elif cfg.resume and os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
+        if os.path.isdir(os.path.join(cfg.out_dir, ckpt.CKPT_SUBDIR)) or os.path.isfile(
+                os.path.join(cfg.out_dir, "config.json")):
+            raise ValueError(f"out_dir {cfg.out_dir!r} is not a distillation run: --resume continues only "
+                             "`fastddpm distill` runs")
+    return latest
+
+
+_RESUME_FIXED = ("checkpoint", "calls", "batch_size", "num_pairs", "teacher_sampler", "teacher_steps",
+                 "teacher_spacing", "spacing", "loss", "guidance_scale", "clip", "seed", "lr", "ema_decay")
+
+
+def _check_resume_config(saved: Dict[str, Any], cfg: DistillConfig) -> None:
+    now = cfg.to_dict()
+    diff = [f"{k}: run {saved.get(k)!r} vs now {now[k]!r}" for k in _RESUME_FIXED if saved.get(k) != now[k]]
+    if diff:
+        raise ValueError("--resume: the run was made with other settings (" + "; ".join(diff) + "); pass the "
+                         "same ones or choose another --out-dir")
+
+
+# ------------------------------------------------------------------------------ pairs on disk
+def _pairs(cfg: DistillConfig, teacher: torch.nn.Module, diffusion: Any, shape: Tuple[int, ...],
+           labels: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The teacher pairs of the run: read from out_dir when stored (checked), else drawn and stored."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(cfg.out_dir, PAIRS_FILE)
+    meta = {"num_pairs": cfg.num_pairs, "seed": cfg.seed, "sampler": cfg.teacher_sampler,
+            "steps": cfg.teacher_steps, "spacing": cfg.teacher_spacing, "clip": cfg.clip,
+            "guidance_scale": cfg.guidance_scale}
+    if os.path.isfile(path):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            stored = json.loads((f.metadata() or {}).get("fastddpm_pairs", "{}"))
+        if stored == json.loads(json.dumps(meta)):
+            return load_file(path)
+    x_T, x_0 = teacher_pairs(teacher, diffusion, shape, cfg.num_pairs, cfg.seed, sampler=cfg.teacher_sampler,
+                             steps=cfg.teacher_steps, spacing=cfg.teacher_spacing, clip=cfg.clip,
+                             batch=cfg.pair_batch, labels=labels, guidance_scale=cfg.guidance_scale,
+                             progress=cfg.progress)
+    out = {"x_T": x_T.contiguous(), "x_0": x_0.contiguous()}
+    if labels is not None:
+        out["y"] = labels.contiguous()
+    tmp = path + ".tmp"
+    save_file(out, tmp, metadata={"fastddpm_pairs": json.dumps(meta)})
+    os.replace(tmp, path)
+    return out
+
+
+def train_step(students: StudentSet, samplers: Dict[int, DDIMSampler], x_T: torch.Tensor, x_0: torch.Tensor,
+               opt: torch.optim.Optimizer, clip: bool = True,
+               model_kwargs: Optional[Dict[str, Any]] = None) -> Dict[int, float]:
+    """One optimizer step of every student: loss_K = mean (chain_K(x_T) - x_0)^2; {K: loss_K} before the step."""
+    opt.zero_grad(set_to_none=True)
+    per_k = {}
+    for k, smp in samplers.items():
+        out = ddim_chain(students.for_calls(k), smp, x_T, clip, model_kwargs)
+        loss = (out - x_0).square().mean()
+        loss.backward()
+        per_k[k] = float(loss.detach())
+    opt.step()
+    return per_k
+
+
+def _ema_step(ema: torch.nn.Module, model: torch.nn.Module, decay: float, n: int) -> None:
+    d = min(decay, (1 + n) / (10 + n))
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - d)
+
+
+def _run_config(cfg: DistillConfig, tconfig: Dict[str, Any], tpath: str,
+                timesteps: Dict[int, List[int]]) -> Dict[str, Any]:
+    """The checkpoint config of a student set: the teacher's model and diffusion, plus "distill"."""
+    out = {k: tconfig[k] for k in ("model", "diffusion", "data") if k in tconfig}
+    out["distill"] = {
+        "calls": {str(k): ts for k, ts in timesteps.items()},
+        "sampler": "ddim (eta = 0) at the timesteps of 'calls'",
+        "method": "trajectory: unrolled K-step chain, MSE to the teacher's x_0 from the same x_T",
+        "teacher": {"checkpoint": tpath, "sampler": cfg.teacher_sampler, "steps": cfg.teacher_steps,
+                    "spacing": cfg.teacher_spacing, "guidance_scale": cfg.guidance_scale},
+        "variance_channels": "ignored (the teacher's, untrained: deterministic DDIM does not read them)",
+        "config": cfg.to_dict(),
+    }
+    return out
+
+
+def distill(config: Optional[DistillConfig] = None, **kwargs: Any) -> DistillResult:
+    """Distil a trained model into one K-call student per K in `calls` (see the module docstring).
+
+    `distill(calls=(1, 2, 4), steps=2000, out_dir="runs/d")` or `distill(DistillConfig(...))`. Returns a
+    :class:`DistillResult`; the students are the run's checkpoint (`fd.load(out_dir)`,
+    `fastddpm sample --checkpoint out_dir --steps K`).
+    """
+    cfg = copy.deepcopy(config) if config is not None else DistillConfig()
+    for k, v in kwargs.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"distill() got an unexpected keyword argument {k!r}")
+        setattr(cfg, k, v)
+    cfg.validate()
+    from .train import _RunLock, _truncate_log
+
+    latest = _check_out_dir(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    lock = _RunLock(cfg.out_dir)
+    try:
+        return _distill(cfg, latest, _truncate_log)
+    finally:
+        lock.release()
+
+
+def _distill(cfg: DistillConfig, latest: Optional[str], truncate_log: Callable[[str, int], None]) -> DistillResult:
+    t_start = time.perf_counter()
+    teacher, diffusion, tconfig, tpath = _load_teacher(cfg.checkpoint)
+    teacher.requires_grad_(False)
+    num_classes = getattr(teacher, "num_classes", None)
+    if num_classes and cfg.guidance_scale is None:
+        raise ValueError("guidance_scale is required for a class-conditional teacher (--guidance-scale W: the "
+                         "guided model at W is distilled)")
+    if not num_classes and cfg.guidance_scale is not None:
+        raise ValueError("guidance_scale applies to class-conditional teachers only; this one has no classes")
+    timesteps = {k: student_timesteps(diffusion, k, cfg.spacing) for k in cfg.calls}
+    samplers = {k: student_sampler(diffusion, ts) for k, ts in timesteps.items()}
+    shape = (int(teacher.in_channels), int(teacher.image_size), int(teacher.image_size))
+    labels = _labels(cfg.num_pairs, num_classes, cfg.seed) if num_classes else None
+    pairs = _pairs(cfg, teacher, diffusion, shape, labels)
+
+    students = StudentSet({k: copy.deepcopy(teacher) for k in cfg.calls})
+    students.requires_grad_(True)
+    ema = copy.deepcopy(students).requires_grad_(False)
+    opt = torch.optim.Adam(students.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    start = 0
+    log_path = os.path.join(cfg.out_dir, LOG_FILE)
+    if latest is not None:
+        ck = ckpt.load_checkpoint(latest)
+        _check_resume_config(ck.config["distill"]["config"], cfg)
+        students.load_state_dict(ck.model)
+        ema.load_state_dict(ck.ema)
+        opt.load_state_dict(ck.state["optimizer"])
+        gen.set_state(ck.state["generator"])
+        torch.set_rng_state(ck.state["torch_rng"])
+        start = int(ck.state["step"])
+        truncate_log(log_path, start)
+    run_cfg = _run_config(cfg, tconfig, tpath, timesteps)
+    students.eval()  # dropout off: the student is trained on the deterministic map it will run
+    ema.eval()
+    result = DistillResult(cfg.out_dir, latest or "", timesteps)
+
+    def save(at: int) -> str:
+        state = {"optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                 "step": at}
+        return ckpt.save_checkpoint(cfg.out_dir, at, run_cfg, students.state_dict(), ema.state_dict(), state,
+                                    keep=cfg.keep)
+
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step")
+    n = pairs["x_T"].shape[0]
+    with open(log_path, "a", encoding="utf-8") as log:
+        for step in range(start, cfg.steps):
+            idx = torch.randint(n, (cfg.batch_size,), generator=gen)
+            x_T, x_0 = pairs["x_T"][idx], pairs["x_0"][idx]
+            kw = {"y": pairs["y"][idx]} if "y" in pairs else None
+            per_k = train_step(students, samplers, x_T, x_0, opt, cfg.clip, kw)
+            _ema_step(ema, students, cfg.ema_decay, step)
+            done = step + 1
+            rec = {"step": done, "loss": sum(per_k.values()), **{f"loss_{k}": v for k, v in per_k.items()},
+                   "seconds": round(time.perf_counter() - t_start, 2)}
+            result.losses.append(rec)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({f"K{k}": f"{v:.4f}" for k, v in per_k.items()})
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                result.checkpoint = save(done)
+    if bar is not None:
+        bar.close()
+    if not result.checkpoint:  # resumed a finished run: nothing to do
+        result.checkpoint = latest or save(start)
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+class _CallableModule(types.ModuleType):
+    """`fd.distill(...)` is the function whether `fastddpm.distill` names the function (fd's lazy export)
+    or this module (after `import fastddpm.distill`, which binds the package attribute to the module)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> DistillResult:
+        return distill(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

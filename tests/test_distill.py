@@ -1,0 +1,269 @@
+"""Distillation (fastddpm.distill): oracles from closed forms and from the teacher itself.
+
+* exact Gaussian data: the probability-flow ODE map x_T -> x_0 is x_0 = x_T * std_0 / std_T; a 1-call
+  linear student of the exact denoiser, trained through `train_step`, converges to that gain;
+* a student whose K and timesteps are the teacher's own DDIM reproduces the teacher at init (loss 0),
+  for eps / x0 / v, linear / cosine, learned-range and class-conditional (guided) teachers;
+* the differentiable chain is the sampler: `ddim_chain` = `DDIMSampler.sample` = FastSampler;
+* resume is exact; bad inputs are named; students load through fd.load, FastSampler.from_checkpoint and
+  `fastddpm sample`, and a K they do not hold is refused naming the counts they have.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fastddpm as fd
+from fastddpm import checkpoint as ck
+from fastddpm.distill import (DistillConfig, ddim_chain, distill, student_sampler, student_timesteps, teacher_pairs,
+                              train_step)
+from fastddpm.ops.philox import philox_normal
+from fastddpm.samplers import make_sampler
+from fastddpm.student import StudentSet
+from fastddpm.unet import UNet
+
+TINY_MODEL = dict(image_size=8, in_channels=1, base_channels=8, channel_mults=[1], num_res_blocks=1,
+                  attention_resolutions=[], dropout=0.0, num_heads=1, groups=4)
+TINY_DIFFUSION = dict(schedule="linear", num_timesteps=40, prediction="eps", variance="fixed_small", loss="simple")
+
+
+def _tiny_checkpoint(path, model=None, diffusion=None, seed=0):
+    model = dict(TINY_MODEL, **(model or {}))
+    torch.manual_seed(seed)
+    u = UNet(**model)
+    with torch.no_grad():
+        for p in u.parameters():  # the output conv is zero-initialised: make the model do something
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = {"model": model, "diffusion": dict(TINY_DIFFUSION, **(diffusion or {}))}
+    return ck.save_checkpoint(str(path), 1, cfg, u.state_dict(), u.state_dict())
+
+
+def _x_T(seed, shape, offset=0):
+    return philox_normal(torch.tensor([seed]), shape, torch.zeros(1, dtype=torch.int64), stream=1, image_offset=offset)
+
+
+# ----------------------------------------------------------------------------- the chain is the sampler
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_chain_equals_sampler_and_fastsampler(tmp_path, prediction):
+    path = _tiny_checkpoint(tmp_path, diffusion={"prediction": prediction})
+    model, diff, _ = ck.load_model(path)
+    for k in (1, 3):
+        smp = student_sampler(diff, student_timesteps(diff, k))
+        ref = smp.sample(model, (5, 1, 8, 8), seed=4)
+        with torch.no_grad():
+            got = ddim_chain(model, smp, _x_T(4, (5, 1, 8, 8)))
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fd.FastSampler(model, smp, 5)(seed=4), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_teacher_pairs_do_not_depend_on_the_batch(tmp_path):
+    model, diff, _ = ck.load_model(_tiny_checkpoint(tmp_path))
+    a = teacher_pairs(model, diff, (1, 8, 8), 7, seed=2, sampler="dpm++", steps=5, batch=7)
+    b = teacher_pairs(model, diff, (1, 8, 8), 7, seed=2, sampler="dpm++", steps=5, batch=3)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    torch.testing.assert_close(a[1], b[1], rtol=1e-6, atol=1e-6)
+    ref = make_sampler("dpm++", diff, steps=5, spacing="trailing").sample(model, (7, 1, 8, 8), seed=2)
+    torch.testing.assert_close(a[1], ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a[0], _x_T(2, (7, 1, 8, 8)), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- closed form: Gaussian data
+class _ExactDenoiser(torch.nn.Module):
+    """eps*(x, t) for data N(0, s^2 I): E[eps | x_t] = sqrt(1 - ab) x / (ab s^2 + 1 - ab)."""
+
+    def __init__(self, ab, s2):
+        super().__init__()
+        self.ab, self.s2 = ab, s2
+
+    def forward(self, x, t):
+        ab = self.ab[t].to(x.dtype).reshape(-1, 1, 1, 1)
+        return (1 - ab).sqrt() * x / (ab * self.s2 + 1 - ab)
+
+
+class _LinearStudent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):
+        return self.w * x
+
+
+def test_one_call_linear_student_converges_to_the_closed_form_ode_map():
+    s2 = 0.25
+    # linear schedule: at t = 999 of the cosine one x0 = (x - sqrt(1 - ab) eps) / sqrt(ab) amplifies 2e4x, so the
+    # fp32 resolution of a 1-call eps student's gain would be ~1e-3
+    diff = fd.GaussianDiffusion(fd.NoiseSchedule.linear(1000), prediction="eps")
+    ab = diff.schedule.alphas_cumprod
+    teacher = _ExactDenoiser(ab, s2)
+    x_T, x_0 = teacher_pairs(teacher, diff, (1, 4, 4), 512, seed=0, sampler="unipc", steps=50, spacing="logsnr",
+                             clip=False)
+    t0, t1 = diff.num_timesteps - 1, make_sampler("unipc", diff, 50, spacing="logsnr").timesteps[-1].item()
+    var = lambda t: ab[t] * s2 + 1 - ab[t]  # noqa: E731
+    # the PF-ODE from t0 to t1 scales x by sqrt(var(t1) / var(t0)); the exact denoiser's x0 at t1 is g(t1) x
+    gain = (ab[t1].sqrt() * s2 / var(t1) * (var(t1) / var(t0)).sqrt()).item()
+    fit = float((x_T * x_0).sum() / (x_T * x_T).sum())
+    assert fit == pytest.approx(gain, rel=2e-4)  # the teacher's solver itself follows the ODE
+    assert float((x_0 - fit * x_T).abs().max()) < 5e-5  # and its map is linear
+
+    students = StudentSet({1: _LinearStudent()})
+    smp = {1: student_sampler(diff, student_timesteps(diff, 1))}
+    opt = torch.optim.Adam(students.parameters(), lr=0.02)
+    ones = torch.ones(1, 1, 1, 1)
+
+    def student_gain():
+        with torch.no_grad():
+            return float(ddim_chain(students.for_calls(1), smp[1], ones, clip=False).reshape(()))
+
+    assert abs(student_gain() - gain) > 0.1  # far at init
+    losses = [train_step(students, smp, x_T, x_0, opt, clip=False)[1] for _ in range(500)]
+    assert student_gain() == pytest.approx(fit, rel=1e-4)  # the teacher's map, to fp32 accuracy
+    assert student_gain() == pytest.approx(gain, rel=3e-4)  # = the closed form up to the teacher's solver error
+    assert losses[-1] < 1e-3 * losses[0]
+
+
+# ----------------------------------------------------------------------------- K = the teacher's steps: loss 0
+KINDS = [
+    ({}, {}),
+    ({}, {"prediction": "x0", "schedule": "cosine"}),
+    ({}, {"prediction": "v"}),
+    ({"learn_sigma": True, "out_channels": 2}, {"variance": "learned_range", "loss": "hybrid"}),
+]
+
+
+@pytest.mark.parametrize("model_kw,diff_kw", KINDS, ids=["eps-linear", "x0-cosine", "v", "learned-range"])
+def test_student_with_the_teachers_steps_reproduces_it_at_init(tmp_path, model_kw, diff_kw):
+    teacher = _tiny_checkpoint(tmp_path / "t", model_kw, diff_kw)
+    r = distill(checkpoint=teacher, calls=(3,), steps=2, out_dir=str(tmp_path / "d"), teacher_sampler="ddim",
+                teacher_steps=3, num_pairs=16, batch_size=8, lr=1e-3, progress=False)
+    assert r.losses[0]["loss_3"] < 1e-12  # the student's chain is the teacher's solver: loss exactly 0
+    assert r.timesteps == {3: [39, 26, 12]}  # trailing: round(T - i T / K) - 1
+
+
+def test_class_conditional_teacher_is_distilled_guided(tmp_path):
+    teacher = _tiny_checkpoint(tmp_path / "t", {"num_classes": 3})
+    kw = dict(checkpoint=teacher, calls=(2,), steps=1, teacher_sampler="ddim", teacher_steps=2, num_pairs=12,
+              batch_size=6, progress=False)
+    r = distill(out_dir=str(tmp_path / "d"), guidance_scale=1.0, **kw)
+    assert r.losses[0]["loss_2"] < 1e-10  # student called with the labels = the teacher guided at w = 1
+    kw.update(steps=15, lr=2e-3, batch_size=12)
+    r = distill(out_dir=str(tmp_path / "g"), guidance_scale=3.0, **kw)
+    # at w = 3 the student starts as the conditional model (one call per step, no guidance branch) and moves
+    # towards the guided teacher's map: the loss on all pairs, before and after
+    from safetensors.torch import load_file
+
+    pairs = load_file(str(tmp_path / "g" / "teacher_pairs.safetensors"))
+    model, diff, cfg = ck.load_model(r.checkpoint, use_ema=False)
+    teacher_model, _, _ = ck.load_model(teacher)
+    smp = student_sampler(diff, cfg["distill"]["calls"]["2"])
+
+    def loss(m):
+        with torch.no_grad():
+            return float((ddim_chain(m, smp, pairs["x_T"], model_kwargs={"y": pairs["y"]}) - pairs["x_0"]).square().mean())
+
+    assert loss(teacher_model) > 1e-3 and loss(model.for_calls(2)) < 0.8 * loss(teacher_model)
+    assert pairs["y"].shape == (12,) and int(pairs["y"].max()) < 3
+    with pytest.raises(ValueError, match="guidance_scale is required"):
+        distill(out_dir=str(tmp_path / "e"), **kw)
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_is_exact(tmp_path):
+    teacher = _tiny_checkpoint(tmp_path / "t")
+    kw = dict(checkpoint=teacher, calls=(1, 2), num_pairs=32, batch_size=8, lr=1e-3, save_every=2, progress=False,
+              teacher_steps=4)
+    full = distill(steps=4, out_dir=str(tmp_path / "a"), **kw)
+    distill(steps=2, out_dir=str(tmp_path / "b"), **kw)
+    with pytest.raises(ValueError, match="--resume"):
+        distill(steps=4, out_dir=str(tmp_path / "b"), **kw)  # a fresh run over an existing one
+    rest = distill(steps=4, out_dir=str(tmp_path / "b"), resume=True, **kw)
+    assert [e["loss"] for e in rest.losses] == [e["loss"] for e in full.losses[2:]]
+    a, b = ck.load_checkpoint(full.checkpoint), ck.load_checkpoint(rest.checkpoint)
+    for name in a.model:
+        torch.testing.assert_close(a.model[name], b.model[name], rtol=0, atol=0)
+        torch.testing.assert_close(a.ema[name], b.ema[name], rtol=0, atol=0)
+    logs = [json.loads(l) for l in open(tmp_path / "b" / "distill_log.jsonl")]
+    assert [e["step"] for e in logs] == [1, 2, 3, 4] or [e["step"] for e in logs][-1] == 4
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def test_bad_inputs_are_named(tmp_path):
+    teacher = _tiny_checkpoint(tmp_path / "t")
+    with pytest.raises(ValueError, match="^calls must be"):
+        distill(checkpoint=teacher, calls=(0,), out_dir=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match=r"calls must be at most the teacher's steps \(--teacher-steps 4\)"):
+        distill(checkpoint=teacher, calls=(2, 5), teacher_steps=4, out_dir=str(tmp_path / "x"))
+    clf = os.path.join(os.path.dirname(ck.BUNDLED_MODEL), "digits_classifier.safetensors")
+    with pytest.raises(ValueError, match="^checkpoint must be a trained fastddpm diffusion model"):
+        distill(checkpoint=clf, calls=(1,), steps=1, out_dir=str(tmp_path / "y"), progress=False)
+    run = tmp_path / "trainrun"
+    _tiny_checkpoint(run)  # a `fastddpm train` run directory
+    with pytest.raises(ValueError, match="holds a training run, not a distillation run: --resume"):
+        distill(checkpoint=teacher, calls=(1,), out_dir=str(run), resume=True)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from fastddpm.cli import main
+
+    assert main(["distill", "--calls", "0", "--out-dir", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastddpm distill: error: --calls must be")
+    assert main(["distill", "--calls", "1,x", "--out-dir", str(tmp_path / "x")]) == 1
+    assert "--calls must be" in capsys.readouterr().err
+
+
+def test_cli_defaults_match_the_library():
+    from fastddpm.cli.distill import _DEFAULTS
+
+    d = DistillConfig()
+    for k, v in vars(_DEFAULTS).items():
+        assert getattr(d, k) == v, k
+
+
+# ----------------------------------------------------------------------------- students are checkpoints
+@pytest.fixture(scope="module")
+def student_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("distill")
+    teacher = _tiny_checkpoint(base / "t")
+    out = str(base / "d")
+    distill(checkpoint=teacher, calls=(1, 2), steps=3, out_dir=out, num_pairs=16, batch_size=8, lr=1e-3,
+            teacher_steps=4, progress=False)
+    return out
+
+
+def test_student_loads_everywhere_and_samples_its_chain(student_run):
+    model, diff, cfg = ck.load_model(student_run)
+    assert isinstance(model, StudentSet) and model.calls == [1, 2]
+    for k in (1, 2):
+        smp = student_sampler(diff, cfg["distill"]["calls"][str(k)])
+        with torch.no_grad():
+            ref = ddim_chain(model.for_calls(k), smp, _x_T(0, (4, 1, 8, 8)))
+        pipe = fd.load(student_run, device="cpu")
+        torch.testing.assert_close(pipe(4, seed=0, num_inference_steps=k, output_type="pt").images, ref,
+                                   rtol=1e-6, atol=1e-6)
+        fast = fd.FastSampler.from_checkpoint(student_run, steps=k, batch_size=4)
+        assert fast.num_steps == k
+        torch.testing.assert_close(fast(seed=0), ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"one of the model-call counts this distilled checkpoint holds \(1, 2\), got 3"):
+        fd.load(student_run, device="cpu")(2, num_inference_steps=3)
+
+
+def test_cli_sample_and_eval_take_students(student_run, tmp_path, capsys):
+    from fastddpm.cli import main
+
+    npz = str(tmp_path / "s.npz")
+    assert main(["sample", "--checkpoint", student_run, "--steps", "2", "--num-images", "6", "--npz", npz,
+                 "--no-progress"]) == 0
+    imgs = np.load(npz)["images"]
+    model, diff, cfg = ck.load_model(student_run)
+    with torch.no_grad():
+        ref = ddim_chain(model.for_calls(2), student_sampler(diff, cfg["distill"]["calls"]["2"]), _x_T(0, (6, 1, 8, 8)))
+    np.testing.assert_array_equal(imgs, fd.to_uint8(ref))
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", student_run, "--steps", "4", "--num-images", "2", "--npz", npz]) == 1
+    assert "--steps must be one of the model-call counts this distilled checkpoint holds (1, 2), got 4" in \
+        capsys.readouterr().err
