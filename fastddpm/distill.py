@@ -46,7 +46,7 @@ from .spacing import make_timesteps
 from .student import StudentSet, distilled_calls, is_distilled, student_timesteps_of
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "student_timesteps", "student_sampler", "ddim_chain",
-           "teacher_pairs", "train_step", "PAIRS_FILE", "LOG_FILE"]
+           "teacher_pairs", "train_step", "export_students", "PAIRS_FILE", "LOG_FILE"]
 
 PAIRS_FILE = "teacher_pairs.safetensors"
 LOG_FILE = "distill_log.jsonl"
@@ -420,6 +420,56 @@ def _distill(cfg: DistillConfig, latest: Optional[str], truncate_log: Callable[[
         result.checkpoint = latest or save(start)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+# ------------------------------------------------------------------------------ export
+def export_students(checkpoints: Sequence[str], out: str, dtype: Optional[str] = None, use_ema: bool = True) -> str:
+    """One self-contained ``.safetensors`` student set (config in its metadata, and beside it as JSON) from the
+    students of one or more distillation runs, e.g. runs over different K made in parallel.
+
+    Args:
+        checkpoints: distillation run directories or checkpoints; their teachers' model and diffusion must agree
+            and no K may come twice.
+        out: the file to write (``.safetensors``).
+        dtype: "fp16" or "bf16" stores the weights in half precision (half the size; they are loaded into the
+            fp32 model), None keeps fp32.
+        use_ema: the EMA weights (default) or the raw ones.
+    """
+    if not out.endswith(".safetensors"):
+        raise ValueError(f"out must end with .safetensors, got {out!r}")
+    casts = {None: None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in casts:
+        raise ValueError(f"dtype must be one of {list(casts)}, got {dtype!r}")
+    if not checkpoints:
+        raise ValueError("checkpoints must name at least one distillation run")
+    state: Dict[str, torch.Tensor] = {}
+    config: Optional[Dict[str, Any]] = None
+    sources = []
+    for path in checkpoints:
+        ck = ckpt.load_checkpoint(path, load_state=False, load_model=not use_ema, load_ema=use_ema)
+        if not is_distilled(ck.config):
+            raise ValueError(f"checkpoints must be distillation runs (`fastddpm distill`), got {ck.path!r}")
+        if config is None:
+            config = json.loads(json.dumps(ck.config))
+            config["distill"]["calls"] = {}
+        elif any(ck.config.get(k) != config.get(k) for k in ("model", "diffusion")):
+            raise ValueError(f"checkpoints must share the teacher's model and diffusion; {ck.path!r} differs")
+        for k in distilled_calls(ck.config):
+            if str(k) in config["distill"]["calls"]:
+                raise ValueError(f"checkpoints hold student K = {k} twice")
+            config["distill"]["calls"][str(k)] = student_timesteps_of(ck.config, k)
+        cast = casts[dtype]
+        for name, v in ck.weights(use_ema).items():
+            state[name] = v.to(cast) if cast is not None and v.is_floating_point() else v
+        sources.append({"checkpoint": ck.path, "step": ck.step, "calls": distilled_calls(ck.config)})
+    assert config is not None
+    config["distill"]["calls"] = dict(sorted(config["distill"]["calls"].items(), key=lambda kv: int(kv[0])))
+    config["distill"]["exported_from"] = sources
+    config["weights"] = ("ema" if use_ema else "raw") + (f", stored in {dtype}" if casts[dtype] is not None else "")
+    ckpt.check_state_dict(ckpt.build_model(config), state, out)
+    ckpt.save_weights_file(out, state, config)
+    ckpt.atomic_write_json(os.path.splitext(out)[0] + ".json", config)
+    return out
 
 
 class _CallableModule(types.ModuleType):

@@ -3,6 +3,7 @@
     python scripts/quality_table.py                           # the default grid (see GRID), bundled model
     python scripts/quality_table.py --settings "fastddpm:unipc:tuned,diffusers:unipc-bh2-3:trailing" --calls 6,10
     python scripts/quality_table.py --settings fastddpm:ddpm:uniform --calls 1000 --cache-dir /tmp/qcache
+    python scripts/quality_table.py --settings fastddpm:distilled:digits-distilled --calls 1,2,3,4   # students
 
 Every setting is (library, sampler, spacing) at a number of *model calls* per image (counted honestly:
 DPM-Solver++(2M)'s final call at t = 0 counts; UniPC's corrector reuses the next call and adds none).
@@ -119,6 +120,11 @@ def draw(setting: str, calls: int, seed: int, num: int, model: Any, diffusion: A
 
     lib, name, spacing, *rest = setting.split(":")
     full = (num, *shape)
+    if lib == "fastddpm" and name == "distilled":  # fastddpm:distilled:<student checkpoint>: student K = calls
+        model_k, s = student(spacing, calls)
+        with torch.no_grad():
+            x = s.sample(model_k, full, seed=seed)
+        return to_uint8(x), s.num_steps, [int(t) for t in s.timesteps]
     if lib == "fastddpm":
         from fastddpm.precision import reduced_precision
 
@@ -135,6 +141,23 @@ def draw(setting: str, calls: int, seed: int, num: int, model: Any, diffusion: A
     else:
         raise ValueError(f"setting must start with fastddpm: or diffusers:, got {setting!r}")
     return to_uint8(x), made, timesteps
+
+
+_STUDENTS: Dict[str, Any] = {}
+
+
+def student(path: str, calls: int) -> Tuple[Any, Any]:
+    """(model, sampler) of student `calls` of a distilled checkpoint (`fastddpm distill`; "digits-distilled":
+    the bundled one), loaded once."""
+    from fastddpm.student import student_for
+
+    if path not in _STUDENTS:
+        _STUDENTS[path] = ckpt.load_model(path, device="cpu")
+    model, diffusion, config = _STUDENTS[path]
+    try:
+        return student_for(model, diffusion, config, calls)
+    except ValueError as e:
+        raise KeyError(str(e)) from None
 
 
 class Scorer:
@@ -180,6 +203,8 @@ def label(setting: str) -> str:
     lib, name, spacing, *rest = setting.split(":")
     if lib == "data":
         return "exact copy of the data (noise floor)"
+    if lib == "fastddpm" and name == "distilled":
+        return f"fastddpm distilled student ({os.path.basename(spacing.rstrip('/'))})"
     if lib == "fastddpm":
         spacing = SPACING_LABELS.get(spacing, spacing)
         return f"fastddpm {LABELS.get(name, name)}, {spacing}" + (f", model in {rest[0]}" if rest else "")
@@ -469,7 +494,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             for calls in calls_list:
                 t0 = time.perf_counter()
                 cache = (os.path.join(args.cache_dir, f"{setting.replace(':', '_')}_{calls}_{seed}_{args.num}.npz")
-                         if args.cache_dir and ":tuned" not in setting else None)  # a tuned schedule may change
+                         if args.cache_dir and ":tuned" not in setting and ":distilled:" not in setting
+                         else None)  # a tuned schedule or a student may change
                 try:
                     if cache and os.path.isfile(cache):
                         with np.load(cache) as d:

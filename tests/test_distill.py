@@ -267,3 +267,23 @@ def test_cli_sample_and_eval_take_students(student_run, tmp_path, capsys):
     assert main(["sample", "--checkpoint", student_run, "--steps", "4", "--num-images", "2", "--npz", npz]) == 1
     assert "--steps must be one of the model-call counts this distilled checkpoint holds (1, 2), got 4" in \
         capsys.readouterr().err
+
+
+def test_export_merges_runs_into_one_small_file(student_run, tmp_path):
+    teacher = ck.load_checkpoint(student_run, load_state=False).config["distill"]["teacher"]["checkpoint"]
+    other = str(tmp_path / "k3")
+    distill(checkpoint=teacher, calls=(3,), steps=1, out_dir=other, num_pairs=8, batch_size=4, teacher_steps=4,
+            progress=False)
+    out = str(tmp_path / "students.safetensors")
+    from fastddpm.distill import export_students
+
+    export_students([student_run, other], out, dtype="fp16")
+    model, diff, cfg = ck.load_model(out)
+    assert model.calls == [1, 2, 3] and cfg["distill"]["calls"]["3"] == [39, 26, 12]
+    ref, _, _ = ck.load_model(student_run)
+    for name, v in ref.for_calls(2).state_dict().items():  # fp16 storage: the weights to fp16 rounding
+        torch.testing.assert_close(model.for_calls(2).state_dict()[name], v, rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="student K = 1 twice"):
+        export_students([student_run, student_run], str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="^checkpoints must be distillation runs"):
+        export_students([teacher], str(tmp_path / "y.safetensors"))
