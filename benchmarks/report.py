@@ -421,11 +421,11 @@ def render(results: Path = RESULTS) -> str:
         except (KeyError, TypeError, IndexError, ZeroDivisionError):  # a format this script does not know
             lines += render_generic(name, data)
     if not any(n.startswith("gpu_") and isinstance(d, dict) and not d.get("dry_run") for n, d in items):
-        lines += ["GPU check: not run on a GPU yet. `python benchmarks/gpu_check.py` on a CUDA machine runs every "
+        lines += ["GPU check: no results file from a GPU run. `python benchmarks/gpu_check.py` on a CUDA machine runs every "
                   "GPU-only test and benchmark within an 8-minute budget and writes benchmarks/results/gpu_<device>.json.", ""]
     if not any(n.endswith("gpu") or (isinstance(d, dict) and isinstance(d.get("machine"), dict)
                                      and d["machine"].get("gpu")) for n, d in items):
-        lines += ["GPU figures: none yet (no results file from a GPU run); `fastddpm bench` on a CUDA machine "
+        lines += ["GPU figures: none (no results file from a GPU run); `fastddpm bench` on a CUDA machine "
                   "adds them.", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 

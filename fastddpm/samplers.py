@@ -600,7 +600,7 @@ class DPMSolverSampler(_MultistepSampler):
     end on a first-order step, the x0-hat, and keep the transition before it at second order, as
     diffusers' DPMSolverMultistepScheduler does (final_sigmas_type="zero"): step for step equal to it
     (tests/test_multistep_solvers.py::test_dpm_solver_2m_matches_diffusers). Forcing it first order
-    there cost SDE-DPM-Solver++(2M) digits-FD 3.17 vs 2.91 at 15 trailing calls (seed 0, README).
+    there cost SDE-DPM-Solver++(2M) digits-FD 3.17 vs 2.91 at 15 trailing calls (seed 0, docs/samplers.md).
     Pass False for parity with diffusers on timesteps that end at 0 (its "leading" spacing).
 
     stochastic=True: SDE-DPM-Solver++(2M) (the "sde-dpmsolver++" midpoint update of diffusers'
