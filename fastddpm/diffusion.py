@@ -245,7 +245,6 @@ class GaussianDiffusion:
         if a.shape != b.shape:
             raise ValueError(f"{name_b} must have the shape of {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
 
-
     def _noise_like(self, x0: torch.Tensor, noise: Optional[torch.Tensor],
                     generator: Optional[torch.Generator]) -> torch.Tensor:
         """`noise` checked against x0's shape, or a standard normal like x0 drawn with `generator`."""
@@ -254,6 +253,7 @@ class GaussianDiffusion:
         self._check_x(noise, "noise")
         self._check_same_shape(x0, noise, "x0", "noise")
         return noise
+
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The timesteps the model is called with: t itself, or timestep_map[t] for a respaced schedule."""
         if self.timestep_map is None:
