@@ -43,14 +43,28 @@ from ._names import DETERMINISTIC_SAMPLERS
 from .ops.sampler_step import sampler_step_reference
 from .samplers import DDIMSampler, make_sampler
 from .spacing import make_timesteps
-from .student import StudentSet, distilled_calls, is_distilled, student_timesteps_of
+from .student import StudentSet, ddim_sampler, distilled_calls, is_distilled, student_prediction_of, student_timesteps_of
 
-__all__ = ["DistillConfig", "DistillResult", "distill", "student_timesteps", "student_sampler", "ddim_chain",
+__all__ = ["DistillConfig", "DistillResult", "distill", "student_timesteps", "student_sampler",
+           "student_prediction", "ddim_chain",
            "teacher_pairs", "train_step", "export_students", "PAIRS_FILE", "LOG_FILE"]
 
 PAIRS_FILE = "teacher_pairs.safetensors"
 LOG_FILE = "distill_log.jsonl"
 LOSSES = ("x0",)
+STUDENT_PREDICTIONS = ("auto", "teacher", "eps", "x0", "v")
+
+
+def student_prediction(choice: str, calls: int, teacher_prediction: str) -> List[str]:
+    """How student K reads its output at each of its K steps. "teacher": the teacher's everywhere (the student
+    starts as the teacher's DDIM); "eps" / "x0" / "v": that everywhere; "auto": for an eps teacher "x0" at the
+    first step (x_T, t = T - 1) and "eps" after it, else the teacher's. At the first step an eps output
+    gives x0 = (x_T - sqrt(1 - ab) eps) / sqrt(ab) with 1 / sqrt(ab) ~ 2e4 on a cosine schedule: it cannot be
+    learnt to that precision, and the clip to [-1, 1] zeroes its gradient; an x0 output is well conditioned."""
+    k = int(calls)
+    if choice == "auto":
+        return (["x0"] + [teacher_prediction] * (k - 1)) if teacher_prediction == "eps" else [teacher_prediction] * k
+    return [teacher_prediction if choice == "teacher" else choice] * k
 
 
 @dataclass
@@ -80,6 +94,7 @@ class DistillConfig:
     spacing: str = "trailing"
     loss: str = "x0"
     guidance_scale: Optional[float] = None
+    student_prediction: str = "auto"
     ema_decay: float = 0.995
     clip: bool = True
     seed: int = 0
@@ -114,6 +129,8 @@ class DistillConfig:
             raise bad("lr", "a learning rate in (0, 1)")
         if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
             raise bad("ema_decay", "in [0, 1)")
+        if self.student_prediction not in STUDENT_PREDICTIONS:
+            raise bad("student_prediction", f"one of {STUDENT_PREDICTIONS}")
         if self.loss not in LOSSES:
             raise bad("loss", f"one of {LOSSES}")
         if self.guidance_scale is not None and not isinstance(self.guidance_scale, (int, float)):
@@ -129,13 +146,14 @@ class DistillConfig:
 @dataclass
 class DistillResult:
     """What `distill` returns: the run directory, its newest checkpoint, the students' timesteps,
-    the losses logged and the wall time of this invocation."""
+    the losses of every step, and the wall and CPU (process) time of this invocation."""
 
     out_dir: str
     checkpoint: str
     timesteps: Dict[int, List[int]]
     losses: List[Dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
 
 # ------------------------------------------------------------------------------ the student's sampler
@@ -144,9 +162,10 @@ def student_timesteps(diffusion: Any, calls: int, spacing: str = "trailing") -> 
     return [int(t) for t in make_timesteps(diffusion.schedule, int(calls), spacing)]
 
 
-def student_sampler(diffusion: Any, timesteps: Sequence[int]) -> DDIMSampler:
-    """Deterministic DDIM at the student's timesteps: the sampler a student runs (fused op, FastSampler)."""
-    return DDIMSampler(diffusion, steps=[int(t) for t in timesteps], eta=0.0)
+def student_sampler(diffusion: Any, timesteps: Sequence[int], predictions: Optional[Sequence[str]] = None) -> DDIMSampler:
+    """Deterministic DDIM at the student's timesteps, step s reading the output as `predictions[s]` (default: the
+    teacher's prediction): the sampler a student runs (one fused op per step, FastSampler)."""
+    return ddim_sampler(diffusion, timesteps, predictions)
 
 
 def ddim_chain(model: Callable[..., Any], sampler: DDIMSampler, x: torch.Tensor, clip: bool = True,
@@ -305,12 +324,13 @@ def _ema_step(ema: torch.nn.Module, model: torch.nn.Module, decay: float, n: int
             e.lerp_(p, 1.0 - d)
 
 
-def _run_config(cfg: DistillConfig, tconfig: Dict[str, Any], tpath: str,
-                timesteps: Dict[int, List[int]]) -> Dict[str, Any]:
+def _run_config(cfg: DistillConfig, tconfig: Dict[str, Any], tpath: str, timesteps: Dict[int, List[int]],
+                predictions: Dict[int, str]) -> Dict[str, Any]:
     """The checkpoint config of a student set: the teacher's model and diffusion, plus "distill"."""
     out = {k: tconfig[k] for k in ("model", "diffusion", "data") if k in tconfig}
     out["distill"] = {
         "calls": {str(k): ts for k, ts in timesteps.items()},
+        "prediction": {str(k): p for k, p in predictions.items()},  # per step
         "sampler": "ddim (eta = 0) at the timesteps of 'calls'",
         "method": "trajectory: unrolled K-step chain, MSE to the teacher's x_0 from the same x_T",
         "teacher": {"checkpoint": tpath, "sampler": cfg.teacher_sampler, "steps": cfg.teacher_steps,
@@ -346,7 +366,7 @@ def distill(config: Optional[DistillConfig] = None, **kwargs: Any) -> DistillRes
 
 
 def _distill(cfg: DistillConfig, latest: Optional[str], truncate_log: Callable[[str, int], None]) -> DistillResult:
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     teacher, diffusion, tconfig, tpath = _load_teacher(cfg.checkpoint)
     teacher.requires_grad_(False)
     num_classes = getattr(teacher, "num_classes", None)
@@ -356,7 +376,8 @@ def _distill(cfg: DistillConfig, latest: Optional[str], truncate_log: Callable[[
     if not num_classes and cfg.guidance_scale is not None:
         raise ValueError("guidance_scale applies to class-conditional teachers only; this one has no classes")
     timesteps = {k: student_timesteps(diffusion, k, cfg.spacing) for k in cfg.calls}
-    samplers = {k: student_sampler(diffusion, ts) for k, ts in timesteps.items()}
+    predictions = {k: student_prediction(cfg.student_prediction, k, diffusion.prediction) for k in cfg.calls}
+    samplers = {k: student_sampler(diffusion, ts, predictions[k]) for k, ts in timesteps.items()}
     shape = (int(teacher.in_channels), int(teacher.image_size), int(teacher.image_size))
     labels = _labels(cfg.num_pairs, num_classes, cfg.seed) if num_classes else None
     pairs = _pairs(cfg, teacher, diffusion, shape, labels)
@@ -378,7 +399,7 @@ def _distill(cfg: DistillConfig, latest: Optional[str], truncate_log: Callable[[
         torch.set_rng_state(ck.state["torch_rng"])
         start = int(ck.state["step"])
         truncate_log(log_path, start)
-    run_cfg = _run_config(cfg, tconfig, tpath, timesteps)
+    run_cfg = _run_config(cfg, tconfig, tpath, timesteps, predictions)
     students.eval()  # dropout off: the student is trained on the deterministic map it will run
     ema.eval()
     result = DistillResult(cfg.out_dir, latest or "", timesteps)
@@ -404,7 +425,8 @@ def _distill(cfg: DistillConfig, latest: Optional[str], truncate_log: Callable[[
             _ema_step(ema, students, cfg.ema_decay, step)
             done = step + 1
             rec = {"step": done, "loss": sum(per_k.values()), **{f"loss_{k}": v for k, v in per_k.items()},
-                   "seconds": round(time.perf_counter() - t_start, 2)}
+                   "seconds": round(time.perf_counter() - t_start, 2),
+                   "cpu_seconds": round(time.process_time() - c_start, 2)}
             result.losses.append(rec)
             if done % cfg.log_every == 0 or done == cfg.steps:
                 log.write(json.dumps(rec) + "\n")
@@ -419,11 +441,13 @@ def _distill(cfg: DistillConfig, latest: Optional[str], truncate_log: Callable[[
     if not result.checkpoint:  # resumed a finished run: nothing to do
         result.checkpoint = latest or save(start)
     result.seconds = time.perf_counter() - t_start
+    result.cpu_seconds = time.process_time() - c_start
     return result
 
 
 # ------------------------------------------------------------------------------ export
-def export_students(checkpoints: Sequence[str], out: str, dtype: Optional[str] = None, use_ema: bool = True) -> str:
+def export_students(checkpoints: Sequence[str], out: str, dtype: Optional[str] = None, use_ema: bool = True,
+                    calls: Optional[Sequence[int]] = None) -> str:
     """One self-contained ``.safetensors`` student set (config in its metadata, and beside it as JSON) from the
     students of one or more distillation runs, e.g. runs over different K made in parallel.
 
@@ -434,6 +458,7 @@ def export_students(checkpoints: Sequence[str], out: str, dtype: Optional[str] =
         dtype: "fp16" or "bf16" stores the weights in half precision (half the size; they are loaded into the
             fp32 model), None keeps fp32.
         use_ema: the EMA weights (default) or the raw ones.
+        calls: keep only these K (default: every student of every checkpoint).
     """
     if not out.endswith(".safetensors"):
         raise ValueError(f"out must end with .safetensors, got {out!r}")
@@ -451,18 +476,22 @@ def export_students(checkpoints: Sequence[str], out: str, dtype: Optional[str] =
             raise ValueError(f"checkpoints must be distillation runs (`fastddpm distill`), got {ck.path!r}")
         if config is None:
             config = json.loads(json.dumps(ck.config))
-            config["distill"]["calls"] = {}
+            config["distill"]["calls"], config["distill"]["prediction"] = {}, {}
         elif any(ck.config.get(k) != config.get(k) for k in ("model", "diffusion")):
             raise ValueError(f"checkpoints must share the teacher's model and diffusion; {ck.path!r} differs")
-        for k in distilled_calls(ck.config):
+        keep = [k for k in distilled_calls(ck.config) if calls is None or k in calls]
+        for k in keep:
             if str(k) in config["distill"]["calls"]:
                 raise ValueError(f"checkpoints hold student K = {k} twice")
             config["distill"]["calls"][str(k)] = student_timesteps_of(ck.config, k)
+            config["distill"]["prediction"][str(k)] = student_prediction_of(ck.config, k)
         cast = casts[dtype]
         for name, v in ck.weights(use_ema).items():
-            state[name] = v.to(cast) if cast is not None and v.is_floating_point() else v
+            if int(name.split(".")[1]) in keep:  # students.<K>.<param>
+                state[name] = v.to(cast) if cast is not None and v.is_floating_point() else v
         sources.append({"checkpoint": ck.path, "step": ck.step, "calls": distilled_calls(ck.config)})
-    assert config is not None
+    if config is None or not config["distill"]["calls"]:
+        raise ValueError(f"calls {list(calls or [])} selects no student of {list(checkpoints)}")
     config["distill"]["calls"] = dict(sorted(config["distill"]["calls"].items(), key=lambda kv: int(kv[0])))
     config["distill"]["exported_from"] = sources
     config["weights"] = ("ema" if use_ema else "raw") + (f", stored in {dtype}" if casts[dtype] is not None else "")

@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["StudentSet", "is_distilled", "distilled_calls", "student_timesteps_of", "check_calls", "student_for"]
+__all__ = ["StudentSet", "is_distilled", "distilled_calls", "student_timesteps_of", "check_calls", "student_for",
+           "student_prediction_of", "ddim_sampler"]
 
 
 class StudentSet(torch.nn.Module):
@@ -74,6 +75,39 @@ def student_timesteps_of(config: Mapping[str, Any], calls: int) -> List[int]:
     return [int(t) for t in config["distill"]["calls"][str(int(calls))]]
 
 
+def student_prediction_of(config: Mapping[str, Any], calls: int) -> List[str]:
+    """What student `calls` outputs at each of its K steps ("eps", "x0" or "v"; the teacher's unless the
+    checkpoint says otherwise)."""
+    check_calls(calls, distilled_calls(config))
+    got = (config["distill"].get("prediction") or {}).get(str(int(calls)), config["diffusion"].get("prediction", "eps"))
+    return [str(got)] * int(calls) if isinstance(got, str) else [str(p) for p in got]
+
+
+def ddim_sampler(diffusion: Any, timesteps: Sequence[int], predictions: Optional[Sequence[str]] = None):
+    """Deterministic DDIM at `timesteps` whose step s reads the model output as `predictions[s]` ("eps", "x0",
+    "v"; default: the diffusion's everywhere). One coefficient table, one fused op per step: a row's
+    prediction type only changes its coefficients (x0 = A x + B m, eps = Ex x + Em m)."""
+    from .diffusion import GaussianDiffusion
+    from .samplers import DDIMSampler
+
+    ts = [int(t) for t in timesteps]
+    preds = list(predictions) if predictions is not None else [diffusion.prediction] * len(ts)
+    if len(preds) != len(ts):
+        raise ValueError(f"predictions must have one entry per timestep ({len(ts)}), got {len(preds)}")
+    smp = DDIMSampler(diffusion, steps=ts, eta=0.0)
+    if any(p != diffusion.prediction for p in preds):
+        coefs = smp.coefs.clone()
+        for p in set(preds) - {diffusion.prediction}:
+            other = DDIMSampler(GaussianDiffusion(diffusion.schedule, prediction=p, variance=diffusion.variance,
+                                                  loss=diffusion.loss), steps=ts, eta=0.0)
+            rows = [i for i, q in enumerate(preds) if q == p]
+            coefs[rows] = other.coefs[rows]
+        smp.coefs = coefs
+        smp._device_cache.clear()
+    smp.row_predictions = preds
+    return smp
+
+
 def build_student_set(config: Mapping[str, Any], build_one: Callable[[Dict[str, Any]], torch.nn.Module]) -> StudentSet:
     """A StudentSet for a distilled config, each student built by `build_one(config)` (the U-Net builder)."""
     return StudentSet({k: build_one(dict(config)) for k in distilled_calls(config)})
@@ -85,10 +119,8 @@ def student_for(model: torch.nn.Module, diffusion: Any, config: Mapping[str, Any
     `steps` None takes the most calls the checkpoint holds (its best quality); a K it was not distilled
     for raises ValueError naming the counts it has.
     """
-    from .samplers import DDIMSampler
-
     calls = distilled_calls(config)
     k = max(calls) if steps is None else check_calls(steps, calls)
-    sampler = DDIMSampler(diffusion, steps=student_timesteps_of(config, k), eta=0.0)
+    sampler = ddim_sampler(diffusion, student_timesteps_of(config, k), student_prediction_of(config, k))
     sampler.spacing = f"distilled ({k} calls)"
     return model.for_calls(k), sampler

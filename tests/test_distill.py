@@ -23,7 +23,7 @@ from fastddpm.distill import (DistillConfig, ddim_chain, distill, student_sample
                               train_step)
 from fastddpm.ops.philox import philox_normal
 from fastddpm.samplers import make_sampler
-from fastddpm.student import StudentSet
+from fastddpm.student import StudentSet, student_for
 from fastddpm.unet import UNet
 
 TINY_MODEL = dict(image_size=8, in_channels=1, base_channels=8, channel_mults=[1], num_res_blocks=1,
@@ -58,6 +58,27 @@ def test_chain_equals_sampler_and_fastsampler(tmp_path, prediction):
             got = ddim_chain(model, smp, _x_T(4, (5, 1, 8, 8)))
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(fd.FastSampler(model, smp, 5)(seed=4), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_mixed_prediction_table_is_ddim_with_each_steps_output_type(tmp_path):
+    model, diff, _ = ck.load_model(_tiny_checkpoint(tmp_path))
+    ts, preds = [39, 25, 10], ["x0", "eps", "v"]
+    smp = student_sampler(diff, ts, preds)
+    got = smp.sample(model, (3, 1, 8, 8), seed=1)
+    ab = diff.schedule.alphas_cumprod  # float64 reference, the DDIM update written out
+    x = _x_T(1, (3, 1, 8, 8)).double()
+    for s, (t, p) in enumerate(zip(ts, preds)):
+        with torch.no_grad():
+            m = model(x.float(), torch.full((3,), t)).double()
+        a, a_prev = ab[t], (ab[ts[s + 1]] if s + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64))
+        if p == "x0":
+            x0, eps = m, (x - a.sqrt() * m) / (1 - a).sqrt()
+        elif p == "eps":
+            x0, eps = (x - (1 - a).sqrt() * m) / a.sqrt(), m
+        else:
+            x0, eps = a.sqrt() * x - (1 - a).sqrt() * m, (1 - a).sqrt() * x + a.sqrt() * m
+        x = a_prev.sqrt() * x0.clamp(-1, 1) + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
 
 
 def test_teacher_pairs_do_not_depend_on_the_batch(tmp_path):
@@ -139,7 +160,7 @@ KINDS = [
 def test_student_with_the_teachers_steps_reproduces_it_at_init(tmp_path, model_kw, diff_kw):
     teacher = _tiny_checkpoint(tmp_path / "t", model_kw, diff_kw)
     r = distill(checkpoint=teacher, calls=(3,), steps=2, out_dir=str(tmp_path / "d"), teacher_sampler="ddim",
-                teacher_steps=3, num_pairs=16, batch_size=8, lr=1e-3, progress=False)
+                teacher_steps=3, num_pairs=16, batch_size=8, lr=1e-3, progress=False, student_prediction="teacher")
     assert r.losses[0]["loss_3"] < 1e-12  # the student's chain is the teacher's solver: loss exactly 0
     assert r.timesteps == {3: [39, 26, 12]}  # trailing: round(T - i T / K) - 1
 
@@ -147,7 +168,7 @@ def test_student_with_the_teachers_steps_reproduces_it_at_init(tmp_path, model_k
 def test_class_conditional_teacher_is_distilled_guided(tmp_path):
     teacher = _tiny_checkpoint(tmp_path / "t", {"num_classes": 3})
     kw = dict(checkpoint=teacher, calls=(2,), steps=1, teacher_sampler="ddim", teacher_steps=2, num_pairs=12,
-              batch_size=6, progress=False)
+              batch_size=6, progress=False, student_prediction="teacher")
     r = distill(out_dir=str(tmp_path / "d"), guidance_scale=1.0, **kw)
     assert r.losses[0]["loss_2"] < 1e-10  # student called with the labels = the teacher guided at w = 1
     kw.update(steps=15, lr=2e-3, batch_size=12)
@@ -159,7 +180,7 @@ def test_class_conditional_teacher_is_distilled_guided(tmp_path):
     pairs = load_file(str(tmp_path / "g" / "teacher_pairs.safetensors"))
     model, diff, cfg = ck.load_model(r.checkpoint, use_ema=False)
     teacher_model, _, _ = ck.load_model(teacher)
-    smp = student_sampler(diff, cfg["distill"]["calls"]["2"])
+    smp = student_for(model, diff, cfg, 2)[1]
 
     def loss(m):
         with torch.no_grad():
@@ -239,9 +260,10 @@ def test_student_loads_everywhere_and_samples_its_chain(student_run):
     model, diff, cfg = ck.load_model(student_run)
     assert isinstance(model, StudentSet) and model.calls == [1, 2]
     for k in (1, 2):
-        smp = student_sampler(diff, cfg["distill"]["calls"][str(k)])
+        net, smp = student_for(model, diff, cfg, k)
+        assert smp.row_predictions == ["x0"] + ["eps"] * (k - 1)  # "auto": an x0 output at the first step
         with torch.no_grad():
-            ref = ddim_chain(model.for_calls(k), smp, _x_T(0, (4, 1, 8, 8)))
+            ref = ddim_chain(net, smp, _x_T(0, (4, 1, 8, 8)))
         pipe = fd.load(student_run, device="cpu")
         torch.testing.assert_close(pipe(4, seed=0, num_inference_steps=k, output_type="pt").images, ref,
                                    rtol=1e-6, atol=1e-6)
@@ -261,7 +283,7 @@ def test_cli_sample_and_eval_take_students(student_run, tmp_path, capsys):
     imgs = np.load(npz)["images"]
     model, diff, cfg = ck.load_model(student_run)
     with torch.no_grad():
-        ref = ddim_chain(model.for_calls(2), student_sampler(diff, cfg["distill"]["calls"]["2"]), _x_T(0, (6, 1, 8, 8)))
+        ref = ddim_chain(*student_for(model, diff, cfg, 2), _x_T(0, (6, 1, 8, 8)))
     np.testing.assert_array_equal(imgs, fd.to_uint8(ref))
     capsys.readouterr()
     assert main(["sample", "--checkpoint", student_run, "--steps", "4", "--num-images", "2", "--npz", npz]) == 1
@@ -287,3 +309,18 @@ def test_export_merges_runs_into_one_small_file(student_run, tmp_path):
         export_students([student_run, student_run], str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="^checkpoints must be distillation runs"):
         export_students([teacher], str(tmp_path / "y.safetensors"))
+
+
+def test_cli_eval_scores_the_student_it_is_asked_for(student_run, tmp_path):
+    from fastddpm.cli import main
+
+    out = str(tmp_path / "e.json")
+    argv = ["eval", "--checkpoint", student_run, "--num", "12", "--batch-size", "6", "--no-progress",
+            "--device", "cpu", "--data", "digits", "--ref-stats", str(tmp_path / "ref.npz"), "--json", out]
+    assert main(argv + ["--steps", "1"]) == 0
+    one = json.loads(open(out).read())
+    assert one["steps"] == 1 and one["sampler"] == "distilled"
+    assert main(argv + ["--steps", "2"]) == 0
+    two = json.loads(open(out).read())
+    assert two["steps"] == 2 and two["fid"] != one["fid"]  # another student, other samples
+    assert main(argv + ["--steps", "3"]) == 1

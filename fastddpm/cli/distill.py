@@ -77,9 +77,10 @@ def run(args: argparse.Namespace) -> int:
     r = distill(cfg)
     last = r.losses[-1] if r.losses else {}
     summary = {"out_dir": r.out_dir, "checkpoint": r.checkpoint, "timesteps": {str(k): v for k, v in r.timesteps.items()},
-               "final_losses": last, "seconds": round(r.seconds, 1)}
+               "final_losses": last, "seconds": round(r.seconds, 1),
+               "cpu_seconds": round(r.cpu_seconds, 1)}
     write_json(summary, args.json)
     ks = ",".join(str(k) for k in r.timesteps)
-    print(f"students for {ks} model calls -> {r.checkpoint} ({r.seconds:.0f} s); sample one with "
+    print(f"students for {ks} model calls -> {r.checkpoint} ({r.seconds:.0f} s, {r.cpu_seconds:.0f} s CPU); sample one with "
           f"`fastddpm sample --checkpoint {r.out_dir} --steps K`")
     return 0

@@ -161,7 +161,10 @@ def run(args: argparse.Namespace) -> int:
     from ..student import is_distilled, student_for
 
     if is_distilled(config):  # a `fastddpm distill` student set: --steps picks the student (K model calls)
-        model, sampler = student_for(model, diffusion, config, args.steps)
+        try:
+            model, sampler = student_for(model, diffusion, config, args.steps)
+        except ValueError as e:  # "steps must be one of the model-call counts ..."
+            raise CLIError(f"--{e}") from None
         args.sampler = "distilled"
     else:
         sampler = _make_sampler(args.sampler, diffusion, sampler_steps(args.sampler, args.steps, diffusion),

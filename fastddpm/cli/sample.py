@@ -98,7 +98,10 @@ def run(args: argparse.Namespace) -> int:
         size, channels, num_classes = int(mc["image_size"]), int(mc["in_channels"]), mc.get("num_classes")
         ck_path = ckpt.resolve_checkpoint(args.checkpoint)  # where `fastddpm tune-steps` stored its schedules
         if is_distilled(config):  # a `fastddpm distill` student set: --steps picks the student (K model calls)
-            model, sampler = student_for(model, diffusion, config, args.steps)
+            try:
+                model, sampler = student_for(model, diffusion, config, args.steps)
+            except ValueError as e:  # "steps must be one of the model-call counts ..."
+                raise CLIError(f"--{e}") from None
             args.sampler = "distilled"
         else:
             sampler = sampler_for_checkpoint(ck_path, diffusion, args.sampler,
