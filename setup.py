@@ -8,8 +8,34 @@ last run green with; older releases are not tested. There are no upper bounds: C
 instead of setuptools' import hook: with the hook, Python started in the folder above a clone named
 ``fastddpm`` imports the clone itself as an empty namespace package (``module 'fastddpm' has no
 attribute 'NoiseSchedule'``); a path entry holds the real package, which wins over a namespace folder.
+
+The Triton kernels live in the clone's top-level ``kernels/`` folder but are installed and imported as
+``fastddpm.kernels``: PyPI's ``kernels`` package owns the top-level name, and a second owner would
+overwrite its files. Two mechanisms, one per way of running:
+
+* a wheel (``pip install .``): ``build_py`` below maps the package ``fastddpm.kernels`` to the folder
+  ``kernels/``, so the wheel holds ``fastddpm/kernels/*.py`` and no top-level ``kernels``. The mapping
+  is given to ``build_py`` only, not as ``package_dir`` of the distribution: any entry besides ``""``
+  there makes ``pip install -e .`` fall back to the import hook described above.
+* a clone (``pip install -e .``, or a script run from the clone with the clone on sys.path): Python
+  finds ``fastddpm/kernels/__init__.py``, a stub (never in a wheel) that loads ``kernels/__init__.py``
+  as the package ``fastddpm.kernels`` with ``kernels/`` as its path, so every kernel module is read
+  from the one copy under the name the wheel gives it.
+
+``tests/test_packaging.py`` checks both: the wheel's file list, and the imports with a decoy top-level
+``kernels`` first on sys.path.
 """
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyKernelsInFastddpm(build_py):
+    """build_py that reads the package fastddpm.kernels from the top-level kernels/ folder."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.package_dir = {**(self.package_dir or {}), "fastddpm.kernels": "kernels"}
+
 
 setup(
     name="fastddpm",
@@ -18,8 +44,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["fastddpm", "fastddpm.*", "kernels", "kernels.*"]),
+    # fastddpm.kernels named explicitly: an sdist holds kernels/ but not the stub folder fastddpm/kernels/
+    packages=find_packages(include=["fastddpm", "fastddpm.*"], exclude=["fastddpm.kernels"]) + ["fastddpm.kernels"],
     package_dir={"": "."},
+    cmdclass={"build_py": BuildPyKernelsInFastddpm},
     package_data={"fastddpm": ["assets/*"]},
     install_requires=[
         "torch>=2.13",

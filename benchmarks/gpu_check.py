@@ -294,7 +294,7 @@ def _gb(bps: Optional[float]) -> Optional[float]:
 def _kernel_module(name: str) -> Any:
     import importlib
 
-    return importlib.import_module(f"kernels.{name}")
+    return importlib.import_module(f"fastddpm.kernels.{name}")
 
 
 # ------------------------------------------------------------------------------ part: attention

@@ -849,7 +849,7 @@ def launch_specs(kind: str, shape: Sequence[int], layout: str, dtype: torch.dtyp
     "bwd_dq") as the launcher would launch it on inputs of `shape` and `layout` with `config`: built
     from the launcher's own argument builders and Triton's own specialisation rules
     (`kernels.aot.runtime_spec`), on meta tensors."""
-    from kernels.aot import runtime_spec
+    from .aot import runtime_spec
 
     b, h, n, d = shape
     q, k, v, do = _meta_inputs(shape, layout, dtype)
@@ -873,7 +873,7 @@ def launch_specs(kind: str, shape: Sequence[int], layout: str, dtype: torch.dtyp
 
 
 def _preprocess_spec(shape: Sequence[int], layout: str, dtype: torch.dtype) -> dict:
-    from kernels.aot import runtime_spec
+    from .aot import runtime_spec
 
     b, h, n, d = shape
     q, _, _, do = _meta_inputs(shape, layout, dtype)

@@ -997,7 +997,7 @@ def _channels_last_specs(model: dict) -> list[dict]:
     divisibility attribute, S = 1 becomes a constant), so the ALIGN vector accesses along C are what is
     compiled. Looped/split kernels at `_AOT_CL_BLOCK` (S = 1 at 32x128x64x64, S = 16 at 1x128x256x256),
     single-tile kernels at the DDPM CIFAR-10 group shapes; all options on, bf16."""
-    from kernels.aot import runtime_spec
+    from .aot import runtime_spec
 
     def t(dt=torch.bfloat16):
         return torch.empty(1, dtype=dt, device="meta")

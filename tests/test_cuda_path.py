@@ -35,7 +35,7 @@ def _softmax_attention(q, k, v):
 # ------------------------------------------------------------------------------- attention dispatch
 def test_head_dim_512_under_triton_backend_matches_float64(monkeypatch, triton_on_cpu):
     """The 512-wide heads of the 256x256 DDPM models: before the dispatch rule the Triton launcher raised."""
-    import kernels.attention as K
+    import fastddpm.kernels.attention as K
 
     def refuse(*args, **kwargs):
         raise AssertionError("head_dim 512 reached the Triton launcher")
@@ -59,7 +59,7 @@ def test_head_dim_512_under_triton_backend_matches_float64(monkeypatch, triton_o
 
 
 def test_kernel_head_dim_limit_agrees_with_the_launcher(triton_on_cpu):
-    import kernels.attention as K
+    import fastddpm.kernels.attention as K
 
     assert attention_op_module.KERNEL_MAX_HEAD_DIM == K._MAX_HEAD_DIM
     q = torch.zeros(1, 1, 4, K._MAX_HEAD_DIM + 1)
@@ -115,9 +115,9 @@ def test_sample_records_no_autograd_graph(kind):
 # ------------------------------------------------------------------------------- device guard
 def test_every_public_launcher_runs_under_the_device_guard():
     pytest.importorskip("triton")
-    import kernels.attention as KA
-    import kernels.group_norm as KG
-    import kernels.sampler_step as KS
+    import fastddpm.kernels.attention as KA
+    import fastddpm.kernels.group_norm as KG
+    import fastddpm.kernels.sampler_step as KS
 
     launchers = [KA.attention_forward, KA.attention_backward, KG.group_norm_forward, KG.group_norm_backward,
                  KS.sampler_step_forward, KS.sampler_step_inplace]
@@ -125,7 +125,7 @@ def test_every_public_launcher_runs_under_the_device_guard():
 
 
 def test_device_guard_enters_the_first_tensors_cuda_device(monkeypatch):
-    from kernels import device_guard as D
+    from fastddpm.kernels import device_guard as D
 
     entered = []
 

@@ -196,9 +196,9 @@ def test_triton_path_matches_float64(dtype, triton_on_cpu):
     """The op's Triton branch (interpreter on CPU) against the float64 oracle, same bounds as above."""
     pytest.importorskip("triton")
     try:
-        import kernels.attention  # noqa: F401
+        import fastddpm.kernels.attention  # noqa: F401
     except ImportError as e:  # the kernel module is written separately
-        pytest.skip(f"kernels.attention not importable: {e}")
+        pytest.skip(f"fastddpm.kernels.attention not importable: {e}")
     qkv = make_qkv(1, 1, 37, 16, dtype=dtype, seed=5, requires_grad=True)
     qkv_t = [t.detach().clone().requires_grad_(True) for t in qkv]
     ref = [t.detach().double().requires_grad_(True) for t in qkv]
@@ -220,9 +220,9 @@ def test_triton_path_opcheck_fake_matches_real(triton_on_cpu):
     """Schema and fake/real agreement (shapes, dtypes, strides) of both ops on the Triton branch."""
     pytest.importorskip("triton")
     try:
-        import kernels.attention  # noqa: F401
+        import fastddpm.kernels.attention  # noqa: F401
     except ImportError as e:
-        pytest.skip(f"kernels.attention not importable: {e}")
+        pytest.skip(f"fastddpm.kernels.attention not importable: {e}")
     q, k, v = make_qkv(1, 2, 5, 16, dtype=torch.bfloat16, m=7)
     with use_backend("triton"):
         opcheck(torch.ops.fastddpm.attention.default, (q, k, v), test_utils=("test_schema", "test_faketensor"))

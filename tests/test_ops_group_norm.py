@@ -305,9 +305,9 @@ def test_triton_path_matches_float64(dtype, triton_on_cpu):
     """The op's Triton branch (interpreter on CPU) against the float64 oracle, same bounds as above."""
     pytest.importorskip("triton")
     try:
-        import kernels.group_norm  # noqa: F401
+        import fastddpm.kernels.group_norm  # noqa: F401
     except ImportError as e:  # the kernel module is written separately
-        pytest.skip(f"kernels.group_norm not importable: {e}")
+        pytest.skip(f"fastddpm.kernels.group_norm not importable: {e}")
     base = make_inputs(2, 2, 3, (7, 9), OPTIONS["all"], dtype=dtype, seed=4)
     dy = torch.randn(base["x"].shape, generator=torch.Generator().manual_seed(9)).to(dtype)
     with use_backend("triton"):
@@ -329,9 +329,9 @@ def test_triton_path_opcheck_fake_matches_real(layout, triton_on_cpu):
     NCHW x and for a channels-last x (which the kernels read and write in place)."""
     pytest.importorskip("triton")
     try:
-        import kernels.group_norm  # noqa: F401
+        import fastddpm.kernels.group_norm  # noqa: F401
     except ImportError as e:
-        pytest.skip(f"kernels.group_norm not importable: {e}")
+        pytest.skip(f"fastddpm.kernels.group_norm not importable: {e}")
     inp = make_inputs(2, 2, 3, (3, 5), OPTIONS["scale_shift"], dtype=torch.bfloat16, param_dtype=torch.float32)
     if layout == "channels_last":
         inp["x"] = inp["x"].contiguous(memory_format=torch.channels_last)
@@ -396,7 +396,7 @@ def test_triton_channels_last_makes_no_x_sized_copy(path, monkeypatch, triton_on
     """Forward and backward of a channels-last x (and dy) on the Triton branch copy nothing of x's size
     (before: x to NCHW and y back, dy and x to NCHW and dx back); the outputs are channels-last and equal
     the NCHW run's (float64 oracle bound of test_triton_path_matches_float64)."""
-    kernels = pytest.importorskip("kernels.group_norm")
+    kernels = pytest.importorskip("fastddpm.kernels.group_norm")
     if path == "looped":
         monkeypatch.setattr(kernels, "SINGLE_MAX", 0)
     base = make_inputs(2, 2, 3, (4, 5), OPTIONS["all"], seed=6)
@@ -417,7 +417,7 @@ def test_triton_channels_last_makes_no_x_sized_copy(path, monkeypatch, triton_on
 def test_triton_channels_last_compiles_fullgraph(triton_on_cpu):
     """torch.compile(fullgraph=True) over the Triton branch with a channels-last x: the fake ops' strides
     carry the layout through the graph; values equal eager."""
-    pytest.importorskip("kernels.group_norm")
+    pytest.importorskip("fastddpm.kernels.group_norm")
     inp = make_inputs(2, 2, 3, (5, 5), OPTIONS["all"])
     inp["x"] = inp["x"].contiguous(memory_format=torch.channels_last)
     leaves = {k: inp[k].clone().requires_grad_(True) for k in TENSORS}

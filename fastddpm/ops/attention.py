@@ -4,7 +4,7 @@ q, k, v and the output are in the [B, heads, N, head_dim] layout of
 ``F.scaled_dot_product_attention``; the softmax scale is 1 / sqrt(head_dim).
 
 Two custom ops (namespace ``fastddpm``), each with a plain-PyTorch reference, a Triton branch
-(``kernels.attention``, imported only when that path is taken) and a fake implementation:
+(``fastddpm.kernels.attention``, imported only when that path is taken) and a fake implementation:
 
 * ``fastddpm::attention(q, k, v) -> (o, lse)``: lse [B, heads, N] is the natural-log log-sum-exp
   of the scaled scores of each query row (float32; float64 for float64 inputs).
@@ -53,7 +53,7 @@ from .backend import use_triton
 __all__ = ["attention"]
 
 _LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
-# The largest head_dim the Triton kernels take (kernels.attention._MAX_HEAD_DIM; a test checks that
+# The largest head_dim the Triton kernels take (fastddpm.kernels.attention._MAX_HEAD_DIM; a test checks that
 # they agree). Kept here so that the dispatch never imports triton.
 KERNEL_MAX_HEAD_DIM = 256
 
@@ -129,7 +129,7 @@ def _reference_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, 
 def _attention_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     sm_scale = _sm_scale(q)
     if _take_triton(q, k):
-        from kernels.attention import attention_forward
+        from fastddpm.kernels.attention import attention_forward
 
         return attention_forward(q, k, v, sm_scale, out_layout="pixel")  # views read in place
     return _reference_forward(q, k, v, sm_scale)
@@ -147,7 +147,7 @@ def _attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tenso
                            lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     sm_scale = _sm_scale(q)
     if _take_triton(q, k):
-        from kernels.attention import attention_backward
+        from fastddpm.kernels.attention import attention_backward
 
         return attention_backward(do, q, k, v, o, lse, sm_scale, out_layout="pixel")
     return _reference_backward(do, q, k, v, o, lse, sm_scale)

@@ -6,7 +6,7 @@
     y = silu(y)                                         (when silu=True)
 
 Two custom ops (namespace ``fastddpm``), each with a plain-PyTorch reference, a Triton branch
-(``kernels.group_norm``, imported only when that path is taken) and a fake implementation:
+(``fastddpm.kernels.group_norm``, imported only when that path is taken) and a fake implementation:
 
 * ``fastddpm::group_norm_silu(x, weight, bias, add, scale, shift, groups, eps, silu) -> (y, mean, rstd)``
 * ``fastddpm::group_norm_silu_backward(dy, x, weight, bias, add, scale, shift, mean, rstd, groups, silu)
@@ -220,7 +220,7 @@ def _group_norm_silu_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
                         scale: Optional[Tensor], shift: Optional[Tensor], groups: int, eps: float,
                         silu: bool) -> tuple[Tensor, Tensor, Tensor]:
     if _take_triton(x):
-        from kernels.group_norm import group_norm_forward
+        from fastddpm.kernels.group_norm import group_norm_forward
 
         # the kernels read and write NCHW and channels-last in place: no copy of a channels-last x
         fmt = _out_format(x)
@@ -243,7 +243,7 @@ def _group_norm_silu_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor]
                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dx, dweight, dbias, dadd, dscale, dshift); an empty [0] tensor where the input was None."""
     if _take_triton(x):
-        from kernels.group_norm import group_norm_backward
+        from fastddpm.kernels.group_norm import group_norm_backward
 
         fmt = _out_format(x)  # dx comes back in x's layout (channels-last read and written in place)
         grads = group_norm_backward(dy.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt), weight,

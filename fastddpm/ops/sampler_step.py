@@ -178,7 +178,7 @@ def sampler_step(
     _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False, x0_prev2, x0_prev3)
     _check_row(step, coefs)
     if use_triton(x):
-        from kernels.sampler_step import sampler_step_forward
+        from fastddpm.kernels.sampler_step import sampler_step_forward
 
         return sampler_step_forward(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, learned_range,
                                     x0_prev2, x0_prev3)
@@ -299,7 +299,7 @@ def sampler_step_(
                    learned_range, done_counter, x0_prev2, x0_prev3)
     _check_row(step, coefs)
     if use_triton(x):
-        from kernels.sampler_step import sampler_step_inplace
+        from fastddpm.kernels.sampler_step import sampler_step_inplace
 
         if done_counter is None:
             done_counter = torch.zeros(1, dtype=torch.int32, device=x.device)

@@ -78,9 +78,9 @@ def test_fast_sampler_capture_equals_sample(cuda_device, case, capture):
 # ------------------------------------------------------------------------------- in-place step under load
 @pytest.mark.parametrize("config_index", [0, 1, 2])
 def test_inplace_step_graph_1000_replays_bitwise_equal_functional(cuda_device, config_index, monkeypatch):
-    K = importlib.import_module("kernels.sampler_step")
+    K = importlib.import_module("fastddpm.kernels.sampler_step")
     if config_index >= len(K.CONFIGS):
-        pytest.skip(f"kernels.sampler_step has {len(K.CONFIGS)} configs")
+        pytest.skip(f"fastddpm.kernels.sampler_step has {len(K.CONFIGS)} configs")
     monkeypatch.setattr(K, "CONFIGS", [K.CONFIGS[config_index]])  # the autotuner then has one choice
     K._autotuned.cache_clear()
     try:
@@ -136,7 +136,7 @@ def _gn_composition(x, w, b, add, groups, eps):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_group_norm_silu_single_tile_cifar_shapes(cuda_device, dtype):
-    K = importlib.import_module("kernels.group_norm")
+    K = importlib.import_module("fastddpm.kernels.group_norm")
     shapes = [(c, hw) for c, hw in CIFAR_GN if K._single_tile(c // 32, hw) is not None]
     assert shapes, "no CIFAR-10 GroupNorm runs as a single tile: the list above is stale"
     for c, hw in shapes:

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernels.aot import ARCHS, KERNEL_MODULES, MAX_REGISTERS, ROW_KEYS, SHARED_LIMIT_BYTES, parse_resource_usage  # noqa: E402
+from fastddpm.kernels.aot import ARCHS, KERNEL_MODULES, MAX_REGISTERS, ROW_KEYS, SHARED_LIMIT_BYTES, parse_resource_usage  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,7 +71,7 @@ def test_no_spills_and_shared_within_limits(report):
 def test_every_spec_of_every_existing_module_is_reported_for_each_arch(report):
     rows, proc = report
     existing = _existing_modules()
-    assert "kernels.sampler_step" in existing
+    assert "fastddpm.kernels.sampler_step" in existing
     for module_name in existing:
         module = importlib.import_module(module_name)
         assert hasattr(module, "aot_specs"), f"{module_name} exists but has no aot_specs()"
@@ -93,7 +93,7 @@ def test_attention_runs_on_tensor_cores(report):
     sm_80; at D = 256 the dQ kernel runs the exact ieee dots (no TF32 tile was spill-free). The exact
     fp32 ("highest") path issues neither (FMA dots)."""
     rows, _ = report
-    attn = [r for r in rows if r["module"] == "kernels.attention" and r["kernel"] != "attn_bwd_preprocess"]
+    attn = [r for r in rows if r["module"] == "fastddpm.kernels.attention" and r["kernel"] != "attn_bwd_preprocess"]
     assert attn
     head_dims = set()
     for r in attn:
@@ -117,7 +117,7 @@ def test_attention_runs_on_tensor_cores(report):
 
 
 def test_tensor_core_family():
-    from kernels.aot import tensor_core_family
+    from fastddpm.kernels.aot import tensor_core_family
 
     assert tensor_core_family("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...}") == "wgmma"
     assert tensor_core_family("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}") == "mma"

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import (AOT_VARIANTS, AOT_VARIANTS_FP32, CONFIGS, aot_specs, attention_backward,
+from fastddpm.kernels.attention import (AOT_VARIANTS, AOT_VARIANTS_FP32, CONFIGS, aot_specs, attention_backward,
                                attention_forward, dkdv_parts, fp32_precision, modelled_hbm_bytes)
 
 CUDA = torch.cuda.is_available()

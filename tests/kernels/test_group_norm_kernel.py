@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.group_norm import (CONFIGS, aot_specs, group_norm_backward, group_norm_forward,
+from fastddpm.kernels.group_norm import (CONFIGS, aot_specs, group_norm_backward, group_norm_forward,
                                 modelled_hbm_bytes)
 
 CUDA = torch.cuda.is_available()
@@ -166,7 +166,7 @@ def test_split_reduction(split):
 
 def test_split_plan(monkeypatch):
     """Launch plan on a 132-SM device: big groups with few programs are split along HW."""
-    import kernels.group_norm as K
+    import fastddpm.kernels.group_norm as K
 
     monkeypatch.setattr(K, "_sm_count", lambda device: 132)
     dev = torch.device("cpu")
@@ -307,7 +307,7 @@ def test_channels_last_x_with_nchw_dy():
 
 def test_channels_last_tiles_follow_the_contiguous_axis():
     """Looped tiles: NCHW gives the HW axis the budget, channels-last the C axis (CPG first)."""
-    import kernels.group_norm as K
+    import fastddpm.kernels.group_norm as K
 
     assert K._tiles(512, 4, 4096) == (1, 512) and K._tiles(512, 4, 4096, True) == (4, 128)
     assert K._tiles(16, 3, 15, True) == (4, 4) and K._tiles(8, 16, 6, True) == (8, 1)
@@ -327,7 +327,7 @@ def test_deterministic(split):
 
 def test_autotuned_launch_path(monkeypatch):
     """The GPU launch path (triton.autotune over CONFIGS + tile heuristics) with a stand-in timer."""
-    import kernels.group_norm as K
+    import fastddpm.kernels.group_norm as K
 
     calls = []
 

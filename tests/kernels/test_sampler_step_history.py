@@ -13,8 +13,8 @@ import torch
 from fastddpm.ops.philox import philox_normal
 
 pytest.importorskip("triton")
-import kernels.sampler_step as ks  # noqa: E402
-from kernels.sampler_step import sampler_step_forward, sampler_step_inplace  # noqa: E402
+import fastddpm.kernels.sampler_step as ks  # noqa: E402
+from fastddpm.kernels.sampler_step import sampler_step_forward, sampler_step_inplace  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = (3, 2, 5, 7)  # 70 elements per image: masked tail; with BLOCK 16, 15 programs in place

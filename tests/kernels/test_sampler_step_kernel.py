@@ -23,8 +23,8 @@ from fastddpm.ops.philox import philox_normal
 from fastddpm.schedule import NoiseSchedule
 
 pytest.importorskip("triton")
-import kernels.sampler_step as ks  # noqa: E402
-from kernels.sampler_step import sampler_step_forward, sampler_step_inplace  # noqa: E402
+import fastddpm.kernels.sampler_step as ks  # noqa: E402
+from fastddpm.kernels.sampler_step import sampler_step_forward, sampler_step_inplace  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HALF_ULP = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -376,7 +376,7 @@ def test_gpu_bitwise_deterministic_and_bf16_at_real_shape():
 
 # ----------------------------------------------------------------------------- AOT specs
 def test_aot_specs_cover_every_config_with_the_modelled_traffic():
-    from kernels import sampler_step as ks
+    from fastddpm.kernels import sampler_step as ks
 
     specs = ks.aot_specs()
     numel = 256 * 3 * 32 * 32  # the stated report shape, fp32
