@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import math
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch
 import fastddpm as fd
 from fastddpm.graphs import FastSampler
 from fastddpm.ops import attention, use_backend
+from references import attention_reference
 
 # `fastddpm.ops.attention` the attribute is the function; the module is reached through importlib
 attention_op_module = importlib.import_module("fastddpm.ops.attention")
@@ -26,10 +26,6 @@ attention_op_module = importlib.import_module("fastddpm.ops.attention")
 def _rel_err(a, ref):
     a, ref = a.detach().double(), ref.detach().double()
     return ((a - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
-
-
-def _softmax_attention(q, k, v):
-    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
 
 
 # ------------------------------------------------------------------------------- attention dispatch
@@ -50,7 +46,7 @@ def test_head_dim_512_under_triton_backend_matches_float64(monkeypatch, triton_o
         o = attention(*ins)
         grads = torch.autograd.grad(o, ins, do.float())
     ref_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    o_ref = _softmax_attention(*ref_in)
+    o_ref = attention_reference(*ref_in)
     g_ref = torch.autograd.grad(o_ref, ref_in, do)
     assert o.dtype == torch.float32 and o.shape == (1, 1, 16, 512)
     assert _rel_err(o, o_ref) <= 1e-5
@@ -77,7 +73,7 @@ def test_cpu_tensors_without_interpreter_take_the_reference(monkeypatch):
     with use_backend("triton"):
         assert not attention_op_module.kernel_takes(q, k)
         o = attention(q, k, v)
-    assert _rel_err(o, _softmax_attention(q.double(), k.double(), v.double())) <= 1e-5
+    assert _rel_err(o, attention_reference(q.double(), k.double(), v.double())) <= 1e-5
 
 
 # ------------------------------------------------------------------------------- no autograd graph

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 from fastddpm.ops import attention, group_norm_silu, use_backend
+from references import attention_reference
 
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
@@ -33,12 +34,6 @@ def make_qkv(b, h, n, d, dtype=torch.float32, m=None, seed=0, requires_grad=Fals
     # a scale of 1.5 gives peaked softmax rows, so the test is not dominated by uniform averages
     return [(torch.randn(s, generator=g, dtype=torch.float64) * 1.5).to(dtype).requires_grad_(requires_grad)
             for s in shapes]
-
-
-def composed(q, k, v):
-    """softmax(q k^T / sqrt(d)) v from torch functions (the backward oracle)."""
-    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    return torch.softmax(s, dim=-1) @ v
 
 
 def rel_err(a, ref):
@@ -69,7 +64,7 @@ def test_forward_backward_fp32(shape):
     o, g = grads(attention, qkv, do.float())
     assert o.dtype == torch.float32 and o.shape == (b, h, n, d) and o.transpose(-1, -2).is_contiguous()  # N-fastest
     assert rel_err(o, F.scaled_dot_product_attention(*ref)) <= 1e-5
-    _, g_ref = grads(composed, ref, do)
+    _, g_ref = grads(attention_reference, ref, do)
     for a, r in zip(g, g_ref):
         assert a.dtype == torch.float32 and a.shape == r.shape
         assert rel_err(a, r) <= 1e-4
@@ -110,7 +105,7 @@ def test_low_precision_error_within_twice_torch(dtype, shape):
     do = torch.randn(b, h, n, d, generator=torch.Generator().manual_seed(3)).to(dtype)
     o, g = grads(attention, qkv, do)
     o_t, g_t = grads(F.scaled_dot_product_attention, qkv_t, do)
-    o_r, g_r = grads(composed, ref, do.double())
+    o_r, g_r = grads(attention_reference, ref, do.double())
     assert o.dtype == dtype and all(t.dtype == dtype for t in g)
     for name, a, t, r in zip(["o", "dq", "dk", "dv"], (o, *g), (o_t, *g_t), (o_r, *g_r)):
         bound = max(2 * rel_err(t, r), ULP[dtype])
@@ -206,7 +201,7 @@ def test_triton_path_matches_float64(dtype, triton_on_cpu):
     with use_backend("triton"):
         o, g = grads(attention, qkv, do)
     o_t, g_t = grads(F.scaled_dot_product_attention, qkv_t, do)
-    o_r, g_r = grads(composed, ref, do.double())
+    o_r, g_r = grads(attention_reference, ref, do.double())
     for name, a, t, r in zip(["o", "dq", "dk", "dv"], (o, *g), (o_t, *g_t), (o_r, *g_r)):
         assert a.dtype == dtype and a.shape == r.shape
         if dtype == torch.float32:
@@ -244,6 +239,6 @@ def test_non_contiguous_inputs_like_the_unet():
     assert rel_err(o, F.scaled_dot_product_attention(q64, k64, v64)) <= 1e-5
     (dqkv,) = torch.autograd.grad(o.square().sum(), qkv)
     qkv64 = qkv.detach().double().requires_grad_(True)
-    r = composed(*qkv64.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0))
+    r = attention_reference(*qkv64.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0))
     (dqkv64,) = torch.autograd.grad(r.square().sum(), qkv64)
     assert rel_err(dqkv, dqkv64) <= 1e-4

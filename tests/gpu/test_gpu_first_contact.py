@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import fastddpm as fd
 from fastddpm.graphs import FastSampler
 from fastddpm.ops import attention, group_norm_silu, use_backend
+from references import attention_reference, group_norm_silu_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -130,10 +131,6 @@ CIFAR_GN = [(128, 32 * 32), (256, 16 * 16), (256, 8 * 8), (256, 4 * 4), (384, 16
             (512, 8 * 8), (512, 4 * 4), (384, 32 * 32), (256, 32 * 32)]
 
 
-def _gn_composition(x, w, b, add, groups, eps):
-    return F.silu(F.group_norm(x + add[:, :, None, None], groups, w, b, eps))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_group_norm_silu_single_tile_cifar_shapes(cuda_device, dtype):
     K = importlib.import_module("fastddpm.kernels.group_norm")
@@ -150,8 +147,8 @@ def test_group_norm_silu_single_tile_cifar_shapes(cuda_device, dtype):
         leaves = {k: [t.to(dt).requires_grad_(True) for t in (x, w, b, add)]
                   for k, dt in (("ours", dtype), ("torch", dtype), ("ref", torch.float64))}
         y = group_norm_silu(leaves["ours"][0], *leaves["ours"][1:3], 32, 1e-6, add=leaves["ours"][3])
-        y_t = _gn_composition(*leaves["torch"], 32, 1e-6)
-        y_r = _gn_composition(*leaves["ref"], 32, 1e-6)
+        y_t = group_norm_silu_reference(*leaves["torch"][:3], 32, 1e-6, add=leaves["torch"][3])
+        y_r = group_norm_silu_reference(*leaves["ref"][:3], 32, 1e-6, add=leaves["ref"][3])
         g_o = torch.autograd.grad(y, leaves["ours"], dy.to(dtype))
         g_t = torch.autograd.grad(y_t, leaves["torch"], dy.to(dtype))
         g_r = torch.autograd.grad(y_r, leaves["ref"], dy)
@@ -163,10 +160,6 @@ def test_group_norm_silu_single_tile_cifar_shapes(cuda_device, dtype):
 
 # ------------------------------------------------------------------------------- attention
 ATTN_SHAPES = [(8, 1, 256, 256), (4, 4, 1024, 64), (16, 2, 64, 128), (4, 1, 256, 512), (2, 1, 64, 512)]
-
-
-def _composed(q, k, v):
-    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -183,7 +176,7 @@ def test_attention_unet_shapes_and_head_dim_512(cuda_device, shape, dtype):
         g_o = torch.autograd.grad(o, ours, do.to(dtype))
     o_t = F.scaled_dot_product_attention(*theirs)
     g_t = torch.autograd.grad(o_t, theirs, do.to(dtype))
-    o_r = _composed(*ref)
+    o_r = attention_reference(*ref)
     g_r = torch.autograd.grad(o_r, ref, do)
     assert o.dtype == dtype and o.shape == shape
     for name, a, t, r in zip(("o", "dq", "dk", "dv"), (o, *g_o), (o_t, *g_t), (o_r, *g_r)):

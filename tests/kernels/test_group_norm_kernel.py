@@ -13,10 +13,10 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastddpm.kernels.group_norm import (CONFIGS, aot_specs, group_norm_backward, group_norm_forward,
-                                modelled_hbm_bytes)
+                                         modelled_hbm_bytes)
+from references import group_norm_silu_reference
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -25,17 +25,8 @@ NAMES = ("x", "weight", "bias", "add", "scale", "shift")
 
 
 def _reference(x, w, b, add, scale, shift, groups, eps, silu):
-    u = x + add[:, :, None, None] if add is not None else x
-    y = F.group_norm(u, groups, None, None, eps)  # affine applied explicitly (w None + b fails in aten)
-    if w is not None:
-        y = y * w[:, None, None]
-    if b is not None:
-        y = y + b[:, None, None]
-    if scale is not None:
-        y = y * (1 + scale[:, :, None, None])
-    if shift is not None:
-        y = y + shift[:, :, None, None]
-    return F.silu(y) if silu else y
+    """The unfused sequence (affine as separate ops: F.group_norm refuses a bias without a weight)."""
+    return group_norm_silu_reference(x, w, b, groups, eps, add, scale, shift, silu, affine_in_norm=False)
 
 
 def _inputs(n, c, h, w, *, weight=True, bias=True, add=True, scale=True, shift=True, seed=0,

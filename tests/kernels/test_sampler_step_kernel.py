@@ -21,6 +21,7 @@ import torch
 
 from fastddpm.ops.philox import philox_normal
 from fastddpm.schedule import NoiseSchedule
+from references import sampler_step_float64
 
 pytest.importorskip("triton")
 import fastddpm.kernels.sampler_step as ks  # noqa: E402
@@ -83,23 +84,7 @@ def _random_rows(n: int = 4, gen=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- float64 reference
 def _reference(x, mo, coefs, step, x0_prev, z, clip, learned):
     """The contract formula in float64 (z given explicitly). Returns float64 (x_prev, x0c)."""
-    c = x.shape[1]
-    row = coefs.double()[int(step.item())]
-    a, b, p, q, r, p2, sig, log_min, log_max = row.tolist()
-    x = x.double()
-    m = mo[:, :c].double()
-    x0 = a * x + b * m
-    if clip:
-        x0 = x0.clamp(-1, 1)
-    mean = p * x0 + q * x + r * m
-    if x0_prev is not None:
-        mean = mean + p2 * x0_prev.double()
-    if learned:
-        f = (mo[:, c:].double() + 1) / 2
-        sigma = sig * torch.exp(0.5 * (f * log_max + (1 - f) * log_min))
-    else:
-        sigma = sig
-    return mean + sigma * z.double(), x0
+    return sampler_step_float64(x, mo, coefs, int(step.item()), z, clip, learned, history=(x0_prev,))
 
 
 def _eager_same_precision(x, mo, coefs, step, x0_prev, z, clip, learned):
