@@ -11,9 +11,13 @@ Tolerances:
   at the output scale (2**-7 bf16, 2**-10 fp16), whichever is larger. The Triton path in bf16 rounds
   P and dS to bf16 before its dots (as FlashAttention does), so there the bound is 2x torch + 1 ulp.
 * float64: gradcheck with torch's default tolerances.
+
+Dispatch: what the kernels cannot launch (head_dim above their limit, CPU tensors with the interpreter
+off) takes the reference, checked against the float64 oracle.
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -23,6 +27,9 @@ from torch.library import opcheck
 
 from fastddpm.ops import attention, group_norm_silu, use_backend
 from references import attention_reference
+
+# `fastddpm.ops.attention` the attribute is the function; the module is reached through importlib
+attention_op_module = importlib.import_module("fastddpm.ops.attention")
 
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
@@ -242,3 +249,52 @@ def test_non_contiguous_inputs_like_the_unet():
     r = attention_reference(*qkv64.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0))
     (dqkv64,) = torch.autograd.grad(r.square().sum(), qkv64)
     assert rel_err(dqkv, dqkv64) <= 1e-4
+
+
+# ------------------------------------------------------------------------------- dispatch by head_dim
+def test_head_dim_512_under_triton_backend_matches_float64(monkeypatch, triton_on_cpu):
+    """The 512-wide heads of the 256x256 DDPM models never reach the Triton launcher (which refuses
+    head_dim > 256): they take the reference, even under use_backend("triton")."""
+    import fastddpm.kernels.attention as K
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("head_dim 512 reached the Triton launcher")
+
+    monkeypatch.setattr(K, "attention_forward", refuse)
+    monkeypatch.setattr(K, "attention_backward", refuse)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, 16, 512, generator=g, dtype=torch.float64) for _ in range(3))
+    do = torch.randn(1, 1, 16, 512, generator=g, dtype=torch.float64)
+    ins = [t.float().requires_grad_(True) for t in (q, k, v)]
+    with use_backend("triton"):
+        o = attention(*ins)
+        grads = torch.autograd.grad(o, ins, do.float())
+    ref_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    o_ref = attention_reference(*ref_in)
+    g_ref = torch.autograd.grad(o_ref, ref_in, do)
+    assert o.dtype == torch.float32 and o.shape == (1, 1, 16, 512)
+    assert rel_err(o, o_ref) <= 1e-5
+    for a, r in zip(grads, g_ref):
+        assert rel_err(a, r) <= 1e-4
+
+
+def test_kernel_head_dim_limit_agrees_with_the_launcher(triton_on_cpu):
+    import fastddpm.kernels.attention as K
+
+    assert attention_op_module.KERNEL_MAX_HEAD_DIM == K._MAX_HEAD_DIM
+    q = torch.zeros(1, 1, 4, K._MAX_HEAD_DIM + 1)
+    assert not attention_op_module.kernel_takes(q, q)
+    assert attention_op_module.kernel_takes(q[..., :K._MAX_HEAD_DIM], q[..., :K._MAX_HEAD_DIM])
+    assert not attention_op_module.kernel_takes(q.double()[..., :8], q.double()[..., :8])
+
+
+def test_cpu_tensors_without_interpreter_take_the_reference(monkeypatch):
+    """What the kernel cannot launch (CPU tensors with the interpreter off) runs the reference."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=g) for _ in range(3))
+    with use_backend("triton"):
+        assert not attention_op_module.kernel_takes(q, k)
+        o = attention(q, k, v)
+    assert rel_err(o, attention_reference(q.double(), k.double(), v.double())) <= 1e-5
