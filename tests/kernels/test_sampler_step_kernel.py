@@ -516,6 +516,10 @@ def test_inplace_bad_arguments_raise_value_error():
         sampler_step_inplace(**args(t_out=t_out.int()))
     with pytest.raises(ValueError, match="done_counter"):
         sampler_step_inplace(**args(done_counter=done.long()))
+    with pytest.raises(ValueError, match="done_counter"):
+        sampler_step_inplace(**args(done_counter=None))  # the launcher needs the caller's buffer
+    with pytest.raises(ValueError, match="t_out must be contiguous"):
+        sampler_step_inplace(**args(t_out=torch.zeros(6, dtype=torch.int64, device=DEVICE)[::2]))
     with pytest.raises(ValueError, match="model_output"):
         sampler_step_inplace(**args(model_output=torch.zeros((3, 3, 5, 7), device=DEVICE)))
     with pytest.raises(ValueError, match="model_output"):
