@@ -1,5 +1,8 @@
-"""Argument checks of the sampler step, shared by its launchers (`sampler_step.py`) and its op
-(`fastddpm.ops.sampler_step`): one validator, one message per violation, whichever layer is called.
+"""Argument checks of the fused ops, shared by the launchers (kernels/*.py) and the ops
+(`fastddpm.ops`): one validator per op, one message per violation, whichever layer is called. Each
+layer adds only what is its own: the launchers their dtype list and kernel limits (head_dim, empty
+tensors, contiguous buffers they write), the ops float64 (their reference path) and the options the
+launchers do not take.
 
 Imports torch only (no triton), so the op's reference path runs these checks where triton is absent.
 Every check reads shapes, dtypes and devices, never a tensor's values (no device sync), and accepts
@@ -7,12 +10,13 @@ the symbolic shapes of fake tensors (the ops' fake implementations call it under
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["NUM_COEFS", "LEGACY_COEFS", "history_count", "check_sampler_step", "check_sampler_step_inplace"]
+__all__ = ["NUM_COEFS", "LEGACY_COEFS", "history_count", "check_sampler_step", "check_sampler_step_inplace",
+           "check_group_norm", "check_attention"]
 
 # columns of the coefficient table: A, B, P, Q, R, P2, SIGMA, LOG_MIN, LOG_MAX, P3, P4
 NUM_COEFS = 11
@@ -99,3 +103,71 @@ def check_sampler_step_inplace(
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
     return num_hist
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def _check_param(name: str, t: Optional[Tensor], shape: tuple, x: Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a Tensor of shape {list(shape)} or None, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)} (from x of shape {list(x.shape)}) or be None, "
+                         f"got {list(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
+def check_group_norm(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], add: Optional[Tensor], scale: Optional[Tensor],
+    shift: Optional[Tensor], groups: int, dtypes: Sequence[torch.dtype],
+) -> Tuple[int, int]:
+    """ValueError naming the argument for every violation of GroupNorm+SiLU's tensor contract: x
+    [N, C, *spatial] of one of `dtypes`, groups a positive int dividing C, weight/bias [C] and
+    add/scale/shift [N, C] floating-point on x's device, or None. Returns (N, C)."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a Tensor [N, C, *spatial], got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [N, C, *spatial] (at least 2 dims), got {list(x.shape)}")
+    if x.dtype not in dtypes:
+        raise ValueError(f"x.dtype must be one of {_dtype_names(dtypes)}, got {x.dtype}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    n, c = x.shape[0], x.shape[1]
+    if c % groups != 0:
+        raise ValueError(f"groups={groups} must divide the number of channels C={c}")
+    for name, t, shape in (("weight", weight, (c,)), ("bias", bias, (c,)), ("add", add, (n, c)),
+                           ("scale", scale, (n, c)), ("shift", shift, (n, c))):
+        _check_param(name, t, shape, x)
+    return n, c
+
+
+def check_attention(q: Tensor, k: Tensor, v: Tensor, dtypes: Sequence[torch.dtype]) -> None:
+    """ValueError naming the argument for every violation of attention's tensor contract: q [B, heads,
+    N, head_dim], k and v [B, heads, M, head_dim], one dtype among `dtypes`, one device, head_dim and
+    M at least 1."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a Tensor [B, heads, N, head_dim], got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, heads, N, head_dim], got shape {list(t.shape)}")
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name}.dtype must be one of {_dtype_names(dtypes)}, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, heads, M, head_dim], got {list(k.shape)} "
+                         f"and {list(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q [B, heads, N, head_dim] and k/v [B, heads, M, head_dim] must match in B, heads "
+                         f"and head_dim, got q {list(q.shape)} and k {list(k.shape)}")
+    if q.shape[3] < 1 or k.shape[2] < 1:
+        raise ValueError(f"head_dim and the key length must be at least 1, got q {list(q.shape)}, "
+                         f"k {list(k.shape)}")

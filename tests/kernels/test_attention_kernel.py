@@ -187,7 +187,7 @@ def test_bad_inputs_raise():
         attention_forward(big, big, big, 0.1)
     with pytest.raises(ValueError, match="k and v"):
         attention_forward(q, q, torch.randn(1, 1, 9, 32), 0.1)
-    with pytest.raises(ValueError, match="one dtype"):
+    with pytest.raises(ValueError, match="same dtype"):
         attention_forward(q, q.half(), q, 0.1)
     with pytest.raises(ValueError, match="sm_scale"):
         attention_forward(q, q, q, float("nan"))
