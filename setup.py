@@ -20,7 +20,9 @@ overwrite its files. Two mechanisms, one per way of running:
 * a clone (``pip install -e .``, or a script run from the clone with the clone on sys.path): Python
   finds ``fastddpm/kernels/__init__.py``, a stub (never in a wheel) that loads ``kernels/__init__.py``
   as the package ``fastddpm.kernels`` with ``kernels/`` as its path, so every kernel module is read
-  from the one copy under the name the wheel gives it.
+  from the one copy under the name the wheel gives it. The clone's path entry also makes the folder
+  findable as a top-level ``kernels``, but after every site-packages entry: an installed PyPI
+  ``kernels`` wins, and fastddpm never imports that name (``tests/test_layering.py``).
 
 ``tests/test_packaging.py`` checks both: the wheel's file list, and the imports with a decoy top-level
 ``kernels`` first on sys.path.

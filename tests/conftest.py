@@ -6,6 +6,10 @@ On a GPU machine the interpreter stays off (the kernels compile for the device),
 ``use_backend("triton")`` on CPU tensors cannot launch anything: such tests take the `triton_on_cpu`
 fixture, which skips them there (tests/gpu runs the kernels on the device instead). Tests that need
 the device take `cuda_device` (skipped without CUDA or with the interpreter on).
+
+Markers: `gpu` (set here, see below) and `slow` (set by the test files on the tests that take tens of
+seconds on a CPU: the AOT gate, end-to-end training runs, the wheel build). `python -m pytest -m "not
+slow" tests` is the quick run; CI runs everything.
 """
 import os
 
@@ -21,6 +25,8 @@ torch.set_default_dtype(torch.float32)
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (set automatically: tests/gpu and every test "
                                        "skipped for 'needs CUDA'); `pytest -m gpu` runs them all")
+    config.addinivalue_line("markers", "slow: takes tens of seconds on a CPU (the AOT gate, end-to-end training, "
+                                       "the wheel build); `pytest -m \"not slow\"` leaves them out, CI runs them")
 
 
 def _needs_cuda(item) -> bool:
