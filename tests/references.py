@@ -2,8 +2,8 @@
 
 One home for each oracle, shared by the op tests (tests/test_ops_*.py), the kernel tests
 (tests/kernels/), the GPU tests (tests/gpu/) and the GPU check. Test files import it as ``references``
-(tests/conftest.py's folder is on sys.path under pytest); a script with the repository root on sys.path
-(benchmarks/gpu_check.py) imports ``tests.references``. Each function computes in
+(pytest puts tests/, conftest.py's folder, on sys.path); a script (benchmarks/gpu_check.py) puts the
+repository's tests/ folder first on sys.path and imports ``references`` the same way. Each function computes in
 the dtype of its inputs: called on float64 tensors it is the oracle, called on the op's own dtype it is
 the "what torch itself does at this precision" baseline of the low-precision bounds. None of them calls
 fastddpm, so a bug in the library cannot hide in its own reference.
