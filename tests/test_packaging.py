@@ -41,6 +41,27 @@ for name in ("group_norm", "attention", "sampler_step", "aot"):
 """
 
 
+# Runs in a fresh interpreter where triton cannot be imported (as on macOS / Windows): every op runs its
+# reference, the argument checks it shares with the kernels included.
+_WITHOUT_TRITON = r"""
+import sys, torch
+sys.modules["triton"] = None  # `import triton` raises ImportError; find_spec("triton") is None
+import fastddpm as fd
+import fastddpm.ops as ops
+assert not ops.triton_available()
+x = torch.randn(2, 4, 3, 3)
+y = ops.group_norm_silu(x, torch.ones(4), torch.zeros(4), groups=2)
+o = ops.attention(*(torch.randn(1, 1, 5, 8) for _ in range(3)))
+xp, x0 = ops.sampler_step(x, x, torch.rand(2, 11), torch.tensor([1]), seed=torch.tensor([3]))
+assert torch.isfinite(y).all() and torch.isfinite(o).all() and torch.isfinite(xp).all()
+try:
+    ops.sampler_step(x, x, torch.rand(2, 11), torch.tensor([1]), image_offset=-1)
+except ValueError as e:
+    print(e)
+assert sys.modules["triton"] is None and "fastddpm.kernels.checks" in sys.modules
+"""
+
+
 def _decoy(tmp_path: Path) -> Path:
     """A folder holding a top-level package `kernels` whose import raises."""
     decoy = tmp_path / "decoy"
@@ -81,6 +102,12 @@ def test_clone_imports_the_kernels_as_fastddpm_kernels(tmp_path):
     pytest.importorskip("triton")
     files = _run(_LAUNCH_ALL, [_decoy(tmp_path), ROOT], cwd=tmp_path)
     assert [Path(f).parent for f in files] == [ROOT / "kernels"] * 4
+
+
+def test_ops_run_their_reference_where_triton_is_missing(tmp_path):
+    """`import fastddpm` and every op work without triton; the checks shared with the kernels need only torch."""
+    out = _run(_WITHOUT_TRITON, [ROOT], cwd=tmp_path)
+    assert " ".join(out) == "image_offset must be a non-negative int, got -1"
 
 
 @pytest.mark.slow
