@@ -57,6 +57,7 @@ def _figures(obj, key=""):
         yield key, obj
 
 
+@pytest.mark.slow  # the dry run runs every part of the GPU check on the CPU
 def test_dry_run_runs_every_part_with_no_timings(dry_run):
     data, stdout = dry_run
     assert data["dry_run"] is True and list(data["parts"]) == list(gpu_check.PARTS)
@@ -87,6 +88,7 @@ def test_dry_run_runs_every_part_with_no_timings(dry_run):
     assert parts["tests"]["ok"] and "tests/gpu" in parts["tests"]["command"]
 
 
+@pytest.mark.slow
 def test_report_renders_a_gpu_file_and_says_when_there_is_none(dry_run, tmp_path):
     data = copy.deepcopy(dry_run[0])
     assert "GPU check: not run on a GPU yet" in report.render(tmp_path)

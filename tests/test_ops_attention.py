@@ -143,6 +143,7 @@ def test_opcheck_backward_op():
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+@pytest.mark.slow  # inductor compiles C++ for the CPU
 def test_compile_fullgraph_inductor_both_ops_matches_eager():
     """torch.compile(fullgraph=True) with inductor on CPU: no graph break (fullgraph raises on one),
     forward and backward equal eager's."""

@@ -52,6 +52,7 @@ def _state(run_dir):
     return ck
 
 
+@pytest.mark.slow  # three end-to-end training runs
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):
     # dropout, flips and label dropout on, so every RNG stream matters
     kw = dict(steps=16, save_every=5, keep=2, dropout=0.1, random_flip=True, class_cond=True, p_uncond=0.25)
@@ -167,6 +168,7 @@ def _ddp_worker(rank, world, port, out_dir, result_dir):
                os.path.join(result_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow  # two training processes
 def test_ddp_two_processes_gloo(tmp_path):
     import torch._dynamo  # noqa: F401  (imported once here, inherited by the forked workers)
     import torch.multiprocessing as mp

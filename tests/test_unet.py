@@ -298,6 +298,7 @@ def test_class_conditioning():
 COMPILE_BACKEND = os.environ.get("FASTDDPM_TEST_COMPILE_BACKEND", "aot_eager")
 
 
+@pytest.mark.slow  # torch.compile of the U-Net
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -98,7 +98,9 @@ _FULL = list(itertools.product([False, True], repeat=6))
 _AFFINE = [(True, True), (False, False), (True, False), (False, True)]
 _ROTATED = [(add, scale, shift, silu, *_AFFINE[i % 4])
             for i, (add, scale, shift, silu) in enumerate(itertools.product([False, True], repeat=4))]
-_GRID = [(*opts, None) for opts in _FULL] + [(*opts, 4) for opts in _ROTATED]
+# The quick run (-m "not slow") keeps the rotated 16 on both kernels; the other 48 single-tile ones are slow.
+_GRID = ([pytest.param(*opts, None, marks=() if opts in _ROTATED else pytest.mark.slow) for opts in _FULL]
+         + [(*opts, 4) for opts in _ROTATED])
 
 
 @pytest.mark.parametrize("add,scale,shift,silu,weight,bias,block", _GRID)
