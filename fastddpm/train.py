@@ -46,6 +46,8 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from .build import build_diffusion, build_model
+from .fileio import atomic_write_bytes
 from ._names import DEFAULT_DDP_TIMEOUT, SAMPLER_NAMES
 from .data import load_dataset
 from .images import save_grid
@@ -435,7 +437,7 @@ def _truncate_log(path: str, step: int) -> None:
                     keep.append(line if line.endswith("\n") else line + "\n")
             except (ValueError, AttributeError):
                 continue  # a torn last line
-    ckpt.atomic_write_bytes(path, "".join(keep).encode())
+    atomic_write_bytes(path, "".join(keep).encode())
 
 
 
@@ -824,7 +826,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
     # the model's complete keyword arguments (defaults included), so a checkpoint never depends on defaults
     mcfg = json.loads(json.dumps(getattr(model, "config", mcfg)))
     full_config["model"] = mcfg
-    diffusion = ckpt.build_diffusion(full_config)
+    diffusion = build_diffusion(full_config)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
     # fused: the one AdamW of torch that skips an update on the device (`found_inf`, see the loop); it has
     # CPU and CUDA kernels for the float32 parameters used here (torch >= 2.13), so both take one path
@@ -852,7 +854,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distri
                               isinstance(cfg.resume, str))
         resume_path = ck.path
         try:
-            ck_model = json.loads(json.dumps(getattr(ckpt.build_model(ck.config), "config", ck.config["model"])))
+            ck_model = json.loads(json.dumps(getattr(build_model(ck.config), "config", ck.config["model"])))
         except ckpt.CheckpointError:
             ck_model = ck.config.get("model")
         # dropout changes no weight: a resumed run may change it (fine-tuning); everything else must match

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from fastddpm import build
 from fastddpm import checkpoint as ckpt
 from fastddpm.cli import main
 from fastddpm.diffusion import GaussianDiffusion
@@ -169,7 +170,7 @@ def test_checksums_detect_flipped_bytes(four_steps, tmp_path):
         ckpt.verify_checkpoint(str(d))
     _flip_tensor_byte(d / "ema.safetensors")
     with pytest.raises(ckpt.CheckpointError, match=r"ema\.safetensors: SHA-256 mismatch"):
-        ckpt.load_model(str(d))
+        build.load_model(str(d))
     with pytest.raises(ckpt.CheckpointError, match=r"step_00000004/ema\.safetensors: SHA-256 mismatch"):
         train(_cfg(out, steps=6, resume=True))
 

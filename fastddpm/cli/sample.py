@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from .. import checkpoint as ckpt
+    from ..fileio import atomic_write_bytes
     from ..images import save_grid, to_uint8
     from ..precision import reduced_precision
     from ..train import _ddp_failure, _dist_info, _join_process_group
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                 if local_labels is not None:
                     arrays["labels"] = local_labels
                 np.savez(buf, **arrays)
-                ckpt.atomic_write_bytes(args.npz, buf.getvalue())
+                atomic_write_bytes(args.npz, buf.getvalue())
                 written.append(args.npz)
             if out_png:
                 scale = args.scale if args.scale is not None else max(1, 32 // size)
