@@ -13,7 +13,9 @@ from fastddpm import build
 from fastddpm import checkpoint as ckpt
 from fastddpm.cli import main
 from fastddpm.diffusion import GaussianDiffusion
-from fastddpm.train import RunLockError, TrainConfig, _resume_message, _RunLock, train
+from fastddpm.run_dir import RunLock as _RunLock
+from fastddpm.run_dir import resume_message as _resume_message
+from fastddpm.train import RunLockError, TrainConfig, train
 
 TINY_FLAGS = ["--dataset", "digits", "--base-channels", "8", "--channel-mults", "1,2", "--attention-resolutions", "4",
               "--num-res-blocks", "1", "--groups", "4", "--num-timesteps", "50", "--batch-size", "8", "--lr", "1e-3",

@@ -34,7 +34,7 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
 
 def resolve_device(name: str, local_rank: int = 0) -> Any:
     """``--device`` (auto, cpu, cuda or cuda:N) as a torch.device; CLIError when it cannot be used."""
-    from ..train import resolve_device as _resolve  # the one resolver (train() takes the same spec)
+    from ..dist_util import resolve_device as _resolve  # the one resolver (train() takes the same spec)
 
     try:
         return _resolve(name, local_rank)
