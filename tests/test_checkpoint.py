@@ -1,7 +1,8 @@
-"""fastddpm.checkpoint: atomic writes (a crash mid-write keeps the previous checkpoint), listing and
+"""fastddpm.checkpoint: atomic saves (a crash mid-write keeps the previous checkpoint), listing and
 pruning, and one-line errors for missing, truncated or corrupt files. Checkpoints of a trained run
 (architecture checks, export) are tested with training in tests/test_train.py; checksums and resume in
-tests/test_resume.py; refusing malicious files in tests/test_security.py."""
+tests/test_resume.py; refusing malicious files in tests/test_security.py; the atomic file writes
+underneath in tests/test_fileio.py."""
 import os
 
 import pytest
@@ -47,19 +48,6 @@ def test_checkpoint_crash_mid_write_keeps_previous(tmp_path):
     for s in (2, 3, 4):
         ckpt.save_checkpoint(tmp_path, s, _tiny_cfg(), _tiny_state(s), None, {"step": s}, keep=2)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000003", "step_00000004"]
-
-
-def test_atomic_write_bytes_failure_keeps_old_file(tmp_path, monkeypatch):
-    p = tmp_path / "f.bin"
-    ckpt.atomic_write_bytes(str(p), b"old")
-
-    def boom(fd):
-        raise OSError("fsync failed")
-
-    monkeypatch.setattr(ckpt.os, "fsync", boom)
-    with pytest.raises(OSError, match="fsync failed"):
-        ckpt.atomic_write_bytes(str(p), b"new contents")
-    assert p.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
 
 
 def test_checkpoint_load_errors(tmp_path):

@@ -7,6 +7,7 @@ import socket
 import pytest
 import torch
 
+from fastddpm import build
 from fastddpm import checkpoint as ckpt
 from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.train import NonFiniteLossError, TrainConfig, train
@@ -124,20 +125,20 @@ def test_config_errors(tmp_path):
 # ------------------------------------------------------------------------------ checkpoints of a trained run
 def test_architecture_mismatch(tmp_path):
     r = train(_cfg(tmp_path, steps=1, save_every=0))
-    model, diff, cfg = ckpt.load_model(r.checkpoint)
+    model, diff, cfg = build.load_model(r.checkpoint)
     assert cfg["model"]["base_channels"] == 8 and diff.num_timesteps == 100
     ck = ckpt.load_checkpoint(r.checkpoint, load_state=False)
     cfg = dict(ck.config)
     cfg["model"] = dict(cfg["model"], base_channels=16)
-    other = ckpt.build_model(cfg)
+    other = build.build_model(cfg)
     with pytest.raises(ckpt.CheckpointError, match=r"do not match the model architecture.*shape mismatches"):
         ckpt.check_state_dict(other, ck.ema, ck.path)
     # a keyword this UNet version does not know is ignored; the weights decide whether it matters
     cfg["model"] = dict(ck.config["model"], option_from_a_newer_version=True)
-    ckpt.check_state_dict(ckpt.build_model(cfg), ck.ema, ck.path)
+    ckpt.check_state_dict(build.build_model(cfg), ck.ema, ck.path)
     cfg["model"] = dict(ck.config["model"], num_res_blocks=2)
     with pytest.raises(ckpt.CheckpointError, match=r"missing keys"):
-        ckpt.check_state_dict(ckpt.build_model(cfg), ck.ema, ck.path)
+        ckpt.check_state_dict(build.build_model(cfg), ck.ema, ck.path)
     # resuming with another architecture is refused
     with pytest.raises(ValueError, match="config differs"):
         train(_cfg(tmp_path, steps=2, base_channels=16, resume=True))
@@ -147,7 +148,7 @@ def test_architecture_mismatch(tmp_path):
     j["model"]["base_channels"] = 16
     json.dump(j, open(cp, "w"))
     with pytest.raises(ckpt.CheckpointError, match="do not match the model architecture"):
-        ckpt.load_model(r.checkpoint)
+        build.load_model(r.checkpoint)
 
 
 # ------------------------------------------------------------------------------ DDP (2 CPU processes, gloo)
@@ -198,11 +199,11 @@ def test_ddp_two_processes_gloo(tmp_path):
 def test_export_model_single_file(tmp_path):
     r = train(_cfg(tmp_path / "run", steps=2, save_every=0))
     out = str(tmp_path / "m.safetensors")
-    ckpt.export_model(str(tmp_path / "run"), out)
+    build.export_model(str(tmp_path / "run"), out)
     os.remove(str(tmp_path / "m.json"))  # the config in the file's metadata is enough
-    model, diff, cfg = ckpt.load_model(out)
+    model, diff, cfg = build.load_model(out)
     assert cfg["weights"] == "ema" and cfg["exported_from"]["step"] == 2 and diff.num_timesteps == 100
     for k, v in r.ema.state_dict().items():
         assert torch.equal(model.state_dict()[k], v)
     with pytest.raises(ValueError, match="must end with .safetensors"):
-        ckpt.export_model(str(tmp_path / "run"), str(tmp_path / "m.pt"))
+        build.export_model(str(tmp_path / "run"), str(tmp_path / "m.pt"))
