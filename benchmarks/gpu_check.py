@@ -252,6 +252,9 @@ def child_main(name: str, part_file: Path, deadline: float, dry: bool, copy_bps:
 
         device = torch.device("cuda", torch.cuda.current_device()) if not dry else torch.device("cpu")
         state["versions"] = versions(device)
+        from benchmarks.common import machine
+
+        state["machine"] = machine()
         write_json_atomic(part_file, state)
 
         def save(result: Dict[str, Any]) -> None:
@@ -302,6 +305,8 @@ class Interrupted(BaseException):
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # one clean stop: a second signal must not cut the write short
+        signal.signal(sig, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
@@ -365,7 +370,7 @@ def _entry(part_file: Path, why: Optional[str], proc: subprocess.Popen, t0: floa
         status = f"failed: its process ended with exit code {proc.returncode} before finishing"
     entry = {"status": status, "budget_s": round(deadline_mono - t0, 1), "seconds": round(time.monotonic() - t0, 2),
              "result": state.get("result")}
-    for key in ("skipped", "traceback", "versions"):
+    for key in ("skipped", "traceback", "versions", "machine"):
         if key in state:
             entry[key] = state[key]
     part_file.unlink(missing_ok=True)
@@ -385,8 +390,6 @@ def run(parts: Sequence[str], budget_s: float, dry: bool, out_dir: Path, t0: Opt
         echo: Callable[[str], None] = print) -> Tuple[Path, Dict[str, Any]]:
     """Run `parts` within `budget_s` seconds of `t0` (default: this module's start); write the results
     file after every part; on SIGINT / SIGTERM stop cleanly and raise Interrupted after writing it."""
-    from benchmarks.common import machine
-
     start = T0 if t0 is None else t0
     end = start + budget_s
     scale = budget_s / sum(PART_BUDGETS[p] for p in parts)
@@ -400,30 +403,20 @@ def run(parts: Sequence[str], budget_s: float, dry: bool, out_dir: Path, t0: Opt
     try:
         for i, name in enumerate(parts):
             deadline = min(end, start + sum(PART_BUDGETS[p] for p in parts[: i + 1]) * scale)
-            if stop is not None:
-                entry = {"status": f"not run: interrupted by {stop}"}
-            elif deadline - time.monotonic() < MIN_PART_S:
-                entry = {"status": "skipped: the time budget ran out before this part"}
-            else:
-                echo(f"[{name}] up to {deadline - time.monotonic():.0f} s")
-                copy_bps = ((report["parts"].get("device") or {}).get("result") or {}).get("copy_Bps")
-                try:
+            try:
+                if stop is not None:
+                    entry = {"status": f"not run: interrupted by {stop}"}
+                elif deadline - time.monotonic() < MIN_PART_S:
+                    entry = {"status": "skipped: the time budget ran out before this part"}
+                else:
+                    echo(f"[{name}] up to {deadline - time.monotonic():.0f} s")
+                    copy_bps = ((report["parts"].get("device") or {}).get("result") or {}).get("copy_Bps")
                     entry = run_part(name, deadline, dry, out_dir, copy_bps)
-                except _PartInterrupted as e:
-                    entry, stop = e.entry, e.cause
-            report["parts"][name] = entry
-            if report["versions"] is None and entry.get("versions"):
-                report["versions"] = entry.pop("versions")
-                from benchmarks.gpu_parts import device_peaks as peaks
-
-                report["peaks"] = peaks(report["versions"].get("device_name", ""))
-                new_path = _results_path(out_dir, dry, report["versions"])
-                path = new_path
-            entry.pop("versions", None)
-            report["headline"] = headline(report)
-            report["total_s"] = round(time.monotonic() - start, 2)
-            report["machine"] = machine()
-            write_json_atomic(path, report)
+            except _PartInterrupted as e:
+                entry, stop = e.entry, e.cause
+            except Interrupted as e:  # between two parts
+                entry, stop = {"status": f"not run: interrupted by {e}"}, e
+            path = _record(report, name, entry, out_dir, dry, path, start)
             echo(f"[{name}] {entry['status']}" + (f" in {entry['seconds']:.1f} s" if "seconds" in entry else ""))
             for line in summary_lines(name, entry.get("result"), report.get("peaks") or {}):
                 echo("    " + line)
@@ -436,6 +429,28 @@ def run(parts: Sequence[str], budget_s: float, dry: bool, out_dir: Path, t0: Opt
     if stop is not None:
         raise _Done(path, report, stop)
     return path, report
+
+
+def _record(report: Dict[str, Any], name: str, entry: Dict[str, Any], out_dir: Path, dry: bool, path: Path,
+            start: float) -> Path:
+    """Put a part's entry into the report (the first versions and machine seen become the run's) and
+    write the results file atomically; returns its path (named after the device once it is known)."""
+    report["parts"][name] = entry
+    if report["versions"] is None and entry.get("versions"):
+        from benchmarks.gpu_parts import device_peaks as peaks
+
+        report["versions"], report["machine"] = entry["versions"], entry.get("machine")
+        report["peaks"] = peaks(report["versions"].get("device_name", ""))
+        new_path = _results_path(out_dir, dry, report["versions"])
+        if new_path != path:
+            path.unlink(missing_ok=True)
+            path = new_path
+    entry.pop("versions", None)
+    entry.pop("machine", None)
+    report["headline"] = headline(report)
+    report["total_s"] = round(time.monotonic() - start, 2)
+    write_json_atomic(path, report)
+    return path
 
 
 class _Done(BaseException):
