@@ -164,7 +164,7 @@ def test_interrupted_dry_run_keeps_finished_parts(tmp_path, sig):
 def test_part_past_its_deadline_is_stopped_and_keeps_its_rows(tmp_path):
     """A part that hangs (the stall hook) is stopped at its hard deadline; the run goes on and ends."""
     pytest.importorskip("triton")
-    proc = _dry(["--parts", "step", "--out", str(tmp_path), "--budget", "45"], {gpu_check.STALL_ENV: "step"})
+    proc = _dry(["--parts", "step", "--out", str(tmp_path), "--budget", "30"], {gpu_check.STALL_ENV: "step"})
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, out[-3000:]  # a timed-out part is a failure
     entry = json.loads((tmp_path / "gpu_dryrun.json").read_text())["parts"]["step"]
