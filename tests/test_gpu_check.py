@@ -263,10 +263,10 @@ def test_interpreter_on_a_cuda_machine_fails_loudly(tmp_path):
 
 def test_report_renders_a_gpu_file_and_says_when_there_is_none(dry_run, tmp_path):
     data = copy.deepcopy(dry_run[0])
-    assert "GPU check: not run on a GPU yet" in report.render(tmp_path)
+    assert "GPU check: no results file from a GPU run" in report.render(tmp_path)
     (tmp_path / "gpu_dryrun.json").write_text(json.dumps(data))
     text = report.render(tmp_path)
-    assert "GPU check: not run on a GPU yet" in text and "GPU check on" not in text  # dry runs are not figures
+    assert "GPU check: no results file from a GPU run" in text and "GPU check on" not in text  # dry runs are not figures
     data.update(dry_run=False)
     data["versions"]["device_name"] = "NVIDIA H200"
     data["peaks"] = gpu_check.device_peaks("NVIDIA H200")
@@ -274,7 +274,7 @@ def test_report_renders_a_gpu_file_and_says_when_there_is_none(dry_run, tmp_path
     (tmp_path / "gpu_dryrun.json").unlink()
     (tmp_path / "gpu_nvidia_h200.json").write_text(json.dumps(data))
     text = report.render(tmp_path)
-    assert "### GPU check on NVIDIA H200" in text and "not run on a GPU yet" not in text
+    assert "### GPU check on NVIDIA H200" in text and "no results file from a GPU run" not in text
     assert "HBM 4.80 TB/s" in text and "| 1.25 |" in text  # 1.25 ms, the one figure set above
     for heading in ("GroupNorm+SiLU", "Attention", "Sampler step", "U-Net", "Activation layout",
                     "FastSampler end to end"):
