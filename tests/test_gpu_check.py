@@ -274,7 +274,7 @@ def test_report_renders_a_gpu_file_and_says_when_there_is_none(dry_run, tmp_path
     (tmp_path / "gpu_dryrun.json").unlink()
     (tmp_path / "gpu_nvidia_h200.json").write_text(json.dumps(data))
     text = report.render(tmp_path)
-    assert "### GPU check on NVIDIA H200" in text and "no results file from a GPU run" not in text
+    assert "### GPU check on NVIDIA H200" in text and "GPU check: no results file" not in text
     assert "HBM 4.80 TB/s" in text and "| 1.25 |" in text  # 1.25 ms, the one figure set above
     for heading in ("GroupNorm+SiLU", "Attention", "Sampler step", "U-Net", "Activation layout",
                     "FastSampler end to end"):
