@@ -65,6 +65,7 @@ KILL_GRACE_S = 5.0    # after a part's deadline: SIGINT, then SIGKILL this much 
 CHILD_MARGIN_S = 2.0  # a part stops starting new rows this long before its deadline
 MIN_PART_S = 3.0      # a part with less time than this left is not started
 PER_TEST_TIMEOUT_S = 40.0
+NO_CUDA = "no CUDA device (torch.cuda.is_available() is False); --dry-run exercises the script on a CPU"
 STALL_ENV = "FASTDDPM_GPU_CHECK_STALL"  # tests only: "<part>" makes that part hang after its first save (dry run)
 
 
@@ -247,7 +248,7 @@ def child_main(name: str, part_file: Path, deadline: float, dry: bool, copy_bps:
         import torch
 
         if not dry and not torch.cuda.is_available():
-            raise RuntimeError("no CUDA device; use --dry-run to exercise the script on the CPU")
+            raise RuntimeError(NO_CUDA)
         from benchmarks import gpu_parts
 
         device = torch.device("cuda", torch.cuda.current_device()) if not dry else torch.device("cpu")
@@ -302,6 +303,20 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+    def reason(self) -> str:
+        return f"interrupted by {self}"
+
+
+class NoDevice(Interrupted):
+    """The first part found no CUDA device: the run stops there (exit status 2)."""
+
+    def __init__(self):
+        BaseException.__init__(self, "no CUDA device")
+        self.signum = -126  # 128 + signum = 2
+
+    def reason(self) -> str:
+        return NO_CUDA
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -405,7 +420,7 @@ def run(parts: Sequence[str], budget_s: float, dry: bool, out_dir: Path, t0: Opt
             deadline = min(end, start + sum(PART_BUDGETS[p] for p in parts[: i + 1]) * scale)
             try:
                 if stop is not None:
-                    entry = {"status": f"not run: interrupted by {stop}"}
+                    entry = {"status": f"not run: {stop.reason()}"}
                 elif deadline - time.monotonic() < MIN_PART_S:
                     entry = {"status": "skipped: the time budget ran out before this part"}
                 else:
@@ -416,6 +431,8 @@ def run(parts: Sequence[str], budget_s: float, dry: bool, out_dir: Path, t0: Opt
                 entry, stop = e.entry, e.cause
             except Interrupted as e:  # between two parts
                 entry, stop = {"status": f"not run: interrupted by {e}"}, e
+            if NO_CUDA in entry["status"] and stop is None:  # every later part would fail the same way
+                stop = NoDevice()
             path = _record(report, name, entry, out_dir, dry, path, start)
             echo(f"[{name}] {entry['status']}" + (f" in {entry['seconds']:.1f} s" if "seconds" in entry else ""))
             for line in summary_lines(name, entry.get("result"), report.get("peaks") or {}):

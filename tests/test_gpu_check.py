@@ -314,3 +314,15 @@ def test_spent_budget_skips_later_parts_cleanly(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[device] skipped: the time budget ran out" in out and "[step] skipped" in out
     assert json.loads(path.read_text())["parts"]["step"]["status"].startswith("skipped")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run without a CUDA device")
+def test_a_run_without_cuda_stops_after_its_first_part(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--parts", "device,step",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    parts = json.loads(next(tmp_path.glob("gpu_*.json")).read_text())["parts"]
+    assert parts["device"]["status"].startswith("failed: RuntimeError: no CUDA device")
+    assert parts["step"]["status"].startswith("not run: no CUDA device")
