@@ -38,6 +38,7 @@ import time
 T0 = time.monotonic()  # the budget counts from here: interpreter start-up and imports are in it
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -266,7 +267,7 @@ def child_main(name: str, part_file: Path, deadline: float, dry: bool, copy_bps:
 
         ctx = gpu_parts.Context(device, dry, deadline - CHILD_MARGIN_S, save, copy_bps)
         func = part_tests if name == "tests" else gpu_parts.PART_FUNCS[name]
-        with _fused_backend(name, dry) if name != "tests" else _nullcontext():
+        with _fused_backend(name, dry) if name != "tests" else contextlib.nullcontext():
             state["result"] = func(ctx)
         state["status"] = "ok" if not ctx.skipped else "partial: its time ran out"
         if name == "tests" and not state["result"].get("ok", False):
@@ -286,14 +287,6 @@ def child_main(name: str, part_file: Path, deadline: float, dry: bool, copy_bps:
             print(state["traceback"], file=sys.stderr, flush=True)
     write_json_atomic(part_file, state)
     return 0
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ------------------------------------------------------------------------------ the driver
