@@ -159,7 +159,8 @@ def tests_result(records: List[Dict[str, Any]], returncode: Optional[int], timed
 
 
 def run_pytest(args: Sequence[str], deadline: float, save: Callable[[Dict[str, Any]], None],
-               per_test_timeout: float = PER_TEST_TIMEOUT_S, cwd: Path = ROOT) -> Dict[str, Any]:
+               per_test_timeout: float = PER_TEST_TIMEOUT_S, cwd: Path = ROOT,
+               env_extra: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """pytest `args` in a subprocess with per-test timeouts and a live result log; the result is saved
     every second while it runs, and the run is stopped (SIGINT, then SIGKILL) at `deadline` (time.time())."""
     with tempfile.TemporaryDirectory(prefix="gpu_check_tests_") as tmp:
@@ -170,6 +171,7 @@ def run_pytest(args: Sequence[str], deadline: float, save: Callable[[Dict[str, A
         command = "python3 -m pytest " + " ".join(cmd[3:]).replace(str(log), "<log>")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest decides
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        env.update(env_extra or {})
         returncode, timed_out = None, False
         with open(out, "w") as fh:
             proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
@@ -191,9 +193,11 @@ def run_pytest(args: Sequence[str], deadline: float, save: Callable[[Dict[str, A
 
 
 def part_tests(ctx: Any) -> Dict[str, Any]:
-    """The GPU tests. The dry run runs tests/gpu with the same options (everything there skips on a CPU)."""
+    """The GPU tests. The dry run runs tests/gpu with the same options and no visible GPU, so everything there
+    skips (on a CUDA machine too)."""
     args = ["tests/gpu"] if ctx.dry else test_targets()
-    return run_pytest([*args, "-m", "gpu and not compile_heavy"], ctx.deadline, ctx.save)
+    return run_pytest([*args, "-m", "gpu and not compile_heavy"], ctx.deadline, ctx.save,
+                      env_extra={"CUDA_VISIBLE_DEVICES": ""} if ctx.dry else None)
 
 
 # ------------------------------------------------------------------------------ a part's process
