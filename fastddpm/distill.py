@@ -38,7 +38,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import build
 from . import checkpoint as ckpt
+from .fileio import atomic_write_json
 from ._names import DETERMINISTIC_SAMPLERS
 from .ops.sampler_step import sampler_step_reference
 from .samplers import DDIMSampler, make_sampler
@@ -78,6 +80,8 @@ class DistillConfig:
     the teacher's deterministic solver. spacing: the students' timesteps ("trailing", "uniform", ...).
     guidance_scale: class-conditional teachers only (distil the guided model at this w).
     ema_decay: EMA of the student weights (what is sampled by default). clip: clamp x0-hat to [-1, 1].
+    student_prediction: how each student reads its output per step (see `student_prediction`).
+    device: "auto", "cpu", "cuda" or "cuda:N". The other fields: checkpointing and logging.
     """
 
     checkpoint: Optional[str] = None
@@ -102,6 +106,7 @@ class DistillConfig:
     log_every: int = 25
     keep: int = 2
     pair_batch: int = 500
+    device: str = "auto"
     progress: bool = True
 
     def validate(self) -> "DistillConfig":
@@ -211,14 +216,15 @@ def teacher_pairs(model: Callable[..., Any], diffusion: Any, shape: Sequence[int
     for i in rng:
         n = min(batch, num - i)
         full = (n, *shape)
-        xs.append(philox_normal(torch.tensor([seed]), full, zero, stream=1, image_offset=i))
+        xs.append(philox_normal(torch.tensor([seed]), full, zero, stream=1, image_offset=i))  # CPU: stored as drawn
         if labels is None:
-            x0s.append(smp.sample(model, full, seed=seed, clip_denoised=clip, image_offset=i))
+            x0s.append(smp.sample(model, full, seed=seed, clip_denoised=clip, image_offset=i).cpu())
         else:
             from .guidance import GuidedModel
 
-            g = GuidedModel(model, labels[i:i + n], guidance_scale, model.num_classes, shape[0])
-            x0s.append(smp.sample(g, full, seed=seed, clip_denoised=clip, image_offset=i))
+            dev = next(model.parameters()).device
+            g = GuidedModel(model, labels[i:i + n].to(dev), guidance_scale, model.num_classes, shape[0])
+            x0s.append(smp.sample(g, full, seed=seed, clip_denoised=clip, image_offset=i).cpu())
     return torch.cat(xs), torch.cat(x0s)
 
 
@@ -236,7 +242,7 @@ def _load_teacher(checkpoint: Optional[str]) -> Tuple[torch.nn.Module, Any, Dict
                          f"'diffusion' entries), got {path!r}")
     if is_distilled(cfg):
         raise ValueError(f"checkpoint must be a diffusion model, not a distilled student set: {path!r}")
-    model, diffusion, config = ckpt.load_model(path, device="cpu")
+    model, diffusion, config = build.load_model(path, device="cpu")
     return model, diffusion, config, path
 
 
@@ -354,21 +360,24 @@ def distill(config: Optional[DistillConfig] = None, **kwargs: Any) -> DistillRes
             raise TypeError(f"distill() got an unexpected keyword argument {k!r}")
         setattr(cfg, k, v)
     cfg.validate()
-    from .train import _RunLock, _truncate_log
+    from .run_dir import RunLock, truncate_log
 
     latest = _check_out_dir(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    lock = _RunLock(cfg.out_dir)
+    lock = RunLock(cfg.out_dir)
     try:
-        return _distill(cfg, latest, _truncate_log)
+        return _distill(cfg, latest, truncate_log)
     finally:
         lock.release()
 
 
 def _distill(cfg: DistillConfig, latest: Optional[str], truncate_log: Callable[[str, int], None]) -> DistillResult:
+    from .dist_util import resolve_device
+
     t_start, c_start = time.perf_counter(), time.process_time()
+    device = resolve_device(cfg.device)
     teacher, diffusion, tconfig, tpath = _load_teacher(cfg.checkpoint)
-    teacher.requires_grad_(False)
+    teacher.requires_grad_(False).to(device)
     num_classes = getattr(teacher, "num_classes", None)
     if num_classes and cfg.guidance_scale is None:
         raise ValueError("guidance_scale is required for a class-conditional teacher (--guidance-scale W: the "
@@ -380,7 +389,7 @@ def _distill(cfg: DistillConfig, latest: Optional[str], truncate_log: Callable[[
     samplers = {k: student_sampler(diffusion, ts, predictions[k]) for k, ts in timesteps.items()}
     shape = (int(teacher.in_channels), int(teacher.image_size), int(teacher.image_size))
     labels = _labels(cfg.num_pairs, num_classes, cfg.seed) if num_classes else None
-    pairs = _pairs(cfg, teacher, diffusion, shape, labels)
+    pairs = {k: v.to(device) for k, v in _pairs(cfg, teacher, diffusion, shape, labels).items()}
 
     students = StudentSet({k: copy.deepcopy(teacher) for k in cfg.calls})
     students.requires_grad_(True)
@@ -418,7 +427,7 @@ def _distill(cfg: DistillConfig, latest: Optional[str], truncate_log: Callable[[
     n = pairs["x_T"].shape[0]
     with open(log_path, "a", encoding="utf-8") as log:
         for step in range(start, cfg.steps):
-            idx = torch.randint(n, (cfg.batch_size,), generator=gen)
+            idx = torch.randint(n, (cfg.batch_size,), generator=gen).to(device)
             x_T, x_0 = pairs["x_T"][idx], pairs["x_0"][idx]
             kw = {"y": pairs["y"][idx]} if "y" in pairs else None
             per_k = train_step(students, samplers, x_T, x_0, opt, cfg.clip, kw)
@@ -495,9 +504,9 @@ def export_students(checkpoints: Sequence[str], out: str, dtype: Optional[str] =
     config["distill"]["calls"] = dict(sorted(config["distill"]["calls"].items(), key=lambda kv: int(kv[0])))
     config["distill"]["exported_from"] = sources
     config["weights"] = ("ema" if use_ema else "raw") + (f", stored in {dtype}" if casts[dtype] is not None else "")
-    ckpt.check_state_dict(ckpt.build_model(config), state, out)
+    ckpt.check_state_dict(build.build_model(config), state, out)
     ckpt.save_weights_file(out, state, config)
-    ckpt.atomic_write_json(os.path.splitext(out)[0] + ".json", config)
+    atomic_write_json(os.path.splitext(out)[0] + ".json", config)
     return out
 
 

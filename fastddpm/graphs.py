@@ -296,12 +296,13 @@ class FastSampler:
         """A FastSampler for a checkpoint (None: the bundled digits model) with what `fastddpm sample`
         uses by default: the default sampler and steps, and the checkpoint's tuned schedule for them
         when one is stored (`fastddpm tune-steps`; see `fastddpm.tune.sampler_for_checkpoint`)."""
+        from . import build
         from . import checkpoint as ckpt
         from .student import is_distilled, student_for
         from .tune import sampler_for_checkpoint
 
         path = ckpt.resolve_checkpoint(checkpoint)
-        model, diffusion, config = ckpt.load_model(path, use_ema=use_ema, device=device)
+        model, diffusion, config = build.load_model(path, use_ema=use_ema, device=device)
         if is_distilled(config):  # a `fastddpm distill` student set: `steps` = the student's model calls
             model, smp = student_for(model, diffusion, config, steps)
             return cls(model, smp, batch_size, **kwargs)

@@ -33,7 +33,9 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
+from fastddpm import build  # noqa: E402
 from fastddpm import checkpoint as ckpt  # noqa: E402
+from fastddpm.fileio import atomic_write_json  # noqa: E402
 from fastddpm.graphs import FastSampler  # noqa: E402
 from fastddpm.precision import parse_dtype, reduced_precision  # noqa: E402
 from fastddpm.student import student_for  # noqa: E402
@@ -63,10 +65,10 @@ def main(argv=None) -> Dict[str, Any]:
     from quality_table import diffusers_sample, diffusers_scheduler, x_T
 
     dtype = parse_dtype(args.dtype)
-    smodel, sdiff, scfg = ckpt.load_model(args.student)
+    smodel, sdiff, scfg = build.load_model(args.student)
     net, smp = student_for(smodel, sdiff, scfg, args.calls)
     fast = FastSampler(net, smp, args.batch, dtype=dtype)
-    teacher, tdiff, tcfg = ckpt.load_model(args.teacher)
+    teacher, tdiff, tcfg = build.load_model(args.teacher)
     tnet = reduced_precision(teacher, dtype)
     name, spacing, dcalls = args.diffusers.split(":")
     sch = diffusers_scheduler(name, spacing, tdiff.schedule.betas.numpy(), tdiff.prediction)
@@ -97,7 +99,7 @@ def main(argv=None) -> Dict[str, Any]:
            "command": "python scripts/distill_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(json.dumps(out, indent=1))
     if args.json:
-        ckpt.atomic_write_json(args.json, out, indent=1)
+        atomic_write_json(args.json, out, indent=1)
     return out
 
 

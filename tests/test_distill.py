@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import fastddpm as fd
+from fastddpm import build
 from fastddpm import checkpoint as ck
 from fastddpm.distill import (DistillConfig, ddim_chain, distill, student_sampler, student_timesteps, teacher_pairs,
                               train_step)
@@ -324,3 +325,22 @@ def test_cli_eval_scores_the_student_it_is_asked_for(student_run, tmp_path):
     two = json.loads(open(out).read())
     assert two["steps"] == 2 and two["fid"] != one["fid"]  # another student, other samples
     assert main(argv + ["--steps", "3"]) == 1
+
+
+def test_quality_table_draws_a_student_through_its_sampler(student_run):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "quality_table", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                                      "quality_table.py"))
+    qt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qt)
+    u8, made, ts = qt.draw(f"fastddpm:distilled:{student_run}", 2, 0, 5, None, None, (1, 8, 8), {})
+    model, diff, cfg = ck.load_model(student_run)
+    with torch.no_grad():
+        ref = ddim_chain(*student_for(model, diff, cfg, 2), _x_T(0, (5, 1, 8, 8)))
+    assert made == 2 and ts == cfg["distill"]["calls"]["2"]
+    np.testing.assert_array_equal(u8, fd.to_uint8(ref))
+    with pytest.raises(KeyError, match="holds"):
+        qt.draw(f"fastddpm:distilled:{student_run}", 4, 0, 5, None, None, (1, 8, 8), {})
+    assert qt.label(f"fastddpm:distilled:{student_run}") == "fastddpm distilled student (d)"

@@ -49,6 +49,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=d.save_every, help=f"(default: {d.save_every})")
     p.add_argument("--log-every", type=int, default=d.log_every, help=f"(default: {d.log_every})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the pairs' x_T and the batches (default: {d.seed})")
+    p.add_argument("--student-prediction", default="auto", choices=("auto", "teacher", "eps", "x0", "v"),
+                   help="how the students read their output per step (default auto: x0 at the first step of an eps "
+                        "teacher, the teacher's after it; teacher: the student starts as the teacher's DDIM)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x0-hat to [-1, 1] (teacher and students)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result here")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
@@ -73,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
                         teacher_sampler=args.teacher_sampler, teacher_steps=args.teacher_steps,
                         teacher_spacing=args.teacher_spacing, spacing=args.spacing,
                         guidance_scale=args.guidance_scale, ema_decay=args.ema_decay, clip=not args.no_clip,
-                        seed=args.seed, save_every=args.save_every, log_every=args.log_every, progress=args.progress)
+                        seed=args.seed, save_every=args.save_every, log_every=args.log_every, progress=args.progress,
+                        student_prediction=args.student_prediction, device=args.device)
     r = distill(cfg)
     last = r.losses[-1] if r.losses else {}
     summary = {"out_dir": r.out_dir, "checkpoint": r.checkpoint, "timesteps": {str(k): v for k, v in r.timesteps.items()},
