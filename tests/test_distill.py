@@ -51,7 +51,7 @@ def _x_T(seed, shape, offset=0):
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_chain_equals_sampler_and_fastsampler(tmp_path, prediction):
     path = _tiny_checkpoint(tmp_path, diffusion={"prediction": prediction})
-    model, diff, _ = ck.load_model(path)
+    model, diff, _ = build.load_model(path)
     for k in (1, 3):
         smp = student_sampler(diff, student_timesteps(diff, k))
         ref = smp.sample(model, (5, 1, 8, 8), seed=4)
@@ -62,7 +62,7 @@ def test_chain_equals_sampler_and_fastsampler(tmp_path, prediction):
 
 
 def test_mixed_prediction_table_is_ddim_with_each_steps_output_type(tmp_path):
-    model, diff, _ = ck.load_model(_tiny_checkpoint(tmp_path))
+    model, diff, _ = build.load_model(_tiny_checkpoint(tmp_path))
     ts, preds = [39, 25, 10], ["x0", "eps", "v"]
     smp = student_sampler(diff, ts, preds)
     got = smp.sample(model, (3, 1, 8, 8), seed=1)
@@ -83,7 +83,7 @@ def test_mixed_prediction_table_is_ddim_with_each_steps_output_type(tmp_path):
 
 
 def test_teacher_pairs_do_not_depend_on_the_batch(tmp_path):
-    model, diff, _ = ck.load_model(_tiny_checkpoint(tmp_path))
+    model, diff, _ = build.load_model(_tiny_checkpoint(tmp_path))
     a = teacher_pairs(model, diff, (1, 8, 8), 7, seed=2, sampler="dpm++", steps=5, batch=7)
     b = teacher_pairs(model, diff, (1, 8, 8), 7, seed=2, sampler="dpm++", steps=5, batch=3)
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
@@ -179,8 +179,8 @@ def test_class_conditional_teacher_is_distilled_guided(tmp_path):
     from safetensors.torch import load_file
 
     pairs = load_file(str(tmp_path / "g" / "teacher_pairs.safetensors"))
-    model, diff, cfg = ck.load_model(r.checkpoint, use_ema=False)
-    teacher_model, _, _ = ck.load_model(teacher)
+    model, diff, cfg = build.load_model(r.checkpoint, use_ema=False)
+    teacher_model, _, _ = build.load_model(teacher)
     smp = student_for(model, diff, cfg, 2)[1]
 
     def loss(m):
@@ -258,7 +258,7 @@ def student_run(tmp_path_factory):
 
 
 def test_student_loads_everywhere_and_samples_its_chain(student_run):
-    model, diff, cfg = ck.load_model(student_run)
+    model, diff, cfg = build.load_model(student_run)
     assert isinstance(model, StudentSet) and model.calls == [1, 2]
     for k in (1, 2):
         net, smp = student_for(model, diff, cfg, k)
@@ -282,7 +282,7 @@ def test_cli_sample_and_eval_take_students(student_run, tmp_path, capsys):
     assert main(["sample", "--checkpoint", student_run, "--steps", "2", "--num-images", "6", "--npz", npz,
                  "--no-progress"]) == 0
     imgs = np.load(npz)["images"]
-    model, diff, cfg = ck.load_model(student_run)
+    model, diff, cfg = build.load_model(student_run)
     with torch.no_grad():
         ref = ddim_chain(*student_for(model, diff, cfg, 2), _x_T(0, (6, 1, 8, 8)))
     np.testing.assert_array_equal(imgs, fd.to_uint8(ref))
@@ -301,9 +301,9 @@ def test_export_merges_runs_into_one_small_file(student_run, tmp_path):
     from fastddpm.distill import export_students
 
     export_students([student_run, other], out, dtype="fp16")
-    model, diff, cfg = ck.load_model(out)
+    model, diff, cfg = build.load_model(out)
     assert model.calls == [1, 2, 3] and cfg["distill"]["calls"]["3"] == [39, 26, 12]
-    ref, _, _ = ck.load_model(student_run)
+    ref, _, _ = build.load_model(student_run)
     for name, v in ref.for_calls(2).state_dict().items():  # fp16 storage: the weights to fp16 rounding
         torch.testing.assert_close(model.for_calls(2).state_dict()[name], v, rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError, match="student K = 1 twice"):
@@ -336,7 +336,7 @@ def test_quality_table_draws_a_student_through_its_sampler(student_run):
     qt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(qt)
     u8, made, ts = qt.draw(f"fastddpm:distilled:{student_run}", 2, 0, 5, None, None, (1, 8, 8), {})
-    model, diff, cfg = ck.load_model(student_run)
+    model, diff, cfg = build.load_model(student_run)
     with torch.no_grad():
         ref = ddim_chain(*student_for(model, diff, cfg, 2), _x_T(0, (5, 1, 8, 8)))
     assert made == 2 and ts == cfg["distill"]["calls"]["2"]

@@ -79,7 +79,12 @@ def run(args: argparse.Namespace) -> int:
                         guidance_scale=args.guidance_scale, ema_decay=args.ema_decay, clip=not args.no_clip,
                         seed=args.seed, save_every=args.save_every, log_every=args.log_every, progress=args.progress,
                         student_prediction=args.student_prediction, device=args.device)
-    r = distill(cfg)
+    try:
+        r = distill(cfg)
+    except ValueError as e:  # errors name the library field; on the command line name the flag
+        msg = str(e)
+        first = msg.split(" ", 1)[0]
+        raise CLIError(f"--{msg}" if first in ("calls", "steps", "checkpoint", "lr", "seed", "loss") else msg) from None
     last = r.losses[-1] if r.losses else {}
     summary = {"out_dir": r.out_dir, "checkpoint": r.checkpoint, "timesteps": {str(k): v for k, v in r.timesteps.items()},
                "final_losses": last, "seconds": round(r.seconds, 1),
