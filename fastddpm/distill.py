@@ -498,11 +498,13 @@ def export_students(checkpoints: Sequence[str], out: str, dtype: Optional[str] =
         for name, v in ck.weights(use_ema).items():
             if int(name.split(".")[1]) in keep:  # students.<K>.<param>
                 state[name] = v.to(cast) if cast is not None and v.is_floating_point() else v
-        sources.append({"checkpoint": ck.path, "step": ck.step, "calls": distilled_calls(ck.config)})
+        sources.append({"checkpoint": ck.path, "step": ck.step, "calls": keep,
+                        "config": ck.config["distill"].get("config")})
     if config is None or not config["distill"]["calls"]:
         raise ValueError(f"calls {list(calls or [])} selects no student of {list(checkpoints)}")
     config["distill"]["calls"] = dict(sorted(config["distill"]["calls"].items(), key=lambda kv: int(kv[0])))
-    config["distill"]["exported_from"] = sources
+    config["distill"]["exported_from"] = sources  # each run's settings (the students may differ in them)
+    config["distill"].pop("config", None)
     config["weights"] = ("ema" if use_ema else "raw") + (f", stored in {dtype}" if casts[dtype] is not None else "")
     ckpt.check_state_dict(build.build_model(config), state, out)
     ckpt.save_weights_file(out, state, config)
