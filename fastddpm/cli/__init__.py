@@ -2,7 +2,7 @@
 
     fastddpm sample                                    # 64 digits from the bundled model -> samples.png
     fastddpm train --dataset digits --out-dir runs/digits
-    fastddpm eval | nll | convert | bench | tune-steps ...
+    fastddpm eval | nll | convert | export | bench | tune-steps | inpaint | img2img ...
 
 Each sub-command is a module of this package that defines ``HELP`` (one line), ``configure(parser)``
 (adds its arguments) and ``run(args) -> exit status``; :data:`COMMAND_MODULES` lists them in the order
@@ -30,6 +30,7 @@ COMMAND_MODULES: Dict[str, str] = {
     "eval": "eval",
     "nll": "nll",
     "convert": "convert",
+    "export": "export",
     "bench": "bench",
     "tune-steps": "tune_steps",
 }

@@ -86,9 +86,12 @@ def convert(source: str, out: str, schedule: Optional[Dict[str, Any]] = None) ->
     unet = UNet2DModel.from_pretrained(source, **kw)
     diffusion = diffusion_from_scheduler(sched_cfg)
     model = unet_from_diffusers(unet)
+    model_cfg = json.loads(json.dumps(model.config))
+    if diffusion.variance == "learned_range" and model.out_channels == 2 * model.in_channels:
+        model_cfg["learn_sigma"] = True  # the same U-Net; says what the extra channels are (as training writes it)
     config = {
         "format": "fastddpm-checkpoint", "format_version": 1, "weights": "raw",
-        "model": json.loads(json.dumps(model.config)),
+        "model": model_cfg,
         "diffusion": {"schedule": "custom", "betas": diffusion.schedule.betas.tolist(),
                       "num_timesteps": diffusion.num_timesteps, "prediction": diffusion.prediction,
                       "variance": diffusion.variance, "loss": "simple",
