@@ -205,3 +205,72 @@ def test_class_conditional_labels_and_guidance(tmp_path):
                     guidance_scale=1.0)
     assert (a - b).abs().max() > 1e-3  # the labels matter
     torch.testing.assert_close(g1, a, rtol=1e-5, atol=1e-5)  # w = 1 is the conditional model
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _write_npz(path, images):
+    import numpy as np
+
+    from fastddpm.images import to_uint8
+
+    np.savez(path, images=to_uint8(images))
+    return str(path)
+
+
+def test_cli_inpaint_keeps_the_kept_region_and_img2img_writes(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from fastddpm.cli import main
+    from fastddpm.images import to_uint8
+
+    image = fd.img2img(fd.load(device="cpu"), _images(3), 1.0, steps=4, sampler="unipc", seed=0)
+    src = _write_npz(tmp_path / "in.npz", image)
+    out = tmp_path / "out.npz"
+    assert main(["inpaint", "--image", src, "--mask", "bottom-half", "--method", "replace", "--steps", "4",
+                 "--out", str(out)]) == 0
+    got = np.load(out)["images"]
+    want = to_uint8(image)
+    assert got.shape == want.shape and (got[:, :4] == want[:, :4]).all() and (got[:, 4:] != want[:, 4:]).any()
+    # a mask image: white keeps, black is generated
+    m = np.full((8, 8), 255, np.uint8)
+    m[:, :3] = 0
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    assert main(["inpaint", "--image", src, "--mask", str(tmp_path / "mask.png"), "--steps", "6", "--jump-length",
+                 "2", "--jump-n-sample", "2", "--num", "1", "--out", str(out)]) == 0
+    got = np.load(out)["images"]
+    assert got.shape[0] == 1 and (got[0, :, 3:] == want[0, :, 3:]).all()
+    Image.fromarray(want[0, :, :, 0]).save(tmp_path / "one.png")
+    assert main(["img2img", "--image", str(tmp_path / "one.png"), "--strength", "0.3", "--steps", "3",
+                 "--out", str(tmp_path / "e.png")]) == 0
+    assert Image.open(tmp_path / "e.png").size == (4 * (8 + 2), 4 * (8 + 2))  # one image, padding 1, --scale 4
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["img2img", "--strength", "0"], "--strength"),
+    (["img2img", "--strength", "0.5", "--eta", "3"], "--eta"),
+    (["inpaint", "--mask", "middle"], "--mask"),
+    (["inpaint", "--mask", "bottom-half", "--steps", "0"], "--steps"),
+    (["inpaint", "--mask", "bottom-half", "--out", "x.unknown"], "--out"),
+    (["inpaint", "--mask", "bottom-half", "--jump-length", "0"], "--jump-length"),
+])
+def test_cli_bad_flags_one_line(tmp_path, capsys, argv, flag):
+    from fastddpm.cli import main
+
+    src = _write_npz(tmp_path / "in.npz", _images(1))
+    args = argv + ["--image", src] + ([] if "--out" in argv else ["--out", str(tmp_path / "o.png")])
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0]
+
+
+def test_cli_image_of_wrong_size_is_named(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from fastddpm.cli import main
+
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "big.png")
+    assert main(["img2img", "--image", str(tmp_path / "big.png"), "--out", str(tmp_path / "o.png")]) == 1
+    err = capsys.readouterr().err
+    assert "--image" in err and "16x16" in err and "8x8" in err

@@ -33,6 +33,8 @@ COMMAND_MODULES: Dict[str, str] = {
     "export": "export",
     "bench": "bench",
     "tune-steps": "tune_steps",
+    "inpaint": "inpaint",
+    "img2img": "img2img",
 }
 
 
