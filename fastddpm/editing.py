@@ -26,9 +26,10 @@ posterior step) or 0 (diffusers' pipeline default). With `generator=` the noise 
 in diffusers' order, so the result equals `RePaintPipeline` for the same generator (tests/test_editing.py);
 with `seed=` it comes from Philox streams per image (image i does not depend on the batch).
 
-Inpainting, method="replace" (few-step): any sampler; after each step the known region of x is replaced by
-the image noised to the next timestep, and by the image itself at the end. One model call per step, no
-back-jumps: it keeps the known region exact and the generated one consistent with it only as far as the
+Inpainting, method="replace" (few-step): any sampler; each step also replaces the known region of x by the
+image noised to the timestep the step lands on (with the step's own z, as RePaint), and by the image itself
+at the end, inside the fused step op (its mask input: `fastddpm.ops.sampler_step`), so `FastSampler(...,
+known=, mask=)` and its CUDA graph run it too. One model call per step, no back-jumps: it keeps the known region exact and the generated one consistent with it only as far as the
 sampler's few steps allow (docs/editing.md measures it on the bundled model).
 
 Class-conditional models take `labels` (and `guidance_scale` for classifier-free guidance), as sampling.
@@ -42,6 +43,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 
 from ._names import DEFAULT_STEPS, SAMPLER_NAMES
+from .ops.sampler_step import sampler_step
 from .schedule import NoiseSchedule
 from .spacing import make_timesteps
 
@@ -49,8 +51,7 @@ __all__ = ["img2img", "inpaint", "strength_timestep", "img2img_timesteps", "repa
            "METHODS"]
 
 METHODS = ("repaint", "replace")
-# Philox streams (fastddpm.ops.philox): 0 step noise, 1 x_T (as sampling); editing adds these
-_STREAM_KNOWN = 2  # the noise of the known region (method="replace")
+# Philox streams (fastddpm.ops.philox): 0 step noise (also the known region's), 1 x_T, as sampling; and
 _STREAM_UNDO = 3   # RePaint's back-jumps
 
 
@@ -218,6 +219,14 @@ def _seed_tensor(seed: Optional[int], generator: Optional[torch.Generator], devi
     return torch.tensor([0 if seed is None else int(seed)], dtype=torch.int64, device=device)
 
 
+def known_table(smp: Any, device: torch.device) -> torch.Tensor:
+    """The sampler's float32 table with the known-region columns KA, KZ appended ([S, 13], the op's layout)."""
+    from .samplers import known_region_coefs
+
+    coefs = smp.coefs.to(torch.float64)
+    return torch.cat([coefs, known_region_coefs(smp)], dim=1).to(device=device, dtype=torch.float32)
+
+
 @torch.no_grad()
 def run_sampler(smp: Any, model: Callable, x: torch.Tensor, seed_t: Optional[torch.Tensor],
                 generator: Optional[torch.Generator], clip: bool, known: Optional[torch.Tensor] = None,
@@ -225,37 +234,36 @@ def run_sampler(smp: Any, model: Callable, x: torch.Tensor, seed_t: Optional[tor
     """`smp`'s loop from a given x (its first timestep's), one model call and one fused step per timestep.
 
     Step noise as `Sampler.sample`: Philox stream 0 of `seed_t` (or torch.randn with `generator`). With
-    `known` and `mask`, the known region is replaced after each step by `known` noised to the next
-    timestep (Philox stream 2; at the end by `known` itself).
+    `known` and `mask`, the fused step also replaces the known region by `known` noised to the timestep
+    the step lands on, with the step's own z (the op's mask input; `known` itself after the last step).
     """
     coefs, steps, model_t = smp.device_tables(x.device)
+    masked = known is not None
+    if masked:
+        if getattr(smp, "thresholding", None) is not None or getattr(smp, "clip_range", 1.0) != 1.0:
+            raise ValueError("sampler: known-region replacement runs the plain fused step; a sampler with "
+                             "thresholding or clip_sample_range != 1 is not supported")
+        coefs = known_table(smp, x.device)
+        known, mask = known.to(x.dtype).contiguous(), mask.to(x.dtype).contiguous()
     n, S, k = x.shape[0], smp.num_steps, smp.num_history
     hist: List[Optional[torch.Tensor]] = [torch.zeros_like(x) for _ in range(k)] + [None] * (3 - k)
-    ts = smp.timesteps.tolist()
     for s in range(S):
         out = smp._model_output_channels(_output(model(x, model_t[s].expand(n))), x)
         noise, seed_arg = None, None
-        if smp._noisy[s]:
+        if smp._noisy[s] or masked:
             if generator is not None:
                 noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
             else:
                 seed_arg = seed_t
-        x, x0 = smp._fused_step(x, out, coefs, steps[s:s + 1], hist[0], noise, seed_arg, 0, bool(clip), *hist[1:k])
+        if masked:
+            x, x0 = sampler_step(x, out, coefs, steps[s:s + 1], hist[0], noise, seed_arg, 0, bool(clip),
+                                 smp.learned_range, hist[1], hist[2], mask, known)
+        else:
+            x, x0 = smp._fused_step(x, out, coefs, steps[s:s + 1], hist[0], noise, seed_arg, 0, bool(clip),
+                                    *hist[1:k])
         if k:
             hist = [x0] + hist[:k - 1] + [None] * (3 - k)
-        if known is not None:
-            x = _replace_known(smp, x, known, mask, s, ts, seed_t, generator)
     return x
-
-
-def _replace_known(smp: Any, x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor, s: int, ts: List[int],
-                   seed_t: Optional[torch.Tensor], generator: Optional[torch.Generator]) -> torch.Tensor:
-    if s == len(ts) - 1:
-        target = known
-    else:
-        z = _draw(x.shape, seed_t, generator, s, _STREAM_KNOWN, x.device)
-        target = noise_image(smp.diffusion, known, ts[s + 1], z)
-    return torch.lerp(x, target.to(x.dtype), mask.to(x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------- inpainting

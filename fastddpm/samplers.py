@@ -59,8 +59,8 @@ from .schedule import NoiseSchedule, space_timesteps
 from .spacing import SPACINGS, Spacing, make_timesteps
 
 __all__ = ["DDPMSampler", "DDIMSampler", "DPMSolverSampler", "DPMSolver3MSampler", "UniPCSampler", "Sampler",
-           "gaussian_gain", "quadratic_timesteps", "make_sampler", "SAMPLER_NAMES", "DEFAULT_STEPS", "DEFAULT_SPACING",
-           "SPACINGS"]
+           "gaussian_gain", "quadratic_timesteps", "make_sampler", "known_region_coefs", "SAMPLER_NAMES", "DEFAULT_STEPS",
+           "DEFAULT_SPACING", "SPACINGS"]
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -938,6 +938,15 @@ def gaussian_gain(sampler: Sampler, data_variance: float) -> float:
              + sum(row[col] * h for col, h in zip(_HISTORY_COLS, hist)))
         hist = [x0] + hist[:2]
     return x
+
+
+def known_region_coefs(sampler: Sampler) -> torch.Tensor:
+    """float64 [S, 2]: the op's KA, KZ columns for known-region replacement (inpainting): row s noises the
+    known image to the timestep step s lands on, sqrt(ab_next) and sqrt(1 - ab_next), with ab_next the
+    alpha_bar of timesteps[s + 1] (1 after the last step: the known image itself)."""
+    ab = sampler.schedule.alphas_cumprod.to(torch.float64)
+    nxt = torch.cat([ab[sampler.timesteps[1:]], torch.ones(1, dtype=torch.float64)])
+    return torch.stack([nxt.sqrt(), (1.0 - nxt).clamp_min(0.0).sqrt()], dim=1)
 
 
 def make_sampler(name: str, diffusion: Any, steps: Steps = None, eta: float = 0.0, *,

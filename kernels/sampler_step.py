@@ -11,6 +11,9 @@ Contract (see fastddpm.ops.sampler_step): with m = model_output[:, :C], row = co
 Columns of coefs: 0 A, 1 B, 2 P, 3 Q, 4 R, 5 P2, 6 SIGMA, 7 LOG_MIN, 8 LOG_MAX, 9 P3, 10 P4; the row
 stride is a runtime argument, so a 9-column table (no second history) is read as it is.
 
+Known-region replacement (HAS_MASK, inpainting): with KNOWN and MASKT (x's shape) and columns 11 KA, 12 KZ,
+    x_prev = mask*(KA*known + KZ*z) + (1 - mask)*x_prev      (the step's z; NOISE_MODE != 0 then)
+
 The step index and the seed are read from device tensors inside the kernel, so a captured CUDA graph
 replays the right step with fresh noise. z is `noise` when given, otherwise Philox4x32-10 normals
 generated in the kernel with counters (c0 = flat element index inside the image, c1 = image_offset +
@@ -45,9 +48,12 @@ import triton.language as tl
 
 from .device_guard import on_tensor_device
 
-__all__ = ["sampler_step_forward", "sampler_step_inplace", "aot_specs", "CONFIGS", "NUM_COEFS", "MAX_HISTORY"]
+__all__ = ["sampler_step_forward", "sampler_step_inplace", "aot_specs", "CONFIGS", "NUM_COEFS", "MAX_HISTORY",
+           "KNOWN_COEFS"]
 
 NUM_COEFS = 11
+# with KNOWN / MASKT (known-region replacement): two more columns, KA and KZ
+KNOWN_COEFS = 13
 # the first 9 columns: tables of samplers with at most one history tensor may stop there
 LEGACY_COEFS = 9
 MAX_HISTORY = 3
@@ -66,9 +72,9 @@ STEP_STREAM = 0
 @triton.jit
 def _step_tile(
     X, M, X0P, X0P2, X0P3, NOISE, COEF, STEP, SEED, XOUT, X0OUT,
-    E, m_image_stride, image_offset, NCOL,
+    E, m_image_stride, image_offset, NCOL, KNOWN, MASKT,
     CLIP: tl.constexpr, LEARNED: tl.constexpr, NUM_HIST: tl.constexpr, NOISE_MODE: tl.constexpr,
-    STREAM: tl.constexpr, STORE_X0: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+    STREAM: tl.constexpr, STORE_X0: tl.constexpr, SHIFT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The body shared by both launchers: one BLOCK of one image; returns the step it loaded.
 
@@ -136,6 +142,12 @@ def _step_tile(
             u2 = tl.random.uint_to_uniform_float(w1)
             z, _z2 = tl.random.pair_uniform_to_normal(u1, u2)
         x_prev = mean + sigma * z
+        if HAS_MASK:  # known-region replacement with the same z (see the module docstring)
+            ka = tl.load(row + 11)
+            kz = tl.load(row + 12)
+            kn = tl.load(KNOWN + base + offs, mask=mask, other=0.0).to(tl.float32)
+            mk = tl.load(MASKT + base + offs, mask=mask, other=0.0).to(tl.float32)
+            x_prev = mk * (ka * kn + kz * z) + (1.0 - mk) * x_prev
     else:
         x_prev = mean
 
@@ -153,20 +165,20 @@ def _step_tile(
 @triton.jit
 def _sampler_step_kernel(
     X, M, X0P, X0P2, X0P3, NOISE, COEF, STEP, SEED, XOUT, X0OUT,
-    E, m_image_stride, image_offset, NCOL,
+    E, m_image_stride, image_offset, NCOL, KNOWN, MASKT,
     CLIP: tl.constexpr, LEARNED: tl.constexpr, NUM_HIST: tl.constexpr, NOISE_MODE: tl.constexpr,
-    STREAM: tl.constexpr, BLOCK: tl.constexpr,
+    STREAM: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     _step_tile(X, M, X0P, X0P2, X0P3, NOISE, COEF, STEP, SEED, XOUT, X0OUT, E, m_image_stride, image_offset, NCOL,
-               CLIP, LEARNED, NUM_HIST, NOISE_MODE, STREAM, True, False, BLOCK)
+               KNOWN, MASKT, CLIP, LEARNED, NUM_HIST, NOISE_MODE, STREAM, True, False, HAS_MASK, BLOCK)
 
 
 @triton.jit
 def _sampler_step_inplace_kernel(
     X, M, X0P, X0P2, X0P3, COEF, STEP, SEED, MODEL_T, TOUT, DONE,
-    E, m_image_stride, image_offset, NCOL, S, NT,
+    E, m_image_stride, image_offset, NCOL, S, NT, KNOWN, MASKT,
     CLIP: tl.constexpr, LEARNED: tl.constexpr, NUM_HIST: tl.constexpr, NOISE_MODE: tl.constexpr,
-    STREAM: tl.constexpr, BLOCK: tl.constexpr,
+    STREAM: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """x <- x_{t-1} and the history shift x0_prev3 <- x0_prev2 <- x0_prev <- x0-hat (the NUM_HIST buffers
     given) in place; then the last program to finish does
@@ -186,7 +198,7 @@ def _sampler_step_inplace_kernel(
       arrive does not change any value: nothing here is a floating-point reduction.
     """
     step = _step_tile(X, M, X0P, X0P2, X0P3, X, COEF, STEP, SEED, X, X0P, E, m_image_stride, image_offset, NCOL,
-                      CLIP, LEARNED, NUM_HIST, NOISE_MODE, STREAM, NUM_HIST >= 1, True, BLOCK)
+                      KNOWN, MASKT, CLIP, LEARNED, NUM_HIST, NOISE_MODE, STREAM, NUM_HIST >= 1, True, HAS_MASK, BLOCK)
     tl.debug_barrier()
     num_programs = tl.num_programs(0) * tl.num_programs(1)
     old = tl.atomic_add(DONE, 1, sem="acq_rel")
@@ -200,7 +212,7 @@ def _sampler_step_inplace_kernel(
         tl.store(DONE, 0)
 
 
-_TUNE_KEY = ["E", "CLIP", "LEARNED", "NUM_HIST", "NOISE_MODE"]
+_TUNE_KEY = ["E", "CLIP", "LEARNED", "NUM_HIST", "NOISE_MODE", "HAS_MASK"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,7 +274,7 @@ def _validate(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, 
         raise ValueError(f"model_output must have shape {(n, want_c) + tuple(x.shape[2:])} "
                          f"(learned_range={learned_range}), got {tuple(model_output.shape)}")
     num_hist = _history(x0_prev, x0_prev2, x0_prev3)
-    widths = (LEGACY_COEFS, NUM_COEFS) if num_hist <= 1 else (NUM_COEFS,)
+    widths = (LEGACY_COEFS, NUM_COEFS, KNOWN_COEFS) if num_hist <= 1 else (NUM_COEFS, KNOWN_COEFS)
     if coefs.dim() != 2 or coefs.shape[1] not in widths or coefs.dtype != torch.float32:
         raise ValueError(f"coefs must be a float32 tensor [S, {NUM_COEFS}] ([S, {LEGACY_COEFS}] without x0_prev2), "
                          f"got {coefs.dtype} {tuple(coefs.shape)}")
@@ -282,6 +294,24 @@ def _validate(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, 
     return num_hist
 
 
+def _validate_known(mask: Optional[torch.Tensor], known: Optional[torch.Tensor], coefs: torch.Tensor,
+                    x: torch.Tensor, has_noise: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(known, mask) made contiguous for the launch ((x, x) without them: unread dummies); ValueError
+    naming the argument when they break the contract."""
+    if mask is None and known is None:
+        return x, x
+    if mask is None or known is None:
+        raise ValueError("mask and known must be given together (known-region replacement), or neither")
+    _check_like("mask", mask, x)
+    _check_like("known", known, x)
+    if coefs.shape[1] != KNOWN_COEFS:
+        raise ValueError(f"coefs must have {KNOWN_COEFS} columns with mask/known (KA, KZ after the {NUM_COEFS}), "
+                         f"got {tuple(coefs.shape)}")
+    if not has_noise:
+        raise ValueError("mask/known need noise or seed: the known region is noised with the step's z")
+    return known.contiguous(), mask.contiguous()
+
+
 @on_tensor_device
 def sampler_step_forward(
     x: torch.Tensor,
@@ -296,16 +326,20 @@ def sampler_step_forward(
     learned_range: bool,
     x0_prev2: Optional[torch.Tensor] = None,
     x0_prev3: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    known: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the fused step; returns new tensors (x_prev, x0c) in x's dtype.
 
     x [N, C, *spatial]; model_output [N, C or 2C (learned_range), *spatial]; coefs float32 [S, 11]
     ([S, 9] without x0_prev2); step / seed int64 tensors with one element on x's device (seed may be
     None when noise is given, or when no noise is wanted: then z = 0); noise / x0_prev / x0_prev2 /
-    x0_prev3 like x or None (the history most recent first). Inputs are made contiguous.
+    x0_prev3 like x or None (the history most recent first). Inputs are made contiguous. mask / known
+    (x's shape, with coefs [S, 13]): known-region replacement, see the module docstring.
     """
     num_hist = _validate(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False,
                          x0_prev2, x0_prev3)
+    kn, mk = _validate_known(mask, known, coefs, x, noise is not None or seed is not None)
     n = x.shape[0]
     x = x.contiguous()
     model_output = model_output.contiguous()
@@ -322,9 +356,9 @@ def sampler_step_forward(
     nz = noise.contiguous() if noise is not None else x
     sd = seed if seed is not None else step
     args = (x, model_output, h1, h2, h3, nz, coefs, step, sd, x_prev, x0, numel_image, model_output[0].numel(),
-            image_offset, coefs.shape[1])
+            image_offset, coefs.shape[1], kn, mk)
     flags = dict(CLIP=bool(clip), LEARNED=bool(learned_range), NUM_HIST=num_hist,
-                 NOISE_MODE=noise_mode, STREAM=STEP_STREAM)
+                 NOISE_MODE=noise_mode, STREAM=STEP_STREAM, HAS_MASK=mask is not None)
     _launch(False, args, flags, numel_image, n)
     return x_prev, x0
 
@@ -345,6 +379,8 @@ def sampler_step_inplace(
     learned_range: bool,
     x0_prev2: Optional[torch.Tensor] = None,
     x0_prev3: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    known: Optional[torch.Tensor] = None,
 ) -> None:
     """The whole sampling step in one launch, in place (FastSampler's step outside the model).
 
@@ -358,6 +394,7 @@ def sampler_step_inplace(
     """
     num_hist = _validate(x, model_output, coefs, step, x0_prev, None, seed, image_offset, learned_range, True,
                          x0_prev2, x0_prev3)
+    kn, mk = _validate_known(mask, known, coefs, x, seed is not None)
     for name, t in (("x", x), ("x0_prev", x0_prev), ("x0_prev2", x0_prev2), ("x0_prev3", x0_prev3)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (the in-place step writes it)")
@@ -389,9 +426,9 @@ def sampler_step_inplace(
     h1, h2, h3 = (t if t is not None else x for t in (x0_prev, x0_prev2, x0_prev3))
     sd = seed if seed is not None else step
     args = (x, model_output, h1, h2, h3, coefs, step, sd, model_timesteps, t_out, done_counter, numel_image,
-            model_output[0].numel(), image_offset, coefs.shape[1], s_rows, t_out.numel())
+            model_output[0].numel(), image_offset, coefs.shape[1], s_rows, t_out.numel(), kn, mk)
     flags = dict(CLIP=bool(clip), LEARNED=bool(learned_range), NUM_HIST=num_hist,
-                 NOISE_MODE=noise_mode, STREAM=STEP_STREAM)
+                 NOISE_MODE=noise_mode, STREAM=STEP_STREAM, HAS_MASK=mask is not None)
     _launch(True, args, flags, numel_image, n)
 
 
@@ -463,7 +500,8 @@ def hbm_bytes_inplace_unfused(numel: int, elem_bytes: int, learned: bool, num_hi
 def _config_specs(kernel: str, fn, signature: dict, flags: dict, fused: int, unfused: int) -> List[dict]:
     """The AOT specs of one kernel variant, one per autotune config (BLOCK, warps)."""
     return [dict(kernel=kernel, config=f"BLOCK={block},warps={warps}", fn=fn, signature=signature,
-                 constexprs=dict(flags, STREAM=STEP_STREAM, BLOCK=block), num_warps=warps, num_stages=1,
+                 constexprs=dict({"HAS_MASK": False}, **flags, STREAM=STEP_STREAM, BLOCK=block), num_warps=warps,
+                 num_stages=1,
                  options={"enable_fp_fusion": ENABLE_FP_FUSION}, hbm_bytes_fused=fused,
                  hbm_bytes_unfused=unfused, shape="x [256, 3, 32, 32] fp32")
             for block, warps in CONFIGS]
@@ -481,12 +519,13 @@ def aot_specs() -> List[dict]:
         numel *= s
     specs = []
     flag_types = {"CLIP": "constexpr", "LEARNED": "constexpr", "NUM_HIST": "constexpr", "NOISE_MODE": "constexpr",
-                  "STREAM": "constexpr", "BLOCK": "constexpr"}
+                  "STREAM": "constexpr", "HAS_MASK": "constexpr", "BLOCK": "constexpr"}
+    known = {"KNOWN": "*fp32", "MASKT": "*fp32"}
     history = {"X0P": "*fp32", "X0P2": "*fp32", "X0P3": "*fp32"}
     signature = {
         "X": "*fp32", "M": "*fp32", **history, "NOISE": "*fp32", "COEF": "*fp32", "STEP": "*i64",
         "SEED": "*i64", "XOUT": "*fp32", "X0OUT": "*fp32", "E": "i32", "m_image_stride": "i32",
-        "image_offset": "i32", "NCOL": "i32", **flag_types,
+        "image_offset": "i32", "NCOL": "i32", **known, **flag_types,
     }
     for name, flags in _VARIANTS:
         fused = hbm_bytes_fused(numel, 4, flags["LEARNED"], flags["NUM_HIST"], flags["NOISE_MODE"] == NOISE_GIVEN)
@@ -497,7 +536,7 @@ def aot_specs() -> List[dict]:
     inplace_signature = {
         "X": "*fp32", "M": "*fp32", **history, "COEF": "*fp32", "STEP": "*i64", "SEED": "*i64",
         "MODEL_T": "*i64", "TOUT": "*i64", "DONE": "*i32", "E": "i32", "m_image_stride": "i32",
-        "image_offset": "i32", "NCOL": "i32", "S": "i32", "NT": "i32", **flag_types,
+        "image_offset": "i32", "NCOL": "i32", "S": "i32", "NT": "i32", **known, **flag_types,
     }
     for name, flags in _VARIANTS:
         # in place: reads x, m (2C with learned range) and the history; writes x and the history
@@ -507,4 +546,26 @@ def aot_specs() -> List[dict]:
                                             flags["NOISE_MODE"] == NOISE_PHILOX)
         specs += _config_specs(f"sampler_step_inplace[{name}]", _sampler_step_inplace_kernel, inplace_signature,
                                flags, fused, unfused)
+    specs += _masked_specs(numel, signature, inplace_signature)
     return specs
+
+
+# Inpainting's few-step mode: UniPC-3 (the most loads) with the known-region replacement (two more reads).
+_MASKED_VARIANT = ("unipc_3_inpaint", dict(CLIP=False, LEARNED=False, NUM_HIST=3, NOISE_MODE=NOISE_PHILOX,
+                                           HAS_MASK=True))
+# the unfused replacement: KA*known, KZ*z, add, mask*target, 1-mask, (1-mask)*x_prev, add
+_MASKED_UNFUSED_PASSES = 2 + 2 + 3 + 3 + 2 + 3 + 3
+
+
+def _masked_specs(numel: int, signature: dict, inplace_signature: dict) -> List[dict]:
+    """AOT specs of the masked variant, functional and in place (FastSampler's inpainting step)."""
+    name, flags = _MASKED_VARIANT
+    k = flags["NUM_HIST"]
+    extra_unfused = _MASKED_UNFUSED_PASSES * numel * 4
+    fused = hbm_bytes_fused(numel, 4, False, k, False) + 2 * numel * 4
+    unfused = hbm_bytes_unfused(numel, 4, False, k, False, True, False) + extra_unfused
+    out = _config_specs(f"sampler_step[{name}]", _sampler_step_kernel, signature, flags, fused, unfused)
+    fused = ((1 + 1 + k + 2) + (1 + k)) * numel * 4
+    unfused = hbm_bytes_inplace_unfused(numel, 4, False, k, False, True) + extra_unfused
+    return out + _config_specs(f"sampler_step_inplace[{name}]", _sampler_step_inplace_kernel, inplace_signature,
+                               flags, fused, unfused)

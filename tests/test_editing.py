@@ -140,7 +140,7 @@ def test_replace_mode_keeps_the_known_region_and_calls_the_model_steps_times(pip
 
 
 def test_replace_mode_noises_known_region_to_next_timestep(pipe):
-    """After step s the known region holds the image noised to timesteps[s+1] with Philox stream 2."""
+    """After step s the known region holds the image noised to timesteps[s+1] with the step's z (stream 0)."""
     from fastddpm.editing import run_sampler
 
     smp = fd.make_sampler("ddim", pipe.diffusion, 3)
@@ -155,7 +155,7 @@ def test_replace_mode_noises_known_region_to_next_timestep(pipe):
     run_sampler(smp, model, x, torch.tensor([9]), None, True, known=image, mask=mask)
     ts = smp.timesteps.tolist()
     for s in (0, 1):
-        want = noise_image(pipe.diffusion, image, ts[s + 1], _philox(9, image.shape, s, 2))
+        want = noise_image(pipe.diffusion, image, ts[s + 1], _philox(9, image.shape, s, 0))
         torch.testing.assert_close(seen[s + 1][..., :4, :], want[..., :4, :], rtol=1e-6, atol=1e-6)
 
 

@@ -17,6 +17,15 @@ With C = x.shape[1], m = model_output[:, :C] (fp32 math whatever the dtype), row
 Columns of coefs: 0 A, 1 B, 2 P, 3 Q, 4 R, 5 P2, 6 SIGMA, 7 LOG_MIN, 8 LOG_MAX, 9 P3, 10 P4. A table
 of the first 9 columns only ([S, 9], the layout before P3 / P4 existed) is accepted without x0_prev2.
 
+Known-region replacement (inpainting, `fastddpm.editing`): with `mask` and `known` (x's shape; mask 1 =
+keep, 0 = generate), the table has two more columns, 11 KA and 12 KZ (`KNOWN_COEFS` = 13: the known
+image's coefficients at the timestep the step lands on, sqrt(ab_next) and sqrt(1 - ab_next)), and
+
+    x_prev = mask * (KA*known + KZ*z) + (1 - mask) * x_prev
+
+with the step's own z (an element takes either the update's noise or the known region's, never both),
+so z is drawn even where SIGMA = 0: `noise` or `seed` is then required.
+
 z is `noise` when given; else, when `seed` is given, the Philox stream of `fastddpm.ops.philox`
 (z[i, e] = normal(seed, c0=e, c1=image_offset+i, c2=step, c3=0)); when neither is given z = 0, which
 is what deterministic samplers (DDIM with eta = 0, DPM-Solver++) use: the caller guarantees sigma = 0.
@@ -35,10 +44,13 @@ from torch import Tensor
 from .backend import use_triton
 
 __all__ = ["sampler_step", "sampler_step_", "sampler_step_reference", "sampler_step_inplace_reference",
-           "NUM_COEFS", "COLUMNS"]
+           "NUM_COEFS", "COLUMNS", "KNOWN_COEFS", "KNOWN_COLUMNS"]
 
 NUM_COEFS = 11
 COLUMNS = ("A", "B", "P", "Q", "R", "P2", "SIGMA", "LOG_MIN", "LOG_MAX", "P3", "P4")
+# with mask / known: two more columns, the known image's coefficients (KA, KZ)
+KNOWN_COEFS = 13
+KNOWN_COLUMNS = ("KA", "KZ")
 # tables of samplers with at most one history tensor may stop after LOG_MAX
 LEGACY_COEFS = 9
 
@@ -47,11 +59,14 @@ def _check(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, x0_prev: Optional[Tensor],
     noise: Optional[Tensor], seed: Optional[Tensor], image_offset: int, learned_range: bool,
     extra_channels_ok: bool = False, x0_prev2: Optional[Tensor] = None, x0_prev3: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None, known: Optional[Tensor] = None,
 ) -> None:
     """ValueError naming the argument for every violation of the op's contract (no device sync).
 
     extra_channels_ok: also accept a 2C-channel model_output without learned_range (the in-place op).
     """
+    if (mask is None) != (known is None):
+        raise ValueError("mask and known must be given together (known-region replacement), or neither")
     if x.dim() < 2 or not x.dtype.is_floating_point:
         raise ValueError(f"x must be a floating-point tensor [N, C, *spatial], got {x.dtype} {tuple(x.shape)}")
     n, c = x.shape[0], x.shape[1]
@@ -71,21 +86,29 @@ def _check(
     if x0_prev2 is not None and x0_prev is None:
         raise ValueError("x0_prev2 needs x0_prev (the history is given most recent first)")
     widths = [NUM_COEFS] if x0_prev2 is not None else [LEGACY_COEFS, NUM_COEFS]
-    if coefs.dim() != 2 or coefs.shape[1] not in widths or coefs.dtype != torch.float32:
+    if mask is not None:
+        if coefs.dim() != 2 or coefs.shape[1] != KNOWN_COEFS or coefs.dtype != torch.float32:
+            raise ValueError(f"coefs must be a float32 tensor [S, {KNOWN_COEFS}] with mask/known (columns "
+                             f"{COLUMNS + KNOWN_COLUMNS}), got {coefs.dtype} {tuple(coefs.shape)}")
+        if noise is None and seed is None:
+            raise ValueError("mask/known need noise or seed: the known region is noised with the step's z")
+    elif coefs.dim() != 2 or coefs.shape[1] not in widths or coefs.dtype != torch.float32:
         raise ValueError(f"coefs must be a float32 tensor [S, {NUM_COEFS}] ([S, {LEGACY_COEFS}] without x0_prev2), "
                          f"got {coefs.dtype} {tuple(coefs.shape)}")
     if step.dtype != torch.int64 or step.numel() != 1:
         raise ValueError(f"step must be an int64 tensor with one element, got {step.dtype} {tuple(step.shape)}")
     if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1):
         raise ValueError(f"seed must be None or an int64 tensor with one element, got {seed.dtype} {tuple(seed.shape)}")
-    for name, t in (("x0_prev", x0_prev), ("x0_prev2", x0_prev2), ("x0_prev3", x0_prev3), ("noise", noise)):
+    for name, t in (("x0_prev", x0_prev), ("x0_prev2", x0_prev2), ("x0_prev3", x0_prev3), ("noise", noise),
+                    ("mask", mask), ("known", known)):
         if t is not None and (t.shape != x.shape or not t.dtype.is_floating_point):
             raise ValueError(f"{name} must be None or a floating-point tensor of x's shape {tuple(x.shape)}, "
                              f"got {t.dtype} {tuple(t.shape)}")
     if image_offset < 0:
         raise ValueError(f"image_offset must be a non-negative int, got {image_offset}")
     for name, t in (("model_output", model_output), ("coefs", coefs), ("step", step), ("x0_prev", x0_prev),
-                    ("x0_prev2", x0_prev2), ("x0_prev3", x0_prev3), ("noise", noise), ("seed", seed)):
+                    ("x0_prev2", x0_prev2), ("x0_prev3", x0_prev3), ("noise", noise), ("seed", seed),
+                    ("mask", mask), ("known", known)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
@@ -94,7 +117,7 @@ def sampler_step_reference(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, x0_prev: Optional[Tensor] = None,
     noise: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
     clip: bool = True, learned_range: bool = False, x0_prev2: Optional[Tensor] = None,
-    x0_prev3: Optional[Tensor] = None,
+    x0_prev3: Optional[Tensor] = None, mask: Optional[Tensor] = None, known: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The plain-PyTorch implementation of the op (same arguments and results; no checks).
 
@@ -120,7 +143,8 @@ def sampler_step_reference(
     for col, h in ((5, x0_prev), (9, x0_prev2), (10, x0_prev3)):
         if h is not None:
             mean.addcmul_(row[col], h if h.dtype == wdt else h.to(wdt))
-    if noise is None and seed is not None and not (x.device.type == "cpu" and float(sig) == 0.0):
+    masked = mask is not None
+    if noise is None and seed is not None and (masked or not (x.device.type == "cpu" and float(sig) == 0.0)):
         # SIGMA == 0 (DDIM eta = 0, DPM-Solver++, the last step) makes sigma 0, learned_range included
         # (sigma = SIGMA * exp(...)): the draw is skipped on the CPU, where reading SIGMA costs no device
         # sync. On other devices SIGMA is never read on the host (graph-capturable, sync-free).
@@ -134,9 +158,17 @@ def sampler_step_reference(
         else:
             sigma = sig
         mean.addcmul_(sigma, noise if noise.dtype == wdt else noise.to(wdt))
+    if masked:
+        mean = _replace_known(mean, row, mask.to(wdt), known.to(wdt), noise.to(wdt))
     if x.dtype != wdt:
         mean, x0 = mean.to(x.dtype), x0.to(x.dtype)
     return mean, x0
+
+
+def _replace_known(mean: Tensor, row: Tensor, mask: Tensor, known: Tensor, z: Tensor) -> Tensor:
+    """mask * (KA*known + KZ*z) + (1 - mask) * mean, the op's known-region replacement (fp32)."""
+    target = torch.addcmul(row[KNOWN_COEFS - 2] * known, row[KNOWN_COEFS - 1], z)
+    return torch.addcmul(mask * target, 1.0 - mask, mean)
 
 
 @torch.library.custom_op("fastddpm::sampler_step", mutates_args=())
@@ -153,6 +185,8 @@ def sampler_step(
     learned_range: bool = False,
     x0_prev2: Optional[Tensor] = None,
     x0_prev3: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    known: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """One sampling step x_t -> (x_{t-1}, x0-hat) driven by the coefficient row `coefs[step]`.
 
@@ -171,19 +205,23 @@ def sampler_step(
         clip: clamp x0-hat to [-1, 1] before the update.
         learned_range: sigma interpolates LOG_MIN/LOG_MAX with the model's extra channels.
         x0_prev2, x0_prev3: the x0-hat of two / three steps back (DPM-Solver++ 3M, UniPC) or None.
+        mask, known: known-region replacement (x's shape; mask 1 = keep, 0 = generate; coefs [S, 13];
+            see the module docstring), or None.
 
     Returns:
         (x_prev, x0c): new tensors in x's dtype.
     """
-    _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False, x0_prev2, x0_prev3)
+    _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False, x0_prev2, x0_prev3,
+           mask, known)
     _check_row(step, coefs)
     if use_triton(x):
         from kernels.sampler_step import sampler_step_forward
 
+        extra = {} if mask is None else {"mask": mask, "known": known}
         return sampler_step_forward(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, learned_range,
-                                    x0_prev2, x0_prev3)
+                                    x0_prev2, x0_prev3, **extra)
     return sampler_step_reference(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, learned_range,
-                                  x0_prev2, x0_prev3)
+                                  x0_prev2, x0_prev3, mask, known)
 
 
 @sampler_step.register_fake
@@ -191,9 +229,10 @@ def _(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, x0_prev: Optional[Tensor] = None,
     noise: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
     clip: bool = True, learned_range: bool = False, x0_prev2: Optional[Tensor] = None,
-    x0_prev3: Optional[Tensor] = None,
+    x0_prev3: Optional[Tensor] = None, mask: Optional[Tensor] = None, known: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False, x0_prev2, x0_prev3)
+    _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False, x0_prev2, x0_prev3,
+           mask, known)
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -212,8 +251,10 @@ def _check_inplace(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, t_out: Tensor, model_timesteps: Tensor,
     x0_prev: Optional[Tensor], seed: Optional[Tensor], image_offset: int, learned_range: bool,
     done_counter: Optional[Tensor], x0_prev2: Optional[Tensor] = None, x0_prev3: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None, known: Optional[Tensor] = None,
 ) -> None:
-    _check(x, model_output, coefs, step, x0_prev, None, seed, image_offset, learned_range, True, x0_prev2, x0_prev3)
+    _check(x, model_output, coefs, step, x0_prev, None, seed, image_offset, learned_range, True, x0_prev2, x0_prev3,
+           mask, known)
     s = coefs.shape[0]
     if model_timesteps.dtype != torch.int64 or tuple(model_timesteps.shape) != (s,):
         raise ValueError(f"model_timesteps must be an int64 tensor of shape ({s},) (one per coefs row), "
@@ -232,12 +273,12 @@ def sampler_step_inplace_reference(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, t_out: Tensor, model_timesteps: Tensor,
     x0_prev: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
     clip: bool = True, learned_range: bool = False, x0_prev2: Optional[Tensor] = None,
-    x0_prev3: Optional[Tensor] = None,
+    x0_prev3: Optional[Tensor] = None, mask: Optional[Tensor] = None, known: Optional[Tensor] = None,
 ) -> None:
     """The plain-PyTorch in-place step: `sampler_step_reference`, then the results and the counters
     are written into the caller's buffers, the history shifted oldest first (no checks)."""
     x_prev, x0 = sampler_step_reference(x, model_output, coefs, step, x0_prev, None, seed, image_offset, clip,
-                                        learned_range, x0_prev2, x0_prev3)
+                                        learned_range, x0_prev2, x0_prev3, mask, known)
     x.copy_(x_prev)
     if x0_prev3 is not None:
         x0_prev3.copy_(x0_prev2)
@@ -267,6 +308,8 @@ def sampler_step_(
     done_counter: Optional[Tensor] = None,
     x0_prev2: Optional[Tensor] = None,
     x0_prev3: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    known: Optional[Tensor] = None,
 ) -> None:
     """One sampling step in place, counters included: the whole step of a static-buffer sampling loop.
 
@@ -294,20 +337,22 @@ def sampler_step_(
             caller that steps repeatedly allocates it once. None: the Triton path allocates one per call.
         x0_prev2, x0_prev3: the older history (x0-hat of two / three steps back), shifted back by one
             (x0_prev3 <- x0_prev2 <- x0_prev); or None.
+        mask, known: known-region replacement (see `sampler_step`; needs `seed` and coefs [S, 13]), or None.
     """
     _check_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed, image_offset,
-                   learned_range, done_counter, x0_prev2, x0_prev3)
+                   learned_range, done_counter, x0_prev2, x0_prev3, mask, known)
     _check_row(step, coefs)
     if use_triton(x):
         from kernels.sampler_step import sampler_step_inplace
 
         if done_counter is None:
             done_counter = torch.zeros(1, dtype=torch.int32, device=x.device)
+        extra = {} if mask is None else {"mask": mask, "known": known}
         sampler_step_inplace(x, model_output, coefs, step, t_out, model_timesteps, done_counter, x0_prev, seed,
-                             image_offset, clip, learned_range, x0_prev2, x0_prev3)
+                             image_offset, clip, learned_range, x0_prev2, x0_prev3, **extra)
         return
     sampler_step_inplace_reference(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed,
-                                   image_offset, clip, learned_range, x0_prev2, x0_prev3)
+                                   image_offset, clip, learned_range, x0_prev2, x0_prev3, mask, known)
 
 
 @sampler_step_.register_fake
@@ -315,8 +360,9 @@ def _(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, t_out: Tensor, model_timesteps: Tensor,
     x0_prev: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
     clip: bool = True, learned_range: bool = False, done_counter: Optional[Tensor] = None,
-    x0_prev2: Optional[Tensor] = None, x0_prev3: Optional[Tensor] = None,
+    x0_prev2: Optional[Tensor] = None, x0_prev3: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+    known: Optional[Tensor] = None,
 ) -> None:
     _check_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed, image_offset,
-                   learned_range, done_counter, x0_prev2, x0_prev3)
+                   learned_range, done_counter, x0_prev2, x0_prev3, mask, known)
     return None
