@@ -214,7 +214,7 @@ class TrainConfig:
         return cls(**d)
 
 
-# The bundled digits model's recipe (README, "The bundled model"): what `fastddpm train --dataset digits`
+# The bundled digits model's recipe (docs/training.md, "The bundled model"): what `fastddpm train --dataset digits`
 # trains without further flags.
 DIGITS_RECIPE: Dict[str, Any] = dict(
     base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), groups=8, dropout=0.0,

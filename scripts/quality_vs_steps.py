@@ -17,7 +17,7 @@ and reports, with the shipped digits classifier (fastddpm.features):
   with its standard error.
 
 Writes ``<out>/quality_vs_steps.json``, ``.md`` (the table) and ``.png`` (when matplotlib is
-installed; the library itself never needs it). Every number comes from the run; the targets of issue 7
+installed; the library itself never needs it). Every number comes from the run; three checks
 (DPM-Solver++ 20 steps within 10% of DDPM-1000's digits-FID; confidence rate >= 0.9x real; every
 class within 5%-15%) are reported, not asserted.
 """
@@ -100,7 +100,7 @@ def write_outputs(report: dict, out_dir: str) -> None:
                   f"decoder term {nll['decoder_bpd']:.3f}; {nll['seconds']:.0f} s)."]
     t = report.get("targets", {})
     if t:
-        lines += ["", "Targets of issue 7 (reported, not asserted):", ""]
+        lines += ["", "Checks (reported, not asserted):", ""]
         for k, v in t.items():
             verdict = f" -> **{'met' if v['met'] else 'not met'}**" if "met" in v else ""
             lines.append(f"- {v['text']}: {v['value']}{verdict}")

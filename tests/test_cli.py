@@ -199,7 +199,8 @@ def _documented_torchrun_commands():
     from fastddpm.cli import sample as sample_cli, train as train_cli
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    texts = [open(os.path.join(root, "README.md"), encoding="utf-8").read(), sample_cli.__doc__, train_cli.__doc__]
+    pages = [os.path.join(root, "README.md"), os.path.join(root, "docs", "training.md")]
+    texts = [open(p, encoding="utf-8").read() for p in pages] + [sample_cli.__doc__, train_cli.__doc__]
     out = []
     for text in texts:
         for line in text.splitlines():
@@ -247,7 +248,7 @@ def test_thread_count_follows_the_model_size(keep_threads, monkeypatch):
 
     bundled, _, _ = ckpt.load_model(None)
     n_bundled = sum(p.numel() for p in bundled.parameters())
-    cifar = 35_746_307  # the DDPM CIFAR-10 U-Net (README, "What is inside")
+    cifar = 35_746_307  # the DDPM CIFAR-10 U-Net (docs/design.md, "Where things live")
     assert n_bundled < SMALL_MODEL_PARAMS < cifar
     assert auto_threads(n_bundled) == 1 and auto_threads(cifar, default=4) == 4
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
