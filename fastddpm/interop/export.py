@@ -174,8 +174,8 @@ def _readme(source: str, diffusion: Any, sched_cfg: Dict[str, Any], notes: List[
         f"- The noise schedule: {diffusion.num_timesteps} steps, beta_schedule {kind}; diffusers computes the betas "
         "in float32 (fastddpm in float64), so they agree to float32 rounding.",
         f"- prediction_type {sched_cfg['prediction_type']}, variance_type {sched_cfg['variance_type']}, "
-        f"clip_sample {sched_cfg['clip_sample']}. DDPMScheduler and DDIMScheduler with this config walk the same "
-        "loops as fastddpm's `ddpm` / `ddim` samplers given the same noise.",
+        f"clip_sample {sched_cfg['clip_sample']}: `DDPMScheduler.step` / `DDIMScheduler.step` with this config give "
+        "what fastddpm's DDPM / DDIM `step()` gives for the same timesteps and noise.",
         "",
         "## What it does not", "",
         "- The noise: fastddpm draws it from a Philox stream per image (`seed=`); diffusers from torch's generator. "
