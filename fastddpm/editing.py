@@ -48,7 +48,7 @@ from .schedule import NoiseSchedule
 from .spacing import make_timesteps
 
 __all__ = ["img2img", "inpaint", "strength_timestep", "img2img_timesteps", "repaint_timesteps", "noise_image",
-           "METHODS"]
+           "run_sampler", "known_table", "METHODS"]
 
 METHODS = ("repaint", "replace")
 # Philox streams (fastddpm.ops.philox): 0 step noise (also the known region's), 1 x_T, as sampling; and
@@ -102,8 +102,8 @@ def _check_choice(name: str, value: Any, accepted: Sequence[str]) -> str:
 
 def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be an int in [{lo}, {hi if hi is not None else 'inf'}), got {value!r}"
-                         if hi is None else f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+        accepted = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be an int {accepted}, got {value!r}")
     return int(value)
 
 
@@ -176,6 +176,7 @@ def _draw(shape: Sequence[int], seed_t: Optional[torch.Tensor], generator: Optio
     return philox_normal(seed_t, tuple(shape), step, stream=stream, image_offset=image_offset, device=device)
 
 
+@torch.no_grad()
 def img2img(model_or_pipeline: Any, image: torch.Tensor, strength: float = 0.5, *, steps: Optional[int] = None,
             sampler: str = "ddim", spacing: Optional[str] = None, eta: float = 0.0, seed: Optional[int] = None,
             generator: Optional[torch.Generator] = None, diffusion: Any = None, clip_denoised: bool = True,
@@ -367,5 +368,10 @@ def inpaint(model_or_pipeline: Any, image: torch.Tensor, mask: torch.Tensor, *, 
 
     name = _check_choice("sampler", sampler or "unipc", SAMPLER_NAMES)
     smp = make_sampler(name, diffusion, steps, eta or 0.0, spacing=spacing or DEFAULT_SPACING[name])
+    if image.device.type == "cuda" and generator is None and labels is None and isinstance(model, torch.nn.Module):
+        from .graphs import FastSampler  # the same loop (tests: FastSampler = this function), one CUDA graph per step
+
+        fast = FastSampler(model, smp, image.shape[0], known=image, mask=mask, clip_denoised=clip_denoised)
+        return fast(seed=int(seed or 0)).to(image.dtype)
     x = _draw(image.shape, seed_t, generator, 0, 1, image.device).to(image.dtype)
     return run_sampler(smp, fn, x, seed_t, generator, clip_denoised, known=image, mask=mask)
