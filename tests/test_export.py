@@ -133,6 +133,19 @@ def test_round_trip_convert_of_export_gives_same_weights_and_config(tmp_path, ca
     assert b.config["diffusion"]["clip_sample"] == CASES[case].get("clip", True)
 
 
+def test_round_trip_of_several_heads_gives_head_channels(tmp_path):
+    """diffusers stores one attention_head_dim: num_heads=2 on 64-channel blocks comes back as head_channels=32."""
+    from fastddpm.cli.convert import convert
+
+    ckpt = _checkpoint(tmp_path / "m.safetensors", **CASES["scale_shift-multihead-oneattn"])
+    back = convert(export_diffusers(ckpt, str(tmp_path / "e")), str(tmp_path / "back.safetensors"))
+    a, b = load_checkpoint(ckpt), load_checkpoint(back)
+    assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    assert (b.config["model"]["num_heads"], b.config["model"]["head_channels"]) == (1, 32)
+    same = {k: v for k, v in a.config["model"].items() if k not in ("num_heads", "head_channels")}
+    assert {k: b.config["model"][k] for k in same} == same
+
+
 def test_refusals_name_the_setting(tmp_path):
     # two heads at attention blocks of widths 32 and 64: diffusers has one attention_head_dim
     ckpt = _checkpoint(tmp_path / "heads.safetensors", num_heads=2, attention_resolutions=(8, 4))
