@@ -280,12 +280,16 @@ class FastSampler:
 
     @torch.no_grad()
     def __call__(self, seed: int = 0, *, known: Optional[torch.Tensor] = None,
-                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 mask: Optional[torch.Tensor] = None, x_start: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Draw `batch_size` images for `seed` (image i is the same for any batch size).
 
         No autograd graph is recorded; the model runs in eval mode (its modes are restored after).
         `known` / `mask`: new inpainting inputs for a FastSampler built with them (copied into its buffers).
+        `x_start`: start from this x (the sampler's first timestep's, e.g. img2img's noised image) instead
+        of the seed's x_T; the step noise still comes from `seed`.
         """
+        if x_start is not None and (not isinstance(x_start, torch.Tensor) or tuple(x_start.shape) != self.shape):
+            raise ValueError(f"x_start must be a tensor of shape {self.shape}, got {getattr(x_start, 'shape', x_start)}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         if known is not None or mask is not None:
@@ -295,12 +299,14 @@ class FastSampler:
         # the model's device current (streams, graph pool, Triton launches use the current device)
         guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with guard, _eval_mode(self.model):
-            return self._run(seed)
+            return self._run(seed, x_start)
 
-    def _run(self, seed: int) -> torch.Tensor:
+    def _run(self, seed: int, x_start: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.capture_mode != "none" and self.graph is None:
             self._capture()
         self._reset(seed)
+        if x_start is not None:
+            self.x.copy_(x_start)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -319,12 +325,14 @@ class FastSampler:
         if bar is not None:
             bar.close()
         # one check after the loop (the steps stay one op each); only a failure replays them to find the step
-        raise_if_nonfinite(self.x, lambda: self._eager_steps(seed), type(self).__name__,
+        raise_if_nonfinite(self.x, lambda: self._eager_steps(seed, x_start), type(self).__name__,
                            self.sampler._model_timesteps.tolist())
         return self.x.clone()
 
-    def _eager_steps(self, seed: int):
+    def _eager_steps(self, seed: int, x_start: Optional[torch.Tensor] = None):
         self._reset(seed)
+        if x_start is not None:
+            self.x.copy_(x_start)
         for _ in range(self.num_steps):
             self._step()
             yield self.x

@@ -122,3 +122,18 @@ def test_fast_sampler_runs_inpainting_as_fd_inpaint(sampler, steps):
         fd.FastSampler(pipe.unet, smp, 3, known=image)
     with pytest.raises(ValueError, match="mask must hold only 0"):
         fd.FastSampler(pipe.unet, smp, 3, known=image, mask=mask * 0.5)
+
+
+def test_fast_sampler_x_start_runs_img2img_as_the_eager_loop():
+    """FastSampler(...)(seed, x_start=x) (img2img on CUDA) = fastddpm.editing.run_sampler from the same x."""
+    from fastddpm.editing import img2img_timesteps, noise_image, run_sampler
+
+    pipe = fd.load(device="cpu")
+    ts = img2img_timesteps(pipe.diffusion.schedule, 399, 5, "trailing")
+    smp = fd.make_sampler("unipc", pipe.diffusion, spacing=ts)
+    image = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    x = noise_image(pipe.diffusion, image, 399, torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2)))
+    got = fd.FastSampler(pipe.unet, smp, 2)(seed=6, x_start=x)
+    want = run_sampler(smp, pipe.unet, x, torch.tensor([6]), None, True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, fd.FastSampler(pipe.unet, smp, 2)(seed=6))  # x_start was used
