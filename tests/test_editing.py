@@ -47,6 +47,16 @@ def test_strength_names_timestep_and_noising_is_closed_form(pipe):
         torch.testing.assert_close(noise_image(pipe.diffusion, x0, t, z), want, rtol=1e-12, atol=1e-12)
 
 
+def test_noising_equals_diffusers_add_noise(pipe):
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2")  # the bundled model's cosine schedule
+    x0, z = _images(3), torch.randn(3, 1, 8, 8)
+    for t in (0, 333, 999):
+        theirs = sched.add_noise(x0, z, torch.tensor([t] * 3))
+        # diffusers' alpha_bar is a float32 cumprod of t + 1 terms (relative error up to ~(t + 1) * 6e-8)
+        torch.testing.assert_close(noise_image(pipe.diffusion, x0, t, z), theirs, rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("sampler,steps", [("ddim", 8), ("ddpm", 6), ("unipc", 6), ("dpm++", 5)])
 def test_img2img_strength_one_equals_plain_sampling(pipe, sampler, steps):
     """Strength 1: the plain sampler's timesteps, started from the image noised to T-1, same noise."""
