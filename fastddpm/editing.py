@@ -210,18 +210,28 @@ def img2img(model_or_pipeline: Any, image: torch.Tensor, strength: float = 0.5, 
     smp = make_sampler(sampler, diffusion, eta=eta, spacing=ts)
     seed_t = _seed_tensor(seed, generator, image.device)
     x = noise_image(diffusion, image, t_start, _draw(image.shape, seed_t, generator, 0, 1, image.device))
-    if _graphable(image, generator, labels, model):
-        from .graphs import FastSampler  # the same loop (tests: FastSampler = run_sampler), CUDA graphs
-
-        fast = FastSampler(model, smp, image.shape[0], clip_denoised=clip_denoised)
+    if _graphable(image, generator, labels, guidance_scale, model):
+        fast = _fast_sampler(model, smp, image, labels, guidance_scale, clip_denoised)
         return fast(seed=int(seed or 0), x_start=x).to(image.dtype)
     fn = _conditioned(model, labels, guidance_scale, image.shape[0], image.device)
     return run_sampler(smp, fn, x, seed_t, generator, clip_denoised)
 
 
-def _graphable(image: torch.Tensor, generator: Any, labels: Any, model: Any) -> bool:
-    """Whether editing runs FastSampler (a CUDA graph per step): CUDA, Philox seeds, an nn.Module, no labels."""
-    return image.device.type == "cuda" and generator is None and labels is None and isinstance(model, torch.nn.Module)
+def _graphable(image: torch.Tensor, generator: Any, labels: Any, guidance_scale: Any, model: Any) -> bool:
+    """Whether editing runs FastSampler (a CUDA graph per step): CUDA, Philox seeds, an nn.Module, and no
+    labels or labels with guidance (FastSampler's class conditioning is classifier-free guidance)."""
+    return (image.device.type == "cuda" and generator is None and isinstance(model, torch.nn.Module)
+            and (labels is None or guidance_scale is not None))
+
+
+def _fast_sampler(model: Any, smp: Any, image: torch.Tensor, labels: Any, guidance_scale: Any, clip: bool,
+                  **known: Any) -> Any:
+    """A FastSampler running what `run_sampler` runs (tests: the two agree), with labels / guidance."""
+    from .graphs import FastSampler
+
+    _conditioned(model, labels, guidance_scale, image.shape[0], image.device)  # the same label checks
+    return FastSampler(model, smp, image.shape[0], clip_denoised=clip, labels=labels, guidance_scale=guidance_scale,
+                       **known)
 
 
 def _seed_tensor(seed: Optional[int], generator: Optional[torch.Generator], device: torch.device):
@@ -378,10 +388,8 @@ def inpaint(model_or_pipeline: Any, image: torch.Tensor, mask: torch.Tensor, *, 
 
     name = _check_choice("sampler", sampler or "unipc", SAMPLER_NAMES)
     smp = make_sampler(name, diffusion, steps, eta or 0.0, spacing=spacing or DEFAULT_SPACING[name])
-    if _graphable(image, generator, labels, model):
-        from .graphs import FastSampler  # the same loop (tests: FastSampler = this function), one CUDA graph per step
-
-        fast = FastSampler(model, smp, image.shape[0], known=image, mask=mask, clip_denoised=clip_denoised)
+    if _graphable(image, generator, labels, guidance_scale, model):
+        fast = _fast_sampler(model, smp, image, labels, guidance_scale, clip_denoised, known=image, mask=mask)
         return fast(seed=int(seed or 0)).to(image.dtype)
     x = _draw(image.shape, seed_t, generator, 0, 1, image.device).to(image.dtype)
     return run_sampler(smp, fn, x, seed_t, generator, clip_denoised, known=image, mask=mask)

@@ -137,3 +137,25 @@ def test_fast_sampler_x_start_runs_img2img_as_the_eager_loop():
     want = run_sampler(smp, pipe.unet, x, torch.tensor([6]), None, True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.equal(got, fd.FastSampler(pipe.unet, smp, 2)(seed=6))  # x_start was used
+
+
+def test_fast_sampler_with_guidance_equals_eager_inpainting():
+    """What fd.inpaint runs on CUDA for a guided class-conditional model (editing._fast_sampler) = its eager loop."""
+    from fastddpm.editing import _fast_sampler
+
+    torch.manual_seed(0)
+    unet = fd.UNet(image_size=8, in_channels=1, base_channels=16, channel_mults=(1,), num_res_blocks=1,
+                   attention_resolutions=(), dropout=0.0, groups=4, num_classes=3).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    diff = fd.GaussianDiffusion(fd.NoiseSchedule.linear(100))
+    image = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    mask = torch.ones(1, 1, 8, 8)
+    mask[..., :, 5:] = 0
+    y = torch.tensor([2, 0])
+    eager = fd.inpaint(unet, image, mask, method="replace", sampler="unipc", steps=5, seed=2, diffusion=diff,
+                       labels=y, guidance_scale=2.5)
+    smp = fd.make_sampler("unipc", diff, 5)
+    fast = _fast_sampler(unet, smp, image, y, 2.5, True, known=image, mask=mask)
+    torch.testing.assert_close(fast(seed=2), eager, rtol=1e-5, atol=1e-5)
