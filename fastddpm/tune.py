@@ -271,7 +271,7 @@ def tuned_timesteps(checkpoint_path: str, sampler: str, steps: int) -> Optional[
 
 def save_tuned_schedule(checkpoint_path: str, result: TuneResult, extra: Optional[Dict[str, Any]] = None) -> str:
     """Add (or replace) `result`'s schedule in the checkpoint's sidecar file, atomically; returns its path."""
-    from .checkpoint import atomic_write_json
+    from .fileio import atomic_write_json
 
     path = schedules_path(checkpoint_path)
     data = _read(path)

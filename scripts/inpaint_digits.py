@@ -91,7 +91,7 @@ def main() -> None:
             rows.append(out[: args.show])
     print(json.dumps({k: v for k, v in res.items() if k != "settings"}))
     if args.json:
-        from fastddpm.checkpoint import atomic_write_json
+        from fastddpm.fileio import atomic_write_json
 
         atomic_write_json(args.json, res)
     if args.png:

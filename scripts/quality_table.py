@@ -38,9 +38,11 @@ import torch
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
+from fastddpm import build  # noqa: E402
 from fastddpm import checkpoint as ckpt  # noqa: E402
 from fastddpm.evaluate import load_images, reference_stats  # noqa: E402
 from fastddpm.features import get_extractor  # noqa: E402
+from fastddpm.fileio import atomic_write_json  # noqa: E402
 from fastddpm.metrics import frechet_distance  # noqa: E402
 from fastddpm.ops.philox import philox_normal  # noqa: E402
 
@@ -199,7 +201,7 @@ def load_results(path: str) -> Dict[str, Any]:
 
 
 def save_results(results: Dict[str, Any], out_dir: str) -> None:
-    ckpt.atomic_write_json(os.path.join(out_dir, "quality_table.json"), results, indent=1)
+    atomic_write_json(os.path.join(out_dir, "quality_table.json"), results, indent=1)
     write_markdown(results, out_dir)
     plot(results, os.path.join(out_dir, "quality_table.svg"))
 
@@ -441,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     calls_list = [int(c) for c in args.calls.split(",")]
-    model, diffusion, config = ckpt.load_model(args.checkpoint, device="cpu")
+    model, diffusion, config = build.load_model(args.checkpoint, device="cpu")
     mc = config["model"]
     shape = (int(mc["in_channels"]), int(mc["image_size"]), int(mc["image_size"]))
     from fastddpm.tune import load_tuned_schedules

@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fastddpm import build  # noqa: E402
 from fastddpm import checkpoint as ckpt  # noqa: E402
 from fastddpm.evaluate import evaluate_samples, load_images, nll_over_dataset, reference_stats, sample_batches  # noqa: E402
 from fastddpm.features import get_extractor  # noqa: E402
@@ -187,7 +188,7 @@ def main(argv=None) -> dict:
     for item in args.settings.split(","):
         name, steps = item.split(":")
         settings.append((name, int(steps)))
-    model, diffusion, config = ckpt.load_model(args.checkpoint, device="cpu")
+    model, diffusion, config = build.load_model(args.checkpoint, device="cpu")
     mc = config["model"]
     shape = (int(mc["in_channels"]), int(mc["image_size"]), int(mc["image_size"]))
     path = ckpt.resolve_checkpoint(args.checkpoint)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import fastddpm as fd
-from fastddpm.checkpoint import load_checkpoint, load_model, save_weights_file
+from fastddpm.build import load_model
+from fastddpm.checkpoint import load_checkpoint, save_weights_file
 from fastddpm.interop.export import ExportError, export_diffusers
 
 diffusers = pytest.importorskip("diffusers")

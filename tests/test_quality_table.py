@@ -74,11 +74,11 @@ def test_draw_fastddpm_unipc_equals_diffusers_unipc_on_trailing_timesteps():
     import numpy as np
     import torch
 
-    from fastddpm import checkpoint as ckpt
+    from fastddpm.build import load_model
 
     qt = _script()
     torch.set_num_threads(1)
-    model, diffusion, config = ckpt.load_model(None, device="cpu")
+    model, diffusion, config = load_model(None, device="cpu")
     shape = (config["model"]["in_channels"], config["model"]["image_size"], config["model"]["image_size"])
     a, made_a, ts_a = qt.draw("fastddpm:unipc:trailing", 5, 0, 8, model, diffusion, shape, {})
     b, made_b, ts_b = qt.draw("diffusers:unipc-bh2-3:trailing", 5, 0, 8, model, diffusion, shape, {})

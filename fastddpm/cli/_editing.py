@@ -84,7 +84,7 @@ def write_output(x: Any, path: str, scale: int) -> None:
 
     import numpy as np
 
-    from ..checkpoint import atomic_write_bytes
+    from ..fileio import atomic_write_bytes
     from ..images import save_grid, to_uint8
 
     if path.lower().endswith(".npz"):

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..checkpoint import atomic_write_bytes, atomic_write_json
+from ..fileio import atomic_write_bytes, atomic_write_json
 from ..schedule import NoiseSchedule
 from .diffusers import NULL_CLASS_KEY, diffusers_key_map
 
@@ -237,12 +237,13 @@ def _no_link(path: str) -> str:
 def _load(source: Any, use_ema: bool) -> Tuple[Any, Any, Dict[str, Any], str, Optional[Dict[str, Any]]]:
     """(unet, diffusion, config, source path, tuned schedules) of a Pipeline or a checkpoint path (None: bundled)."""
     from .. import checkpoint as ckpt
+    from ..build import load_model
 
     if hasattr(source, "unet") and hasattr(source, "diffusion"):
         config = dict(getattr(source, "config", {}) or {})
         path = str(getattr(source, "source", "a fastddpm Pipeline"))
         return source.unet, source.diffusion, config, path, _schedules_of(path)
-    model, diffusion, config = ckpt.load_model(source, use_ema=use_ema, device="cpu")
+    model, diffusion, config = load_model(source, use_ema=use_ema, device="cpu")
     path = ckpt.resolve_checkpoint(source)
     return model, diffusion, config, path, _schedules_of(path)
 
