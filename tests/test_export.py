@@ -216,3 +216,14 @@ def test_export_from_pipeline_object(tmp_path):
     out = fd.export_diffusers(pipe, str(tmp_path / "p"))
     cfg = json.load(open(os.path.join(out, "scheduler", "scheduler_config.json")))
     assert cfg["beta_schedule"] == "squaredcos_cap_v2" and cfg["prediction_type"] == "epsilon"
+
+
+def test_readme_of_a_distilled_student_says_what_diffusers_does_not_reproduce(tmp_path):
+    ckpt = _checkpoint(tmp_path / "s.safetensors")
+    ck = load_checkpoint(ckpt)
+    save_weights_file(ckpt, ck.model, {**ck.config, "distill": {"teacher": "runs/cifar", "calls": 4}})
+    readme = open(os.path.join(export_diffusers(ckpt, str(tmp_path / "e")), "README.md")).read()
+    assert "distilled student" in readme and '"calls": 4' in readme
+    plain = open(os.path.join(export_diffusers(_checkpoint(tmp_path / "p.safetensors"), str(tmp_path / "f")),
+                              "README.md")).read()
+    assert "student" not in plain
