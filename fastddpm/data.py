@@ -39,6 +39,7 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_image_folder",
+    "open_image",
     "load_npz",
     "load_cifar10",
     "safe_load_pickle",
@@ -289,7 +290,13 @@ def _pil_channels(mode: str) -> Optional[int]:
     return None
 
 
-def _open_image(path: str, channels: Optional[int], image_size: Optional[int]) -> np.ndarray:
+def open_image(path: str, channels: Optional[int] = None, image_size: Optional[int] = None) -> np.ndarray:
+    """One image file read with Pillow as uint8 [H, W, C].
+
+    `channels` (1 or 3; default: the file's, grey or RGB) converts the image; `image_size` center-crops it
+    to a square and resizes it (bicubic) to that side. An unreadable file, an unsupported mode or a 16-bit /
+    float image raises ValueError naming the path.
+    """
     from PIL import Image
 
     try:
@@ -338,7 +345,7 @@ def load_image_folder(root: str, image_size: Optional[int] = None, random_flip: 
     arrays: List[np.ndarray] = []
     first: Optional[Tuple[str, Tuple[int, ...]]] = None
     for p in paths:
-        a = _open_image(p, channels, image_size)
+        a = open_image(p, channels, image_size)
         if first is None:
             first = (p, a.shape)
         elif a.shape != first[1]:

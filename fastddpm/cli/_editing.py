@@ -41,7 +41,7 @@ def read_images(path: str, model: Any, num: Optional[int], flag: str = "--image"
     import numpy as np
     import torch
 
-    from ..data import _open_image, load_npz
+    from ..data import load_npz, open_image
 
     c, size = int(model.in_channels), int(model.image_size)
     if not os.path.isfile(path):
@@ -50,7 +50,7 @@ def read_images(path: str, model: Any, num: Optional[int], flag: str = "--image"
         if path.lower().endswith(".npz"):
             u8 = load_npz(path, channels=c).images
         else:
-            u8 = torch.from_numpy(np.array(_open_image(path, c, None))).permute(2, 0, 1)[None]
+            u8 = torch.from_numpy(np.array(open_image(path, c))).permute(2, 0, 1)[None]
         x = u8.to(torch.float32) / 127.5 - 1.0
     except ValueError as e:
         raise CLIError(f"{flag} {e}") from None
