@@ -8,6 +8,7 @@ import fastddpm as fd
 from fastddpm.ops import use_backend
 from fastddpm.ops.philox import philox_normal
 from fastddpm.ops.sampler_step import KNOWN_COEFS, sampler_step, sampler_step_
+from references import tiny_class_conditional_unet
 
 torch.set_num_threads(1)
 
@@ -143,12 +144,7 @@ def test_fast_sampler_with_guidance_equals_eager_inpainting():
     """What fd.inpaint runs on CUDA for a guided class-conditional model (editing._fast_sampler) = its eager loop."""
     from fastddpm.editing import _fast_sampler
 
-    torch.manual_seed(0)
-    unet = fd.UNet(image_size=8, in_channels=1, base_channels=16, channel_mults=(1,), num_res_blocks=1,
-                   attention_resolutions=(), dropout=0.0, groups=4, num_classes=3).eval()
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    unet = tiny_class_conditional_unet()
     diff = fd.GaussianDiffusion(fd.NoiseSchedule.linear(100))
     image = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
     mask = torch.ones(1, 1, 8, 8)
