@@ -351,6 +351,29 @@ class Sampler:
             model_output = model_output[:, :c]
         return model_output
 
+    def row(self, t: Union[int, torch.Tensor]) -> int:
+        """The row of the coefficient table (and the index into `timesteps`) of timestep `t`; ValueError
+        naming `t` when it is not one of this sampler's timesteps."""
+        return self._row(t)
+
+    def adds_noise(self, row: int) -> bool:
+        """Whether the update of table row `row` adds sigma * z (known on the host: no device sync)."""
+        return self._noisy[row]
+
+    def checked_output(self, model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`model_output` validated against x (ValueError naming its expected shape), the learned-variance
+        channels dropped where the update does not read them: what `step` passes to the fused step."""
+        return self._model_output_channels(model_output, x)
+
+    def fused_step(self, x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, step: torch.Tensor,
+                   x0_prev: Optional[torch.Tensor], noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                   image_offset: int, clip: bool, *history: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x_prev, x0-hat) of one update with this sampler's tables (`device_tables`), as `sample` runs it:
+        the arguments of `fastddpm.ops.sampler_step` (`step` the int64 [1] row index, `noise` or a Philox
+        `seed`, `history` x0_prev2 / x0_prev3 for samplers with num_history >= 2), plus whatever the
+        sampler does to x0-hat (e.g. the dynamic thresholding of `fastddpm.interop.schedulers`)."""
+        return self._fused_step(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, *history)
+
     def _history_for(self, s: int, x0_prev: Any) -> Tuple[Optional[torch.Tensor], ...]:
         """The op's (x0_prev, x0_prev2, x0_prev3) for row s (None where unused)."""
         return (None, None, None)
