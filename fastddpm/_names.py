@@ -3,6 +3,8 @@ from __future__ import annotations
 
 # the samplers `fastddpm.samplers.make_sampler` builds by name
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++", "dpm++sde", "dpm++3m", "dpm++3m-sde", "unipc")
+# the samplers that take an `eta` (the stochasticity of DDIM, Song et al. 2021); the others refuse one
+ETA_SAMPLERS = ("ddim",)
 # the number of steps a sampler name gets by default (None: all T)
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20, "dpm++sde": 20, "dpm++3m": 20, "dpm++3m-sde": 20, "unipc": 10}
 # the timestep spacing a sampler name gets by default (fastddpm.spacing.SPACINGS). Measured on the bundled
@@ -27,6 +29,10 @@ DEFAULT_SAMPLER = "unipc"
 # 1000 of a 1000-step schedule cost 10x the time (minutes for 16 digits from the bundled model on a
 # CPU) for no better digits-FID (docs/quality_vs_steps.md: 11.5 at 1000, 9.6 at 100)
 CLI_DEFAULT_STEPS = {**DEFAULT_STEPS, "ddpm": 100}
+
+# the entry of a checkpoint's config that marks a distilled student set (`fastddpm.distill` writes it: the
+# teacher, the model calls each student takes and their timesteps)
+DISTILL_CONFIG_KEY = "distill"
 
 # seconds a data-parallel process (`fastddpm train` / `sample` under torchrun) waits for its peers
 DEFAULT_DDP_TIMEOUT = 300.0

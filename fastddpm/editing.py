@@ -29,8 +29,9 @@ with `seed=` it comes from Philox streams per image (image i does not depend on 
 Inpainting, method="replace" (few-step): any sampler; each step also replaces the known region of x by the
 image noised to the timestep the step lands on (with the step's own z, as RePaint), and by the image itself
 at the end, inside the fused step op (its mask input: `fastddpm.ops.sampler_step`), so `FastSampler(...,
-known=, mask=)` and its CUDA graph run it too. One model call per step, no back-jumps: it keeps the known region exact and the generated one consistent with it only as far as the
-sampler's few steps allow (docs/editing.md measures it on the bundled model).
+known=, mask=)` and its CUDA graph run it too. One model call per step, no back-jumps: it keeps the known
+region exact and the generated one consistent with it only as far as the sampler's few steps allow
+(docs/editing.md measures it on the bundled model).
 
 Class-conditional models take `labels` (and `guidance_scale` for classifier-free guidance), as sampling.
 """
@@ -42,7 +43,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._names import DEFAULT_STEPS, SAMPLER_NAMES
+from ._names import DEFAULT_STEPS, ETA_SAMPLERS, SAMPLER_NAMES
 from .ops.sampler_step import sampler_step
 from .schedule import NoiseSchedule
 from .spacing import make_timesteps
@@ -51,6 +52,7 @@ __all__ = ["img2img", "inpaint", "strength_timestep", "img2img_timesteps", "repa
            "run_sampler", "known_table", "METHODS"]
 
 METHODS = ("repaint", "replace")
+REPLACE_SAMPLER = "unipc"  # method="replace"'s default sampler
 # Philox streams (fastddpm.ops.philox): 0 step noise (also the known region's), 1 x_T, as sampling; and
 _STREAM_UNDO = 3   # RePaint's back-jumps
 
@@ -98,6 +100,16 @@ def _check_choice(name: str, value: Any, accepted: Sequence[str]) -> str:
     if value not in accepted:
         raise ValueError(f"{name} must be one of {tuple(accepted)}, got {value!r}")
     return value
+
+
+def _check_eta(eta: Any, sampler: str) -> float:
+    """`eta` as a float (0 if None); refused, rather than ignored, for a sampler that takes none."""
+    if eta is None:
+        return 0.0
+    if sampler not in ETA_SAMPLERS:
+        raise ValueError(f"eta is taken only by the samplers {ETA_SAMPLERS} (and inpaint's method='repaint'), "
+                         f"got eta={eta!r} with sampler {sampler!r}")
+    return float(eta)
 
 
 def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
@@ -178,9 +190,9 @@ def _draw(shape: Sequence[int], seed_t: Optional[torch.Tensor], generator: Optio
 
 @torch.no_grad()
 def img2img(model_or_pipeline: Any, image: torch.Tensor, strength: float = 0.5, *, steps: Optional[int] = None,
-            sampler: str = "ddim", spacing: Optional[str] = None, eta: float = 0.0, seed: Optional[int] = None,
-            generator: Optional[torch.Generator] = None, diffusion: Any = None, clip_denoised: bool = True,
-            labels: Any = None, guidance_scale: Any = None) -> torch.Tensor:
+            sampler: str = "ddim", spacing: Optional[str] = None, eta: Optional[float] = None,
+            seed: Optional[int] = None, generator: Optional[torch.Generator] = None, diffusion: Any = None,
+            clip_denoised: bool = True, labels: Any = None, guidance_scale: Any = None) -> torch.Tensor:
     """SDEdit: noise `image` to the timestep `strength` names and sample back with `steps` model calls.
 
     Args:
@@ -188,7 +200,8 @@ def img2img(model_or_pipeline: Any, image: torch.Tensor, strength: float = 0.5, 
         image: [N, C, H, W] in [-1, 1], the model's channels and size.
         strength: in (0, 1]: how much is regenerated (1: from pure noise, see the module docstring).
         steps: model calls (default: the sampler's default, at most the start timestep + 1).
-        sampler: a name of `fd.make_sampler` ("ddpm", "ddim", "dpm++", "unipc", ...); `eta` for "ddim".
+        sampler: a name of `fd.make_sampler` ("ddpm", "ddim", "dpm++", "unipc", ...).
+        eta: DDIM's stochasticity in [0, 1] (default 0); refused with a sampler other than "ddim".
         spacing: the timestep spacing (default: the sampler's).
         seed / generator: Philox seed (default 0; image i depends only on (seed, i)) or a torch.Generator.
         clip_denoised: clamp x0-hat to [-1, 1] at every step.
@@ -202,6 +215,7 @@ def img2img(model_or_pipeline: Any, image: torch.Tensor, strength: float = 0.5, 
     model, diffusion = _resolve(model_or_pipeline, diffusion)
     image = _check_image(model, image)
     _check_choice("sampler", sampler, SAMPLER_NAMES)
+    eta = _check_eta(eta, sampler)
     _check_seed(seed, generator)
     T = diffusion.num_timesteps
     t_start = strength_timestep(strength, T)
@@ -269,9 +283,9 @@ def run_sampler(smp: Any, model: Callable, x: torch.Tensor, seed_t: Optional[tor
     n, S, k = x.shape[0], smp.num_steps, smp.num_history
     hist: List[Optional[torch.Tensor]] = [torch.zeros_like(x) for _ in range(k)] + [None] * (3 - k)
     for s in range(S):
-        out = smp._model_output_channels(_output(model(x, model_t[s].expand(n))), x)
+        out = smp.checked_output(_output(model(x, model_t[s].expand(n))), x)
         noise, seed_arg = None, None
-        if smp._noisy[s] or masked:
+        if smp.adds_noise(s) or masked:
             if generator is not None:
                 noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
             else:
@@ -280,8 +294,8 @@ def run_sampler(smp: Any, model: Callable, x: torch.Tensor, seed_t: Optional[tor
             x, x0 = sampler_step(x, out, coefs, steps[s:s + 1], hist[0], noise, seed_arg, 0, bool(clip),
                                  smp.learned_range, hist[1], hist[2], mask, known)
         else:
-            x, x0 = smp._fused_step(x, out, coefs, steps[s:s + 1], hist[0], noise, seed_arg, 0, bool(clip),
-                                    *hist[1:k])
+            x, x0 = smp.fused_step(x, out, coefs, steps[s:s + 1], hist[0], noise, seed_arg, 0, bool(clip),
+                                   *hist[1:k])
         if k:
             hist = [x0] + hist[:k - 1] + [None] * (3 - k)
     return x
@@ -325,11 +339,11 @@ def _repaint_loop(model: Callable, diffusion: Any, image: torch.Tensor, mask: to
     t_last = ts[0] + 1
     for i, t in enumerate(ts):
         if t < t_last:  # a model step from t to t - stride
-            out = smp._model_output_channels(_output(model(x, torch.full((n,), t, dtype=torch.int64, device=dev))), x)
+            out = smp.checked_output(_output(model(x, torch.full((n,), t, dtype=torch.int64, device=dev))), x)
             z = _draw(image.shape, seed_t, generator, i, 0, dev)
-            s = smp._row(t)
-            unknown, _ = smp._fused_step(x, out, coefs, rows[s:s + 1], None, z if smp._noisy[s] else None, None, 0,
-                                         bool(clip))
+            s = smp.row(t)
+            unknown, _ = smp.fused_step(x, out, coefs, rows[s:s + 1], None, z if smp.adds_noise(s) else None, None, 0,
+                                        bool(clip))
             ab_prev = float(ab[t - stride]) if t - stride >= 0 else 1.0
             known = (math.sqrt(ab_prev) * image.float() + math.sqrt(1.0 - ab_prev) * z).to(x.dtype)
             x = torch.lerp(unknown, known, mask.to(x.dtype))
@@ -356,7 +370,7 @@ def inpaint(model_or_pipeline: Any, image: torch.Tensor, mask: torch.Tensor, *, 
         mask: [N or 1, 1 or C, H, W] of 0 / 1, 1 = keep (diffusers' convention).
         method: "repaint" (diffusers' RePaintScheduler loop; `steps` default 250, `jump_length`,
             `jump_n_sample`, `eta` default 1.0 = DDPM) or "replace" (few-step: `sampler` default "unipc",
-            `steps` its default, `spacing`, `eta` default 0 for "ddim").
+            `steps` its default, `spacing`, `eta` default 0, only for "ddim").
         seed / generator: Philox seed (default 0; image i depends only on (seed, i)) or a torch.Generator
             (RePaint then draws its noise in diffusers' order: equal to RePaintPipeline's result).
         clip_denoised: clamp x0-hat to [-1, 1] (diffusers' clip_sample).
@@ -386,8 +400,8 @@ def inpaint(model_or_pipeline: Any, image: torch.Tensor, mask: torch.Tensor, *, 
     from ._names import DEFAULT_SPACING
     from .samplers import make_sampler
 
-    name = _check_choice("sampler", sampler or "unipc", SAMPLER_NAMES)
-    smp = make_sampler(name, diffusion, steps, eta or 0.0, spacing=spacing or DEFAULT_SPACING[name])
+    name = _check_choice("sampler", sampler or REPLACE_SAMPLER, SAMPLER_NAMES)
+    smp = make_sampler(name, diffusion, steps, _check_eta(eta, name), spacing=spacing or DEFAULT_SPACING[name])
     if _graphable(image, generator, labels, guidance_scale, model):
         fast = _fast_sampler(model, smp, image, labels, guidance_scale, clip_denoised, known=image, mask=mask)
         return fast(seed=int(seed or 0)).to(image.dtype)

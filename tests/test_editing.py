@@ -8,6 +8,7 @@ import torch
 import fastddpm as fd
 from fastddpm.editing import noise_image, repaint_timesteps, strength_timestep
 from fastddpm.ops.philox import philox_normal
+from references import tiny_class_conditional_unet
 
 torch.set_num_threads(1)  # a 0.7M-parameter model: one thread is fastest on a shared machine
 
@@ -189,6 +190,11 @@ def test_bad_inputs_name_the_argument(pipe):
         (lambda: fd.inpaint(pipe, image, mask, method="blend"), "method"),
         (lambda: fd.inpaint(pipe, image, mask, sampler="unipc"), "sampler"),
         (lambda: fd.inpaint(pipe, image, mask, eta=2.0), "eta"),
+        # eta is refused, not ignored, by a sampler that takes none
+        (lambda: fd.img2img(pipe, image, 0.5, sampler="unipc", eta=0.5), r"taken only by the samplers \('ddim',\)"),
+        (lambda: fd.img2img(pipe, image, 0.5, sampler="dpm++sde", eta=0.0), "eta is taken only"),
+        (lambda: fd.inpaint(pipe, image, mask, method="replace", eta=1.0), "sampler 'unipc'"),
+        (lambda: fd.inpaint(pipe, image, mask, method="replace", sampler="ddpm", eta=1.0), "eta is taken only"),
         (lambda: fd.inpaint(pipe, image, mask, jump_length=0), "jump_length"),
         (lambda: fd.inpaint(pipe, image, mask, labels=torch.tensor([0, 1])), "not class-conditional"),
     ]
@@ -197,14 +203,47 @@ def test_bad_inputs_name_the_argument(pipe):
             call()
 
 
+def test_eta_reaches_ddim(pipe):
+    """eta, refused by the samplers without one (above), is DDIM's: eta=1 is another sample than eta=0 / None."""
+    image, mask = _images(2), _half_mask()
+    kw = dict(sampler="ddim", steps=3, seed=0)
+    assert torch.equal(fd.img2img(pipe, image, 0.5, **kw), fd.img2img(pipe, image, 0.5, eta=0.0, **kw))
+    assert (fd.img2img(pipe, image, 0.5, eta=1.0, **kw) - fd.img2img(pipe, image, 0.5, **kw)).abs().max() > 1e-2
+    a = fd.inpaint(pipe, image, mask, method="replace", eta=1.0, **kw)
+    assert (a - fd.inpaint(pipe, image, mask, method="replace", **kw)).abs().max() > 1e-2
+
+
+def test_editing_uses_only_the_samplers_public_api(pipe):
+    """editing.py reads no `_`-prefixed attribute (of a sampler or anything else); the sampler methods it
+    uses instead give what `Sampler.step` computes."""
+    import ast
+    from pathlib import Path
+
+    import fastddpm.editing as editing
+
+    tree = ast.parse(Path(editing.__file__).read_text(encoding="utf-8"))
+    private = [f"{ast.unparse(n)} (line {n.lineno})" for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+               and n.attr.startswith("_") and not n.attr.startswith("__")]
+    assert private == []
+    smp = fd.make_sampler("ddim", pipe.diffusion, 5, eta=1.0)
+    x, z = _images(2, seed=1), _images(2, seed=2)
+    t = int(smp.timesteps[2])
+    with torch.no_grad():
+        out = pipe.unet(x, torch.full((2,), t))
+    s = smp.row(t)
+    assert s == 2 and smp.adds_noise(s) and not fd.make_sampler("ddim", pipe.diffusion, 5).adds_noise(s)
+    coefs, rows, _ = smp.device_tables(x.device)
+    got, _ = smp.fused_step(x, smp.checked_output(out, x), coefs, rows[s:s + 1], None, z, None, 0, True)
+    torch.testing.assert_close(got, smp.step(out, t, x, z), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="model_output must have shape"):
+        smp.checked_output(out[:, :0], x)
+    with pytest.raises(ValueError, match="t must be one of"):
+        smp.row(t + 1)
+
+
 def test_class_conditional_labels_and_guidance(tmp_path):
     """A class-conditional model: labels reach the model; guidance = the GuidedModel combination."""
-    torch.manual_seed(0)
-    unet = fd.UNet(image_size=8, in_channels=1, base_channels=16, channel_mults=(1,), num_res_blocks=1,
-                   attention_resolutions=(), dropout=0.0, groups=4, num_classes=3).eval()
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    unet = tiny_class_conditional_unet()
     diff = fd.GaussianDiffusion(fd.NoiseSchedule.linear(100))
     image, mask = _images(2), _half_mask()
     y = torch.tensor([0, 2])
@@ -259,6 +298,8 @@ def test_cli_inpaint_keeps_the_kept_region_and_img2img_writes(tmp_path, capsys):
 @pytest.mark.parametrize("argv,flag", [
     (["img2img", "--strength", "0"], "--strength"),
     (["img2img", "--strength", "0.5", "--eta", "3"], "--eta"),
+    (["img2img", "--sampler", "unipc", "--eta", "0.5"], "--eta"),
+    (["inpaint", "--mask", "bottom-half", "--method", "replace", "--eta", "0.5"], "--eta"),
     (["inpaint", "--mask", "middle"], "--mask"),
     (["inpaint", "--mask", "bottom-half", "--steps", "0"], "--steps"),
     (["inpaint", "--mask", "bottom-half", "--out", "x.unknown"], "--out"),

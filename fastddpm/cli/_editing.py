@@ -5,7 +5,7 @@ import argparse
 import os
 from typing import Any, Optional
 
-from .._names import SAMPLER_NAMES
+from .._names import ETA_SAMPLERS, SAMPLER_NAMES
 from ._common import CLIError, add_threads_option
 
 # --mask presets: the region to GENERATE (the rest is kept)
@@ -22,7 +22,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint directory, run directory or .safetensors file (default: the bundled model)")
     p.add_argument("--num", type=int, default=None, help="use the first N images of --image (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed; image i of a seed does not depend on the batch (default: 0)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM / RePaint eta in [0, 1]")
+    p.add_argument("--eta", type=float, default=None,
+                   help=f"eta in [0, 1] of --sampler {', '.join(ETA_SAMPLERS)} and of inpaint's --method repaint")
     p.add_argument("--class-label", type=int, default=None, help="class-conditional models: the class of every image")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance w (with --class-label)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x0-hat to [-1, 1] at each step")
@@ -105,6 +106,18 @@ def check_out(path: str) -> None:
             raise CLIError(f"--out {e}") from None
 
 
+def check_eta(args: argparse.Namespace) -> None:
+    """--eta with a sampler that takes none is refused (the library refuses it too, naming `eta`)."""
+    from ..editing import REPLACE_SAMPLER
+
+    if args.eta is None or getattr(args, "method", "replace") != "replace":
+        return  # inpaint's --method repaint takes eta
+    sampler = args.sampler or REPLACE_SAMPLER
+    if sampler not in ETA_SAMPLERS:
+        raise CLIError(f"--eta is taken only by --sampler {', '.join(ETA_SAMPLERS)} (and inpaint's --method "
+                       f"repaint), got --sampler {sampler}")
+
+
 def prepare(args: argparse.Namespace) -> Any:
     """(model, diffusion, images, device, labels) for an editing command; flags checked first."""
     import torch
@@ -116,6 +129,7 @@ def prepare(args: argparse.Namespace) -> Any:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise CLIError(f"--eta must be in [0, 1], got {args.eta}")
+    check_eta(args)
     check_out(args.out)
     device = resolve_device(args.device)
     model, diffusion, _ = load_model(args, device)

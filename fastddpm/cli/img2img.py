@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 < args.strength <= 1.0:
         raise CLIError(f"--strength must be in (0, 1], got {args.strength}")
     model, diffusion, images, _, labels = prepare(args)
-    x = img2img(model, images, args.strength, steps=args.steps, sampler=args.sampler, eta=args.eta or 0.0,
+    x = img2img(model, images, args.strength, steps=args.steps, sampler=args.sampler, eta=args.eta,
                 seed=args.seed, diffusion=diffusion, clip_denoised=not args.no_clip, labels=labels,
                 guidance_scale=args.guidance_scale)
     write_output(x, args.out, args.scale)
