@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastddpm as fd
+from fastddpm._names import DISTILL_CONFIG_KEY
 from fastddpm.build import load_model
 from fastddpm.checkpoint import load_checkpoint, save_weights_file
 from fastddpm.interop.export import ExportError, export_diffusers
@@ -221,9 +222,34 @@ def test_export_from_pipeline_object(tmp_path):
 def test_readme_of_a_distilled_student_says_what_diffusers_does_not_reproduce(tmp_path):
     ckpt = _checkpoint(tmp_path / "s.safetensors")
     ck = load_checkpoint(ckpt)
-    save_weights_file(ckpt, ck.model, {**ck.config, "distill": {"teacher": "runs/cifar", "calls": 4}})
+    save_weights_file(ckpt, ck.model, {**ck.config, DISTILL_CONFIG_KEY: {"teacher": "runs/cifar", "calls": 4}})
     readme = open(os.path.join(export_diffusers(ckpt, str(tmp_path / "e")), "README.md")).read()
     assert "distilled student" in readme and '"calls": 4' in readme
     plain = open(os.path.join(export_diffusers(_checkpoint(tmp_path / "p.safetensors"), str(tmp_path / "f")),
                               "README.md")).read()
     assert "student" not in plain
+
+
+def test_cli_export_no_ema_writes_the_raw_weights(tmp_path, monkeypatch):
+    """`--no-ema` (the flag of sample / eval / tune-steps / inpaint) exports the raw weights, the default the EMA."""
+    from fastddpm.checkpoint import save_checkpoint
+    from fastddpm.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ck = load_checkpoint(_checkpoint(tmp_path / "m.safetensors"))
+    raw = ck.model
+    ema = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in raw.items()}
+    run = tmp_path / "run"
+    save_checkpoint(str(run), 1, ck.config, raw, ema)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 600])
+    outs = {}
+    for flags in ([], ["--no-ema"]):
+        out = tmp_path / ("raw" if flags else "ema")
+        assert main(["export", "--checkpoint", str(run), *flags, str(out)]) == 0
+        with torch.no_grad():
+            outs[bool(flags)] = _load_pipe(str(out)).unet(x, t).sample
+    for no_ema, want in ((False, True), (True, False)):
+        model = load_model(str(run), use_ema=want)[0]
+        with torch.no_grad():
+            torch.testing.assert_close(outs[no_ema], model(x, t), rtol=1e-5, atol=1e-5)
+    assert (outs[True] - outs[False]).abs().max() > 1e-3

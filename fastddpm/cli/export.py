@@ -20,13 +20,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="the pipeline folder to write")
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
                    help="a run directory, checkpoint directory or .safetensors file (default: the bundled model)")
-    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
     p.add_argument("--overwrite", action="store_true", help="replace the pipeline files of a non-empty OUT_DIR")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..interop.export import export_diffusers
 
-    out = export_diffusers(args.checkpoint, args.out_dir, use_ema=not args.raw, overwrite=args.overwrite)
+    out = export_diffusers(args.checkpoint, args.out_dir, use_ema=not args.no_ema, overwrite=args.overwrite)
     print(f"{args.checkpoint or 'bundled digits model'} -> {out} (diffusers DDPMPipeline; see {out}/README.md)")
     return 0

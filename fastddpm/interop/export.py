@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .._names import DISTILL_CONFIG_KEY
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..schedule import NoiseSchedule
 from .diffusers import NULL_CLASS_KEY, diffusers_key_map
@@ -199,7 +200,7 @@ def _notes(config: Dict[str, Any], unet: Any, schedules: Optional[Dict[str, Any]
         for name, by_steps in sorted(schedules.items()):
             for steps, ts in sorted(by_steps.items(), key=lambda kv: int(kv[0])):
                 notes.append(f"  - {name}, {steps} steps: {list(ts)}")
-    student = config.get("distill") or config.get("student")
+    student = config.get(DISTILL_CONFIG_KEY)
     if student:
         notes.append("- This is a distilled student: it was trained to be sampled by fastddpm's sampler at its own "
                      f"few steps ({json.dumps(student, sort_keys=True)[:200]}); diffusers' DDPMScheduler walks the "
