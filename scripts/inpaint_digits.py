@@ -58,7 +58,7 @@ def accuracy(clf, images: torch.Tensor, labels: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
-    ap.add_argument("--num", type=int, default=None, help="the first N held-out digits (default: all 360)")
+    ap.add_argument("--num", type=int, default=None, help="the first N held-out digits (default: all 359)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None, help="grid: real, input (top half), then one row per setting")

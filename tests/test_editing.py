@@ -100,10 +100,9 @@ def test_img2img_low_strength_stays_near_the_image(pipe):
 # ------------------------------------------------------------------------------------------- inpainting
 @pytest.mark.parametrize("args", [(1000, 250, 10, 10), (1000, 20, 3, 3), (1000, 17, 4, 2), (50, 100, 5, 1)])
 def test_repaint_timesteps_are_diffusers(args):
-    from diffusers import RePaintScheduler
-
+    diffusers = pytest.importorskip("diffusers")
     T, steps, jl, jn = args
-    sched = RePaintScheduler(num_train_timesteps=T)
+    sched = diffusers.RePaintScheduler(num_train_timesteps=T)
     sched.set_timesteps(steps, jl, jn)
     assert repaint_timesteps(T, steps, jl, jn) == sched.timesteps.tolist()
 
