@@ -23,7 +23,6 @@ Two extractors ship:
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional, Tuple
 
@@ -149,8 +148,9 @@ def load_digits_classifier(path: Optional[str] = None, device: Any = "cpu") -> D
             f"digits classifier weights not found: need {path} and {meta_path} "
             "(train them with: python scripts/train_digits_classifier.py)"
         )
-    with open(meta_path, encoding="utf-8") as fh:
-        meta = json.load(fh)
+    from .jsonio import load_file
+
+    meta = load_file(meta_path)
     model = DigitsClassifier(**meta["config"])
     model.load_state_dict(load_file(path))
     model.meta = meta

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
@@ -128,11 +127,13 @@ def diffusers_folder(path: Optional[str]) -> bool:
         return True
     if any(os.path.isfile(os.path.join(path, f"diffusion_pytorch_model.{e}")) for e in ("safetensors", "bin")):
         return True
+    from ..jsonio import load_file
+
     try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
-            return "_class_name" in json.load(fh)
-    except (OSError, ValueError):
+        cfg = load_file(os.path.join(path, "config.json"))
+    except ValueError:
         return False
+    return isinstance(cfg, dict) and "_class_name" in cfg
 
 
 def load_model(args: argparse.Namespace, device: Any) -> Any:

@@ -54,8 +54,12 @@ def _scheduler_config(source: str, overrides: Optional[Dict[str, Any]] = None) -
     for candidate in (os.path.join(source, "scheduler", "scheduler_config.json"),
                       os.path.join(source, "scheduler_config.json")):
         if os.path.isfile(candidate):
-            with open(candidate, encoding="utf-8") as fh:
-                return {**json.load(fh), **overrides}
+            from ..jsonio import load_file
+
+            loaded = load_file(candidate)
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{candidate}: expected a JSON object (a diffusers scheduler config)")
+            return {**loaded, **overrides}
     if "beta_schedule" in overrides:
         return {"_class_name": "DDPMScheduler", **overrides}
     raise ValueError(f"{source}: no noise schedule: a saved pipeline has scheduler/scheduler_config.json; for a "

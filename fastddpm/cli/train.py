@@ -140,6 +140,48 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_threads_option(p)
 
 
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a JSON `value` fits the TrainConfig type `hint` (bool is not an int; an int is a float)."""
+    if hint is Any:
+        return True
+    args_ = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union:
+        return any(_type_ok(value, a) for a in args_)
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args_[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def check_config_types(values: Dict[str, Any], where: str) -> None:
+    """CLIError naming `where` and the entry when a value of a JSON TrainConfig has the wrong type
+    (``"num_res_blocks": [1]``, ``"random_flip": "yes"``); unknown entries are left to TrainConfig."""
+    from ..train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is not None and not _type_ok(value, hint):
+            raise CLIError(f"{where}: {name} must be {_describe_type(hint)}, got {json.dumps(value)[:80]}")
+
+
+def _describe_type(hint: Any) -> str:
+    """`hint` in words: "an int", "a list of ints", "an int or null", ..."""
+    words = {bool: "true or false", int: "an int", float: "a number", str: "a string", type(None): "null"}
+    if typing.get_origin(hint) is tuple:
+        return "a list of ints"
+    if typing.get_origin(hint) is typing.Union:
+        return " or ".join(_describe_type(a) for a in typing.get_args(hint))
+    return words.get(hint, str(hint))
+
+
 def _num_params(cfg: Any) -> int:
     """The U-Net's parameter count for `cfg` (built on the meta device: no memory, no time), without its
     few attention parameters, which need the image size: enough to choose the thread count."""
@@ -215,15 +257,17 @@ def run(args: argparse.Namespace) -> int:
 
     values: Dict[str, Any] = {}
     if args.config:
+        from ..jsonio import load_file
+
         try:
-            with open(args.config, encoding="utf-8") as fh:
-                loaded = json.load(fh)
-        except (OSError, json.JSONDecodeError) as e:
-            raise CLIError(f"{args.config}: cannot read the config ({e})") from e
+            loaded = load_file(args.config)
+        except ValueError as e:
+            raise CLIError(f"--config {e}") from None
         if isinstance(loaded, dict) and "train" in loaded and isinstance(loaded["train"], dict):
             loaded = loaded["train"]  # a run's config.json
         if not isinstance(loaded, dict):
             raise CLIError(f"{args.config}: expected a JSON object")
+        check_config_types(loaded, f"--config {args.config}")
         values.update(loaded)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
