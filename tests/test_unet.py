@@ -390,6 +390,34 @@ def test_validation():
     assert rebuilt.config == unet.config and rebuilt.state_dict().keys() == unet.state_dict().keys()
 
 
+@pytest.mark.parametrize("kw,name", [
+    (dict(norm_eps=float("nan")), "norm_eps"), (dict(norm_eps=float("inf")), "norm_eps"),
+    (dict(learn_sigma="yes"), "learn_sigma"), (dict(flip_sin_to_cos=1), "flip_sin_to_cos"),
+    (dict(dropout=float("nan")), "dropout"), (dict(freq_shift="1"), "freq_shift"),
+    (dict(num_res_blocks=[1]), "num_res_blocks"), (dict(channel_mults="12"), "channel_mults"),
+    (dict(recompute_norm="no"), "recompute_norm"), (dict(downsample_padding=True), "downsample_padding"),
+])
+def test_bad_config_value_names_the_argument(kw, name):
+    with pytest.raises(ValueError, match=f"^{name} must be .*got "):
+        fd.UNet(**{**TINY, **kw})
+
+
+def test_config_is_one_object():
+    unet = fd.UNet(**TINY, learn_sigma=True)
+    cfg = unet.cfg
+    assert isinstance(cfg, fd.UNetConfig) and cfg.out_channels == 2 * TINY.get("in_channels", 3)
+    # the attributes a caller reads are the config's fields, held once
+    assert (unet.image_size, unet.in_channels, unet.out_channels, unet.num_classes) == \
+        (cfg.image_size, cfg.in_channels, cfg.out_channels, cfg.num_classes)
+    assert unet.conv_out.out_channels == cfg.out_channels and unet.temb_channels == 4 * cfg.base_channels
+    assert fd.UNetConfig(**unet.config) == cfg
+    unet.recompute_norm = False
+    assert unet.config["recompute_norm"] is False
+    assert all(not m.recompute_norm for m in unet.modules() if hasattr(m, "recompute_norm") and m is not unet)
+    with pytest.raises(AttributeError):
+        unet.no_such_attribute
+
+
 # ---------------------------------------------------------------------------------------------------
 # diffusers interop: fd.unet_from_diffusers on small randomly initialised UNet2DModels of DDPM-like configs
 DDPM_LIKE = {
