@@ -41,6 +41,7 @@ from .guards import check_labels, raise_if_nonfinite
 from .guidance import GuidedModel
 from .ops.sampler_step import sampler_step_
 from .ops.philox import philox_normal
+from .threads import call_threads
 
 CAPTURE_MODES = ("auto", "step", "loop", "none")
 
@@ -253,7 +254,7 @@ class FastSampler:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         # the model's device current (streams, graph pool, Triton launches use the current device)
         guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with guard, _eval_mode(self.model):
+        with guard, _eval_mode(self.model), call_threads(self.model, self.device):
             return self._run(seed)
 
     def _run(self, seed: int) -> torch.Tensor:

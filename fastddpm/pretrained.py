@@ -32,6 +32,7 @@ from ._names import SAMPLER_NAMES
 from .graphs import FastSampler
 from .images import to_pil, to_uint8
 from .samplers import make_sampler
+from .threads import call_threads
 
 __all__ = ["load", "Pipeline", "PipelineOutput", "OUTPUT_TYPES"]
 
@@ -111,6 +112,14 @@ class Pipeline:
             raise ValueError("this model is class-conditional: sample it with fd.FastSampler(pipe.unet, sampler, "
                              "batch_size, labels=..., guidance_scale=...) or `fastddpm sample --class-label`")
         smp, clip = self.sampler(sampler, num_inference_steps, eta)
+        with call_threads(self.unet, self.device):  # one thread for a small CPU model, as the CLI chooses
+            x = self._sample(smp, clip, batch_size, seed, sampler, num_inference_steps, eta, progress)
+        if output_type == "pt":
+            return PipelineOutput(x)
+        return PipelineOutput(to_pil(x) if output_type == "pil" else to_uint8(x))
+
+    def _sample(self, smp: Any, clip: bool, batch_size: int, seed: int, sampler: Optional[str],
+                num_inference_steps: Optional[int], eta: float, progress: bool) -> torch.Tensor:
         if getattr(smp, "thresholding", None) is not None:  # dynamic thresholding: the eager loop
             with torch.no_grad():
                 x = smp.sample(self.unet, (batch_size, *self.image_shape), seed=seed, clip_denoised=clip,
@@ -122,9 +131,7 @@ class Pipeline:
                 fast = self._fast[key] = FastSampler(self.unet, smp, batch_size, clip_denoised=clip)
             fast.progress = bool(progress)
             x = fast(seed=seed)
-        if output_type == "pt":
-            return PipelineOutput(x)
-        return PipelineOutput(to_pil(x) if output_type == "pil" else to_uint8(x))
+        return x
 
     def __repr__(self) -> str:
         return f"Pipeline(source={self.source!r}, unet={type(self.unet).__name__}, diffusion={self.diffusion!r})"
@@ -147,6 +154,12 @@ def load(path: Optional[str] = None, *, device: Union[str, torch.device, None] =
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available here (use device='cpu')")
     if path is not None and _is_diffusers_folder(os.path.expanduser(os.fspath(path))):
         from .interop.diffusers import load_diffusers_pipeline, unet_config_from_diffusers, unet_from_diffusers
         from .interop.schedulers import diffusion_from_scheduler

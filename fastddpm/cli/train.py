@@ -119,7 +119,7 @@ def configure(p: argparse.ArgumentParser) -> None:
             help_ = (f"{help_} (default by image size: {_shown(DIGITS_RECIPE.get(f.name, default))} up to 16 px "
                      f"as the bundled digits model, {_shown(DDPM_CIFAR10_RECIPE.get(f.name, default))} at 32 px as "
                      "DDPM CIFAR-10)")
-        else:
+        elif "default" not in help_:  # a help that already says its default is not followed by a second one
             help_ = f"{help_} (default: {_shown(default)})"
         kw: Dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name, help=help_)
         args_ = typing.get_args(hint)
