@@ -59,7 +59,7 @@ def test_one_definition_of_the_quantisation():
     assert not hasattr(data, "to_uint8") and not hasattr(data, "save_grid")
     assert train.save_grid is images.save_grid
     src = open(cli_sample.__file__).read()
-    assert "from ..images import save_grid, to_uint8" in src
+    assert "from ..images import grid_scale, save_grid, to_uint8" in src
 
 
 # ----------------------------------------------------------------------------- progress bar

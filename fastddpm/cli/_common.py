@@ -151,7 +151,11 @@ def load_model(args: argparse.Namespace, device: Any) -> Any:
     if diffusers_pipeline(path):
         from ..pretrained import load
 
-        pipe = load(path, device=device)
+        try:
+            pipe = load(path, device=device)
+        except Exception as e:  # diffusers' own errors (missing components, bad configs) or no diffusers
+            raise CLIError(f"--checkpoint {path}: cannot load the diffusers pipeline: {type(e).__name__}: "
+                           f"{' '.join(str(e).split())}") from None
         model, diffusion, config = pipe.unet, pipe.diffusion, pipe.config
     elif diffusers_folder(path):
         raise CLIError(f"--checkpoint {path} is a diffusers UNet2DModel folder without a scheduler: convert it "
