@@ -41,8 +41,8 @@ def _int(s: str) -> int:
     return int(s)
 
 
-def loads(text: str, where: str) -> Any:
-    """Parse JSON `text` (read from `where`, named in errors) within the bounds of this module."""
+def loads(text: str, where: str, what: str = "JSON") -> Any:
+    """Parse JSON `text` (read from `where`, named in errors, as `what`) within the bounds of this module."""
     if len(text) > MAX_BYTES:
         raise JSONInputError(f"{where}: {len(text)} characters of JSON exceed the bound {MAX_BYTES}")
     depth = _depth(text)
@@ -53,7 +53,7 @@ def loads(text: str, where: str) -> Any:
     except JSONInputError as e:
         raise JSONInputError(f"{where}: {e}") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        raise JSONInputError(f"{where}: truncated or invalid JSON ({e})") from None
+        raise JSONInputError(f"{where}: truncated or invalid {what} ({e})") from None
 
 
 def load_file(path: str) -> Any:
