@@ -264,3 +264,15 @@ def test_triton_is_a_test_extra_and_fastddpm_imports_without_it(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "(2, 8, 8, 1) False"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--channel-mults", ""], "--channel-mults must be a non-empty list of positive ints (one per level), e.g. 1,2,2,2"),
+    (["--out-dir", ""], "--out-dir must be a folder path, got an empty string"),
+    (["--seed", str(2**70)], f"--seed must be an int in [0, 2**63), got {2**70}"),
+])
+def test_train_flags_named_rightly(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--steps", "1", "--no-progress", *flags]) == 1
+    assert _err(capsys) == f"fastddpm train: error: {message}\n"
+    assert os.listdir(tmp_path) == []  # nothing written (an empty --out-dir would have meant the current folder)

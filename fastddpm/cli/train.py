@@ -172,6 +172,18 @@ def check_config_types(values: Dict[str, Any], where: str) -> None:
             raise CLIError(f"{where}: {name} must be {_describe_type(hint)}, got {json.dumps(value)[:80]}")
 
 
+def check_values(values: Dict[str, Any]) -> None:
+    """CLIError naming the flag for the values the later steps would misreport: an empty --channel-mults
+    (the image-size arithmetic would complain instead), an empty --out-dir, a --seed beyond 2**63."""
+    if "channel_mults" in values and not values["channel_mults"]:
+        raise CLIError("--channel-mults must be a non-empty list of positive ints (one per level), e.g. 1,2,2,2")
+    if "out_dir" in values and isinstance(values["out_dir"], str) and not values["out_dir"].strip():
+        raise CLIError("--out-dir must be a folder path, got an empty string")
+    seed = values.get("seed")
+    if isinstance(seed, int) and not 0 <= seed < 2**63:
+        raise CLIError(f"--seed must be an int in [0, 2**63), got {seed}")
+
+
 def _describe_type(hint: Any) -> str:
     """`hint` in words: "an int", "a list of ints", "an int or null", ..."""
     words = {bool: "true or false", int: "an int", float: "a number", str: "a string", type(None): "null"}
@@ -271,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
         values.update(loaded)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
+    check_values(values)
     cfg = _resumed_config(values)
     if cfg is None:
         cfg = fresh_config(values)
