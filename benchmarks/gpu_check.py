@@ -32,7 +32,7 @@ is timed (max relative error recorded).
 
 Writes benchmarks/results/gpu_<device>.json (device name, driver, torch / triton / CUDA versions,
 the peaks used, every figure, each part's seconds and status), which benchmarks/report.py renders
-into the README. `--dry-run` runs the same parts on the CPU with TRITON_INTERPRET=1, tiny shapes,
+into docs/performance.md. `--dry-run` runs the same parts on the CPU with TRITON_INTERPRET=1, tiny shapes,
 each timed function called once and no timings (figures are null), and writes into a temporary
 folder unless --out is given; tests/test_gpu_check.py runs it, so the script cannot rot.
 """

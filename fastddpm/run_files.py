@@ -72,7 +72,7 @@ def open_owned(path: str, what: str, append: bool = False) -> Any:
 
 def write_owned_json(path: str, obj: Any, what: str = "config") -> None:
     """`obj` as JSON written atomically to `path` (a symbolic link there is refused, not replaced)."""
-    from .checkpoint import atomic_write_json
+    from .fileio import atomic_write_json
 
     _refuse_link(path, what)
     atomic_write_json(path, obj)
@@ -149,7 +149,7 @@ def set_aside_log_lines(log_path: str, step: int) -> int:
         f.write("".join(moved))
         f.flush()
         os.fsync(f.fileno())
-    from .checkpoint import atomic_write_bytes
+    from .fileio import atomic_write_bytes
 
     atomic_write_bytes(log_path, "".join(keep).encode())
     return len(moved)

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from fastddpm import build
 from fastddpm import checkpoint as ckpt
 from fastddpm import tune as ft
 from fastddpm.cli import main
@@ -55,7 +56,7 @@ def _weights_file(tmp_path, edit=None, raw_meta=None):
 def test_safetensors_metadata_deep_or_huge_is_one_line(tmp_path, capsys, raw, match):
     path = _weights_file(tmp_path, raw_meta=raw)
     with pytest.raises(ckpt.CheckpointError, match=match):
-        ckpt.load_model(path)
+        build.load_model(path)
     assert main(["sample", "--checkpoint", path, "--npz", str(tmp_path / "a.npz"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("fastddpm sample: error: ") and err.count("\n") == 1
@@ -70,7 +71,7 @@ def test_checkpoint_dir_config_json_deep_is_one_line(tmp_path, capsys):
     save_file(load_file(path), str(d / "model.safetensors"))
     (d / "config.json").write_text(DEEP)
     with pytest.raises(ckpt.CheckpointError, match=r"config\.json: JSON nested 5000 levels deep"):
-        ckpt.load_model(str(d), use_ema=False)
+        build.load_model(str(d), use_ema=False)
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -80,7 +81,7 @@ def test_checkpoint_dir_config_json_deep_is_one_line(tmp_path, capsys):
 def test_wrong_types_in_checkpoint_config_are_one_line(tmp_path, capsys, key, value, match):
     path = _weights_file(tmp_path, edit=lambda c: c["model"].update({key: value}))
     with pytest.raises(ckpt.CheckpointError, match=match):
-        ckpt.load_model(path)
+        build.load_model(path)
 
 
 TINY = {"dataset": "digits", "base_channels": 8, "channel_mults": [1, 2], "attention_resolutions": [4],

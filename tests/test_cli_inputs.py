@@ -84,7 +84,7 @@ def test_full_disk_names_the_output(tmp_path, capsys, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "atomic_write_bytes", full)
+    monkeypatch.setattr("fastddpm.fileio.atomic_write_bytes", full)
     out = tmp_path / "a.npz"
     assert main([*SAMPLE, "--num", "2", "--npz", str(out)]) == 1
     assert _err(capsys) == f"fastddpm sample: error: --npz {out}: cannot write: No space left on device\n"

@@ -6,6 +6,7 @@ import socket
 import pytest
 import torch
 
+from fastddpm import build, fileio
 from fastddpm import checkpoint as ckpt
 from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.train import NonFiniteLossError, TrainConfig, train
@@ -161,14 +162,14 @@ def test_checkpoint_crash_mid_write_keeps_previous(tmp_path):
 
 def test_atomic_write_bytes_failure_keeps_old_file(tmp_path, monkeypatch):
     p = tmp_path / "f.bin"
-    ckpt.atomic_write_bytes(str(p), b"old")
+    fileio.atomic_write_bytes(str(p), b"old")
 
     def boom(fd):
         raise OSError("fsync failed")
 
-    monkeypatch.setattr(ckpt.os, "fsync", boom)
+    monkeypatch.setattr(fileio.os, "fsync", boom)
     with pytest.raises(OSError, match="fsync failed"):
-        ckpt.atomic_write_bytes(str(p), b"new contents")
+        fileio.atomic_write_bytes(str(p), b"new contents")
     assert p.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
 
 
@@ -202,20 +203,20 @@ def test_checkpoint_load_errors(tmp_path):
 
 def test_architecture_mismatch(tmp_path):
     r = train(_cfg(tmp_path, steps=1, save_every=0))
-    model, diff, cfg = ckpt.load_model(r.checkpoint)
+    model, diff, cfg = build.load_model(r.checkpoint)
     assert cfg["model"]["base_channels"] == 8 and diff.num_timesteps == 100
     ck = ckpt.load_checkpoint(r.checkpoint, load_state=False)
     cfg = dict(ck.config)
     cfg["model"] = dict(cfg["model"], base_channels=16)
-    other = ckpt.build_model(cfg)
+    other = build.build_model(cfg)
     with pytest.raises(ckpt.CheckpointError, match=r"do not match the model architecture.*shape mismatches"):
         ckpt.check_state_dict(other, ck.ema, ck.path)
     # a keyword this UNet version does not know is ignored; the weights decide whether it matters
     cfg["model"] = dict(ck.config["model"], option_from_a_newer_version=True)
-    ckpt.check_state_dict(ckpt.build_model(cfg), ck.ema, ck.path)
+    ckpt.check_state_dict(build.build_model(cfg), ck.ema, ck.path)
     cfg["model"] = dict(ck.config["model"], num_res_blocks=2)
     with pytest.raises(ckpt.CheckpointError, match=r"missing keys"):
-        ckpt.check_state_dict(ckpt.build_model(cfg), ck.ema, ck.path)
+        ckpt.check_state_dict(build.build_model(cfg), ck.ema, ck.path)
     # resuming with another architecture is refused
     with pytest.raises(ValueError, match="config differs"):
         train(_cfg(tmp_path, steps=2, base_channels=16, resume=True))
@@ -225,7 +226,7 @@ def test_architecture_mismatch(tmp_path):
     j["model"]["base_channels"] = 16
     json.dump(j, open(cp, "w"))
     with pytest.raises(ckpt.CheckpointError, match="do not match the model architecture"):
-        ckpt.load_model(r.checkpoint)
+        build.load_model(r.checkpoint)
 
 
 # ------------------------------------------------------------------------------ DDP (2 CPU processes, gloo)
@@ -275,11 +276,11 @@ def test_ddp_two_processes_gloo(tmp_path):
 def test_export_model_single_file(tmp_path):
     r = train(_cfg(tmp_path / "run", steps=2, save_every=0))
     out = str(tmp_path / "m.safetensors")
-    ckpt.export_model(str(tmp_path / "run"), out)
+    build.export_model(str(tmp_path / "run"), out)
     os.remove(str(tmp_path / "m.json"))  # the config in the file's metadata is enough
-    model, diff, cfg = ckpt.load_model(out)
+    model, diff, cfg = build.load_model(out)
     assert cfg["weights"] == "ema" and cfg["exported_from"]["step"] == 2 and diff.num_timesteps == 100
     for k, v in r.ema.state_dict().items():
         assert torch.equal(model.state_dict()[k], v)
     with pytest.raises(ValueError, match="must end with .safetensors"):
-        ckpt.export_model(str(tmp_path / "run"), str(tmp_path / "m.pt"))
+        build.export_model(str(tmp_path / "run"), str(tmp_path / "m.pt"))

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     """``fastddpm tune-steps``: tune, store, print a JSON report."""
     import sys
 
+    from .. import build
     from .. import checkpoint as ckpt
     from ..spacing import make_timesteps
     from ..tune import save_tuned_schedule, tune_timesteps
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     check_output("--json", args.json)
     device = resolve_device(args.device)
     path = ckpt.resolve_checkpoint(args.checkpoint)
-    model, diffusion, config = ckpt.load_model(path, use_ema=not args.no_ema, device=device)
+    model, diffusion, config = build.load_model(path, use_ema=not args.no_ema, device=device)
     check_weights(model, path)
     apply_threads(args.threads, count_parameters(model), device)
     if config["model"].get("num_classes"):
