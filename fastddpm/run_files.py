@@ -25,7 +25,7 @@ import stat
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-__all__ = ["RunDirError", "open_owned", "write_owned_json", "check_fresh_run_dir", "clear_run", "run_files",
+__all__ = ["RunDirError", "check_links", "open_owned", "write_owned_json", "check_fresh_run_dir", "clear_run", "run_files",
            "set_aside_log_lines", "set_aside_newer_checkpoints", "InterruptFlag", "TrainInterrupted",
            "SUPERSEDED_LOG", "SUPERSEDED_DIR"]
 
@@ -46,6 +46,13 @@ def _refuse_link(path: str, what: str) -> None:
     if os.path.islink(path):
         raise RunDirError(f"{path} is a symbolic link (to {os.readlink(path)}): the run writes its {what} only to a "
                           "file it creates, never through a link; remove the link or choose another --out-dir")
+
+
+def check_links(run_dir: str) -> None:
+    """RunDirError when the run's config.json or logs in `run_dir` are symbolic links (checked before any
+    work, so that a run does not train and then refuse to write)."""
+    for name, what in (("config.json", "config"), ("log.jsonl", "log"), (SUPERSEDED_LOG, "superseded log")):
+        _refuse_link(os.path.join(run_dir, name), what)
 
 
 def open_owned(path: str, what: str, append: bool = False) -> Any:

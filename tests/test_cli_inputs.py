@@ -276,3 +276,20 @@ def test_train_flags_named_rightly(tmp_path, capsys, monkeypatch, flags, message
     assert main(["train", "--steps", "1", "--no-progress", *flags]) == 1
     assert _err(capsys) == f"fastddpm train: error: {message}\n"
     assert os.listdir(tmp_path) == []  # nothing written (an empty --out-dir would have meant the current folder)
+
+
+def test_full_disk_during_training_names_the_file(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from fastddpm import fileio
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "r"
+    monkeypatch.setattr(fileio.os, "fsync", full)
+    assert main(["train", "--dataset", "digits", "--base-channels", "8", "--channel-mults", "1,2",
+                 "--attention-resolutions", "4", "--num-res-blocks", "1", "--groups", "4", "--num-timesteps", "50",
+                 "--batch-size", "8", "--steps", "1", "--no-progress", "--no-compile", "--out-dir", str(out)]) == 1
+    err = _err(capsys)
+    assert err.startswith("fastddpm train: error: [Errno 28] No space left on device: ") and str(out) in err

@@ -144,7 +144,8 @@ def test_fresh_run_in_a_run_directory_is_refused_unless_overwrite(tmp_path, caps
     assert main(["train", "--dataset", "digits", *TINY_FLAGS, "--steps", "1", "--out-dir", str(out)]) == 1
     err = capsys.readouterr().err
     assert err == (f"fastddpm train: error: --out-dir {out} already holds a run (config.json, log.jsonl); pass "
-                   "--resume to continue it, --overwrite to replace it, or choose another --out-dir\n")
+                   "resume=True (--resume) to continue it, overwrite=True (--overwrite) to replace it, or choose "
+                   "another --out-dir\n")
     assert (out / "config.json").read_text() == '{"mine": 1}\n' and len(_log_steps(out / "log.jsonl")) == 144
     assert main(["train", "--dataset", "digits", *TINY_FLAGS, "--steps", "1", "--out-dir", str(out),
                  "--overwrite"]) == 0

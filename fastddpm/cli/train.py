@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import typing
 from typing import Any, Callable, Dict, List, Optional
 
@@ -67,6 +68,8 @@ _TRAIN_HELP = {
     "resume": "continue the run in --out-dir from its newest checkpoint (or from the given checkpoint) with its "
               "saved settings; flags given override them",
     "resume_fallback": "when the newest checkpoint does not load, resume from the newest older one that does",
+    "overwrite": "replace the run --out-dir holds (its config.json, log.jsonl, checkpoints/ and samples/ are "
+                 "removed first); without it a new run refuses a directory that holds one",
     "max_nonfinite": "stop after this many non-finite losses in a row",
     "ddp_timeout": "seconds a torchrun process waits for a dead or stalled peer before the run stops",
 }
@@ -256,6 +259,8 @@ def _resumed_config(explicit: Dict[str, Any]) -> Optional[Any]:
     out_dir = explicit.get("out_dir", TrainConfig.out_dir)
     found = saved_run_config(explicit.get("resume", False), out_dir)
     if found is None:
+        if explicit.get("resume") is True:
+            return _resume_without_checkpoint(explicit, out_dir)
         return None
     saved, path = found
     if "out_dir" not in explicit:  # --resume CHECKPOINT alone continues that checkpoint's run directory
@@ -263,6 +268,37 @@ def _resumed_config(explicit: Dict[str, Any]) -> Optional[Any]:
 
         saved = dict(saved, out_dir=run_dir_of(path) or saved.get("out_dir", out_dir))
     return resume_config(saved, explicit)[0]
+
+
+def _resume_without_checkpoint(explicit: Dict[str, Any], out_dir: str) -> Optional[Any]:
+    """--resume on a run directory without a checkpoint (a run that died before its first): its
+    config.json's settings, overridden by the flags given; a directory holding a log but no config.json
+    is refused (its settings are lost: starting afresh would train something else under its name);
+    an empty or new directory is a fresh run (None)."""
+    from ..jsonio import load_file
+    from ..train import resume_config
+
+    cfg_path = os.path.join(out_dir, "config.json")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if os.path.lexists(cfg_path):
+        try:
+            loaded = load_file(cfg_path)
+        except ValueError as e:
+            raise CLIError(f"--resume: {e}; the run's settings cannot be read") from None
+        saved = loaded.get("train") if isinstance(loaded, dict) else None
+        if not isinstance(saved, dict):
+            raise CLIError(f"--resume: {cfg_path} holds no 'train' settings; the run's settings are unknown: pass "
+                           "them as flags without --resume (and --overwrite), or choose another --out-dir")
+        check_config_types(saved, f"--resume: {cfg_path}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"fastddpm train: no checkpoint in {os.path.abspath(out_dir)}: starting from step 0 with the "
+                  f"settings of {os.path.abspath(cfg_path)}", file=sys.stderr)
+        return resume_config(dict(saved, out_dir=out_dir), explicit)[0]
+    if os.path.lexists(log_path) and os.path.getsize(log_path) > 0:
+        raise CLIError(f"--resume: {os.path.abspath(out_dir)} holds no checkpoint and no config.json, only a log: "
+                       "the run's settings are lost. Pass them as flags without --resume (add --overwrite to "
+                       "replace the log), or choose another --out-dir")
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
