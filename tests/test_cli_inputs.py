@@ -293,3 +293,27 @@ def test_full_disk_during_training_names_the_file(tmp_path, capsys, monkeypatch)
                  "--batch-size", "8", "--steps", "1", "--no-progress", "--no-compile", "--out-dir", str(out)]) == 1
     err = _err(capsys)
     assert err.startswith("fastddpm train: error: [Errno 28] No space left on device: ") and str(out) in err
+
+
+def test_nan_during_sampling_is_one_line(tmp_path, capsys, monkeypatch):
+    from fastddpm.guards import NonFiniteSampleError
+    from fastddpm.samplers import Sampler
+
+    def nan(*a, **k):
+        raise NonFiniteSampleError("UniPCSampler: x became NaN/inf at step 1 (model timestep t=899)")
+
+    monkeypatch.setattr(Sampler, "sample", nan)
+    assert main([*SAMPLE, "--num", "2", "--npz", str(tmp_path / "a.npz")]) == 1
+    assert _err(capsys) == "fastddpm sample: error: UniPCSampler: x became NaN/inf at step 1 (model timestep t=899)\n"
+
+
+def test_make_sampler_warns_that_eta_is_ignored():
+    d = fd.GaussianDiffusion(fd.NoiseSchedule.linear(50))
+    with pytest.warns(UserWarning, match=r"eta=0.7 is ignored: only the 'ddim' sampler has an eta"):
+        fd.make_sampler("dpm++", d, steps=4, eta=0.7)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fd.make_sampler("ddim", d, steps=4, eta=0.7)
+        fd.make_sampler("dpm++", d, steps=4)

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # fastddpm.train's errors that are about the run, not bugs (named, so that --help imports nothing heavy)
-_ONE_LINE_ERRORS = ("NonFiniteLossError", "RunLockError", "DistributedError")
+_ONE_LINE_ERRORS = ("NonFiniteLossError", "RunLockError", "DistributedError", "NonFiniteSampleError")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
