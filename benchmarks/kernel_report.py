@@ -29,7 +29,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from benchmarks.common import text_table  # noqa: E402
-from kernels.aot import ARCHS, KERNEL_MODULES, ROW_KEYS, collect  # noqa: E402
+from fastddpm.kernels.aot import ARCHS, KERNEL_MODULES, ROW_KEYS, collect  # noqa: E402
 
 
 def _table(rows) -> str:

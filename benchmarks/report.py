@@ -270,6 +270,15 @@ def render_gpu_check(name: str, data: Dict[str, Any]) -> List[str]:
                  [(p, e.get("status", "?"), _num(e.get("seconds")), _num(e.get("budget_s"))) for p, e in parts.items()])
     out.append("")
     res = {p: e.get("result") or {} for p, e in parts.items()}
+    head = data.get("headline") or {}
+    if head:
+        g, a, f = (head.get(k) or {} for k in ("group_norm_silu_pct_of_measured_copy",
+                                               "attention_time_over_sdpa_unet_layout",
+                                               "fast_sampler_speedup_vs_diffusers_eager"))
+        out += [f"Headline: GroupNorm+SiLU forward+backward {_num(g.get('worst_fwd_bwd'))}% of the measured copy bandwidth "
+                f"(worst CIFAR-10 shape; target {g.get('target')}); attention / SDPA time in the U-Net layout "
+                f"{_num(a.get('worst_bf16_one_head'))} (target {a.get('target')}); FastSampler speedup over diffusers' pipeline (eager) "
+                f"{_num(f.get('worst_capture_step'))}x (target {f.get('target')}).", ""]
     if res.get("tests"):
         c = res["tests"].get("counts", {})
         out += [f"GPU tests (`{res['tests'].get('command', '')}`): " + ", ".join(f"{n} {k}" for k, n in c.items())
@@ -290,14 +299,21 @@ def render_gpu_check(name: str, data: Dict[str, Any]) -> List[str]:
         out += ["GroupNorm+SiLU (scale-shift, bf16; GB/s of the fused kernels' modelled bytes, same bytes for every row):", ""]
         out += table(("N x C x H x W", "implementation", "fwd GB/s", "fwd % peak", "fwd+bwd GB/s", "fwd+bwd % peak"), rows)
         out.append("")
-    rows = [("x".join(map(str, r["shape"])), r.get("path", ""), _num(r["fastddpm"].get("fwd_s"), 1e3),
-             _num(r["sdpa"].get("fwd_s"), 1e3), _num(r["fastddpm"].get("fwd_bwd_s"), 1e3), _num(r["sdpa"].get("fwd_bwd_s"), 1e3),
-             _num(r["fastddpm"].get("fwd_bwd_tflops")), _num(r["fastddpm"].get("fwd_bwd_pct_of_peak")))
+    rows = [(r.get("layout", "contiguous"), "x".join(map(str, r["shape"])), r.get("dtype", "bfloat16"), r.get("path", ""),
+             _num(r["fastddpm"].get("fwd_s"), 1e3), _num(r["sdpa"].get("fwd_s"), 1e3), _num(r["fastddpm"].get("fwd_bwd_s"), 1e3),
+             _num(r["sdpa"].get("fwd_bwd_s"), 1e3), _num(r["fastddpm"].get("fwd_bwd_tflops")),
+             _num(r["fastddpm"].get("fwd_bwd_pct_of_peak")), r.get("sdpa_backend", "?"))
             for r in (res.get("attention") or {}).get("rows", [])]
     if rows:
-        out += ["Attention (bf16, B x heads x N x head_dim), milliseconds:", ""]
-        out += table(("shape", "path", "fwd ms", "SDPA fwd ms", "fwd+bwd ms", "SDPA fwd+bwd ms", "fwd+bwd TFLOP/s",
-                      "% peak"), rows) + [""]
+        out += ["Attention, milliseconds (layout unet: the U-Net's views of one [B, 3C, H, W] tensor, shape B x heads x "
+                "H x W x C, SDPA's copies timed with it; contiguous: B x heads x N x head_dim):", ""]
+        out += table(("layout", "shape", "dtype", "path", "fwd ms", "SDPA fwd ms", "fwd+bwd ms", "SDPA fwd+bwd ms",
+                      "fwd+bwd TFLOP/s", "% peak", "SDPA kernel"), rows) + [""]
+    rows = [(op, name, f"{v['triton_rel_err']:.2e}", f"{v['threshold']:.2e}", "ok" if v["ok"] else "OVER")
+            for op, tensors in ((res.get("grads") or {}).get("ops") or {}).items() for name, v in tensors.items()]
+    if rows:
+        out += ["Gradient correctness on the device (Triton vs the reference backend in float64; relative error):", ""]
+        out += table(("op", "tensor", "error", "threshold", "verdict"), rows) + [""]
     rows = [(r["sampler"], r["dtype"], _num(r["fused"].get("GBps")), _num(r["fused"].get("pct_of_peak")),
              _num(r["unfused_reference"].get("GBps")), _num(r.get("time_ratio_fused_vs_unfused")))
             for r in (res.get("step") or {}).get("rows", [])]

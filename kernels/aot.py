@@ -44,7 +44,8 @@ __all__ = [
     "find_cuobjdump", "parse_resource_usage", "tensor_core_family", "runtime_spec", "compile_spec", "collect",
 ]
 
-KERNEL_MODULES: Tuple[str, ...] = ("kernels.group_norm", "kernels.attention", "kernels.sampler_step")
+KERNEL_MODULES: Tuple[str, ...] = ("fastddpm.kernels.group_norm", "fastddpm.kernels.attention",
+                                   "fastddpm.kernels.sampler_step")
 ARCHS: Tuple[int, ...] = (80, 90)
 # Maximum shared memory per block (opt-in): A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT_BYTES: Dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}

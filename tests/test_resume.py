@@ -255,6 +255,7 @@ def _fault_worker(rank, world, port, out_dir, result_dir, fault):
         f.write(msg)
 
 
+@pytest.mark.slow  # two training processes
 @pytest.mark.parametrize("fault", ["crash", "stall"])
 def test_ddp_peer_failure_ends_every_rank_with_one_line(tmp_path, fault):
     import torch.multiprocessing as mp

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernels.aot import ARCHS, KERNEL_MODULES, MAX_REGISTERS, ROW_KEYS, SHARED_LIMIT_BYTES, parse_resource_usage  # noqa: E402
+from fastddpm.kernels.aot import ARCHS, KERNEL_MODULES, MAX_REGISTERS, ROW_KEYS, SHARED_LIMIT_BYTES, parse_resource_usage  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,6 +25,7 @@ def _existing_modules():
     return [m for m in KERNEL_MODULES if importlib.util.find_spec(m) is not None]
 
 
+# The report compiles every kernel for sm_80 and sm_90 (minutes with a cold cache): its tests are `slow`.
 @pytest.fixture(scope="module")
 def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -41,6 +42,7 @@ def report():
     return rows, proc
 
 
+@pytest.mark.slow
 def test_report_rows_well_formed(report):
     rows, proc = report
     assert isinstance(rows, list) and rows, proc.stderr[-2000:]
@@ -54,6 +56,7 @@ def test_report_rows_well_formed(report):
         assert r["hbm_bytes_fused"] > 0, r
 
 
+@pytest.mark.slow
 def test_no_spills_and_shared_within_limits(report):
     rows, proc = report
     bad = [r for r in rows if r["spills"] != 0]
@@ -68,10 +71,11 @@ def test_no_spills_and_shared_within_limits(report):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_every_spec_of_every_existing_module_is_reported_for_each_arch(report):
     rows, proc = report
     existing = _existing_modules()
-    assert "kernels.sampler_step" in existing
+    assert "fastddpm.kernels.sampler_step" in existing
     for module_name in existing:
         module = importlib.import_module(module_name)
         assert hasattr(module, "aot_specs"), f"{module_name} exists but has no aot_specs()"
@@ -86,6 +90,7 @@ def test_every_spec_of_every_existing_module_is_reported_for_each_arch(report):
         assert f"{module_name}: module does not exist yet" in proc.stderr
 
 
+@pytest.mark.slow
 def test_attention_runs_on_tensor_cores(report):
     """bf16/fp16 attention (forward, dK/dV, dQ; every head dim, masked and unmasked, contiguous and the
     U-Net's pixel-major views) issues wgmma on sm_90 and mma.sync on sm_80. TF32 runs on tensor cores
@@ -93,7 +98,7 @@ def test_attention_runs_on_tensor_cores(report):
     sm_80; at D = 256 the dQ kernel runs the exact ieee dots (no TF32 tile was spill-free). The exact
     fp32 ("highest") path issues neither (FMA dots)."""
     rows, _ = report
-    attn = [r for r in rows if r["module"] == "kernels.attention" and r["kernel"] != "attn_bwd_preprocess"]
+    attn = [r for r in rows if r["module"] == "fastddpm.kernels.attention" and r["kernel"] != "attn_bwd_preprocess"]
     assert attn
     head_dims = set()
     for r in attn:
@@ -117,7 +122,7 @@ def test_attention_runs_on_tensor_cores(report):
 
 
 def test_tensor_core_family():
-    from kernels.aot import tensor_core_family
+    from fastddpm.kernels.aot import tensor_core_family
 
     assert tensor_core_family("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...}") == "wgmma"
     assert tensor_core_family("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}") == "mma"
