@@ -32,7 +32,6 @@ from . import checkpoint as ckpt
 from ._names import SAMPLER_NAMES
 from .graphs import FastSampler
 from .images import to_pil, to_uint8
-from .samplers import make_sampler
 from .threads import call_threads
 
 __all__ = ["load", "Pipeline", "PipelineOutput", "OUTPUT_TYPES"]
@@ -83,15 +82,19 @@ class Pipeline:
         return self
 
     def sampler(self, name: Optional[str] = None, steps: Optional[int] = None, eta: float = 0.0) -> Tuple[Any, bool]:
-        """(sampler, clip_denoised) by name ("ddpm", "ddim", "dpm++", "dpm++sde"); None: the default
-        (a diffusers folder's scheduler, else "dpm++"). steps None: the sampler's default."""
+        """(sampler, clip_denoised) by name (:data:`fastddpm._names.SAMPLER_NAMES`); None: the default (a
+        diffusers folder's scheduler, else ``DEFAULT_SAMPLER``, as ``fastddpm sample``). steps None: the
+        sampler's default. A fastddpm checkpoint's tuned schedule for (name, steps) is used when it stores
+        one (``fastddpm tune-steps``), as ``fastddpm sample`` does: the same images for the same seed."""
         if name is not None and name not in SAMPLER_NAMES:
             raise ValueError(f"sampler must be one of {SAMPLER_NAMES} or None, got {name!r}")
         if self.scheduler is not None:
             from .interop.schedulers import sampler_from_scheduler
 
             return sampler_from_scheduler(self.scheduler, name, steps, eta)
-        return make_sampler(name or "dpm++", self.diffusion, steps, eta), True
+        from .tune import sampler_for_checkpoint
+
+        return sampler_for_checkpoint(self.source, self.diffusion, name, steps, eta=eta), True
 
     def __call__(self, batch_size: int = 1, *, seed: int = 0, sampler: Optional[str] = None,
                  num_inference_steps: Optional[int] = None, eta: float = 0.0, output_type: str = "pil",

@@ -317,3 +317,18 @@ def test_make_sampler_warns_that_eta_is_ignored():
         warnings.simplefilter("error")
         fd.make_sampler("ddim", d, steps=4, eta=0.7)
         fd.make_sampler("dpm++", d, steps=4)
+
+
+def test_pipeline_default_is_what_fastddpm_sample_draws(tmp_path):
+    """fd.load()(n) and `fastddpm sample --num n` (no other flags): the same sampler, steps and (tuned)
+    timesteps, so the same images for the same seed."""
+    from fastddpm._names import DEFAULT_SAMPLER, DEFAULT_STEPS
+
+    pipe = fd.load(device="cpu")
+    s, _ = pipe.sampler()
+    assert type(s).__name__ == type(fd.make_sampler(DEFAULT_SAMPLER, pipe.diffusion)).__name__
+    assert s.num_steps == DEFAULT_STEPS[DEFAULT_SAMPLER]
+    api = pipe(8, seed=0, output_type="np").images
+    assert main(["sample", "--num", "8", "--no-progress", "--device", "cpu", "--npz", str(tmp_path / "a.npz")]) == 0
+    cli = np.load(tmp_path / "a.npz")["images"]
+    assert api.shape == cli.shape and np.abs(api.astype(int) - cli.astype(int)).max() <= 1
