@@ -450,7 +450,8 @@ class TrainLoop:
         self.log_path = os.path.join(self.run_dir, "log.jsonl")
         self.ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
         # fused: the one AdamW of torch that skips an update on the device (`found_inf`, see train_step); it
-        # has CPU and CUDA kernels for the float32 parameters used here (torch >= 2.13), so both take one path
+        # has CPU and CUDA kernels for the float32 parameters used here (the CPU one since torch 2.4, below
+        # setup.py's bound), so both devices take one path
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                      weight_decay=cfg.weight_decay, fused=True)
         self.params = list(model.parameters())
