@@ -39,3 +39,11 @@ DEFAULT_DDP_TIMEOUT = 300.0
 
 # samplers whose output is a deterministic function of x_T (what `tune_timesteps` / `fastddpm tune-steps` tune)
 DETERMINISTIC_SAMPLERS = ("ddim", "dpm++", "dpm++3m", "unipc")
+
+# Below this many parameters a model runs fastest on one CPU thread: the work per op is too small to
+# pay for waking and joining a second thread (benchmarks/bench_threads.py; results/threads_cpu.json:
+# the bundled 0.7M-parameter model samples 3.3x slower on 2 threads than on one on a quiet 2-core
+# machine, the 35.7M-parameter CIFAR-10 U-Net forward takes 0.70x (batch 2) / 0.56x (batch 8) of its
+# one-thread time). The threshold sits between the two measured models. The CLI (--threads) and the
+# Python API's sampling calls (fastddpm.threads) both use it.
+SMALL_MODEL_PARAMS = 5_000_000

@@ -41,6 +41,7 @@ from .guards import check_labels, raise_if_nonfinite
 from .guidance import GuidedModel
 from .ops.sampler_step import sampler_step_
 from .ops.philox import philox_normal
+from .threads import call_threads
 
 CAPTURE_MODES = ("auto", "step", "loop", "none")
 
@@ -298,7 +299,7 @@ class FastSampler:
             self._set_known(known if known is not None else self.known, mask if mask is not None else self.mask)
         # the model's device current (streams, graph pool, Triton launches use the current device)
         guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with guard, _eval_mode(self.model):
+        with guard, _eval_mode(self.model), call_threads(self.model, self.device):
             return self._run(seed, x_start)
 
     def _run(self, seed: int, x_start: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1008,6 +1008,11 @@ def make_sampler(name: str, diffusion: Any, steps: Steps = None, eta: float = 0.
     """
     if name not in SAMPLER_NAMES:
         raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {name!r}")
+    if eta and name != "ddim":
+        import warnings
+
+        warnings.warn(f"eta={eta!r} is ignored: only the 'ddim' sampler has an eta (the '-sde' samplers are the "
+                      "stochastic ones)", stacklevel=2)
     if steps is None and (spacing is None or isinstance(spacing, str)):
         steps = DEFAULT_STEPS[name]
     if spacing is None and isinstance(steps, numbers.Integral):
