@@ -103,12 +103,13 @@ def _check_choice(name: str, value: Any, accepted: Sequence[str]) -> str:
 
 
 def _check_eta(eta: Any, sampler: str) -> float:
-    """`eta` as a float (0 if None); refused, rather than ignored, for a sampler that takes none."""
+    """`eta` as a float (0 if None); a non-zero eta is refused, rather than ignored, by a sampler that takes
+    none (as `fastddpm sample --eta`)."""
     if eta is None:
         return 0.0
-    if sampler not in ETA_SAMPLERS:
-        raise ValueError(f"eta is taken only by the samplers {ETA_SAMPLERS} (and inpaint's method='repaint'), "
-                         f"got eta={eta!r} with sampler {sampler!r}")
+    if eta != 0 and sampler not in ETA_SAMPLERS:
+        raise ValueError(f"eta applies to the samplers {ETA_SAMPLERS} (and inpaint's method='repaint') only; "
+                         f"sampler {sampler!r} has no eta, got eta={eta!r}")
     return float(eta)
 
 
@@ -201,7 +202,7 @@ def img2img(model_or_pipeline: Any, image: torch.Tensor, strength: float = 0.5, 
         strength: in (0, 1]: how much is regenerated (1: from pure noise, see the module docstring).
         steps: model calls (default: the sampler's default, at most the start timestep + 1).
         sampler: a name of `fd.make_sampler` ("ddpm", "ddim", "dpm++", "unipc", ...).
-        eta: DDIM's stochasticity in [0, 1] (default 0); refused with a sampler other than "ddim".
+        eta: DDIM's stochasticity in [0, 1] (default 0); a non-zero eta is refused by the other samplers.
         spacing: the timestep spacing (default: the sampler's).
         seed / generator: Philox seed (default 0; image i depends only on (seed, i)) or a torch.Generator.
         clip_denoised: clamp x0-hat to [-1, 1] at every step.

@@ -190,10 +190,10 @@ def test_bad_inputs_name_the_argument(pipe):
         (lambda: fd.inpaint(pipe, image, mask, sampler="unipc"), "sampler"),
         (lambda: fd.inpaint(pipe, image, mask, eta=2.0), "eta"),
         # eta is refused, not ignored, by a sampler that takes none
-        (lambda: fd.img2img(pipe, image, 0.5, sampler="unipc", eta=0.5), r"taken only by the samplers \('ddim',\)"),
-        (lambda: fd.img2img(pipe, image, 0.5, sampler="dpm++sde", eta=0.0), "eta is taken only"),
-        (lambda: fd.inpaint(pipe, image, mask, method="replace", eta=1.0), "sampler 'unipc'"),
-        (lambda: fd.inpaint(pipe, image, mask, method="replace", sampler="ddpm", eta=1.0), "eta is taken only"),
+        (lambda: fd.img2img(pipe, image, 0.5, sampler="unipc", eta=0.5), r"eta applies to the samplers \('ddim',\)"),
+        (lambda: fd.img2img(pipe, image, 0.5, sampler="dpm++sde", eta=0.1), "sampler 'dpm\\+\\+sde' has no eta"),
+        (lambda: fd.inpaint(pipe, image, mask, method="replace", eta=1.0), "sampler 'unipc' has no eta"),
+        (lambda: fd.inpaint(pipe, image, mask, method="replace", sampler="ddpm", eta=1.0), "eta applies"),
         (lambda: fd.inpaint(pipe, image, mask, jump_length=0), "jump_length"),
         (lambda: fd.inpaint(pipe, image, mask, labels=torch.tensor([0, 1])), "not class-conditional"),
     ]
@@ -203,11 +203,13 @@ def test_bad_inputs_name_the_argument(pipe):
 
 
 def test_eta_reaches_ddim(pipe):
-    """eta, refused by the samplers without one (above), is DDIM's: eta=1 is another sample than eta=0 / None."""
+    """eta, refused (non-zero) by the samplers without one (above), is DDIM's: eta=1 is another sample than 0."""
     image, mask = _images(2), _half_mask()
     kw = dict(sampler="ddim", steps=3, seed=0)
     assert torch.equal(fd.img2img(pipe, image, 0.5, **kw), fd.img2img(pipe, image, 0.5, eta=0.0, **kw))
     assert (fd.img2img(pipe, image, 0.5, eta=1.0, **kw) - fd.img2img(pipe, image, 0.5, **kw)).abs().max() > 1e-2
+    u = dict(sampler="unipc", steps=3, seed=0)  # eta = 0 is every sampler's (as `fastddpm sample --eta 0`)
+    assert torch.equal(fd.img2img(pipe, image, 0.5, eta=0.0, **u), fd.img2img(pipe, image, 0.5, **u))
     a = fd.inpaint(pipe, image, mask, method="replace", eta=1.0, **kw)
     assert (a - fd.inpaint(pipe, image, mask, method="replace", **kw)).abs().max() > 1e-2
 

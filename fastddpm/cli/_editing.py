@@ -107,15 +107,15 @@ def check_out(path: str) -> None:
 
 
 def check_eta(args: argparse.Namespace) -> None:
-    """--eta with a sampler that takes none is refused (the library refuses it too, naming `eta`)."""
+    """A non-zero --eta with a sampler that takes none is refused, as `fastddpm sample` refuses it."""
     from ..editing import REPLACE_SAMPLER
 
-    if args.eta is None or getattr(args, "method", "replace") != "replace":
+    if not args.eta or getattr(args, "method", "replace") != "replace":
         return  # inpaint's --method repaint takes eta
     sampler = args.sampler or REPLACE_SAMPLER
     if sampler not in ETA_SAMPLERS:
-        raise CLIError(f"--eta is taken only by --sampler {', '.join(ETA_SAMPLERS)} (and inpaint's --method "
-                       f"repaint), got --sampler {sampler}")
+        raise CLIError(f"--eta applies to --sampler {', '.join(ETA_SAMPLERS)} (and inpaint's --method repaint) "
+                       f"only; --sampler {sampler} has no eta (drop --eta, or use --sampler ddim)")
 
 
 def prepare(args: argparse.Namespace) -> Any:
