@@ -11,7 +11,10 @@ is its PART_BUDGETS weight, and time an earlier part left unused carries over. A
 results file DIR/gpu_<device>.json is rewritten atomically (temporary file + rename) and the part's
 figures are printed. SIGINT or SIGTERM stops the run cleanly: the running part is stopped (keeping the
 rows it finished), later parts are recorded as not run, the file is written, and the exit status is
-130 / 143. A part's rows are saved as they finish, so a part stopped at its deadline keeps them too.
+130 / 143, wherever the signal finds the driver (a part running, its entry being written, a summary being
+printed). A part's rows are saved as they finish, so a part stopped at its deadline keeps them too. The exit
+status is 1 when a part failed, timed out, or was never started because the budget ran out before it; a
+part skipped because something it needs is missing (diffusers) is not a failure.
 
 Parts, in order (docs/gpu_check.md says what each records and how to read it):
 
