@@ -1,4 +1,7 @@
-"""Ahead-of-time compilation of the kernels for sm_80 / sm_90 and their resource use, without a GPU.
+"""Ahead-of-time compilation of the kernels for every configured arch and their resource use, without a GPU.
+
+The archs and their shared-memory limits live in `kernels/arch.py` (ARCHS: sm_80, sm_86, sm_89, sm_90 by
+default; EXTRA_ARCHS sm_100 and sm_120 on request).
 
 Each kernel module in `kernels/` exposes `aot_specs() -> list[dict]`, one dict per kernel and autotune
 config, with keys:
@@ -39,15 +42,14 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .arch import ARCHS, EXTRA_ARCHS, SHARED_LIMIT_BYTES
+
 __all__ = [
-    "KERNEL_MODULES", "ARCHS", "SHARED_LIMIT_BYTES", "MAX_REGISTERS", "REQUIRED_SPEC_KEYS", "ROW_KEYS",
+    "KERNEL_MODULES", "ARCHS", "EXTRA_ARCHS", "SHARED_LIMIT_BYTES", "MAX_REGISTERS", "REQUIRED_SPEC_KEYS", "ROW_KEYS",
     "find_cuobjdump", "parse_resource_usage", "tensor_core_family", "runtime_spec", "compile_spec", "collect",
 ]
 
 KERNEL_MODULES: Tuple[str, ...] = ("kernels.group_norm", "kernels.attention", "kernels.sampler_step")
-ARCHS: Tuple[int, ...] = (80, 90)
-# Maximum shared memory per block (opt-in): A100 163 KiB, H100 227 KiB.
-SHARED_LIMIT_BYTES: Dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}
 MAX_REGISTERS = 255
 REQUIRED_SPEC_KEYS = ("kernel", "config", "fn", "signature", "constexprs", "num_warps", "num_stages",
                       "hbm_bytes_fused", "hbm_bytes_unfused")
@@ -89,8 +91,11 @@ def parse_resource_usage(text: str) -> Dict[str, Dict[str, int]]:
 
 
 def tensor_core_family(ptx: str) -> str:
-    """"wgmma" when the PTX issues warpgroup MMAs (sm_90), else "mma" for `mma.sync` (sm_80 style),
-    else "none" (no tensor-core instruction: an FMA loop or no matrix product at all)."""
+    """"wgmma" when the PTX issues warpgroup MMAs (sm_90), "tcgen05" for the fifth-generation MMAs of
+    sm_100 (accumulators in tensor memory), else "mma" for `mma.sync` (sm_80 style), else "none" (no
+    tensor-core instruction: an FMA loop or no matrix product at all)."""
+    if re.search(r"\btcgen05\.mma", ptx):
+        return "tcgen05"
     if re.search(r"\bwgmma\.mma_async", ptx):
         return "wgmma"
     if re.search(r"\bmma\.sync", ptx):
@@ -264,8 +269,11 @@ def _worker(job: Tuple[str, int, int, bool]) -> Dict[str, object]:
 
 def collect(
     modules: Sequence[str] = KERNEL_MODULES, archs: Iterable[int] = ARCHS, use_cache: bool = True, jobs: int = 1,
+    match: Optional[str] = None,
 ) -> Tuple[List[dict], List[str]]:
     """Compile every spec of every module for every arch; returns (rows, notes).
+
+    `match`: compile only the specs whose "kernel config" text contains this string (e.g. "D=256,").
 
     A row: kernel, config, arch ("sm_80"), tensor_cores ("wgmma" / "mma" / "none"), registers, spills, shared_bytes, hbm_bytes_fused,
     hbm_bytes_unfused, plus module and shared_limit_bytes. Notes name the modules that were skipped
@@ -284,6 +292,8 @@ def collect(
         if note:
             notes.append(note)
         for i, spec in enumerate(specs or []):
+            if match is not None and match not in f"{spec['kernel']} {spec['config']}":
+                continue
             for arch in archs:
                 if arch in spec.get("archs", archs):
                     todo.append((module_name, i, spec, arch))
