@@ -57,8 +57,8 @@ fp32 inputs follow PyTorch's matmul precision (`fp32_precision`): "highest" (the
 ``input_precision="ieee"`` (true fp32 FMA dots, small tiles: the operands live in registers; 2e-5
 absolute vs float64 in the tests); "high"/"medium" or ``torch.backends.cuda.matmul.allow_tf32`` use
 "tf32" (tensor-core dots with 10-bit mantissa operands; 1e-2 absolute stated for the GPU; the
-interpreter's dots are exact), except the D = 256 dQ kernel, which stays ieee (no spill-free TF32
-tile). bf16/fp16 always run on tensor cores.
+interpreter's dots are exact); the D = 256 dQ kernel runs TF32 on 16 x 32 tiles with 4 warps, the one
+tile found spill-free (251-255 registers). bf16/fp16 always run on tensor cores.
 The interpreter's ``tl.dot`` multiplies bf16 bit patterns as integers (triton 3.9), so under
 TRITON_INTERPRET=1 bf16 operands are converted to fp32 before each dot (``UPCAST``); bf16 x bf16
 products are exact in fp32, so this is the tensor-core arithmetic up to summation order.
@@ -144,8 +144,9 @@ _SM90_TF32 = {
     # D = 256: 16-row key tiles (mma.sync even on sm_90: a 64-row wgmma tile with two fp32 [64, 256]
     # accumulators and fp32 operands spills)
     "bwd_dkdv": {32: [(32, 64, 4, 1)], 64: [(32, 64, 4, 1)], 128: [(32, 64, 4, 1)], 256: [(16, 32, 8, 1)]},
-    # D = 256 runs the ieee dQ kernel (`_dq_precision`): every TF32 dQ tile tried spilled (8-312 bytes)
-    "bwd_dq": {32: [(64, 32, 4, 1)], 64: [(64, 32, 4, 1)], 128: [(64, 32, 4, 1)], 256: [(16, 16, 8, 1)]},
+    # D = 256: 16 x 32 tiles, 4 warps, mma.sync on every arch (251-255 registers, no stack; every other
+    # TF32 dQ tile tried at D = 256 spilled 24-2352 bytes, 64-row wgmma ones included)
+    "bwd_dq": {32: [(64, 32, 4, 1)], 64: [(64, 32, 4, 1)], 128: [(64, 32, 4, 1)], 256: [(16, 32, 4, 1)]},
 }
 # fp32 under "highest" (ieee FMA dots, operands in registers): small tiles, one config each (sm_86 moves one).
 _IEEE = {
@@ -515,12 +516,6 @@ def _precision(dtype: torch.dtype, precision: Optional[str]) -> str:
     return precision
 
 
-def _dq_precision(prec: str, block_d: int) -> str:
-    """The dQ kernel's dot precision: TF32 except at D = 256, where no TF32 tile was spill-free (the
-    exact ieee kernel runs instead: slower, more accurate)."""
-    return "ieee" if prec == "tf32" and block_d >= 256 else prec
-
-
 def _reload_q(block_d: int, block_m: int) -> bool:
     """Forward: re-load the q tile every key block (instead of keeping it live across the loop) for
     the 32-row D=256 tiles of the FMA path only; the tensor-core configs keep q (their wgmma reads it
@@ -790,7 +785,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     for part in dkdv_parts(_block_d(d), q.dtype, arch):
         args, consts = _bwd_args("bwd_dkdv", q, k, v, do, lse, delta, (dk, dv), scale, prec, part)
         _launch(_attn_bwd_dkdv_kernel, "bwd_dkdv", n_kv, b * h, args, consts, n_q, n_kv, q.dtype, config, arch)
-    args, consts = _bwd_args("bwd_dq", q, k, v, do, lse, delta, (dq,), scale, _dq_precision(prec, _block_d(d)))
+    args, consts = _bwd_args("bwd_dq", q, k, v, do, lse, delta, (dq,), scale, prec)
     _launch(_attn_bwd_dq_kernel, "bwd_dq", n_q, b * h, args, consts, n_q, n_kv, q.dtype, config, arch)
     return dq, dk, dv
 

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from .attention import (CONFIGS, Config, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel,
-                        _attn_fwd_kernel, _block_d, _bwd_args, _config_kwargs, _configs, _dq_precision, _FP_FUSION,
+                        _attn_fwd_kernel, _block_d, _bwd_args, _config_kwargs, _configs, _FP_FUSION,
                         _fwd_args, _PREPROCESS_WARPS, _preprocess_args, _table_name, dkdv_parts, empty_like_layout)
 
 __all__ = ["modelled_hbm_bytes", "launch_specs", "aot_specs", "AOT_SHAPE", "AOT_VARIANTS", "AOT_VARIANTS_FP32"]
@@ -95,8 +95,6 @@ def launch_specs(kind: str, shape: Sequence[int], layout: str, dtype: torch.dtyp
         fn = _attn_fwd_kernel
     else:
         grads = tuple(empty_like_layout(t, t.shape) for t in ((k, v) if kind == "bwd_dkdv" else (q,)))
-        if kind == "bwd_dq":
-            prec = _dq_precision(prec, _block_d(d))
         args, consts = _bwd_args(kind, q, k, v, do, lse, lse, grads, 1.0 / math.sqrt(d), prec, part)
         fn = _attn_bwd_dkdv_kernel if kind == "bwd_dkdv" else _attn_bwd_dq_kernel
     kw = _config_kwargs(kind, config, n, n, consts["BLOCK_D"])

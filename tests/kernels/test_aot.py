@@ -104,8 +104,8 @@ def test_attention_runs_on_tensor_cores(report):
     """bf16/fp16 attention (forward, dK/dV, dQ; every head dim, masked and unmasked, contiguous and the
     U-Net's pixel-major views) issues wgmma on sm_90 and mma.sync on sm_80 / sm_86 / sm_89. TF32 runs on
     tensor cores too: wgmma on sm_90 where its 64-row tiles fit (mma.sync for the D = 256 dK/dV tiles),
-    mma.sync on the others; at D = 256 the dQ kernel runs the exact ieee dots (no TF32 tile was
-    spill-free). The exact fp32 ("highest") path issues neither (FMA dots)."""
+    mma.sync on the others (the 16-row D = 256 dK/dV and dQ tiles also on sm_90). The exact fp32
+    ("highest") path issues neither (FMA dots)."""
     rows, _ = report
     attn = [r for r in rows if r["module"] == "kernels.attention" and r["kernel"] != "attn_bwd_preprocess"]
     assert attn
@@ -113,12 +113,14 @@ def test_attention_runs_on_tensor_cores(report):
     for r in attn:
         kind = r["config"].split(" [")[0].rsplit(",", 1)[1]  # bf16 | tf32 | ieee
         name, d = r["kernel"].split("[")[0], int(r["config"].split(",")[0][2:])
-        if kind == "ieee" or (kind == "tf32" and name == "attn_bwd_dq" and d == 256):
+        if kind == "ieee":
             want = {"none"}
         elif r["arch"] != "sm_90":
             want = {"mma"}
+        elif kind == "tf32" and d == 256 and name in ("attn_bwd_dkdv", "attn_bwd_dq"):
+            want = {"wgmma", "mma"}  # the 16-row D = 256 TF32 tiles: mma.sync
         else:
-            want = {"wgmma", "mma"} if kind == "tf32" and d == 256 and name == "attn_bwd_dkdv" else {"wgmma"}
+            want = {"wgmma"}
         assert r["tensor_cores"] in want, r
         if r["tensor_cores"] != "none":
             head_dims.add((name, d, kind, r["arch"]))
@@ -126,8 +128,7 @@ def test_attention_runs_on_tensor_cores(report):
         for d in (64, 128, 256):
             for kind in ("bf16", "tf32"):
                 for arch in (f"sm_{a}" for a in ARCHS):
-                    if not (kind == "tf32" and name == "attn_bwd_dq" and d == 256):
-                        assert (name, d, kind, arch) in head_dims, (name, d, kind, arch)
+                    assert (name, d, kind, arch) in head_dims, (name, d, kind, arch)
 
 
 def test_tensor_core_family():

@@ -235,8 +235,7 @@ def test_aot_specs_cover_every_config():
         for prec, variants in (("bf16", AOT_VARIANTS), ("tf32", AOT_VARIANTS_FP32), ("ieee", AOT_VARIANTS_FP32)):
             for d in sorted({shape[3] for shape, _ in variants}):
                 for kind, name in (("fwd", "attn_fwd"), ("bwd_dkdv", "attn_bwd_dkdv"), ("bwd_dq", "attn_bwd_dq")):
-                    # the TF32 dQ kernel at D = 256 runs ieee dots (no spill-free TF32 tile)
-                    want = "ieee" if (prec, kind, d) == ("tf32", "bwd_dq", 256) else prec
+                    want = prec
                     for bm, bn, w, st in tables[prec][kind][d]:
                         assert (arch, name, d, bm, bn, w, st, want) in seen, (arch, name, d, prec)
     # The runtime's specialisation is applied: unit strides and H = 1 are constants, the rest of the
