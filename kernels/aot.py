@@ -31,6 +31,7 @@ compiled); nothing is ever launched, so no GPU or driver is needed.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -261,10 +262,16 @@ def _safe_compile(spec: dict, arch: int, use_cache: bool) -> Dict[str, object]:
         return {"error": _describe(exc)}
 
 
+@functools.lru_cache(maxsize=None)
+def _worker_specs(module_name: str) -> List[dict]:
+    """A worker process's specs of one module, built once per process (building the attention specs
+    runs the launcher's argument builders for every variant and arch: seconds, not per job)."""
+    return _load_specs(module_name)[0] or []
+
+
 def _worker(job: Tuple[str, int, int, bool]) -> Dict[str, object]:
     module_name, index, arch, use_cache = job
-    specs, _ = _load_specs(module_name)
-    return _safe_compile(specs[index], arch, use_cache)
+    return _safe_compile(_worker_specs(module_name)[index], arch, use_cache)
 
 
 def collect(
