@@ -1,12 +1,12 @@
-"""Flash attention (kernels.attention) vs F.scaled_dot_product_attention.
+"""Flash attention (fastddpm.kernels.attention) vs F.scaled_dot_product_attention.
 
     python benchmarks/bench_attention.py            # CUDA: timings; always: the modelled HBM table
     python benchmarks/bench_attention.py --json     # the same as one JSON object
 
 On CUDA, for each shape (B, heads, N, head_dim; bf16, non-causal, scale 1/sqrt(head_dim)) it times
 with triton.testing.do_bench (median, ms):
-  triton forward   kernels.attention.attention_forward
-  triton backward  kernels.attention.attention_backward (preprocess + dK/dV + dQ)
+  triton forward   fastddpm.kernels.attention.attention_forward
+  triton backward  fastddpm.kernels.attention.attention_backward (preprocess + dK/dV + dQ)
   sdpa forward     F.scaled_dot_product_attention (whatever backend torch picks: flash / efficient)
   sdpa backward    autograd backward of the same call (timed as forward+backward minus forward)
 and reports TFLOP/s with the usual count: forward 4 B H N^2 D (two matmuls), backward 2.5x the
@@ -14,7 +14,7 @@ forward (five matmuls; the recomputation of P in both backward kernels is not co
 ratio triton / sdpa (target at N=256, head_dim 64: forward within 10%). Peak for reference: H100 SXM
 bf16 dense 989 TFLOP/s.
 
-Without CUDA it prints the modelled HBM bytes (kernels.attention.modelled_hbm_bytes, forward +
+Without CUDA it prints the modelled HBM bytes (fastddpm.kernels.attention.modelled_hbm_bytes, forward +
 backward) of the fused kernels and of the unfused SDPA math path that materialises the N x N scores
 and probabilities, for each shape. Not run by the tests.
 """
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # script mode from a checkout
     sys.path.insert(0, str(ROOT))
 
-from kernels.attention import modelled_hbm_bytes  # noqa: E402
+from fastddpm.kernels.attention import modelled_hbm_bytes  # noqa: E402
 
 PEAK_TFLOPS = 989.0
 # U-Net attention shapes: CIFAR-10 16x16 (1 head of 256), 8x8 / 16x16 / 32x32 with head_dim 64.
@@ -51,7 +51,7 @@ def model_rows(dtype_bytes: int = 2) -> list[dict]:
 def time_rows(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     import triton.testing
 
-    from kernels.attention import attention_backward, attention_forward
+    from fastddpm.kernels.attention import attention_backward, attention_forward
 
     rows = []
     for b, h, n, d in SHAPES:

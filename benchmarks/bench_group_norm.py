@@ -5,15 +5,15 @@
 
 On CUDA, for each shape (bf16, 32 groups, affine + scale/shift + SiLU, no add) it times with
 triton.testing.do_bench (median, ms):
-  fused forward  kernels.group_norm.group_norm_forward
-  fused backward kernels.group_norm.group_norm_backward
+  fused forward  fastddpm.kernels.group_norm.group_norm_forward
+  fused backward fastddpm.kernels.group_norm.group_norm_backward
   eager          F.group_norm -> * (1 + scale) + shift -> F.silu, forward and autograd backward
   compiled       the same sequence under torch.compile(mode="max-autotune-no-cudagraphs")
 and reports effective bandwidth = compulsory bytes / time (forward: read x, write y; backward: read
 dy and x, write dx) in GB/s and in % of the H100 SXM HBM3 peak (3.35 TB/s). Compulsory bytes, not the
 modelled bytes, so every implementation is measured against the same work.
 
-Without CUDA it prints the modelled HBM bytes of forward + backward (kernels.group_norm.
+Without CUDA it prints the modelled HBM bytes of forward + backward (fastddpm.kernels.group_norm.
 modelled_hbm_bytes: every pass over an activation counted once) for the fused kernels and the eager
 unfused sequence, and the bytes saved for backward. Not run by the tests.
 """
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # script mode from a checkout
     sys.path.insert(0, str(ROOT))
 
-from kernels.group_norm import modelled_hbm_bytes  # noqa: E402
+from fastddpm.kernels.group_norm import modelled_hbm_bytes  # noqa: E402
 
 PEAK_GBS = 3350.0
 GROUPS = 32
@@ -66,7 +66,7 @@ def print_model(rows: list[dict]) -> None:
 def cuda_timings() -> list[dict]:
     import triton.testing
 
-    from kernels.group_norm import group_norm_backward, group_norm_forward
+    from fastddpm.kernels.group_norm import group_norm_backward, group_norm_forward
 
     compiled = torch.compile(unfused, mode="max-autotune-no-cudagraphs")
     rows = []

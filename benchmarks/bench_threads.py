@@ -34,7 +34,7 @@ import fastddpm as fd
 
 
 def _bundled_cases() -> Dict[str, Callable[[], Any]]:
-    from fastddpm.checkpoint import build_model, load_model
+    from fastddpm.build import build_model, load_model
 
     model, diffusion, config = load_model(None)
     sampler = fd.DPMSolverSampler(diffusion, steps=20)

@@ -130,7 +130,7 @@ def sampling_step_ops() -> dict:
 
 def kernel_hbm() -> list:
     rows = []
-    for module in ("kernels.group_norm", "kernels.attention", "kernels.sampler_step"):
+    for module in ("fastddpm.kernels.group_norm", "fastddpm.kernels.attention", "fastddpm.kernels.sampler_step"):
         try:
             mod = __import__(module, fromlist=["aot_specs"])
             specs = mod.aot_specs()

@@ -2,7 +2,7 @@
 
     python benchmarks/kernel_report.py            # table + notes
     python benchmarks/kernel_report.py --json     # one JSON list of rows on stdout (notes on stderr)
-    python benchmarks/kernel_report.py --arch 100 120 --modules kernels.attention --match D=256,
+    python benchmarks/kernel_report.py --arch 100 120 --modules fastddpm.kernels.attention --match D=256,
 
 Archs: kernels/arch.py (ARCHS sm_80, sm_86, sm_89, sm_90 by default; EXTRA_ARCHS sm_100, sm_120), each
 compiled with its own configs against its own shared-memory limit.
@@ -33,7 +33,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from benchmarks.common import text_table  # noqa: E402
-from kernels.aot import ARCHS, EXTRA_ARCHS, KERNEL_MODULES, ROW_KEYS, collect  # noqa: E402
+from fastddpm.kernels.aot import ARCHS, EXTRA_ARCHS, KERNEL_MODULES, ROW_KEYS, collect  # noqa: E402
 
 
 def _table(rows) -> str:

@@ -1,7 +1,7 @@
-"""The README's performance section, generated from the JSON files under benchmarks/results/.
+"""The generated part of docs/performance.md, rendered from the JSON files under benchmarks/results/.
 
-    python benchmarks/report.py            # rewrite what lies between the markers in README.md
-    python benchmarks/report.py --check    # exit 1 if README.md is not what the results give
+    python benchmarks/report.py            # rewrite what lies between the markers in docs/performance.md
+    python benchmarks/report.py --check    # exit 1 if docs/performance.md is not what the results give
     python benchmarks/report.py --print    # print the section only
 
 Only the text between `<!-- perf:begin -->` and `<!-- perf:end -->` is replaced. Every results file
@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 
 # how each known file is reproduced when it does not say so itself
@@ -270,6 +270,15 @@ def render_gpu_check(name: str, data: Dict[str, Any]) -> List[str]:
                  [(p, e.get("status", "?"), _num(e.get("seconds")), _num(e.get("budget_s"))) for p, e in parts.items()])
     out.append("")
     res = {p: e.get("result") or {} for p, e in parts.items()}
+    head = data.get("headline") or {}
+    if head:
+        g, a, f = (head.get(k) or {} for k in ("group_norm_silu_pct_of_measured_copy",
+                                               "attention_time_over_sdpa_unet_layout",
+                                               "fast_sampler_speedup_vs_diffusers_eager"))
+        out += [f"Headline: GroupNorm+SiLU forward+backward {_num(g.get('worst_fwd_bwd'))}% of the measured copy bandwidth "
+                f"(worst CIFAR-10 shape; target {g.get('target')}); attention / SDPA time in the U-Net layout "
+                f"{_num(a.get('worst_bf16_one_head'))} (target {a.get('target')}); FastSampler speedup over diffusers' pipeline (eager) "
+                f"{_num(f.get('worst_capture_step'))}x (target {f.get('target')}).", ""]
     if res.get("tests"):
         c = res["tests"].get("counts", {})
         out += [f"GPU tests (`{res['tests'].get('command', '')}`): " + ", ".join(f"{n} {k}" for k, n in c.items())
@@ -290,14 +299,21 @@ def render_gpu_check(name: str, data: Dict[str, Any]) -> List[str]:
         out += ["GroupNorm+SiLU (scale-shift, bf16; GB/s of the fused kernels' modelled bytes, same bytes for every row):", ""]
         out += table(("N x C x H x W", "implementation", "fwd GB/s", "fwd % peak", "fwd+bwd GB/s", "fwd+bwd % peak"), rows)
         out.append("")
-    rows = [("x".join(map(str, r["shape"])), r.get("path", ""), _num(r["fastddpm"].get("fwd_s"), 1e3),
-             _num(r["sdpa"].get("fwd_s"), 1e3), _num(r["fastddpm"].get("fwd_bwd_s"), 1e3), _num(r["sdpa"].get("fwd_bwd_s"), 1e3),
-             _num(r["fastddpm"].get("fwd_bwd_tflops")), _num(r["fastddpm"].get("fwd_bwd_pct_of_peak")))
+    rows = [(r.get("layout", "contiguous"), "x".join(map(str, r["shape"])), r.get("dtype", "bfloat16"), r.get("path", ""),
+             _num(r["fastddpm"].get("fwd_s"), 1e3), _num(r["sdpa"].get("fwd_s"), 1e3), _num(r["fastddpm"].get("fwd_bwd_s"), 1e3),
+             _num(r["sdpa"].get("fwd_bwd_s"), 1e3), _num(r["fastddpm"].get("fwd_bwd_tflops")),
+             _num(r["fastddpm"].get("fwd_bwd_pct_of_peak")), r.get("sdpa_backend", "?"))
             for r in (res.get("attention") or {}).get("rows", [])]
     if rows:
-        out += ["Attention (bf16, B x heads x N x head_dim), milliseconds:", ""]
-        out += table(("shape", "path", "fwd ms", "SDPA fwd ms", "fwd+bwd ms", "SDPA fwd+bwd ms", "fwd+bwd TFLOP/s",
-                      "% peak"), rows) + [""]
+        out += ["Attention, milliseconds (layout unet: the U-Net's views of one [B, 3C, H, W] tensor, shape B x heads x "
+                "H x W x C, SDPA's copies timed with it; contiguous: B x heads x N x head_dim):", ""]
+        out += table(("layout", "shape", "dtype", "path", "fwd ms", "SDPA fwd ms", "fwd+bwd ms", "SDPA fwd+bwd ms",
+                      "fwd+bwd TFLOP/s", "% peak", "SDPA kernel"), rows) + [""]
+    rows = [(op, name, f"{v['triton_rel_err']:.2e}", f"{v['threshold']:.2e}", "ok" if v["ok"] else "OVER")
+            for op, tensors in ((res.get("grads") or {}).get("ops") or {}).items() for name, v in tensors.items()]
+    if rows:
+        out += ["Gradient correctness on the device (Triton vs the reference backend in float64; relative error):", ""]
+        out += table(("op", "tensor", "error", "threshold", "verdict"), rows) + [""]
     rows = [(r["sampler"], r["dtype"], _num(r["fused"].get("GBps")), _num(r["fused"].get("pct_of_peak")),
              _num(r["unfused_reference"].get("GBps")), _num(r.get("time_ratio_fused_vs_unfused")))
             for r in (res.get("step") or {}).get("rows", [])]
@@ -421,54 +437,54 @@ def render(results: Path = RESULTS) -> str:
         except (KeyError, TypeError, IndexError, ZeroDivisionError):  # a format this script does not know
             lines += render_generic(name, data)
     if not any(n.startswith("gpu_") and isinstance(d, dict) and not d.get("dry_run") for n, d in items):
-        lines += ["GPU check: not run on a GPU yet. `python benchmarks/gpu_check.py` on a CUDA machine runs every "
+        lines += ["GPU check: no results file from a GPU run. `python benchmarks/gpu_check.py` on a CUDA machine runs every "
                   "GPU-only test and benchmark within an 8-minute budget and writes benchmarks/results/gpu_<device>.json.", ""]
     if not any(n.endswith("gpu") or (isinstance(d, dict) and isinstance(d.get("machine"), dict)
                                      and d["machine"].get("gpu")) for n, d in items):
-        lines += ["GPU figures: none yet (no results file from a GPU run); `fastddpm bench` on a CUDA machine "
+        lines += ["GPU figures: none (no results file from a GPU run); `fastddpm bench` on a CUDA machine "
                   "adds them.", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def splice(readme_text: str, section: str) -> str:
-    """`readme_text` with what lies between the markers replaced by `section` (markers kept)."""
-    b = readme_text.find(BEGIN)
-    e = readme_text.find(END, b + len(BEGIN)) if b >= 0 else -1
+def splice(page_text: str, section: str) -> str:
+    """`page_text` with what lies between the markers replaced by `section` (markers kept)."""
+    b = page_text.find(BEGIN)
+    e = page_text.find(END, b + len(BEGIN)) if b >= 0 else -1
     if b < 0 or e < 0:
-        raise ValueError(f"README has no '{BEGIN}' ... '{END}' markers (in that order)")
-    return readme_text[:b + len(BEGIN)] + "\n" + section + readme_text[e:]
+        raise ValueError(f"the page has no '{BEGIN}' ... '{END}' markers (in that order)")
+    return page_text[:b + len(BEGIN)] + "\n" + section + page_text[e:]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of results JSON files")
-    p.add_argument("--readme", type=Path, default=README, help="the README to update")
+    p.add_argument("--page", type=Path, default=PAGE, help="the markdown page to update (default: docs/performance.md)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
-    mode.add_argument("--print", action="store_true", help="print the section and leave the README alone")
+    mode.add_argument("--check", action="store_true", help="exit 1 if the page is out of date")
+    mode.add_argument("--print", action="store_true", help="print the section and leave the page alone")
     args = p.parse_args(argv)
     section = render(args.results)
     if args.print:
         sys.stdout.write(section)
         return 0
     try:
-        old = args.readme.read_text()
+        old = args.page.read_text()
         new = splice(old, section)
     except (OSError, ValueError) as e:
         print(f"report.py: error: {e}", file=sys.stderr)
         return 2
     if args.check:
         if new != old:
-            print(f"report.py: {args.readme} performance section is out of date: run python benchmarks/report.py",
+            print(f"report.py: {args.page} performance section is out of date: run python benchmarks/report.py",
                   file=sys.stderr)
             return 1
-        print(f"{args.readme}: performance section up to date")
+        print(f"{args.page}: performance section up to date")
         return 0
     if new != old:
-        args.readme.write_text(new)
-        print(f"{args.readme}: performance section updated")
+        args.page.write_text(new)
+        print(f"{args.page}: performance section updated")
     else:
-        print(f"{args.readme}: performance section already up to date")
+        print(f"{args.page}: performance section already up to date")
     return 0
 
 

@@ -4,8 +4,8 @@
     python benchmarks/roofline.py --json     # the rows as JSON
 
 For each kernel (op direction) and shape: the modelled HBM bytes (the kernel modules' own traffic
-models: `kernels.attention.modelled_hbm_bytes`, `kernels.group_norm.modelled_hbm_bytes`,
-`kernels.sampler_step.hbm_bytes_fused`), the FLOPs the kernels execute, and the lower bound on time
+models: `fastddpm.kernels.attention.modelled_hbm_bytes`, `fastddpm.kernels.group_norm.modelled_hbm_bytes`,
+`fastddpm.kernels.sampler_step.hbm_bytes_fused`), the FLOPs the kernels execute, and the lower bound on time
 
     bound = max(bytes / HBM bandwidth, FLOPs / peak rate)
 
@@ -55,13 +55,13 @@ _STEP_FLOPS_PER_ELEM = 20
 
 
 def _attention_rows() -> List[dict]:
-    from kernels.attention import modelled_hbm_bytes
+    from fastddpm.kernels.attention import modelled_hbm_bytes
 
     rows = []
     for b, h, n, d in ATTENTION_SHAPES:
         m = modelled_hbm_bytes(b, h, n, d, 2)
         base = b * h * n * n * d
-        split = d > 128  # sm_90 runs dK and dV as two launches at D = 256 (kernels.attention.dkdv_parts)
+        split = d > 128  # sm_90 runs dK and dV as two launches at D = 256 (fastddpm.kernels.attention.dkdv_parts)
         bwd = (10 if split else 8) * base + 6 * base
         t, r = b * h * n * d * 2, b * h * n * 4
         # the split's second launch reads q, k, dO again (3T) and lse, delta (2R) on Hopper; the A100
@@ -76,7 +76,7 @@ def _attention_rows() -> List[dict]:
 
 
 def _group_norm_rows() -> List[dict]:
-    from kernels.group_norm import modelled_hbm_bytes
+    from fastddpm.kernels.group_norm import modelled_hbm_bytes
 
     rows = []
     for n, c, hh, ww in GROUP_NORM_SHAPES:
@@ -91,7 +91,7 @@ def _group_norm_rows() -> List[dict]:
 
 
 def _sampler_rows() -> List[dict]:
-    from kernels.sampler_step import hbm_bytes_fused
+    from fastddpm.kernels.sampler_step import hbm_bytes_fused
 
     numel = 1
     for s in SAMPLER_SHAPE:

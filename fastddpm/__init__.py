@@ -27,6 +27,7 @@ _EXPORTS = {
     "make_timesteps": "spacing",
     "tune_timesteps": "tune",
     "UNet": "unet",
+    "UNetConfig": "unet_config",
     "unet_from_diffusers": "interop.diffusers",
     "FastSampler": "graphs",
     "to_pil": "images",

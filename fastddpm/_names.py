@@ -11,7 +11,7 @@ DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20, "dpm++sde": 20, "dpm++3m
 # UniPC; time-quadratic spacing, the multistep solvers' class default (kept: it is what makes them good on
 # exact Gaussian data), has the largest ODE error of the five spacings on this model (tune-steps' report).
 # DDPM / DDIM keep "uniform". A checkpoint's tuned schedule (fastddpm tune-steps) takes precedence in the CLI.
-# The SDE forms take "trailing" too (README, "Other samplers"; digits-FD, 2,000 samples, mean of seeds 0-2,
+# The SDE forms take "trailing" too (docs/samplers.md; digits-FD, 2,000 samples, mean of seeds 0-2,
 # `python scripts/quality_table.py --settings fastddpm:dpm++sde:trailing,fastddpm:dpm++sde:quadratic,
 # fastddpm:dpm++3m-sde:trailing,fastddpm:dpm++3m-sde:quadratic --calls 10,15,20 --seeds 0,1,2`):
 # SDE-DPM-Solver++(2M) 2.75 vs quadratic's 4.18 at 10 calls (better on every seed), 2.85 vs 2.59 at 15 and
@@ -25,7 +25,7 @@ SPACING_NAMES = ("uniform", "trailing", "quadratic", "logsnr", "karras")
 DEFAULT_SAMPLER = "unipc"
 # ... and on the command line (`fastddpm sample` / `eval`), where DDPM is respaced to 100 steps: all
 # 1000 of a 1000-step schedule cost 10x the time (minutes for 16 digits from the bundled model on a
-# CPU) for no better digits-FID (README, "Sample quality against sampling steps": 11.5 at 1000, 9.6 at 100)
+# CPU) for no better digits-FID (docs/quality_vs_steps.md: 11.5 at 1000, 9.6 at 100)
 CLI_DEFAULT_STEPS = {**DEFAULT_STEPS, "ddpm": 100}
 
 # seconds a data-parallel process (`fastddpm train` / `sample` under torchrun) waits for its peers

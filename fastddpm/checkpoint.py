@@ -20,6 +20,10 @@ until the new one is in place (only then are checkpoints beyond the last K remov
 A single ``.safetensors`` file whose metadata holds the config (key ``fastddpm_config``), or that has
 a ``<name>.json`` / ``config.json`` beside it, is a checkpoint too (weights only): that is how the
 bundled model ships (``fastddpm/assets/digits.safetensors``).
+
+This module writes, finds, loads and verifies checkpoints; :mod:`fastddpm.build` builds the model and
+the diffusion a checkpoint's config describes (``load_model``), and :mod:`fastddpm.fileio` holds the
+atomic writes and the file hash used here.
 """
 from __future__ import annotations
 
@@ -35,11 +39,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .fileio import atomic_write_bytes, fsync_dir, sha256_file, write_synced
+
 __all__ = [
     "CheckpointError",
     "Checkpoint",
-    "atomic_write_bytes",
-    "atomic_write_json",
     "save_checkpoint",
     "save_weights_file",
     "list_checkpoints",
@@ -47,13 +51,9 @@ __all__ = [
     "resolve_checkpoint",
     "load_checkpoint",
     "verify_checkpoint",
-    "build_model",
-    "build_diffusion",
     "check_state_dict",
     "check_train_state",
     "CHECKSUMS_FILE",
-    "load_model",
-    "export_model",
     "BUNDLED_MODEL",
 ]
 
@@ -68,56 +68,6 @@ BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated/corrupt, or does not match the model it is loaded into."""
-
-
-# ------------------------------------------------------------------------------ atomic writes
-def _fsync_dir(path: str) -> None:
-    """fsync a directory so a rename inside it is durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, os.replace, fsync dir."""
-    path = os.path.abspath(path)
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-    # O_EXCL create with mode 0o666: the umask applies, as for any new file (mkstemp would force 0600)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(d)
-
-
-def atomic_write_json(path: str, obj: Any, indent: int = 2) -> None:
-    """``obj`` as sorted-key JSON (and a final newline) written to ``path`` atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=True) + "\n").encode())
 
 
 def _safetensors_bytes(state: Dict[str, torch.Tensor], config: Optional[Dict[str, Any]]) -> bytes:
@@ -182,7 +132,7 @@ def save_checkpoint(
     ema_state: Optional[Dict[str, torch.Tensor]] = None,
     train_state: Optional[Dict[str, Any]] = None,
     keep: Optional[int] = None,
-    _write: Callable[[str, bytes], None] = _write_synced,
+    _write: Callable[[str, bytes], None] = write_synced,
 ) -> str:
     """Atomically write checkpoint ``step`` under ``run_dir/checkpoints/`` and keep only the last ``keep``.
 
@@ -220,13 +170,13 @@ def save_checkpoint(
         # sha256sum's format: "<hex>  <name>"
         sums = "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in files.items())
         _write(os.path.join(tmp, CHECKSUMS_FILE), sums.encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = None
         if os.path.exists(final):  # re-saving a step: move the old one aside first
             old = os.path.join(base, f".{_step_dirname(step)}.old-{uuid.uuid4().hex[:8]}")
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(base)
+        fsync_dir(base)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -301,15 +251,6 @@ def _read_checksums(ckpt_dir: str) -> Dict[str, str]:
                 raise CheckpointError(f"{p}: malformed line {line.strip()!r} (expected '<sha256>  <file>')")
             out[parts[1].lstrip("*")] = parts[0]
     return out
-
-
-def sha256_file(path: str) -> str:
-    """The hex SHA-256 of a file's bytes, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _verify_file(path: str, sums: Dict[str, str]) -> None:
@@ -405,41 +346,6 @@ def check_train_state(state: Any, where: str, step: int) -> None:
         raise bad(f"'world_size' {state.get('world_size')!r} does not match the {len(rngs)} RNG states")
 
 
-# bounds on checkpoint config values, checked before anything is allocated (a hand-edited or hostile config
-# could otherwise ask for terabytes); each is far beyond any model this library trains
-CONFIG_BOUNDS = {"image_size": 4096, "in_channels": 64, "base_channels": 4096, "num_res_blocks": 64,
-                 "channel_mults": 64, "levels": 12, "num_heads": 1024, "head_channels": 4096,
-                 "num_classes": 1_000_000, "groups": 4096, "out_channels": 128, "num_timesteps": 100_000}
-MAX_PARAMETERS = 20_000_000_000
-
-
-def _check_bound(name: str, value: Any, where: str) -> None:
-    bound = CONFIG_BOUNDS[name]
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > bound:
-        raise CheckpointError(f"{where}: {name}={value!r} exceeds the bound {bound} for a checkpoint config; "
-                              "refused before building anything (a damaged or hand-edited config?)")
-
-
-def _check_model_bounds(m: Dict[str, Any]) -> None:
-    where = "the checkpoint's model config"
-    for k in ("image_size", "in_channels", "base_channels", "num_res_blocks", "num_heads", "head_channels",
-              "num_classes", "groups", "out_channels"):
-        _check_bound(k, m.get(k), where)
-    mults = m.get("channel_mults", ())
-    if isinstance(mults, (list, tuple)):
-        _check_bound("levels", len(mults), where)
-        for v in mults:
-            _check_bound("channel_mults", v, where)
-        widest = m.get("base_channels", 0) * max([v for v in mults if isinstance(v, (int, float))] or [0])
-        if isinstance(widest, (int, float)) and widest > 0:
-            # a generous over-estimate of the parameter count: every conv of every block at the widest width
-            per_level = 3 * (int(m.get("num_res_blocks", 1) or 1) + 1) * 2 * 9 * widest ** 2
-            estimate = per_level * (len(mults) + 1)
-            if estimate > MAX_PARAMETERS:
-                raise CheckpointError(f"{where}: about {estimate:.3g} parameters (base_channels * channel_mults = "
-                                      f"{widest}) exceed the bound {MAX_PARAMETERS:.3g}; refused before building")
-
-
 def load_checkpoint(path: Optional[str], load_state: bool = True, load_model: bool = True,
                     load_ema: bool = True) -> Checkpoint:
     """Load a checkpoint directory, a run directory (newest checkpoint), or one .safetensors file.
@@ -498,56 +404,6 @@ def load_checkpoint(path: Optional[str], load_state: bool = True, load_model: bo
     return ck
 
 
-# ------------------------------------------------------------------------------ building models
-def build_model(config: Dict[str, Any]) -> torch.nn.Module:
-    """A fastddpm.UNet from a checkpoint config's "model" entry (UNet keyword arguments)."""
-    from .unet import UNet
-
-    import inspect
-
-    if not isinstance(config.get("model"), dict):
-        raise CheckpointError("the checkpoint's model config must be a JSON object of UNet arguments")
-    m = dict(config["model"])
-    _check_model_bounds(m)
-    # keyword arguments this UNet version does not know (written by another version) are dropped: any
-    # real architecture difference still shows up in check_state_dict as missing/mis-shaped weights
-    params = inspect.signature(UNet.__init__).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        m = {k: v for k, v in m.items() if k in params}
-    try:
-        return UNet(**m)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"the checkpoint's model config cannot build a UNet: {e}") from e
-
-
-def build_diffusion(config: Dict[str, Any]):
-    """A GaussianDiffusion from a config's "diffusion" entry: schedule, num_timesteps, prediction, variance, loss."""
-    from .diffusion import GaussianDiffusion
-    from .schedule import NoiseSchedule
-
-    d = config["diffusion"]
-    if not isinstance(d, dict):
-        raise CheckpointError("the checkpoint's diffusion config must be a JSON object")
-    schedule, T = d.get("schedule", "linear"), d.get("num_timesteps", 1000)
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise CheckpointError(f"the checkpoint's diffusion config: num_timesteps must be a positive int, got {T!r}")
-    _check_bound("num_timesteps", T, "the checkpoint's diffusion config")
-    if schedule == "custom" and (not isinstance(d.get("betas"), list) or len(d["betas"]) > CONFIG_BOUNDS["num_timesteps"]):
-        raise CheckpointError("the checkpoint's diffusion config: 'custom' needs 'betas', a list of at most "
-                              f"{CONFIG_BOUNDS['num_timesteps']} numbers")
-    if schedule == "linear":
-        sched = NoiseSchedule.linear(T)
-    elif schedule == "cosine":
-        sched = NoiseSchedule.cosine(T)
-    elif schedule == "custom":  # explicit betas (e.g. converted from a diffusers scheduler)
-        sched = NoiseSchedule(d["betas"])
-    else:
-        raise CheckpointError(f"unknown schedule {schedule!r} in the checkpoint config "
-                              f"(expected 'linear', 'cosine' or 'custom' with 'betas')")
-    return GaussianDiffusion(sched, prediction=d.get("prediction", "eps"), variance=d.get("variance", "fixed_small"),
-                             loss=d.get("loss", "simple"))
-
-
 def check_state_dict(model: torch.nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:
     """Raise CheckpointError listing missing / unexpected / mis-shaped keys between a model and weights."""
     own = model.state_dict()
@@ -564,42 +420,3 @@ def check_state_dict(model: torch.nn.Module, state: Dict[str, torch.Tensor], whe
         raise CheckpointError(
             f"{where}: the weights do not match the model architecture of the config; " + "; ".join(parts)
         )
-
-
-def load_model(path: Optional[str] = None, use_ema: bool = True, device: Any = "cpu"):
-    """Load (model, diffusion, config) for sampling: EMA weights by default, model in eval mode.
-
-    ``path=None`` loads the bundled digits model.
-    """
-    ck = load_checkpoint(path, load_state=False, load_model=not use_ema, load_ema=use_ema)
-    model = build_model(ck.config)
-    weights = ck.weights(use_ema)
-    check_state_dict(model, weights, ck.path)
-    model.load_state_dict(weights)
-    model.to(device).eval()
-    diffusion = build_diffusion(ck.config)
-    model.num_timesteps = diffusion.num_timesteps  # lets the U-Net refuse t >= T (see UNet.forward)
-    return model, diffusion, ck.config
-
-
-def export_model(checkpoint: Optional[str], out: str, use_ema: bool = True) -> str:
-    """Write one self-contained ``.safetensors`` file for sampling: the EMA (or raw) weights, with the
-    config in its metadata, plus the same config as ``<out minus .safetensors>.json`` for people.
-
-    This is how the bundled model was made from its training run:
-    ``export_model("runs/digits", "fastddpm/assets/digits.safetensors")``.
-    """
-    if not out.endswith(".safetensors"):
-        raise ValueError(f"out must end with .safetensors, got {out!r}")
-    ck = load_checkpoint(checkpoint, load_state=False, load_model=not use_ema, load_ema=use_ema)
-    weights = ck.weights(use_ema)
-    model = build_model(ck.config)
-    check_state_dict(model, weights, ck.path)
-    config = dict(ck.config)
-    # the model's complete keyword arguments (defaults included), so the file never depends on defaults
-    config["model"] = json.loads(json.dumps(getattr(model, "config", config["model"])))
-    config["weights"] = "ema" if (use_ema and ck.ema is not None) else "raw"
-    config["exported_from"] = {"step": ck.step}
-    save_weights_file(out, weights, config)
-    atomic_write_json(os.path.splitext(out)[0] + ".json", config)
-    return out

@@ -245,6 +245,15 @@ class GaussianDiffusion:
         if a.shape != b.shape:
             raise ValueError(f"{name_b} must have the shape of {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
 
+    def _noise_like(self, x0: torch.Tensor, noise: Optional[torch.Tensor],
+                    generator: Optional[torch.Generator]) -> torch.Tensor:
+        """`noise` checked against x0's shape, or a standard normal like x0 drawn with `generator`."""
+        if noise is None:
+            return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        self._check_x(noise, "noise")
+        self._check_same_shape(x0, noise, "x0", "noise")
+        return noise
+
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The timesteps the model is called with: t itself, or timestep_map[t] for a respaced schedule."""
         if self.timestep_map is None:
@@ -371,11 +380,7 @@ class GaussianDiffusion:
         (drawn with `generator` when None)."""
         x0 = self._check_x(x0, "x0")
         t = self._check_t(t, x0)
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        else:
-            self._check_x(noise, "noise")
-            self._check_same_shape(x0, noise, "x0", "noise")
+        noise = self._noise_like(x0, noise, generator)
         return self._q_sample(x0, t, noise)
 
     def _q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -520,11 +525,7 @@ class GaussianDiffusion:
             t = torch.randint(0, self.num_timesteps, (n,), generator=generator, device=x0.device, dtype=torch.int64)
         else:
             t = self._check_t(t, x0)
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        else:
-            self._check_x(noise, "noise")
-            self._check_same_shape(x0, noise, "x0", "noise")
+        noise = self._noise_like(x0, noise, generator)
         x_t = self._q_sample(x0, t, noise)
         out = self._run_model(model, x_t, t)
         self._check_model_output(out, x_t)

@@ -418,54 +418,17 @@ def evaluate_samples(
         raise ValueError(f"metrics must be among {METRICS}, got {bad}")
     if num is not None:
         _check_positive("num", num)
-    num_classes = getattr(extractor, "num_classes", None)
-    if "is" in metrics and not num_classes:
+    if "is" in metrics and not getattr(extractor, "num_classes", None):
         raise ValueError(f"the Inception Score needs a classifier extractor (with num_classes); "
                          f"{_extractor_name(extractor)!r} has none")
-    needs_ref = [m for m in metrics if m in ("fid", "kid", "pr")]
-    ref: Optional[ReferenceStats] = None
-    if needs_ref:
-        if reference is None:
-            raise ValueError(f"metrics {needs_ref} need a reference: real data (e.g. 'digits') or cached statistics (.npz)")
-        if isinstance(reference, ReferenceStats):
-            ref = reference
-            if ref.extractor not in ("unknown", _extractor_name(extractor)):
-                raise ValueError(f"the reference statistics were computed with {ref.extractor!r} features, "
-                                 f"not {_extractor_name(extractor)!r}")
-        elif isinstance(reference, (str, os.PathLike)) and os.fspath(reference).endswith(".npz") \
-                and not _is_image_npz(os.fspath(reference)):
-            ref = ReferenceStats.load(os.fspath(reference), extractor)
-        else:
-            ref = reference_stats(reference, extractor, part=reference_part, max_keep=max_keep,
-                                  confidence_threshold=confidence_threshold)
-        if any(m in metrics for m in ("kid", "pr")) and ref.features is None:
-            raise ValueError("KID and precision/recall need the reference's raw features; these reference "
-                             "statistics hold only mu/sigma (recompute them with max_keep > 0)")
-    elif isinstance(reference, ReferenceStats):
-        ref = reference
-
-    keep = max_keep if any(m in metrics for m in ("kid", "pr")) else 0
-    stats = FeatureStats(max_keep=keep)
     if "is" in metrics and num is not None and not 1 <= is_splits <= num:
         raise ValueError(f"is_splits must be in [1, num={num}] (one image per split at least), got {is_splits}")
+    ref = _resolve_reference(reference, extractor, metrics, reference_part, max_keep, confidence_threshold)
+    keep = max_keep if any(m in metrics for m in ("kid", "pr")) else 0
+    stats = FeatureStats(max_keep=keep)
     is_acc = _ISAccumulator(is_splits, num) if "is" in metrics else None
     tally = _ClassTally(confidence_threshold)
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num, desc=f"evaluating ({_extractor_name(extractor)} features)", unit="img")
-    for b in batches:
-        f, p = _extract(extractor, b)
-        stats.update(f)
-        if p is not None:
-            pn = p.numpy()
-            tally.update(pn)
-            if is_acc is not None:
-                is_acc.update(pn)
-        if progress:
-            bar.update(b.shape[0])
-    if progress:
-        bar.close()
+    _accumulate(batches, extractor, stats, tally, is_acc, num, progress)
     if num is not None and stats.count != num:
         raise ValueError(f"num={num} images were announced but the batches held {stats.count}")
     if stats.count < 2:
@@ -485,13 +448,67 @@ def evaluate_samples(
         out["pr_k"] = k
     tally.report(out)
     if ref is not None:
-        out["reference"] = ref.source
-        out["reference_count"] = ref.count
-        if ref.confidence_rate is not None:
-            out["ref_confidence_rate"] = ref.confidence_rate
-        if ref.class_counts is not None and len(ref.class_counts) <= _MAX_CLASSES_REPORTED:
-            out["ref_class_fractions"] = [float(c) / max(ref.count, 1) for c in ref.class_counts]
+        _report_reference(ref, out)
     return out
+
+
+def _resolve_reference(reference: Any, extractor: Any, metrics: Tuple[str, ...], part: str, max_keep: int,
+                       confidence_threshold: float) -> Optional[ReferenceStats]:
+    """The reference statistics `metrics` need (fid, kid and pr need one; kid and pr its raw features):
+    given ReferenceStats, a cached .npz, or real images whose statistics are computed here."""
+    needs_ref = [m for m in metrics if m in ("fid", "kid", "pr")]
+    if not needs_ref:
+        return reference if isinstance(reference, ReferenceStats) else None
+    if reference is None:
+        raise ValueError(f"metrics {needs_ref} need a reference: real data (e.g. 'digits') or cached statistics (.npz)")
+    if isinstance(reference, ReferenceStats):
+        ref = reference
+        if ref.extractor not in ("unknown", _extractor_name(extractor)):
+            raise ValueError(f"the reference statistics were computed with {ref.extractor!r} features, "
+                             f"not {_extractor_name(extractor)!r}")
+    elif isinstance(reference, (str, os.PathLike)) and os.fspath(reference).endswith(".npz") \
+            and not _is_image_npz(os.fspath(reference)):
+        ref = ReferenceStats.load(os.fspath(reference), extractor)
+    else:
+        ref = reference_stats(reference, extractor, part=part, max_keep=max_keep,
+                              confidence_threshold=confidence_threshold)
+    if any(m in metrics for m in ("kid", "pr")) and ref.features is None:
+        raise ValueError("KID and precision/recall need the reference's raw features; these reference "
+                         "statistics hold only mu/sigma (recompute them with max_keep > 0)")
+    return ref
+
+
+def _accumulate(batches: Iterable[torch.Tensor], extractor: Any, stats: FeatureStats, tally: "_ClassTally",
+                is_acc: Optional["_ISAccumulator"], num: Optional[int], progress: bool) -> None:
+    """Stream the batches once through the extractor into the feature statistics and, for classifiers,
+    the class tally and the Inception Score accumulator."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num, desc=f"evaluating ({_extractor_name(extractor)} features)", unit="img")
+    for b in batches:
+        f, p = _extract(extractor, b)
+        stats.update(f)
+        if p is not None:
+            pn = p.numpy()
+            tally.update(pn)
+            if is_acc is not None:
+                is_acc.update(pn)
+        if bar is not None:
+            bar.update(b.shape[0])
+    if bar is not None:
+        bar.close()
+
+
+def _report_reference(ref: ReferenceStats, out: Dict[str, Any]) -> None:
+    """The reference's source, size and (for classifiers) confidence rate and class fractions, into `out`."""
+    out["reference"] = ref.source
+    out["reference_count"] = ref.count
+    if ref.confidence_rate is not None:
+        out["ref_confidence_rate"] = ref.confidence_rate
+    if ref.class_counts is not None and len(ref.class_counts) <= _MAX_CLASSES_REPORTED:
+        out["ref_class_fractions"] = [float(c) / max(ref.count, 1) for c in ref.class_counts]
 
 
 def _is_image_npz(path: str) -> bool:

@@ -296,11 +296,12 @@ class FastSampler:
         """A FastSampler for a checkpoint (None: the bundled digits model) with what `fastddpm sample`
         uses by default: the default sampler and steps, and the checkpoint's tuned schedule for them
         when one is stored (`fastddpm tune-steps`; see `fastddpm.tune.sampler_for_checkpoint`)."""
+        from . import build
         from . import checkpoint as ckpt
         from .tune import sampler_for_checkpoint
 
         path = ckpt.resolve_checkpoint(checkpoint)
-        model, diffusion, _ = ckpt.load_model(path, use_ema=use_ema, device=device)
+        model, diffusion, _ = build.load_model(path, use_ema=use_ema, device=device)
         smp = sampler_for_checkpoint(path, diffusion, sampler, steps, spacing, eta)
         return cls(model, smp, batch_size, **kwargs)
 

@@ -1,4 +1,5 @@
-"""Classifier-free guidance (Ho & Salimans 2022) as a model wrapper.
+"""Class labels for a conditional model: fixed labels (:class:`Conditioned`), and classifier-free guidance
+(Ho & Salimans 2022, :class:`GuidedModel`), each as a model(x, t) wrapper.
 
 eps_guided = eps(x, t, null) + w * (eps(x, t, y) - eps(x, t, null)); w = 1 is the conditional model,
 w = 0 the unconditional one. The conditional and unconditional outputs come from ONE batched model
@@ -7,9 +8,23 @@ channels are guided; the variance channels are the conditional ones (as in GLIDE
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
+
+
+class Conditioned(torch.nn.Module):
+    """model(x, t) -> model(x, t, y) with fixed labels (None: unconditional / null class)."""
+
+    def __init__(self, model: torch.nn.Module, y: Optional[torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.y = y
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.y is None:
+            return self.model(x, t)
+        return self.model(x, t, self.y[: x.shape[0]])
 
 
 class GuidedModel:

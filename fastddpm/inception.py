@@ -228,7 +228,7 @@ class FIDInceptionV3(nn.Module):
 
 # ----------------------------------------------------------------------------- weights
 def _check_hash(path: str, prefix: str, what: str) -> None:
-    from .checkpoint import sha256_file
+    from .fileio import sha256_file
 
     digest = sha256_file(path)
     if not digest.startswith(prefix):

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from . import build
 from . import checkpoint as ckpt
 from ._names import SAMPLER_NAMES
 from .graphs import FastSampler
@@ -160,7 +161,7 @@ def load(path: Optional[str] = None, *, device: Union[str, torch.device, None] =
         config = {"model": unet_config_from_diffusers(pipe.unet.config), "scheduler": dict(pipe.scheduler.config)}
         out = Pipeline(unet, diffusion, config, folder, scheduler=pipe.scheduler)
     else:
-        model, diffusion, config = ckpt.load_model(path, use_ema=use_ema, device="cpu")
+        model, diffusion, config = build.load_model(path, use_ema=use_ema, device="cpu")
         out = Pipeline(model, diffusion, config, ckpt.resolve_checkpoint(path))
     out.unet.to(device=device, dtype=dtype or torch.float32).eval()
     return out

@@ -186,6 +186,51 @@ def ddim_coefs(prediction: str, ab: torch.Tensor, ab_prev: torch.Tensor, eta: fl
     return c
 
 
+def _check_sample_args(seed: Optional[int], generator: Optional[torch.Generator], shape: Sequence[int],
+                       dtype: torch.dtype, image_offset: int) -> Tuple[Optional[int], Tuple[int, ...]]:
+    """`Sampler.sample`'s argument checks: the seed (0 when neither seed nor generator is given) and the shape."""
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator to sample(), not both")
+    if generator is None and seed is None:
+        seed = 0
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    try:
+        shape = tuple(operator.index(v) for v in shape)
+    except TypeError:
+        raise ValueError(f"shape must be a sequence of ints (N, C, *spatial), got {shape!r}") from None
+    if len(shape) < 2 or any(v < 1 for v in shape):
+        raise ValueError(f"shape must be (N, C, *spatial) with positive sizes, got {shape}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype (float32, bfloat16, float16), got {dtype!r}")
+    if isinstance(image_offset, bool) or not isinstance(image_offset, int) or image_offset < 0:
+        raise ValueError(f"image_offset must be a non-negative int, got {image_offset!r}")
+    return seed, shape
+
+
+def _sample_device(model: Any, generator: Optional[torch.Generator], device: Any) -> torch.device:
+    """Where to sample: `device` if given, else the generator's, else the model's parameters', else the CPU."""
+    if device is None:
+        if generator is not None:
+            device = generator.device
+        else:
+            param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+            device = param.device if param is not None else torch.device("cpu")
+    return torch.device(device)
+
+
+def _initial_x(shape: Tuple[int, ...], seed_t: Optional[torch.Tensor], step: torch.Tensor, image_offset: int,
+               generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """x_T in float32: Philox normals of (seed, image, step 0) with a seed, else torch.randn from the generator."""
+    if seed_t is not None:
+        from .ops.philox import philox_normal
+
+        return philox_normal(seed_t, shape, step, stream=1, image_offset=image_offset, device=device)
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+
 class Sampler:
     """Base class: timesteps, the float64 coefficient table, the step API and the sampling loop.
 
@@ -404,45 +449,16 @@ class Sampler:
         Returns:
             the samples x_0 (for DPM-Solver++ the final x0-hat), `shape`, `dtype`.
         """
-        if seed is not None and generator is not None:
-            raise ValueError("pass either seed or generator to sample(), not both")
-        if generator is None and seed is None:
-            seed = 0
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63):
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        try:
-            shape = tuple(operator.index(v) for v in shape)
-        except TypeError:
-            raise ValueError(f"shape must be a sequence of ints (N, C, *spatial), got {shape!r}") from None
-        if len(shape) < 2 or any(v < 1 for v in shape):
-            raise ValueError(f"shape must be (N, C, *spatial) with positive sizes, got {shape}")
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"dtype must be a floating torch.dtype (float32, bfloat16, float16), got {dtype!r}")
-        if isinstance(image_offset, bool) or not isinstance(image_offset, int) or image_offset < 0:
-            raise ValueError(f"image_offset must be a non-negative int, got {image_offset!r}")
-        if device is None:
-            if generator is not None:
-                device = generator.device
-            else:
-                param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-                device = param.device if param is not None else torch.device("cpu")
-        device = torch.device(device)
+        seed, shape = _check_sample_args(seed, generator, shape, dtype, image_offset)
+        device = _sample_device(model, generator, device)
         model_kwargs = dict(model_kwargs or {})
         coefs, _, model_t = self.device_tables(device)
         n, S = shape[0], self.num_steps
         # all model timesteps up front: row s is a contiguous int64 [N] tensor, no host work in the loop
         t_batches = model_t.reshape(S, 1).expand(S, n).contiguous()
         step = torch.zeros(1, dtype=torch.int64, device=device)
-        seed_t = None
-        if seed is not None:
-            from .ops.philox import philox_normal
-
-            seed_t = torch.tensor([int(seed)], dtype=torch.int64, device=device)
-            x = philox_normal(seed_t, shape, step, stream=1, image_offset=image_offset, device=device).to(dtype)
-        else:
-            x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+        seed_t = None if seed is None else torch.tensor([int(seed)], dtype=torch.int64, device=device)
+        x = _initial_x(shape, seed_t, step, image_offset, generator, device).to(dtype)
         k = self.num_history  # the history, most recent first, padded with None to the op's three
         hist: List[Optional[torch.Tensor]] = [torch.zeros_like(x) for _ in range(k)] + [None] * (3 - k)
         clip = bool(clip_denoised)
@@ -453,13 +469,7 @@ class Sampler:
 
             iterator = tqdm(iterator, total=S, desc=type(self).__name__)
         for s in iterator:
-            out = model(x, t_batches[s], **model_kwargs)
-            if not isinstance(out, torch.Tensor):
-                out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
-            if s == 0:  # shapes do not change inside the loop: check once
-                out = self._model_output_channels(out, x)
-            elif out.shape[1] != x.shape[1] and not self.learned_range:
-                out = out[:, : x.shape[1]]
+            out = self._call_model(model, x, t_batches[s], model_kwargs, first=s == 0)
             noise = None
             seed_arg = None
             if self._noisy[s]:
@@ -474,6 +484,19 @@ class Sampler:
             step.add_(1)
         watch.check(type(self).__name__)
         return x
+
+    def _call_model(self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: Dict[str, Any],
+                    first: bool) -> torch.Tensor:
+        """The model's output as a tensor (diffusers' `.sample` outputs unwrapped); its channels are checked on
+        the first step (shapes do not change inside the loop) and trimmed to x's on the later ones."""
+        out = model(x, t, **model_kwargs)
+        if not isinstance(out, torch.Tensor):
+            out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
+        if first:
+            return self._model_output_channels(out, x)
+        if out.shape[1] != x.shape[1] and not self.learned_range:
+            return out[:, : x.shape[1]]
+        return out
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(steps={self.num_steps}, spacing={getattr(self, 'spacing', 'explicit')!r}, "
@@ -600,7 +623,7 @@ class DPMSolverSampler(_MultistepSampler):
     end on a first-order step, the x0-hat, and keep the transition before it at second order, as
     diffusers' DPMSolverMultistepScheduler does (final_sigmas_type="zero"): step for step equal to it
     (tests/test_multistep_solvers.py::test_dpm_solver_2m_matches_diffusers). Forcing it first order
-    there cost SDE-DPM-Solver++(2M) digits-FD 3.17 vs 2.91 at 15 trailing calls (seed 0, README).
+    there cost SDE-DPM-Solver++(2M) digits-FD 3.17 vs 2.91 at 15 trailing calls (seed 0, docs/samplers.md).
     Pass False for parity with diffusers on timesteps that end at 0 (its "leading" spacing).
 
     stochastic=True: SDE-DPM-Solver++(2M) (the "sde-dpmsolver++" midpoint update of diffusers'

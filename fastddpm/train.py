@@ -1,4 +1,5 @@
-"""The training loop: AdamW + warm-up, grad clipping, EMA, bf16 autocast, torch.compile, DDP, exact resume.
+"""Training: :class:`TrainConfig`, :func:`train`, and the loop (:class:`TrainLoop`, :class:`DiffusionTrainLoop`):
+AdamW + warm-up, grad clipping, EMA, bf16 autocast, torch.compile, DDP, exact resume.
 
     from fastddpm.train import TrainConfig, train
     result = train(TrainConfig(dataset="digits", base_channels=32, channel_mults=(1, 2),
@@ -27,43 +28,46 @@ CLI's ``--resume``); :func:`train` prints ``resuming from step N (path)`` and ea
 refuses model/diffusion changes by name, and with ``resume_fallback`` falls back to the newest older
 checkpoint that loads. Under DDP every collective waits at most ``ddp_timeout`` seconds; a failed or
 stalled rank ends every rank with a :class:`DistributedError` naming it.
+
+Where things live: the loop here (:class:`TrainLoop` takes another objective and batch source by
+overriding ``get_batch`` and ``compute_loss``; see its docstring), the run directory's lock, resume
+and config comparison in :mod:`fastddpm.run_dir`, the torchrun plumbing in :mod:`fastddpm.dist_util`,
+checkpoint files in :mod:`fastddpm.checkpoint`.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
 import json
 import math
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from ._names import DEFAULT_DDP_TIMEOUT, SAMPLER_NAMES
-from .data import load_dataset
+from .build import build_diffusion
+from .data import ImageDataset, load_dataset
+from .dist_util import DistributedError, ddp_failure, dist_info, join_process_group, resolve_device
+from .guidance import Conditioned
 from .images import save_grid
+from .run_dir import (CHECKPOINT_FIELDS, RunLockError, check_resumable, config_changes, format_changes,
+                      load_for_resume, lock_run, resume_checkpoint, resume_message, run_dir_of, saved_run_config,
+                      truncate_log)
+from .samplers import make_sampler
 
-__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "RunLockError", "DistributedError", "train",
-           "resume_config", "saved_run_config", "config_changes", "dataset_defaults", "dataset_shape"]
+__all__ = ["TrainConfig", "TrainResult", "TrainLoop", "DiffusionTrainLoop", "NonFiniteLossError", "RunLockError",
+           "DistributedError", "train", "run_training", "resume_config", "saved_run_config", "config_changes", "format_changes",
+           "dataset_defaults", "dataset_shape", "model_config", "diffusion_config", "resolve_device"]
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the loss was non-finite for ``max_nonfinite`` consecutive steps."""
-
-
-class RunLockError(RuntimeError):
-    """Another live training process owns the run directory (its ``train.lock``)."""
-
-
-class DistributedError(RuntimeError):
-    """A peer process of a data-parallel run failed or stalled; the message says which rank."""
 
 
 @dataclass
@@ -214,7 +218,7 @@ class TrainConfig:
         return cls(**d)
 
 
-# The bundled digits model's recipe (README, "The bundled model"): what `fastddpm train --dataset digits`
+# The bundled digits model's recipe (docs/training.md, "The bundled model"): what `fastddpm train --dataset digits`
 # trains without further flags.
 DIGITS_RECIPE: Dict[str, Any] = dict(
     base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), groups=8, dropout=0.0,
@@ -293,61 +297,6 @@ class TrainResult:
     ema: Optional[torch.nn.Module] = None  # its EMA copy (None when ema_decay = 0)
 
 
-# ------------------------------------------------------------------------------------------ helpers
-def _mix(*xs: int) -> int:
-    """A 63-bit seed from integers (splitmix64 style), so (seed, rank, step) streams do not collide."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h ^= (int(x) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-def _dist_info() -> Tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment (1 process without it)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """`spec` ('auto', 'cpu', 'cuda' or 'cuda:N') as a torch.device; 'auto' and a bare 'cuda' take the
-    process's local rank (torchrun). ValueError naming the accepted values when it cannot be used."""
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device(f"cuda:{local_rank}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} asked for, but CUDA is not available")
-    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {spec!r} asked for, but there are {torch.cuda.device_count()} CUDA devices")
-    return dev
-
-
-def _join_process_group(world: int, device: torch.device, timeout: float) -> bool:
-    """Join torchrun's process group when world > 1 (nccl on CUDA, gloo on the CPU).
-
-    ``timeout`` (seconds) bounds every collective: a dead or stalled peer ends the run after it
-    instead of torch's default 30 minutes. Returns whether this call created the group (the caller
-    then destroys it when done).
-    """
-    if world <= 1 or dist.is_initialized():
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(seconds=float(timeout)))
-    return True
-
-
 def model_config(cfg: TrainConfig, image_size: int, channels: int, num_classes: Optional[int]) -> Dict[str, Any]:
     """UNet keyword arguments of a training config."""
     return dict(image_size=image_size, in_channels=channels, base_channels=cfg.base_channels,
@@ -358,25 +307,40 @@ def model_config(cfg: TrainConfig, image_size: int, channels: int, num_classes: 
 
 
 def diffusion_config(cfg: TrainConfig) -> Dict[str, Any]:
+    """The checkpoint's "diffusion" entry of a training config (see :func:`fastddpm.build.build_diffusion`)."""
     return dict(schedule=cfg.schedule, num_timesteps=cfg.num_timesteps, prediction=cfg.prediction,
                 variance=cfg.variance, loss=cfg.loss)
 
 
-from .samplers import make_sampler as _make_sampler  # noqa: E402  (name kept for callers)
+def resume_config(saved: Dict[str, Any], explicit: Dict[str, Any]) -> Tuple[TrainConfig, List[Tuple[str, Any, Any]]]:
+    """The configuration of a resumed run: the saved run's settings, overridden by those given (``explicit``).
+
+    Returns (config, changes) with changes = [(name, saved value, new value)] for every setting that
+    differs; :func:`train` prints them when it resumes. Raises ValueError naming the settings when
+    a change would make the checkpoint unusable (model architecture or diffusion: CHECKPOINT_FIELDS).
+    Saved fields this version does not know are dropped.
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    base = {k: v for k, v in saved.items() if k in names}
+    cfg = TrainConfig.from_dict({**base, **explicit}).validate()
+    changes = config_changes(base, cfg.to_dict())
+    refused = [c for c in changes if c[0] in CHECKPOINT_FIELDS and c[1] is not None]
+    if refused:
+        raise ValueError(f"cannot resume with other model/diffusion settings than the checkpoint's ("
+                         f"{format_changes(refused)}): its weights need the saved ones. Drop these flags, or "
+                         "start a new run in another --out-dir")
+    return cfg, changes
 
 
-class _Conditioned(torch.nn.Module):
-    """model(x, t) -> model(x, t, y) with fixed labels (None: unconditional / null class)."""
-
-    def __init__(self, model: torch.nn.Module, y: Optional[torch.Tensor]):
-        super().__init__()
-        self.model = model
-        self.y = y
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.y is None:
-            return self.model(x, t)
-        return self.model(x, t, self.y[: x.shape[0]])
+# ------------------------------------------------------------------------------------------ helpers
+def _mix(*xs: int) -> int:
+    """A 63-bit seed from integers (splitmix64 style), so (seed, rank, step) streams do not collide."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h ^= (int(x) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
 
 
 def _load_optimizer_state(opt: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
@@ -423,328 +387,449 @@ def _set_rng_state(st: Dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
-def _truncate_log(path: str, step: int) -> None:
-    """Drop log lines past ``step`` (written by an interrupted run after its last checkpoint)."""
-    if not os.path.isfile(path):
-        return
-    keep = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                if int(json.loads(line).get("step", 0)) <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, AttributeError):
-                continue  # a torn last line
-    ckpt.atomic_write_bytes(path, "".join(keep).encode())
+# ------------------------------------------------------------------------------------------ the loop
+class TrainLoop:
+    """The optimisation loop shared by every trainer: AdamW with linear warm-up, gradient clipping,
+    non-finite steps skipped on the device, EMA, bf16 autocast, torch.compile, DDP (under torchrun),
+    JSONL log and progress bar, sample grids, atomic checkpoints and exact resume in ``cfg.out_dir``.
 
+    Extension point. A subclass supplies the objective and the data by overriding two methods:
 
+    * ``get_batch(step) -> batch``: this process's batch for the step about to run (``step`` counts the
+      steps already taken, 0 at the start). Called once per step, in order, outside autocast; the
+      batch is any object ``compute_loss`` understands. For exact resume it must be a function of
+      ``(cfg.seed, self.rank, step)`` and fixed data only, never of how many batches came before:
+      draw its randomness from :meth:`generators` (``step``) and index data by ``step``.
+    * ``compute_loss(batch) -> Tensor``: the scalar loss to minimise, under autocast when amp is on.
+      Call ``self.train_model`` (the model as wrapped in DDP / torch.compile: its gradients are the
+      ones all-reduced), not ``self.model``. Do not read the device (``.item()``, ``bool(t)``): a step
+      has no host sync; the loop judges finiteness on the device and reads losses at log steps.
 
-# ------------------------------------------------------------------------------------------ resume
-# settings the weights depend on: a resumed run may not change them (the train() check of the built model
-# and diffusion configs is the final word; this list refuses the obvious cases before any work)
-CHECKPOINT_FIELDS = ("image_size", "channels", "class_cond", "base_channels", "channel_mults", "num_res_blocks",
-                     "attention_resolutions", "num_heads", "head_channels", "time_embedding", "groups",
-                     "learn_sigma", "schedule", "num_timesteps", "prediction", "variance", "loss")
-# run-control settings that are not part of what a run "is" (never reported as changes)
-_NOT_SETTINGS = ("resume", "resume_fallback")
-
-
-def _same(name: str, old: Any, new: Any) -> bool:
-    if name == "out_dir" and isinstance(old, str) and isinstance(new, str):
-        return os.path.abspath(old) == os.path.abspath(new)
-    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
-        return list(old) == list(new)
-    return old == new
-
-
-def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
-    """(name, old, new) for every setting whose value differs between two TrainConfig dicts."""
-    out = []
-    for name, value in new.items():
-        if name in _NOT_SETTINGS or name not in old:
-            continue
-        if not _same(name, old[name], value):
-            out.append((name, old[name], value))
-    return out
-
-
-def _show(v: Any) -> str:
-    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-
-
-def format_changes(changes: Sequence[Tuple[str, Any, Any]]) -> str:
-    """``name: old -> new`` for each change, comma-separated."""
-    return ", ".join(f"{n}: {_show(a)} -> {_show(b)}" for n, a, b in changes)
-
-
-def _run_dir_of(checkpoint_path: str) -> Optional[str]:
-    """RUN for RUN/checkpoints/step_N, else None."""
-    parent = os.path.dirname(os.path.abspath(checkpoint_path))
-    if ckpt._STEP_RE.match(os.path.basename(os.path.abspath(checkpoint_path))) and \
-            os.path.basename(parent) == ckpt.CKPT_SUBDIR:
-        return os.path.dirname(parent)
-    return None
-
-
-def saved_run_config(resume: Union[bool, str], out_dir: str) -> Optional[Tuple[Dict[str, Any], str]]:
-    """The saved TrainConfig dict ("train" entry) of the checkpoint ``resume`` would continue, and its path.
-
-    None when there is nothing to resume (``resume`` false, or no checkpoint in ``out_dir``). Only the
-    config is read (no weights). If the checkpoint's own config.json does not load, the run directory's
-    config.json (written when the run started) is used.
-    """
-    if not resume:
-        return None
-    path = ckpt.resolve_checkpoint(resume) if isinstance(resume, str) else ckpt.latest_checkpoint(out_dir)
-    if path is None:
-        return None
-    try:
-        saved = ckpt.load_checkpoint(path, load_state=False, load_model=False, load_ema=False).config.get("train")
-    except ckpt.CheckpointError:
-        saved = None
-        run = _run_dir_of(path) or (out_dir if not isinstance(resume, str) else None)
-        run_cfg = os.path.join(run, "config.json") if run else None
-        if run_cfg and os.path.isfile(run_cfg):
-            try:
-                with open(run_cfg, encoding="utf-8") as f:
-                    saved = json.load(f).get("train")
-            except (OSError, ValueError, AttributeError):
-                saved = None
-    if not isinstance(saved, dict):
-        return None
-    return saved, path
-
-
-def resume_config(saved: Dict[str, Any], explicit: Dict[str, Any]) -> Tuple[TrainConfig, List[Tuple[str, Any, Any]]]:
-    """The configuration of a resumed run: the saved run's settings, overridden by those given (``explicit``).
-
-    Returns (config, changes) with changes = [(name, saved value, new value)] for every setting that
-    differs; :func:`train` prints them when it resumes. Raises ValueError naming the settings when
-    a change would make the checkpoint unusable (model architecture or diffusion: CHECKPOINT_FIELDS).
-    Saved fields this version does not know are dropped.
-    """
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    base = {k: v for k, v in saved.items() if k in names}
-    cfg = TrainConfig.from_dict({**base, **explicit}).validate()
-    changes = config_changes(base, cfg.to_dict())
-    refused = [c for c in changes if c[0] in CHECKPOINT_FIELDS and c[1] is not None]
-    if refused:
-        raise ValueError(f"cannot resume with other model/diffusion settings than the checkpoint's ("
-                         f"{format_changes(refused)}): its weights need the saved ones. Drop these flags, or "
-                         "start a new run in another --out-dir")
-    return cfg, changes
-
-
-def _resume_message(path: str, step: int, saved: Dict[str, Any], cfg: TrainConfig, saved_world: int,
-                    world: int) -> str:
-    lines = [f"fastddpm train: resuming from step {step} ({path})"]
-    for name, old, new in config_changes(saved, cfg.to_dict()):
-        lines.append(f"  {name}: {_show(old)} -> {_show(new)}")
-    if saved_world != world:
-        lines.append(f"  world size: {saved_world} -> {world} processes: the global batch stays batch_size="
-                     f"{cfg.batch_size} images per step ({cfg.batch_size // max(saved_world, 1)} -> "
-                     f"{cfg.batch_size // world} per process); the data order and noise from here on differ "
-                     "from the uninterrupted run")
-    if step >= cfg.steps:
-        lines.append(f"  the run already reached step {step} >= steps={cfg.steps}: nothing to train (pass a "
-                     "larger --steps to continue)")
-    return "\n".join(lines)
-
-
-def _load_for_resume(path: str, run_dir: str, fallback: bool, explicit_path: bool) -> ckpt.Checkpoint:
-    """Load checkpoint ``path`` with its training state, checked. When it does not load, name the newest
-    older checkpoint of the run that does, and resume from that one only with ``fallback``."""
-    try:
-        return _load_checked(path)
-    except ckpt.CheckpointError as e:
-        error = e
-    older = [p for st, p in reversed(ckpt.list_checkpoints(run_dir))
-             if os.path.abspath(p) != os.path.abspath(path) and st < _step_of(path)]
-    for p in older:
-        try:
-            ck = _load_checked(p)
-        except ckpt.CheckpointError:
-            continue
-        if fallback and not explicit_path:
-            print(f"fastddpm train: warning: {error}\n  falling back to the newest checkpoint that loads: {p}",
-                  file=sys.stderr)
-            return ck
-        raise ckpt.CheckpointError(f"{error}\n  the newest older checkpoint that loads is {p} (step {ck.step}): "
-                                   f"resume from it with --resume {p}, or add --resume-fallback "
-                                   "(resume_fallback=True) to fall back to it") from error
-    raise ckpt.CheckpointError(f"{error}\n  no older checkpoint of {run_dir} loads either") from error
-
-
-def _step_of(path: str) -> int:
-    m = ckpt._STEP_RE.match(os.path.basename(os.path.abspath(path)))
-    return int(m.group(1)) if m else 1 << 62
-
-
-def _load_checked(path: str) -> ckpt.Checkpoint:
-    ck = ckpt.load_checkpoint(path, load_state=True)
-    ckpt.check_train_state(ck.state, os.path.join(ck.path, "state.pt"), ck.step)
-    return ck
-
-
-# ------------------------------------------------------------------------------------------ run lock
-LOCK_FILE = "train.lock"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-class _RunLock:
-    """One training process per run directory: ``train.lock`` holds the owner's pid and host.
-
-    The lock is an flock on that file (released by the kernel when the owner dies, even by kill -9);
-    a file left with a dead owner's record is a stale lock, taken over with a message. Where flock is
-    unavailable, the pid/host record decides (a live pid on this host, or any other host, refuses).
+    :class:`DiffusionTrainLoop` is the DDPM one (images from a dataset, ``diffusion.training_losses``).
+    The rest is shared and can be used as it is: build the model (on ``device``, its initial weights
+    the same on every rank), its diffusion and the run's config dict (``"model"``: the model's keyword
+    arguments, ``"diffusion"``, ``"train"``: ``cfg.to_dict()``, anything else), then
+    ``Loop(cfg, model, diffusion, config, rank=..., world=..., device=..., distributed=...).run()`` inside
+    :func:`run_training` (device, process group under torchrun, run lock, peer failures), as :func:`train`
+    does. Resuming refuses a checkpoint whose "model" or "diffusion" entry differs from ``config``'s.
+    Sample grids (``cfg.sample_every``) sample ``diffusion`` with the EMA model at the shape of
+    ``config["model"]`` (``in_channels``, ``image_size``, ``num_classes``). Hooks with a default that a
+    subclass may also override: :meth:`lr_at` (the schedule) and :meth:`sample_grid`. Of ``cfg`` the loop
+    reads the optimisation, output and robustness fields (steps, lr, weight_decay, adam_beta1/2,
+    warmup_steps, grad_clip, ema_decay, ema_warmup, amp, compile, seed, out_dir, save_every, keep,
+    sample_*, log_every, progress, resume, resume_fallback, max_nonfinite); the data and model fields
+    are the subclass's and its builder's.
     """
 
-    def __init__(self, run_dir: str):
-        os.makedirs(run_dir, exist_ok=True)
-        self.path = os.path.join(run_dir, LOCK_FILE)
-        self.fh = open(self.path, "a+", encoding="utf-8")
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, diffusion: Any, config: Dict[str, Any], *,
+                 rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
+                 distributed: bool = False):
+        self.cfg, self.model, self.diffusion, self.config = cfg, model, diffusion, config
+        self.rank, self.world, self.device, self.distributed = rank, world, device, distributed
+        self.is_main = rank == 0
+        self.run_dir = os.path.abspath(cfg.out_dir)
+        self.log_path = os.path.join(self.run_dir, "log.jsonl")
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+        # fused: the one AdamW of torch that skips an update on the device (`found_inf`, see train_step); it
+        # has CPU and CUDA kernels for the float32 parameters used here (torch >= 2.13), so both take one path
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                     weight_decay=cfg.weight_decay, fused=True)
+        self.params = list(model.parameters())
+        self.ema_params = list(self.ema.parameters()) if self.ema is not None else []
+        self.train_model: torch.nn.Module = model
+        self.amp = (cfg.amp == "auto" and device.type == "cuda") or cfg.amp == "bf16"
+        self.step = self.skipped = 0
+        self.lr = cfg.lr
+        self.resumed_from: Optional[str] = None
+        self.last_ckpt: Optional[str] = None
+        self.losses: List[float] = []  # this process's run, one per step (NaN when skipped)
+        self.consecutive = 0  # non-finite steps in a row, up to the last step read back
+        self.bar: Any = None
+        self.log_file: Any = None
+        self.win_t0, self.win_step0 = 0.0, 0  # the log window: its start time and step
+        self._init_device_state(0)
+
+    # ------------------------------------------------------------------ the extension point
+    def get_batch(self, step: int) -> Any:
+        """This process's batch for the step after ``step`` steps (see the class docstring)."""
+        raise NotImplementedError
+
+    def compute_loss(self, batch: Any) -> torch.Tensor:
+        """The scalar loss of ``batch``, computed with ``self.train_model`` (see the class docstring)."""
+        raise NotImplementedError
+
+    def generators(self, step: int) -> Tuple[torch.Generator, torch.Generator]:
+        """(CPU generator, device generator) seeded from (cfg.seed, rank, step): a step's randomness."""
+        g_cpu = torch.Generator().manual_seed(_mix(self.cfg.seed, self.rank, step, 1))
+        g_dev = torch.Generator(device=self.device).manual_seed(_mix(self.cfg.seed, self.rank, step, 2))
+        return g_cpu, g_dev
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> TrainResult:
+        """Resume (when asked), train up to ``cfg.steps`` and end with a checkpoint of the last step."""
+        rng = self.resume()
+        self.wrap()
+        if rng is not None:
+            _set_rng_state(rng, self.device)
+        else:
+            torch.manual_seed(_mix(self.cfg.seed, self.rank, 0x5EED))  # dropout stream, distinct per rank
+        self.open_outputs()
+        start_step = self.step
+        self.win_t0, self.win_step0 = time.perf_counter(), self.step
+        self.model.train()
         try:
-            self._acquire()
-        except BaseException:
-            self.fh.close()
-            raise
-
-    def _owner(self) -> Dict[str, Any]:
-        self.fh.seek(0)
-        try:
-            rec = json.loads(self.fh.read() or "{}")
-        except ValueError:
-            return {}
-        return rec if isinstance(rec, dict) else {}
-
-    def _acquire(self) -> None:
-        host = socket.gethostname()
-        try:
-            import fcntl
-
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except (BlockingIOError, PermissionError):
-            raise self._busy(self._owner()) from None
-        except (ImportError, OSError):  # no flock here (Windows, some network file systems)
-            locked = False
-        owner = self._owner()
-        if owner.get("pid") is not None:
-            same_host = owner.get("host") == host
-            if not locked and (not same_host or _pid_alive(int(owner["pid"]))) and owner.get("pid") != os.getpid():
-                raise self._busy(owner)
-            print(f"fastddpm train: taking over the stale lock {self.path} of pid {owner.get('pid')} on "
-                  f"{owner.get('host')} (that process is gone)", file=sys.stderr)
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(json.dumps({"pid": os.getpid(), "host": host,
-                                  "started": datetime.datetime.now().isoformat(timespec="seconds")}) + "\n")
-        self.fh.flush()
-
-    def _busy(self, owner: Dict[str, Any]) -> RunLockError:
-        return RunLockError(
-            f"{os.path.dirname(self.path)} is in use by another training process (pid {owner.get('pid', '?')} on "
-            f"{owner.get('host', '?')}, since {owner.get('started', '?')}; lock file {self.path}): wait for it to "
-            "end or choose another --out-dir")
-
-    def release(self) -> None:
-        # empty the record but keep the file: unlinking would let a waiting opener lock a dead inode
-        try:
-            self.fh.seek(0)
-            self.fh.truncate()
-            self.fh.flush()
+            self.log_file = open(self.log_path, "a", encoding="utf-8") if self.is_main else None
+            while self.step < self.cfg.steps:
+                self.train_step(self.get_batch(self.step))
+                self.after_step()
+            # always end with a checkpoint of the final step (unless a resumed run had nothing left to do)
+            if self.step > start_step or self.resumed_from is None:
+                self.last_ckpt = self.save() or self.last_ckpt
+            else:
+                self.last_ckpt = self.resumed_from
         finally:
-            self.fh.close()
+            self.close_outputs()
+        return TrainResult(step=self.step, losses=self.losses, skipped=self.skipped, checkpoint=self.last_ckpt,
+                           out_dir=self.run_dir, model=self.model, ema=self.ema)
 
+    def wrap(self) -> None:
+        """``train_model``: the model in DistributedDataParallel (DDP) and torch.compile (``cfg.compile``;
+        None: on CUDA)."""
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-def _lock_run(run_dir: str, rank: int, distributed: bool) -> Optional[_RunLock]:
-    """Rank 0 takes the run lock; under DDP every rank learns the outcome (and raises the same error)."""
-    lock, error = None, None
-    if rank == 0:
+            dev = self.device
+            self.train_model = DDP(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        use_compile = self.cfg.compile if self.cfg.compile is not None else self.device.type == "cuda"
+        if use_compile:
+            self.train_model = torch.compile(self.train_model)
+
+    def open_outputs(self) -> None:
+        """Rank 0: the run directory, its config.json, and the progress bar."""
+        if self.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(self.config, f, indent=2, sort_keys=True)
+        if self.is_main and self.cfg.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+    def close_outputs(self) -> None:
+        """Close the progress bar and the log file."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.log_file is not None:
+            self.log_file.close()
+
+    # ------------------------------------------------------------------ one step
+    # No host sync inside a step: what a step produces stays on the device and is read at sync points
+    # only, the log steps and the checkpoint and sample steps (which sync anyway). The skip of a
+    # non-finite step is decided on the device too: fused AdamW skips its update and its step count
+    # where `found_inf` is 1, the EMA's weight is multiplied by the finite flag, and `updates_t` (the EMA
+    # warm-up's count) only counts finite steps. So the skip messages and the max_nonfinite stop come at
+    # the next sync point, up to log_every - 1 steps late; the stop still names the exact steps, and it
+    # comes before that point's checkpoint (no checkpoint holds a step after the stop).
+    def _init_device_state(self, updates: int) -> None:
+        dev = self.device
+        self.updates_t = torch.tensor(updates, dtype=torch.int64, device=dev)  # finite steps: the EMA warm-up
+        self.win_sum = torch.zeros((), dtype=torch.float64, device=dev)  # the log window's finite losses
+        self.win_n = torch.zeros((), dtype=torch.float64, device=dev)
+        self.grad_norm = torch.full((), float("nan"), device=dev)  # of the last applied update
+        self.pending_loss: List[torch.Tensor] = []  # the per-step losses and finite flags since the last sync
+        self.pending_finite: List[torch.Tensor] = []
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the step after ``step`` steps: linear warm-up over ``warmup_steps``, then ``lr``."""
+        cfg = self.cfg
+        return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+
+    def train_step(self, batch: Any) -> None:
+        """One step: forward and backward, then the update, skipped on the device when not finite."""
+        self.lr = self.lr_at(self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr  # a Python float: fused AdamW passes it to its kernel as an argument
+        loss, gn = self.forward_backward(batch)
+        finite = torch.isfinite(loss) & torch.isfinite(gn)
+        if self.distributed:  # one rank's non-finite step is every rank's
+            flag = (~finite).to(torch.float32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            finite = flag[0] == 0
+        self.step += 1
+        self.optimizer_step(finite)
+        self.win_sum += torch.where(finite, loss.detach().double(), 0.0)
+        self.win_n += finite
+        self.grad_norm = torch.where(finite, gn.detach().float(), self.grad_norm)
+        self.pending_loss.append(loss.detach().float())
+        self.pending_finite.append(finite)
+
+    def forward_backward(self, batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(loss, global gradient norm before clipping); the gradients clipped to ``grad_clip``."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = self.compute_loss(batch)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        return loss, torch.nn.utils.clip_grad_norm_(self.params, clip)
+
+    def optimizer_step(self, finite: torch.Tensor) -> None:
+        """AdamW and the EMA, both leaving everything as it was where ``finite`` is False."""
+        self.opt.found_inf = (~finite).to(torch.float32)  # 1.0: the fused kernel leaves params and state alone
+        self.opt.step()
+        self.updates_t += finite
+        if self.ema is not None:
+            _ema_update(self.ema_params, self.params, self.updates_t, finite, self.cfg.ema_decay, self.cfg.ema_warmup)
+
+    # ------------------------------------------------------------------ sync points: log, checkpoint, samples
+    def after_step(self) -> None:
+        """The log, checkpoint and sample grid due at this step (each a sync point)."""
+        cfg, step = self.cfg, self.step
+        log_now = step % cfg.log_every == 0 or step == cfg.steps
+        save_now = bool(cfg.save_every) and step % cfg.save_every == 0 and step != cfg.steps
+        sample_now = bool(cfg.sample_every) and step % cfg.sample_every == 0
+        if log_now or save_now or sample_now:
+            self.read_pending()  # the stop check comes before its checkpoint
+        if log_now:
+            self.log_step()
+        if self.bar is not None:
+            self.bar.update(1)
+        if save_now:
+            self.last_ckpt = self.save() or self.last_ckpt
+        if sample_now and self.is_main:
+            self.sample_grid()
+
+    def read_pending(self) -> None:
+        """The steps since the last sync point into ``losses``, their skip messages, and the
+        NonFiniteLossError after ``max_nonfinite`` non-finite steps in a row."""
+        if not self.pending_loss:
+            return
+        losses, flags = torch.stack([torch.stack(self.pending_loss), torch.stack(self.pending_finite).float()]).tolist()
+        self.pending_loss.clear()
+        self.pending_finite.clear()
+        self.losses.extend(losses)
+        for s, (value, ok) in enumerate(zip(losses, flags), start=self.step - len(flags) + 1):
+            if ok:
+                self.consecutive = 0
+                continue
+            self.skipped += 1
+            self.consecutive += 1
+            if self.is_main:
+                self.say(f"step {s}: non-finite loss ({value}), update skipped ({self.consecutive} in a row, "
+                         f"{self.skipped} in all)")
+            if self.consecutive >= self.cfg.max_nonfinite:
+                raise self._nonfinite_stop(s)
+
+    def _nonfinite_stop(self, s: int) -> NonFiniteLossError:
+        n, step = self.consecutive, self.step
+        late = f" (seen at step {step}: losses are read at log, checkpoint and sample steps)" if s < step else ""
+        return NonFiniteLossError(
+            f"the loss was non-finite for {n} consecutive steps (steps {s - n + 1}..{s}){late}; stopping. "
+            f"The last checkpoint is {self.last_ckpt or ckpt.latest_checkpoint(self.run_dir)}. "
+            "Try a lower lr, a longer warmup_steps, grad_clip, or amp='none'.")
+
+    def say(self, msg: str) -> None:
+        """A line on stderr that leaves the progress bar intact."""
+        (self.bar.write(msg, file=sys.stderr) if self.bar is not None else print(msg, file=sys.stderr))
+
+    def log_step(self) -> None:
+        """One log.jsonl record: the mean finite loss over the window (all ranks), lr, grad_norm, skipped, it/s."""
+        buf = torch.stack([self.win_sum, self.win_n])
+        if self.distributed:
+            dist.all_reduce(buf)
+        total, count, grad_norm = torch.cat([buf, self.grad_norm.double().reshape(1)]).tolist()
+        mean_loss = total / count if count > 0 else float("nan")
+        now = time.perf_counter()
+        ips = (self.step - self.win_step0) / max(now - self.win_t0, 1e-9)
+        if self.is_main:
+            rec = {"step": self.step, "loss": mean_loss, "lr": self.lr, "grad_norm": grad_norm,
+                   "skipped": self.skipped, "it_per_s": ips, "time": time.time()}
+            self.log_file.write(json.dumps(rec) + "\n")
+            self.log_file.flush()
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{self.lr:.2e}", skipped=self.skipped, refresh=False)
+        self.win_sum.zero_()
+        self.win_n.zero_()
+        self.win_t0, self.win_step0 = now, self.step
+
+    def save(self) -> Optional[str]:
+        """A checkpoint of this step (rank 0 writes it, with every rank's RNG state); its path on rank 0."""
+        rng = _rng_state(self.device)
+        if self.distributed:
+            gathered: List[Any] = [None] * self.world
+            dist.all_gather_object(gathered, {k: v.cpu() for k, v in rng.items()})
+            rng_all: Any = gathered
+        else:
+            rng_all = [rng]
+        path = None
+        if self.is_main:
+            state = {"optimizer": self.opt.state_dict(), "step": self.step, "skipped": self.skipped,
+                     "updates": int(self.updates_t), "rng": rng_all, "world_size": self.world}
+            ema = self.ema.state_dict() if self.ema is not None else None
+            path = ckpt.save_checkpoint(self.run_dir, self.step, self.config, self.model.state_dict(), ema, state,
+                                        keep=self.cfg.keep)
+        if self.distributed:
+            dist.barrier()
+        return path
+
+    def sample_grid(self) -> None:
+        """``samples/step_N.png``: ``sample_num`` samples of the EMA model (labels cycling through the classes)."""
+        from .guards import NonFiniteSampleError
+
+        cfg, m = self.cfg, self.config["model"]
+        net = self.ema if self.ema is not None else self.model
+        was_training = net.training
+        net.eval()
+        num_classes, size = m.get("num_classes"), m["image_size"]
+        y = torch.arange(cfg.sample_num, device=self.device) % num_classes if num_classes else None
+        s = make_sampler(cfg.sample_sampler, self.diffusion, cfg.sample_steps)
         try:
-            lock = _RunLock(run_dir)
-        except RunLockError as e:
-            error = str(e)
-    if distributed:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise RunLockError(error)
-    return lock
+            with torch.no_grad():
+                x = s.sample(Conditioned(net, y), (cfg.sample_num, m["in_channels"], size, size), seed=cfg.seed)
+        except NonFiniteSampleError as e:  # a grid is a by-product: say so and keep training
+            print(f"fastddpm train: step {self.step}: no sample grid: {e}", file=sys.stderr)
+            net.train(was_training)
+            return
+        save_grid(x, os.path.join(self.run_dir, "samples", f"step_{self.step:08d}.png"), scale=max(1, 64 // size))
+        net.train(was_training)
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> Optional[Dict[str, Any]]:
+        """Continue the checkpoint ``cfg.resume`` asks for, if any (see :func:`fastddpm.run_dir.resume_checkpoint`):
+        weights, EMA, optimizer and counters restored; this rank's RNG state returned (None: a fresh run).
+        Then rank 0 cuts log.jsonl back to the resumed step."""
+        cfg, rng = self.cfg, None
+        path = resume_checkpoint(cfg.resume, self.run_dir, announce=self.is_main)
+        if path is not None:
+            explicit = isinstance(cfg.resume, str)
+            ck = load_for_resume(path, run_dir_of(path) or self.run_dir, cfg.resume_fallback, explicit)
+            self.resumed_from = ck.path
+            check_resumable(ck, self.config)
+            rng = self.restore(ck)
+        if self.is_main:
+            # the log holds exactly the steps before this one: a dead run's lines past its last checkpoint
+            # (all of them, when it died before the first) would otherwise appear twice
+            truncate_log(self.log_path, self.step)
+        return rng
+
+    def restore(self, ck: ckpt.Checkpoint) -> Dict[str, Any]:
+        """Load checkpoint ``ck``'s weights, EMA, optimizer state and counters; return this rank's RNG state."""
+        ckpt.check_state_dict(self.model, ck.model, ck.path)
+        self.model.load_state_dict(ck.model)
+        if self.ema is not None:
+            if ck.ema is None:
+                raise ValueError(f"{ck.path}: the checkpoint has no EMA weights but ema_decay={self.cfg.ema_decay}")
+            self.ema.load_state_dict(ck.ema)
+        st = ck.state
+        try:
+            _load_optimizer_state(self.opt, st["optimizer"])
+            self.step, self.skipped, updates = int(st["step"]), int(st["skipped"]), int(st["updates"])
+            rngs = st["rng"]
+            if isinstance(rngs, list):
+                rng = rngs[self.rank] if self.rank < len(rngs) else rngs[0]
+            else:
+                rng = rngs
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"{ck.path}/state.pt: incomplete or incompatible training state ({e})") from e
+        self._init_device_state(updates)
+        if self.is_main:
+            saved_world = st.get("world_size", len(rngs) if isinstance(rngs, list) else 1)
+            print(resume_message(ck.path, self.step, ck.config.get("train") or {}, self.cfg, saved_world, self.world),
+                  file=sys.stderr)
+        return rng
 
 
-# ------------------------------------------------------------------------------------------ DDP faults
-_FAILED_KEY = "fastddpm/failed/{}"
-_ALIVE_KEY = "fastddpm/alive/{}"
+# ------------------------------------------------------------------------------------------ the DDPM objective
+@dataclass
+class _ImageData:
+    """A dataset and this process's share of every step's global batch."""
+
+    ds: ImageDataset
+    sampler: torch.utils.data.DistributedSampler
+    local_batch: int
+    steps_per_epoch: int
+    num_classes: Optional[int]
 
 
-def _is_peer_failure(e: BaseException) -> bool:
-    """An error of a collective or the rendezvous store (a peer died or stalled), not of this process's work."""
-    if isinstance(e, getattr(dist, "DistError", ())):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and any(k in text for k in (
-        "gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
-        "Timed out", "timed out", "Socket Timeout", "recvBytes", "sendBytes"))
+def _load_data(cfg: TrainConfig, rank: int, world: int) -> _ImageData:
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({world})")
+    local_batch = cfg.batch_size // world
+    ds = load_dataset(cfg.dataset, image_size=cfg.image_size, random_flip=cfg.random_flip, channels=cfg.channels)
+    num_classes = None
+    if cfg.class_cond:
+        if ds.labels is None:
+            raise ValueError(f"class_cond=True but the dataset {cfg.dataset!r} has no labels")
+        num_classes = ds.num_classes
+    if ds.images.shape[2] != ds.images.shape[3]:
+        raise ValueError(f"the U-Net needs square images; {cfg.dataset!r} has {ds.images.shape[2]}x{ds.images.shape[3]} "
+                         "(pass image_size to crop and resize)")
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                                  drop_last=True)
+    steps_per_epoch = len(sampler) // local_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(ds)} images)")
+    return _ImageData(ds, sampler, local_batch, steps_per_epoch, num_classes)
 
 
-def _peer_failure(e: BaseException, rank: int, world: int, timeout: float) -> DistributedError:
-    """One line naming the failed rank(s), from the records the ranks leave in the rendezvous store."""
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        store.set(_ALIVE_KEY.format(rank), "1")
-        start = time.monotonic()
-        failed: Dict[int, str] = {}
-        silent: Optional[List[int]] = None
-        while True:
-            failed = {r: store.get(_FAILED_KEY.format(r)).decode("utf-8", "replace") for r in range(world)
-                      if r != rank and store.check([_FAILED_KEY.format(r)])}
-            if silent is None and time.monotonic() - start > 0.5:
-                # healthy peers hit the same broken collective and check in at about the same time; a rank
-                # still silent then is the dead or stalled one (one that wakes up later does not count)
-                silent = [r for r in range(world) if r != rank and not store.check([_ALIVE_KEY.format(r)])]
-            if failed or time.monotonic() - start > min(2.0, timeout):
-                break
-            time.sleep(0.1)
-    except Exception:  # the store lives in rank 0's process: unreachable means rank 0 is gone
-        return DistributedError(f"rank {rank}: stopping: lost contact with rank 0 (it died, or stalled for more than "
-                                f"ddp_timeout={timeout:g} s)")
-    if failed:
-        what = "; ".join(f"rank {r} failed: {m}" for r, m in sorted(failed.items()))
-        return DistributedError(f"rank {rank}: stopping because {what}")
-    who = ("rank " + ", ".join(map(str, silent))) if silent else "a peer"
-    return DistributedError(f"rank {rank}: stopping: {who} stopped responding (died, or stalled for more than "
-                            f"ddp_timeout={timeout:g} s)")
+def _build(cfg: TrainConfig, data: _ImageData, device: torch.device) -> Tuple[torch.nn.Module, Any, Dict[str, Any]]:
+    """(model, diffusion, the run's config) for a training config and its data."""
+    from .unet import UNet
+
+    ds, num_classes = data.ds, data.num_classes
+    mcfg = model_config(cfg, ds.image_size, ds.channels, num_classes)
+    config = {"model": mcfg, "diffusion": diffusion_config(cfg), "train": cfg.to_dict(),
+              "data": {"dataset": cfg.dataset, "image_size": ds.image_size, "channels": ds.channels,
+                       "num_classes": num_classes, "classes": ds.classes if num_classes else None,
+                       "num_images": len(ds)}}
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    model = UNet(**mcfg).to(device)
+    # the model's complete keyword arguments (defaults included), so a checkpoint never depends on defaults
+    config["model"] = json.loads(json.dumps(getattr(model, "config", mcfg)))
+    return model, build_diffusion(config), config
 
 
-def _ddp_failure(e: BaseException, rank: int, world: int, timeout: float) -> BaseException:
-    """What a data-parallel process raises for ``e``: a peer's failure becomes one DistributedError
-    naming that rank; this process's own error is left in the store for the peers and raised as it is."""
-    if isinstance(e, (RunLockError, DistributedError)):
-        return e
-    if _is_peer_failure(e):
-        return _peer_failure(e, rank, world, timeout)
-    _record_failure(e, rank)
-    return e
+_Batch = Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]  # x0, labels, t, noise
 
 
-def _record_failure(e: BaseException, rank: int) -> None:
-    """Leave this rank's error in the store for its peers (best effort: the store may be gone)."""
-    try:
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        dist.distributed_c10d._get_default_store().set(_FAILED_KEY.format(rank), f"{type(e).__name__}: {first}")
-    except Exception:
-        pass
+class DiffusionTrainLoop(TrainLoop):
+    """The DDPM objective (``diffusion.training_losses``) on a dataset's images.
+
+    The data order is DistributedSampler's (seed, epoch) permutation, each process taking its share of
+    every global batch; the flips, label dropout (``p_uncond``, to the null class), timesteps and noise
+    come from the step's :meth:`generators`.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, diffusion: Any, config: Dict[str, Any],
+                 data: _ImageData, **kw: Any):
+        super().__init__(cfg, model, diffusion, config, **kw)
+        self.data = data
+        self._epoch: Tuple[int, Optional[torch.Tensor]] = (-1, None)  # (epoch, its permutation)
+
+    def get_batch(self, step: int) -> _Batch:
+        """(x0, labels or None, timesteps, noise) of this process for step ``step``."""
+        d, device = self.data, self.device
+        epoch, pos = divmod(step, d.steps_per_epoch)
+        if self._epoch[0] != epoch:
+            d.sampler.set_epoch(epoch)
+            self._epoch = (epoch, torch.tensor(list(iter(d.sampler)), dtype=torch.int64))
+        idx = self._epoch[1][pos * d.local_batch : (pos + 1) * d.local_batch]
+        g_cpu, g_dev = self.generators(step)
+        x0, y = d.ds.batch(idx, generator=g_cpu, device=device)
+        if d.num_classes:
+            drop = torch.rand(y.shape[0], generator=g_cpu) < self.cfg.p_uncond
+            y = torch.where(drop.to(device, non_blocking=True), torch.full_like(y, d.num_classes), y)
+        else:
+            y = None
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=g_dev, device=device)
+        noise = torch.randn(x0.shape, generator=g_dev, device=device)
+        return x0, y, t, noise
+
+    def compute_loss(self, batch: _Batch) -> torch.Tensor:
+        """The batch mean of ``diffusion.training_losses``' "loss" term."""
+        x0, y, t, noise = batch
+        terms = self.diffusion.training_losses(Conditioned(self.train_model, y), x0, t=t, noise=noise)
+        return terms["loss"].float().mean()
+
 
 # ------------------------------------------------------------------------------------------ train
 def train(config: Union[TrainConfig, Dict[str, Any]]) -> TrainResult:
@@ -767,18 +852,26 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> TrainResult:
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig or a dict, got {type(config).__name__}")
     cfg = dataclasses.replace(config).validate()
+    return run_training(cfg, _train)
 
-    rank, world, local_rank = _dist_info()
+
+def run_training(cfg: TrainConfig, body: Callable[[TrainConfig, int, int, torch.device, bool], TrainResult]
+                 ) -> TrainResult:
+    """``body(cfg, rank, world, device, distributed)`` inside a training process's set-up: the device, the
+    process group under torchrun (left as found), the run lock of ``cfg.out_dir``, and (DDP) a peer's
+    failure turned into one DistributedError naming it. What :func:`train` runs its loop in."""
+    rank, world, local_rank = dist_info()
     device = resolve_device(cfg.device, local_rank)
-    own_group = _join_process_group(world, device, cfg.ddp_timeout)
+    own_group = join_process_group(world, device, cfg.ddp_timeout)
     distributed = world > 1 and dist.is_initialized()
     rank, world = (rank, world) if distributed else (0, 1)
     lock = None
     try:
-        lock = _lock_run(os.path.abspath(cfg.out_dir), rank, distributed)
-        return _train(cfg, rank, world, device, distributed)
+        lock = lock_run(os.path.abspath(cfg.out_dir), rank, distributed)
+        return body(cfg, rank, world, device, distributed)
     except Exception as e:
-        err = _ddp_failure(e, rank, world, cfg.ddp_timeout) if distributed else e
+        # a RunLockError is every rank's own (rank 0 broadcast it): no peer failed
+        err = ddp_failure(e, rank, world, cfg.ddp_timeout) if distributed and not isinstance(e, RunLockError) else e
         if err is not e:
             raise err from e
         raise
@@ -790,301 +883,8 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, distributed: bool) -> TrainResult:
-    from .unet import UNet
-
-    is_main = rank == 0
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({world})")
-    local_batch = cfg.batch_size // world
-
-    # ---------------------------------------------------------------- data
-    ds = load_dataset(cfg.dataset, image_size=cfg.image_size, random_flip=cfg.random_flip, channels=cfg.channels)
-    num_classes = None
-    if cfg.class_cond:
-        if ds.labels is None:
-            raise ValueError(f"class_cond=True but the dataset {cfg.dataset!r} has no labels")
-        num_classes = ds.num_classes
-    if ds.images.shape[2] != ds.images.shape[3]:
-        raise ValueError(f"the U-Net needs square images; {cfg.dataset!r} has {ds.images.shape[2]}x{ds.images.shape[3]} "
-                         "(pass image_size to crop and resize)")
-    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
-                                                  drop_last=True)
-    steps_per_epoch = len(sampler) // local_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(ds)} images)")
-
-    # ---------------------------------------------------------------- model, diffusion, optimizer
-    mcfg = model_config(cfg, ds.image_size, ds.channels, num_classes)
-    full_config = {"model": mcfg, "diffusion": diffusion_config(cfg), "train": cfg.to_dict(),
-                   "data": {"dataset": cfg.dataset, "image_size": ds.image_size, "channels": ds.channels,
-                            "num_classes": num_classes, "classes": ds.classes if num_classes else None,
-                            "num_images": len(ds)}}
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    model = UNet(**mcfg).to(device)
-    # the model's complete keyword arguments (defaults included), so a checkpoint never depends on defaults
-    mcfg = json.loads(json.dumps(getattr(model, "config", mcfg)))
-    full_config["model"] = mcfg
-    diffusion = ckpt.build_diffusion(full_config)
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
-    # fused: the one AdamW of torch that skips an update on the device (`found_inf`, see the loop); it has
-    # CPU and CUDA kernels for the float32 parameters used here (torch >= 2.13), so both take one path
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            weight_decay=cfg.weight_decay, fused=True)
-
-    # ---------------------------------------------------------------- resume
-    step, skipped, updates = 0, 0, 0
-    run_dir = os.path.abspath(cfg.out_dir)
-    log_path = os.path.join(run_dir, "log.jsonl")
-    existing = ckpt.latest_checkpoint(run_dir)
-    resume_path: Optional[str] = None
-    if isinstance(cfg.resume, str):
-        resume_path = ckpt.resolve_checkpoint(cfg.resume)
-    elif cfg.resume:
-        resume_path = existing
-        if resume_path is None and is_main:
-            print(f"fastddpm train: no checkpoint in {run_dir}; starting from scratch", file=sys.stderr)
-    elif existing is not None:
-        raise ValueError(f"out_dir {run_dir} already holds checkpoints ({existing}); pass resume=True (--resume) "
-                         "to continue that run, or choose another out_dir")
-    rng_restore = None
-    if resume_path is not None:
-        ck = _load_for_resume(resume_path, _run_dir_of(resume_path) or run_dir, cfg.resume_fallback,
-                              isinstance(cfg.resume, str))
-        resume_path = ck.path
-        try:
-            ck_model = json.loads(json.dumps(getattr(ckpt.build_model(ck.config), "config", ck.config["model"])))
-        except ckpt.CheckpointError:
-            ck_model = ck.config.get("model")
-        # dropout changes no weight: a resumed run may change it (fine-tuning); everything else must match
-        same_arch = {k: v for k, v in mcfg.items() if k != "dropout"}
-        ck_arch = {k: v for k, v in ck_model.items() if k != "dropout"} if isinstance(ck_model, dict) else {}
-        differ = config_changes(ck_arch, same_arch) + \
-            config_changes(ck.config.get("diffusion") or {}, full_config["diffusion"])
-        if ck_arch != same_arch or ck.config.get("diffusion") != full_config["diffusion"]:  # differ: the message
-            raise ValueError(f"{resume_path}: the checkpoint's model/diffusion config differs from this run's "
-                             f"({format_changes(differ) or 'entries differ'}); these must match to resume. Drop "
-                             "the flags that change them, or start a new run in another --out-dir")
-        ckpt.check_state_dict(model, ck.model, resume_path)
-        model.load_state_dict(ck.model)
-        if ema is not None:
-            if ck.ema is None:
-                raise ValueError(f"{resume_path}: the checkpoint has no EMA weights but ema_decay={cfg.ema_decay}")
-            ema.load_state_dict(ck.ema)
-        st = ck.state
-        try:
-            _load_optimizer_state(opt, st["optimizer"])
-            step, skipped, updates = int(st["step"]), int(st["skipped"]), int(st["updates"])
-            rngs = st["rng"]
-            rng_restore = rngs[rank] if isinstance(rngs, list) and rank < len(rngs) else rngs[0] if isinstance(rngs, list) else rngs
-        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
-            raise ckpt.CheckpointError(f"{resume_path}/state.pt: incomplete or incompatible training state ({e})") from e
-        if is_main:
-            saved_world = st.get("world_size", len(rngs) if isinstance(rngs, list) else 1)
-            print(_resume_message(resume_path, step, ck.config.get("train") or {}, cfg, saved_world, world),
-                  file=sys.stderr)
-    if is_main:
-        # the log holds exactly the steps before this one: a dead run's lines past its last checkpoint
-        # (all of them, when it died before the first) would otherwise appear twice
-        _truncate_log(log_path, step)
-
-    # ---------------------------------------------------------------- wrap: DDP, compile, autocast
-    train_model: torch.nn.Module = model
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    if use_compile:
-        train_model = torch.compile(train_model)
-    amp = (cfg.amp == "auto" and device.type == "cuda") or cfg.amp == "bf16"
-    if rng_restore is not None:
-        _set_rng_state(rng_restore, device)
-    else:
-        torch.manual_seed(_mix(cfg.seed, rank, 0x5EED))  # dropout stream, distinct per rank
-
-    params = [p for p in model.parameters()]
-    ema_params = [p for p in ema.parameters()] if ema is not None else []
-
-    def save(at_step: int) -> Optional[str]:
-        rng = _rng_state(device)
-        if distributed:
-            gathered: List[Any] = [None] * world
-            dist.all_gather_object(gathered, {k: v.cpu() for k, v in rng.items()})
-            rng_all: Any = gathered
-        else:
-            rng_all = [rng]
-        path = None
-        if is_main:
-            state = {"optimizer": opt.state_dict(), "step": at_step, "skipped": skipped, "updates": int(updates_t),
-                     "rng": rng_all, "world_size": world}
-            path = ckpt.save_checkpoint(run_dir, at_step, full_config, model.state_dict(),
-                                        ema.state_dict() if ema is not None else None, state, keep=cfg.keep)
-        if distributed:
-            dist.barrier()
-        return path
-
-    def sample_grid(at_step: int) -> None:
-        net = ema if ema is not None else model
-        was_training = net.training
-        net.eval()
-        y = None
-        if num_classes:
-            y = torch.arange(cfg.sample_num, device=device) % num_classes
-        s = _make_sampler(cfg.sample_sampler, diffusion, cfg.sample_steps)
-        shape = (cfg.sample_num, ds.channels, ds.image_size, ds.image_size)
-        from .guards import NonFiniteSampleError
-
-        try:
-            with torch.no_grad():
-                x = s.sample(_Conditioned(net, y), shape, seed=cfg.seed)
-        except NonFiniteSampleError as e:  # a grid is a by-product: say so and keep training
-            print(f"fastddpm train: step {at_step}: no sample grid: {e}", file=sys.stderr)
-            net.train(was_training)
-            return
-        save_grid(x, os.path.join(run_dir, "samples", f"step_{at_step:08d}.png"), scale=max(1, 64 // ds.image_size))
-        net.train(was_training)
-
-    # ---------------------------------------------------------------- loop
-    if is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(full_config, f, indent=2, sort_keys=True)
-    bar = None
-    if is_main and cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
-    losses: List[float] = []
-    start_step = step
-    consecutive = 0  # non-finite steps in a row, up to the last step read back
-    last_ckpt: Optional[str] = None
-    epoch_cache: Tuple[int, Optional[torch.Tensor]] = (-1, None)
-    # No host sync inside a step: what a step produces stays on the device and is read at sync points
-    # only, the log steps and the checkpoint and sample steps (which sync anyway). The skip of
-    # a non-finite step is decided on the device too: fused AdamW skips its update and its step count
-    # where `found_inf` is 1, the EMA's weight is multiplied by the finite flag, and `updates_t` (the EMA
-    # warm-up's count) only counts finite steps. So the skip messages and the max_nonfinite stop come at
-    # the next sync point, up to log_every - 1 steps late; the stop still names the exact steps, and it
-    # comes before that point's checkpoint (no checkpoint holds a step after the stop).
-    updates_t = torch.tensor(updates, dtype=torch.int64, device=device)
-    win_sum = torch.zeros((), dtype=torch.float64, device=device)
-    win_n = torch.zeros((), dtype=torch.float64, device=device)
-    grad_norm = torch.full((), float("nan"), device=device)  # of the last applied update
-    pending_loss: List[torch.Tensor] = []  # the per-step losses and finite flags since the last sync point
-    pending_finite: List[torch.Tensor] = []
-
-    def read_pending() -> None:
-        """At a sync point: the steps since the last one into `losses`, their skip messages, the stop."""
-        nonlocal skipped, consecutive
-        if not pending_loss:
-            return
-        step_losses, flags = torch.stack([torch.stack(pending_loss), torch.stack(pending_finite).float()]).tolist()
-        pending_loss.clear()
-        pending_finite.clear()
-        losses.extend(step_losses)
-        for s, (value, ok) in enumerate(zip(step_losses, flags), start=step - len(flags) + 1):
-            if ok:
-                consecutive = 0
-                continue
-            skipped += 1
-            consecutive += 1
-            if is_main:
-                msg = f"step {s}: non-finite loss ({value}), update skipped ({consecutive} in a row, {skipped} in all)"
-                (bar.write(msg, file=sys.stderr) if bar is not None else print(msg, file=sys.stderr))
-            if consecutive >= cfg.max_nonfinite:
-                late = f" (seen at step {step}: losses are read at log, checkpoint and sample steps)" if s < step else ""
-                raise NonFiniteLossError(
-                    f"the loss was non-finite for {consecutive} consecutive steps (steps {s - consecutive + 1}..{s})"
-                    f"{late}; stopping. The last checkpoint is {last_ckpt or ckpt.latest_checkpoint(run_dir)}. "
-                    "Try a lower lr, a longer warmup_steps, grad_clip, or amp='none'."
-                )
-
-    win_t0, win_step0 = time.perf_counter(), step
-    model.train()
-    log_file = open(log_path, "a", encoding="utf-8") if is_main else None
-    try:
-        while step < cfg.steps:
-            epoch, pos = divmod(step, steps_per_epoch)
-            if epoch_cache[0] != epoch:
-                sampler.set_epoch(epoch)
-                epoch_cache = (epoch, torch.tensor(list(iter(sampler)), dtype=torch.int64))
-            idx = epoch_cache[1][pos * local_batch : (pos + 1) * local_batch]
-            g_cpu = torch.Generator().manual_seed(_mix(cfg.seed, rank, step, 1))
-            g_dev = torch.Generator(device=device).manual_seed(_mix(cfg.seed, rank, step, 2))
-            x0, y = ds.batch(idx, generator=g_cpu, device=device)
-            if num_classes:
-                drop = torch.rand(y.shape[0], generator=g_cpu) < cfg.p_uncond
-                y = torch.where(drop.to(device, non_blocking=True), torch.full_like(y, num_classes), y)
-            else:
-                y = None
-            t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=g_dev, device=device)
-            noise = torch.randn(x0.shape, generator=g_dev, device=device)
-
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-            for group in opt.param_groups:
-                group["lr"] = lr  # a Python float: fused AdamW passes it to its kernel as an argument
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                terms = diffusion.training_losses(_Conditioned(train_model, y), x0, t=t, noise=noise)
-                loss = terms["loss"].float().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            finite = torch.isfinite(loss) & torch.isfinite(gn)
-            if distributed:
-                flag = (~finite).to(torch.float32).reshape(1)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                finite = flag[0] == 0
-            step += 1
-            opt.found_inf = (~finite).to(torch.float32)  # 1.0: the fused kernel leaves params and state alone
-            opt.step()
-            updates_t += finite
-            if ema is not None:
-                _ema_update(ema_params, params, updates_t, finite, cfg.ema_decay, cfg.ema_warmup)
-            win_sum += torch.where(finite, loss.detach().double(), 0.0)
-            win_n += finite
-            grad_norm = torch.where(finite, gn.detach().float(), grad_norm)
-            pending_loss.append(loss.detach().float())
-            pending_finite.append(finite)
-
-            log_now = step % cfg.log_every == 0 or step == cfg.steps
-            save_now = bool(cfg.save_every) and step % cfg.save_every == 0 and step != cfg.steps
-            sample_now = bool(cfg.sample_every) and step % cfg.sample_every == 0
-            if log_now or save_now or sample_now:
-                read_pending()  # a sync point: the stop check comes before its checkpoint
-            if log_now:
-                buf = torch.stack([win_sum, win_n])
-                if distributed:
-                    dist.all_reduce(buf)
-                total, count, grad_norm_val = torch.cat([buf, grad_norm.double().reshape(1)]).tolist()
-                mean_loss = total / count if count > 0 else float("nan")
-                now = time.perf_counter()
-                ips = (step - win_step0) / max(now - win_t0, 1e-9)
-                if is_main:
-                    rec = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm_val, "skipped": skipped,
-                           "it_per_s": ips, "time": time.time()}
-                    log_file.write(json.dumps(rec) + "\n")
-                    log_file.flush()
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", skipped=skipped, refresh=False)
-                win_sum.zero_()
-                win_n.zero_()
-                win_t0, win_step0 = now, step
-            if bar is not None:
-                bar.update(1)
-
-            if save_now:
-                last_ckpt = save(step) or last_ckpt
-            if sample_now and is_main:
-                sample_grid(step)
-        # always end with a checkpoint of the final step (unless a resumed run had nothing left to do)
-        if step > start_step or resume_path is None:
-            last_ckpt = save(step) or last_ckpt
-        else:
-            last_ckpt = resume_path
-    finally:
-        if bar is not None:
-            bar.close()
-        if log_file is not None:
-            log_file.close()
-    return TrainResult(step=step, losses=losses, skipped=skipped, checkpoint=last_ckpt, out_dir=run_dir,
-                       model=model, ema=ema)
+    data = _load_data(cfg, rank, world)
+    model, diffusion, config = _build(cfg, data, device)
+    loop = DiffusionTrainLoop(cfg, model, diffusion, config, data, rank=rank, world=world, device=device,
+                              distributed=distributed)
+    return loop.run()

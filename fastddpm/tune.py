@@ -26,7 +26,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -109,9 +109,6 @@ def tune_timesteps(model: Any, diffusion: Any, sampler: str = "unipc", steps: in
         a TuneResult; `.timesteps` is the schedule to use (the initial one when tuning did not also
         improve the validation objective).
     """
-    from .samplers import make_sampler
-    from .spacing import SPACINGS
-
     if sampler not in DETERMINISTIC:
         raise ValueError(f"sampler must be a deterministic sampler {DETERMINISTIC} (the objective is the error "
                          f"against the ODE solution from the same x_T), got {sampler!r}")
@@ -128,70 +125,16 @@ def tune_timesteps(model: Any, diffusion: Any, sampler: str = "unipc", steps: in
         except AttributeError:
             raise ValueError("shape is required for a model without in_channels / image_size") from None
     say = log or (lambda s: None)
-    cache = {} if cache is None else cache
     t_start = time.perf_counter()
-    evaluations = 0
-
-    def reference(s: int, n: int) -> torch.Tensor:
-        key = ("reference", s, n, reference_steps, tuple(shape))
-        if key not in cache:
-            ref = make_sampler("dpm++", diffusion, steps=reference_steps, spacing="logsnr")
-            cache[key] = _x0(model, ref, s, n, shape, batch_size)
-        return cache[key]
-
-    def objective(ts: Sequence[int], s: int, n: int) -> float:
-        nonlocal evaluations
-        evaluations += 1
-        x = _x0(model, make_sampler(sampler, diffusion, steps=list(ts)), s, n, shape, batch_size)
-        return float(((x - reference(s, n)) ** 2).mean())
-
-    reference(seed, num_samples)  # computed (and memoised) once up front, before the search
+    objective = _Objective(model, diffusion, sampler, tuple(shape), reference_steps, batch_size,
+                           {} if cache is None else cache)
+    objective.reference(seed, num_samples)  # computed (and memoised) once up front, before the search
     say(f"reference: {reference_steps}-step DPM-Solver++ on {num_samples} + {val_samples} x_T")
-    spacing_obj: Dict[str, float] = {}
-    if init is not None:
-        from .samplers import _resolve_timesteps
-
-        start = _resolve_timesteps(T, init, allow_none=False)
-        if len(start) != steps:
-            raise ValueError(f"init must hold {steps} timesteps, got {len(start)}")
-        init_name = "init"
-        best = objective(start, seed, num_samples)
-    else:
-        cands = {}
-        for sp in SPACINGS:
-            ts = make_sampler(sampler, diffusion, steps=steps, spacing=sp).timesteps.tolist()
-            if tuple(ts) not in cands.values():
-                cands[sp] = tuple(ts)
-                spacing_obj[sp] = objective(ts, seed, num_samples)
-                say(f"  {sp:>9}: {spacing_obj[sp]:.3e}")
-        init_name = min(spacing_obj, key=spacing_obj.get)
-        start, best = list(cands[init_name]), spacing_obj[init_name]
-    initial, initial_obj = list(start), best
-    ts = list(start)
-    frac = 0.5
-    for rnd in range(max_rounds):
-        improved = False
-        for i in range(1, steps - 1 if keep_last else steps):
-            if time.perf_counter() - t_start > max_seconds:
-                break
-            upper = ts[i - 1]  # strictly below the previous timestep
-            lower = ts[i + 1] if i + 1 < steps else -1
-            for direction in (-1, 1):
-                gap = (ts[i] - lower) if direction < 0 else (upper - ts[i])
-                move = max(1, int(round(frac * gap)))
-                cand_t = ts[i] + direction * move
-                if not lower < cand_t < upper:
-                    continue
-                cand = ts[:i] + [cand_t] + ts[i + 1:]
-                v = objective(cand, seed, num_samples)
-                if v < best:
-                    ts, best, improved = cand, v, True
-                    break
-        say(f"  round {rnd + 1} (fraction {frac:g}): {best:.3e} {ts}")
-        if time.perf_counter() - t_start > max_seconds:
-            break
-        if not improved:
-            frac /= 2
+    init_name, start, spacing_obj = _initial_schedule(objective, steps, init, seed, num_samples, say)
+    initial, initial_obj = list(start), objective(start, seed, num_samples)
+    deadline = t_start + max_seconds
+    ts, best = _descend(objective, list(start), initial_obj, steps, seed, num_samples, max_rounds, deadline,
+                        keep_last, say)
     val_init = objective(initial, seed + 1, val_samples)
     val_tuned = objective(ts, seed + 1, val_samples) if ts != initial else val_init
     accepted = val_tuned < val_init
@@ -200,8 +143,94 @@ def tune_timesteps(model: Any, diffusion: Any, sampler: str = "unipc", steps: in
     return TuneResult(sampler=sampler, steps=steps, timesteps=ts if accepted else initial, initial_spacing=init_name,
                       initial_timesteps=initial, objective=best if accepted else initial_obj,
                       initial_objective=initial_obj, val_objective=val_tuned if accepted else val_init,
-                      val_initial_objective=val_init, accepted=accepted, evaluations=evaluations,
+                      val_initial_objective=val_init, accepted=accepted, evaluations=objective.evaluations,
                       seconds=round(time.perf_counter() - t_start, 1), spacing_objectives=spacing_obj)
+
+
+class _Objective:
+    """Mean squared error of `sampler`'s x_0 on timesteps `ts` against the reference ODE solution
+    (`reference_steps` DPM-Solver++(2M) logSNR steps) from the same Philox x_T; memoised by value."""
+
+    def __init__(self, model: Any, diffusion: Any, sampler: str, shape: Tuple[int, ...], reference_steps: int,
+                 batch_size: int, cache: Dict[Any, Any]):
+        self.model, self.diffusion, self.sampler, self.shape = model, diffusion, sampler, shape
+        self.reference_steps, self.batch_size, self.cache = reference_steps, batch_size, cache
+        self.evaluations = 0
+        self._values: Dict[Tuple[Tuple[int, ...], int, int], float] = {}
+
+    def reference(self, s: int, n: int) -> torch.Tensor:
+        from .samplers import make_sampler
+
+        key = ("reference", s, n, self.reference_steps, self.shape)
+        if key not in self.cache:
+            ref = make_sampler("dpm++", self.diffusion, steps=self.reference_steps, spacing="logsnr")
+            self.cache[key] = _x0(self.model, ref, s, n, self.shape, self.batch_size)
+        return self.cache[key]
+
+    def __call__(self, ts: Sequence[int], s: int, n: int) -> float:
+        from .samplers import make_sampler
+
+        key = (tuple(ts), s, n)
+        if key not in self._values:
+            self.evaluations += 1
+            x = _x0(self.model, make_sampler(self.sampler, self.diffusion, steps=list(ts)), s, n, self.shape,
+                    self.batch_size)
+            self._values[key] = float(((x - self.reference(s, n)) ** 2).mean())
+        return self._values[key]
+
+
+def _initial_schedule(objective: _Objective, steps: int, init: Optional[Sequence[int]], seed: int, n: int,
+                      say: Callable[[str], None]) -> Tuple[str, List[int], Dict[str, float]]:
+    """The descent's start: `init` when given, else the built-in spacing with the lowest objective
+    (name, timesteps, and each distinct spacing's objective)."""
+    from .samplers import _resolve_timesteps, make_sampler
+    from .spacing import SPACINGS
+
+    if init is not None:
+        start = _resolve_timesteps(int(objective.diffusion.schedule.num_timesteps), init, allow_none=False)
+        if len(start) != steps:
+            raise ValueError(f"init must hold {steps} timesteps, got {len(start)}")
+        return "init", start, {}
+    cands: Dict[str, Tuple[int, ...]] = {}
+    spacing_obj: Dict[str, float] = {}
+    for sp in SPACINGS:
+        ts = make_sampler(objective.sampler, objective.diffusion, steps=steps, spacing=sp).timesteps.tolist()
+        if tuple(ts) not in cands.values():
+            cands[sp] = tuple(ts)
+            spacing_obj[sp] = objective(ts, seed, n)
+            say(f"  {sp:>9}: {spacing_obj[sp]:.3e}")
+    name = min(spacing_obj, key=spacing_obj.get)
+    return name, list(cands[name]), spacing_obj
+
+
+def _descend(objective: _Objective, ts: List[int], best: float, steps: int, seed: int, n: int, max_rounds: int,
+             deadline: float, keep_last: bool, say: Callable[[str], None]) -> Tuple[List[int], float]:
+    """Coordinate descent: move one timestep at a time by a fraction of its gap to a neighbour (1/2, then halved
+    after a round without improvement), keeping the first move that lowers the objective."""
+    frac = 0.5
+    for rnd in range(max_rounds):
+        improved = False
+        for i in range(1, steps - 1 if keep_last else steps):
+            if time.perf_counter() > deadline:
+                break
+            upper = ts[i - 1]  # strictly below the previous timestep
+            lower = ts[i + 1] if i + 1 < steps else -1
+            for direction in (-1, 1):
+                gap = (ts[i] - lower) if direction < 0 else (upper - ts[i])
+                cand_t = ts[i] + direction * max(1, int(round(frac * gap)))
+                if not lower < cand_t < upper:
+                    continue
+                cand = ts[:i] + [cand_t] + ts[i + 1:]
+                v = objective(cand, seed, n)
+                if v < best:
+                    ts, best, improved = cand, v, True
+                    break
+        say(f"  round {rnd + 1} (fraction {frac:g}): {best:.3e} {ts}")
+        if time.perf_counter() > deadline:
+            break
+        if not improved:
+            frac /= 2
+    return ts, best
 
 
 # ------------------------------------------------------------------------------ storage
@@ -242,7 +271,7 @@ def tuned_timesteps(checkpoint_path: str, sampler: str, steps: int) -> Optional[
 
 def save_tuned_schedule(checkpoint_path: str, result: TuneResult, extra: Optional[Dict[str, Any]] = None) -> str:
     """Add (or replace) `result`'s schedule in the checkpoint's sidecar file, atomically; returns its path."""
-    from .checkpoint import atomic_write_json
+    from .fileio import atomic_write_json
 
     path = schedules_path(checkpoint_path)
     data = _read(path)

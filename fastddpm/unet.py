@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +54,11 @@ from torch import nn
 
 from . import ops as _ops
 from .guards import check_labels
+from .unet_config import UNetConfig
 
-__all__ = ["UNet", "timestep_embedding"]
+__all__ = ["UNet", "UNetConfig", "timestep_embedding"]
 
-TIME_EMBEDDINGS = ("add", "scale_shift")
+_CONFIG_FIELDS = frozenset(UNetConfig.__dataclass_fields__)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1.0,
@@ -290,12 +291,6 @@ def _check_timesteps(t: torch.Tensor, num_timesteps: Optional[int]) -> None:
         raise ValueError(f"t must be timesteps in {bound}, got values in [{lo}, {hi}]")
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 class UNet(nn.Module):
     """The DDPM / Improved-DDPM U-Net. `model(x, t, y=None) -> output [N, out_channels, H, W]`.
 
@@ -339,141 +334,56 @@ class UNet(nn.Module):
                  *, norm_eps: float = 1e-6, downsample_padding: int = 0, flip_sin_to_cos: bool = False,
                  freq_shift: float = 1.0, recompute_norm: bool = True):
         super().__init__()
-        _positive_int("image_size", image_size)
-        _positive_int("in_channels", in_channels)
-        _positive_int("base_channels", base_channels, 2)
-        _positive_int("num_res_blocks", num_res_blocks)
-        _positive_int("groups", groups)
-        if isinstance(channel_mults, (str, bytes)) or not isinstance(channel_mults, Sequence) or len(channel_mults) == 0:
-            raise ValueError(f"channel_mults must be a non-empty sequence of positive ints, got {channel_mults!r}")
-        channel_mults = tuple(channel_mults)
-        for m in channel_mults:
-            _positive_int("every entry of channel_mults", m)
-        num_levels = len(channel_mults)
-        if image_size % (2 ** (num_levels - 1)):
-            raise ValueError(f"image_size must be divisible by 2**(len(channel_mults) - 1) = {2 ** (num_levels - 1)}, "
-                             f"got image_size={image_size}")
-        resolutions = [image_size // 2 ** lvl for lvl in range(num_levels)]
-        if isinstance(attention_resolutions, int) or not isinstance(attention_resolutions, Sequence):
-            raise ValueError(f"attention_resolutions must be a sequence of ints, got {attention_resolutions!r}")
-        attention_resolutions = tuple(attention_resolutions)
-        for r in attention_resolutions:
-            if r not in resolutions:
-                raise ValueError(f"attention_resolutions entries must be resolutions of the levels {resolutions}, "
-                                 f"got {r!r}")
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        if time_embedding not in TIME_EMBEDDINGS:
-            raise ValueError(f"time_embedding must be one of {TIME_EMBEDDINGS}, got {time_embedding!r}")
-        if num_classes is not None:
-            _positive_int("num_classes", num_classes)
-        if out_channels is None:
-            out_channels = in_channels * (2 if learn_sigma else 1)
-        else:
-            _positive_int("out_channels", out_channels)
-            if learn_sigma and out_channels != 2 * in_channels:
-                raise ValueError(f"with learn_sigma=True out_channels must be 2 * in_channels = {2 * in_channels} "
-                                 f"(or None), got {out_channels}")
-        if downsample_padding not in (0, 1):
-            raise ValueError(f"downsample_padding must be 0 or 1, got {downsample_padding!r}")
-        if not isinstance(norm_eps, (int, float)) or norm_eps <= 0:
-            raise ValueError(f"norm_eps must be a positive float, got {norm_eps!r}")
-        if not isinstance(recompute_norm, bool):
-            raise ValueError(f"recompute_norm must be True or False, got {recompute_norm!r}")
-        if base_channels // 2 - freq_shift == 0:
-            raise ValueError(f"freq_shift must differ from base_channels // 2, got {freq_shift!r}")
-        channels = [base_channels * m for m in channel_mults]
-        for c in channels:
-            if c % groups:
-                raise ValueError(f"groups must divide base_channels * every channel mult {channels}, got groups={groups}")
-        attn_channels = sorted({channels[lvl] for lvl in range(num_levels) if resolutions[lvl] in attention_resolutions}
-                               | {channels[-1]})
-        if head_channels is not None:
-            _positive_int("head_channels", head_channels)
-            if num_heads != 1:
-                raise ValueError(f"give either num_heads or head_channels, not both (num_heads={num_heads}, "
-                                 f"head_channels={head_channels})")
-            for c in attn_channels:
-                if c % head_channels:
-                    raise ValueError(f"head_channels must divide the channels of every attention block {attn_channels}, "
-                                     f"got {head_channels}")
-        else:
-            _positive_int("num_heads", num_heads)
-            for c in attn_channels:
-                if c % num_heads:
-                    raise ValueError(f"num_heads must divide the channels of every attention block {attn_channels}, "
-                                     f"got {num_heads}")
+        cfg = UNetConfig(image_size, in_channels, base_channels, channel_mults, num_res_blocks, attention_resolutions,
+                         dropout, num_heads, head_channels, time_embedding, learn_sigma, num_classes, groups,
+                         out_channels, norm_eps, downsample_padding, flip_sin_to_cos, freq_shift, recompute_norm)
+        self.cfg = cfg
+        self._build(cfg)
+        # every ResBlock in the order forward() runs them (a plain tuple: not registered twice)
+        self._resblocks = tuple(m for m in self.modules() if isinstance(m, ResBlock))
+        self._stack_time_projections()
 
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.base_channels = base_channels
-        self.channel_mults = channel_mults
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = attention_resolutions
-        self.num_heads = num_heads
-        self.head_channels = head_channels
-        self.time_embedding = time_embedding
-        self.learn_sigma = bool(learn_sigma)
-        self.num_classes = num_classes
-        self.groups = groups
-        self.norm_eps = float(norm_eps)
-        self.downsample_padding = downsample_padding
-        self.flip_sin_to_cos = bool(flip_sin_to_cos)
-        self.freq_shift = freq_shift
-        self._recompute_norm = recompute_norm
-        self.config = dict(image_size=image_size, in_channels=in_channels, base_channels=base_channels,
-                           channel_mults=list(channel_mults), num_res_blocks=num_res_blocks,
-                           attention_resolutions=list(attention_resolutions), dropout=float(dropout),
-                           num_heads=num_heads, head_channels=head_channels, time_embedding=time_embedding,
-                           learn_sigma=bool(learn_sigma), num_classes=num_classes, groups=groups,
-                           out_channels=out_channels, norm_eps=float(norm_eps),
-                           downsample_padding=downsample_padding, flip_sin_to_cos=bool(flip_sin_to_cos),
-                           freq_shift=freq_shift, recompute_norm=recompute_norm)
-
-        temb = 4 * base_channels
-        self.temb_channels = temb
-
-        def heads(c: int) -> int:
-            return c // head_channels if head_channels is not None else num_heads
-
+    def _build(self, cfg: UNetConfig) -> None:
+        """The network: conv_in, time (and class) embedding, down levels, middle, up levels, output."""
         def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, temb, dropout, time_embedding, groups, norm_eps, recompute_norm)
+            return ResBlock(cin, cout, cfg.temb_channels, cfg.dropout, cfg.time_embedding, cfg.groups, cfg.norm_eps,
+                            cfg.recompute_norm)
 
         def attn(c: int) -> AttentionBlock:
-            return AttentionBlock(c, heads(c), groups, norm_eps, recompute_norm)
+            return AttentionBlock(c, cfg.heads(c), cfg.groups, cfg.norm_eps, cfg.recompute_norm)
 
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-        self.time_linear1 = nn.Linear(base_channels, temb)
+        base, temb = cfg.base_channels, cfg.temb_channels
+        self.conv_in = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
+        self.time_linear1 = nn.Linear(base, temb)
         self.time_linear2 = nn.Linear(temb, temb)
-        self.class_embedding = nn.Embedding(num_classes + 1, temb) if num_classes is not None else None
+        self.class_embedding = nn.Embedding(cfg.num_classes + 1, temb) if cfg.num_classes is not None else None
 
-        skip_channels = [base_channels]
+        skip_channels = [base]
         self.down = nn.ModuleList()
-        cin = base_channels
-        for lvl, cout in enumerate(channels):
-            use_attn = resolutions[lvl] in attention_resolutions
+        cin = base
+        for lvl, cout in enumerate(cfg.channels):
+            use_attn = cfg.has_attention(lvl)
             resnets, attentions = [], []
-            for _ in range(num_res_blocks):
+            for _ in range(cfg.num_res_blocks):
                 resnets.append(res(cin, cout))
                 if use_attn:
                     attentions.append(attn(cout))
                 cin = cout
                 skip_channels.append(cout)
             resample = None
-            if lvl != num_levels - 1:
-                resample = Downsample(cout, downsample_padding)
+            if lvl != cfg.num_levels - 1:
+                resample = Downsample(cout, cfg.downsample_padding)
                 skip_channels.append(cout)
             self.down.append(Level(resnets, attentions, resample))
 
         self.mid = MidBlock(res(cin, cin), attn(cin), res(cin, cin))
 
         self.up = nn.ModuleList()
-        for lvl in reversed(range(num_levels)):
-            cout = channels[lvl]
-            use_attn = resolutions[lvl] in attention_resolutions
+        for lvl in reversed(range(cfg.num_levels)):
+            cout = cfg.channels[lvl]
+            use_attn = cfg.has_attention(lvl)
             resnets, attentions = [], []
-            for _ in range(num_res_blocks + 1):
+            for _ in range(cfg.num_res_blocks + 1):
                 resnets.append(res(cin + skip_channels.pop(), cout))
                 if use_attn:
                     attentions.append(attn(cout))
@@ -482,25 +392,35 @@ class UNet(nn.Module):
             self.up.append(Level(resnets, attentions, resample))
         assert not skip_channels
 
-        self.norm_out = GroupNorm(groups, base_channels, norm_eps)
-        self.conv_out = nn.Conv2d(base_channels, out_channels, 3, padding=1)
+        self.norm_out = GroupNorm(cfg.groups, base, cfg.norm_eps)
+        self.conv_out = nn.Conv2d(base, cfg.out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
-        # every ResBlock in the order forward() runs them (a plain tuple: not registered twice)
-        self._resblocks = tuple(m for m in self.modules() if isinstance(m, ResBlock))
-        self._stack_time_projections()
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        """The constructor's arguments as JSON (`UNetConfig.to_dict`): `UNet(**unet.config)` rebuilds the model."""
+        return self.cfg.to_dict()
+
+    def __getattr__(self, name: str) -> Any:
+        """Config fields read as attributes (`unet.image_size`, `unet.num_classes`, ...): `cfg` holds them once."""
+        cfg = self.__dict__.get("cfg")
+        if cfg is not None and name in _CONFIG_FIELDS:
+            return getattr(cfg, name)
+        return super().__getattr__(name)
+
+    @property
+    def temb_channels(self) -> int:
+        return self.cfg.temb_channels
 
     @property
     def recompute_norm(self) -> bool:
         """Memory-lean training on/off (see the class docstring); setting it updates every block and `config`."""
-        return self._recompute_norm
+        return self.cfg.recompute_norm
 
     @recompute_norm.setter
     def recompute_norm(self, enabled: bool) -> None:
-        if not isinstance(enabled, bool):
-            raise ValueError(f"recompute_norm must be True or False, got {enabled!r}")
-        self._recompute_norm = enabled
-        self.config["recompute_norm"] = enabled
+        self.cfg = self.cfg.replace(recompute_norm=enabled)
         for m in self.modules():
             if isinstance(m, (ResBlock, AttentionBlock)):
                 m.recompute_norm = enabled
@@ -523,16 +443,16 @@ class UNet(nn.Module):
             raise ValueError(f"t must have shape [N] = [{n}] or be a scalar, got shape {tuple(t.shape)}")
         _check_timesteps(t, getattr(self, "num_timesteps", None))
         dtype = self.time_linear1.weight.dtype
-        emb = timestep_embedding(t.to(x.device), self.base_channels, self.flip_sin_to_cos, self.freq_shift)
+        emb = timestep_embedding(t.to(x.device), self.cfg.base_channels, self.cfg.flip_sin_to_cos, self.cfg.freq_shift)
         emb = self.time_linear2(F.silu(self.time_linear1(emb.to(dtype))))
         if self.class_embedding is not None:
             if y is None:
-                y = torch.full((n,), self.num_classes, dtype=torch.long, device=x.device)
+                y = torch.full((n,), self.cfg.num_classes, dtype=torch.long, device=x.device)
             elif not torch.is_tensor(y) or y.shape != (n,) or y.dtype.is_floating_point or y.dtype == torch.bool:
                 raise ValueError(f"y must be an integer tensor of shape [N] = [{n}] with labels in "
-                                 f"[0, {self.num_classes}] (num_classes = null class) or None")
+                                 f"[0, {self.cfg.num_classes}] (num_classes = null class) or None")
             elif y.device.type == "cpu" and not torch.compiler.is_compiling():  # CUDA: would sync every step
-                check_labels(y, self.num_classes, "y")
+                check_labels(y, self.cfg.num_classes, "y")
             emb = emb + self.class_embedding(y.to(x.device))
         elif y is not None:
             raise ValueError("y (class labels) was given but the UNet has num_classes=None")
@@ -543,9 +463,9 @@ class UNet(nn.Module):
         scalar broadcast to the batch), with class labels y [N] (None: the null class) when num_classes is set."""
         if not torch.is_tensor(x):
             raise ValueError(f"x must be a torch.Tensor [N, C, H, W], got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] != self.image_size \
-                or x.shape[3] != self.image_size:
-            raise ValueError(f"x must have shape [N, {self.in_channels}, {self.image_size}, {self.image_size}] "
+        if x.dim() != 4 or x.shape[1] != self.cfg.in_channels or x.shape[2] != self.cfg.image_size \
+                or x.shape[3] != self.cfg.image_size:
+            raise ValueError(f"x must have shape [N, {self.cfg.in_channels}, {self.cfg.image_size}, {self.cfg.image_size}] "
                              f"(in_channels, image_size), got {tuple(x.shape)}")
         if not x.dtype.is_floating_point:
             raise ValueError(f"x must be a floating-point tensor (images in [-1, 1]), got dtype {x.dtype}")

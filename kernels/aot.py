@@ -50,7 +50,8 @@ __all__ = [
     "find_cuobjdump", "parse_resource_usage", "tensor_core_family", "runtime_spec", "compile_spec", "collect",
 ]
 
-KERNEL_MODULES: Tuple[str, ...] = ("kernels.group_norm", "kernels.attention", "kernels.sampler_step")
+KERNEL_MODULES: Tuple[str, ...] = ("fastddpm.kernels.group_norm", "fastddpm.kernels.attention",
+                                   "fastddpm.kernels.sampler_step")
 MAX_REGISTERS = 255
 REQUIRED_SPEC_KEYS = ("kernel", "config", "fn", "signature", "constexprs", "num_warps", "num_stages",
                       "hbm_bytes_fused", "hbm_bytes_unfused")

@@ -101,6 +101,7 @@ import triton
 import triton.language as tl
 
 from .arch import arch_of
+from .checks import check_attention
 from .device_guard import on_tensor_device
 
 __all__ = [
@@ -614,24 +615,13 @@ def _check_tensor(t: Any, name: str, ndim: int) -> None:
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(t, name, 4)
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name} dtype must be one of float32, bfloat16, float16, got {t.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    """`checks.check_attention` for the kernels' dtypes, and head_dim within the kernels' limit;
+    returns (B, H, Nq, Nk, D)."""
+    check_attention(q, k, v, _DTYPES)
     b, h, n_q, d = q.shape
-    if tuple(k.shape) != tuple(v.shape) or k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
-        raise ValueError("k and v must have shape [B, heads, Nk, head_dim] matching q "
-                         f"{tuple(q.shape)}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not 1 <= d <= _MAX_HEAD_DIM:
         raise ValueError(f"q head_dim (last dim) must be in [1, {_MAX_HEAD_DIM}], got {d}")
-    n_kv = k.shape[2]
-    if n_kv == 0 and b * h * n_q > 0:
-        raise ValueError("k must have at least one key (k.shape[2] >= 1)")
-    return b, h, n_q, n_kv, d
+    return b, h, n_q, k.shape[2], d
 
 
 def _check_scale(sm_scale: Any) -> float:

@@ -127,6 +127,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import check_group_norm
 from .device_guard import on_tensor_device
 
 __all__ = [
@@ -671,25 +672,11 @@ def _launch(kernel, name: str, grid, args: list, consts: dict, cpg: int, hw: int
 
 
 def _check(x: torch.Tensor, weight, bias, add, scale, shift, groups: int) -> tuple[int, int, int, int]:
-    if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        raise ValueError("x must be a tensor [N, C, *spatial] with at least 2 dims")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"x.dtype must be one of float32, bfloat16, float16, got {x.dtype}")
-    n, c = x.shape[0], x.shape[1]
-    if not isinstance(groups, int) or groups < 1 or c % groups != 0:
-        raise ValueError(f"groups must be a positive int dividing C={c}, got {groups!r}")
-    hw = x.numel() // max(1, n * c)
+    """`checks.check_group_norm` for the kernels' dtypes, and a non-empty x; returns (N, C, HW, C/groups)."""
+    n, c = check_group_norm(x, weight, bias, add, scale, shift, groups, (torch.float32, torch.bfloat16, torch.float16))
     if x.numel() == 0:
         raise ValueError("x must not be empty")
-    for name, t, shape in (("weight", weight, (c,)), ("bias", bias, (c,)), ("add", add, (n, c)),
-                           ("scale", scale, (n, c)), ("shift", shift, (n, c))):
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {list(shape)} or be None, got {list(t.shape)}")
-        if t.device != x.device or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor on {x.device}")
-    return n, c, hw, c // groups
+    return n, c, x.numel() // (n * c), c // groups
 
 
 def _c(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

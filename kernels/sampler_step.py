@@ -43,13 +43,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import NUM_COEFS, check_sampler_step, check_sampler_step_inplace
 from .device_guard import on_tensor_device
 
 __all__ = ["sampler_step_forward", "sampler_step_inplace", "CONFIGS", "INPLACE_CONFIG", "NUM_COEFS", "MAX_HISTORY"]
 
-NUM_COEFS = 11
-# the first 9 columns: tables of samplers with at most one history tensor may stop there
-LEGACY_COEFS = 9
 MAX_HISTORY = 3
 # (BLOCK, num_warps): the autotune list of the functional kernel on real GPUs and the AOT report's configs.
 # 4-8 fp32 elements per thread (16 per thread doubles the registers to ~155 with in-kernel Philox, for no
@@ -232,57 +230,6 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _check_like(name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> None:
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor) or t.shape != x.shape or t.device != x.device:
-        raise ValueError(f"{name} must be a tensor of x's shape {tuple(x.shape)} on {x.device}, got "
-                         f"{getattr(t, 'shape', t)}")
-
-
-def _history(x0_prev, x0_prev2, x0_prev3) -> int:
-    """The number of history tensors given; ValueError unless they are given in order."""
-    if x0_prev3 is not None and x0_prev2 is None:
-        raise ValueError("x0_prev3 needs x0_prev2 (the history is given most recent first)")
-    if x0_prev2 is not None and x0_prev is None:
-        raise ValueError("x0_prev2 needs x0_prev (the history is given most recent first)")
-    return sum(t is not None for t in (x0_prev, x0_prev2, x0_prev3))
-
-
-def _validate(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range,
-              extra_channels_ok, x0_prev2=None, x0_prev3=None) -> int:
-    """ValueError naming the argument for every violation of the launchers' contract; returns the
-    number of history tensors."""
-    if x.dim() < 2:
-        raise ValueError(f"x must be [N, C, *spatial], got shape {tuple(x.shape)}")
-    n, c = x.shape[0], x.shape[1]
-    want_c = 2 * c if learned_range else c
-    ok_c = (c, 2 * c) if extra_channels_ok and not learned_range else (want_c,)
-    if model_output.dim() != x.dim() or model_output.shape[0] != n or model_output.shape[1] not in ok_c \
-            or model_output.shape[2:] != x.shape[2:]:
-        raise ValueError(f"model_output must have shape {(n, want_c) + tuple(x.shape[2:])} "
-                         f"(learned_range={learned_range}), got {tuple(model_output.shape)}")
-    num_hist = _history(x0_prev, x0_prev2, x0_prev3)
-    widths = (LEGACY_COEFS, NUM_COEFS) if num_hist <= 1 else (NUM_COEFS,)
-    if coefs.dim() != 2 or coefs.shape[1] not in widths or coefs.dtype != torch.float32:
-        raise ValueError(f"coefs must be a float32 tensor [S, {NUM_COEFS}] ([S, {LEGACY_COEFS}] without x0_prev2), "
-                         f"got {coefs.dtype} {tuple(coefs.shape)}")
-    if step.dtype != torch.int64 or step.numel() != 1:
-        raise ValueError(f"step must be an int64 tensor with one element, got {step.dtype} {tuple(step.shape)}")
-    if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1):
-        raise ValueError(f"seed must be an int64 tensor with one element or None, got {seed.dtype} {tuple(seed.shape)}")
-    if not isinstance(image_offset, int) or image_offset < 0:
-        raise ValueError(f"image_offset must be a non-negative int, got {image_offset!r}")
-    _check_like("x0_prev", x0_prev, x)
-    _check_like("x0_prev2", x0_prev2, x)
-    _check_like("x0_prev3", x0_prev3, x)
-    _check_like("noise", noise, x)
-    for name, t in (("model_output", model_output), ("coefs", coefs), ("step", step), ("seed", seed)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-    return num_hist
-
-
 @on_tensor_device
 def sampler_step_forward(
     x: torch.Tensor,
@@ -305,8 +252,8 @@ def sampler_step_forward(
     None when noise is given, or when no noise is wanted: then z = 0); noise / x0_prev / x0_prev2 /
     x0_prev3 like x or None (the history most recent first). Inputs are made contiguous.
     """
-    num_hist = _validate(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False,
-                         x0_prev2, x0_prev3)
+    num_hist = check_sampler_step(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range,
+                                  False, x0_prev2, x0_prev3)
     n = x.shape[0]
     x = x.contiguous()
     model_output = model_output.contiguous()
@@ -357,23 +304,14 @@ def sampler_step_inplace(
     C are read). x and the history buffers must be contiguous (they are written) and distinct;
     done_counter is an int32 [1] buffer holding 0, owned by the caller, and holds 0 again after the launch.
     """
-    num_hist = _validate(x, model_output, coefs, step, x0_prev, None, seed, image_offset, learned_range, True,
-                         x0_prev2, x0_prev3)
-    for name, t in (("x", x), ("x0_prev", x0_prev), ("x0_prev2", x0_prev2), ("x0_prev3", x0_prev3)):
+    num_hist = check_sampler_step_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed,
+                                          image_offset, learned_range, done_counter, x0_prev2, x0_prev3)
+    if done_counter is None:
+        raise ValueError("done_counter must be an int32 tensor with one element holding 0, got None")
+    for name, t in (("x", x), ("x0_prev", x0_prev), ("x0_prev2", x0_prev2), ("x0_prev3", x0_prev3), ("t_out", t_out)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (the in-place step writes it)")
     s_rows = coefs.shape[0]
-    if model_timesteps.dtype != torch.int64 or model_timesteps.shape != (s_rows,):
-        raise ValueError(f"model_timesteps must be an int64 tensor of shape ({s_rows},) (one per coefs row), "
-                         f"got {model_timesteps.dtype} {tuple(model_timesteps.shape)}")
-    if t_out.dtype != torch.int64 or t_out.dim() != 1 or not t_out.is_contiguous():
-        raise ValueError(f"t_out must be a contiguous int64 tensor [N], got {t_out.dtype} {tuple(t_out.shape)}")
-    if done_counter.dtype != torch.int32 or done_counter.numel() != 1:
-        raise ValueError(f"done_counter must be an int32 tensor with one element, got {done_counter.dtype} "
-                         f"{tuple(done_counter.shape)}")
-    for name, t in (("t_out", t_out), ("model_timesteps", model_timesteps), ("done_counter", done_counter)):
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
     n = x.shape[0]
     numel_image = x[0].numel() if n > 0 else 0
     if n == 0 or numel_image == 0:

@@ -81,9 +81,9 @@ def main() -> None:
     start = time.time()
     digits = None
     if not args.no_digits:
-        from fastddpm import checkpoint as ckpt
+        from fastddpm import build
 
-        model, diffusion, _config = ckpt.load_model(None, device="cpu")
+        model, diffusion, _config = build.load_model(None, device="cpu")
         model.eval()
         shape = (args.num, model.in_channels, model.image_size, model.image_size)
         with torch.no_grad():

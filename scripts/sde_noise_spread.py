@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import quality_table as qt  # noqa: E402
-from fastddpm import checkpoint as ckpt  # noqa: E402
+from fastddpm import build  # noqa: E402
 from fastddpm.images import to_uint8  # noqa: E402
 from fastddpm.ops.philox import philox_normal  # noqa: E402
 from fastddpm.samplers import make_sampler  # noqa: E402
@@ -49,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--torch-seeds", default="1000,1001,1002")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    model, diffusion, config = ckpt.load_model(None, device="cpu")
+    model, diffusion, config = build.load_model(None, device="cpu")
     mc = config["model"]
     full = (args.num, int(mc["in_channels"]), int(mc["image_size"]), int(mc["image_size"]))
     scorer = qt.Scorer()

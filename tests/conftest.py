@@ -5,8 +5,16 @@ TRITON_INTERPRET must be set before triton is first imported, so it is set here,
 On a GPU machine the interpreter stays off (the kernels compile for the device), so a test that forces
 ``use_backend("triton")`` on CPU tensors cannot launch anything: such tests take the `triton_on_cpu`
 fixture, which skips them there (tests/gpu runs the kernels on the device instead). Tests that need
-the device take `cuda_device` (skipped without CUDA or with the interpreter on).
+the device take `cuda_device` (skipped without CUDA or with the interpreter on). TRITON_INTERPRET=1
+exported on a CUDA machine would skip every one of them, so the run stops there with a usage error.
+
+Markers: `gpu` (set here, see below), `slow` (set by the test files on the tests that take tens of
+seconds on a CPU: the AOT gate, end-to-end training runs, the wheel build; `python -m pytest -m "not
+slow" tests` is the quick run, CI runs everything) and `compile_heavy` (set here on tests that call
+torch.compile or take a truthy `compile` parameter: each costs an Inductor compile, tens of seconds on a
+cold cache, so the one-shot GPU check deselects them).
 """
+import inspect
 import os
 
 import pytest
@@ -21,6 +29,14 @@ torch.set_default_dtype(torch.float32)
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (set automatically: tests/gpu and every test "
                                        "skipped for 'needs CUDA'); `pytest -m gpu` runs them all")
+    config.addinivalue_line("markers", "slow: takes tens of seconds on a CPU (the AOT gate, end-to-end training, "
+                                       "the wheel build); `pytest -m \"not slow\"` leaves them out, CI runs them")
+    config.addinivalue_line("markers", "compile_heavy: calls torch.compile (set automatically); "
+                                       "benchmarks/gpu_check.py runs `-m 'gpu and not compile_heavy'`")
+    if os.environ.get("TRITON_INTERPRET") == "1" and torch.cuda.is_available():
+        raise pytest.UsageError("TRITON_INTERPRET=1 is set on a machine with CUDA: every GPU test would skip "
+                                "(the kernels would run in Triton's interpreter). Unset it: `env -u TRITON_INTERPRET "
+                                "python -m pytest ...`")
 
 
 def _needs_cuda(item) -> bool:
@@ -29,10 +45,22 @@ def _needs_cuda(item) -> bool:
     return any("CUDA" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
 
 
+def _compiles(item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if params.get("compile"):
+        return True
+    try:
+        return "torch.compile" in inspect.getsource(item.function)
+    except (AttributeError, OSError, TypeError):
+        return False
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _needs_cuda(item):
             item.add_marker(pytest.mark.gpu)
+        if _compiles(item):
+            item.add_marker(pytest.mark.compile_heavy)
 
 
 def interpreter_active() -> bool:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastddpm as fd
+from fastddpm import build
 from fastddpm import checkpoint as ckpt
 from fastddpm.cli import main
 from fastddpm.guards import NonFiniteSampleError
@@ -66,7 +67,7 @@ def test_unet_refuses_bad_timesteps(t, match):
 
 
 def test_unet_refuses_t_beyond_the_schedule_when_known(run_dir):
-    model, diffusion, _ = ckpt.load_model(str(run_dir))
+    model, diffusion, _ = build.load_model(str(run_dir))
     assert model.num_timesteps == diffusion.num_timesteps == 50
     x = torch.zeros(1, 1, 8, 8)
     with torch.no_grad():
@@ -214,7 +215,7 @@ def test_absurd_config_values_are_refused_before_allocating(run_dir, tmp_path, c
     cfg[section][key] = value
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ckpt.CheckpointError, match=match):
-        ckpt.load_model(str(out))
+        build.load_model(str(out))
     assert main(["sample", "--checkpoint", str(out), "--npz", str(tmp_path / "a.npz")]) == 1
     assert "fastddpm sample: error:" in capsys.readouterr().err
 

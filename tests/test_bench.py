@@ -1,4 +1,4 @@
-"""benchmarks/report.py (README performance section from results JSON) and the `fastddpm bench` command.
+"""benchmarks/report.py (docs/performance.md's generated section from results JSON) and the `fastddpm bench` command.
 
 Fast: no benchmark is run; report.py works on a small synthetic results folder, and the bench command
 is driven on a stand-in checkout whose scripts are one-liners.
@@ -79,7 +79,7 @@ def results(tmp_path):
     return d
 
 
-README_TEXT = "# title\n\nintro stays\n\n<!-- perf:begin -->\nold stuff\n<!-- perf:end -->\n\n## After\ntail stays\n"
+PAGE_TEXT = "# title\n\nintro stays\n\n<!-- perf:begin -->\nold stuff\n<!-- perf:end -->\n\n## After\ntail stays\n"
 
 
 def test_render_rows(results):
@@ -99,7 +99,7 @@ def test_render_rows(results):
     assert "| speed.ours_ms | 12.5 |" in text and "| speed.peer_ms | 25.0 |" in text
     # no GPU results file: no GPU figures, only the note that there are none
     assert "img/s | diffusers eager" not in text
-    assert "GPU figures: none yet" in text
+    assert "GPU figures: none (" in text
     assert report.render(results) == text  # no timestamps: a pure function of the files
 
 
@@ -108,7 +108,7 @@ def test_render_gpu_only_with_gpu_file(results):
     text = report.render(results)
     assert "| ddim | 20 | 256 | bfloat16 | 3,000 | 1,000 | 2,000 | 3.00x | 1.50x |" in text
     assert "Machine: GPU NVIDIA H100" in text
-    assert "GPU figures: none yet" not in text
+    assert "GPU figures: none (" not in text
     # known files come before unknown ones, CPU before GPU
     assert text.index("Sampling on the CPU") < text.index("Sampling on a GPU") < text.index("custom thing")
 
@@ -119,7 +119,7 @@ def test_render_empty(tmp_path):
 
 def test_splice_replaces_only_between_markers(results):
     section = report.render(results)
-    new = report.splice(README_TEXT, section)
+    new = report.splice(PAGE_TEXT, section)
     before, rest = new.split(report.BEGIN)
     inside, after = rest.split(report.END)
     assert before == "# title\n\nintro stays\n\n"
@@ -133,13 +133,13 @@ def test_splice_replaces_only_between_markers(results):
 
 
 def test_main_update_and_check(results, tmp_path, capsys):
-    readme = tmp_path / "README.md"
-    readme.write_text(README_TEXT)
-    args = ["--results", str(results), "--readme", str(readme)]
+    page = tmp_path / "performance.md"
+    page.write_text(PAGE_TEXT)
+    args = ["--results", str(results), "--page", str(page)]
     assert report.main(args + ["--check"]) == 1  # stale
-    assert readme.read_text() == README_TEXT  # --check never writes
+    assert page.read_text() == PAGE_TEXT  # --check never writes
     assert report.main(args) == 0
-    updated = readme.read_text()
+    updated = page.read_text()
     assert updated.startswith("# title\n\nintro stays\n\n<!-- perf:begin -->\n")
     assert updated.endswith("<!-- perf:end -->\n\n## After\ntail stays\n")
     assert "| ddim | FastSampler |" in updated
@@ -148,7 +148,7 @@ def test_main_update_and_check(results, tmp_path, capsys):
     assert report.main(args + ["--check"]) == 1  # a new results file makes it stale again
     nomark = tmp_path / "NOMARK.md"
     nomark.write_text("# x\n")
-    assert report.main(["--results", str(results), "--readme", str(nomark)]) == 2
+    assert report.main(["--results", str(results), "--page", str(nomark)]) == 2
     assert "markers" in capsys.readouterr().err
 
 
@@ -272,7 +272,7 @@ def test_run_suite_with_out_dir_leaves_the_checkout_alone(tmp_path):
     timings = json.loads((out / "timings.json").read_text())["seconds"]
     assert set(timings) == {"benchmarks/kernel_report.py", "benchmarks/bench_group_norm.py",
                             "benchmarks/bench_attention.py"}
-    assert (out / "performance.md").exists()  # the report, printed into the out dir, not the README
+    assert (out / "performance.md").exists()  # the report, printed into the out dir, not docs/performance.md
 
 
 def test_cli_writes_an_out_dir_unless_update_results(monkeypatch, tmp_path):
@@ -297,6 +297,6 @@ def test_bench_help_states_each_suite_time(capsys):
         assert f"{name}: {bench.SUITE_MINUTES[name]}" in text
 
 
-def test_readme_performance_section_is_current():
-    """The README's generated section is what report.py renders from the committed results files."""
+def test_performance_page_is_current():
+    """docs/performance.md's generated section is what report.py renders from the committed results files."""
     assert report.main(["--check"]) == 0

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastddpm import build
 from fastddpm import checkpoint as ckpt
 from fastddpm.cli import main
 
@@ -67,7 +68,7 @@ def test_sample_png_and_npz_match_the_sampler(tiny_run, tmp_path):
                     "--seed", "7", "--out", str(png), "--npz", str(npz)]) == 0
     images = np.load(npz)["images"]
     assert images.dtype == np.uint8 and images.shape == (5, 8, 8, 1)
-    model, diff, _ = ckpt.load_model(tiny_run)
+    model, diff, _ = build.load_model(tiny_run)
     with torch.no_grad():
         ref = to_uint8(DDIMSampler(diff, steps=3).sample(model, (5, 1, 8, 8), seed=7))
     np.testing.assert_array_equal(images, ref)  # batches of 2 give what one batch of 5 gives
@@ -199,7 +200,8 @@ def _documented_torchrun_commands():
     from fastddpm.cli import sample as sample_cli, train as train_cli
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    texts = [open(os.path.join(root, "README.md"), encoding="utf-8").read(), sample_cli.__doc__, train_cli.__doc__]
+    pages = [os.path.join(root, "README.md"), os.path.join(root, "docs", "training.md")]
+    texts = [open(p, encoding="utf-8").read() for p in pages] + [sample_cli.__doc__, train_cli.__doc__]
     out = []
     for text in texts:
         for line in text.splitlines():
@@ -245,9 +247,9 @@ def keep_threads():
 def test_thread_count_follows_the_model_size(keep_threads, monkeypatch):
     from fastddpm.cli._common import SMALL_MODEL_PARAMS, apply_threads, auto_threads
 
-    bundled, _, _ = ckpt.load_model(None)
+    bundled, _, _ = build.load_model(None)
     n_bundled = sum(p.numel() for p in bundled.parameters())
-    cifar = 35_746_307  # the DDPM CIFAR-10 U-Net (README, "What is inside")
+    cifar = 35_746_307  # the DDPM CIFAR-10 U-Net (docs/design.md, "Where things live")
     assert n_bundled < SMALL_MODEL_PARAMS < cifar
     assert auto_threads(n_bundled) == 1 and auto_threads(cifar, default=4) == 4
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -305,7 +307,7 @@ def test_dataset_defaults_follow_the_image_size():
     from fastddpm.train import TrainConfig, dataset_defaults, model_config
 
     # digits: the bundled model's recipe, checked against the bundled checkpoint's own config
-    _, _, bundled = ckpt.load_model(None)
+    _, _, bundled = build.load_model(None)
     d = dataset_defaults("digits", 1, 8)
     for k in ("base_channels", "num_res_blocks", "groups", "dropout"):
         assert d[k] == bundled["model"][k], k
@@ -332,7 +334,7 @@ def test_train_with_the_dataset_defaults_prints_them(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "--base-channels 32*" in printed and "--channel-mults 1,2*" in printed
     assert re.search(r"--steps 1(\s|$)", printed)  # the user's flag, unmarked
-    _, _, bundled = ckpt.load_model(None)
+    _, _, bundled = build.load_model(None)
     model = ckpt.load_checkpoint(str(out)).config["model"]
     for k in ("base_channels", "channel_mults", "attention_resolutions", "num_res_blocks", "groups"):
         assert model[k] == bundled["model"][k], k

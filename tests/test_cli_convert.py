@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastddpm.checkpoint import load_model
+from fastddpm.build import load_model
 from fastddpm.cli.convert import convert
 
 diffusers = pytest.importorskip("diffusers")

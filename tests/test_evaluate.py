@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastddpm import build
 from fastddpm import checkpoint as ck
 from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.evaluate import (ReferenceStats, evaluate_samples, load_images, nll_over_dataset, reference_stats,
@@ -262,7 +263,7 @@ def test_cli_nll_writes_json(tiny_checkpoint, tmp_path):
     res = json.loads(open(out).read())
     assert {"bpd", "stderr", "num", "prior_bpd", "decoder_bpd", "part", "checkpoint"} <= set(res)
     assert res["num"] == 5 and res["part"] == "heldout"
-    model, diff, _ = ck.load_model(tiny_checkpoint)
+    model, diff, _ = build.load_model(tiny_checkpoint)
     direct = nll_over_dataset(diff, model, "digits", part="heldout", num=5, batch_size=4, seed=2)
     assert res["bpd"] == pytest.approx(direct["bpd"], rel=1e-6)
     assert res["stderr"] == pytest.approx(direct["stderr"], rel=1e-6)

@@ -2,12 +2,14 @@
 
 * no import cycle among fastddpm's modules, counting imports inside functions (a lazy import that
   closes a circle is still a circle);
-* `kernels/` knows only torch and triton; `fastddpm.ops` holds no kernel code;
+* `kernels/` (imported as `fastddpm.kernels`) knows only torch, triton and the standard library, and
+  reaches its own modules by relative imports; only `fastddpm.ops` imports it, and holds no kernel code;
 * op boundaries (custom autograd functions) live in `fastddpm.ops`, not in the modules that use them.
 """
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -24,8 +26,9 @@ def _modules(package: str) -> Dict[str, Path]:
     return out
 
 
-def _imports(name: str, path: Path, known: Dict[str, Path]) -> Set[str]:
-    """Modules of `known` that `name` imports anywhere in its source (module level or inside functions)."""
+def _targets(name: str, path: Path) -> Set[str]:
+    """Every module name that module `name` (at `path`) imports anywhere in its source (module level or
+    inside functions), relative imports resolved; `from a import b` counts as both a and a.b."""
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found: Set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -35,14 +38,16 @@ def _imports(name: str, path: Path, known: Dict[str, Path]) -> Set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            candidates = [target] + [f"{target}.{a.name}" for a in node.names]
+            found.update([target] + [f"{target}.{a.name}" for a in node.names])
         elif isinstance(node, ast.Import):
-            candidates = [a.name for a in node.names]
-        else:
-            continue
-        # a module importing its own parent package (e.g. `from .. import __version__`) is not an edge
-        found.update(c for c in candidates if c in known and c != name and not name.startswith(c + "."))
+            found.update(a.name for a in node.names)
     return found
+
+
+def _imports(name: str, path: Path, known: Dict[str, Path]) -> Set[str]:
+    """Modules of `known` that `name` imports anywhere in its source (module level or inside functions)."""
+    # a module importing its own parent package (e.g. `from .. import __version__`) is not an edge
+    return {c for c in _targets(name, path) if c in known and c != name and not name.startswith(c + ".")}
 
 
 def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
@@ -92,13 +97,47 @@ def test_no_import_cycles_in_fastddpm():
     assert _cycles(graph) == []
 
 
+def _absolute_imports(path: Path) -> List[str]:
+    """Every module named by an absolute import in `path` (module level or inside functions)."""
+    out: List[str] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            out.append(node.module or "")
+    return out
+
+
 def test_kernels_import_only_torch_and_triton():
-    for path in sorted((ROOT / "kernels").rglob("*.py")):
+    allowed = {"torch", "triton"} | set(sys.stdlib_module_names)
+    paths = sorted((ROOT / "kernels").rglob("*.py"))
+    assert paths
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            for n in names:
-                assert n.split(".")[0] != "fastddpm", f"{path.name} imports {n}"
+            if isinstance(node, ast.ImportFrom) and node.level > 1:
+                raise AssertionError(f"kernels/{path.name} imports from outside kernels/ (level {node.level})")
+        for n in _absolute_imports(path):
+            # `kernels.x` (a top-level name PyPI's `kernels` owns) and `fastddpm.x` are both refused:
+            # kernels/ reaches its own modules relatively, whatever name it is installed under
+            assert n.split(".")[0] in allowed, f"kernels/{path.name} imports {n}"
+
+
+def test_only_ops_import_kernels():
+    """`fastddpm.ops` wraps the kernels; everything else in fastddpm uses the ops."""
+    for name, path in _modules("fastddpm").items():
+        if name == "fastddpm.kernels":  # the source tree's stub that loads kernels/ as this package
+            continue
+        for n in _targets(name, path):
+            if n == "fastddpm.kernels" or n.startswith("fastddpm.kernels."):
+                assert name.startswith("fastddpm.ops"), f"{name} imports {n}; only fastddpm.ops wraps the kernels"
+
+
+def test_nothing_imports_the_top_level_name_kernels():
+    """The kernels are `fastddpm.kernels` everywhere (PyPI's `kernels` package owns the top-level name)."""
+    for folder in ("fastddpm", "benchmarks", "scripts", "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for n in _absolute_imports(path):
+                assert n.split(".")[0] != "kernels", f"{path.relative_to(ROOT)} imports {n}: use fastddpm.kernels"
 
 
 def _classes_deriving(path: Path, base: str) -> List[str]:

@@ -147,6 +147,7 @@ def test_recompute_only_when_training_with_grad():
     assert _head(model(x, t)) == "ConvolutionBackward0"
 
 
+@pytest.mark.slow  # torch.compile of a training step
 def test_compile_fullgraph_training_with_recompute():
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -229,7 +230,7 @@ def test_config_key_default_and_round_trip():
         fd.UNet(**TINY, recompute_norm="yes")
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_recompute_under_autocast_bfloat16(compiled):
     """Under autocast the lean path runs the convolutions in bf16 like the plain path: the same forward (both
     paths eager, or both compiled: Dynamo places autocast's casts differently from eager, by a bf16 ulp),

@@ -11,9 +11,13 @@ Tolerances:
   at the output scale (2**-7 bf16, 2**-10 fp16), whichever is larger. The Triton path in bf16 rounds
   P and dS to bf16 before its dots (as FlashAttention does), so there the bound is 2x torch + 1 ulp.
 * float64: gradcheck with torch's default tolerances.
+
+Dispatch: what the kernels cannot launch (head_dim above their limit, CPU tensors with the interpreter
+off) takes the reference, checked against the float64 oracle.
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -22,6 +26,10 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 from fastddpm.ops import attention, group_norm_silu, use_backend
+from references import attention_reference
+
+# `fastddpm.ops.attention` the attribute is the function; the module is reached through importlib
+attention_op_module = importlib.import_module("fastddpm.ops.attention")
 
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
@@ -33,12 +41,6 @@ def make_qkv(b, h, n, d, dtype=torch.float32, m=None, seed=0, requires_grad=Fals
     # a scale of 1.5 gives peaked softmax rows, so the test is not dominated by uniform averages
     return [(torch.randn(s, generator=g, dtype=torch.float64) * 1.5).to(dtype).requires_grad_(requires_grad)
             for s in shapes]
-
-
-def composed(q, k, v):
-    """softmax(q k^T / sqrt(d)) v from torch functions (the backward oracle)."""
-    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    return torch.softmax(s, dim=-1) @ v
 
 
 def rel_err(a, ref):
@@ -69,7 +71,7 @@ def test_forward_backward_fp32(shape):
     o, g = grads(attention, qkv, do.float())
     assert o.dtype == torch.float32 and o.shape == (b, h, n, d) and o.transpose(-1, -2).is_contiguous()  # N-fastest
     assert rel_err(o, F.scaled_dot_product_attention(*ref)) <= 1e-5
-    _, g_ref = grads(composed, ref, do)
+    _, g_ref = grads(attention_reference, ref, do)
     for a, r in zip(g, g_ref):
         assert a.dtype == torch.float32 and a.shape == r.shape
         assert rel_err(a, r) <= 1e-4
@@ -110,7 +112,7 @@ def test_low_precision_error_within_twice_torch(dtype, shape):
     do = torch.randn(b, h, n, d, generator=torch.Generator().manual_seed(3)).to(dtype)
     o, g = grads(attention, qkv, do)
     o_t, g_t = grads(F.scaled_dot_product_attention, qkv_t, do)
-    o_r, g_r = grads(composed, ref, do.double())
+    o_r, g_r = grads(attention_reference, ref, do.double())
     assert o.dtype == dtype and all(t.dtype == dtype for t in g)
     for name, a, t, r in zip(["o", "dq", "dk", "dv"], (o, *g), (o_t, *g_t), (o_r, *g_r)):
         bound = max(2 * rel_err(t, r), ULP[dtype])
@@ -141,6 +143,7 @@ def test_opcheck_backward_op():
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+@pytest.mark.slow  # inductor compiles C++ for the CPU
 def test_compile_fullgraph_inductor_both_ops_matches_eager():
     """torch.compile(fullgraph=True) with inductor on CPU: no graph break (fullgraph raises on one),
     forward and backward equal eager's."""
@@ -196,9 +199,9 @@ def test_triton_path_matches_float64(dtype, triton_on_cpu):
     """The op's Triton branch (interpreter on CPU) against the float64 oracle, same bounds as above."""
     pytest.importorskip("triton")
     try:
-        import kernels.attention  # noqa: F401
+        import fastddpm.kernels.attention  # noqa: F401
     except ImportError as e:  # the kernel module is written separately
-        pytest.skip(f"kernels.attention not importable: {e}")
+        pytest.skip(f"fastddpm.kernels.attention not importable: {e}")
     qkv = make_qkv(1, 1, 37, 16, dtype=dtype, seed=5, requires_grad=True)
     qkv_t = [t.detach().clone().requires_grad_(True) for t in qkv]
     ref = [t.detach().double().requires_grad_(True) for t in qkv]
@@ -206,7 +209,7 @@ def test_triton_path_matches_float64(dtype, triton_on_cpu):
     with use_backend("triton"):
         o, g = grads(attention, qkv, do)
     o_t, g_t = grads(F.scaled_dot_product_attention, qkv_t, do)
-    o_r, g_r = grads(composed, ref, do.double())
+    o_r, g_r = grads(attention_reference, ref, do.double())
     for name, a, t, r in zip(["o", "dq", "dk", "dv"], (o, *g), (o_t, *g_t), (o_r, *g_r)):
         assert a.dtype == dtype and a.shape == r.shape
         if dtype == torch.float32:
@@ -220,9 +223,9 @@ def test_triton_path_opcheck_fake_matches_real(triton_on_cpu):
     """Schema and fake/real agreement (shapes, dtypes, strides) of both ops on the Triton branch."""
     pytest.importorskip("triton")
     try:
-        import kernels.attention  # noqa: F401
+        import fastddpm.kernels.attention  # noqa: F401
     except ImportError as e:
-        pytest.skip(f"kernels.attention not importable: {e}")
+        pytest.skip(f"fastddpm.kernels.attention not importable: {e}")
     q, k, v = make_qkv(1, 2, 5, 16, dtype=torch.bfloat16, m=7)
     with use_backend("triton"):
         opcheck(torch.ops.fastddpm.attention.default, (q, k, v), test_utils=("test_schema", "test_faketensor"))
@@ -244,6 +247,55 @@ def test_non_contiguous_inputs_like_the_unet():
     assert rel_err(o, F.scaled_dot_product_attention(q64, k64, v64)) <= 1e-5
     (dqkv,) = torch.autograd.grad(o.square().sum(), qkv)
     qkv64 = qkv.detach().double().requires_grad_(True)
-    r = composed(*qkv64.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0))
+    r = attention_reference(*qkv64.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0))
     (dqkv64,) = torch.autograd.grad(r.square().sum(), qkv64)
     assert rel_err(dqkv, dqkv64) <= 1e-4
+
+
+# ------------------------------------------------------------------------------- dispatch by head_dim
+def test_head_dim_512_under_triton_backend_matches_float64(monkeypatch, triton_on_cpu):
+    """The 512-wide heads of the 256x256 DDPM models never reach the Triton launcher (which refuses
+    head_dim > 256): they take the reference, even under use_backend("triton")."""
+    import fastddpm.kernels.attention as K
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("head_dim 512 reached the Triton launcher")
+
+    monkeypatch.setattr(K, "attention_forward", refuse)
+    monkeypatch.setattr(K, "attention_backward", refuse)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, 16, 512, generator=g, dtype=torch.float64) for _ in range(3))
+    do = torch.randn(1, 1, 16, 512, generator=g, dtype=torch.float64)
+    ins = [t.float().requires_grad_(True) for t in (q, k, v)]
+    with use_backend("triton"):
+        o = attention(*ins)
+        grads = torch.autograd.grad(o, ins, do.float())
+    ref_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    o_ref = attention_reference(*ref_in)
+    g_ref = torch.autograd.grad(o_ref, ref_in, do)
+    assert o.dtype == torch.float32 and o.shape == (1, 1, 16, 512)
+    assert rel_err(o, o_ref) <= 1e-5
+    for a, r in zip(grads, g_ref):
+        assert rel_err(a, r) <= 1e-4
+
+
+def test_kernel_head_dim_limit_agrees_with_the_launcher(triton_on_cpu):
+    import fastddpm.kernels.attention as K
+
+    assert attention_op_module.KERNEL_MAX_HEAD_DIM == K._MAX_HEAD_DIM
+    q = torch.zeros(1, 1, 4, K._MAX_HEAD_DIM + 1)
+    assert not attention_op_module.kernel_takes(q, q)
+    assert attention_op_module.kernel_takes(q[..., :K._MAX_HEAD_DIM], q[..., :K._MAX_HEAD_DIM])
+    assert not attention_op_module.kernel_takes(q.double()[..., :8], q.double()[..., :8])
+
+
+def test_cpu_tensors_without_interpreter_take_the_reference(monkeypatch):
+    """What the kernel cannot launch (CPU tensors with the interpreter off) runs the reference."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=g) for _ in range(3))
+    with use_backend("triton"):
+        assert not attention_op_module.kernel_takes(q, k)
+        o = attention(q, k, v)
+    assert rel_err(o, attention_reference(q.double(), k.double(), v.double())) <= 1e-5

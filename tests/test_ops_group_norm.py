@@ -25,6 +25,7 @@ from torch.library import opcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastddpm.ops import group_norm_silu, use_backend
+from references import group_norm_silu_reference
 
 OPTIONS = {
     # name: (weight, bias, add, scale, shift, silu)
@@ -68,18 +69,6 @@ def make_inputs(n, groups, cpg, spatial, options, dtype=torch.float32, seed=0, p
     return dict(x=x, weight=weight, bias=bias, add=add, scale=scale, shift=shift, silu=silu, groups=groups)
 
 
-def torch_composition(x, weight, bias, add, scale, shift, silu, groups, eps=1e-5):
-    """The same math from torch's own functions (computed in the dtype of the inputs)."""
-    extra = (1,) * (x.dim() - 2)
-    u = x + add.reshape(*add.shape, *extra) if add is not None else x
-    y = F.group_norm(u, groups, weight, bias, eps)
-    if scale is not None:
-        y = y * (1 + scale.reshape(*scale.shape, *extra))
-    if shift is not None:
-        y = y + shift.reshape(*shift.shape, *extra)
-    return F.silu(y) if silu else y
-
-
 def ours(inp, eps=1e-5):
     return group_norm_silu(inp["x"], inp["weight"], inp["bias"], inp["groups"], eps, inp["add"], inp["scale"],
                            inp["shift"], inp["silu"])
@@ -118,8 +107,8 @@ def test_forward_backward_fp32_vs_torch_float64(shape, opt):
     inp64 = cast(inp32, torch.float64, True)
     dy = torch.randn(inp32["x"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y, g = grads_of(ours, inp32, dy.float())
-    y_ref, g_ref = grads_of(lambda i: torch_composition(**i), inp64, dy)
-    _, g_torch = grads_of(lambda i: torch_composition(**i), cast(inp32, torch.float32, True), dy.float())
+    y_ref, g_ref = grads_of(lambda i: group_norm_silu_reference(**i), inp64, dy)
+    _, g_torch = grads_of(lambda i: group_norm_silu_reference(**i), cast(inp32, torch.float32, True), dy.float())
     assert y.dtype == torch.float32 and y.shape == inp32["x"].shape and y.is_contiguous()
     torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=1e-5)
     for got, ref, t32 in zip(g, g_ref, g_torch):
@@ -191,8 +180,8 @@ def test_low_precision_error_within_twice_torch(dtype, shape):
     ref = cast(base, torch.float64, True)
     dy = torch.randn(base["x"].shape, generator=torch.Generator().manual_seed(5)).to(dtype)
     y, g = grads_of(ours, lp, dy)
-    y_t, g_t = grads_of(lambda i: torch_composition(**i), lp_torch, dy)
-    y_r, g_r = grads_of(lambda i: torch_composition(**i), ref, dy.double())
+    y_t, g_t = grads_of(lambda i: group_norm_silu_reference(**i), lp_torch, dy)
+    y_r, g_r = grads_of(lambda i: group_norm_silu_reference(**i), ref, dy.double())
     assert y.dtype == dtype and all(t.dtype == dtype for t in g)
     for name, a, t, r in [("y", y, y_t, y_r)] + [(k, a, t, r) for k, a, t, r in
                                                   zip([k for k in TENSORS if base[k] is not None], g, g_t, g_r)]:
@@ -211,7 +200,7 @@ def test_mixed_dtypes_bf16_input_fp32_params():
     y, g = grads_of(ours, inp, torch.ones_like(inp["x"]))
     assert y.dtype == torch.bfloat16
     assert [t.dtype for t in g] == [inp[k].dtype for k in TENSORS]
-    ref = torch_composition(**cast(base, torch.float64))
+    ref = group_norm_silu_reference(**cast(base, torch.float64))
     assert rel_err(y, ref) <= ULP[torch.bfloat16]
 
 
@@ -305,15 +294,15 @@ def test_triton_path_matches_float64(dtype, triton_on_cpu):
     """The op's Triton branch (interpreter on CPU) against the float64 oracle, same bounds as above."""
     pytest.importorskip("triton")
     try:
-        import kernels.group_norm  # noqa: F401
+        import fastddpm.kernels.group_norm  # noqa: F401
     except ImportError as e:  # the kernel module is written separately
-        pytest.skip(f"kernels.group_norm not importable: {e}")
+        pytest.skip(f"fastddpm.kernels.group_norm not importable: {e}")
     base = make_inputs(2, 2, 3, (7, 9), OPTIONS["all"], dtype=dtype, seed=4)
     dy = torch.randn(base["x"].shape, generator=torch.Generator().manual_seed(9)).to(dtype)
     with use_backend("triton"):
         y, g = grads_of(ours, cast(base, dtype, True), dy)
-    y_t, g_t = grads_of(lambda i: torch_composition(**i), cast(base, dtype, True), dy)
-    y_r, g_r = grads_of(lambda i: torch_composition(**i), cast(base, torch.float64, True), dy.double())
+    y_t, g_t = grads_of(lambda i: group_norm_silu_reference(**i), cast(base, dtype, True), dy)
+    y_r, g_r = grads_of(lambda i: group_norm_silu_reference(**i), cast(base, torch.float64, True), dy.double())
     assert y.dtype == dtype and y.shape == y_r.shape
     names = ["y"] + [k for k in TENSORS if base[k] is not None]
     for name, a, t, r in zip(names, (y, *g), (y_t, *g_t), (y_r, *g_r)):
@@ -329,9 +318,9 @@ def test_triton_path_opcheck_fake_matches_real(layout, triton_on_cpu):
     NCHW x and for a channels-last x (which the kernels read and write in place)."""
     pytest.importorskip("triton")
     try:
-        import kernels.group_norm  # noqa: F401
+        import fastddpm.kernels.group_norm  # noqa: F401
     except ImportError as e:
-        pytest.skip(f"kernels.group_norm not importable: {e}")
+        pytest.skip(f"fastddpm.kernels.group_norm not importable: {e}")
     inp = make_inputs(2, 2, 3, (3, 5), OPTIONS["scale_shift"], dtype=torch.bfloat16, param_dtype=torch.float32)
     if layout == "channels_last":
         inp["x"] = inp["x"].contiguous(memory_format=torch.channels_last)
@@ -396,7 +385,7 @@ def test_triton_channels_last_makes_no_x_sized_copy(path, monkeypatch, triton_on
     """Forward and backward of a channels-last x (and dy) on the Triton branch copy nothing of x's size
     (before: x to NCHW and y back, dy and x to NCHW and dx back); the outputs are channels-last and equal
     the NCHW run's (float64 oracle bound of test_triton_path_matches_float64)."""
-    kernels = pytest.importorskip("kernels.group_norm")
+    kernels = pytest.importorskip("fastddpm.kernels.group_norm")
     if path == "looped":
         monkeypatch.setattr(kernels, "SINGLE_MAX", 0)
     base = make_inputs(2, 2, 3, (4, 5), OPTIONS["all"], seed=6)
@@ -409,7 +398,7 @@ def test_triton_channels_last_makes_no_x_sized_copy(path, monkeypatch, triton_on
     big = [r for r in rec.records if r[1] >= base["x"].numel()]
     assert rec.inside == 0 and big == [], big
     assert y.stride() == g[0].stride() == inp["x"].stride() and not y.is_contiguous()
-    y_r, g_r = grads_of(lambda i: torch_composition(**i), cast(base, torch.float64, True), dy.double())
+    y_r, g_r = grads_of(lambda i: group_norm_silu_reference(**i), cast(base, torch.float64, True), dy.double())
     for name, a, r in zip(["y", *TENSORS], (y, *g), (y_r, *g_r)):
         assert rel_err(a, r) <= (1e-5 if name == "y" else 1e-4), name
 
@@ -417,7 +406,7 @@ def test_triton_channels_last_makes_no_x_sized_copy(path, monkeypatch, triton_on
 def test_triton_channels_last_compiles_fullgraph(triton_on_cpu):
     """torch.compile(fullgraph=True) over the Triton branch with a channels-last x: the fake ops' strides
     carry the layout through the graph; values equal eager."""
-    pytest.importorskip("kernels.group_norm")
+    pytest.importorskip("fastddpm.kernels.group_norm")
     inp = make_inputs(2, 2, 3, (5, 5), OPTIONS["all"])
     inp["x"] = inp["x"].contiguous(memory_format=torch.channels_last)
     leaves = {k: inp[k].clone().requires_grad_(True) for k in TENSORS}
@@ -446,13 +435,13 @@ def test_non_contiguous_inputs_like_the_unet():
     args = (x, base["weight"], base["bias"], None, scale, shift, 2, 1e-5, True)
     opcheck(torch.ops.fastddpm.group_norm_silu.default, args, test_utils=("test_schema", "test_faketensor"))
     y = group_norm_silu(x, base["weight"], base["bias"], 2, scale=scale, shift=shift)
-    expected = torch_composition(x.double(), base["weight"].double(), base["bias"].double(), None,
-                                 scale.double(), shift.double(), True, 2)
+    expected = group_norm_silu_reference(x.double(), base["weight"].double(), base["bias"].double(), 2,
+                                         scale=scale.double(), shift=shift.double())
     torch.testing.assert_close(y.double(), expected, rtol=0, atol=1e-5)
     dx, dproj = torch.autograd.grad(y.square().sum(), (x, proj))
     x64, p64 = x.detach().double().requires_grad_(True), proj.detach().double().requires_grad_(True)
     s64, sh64 = p64.chunk(2, dim=1)
-    r = torch_composition(x64, base["weight"].double(), base["bias"].double(), None, s64, sh64, True, 2)
+    r = group_norm_silu_reference(x64, base["weight"].double(), base["bias"].double(), 2, scale=s64, shift=sh64)
     dx64, dp64 = torch.autograd.grad(r.square().sum(), (x64, p64))
     assert rel_err(dx, dx64) <= 1e-4 and rel_err(dproj, dp64) <= 1e-4
 
@@ -473,7 +462,7 @@ def test_channels_last_layout_is_kept(opt, offset):
     assert y_nchw.is_contiguous()
     # float32 rounds the group mean to ulp(offset) / 2 (3e-5 at 1e3), an error of that over std (1.5) in y
     tol = 1e-5 if offset < 1 else 1e-5 + 2 * torch.finfo(torch.float32).eps * offset
-    expected = torch_composition(**cast(inp, torch.float64))
+    expected = group_norm_silu_reference(**cast(inp, torch.float64))
     torch.testing.assert_close(y_cl.double(), expected, rtol=0, atol=tol)
     torch.testing.assert_close(y_cl, y_nchw, rtol=0, atol=2 * tol)
     dy = torch.randn(inp["x"].shape, generator=torch.Generator().manual_seed(4))

@@ -40,15 +40,30 @@ def test_merge_refuses_different_sample_counts():
         qt.merge_results([a, b])
 
 
-def test_readme_table_is_the_rendering_of_the_results_file():
-    """The README's table section is generated from docs/quality_table.json (`--readme`), never hand-edited."""
+def test_samplers_page_table_is_the_rendering_of_the_results_file():
+    """docs/samplers.md's table section is generated from docs/quality_table.json (`--doc`), never hand-edited."""
     qt = _script()
     results = qt.load_results(os.path.join(ROOT, "docs", "quality_table.json"))
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
-        readme = fh.read()
-    assert qt.readme_section(results) in readme, (
-        "README.md's quality table is stale: python scripts/quality_table.py --merge docs/quality_table.json "
-        "--out-dir docs --readme README.md")
+    with open(os.path.join(ROOT, "docs", "samplers.md"), encoding="utf-8") as fh:
+        page = fh.read()
+    assert qt.doc_section(results) in page, (
+        "docs/samplers.md's quality table is stale: python scripts/quality_table.py --merge docs/quality_table.json "
+        "--out-dir docs --doc docs/samplers.md")
+
+
+def test_update_doc_replaces_only_the_section(tmp_path):
+    qt = _script()
+    results = {"entries": {"x@5": _entry("fastddpm:ddim:uniform", 5, [0], [3.25]),
+                           "y@5": _entry("diffusers:ddim:uniform", 5, [0], [4.5])}}
+    page = tmp_path / "page.md"
+    page.write_text(f"# head\n\n{qt.SECTION_BEGIN}\nold\n{qt.SECTION_END}\n\ntail\n", encoding="utf-8")
+    qt.update_doc(results, str(page))
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("# head\n\n") and text.endswith("\n\ntail\n") and "old" not in text
+    assert "| fastddpm DDIM, uniform | 3.2500 |" in text and text.count(qt.SECTION_BEGIN) == 1
+    page.write_text("# no section\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="--doc"):
+        qt.update_doc(results, str(page))
 
 
 def test_draw_fastddpm_unipc_equals_diffusers_unipc_on_trailing_timesteps():
@@ -59,11 +74,11 @@ def test_draw_fastddpm_unipc_equals_diffusers_unipc_on_trailing_timesteps():
     import numpy as np
     import torch
 
-    from fastddpm import checkpoint as ckpt
+    from fastddpm.build import load_model
 
     qt = _script()
     torch.set_num_threads(1)
-    model, diffusion, config = ckpt.load_model(None, device="cpu")
+    model, diffusion, config = load_model(None, device="cpu")
     shape = (config["model"]["in_channels"], config["model"]["image_size"], config["model"]["image_size"])
     a, made_a, ts_a = qt.draw("fastddpm:unipc:trailing", 5, 0, 8, model, diffusion, shape, {})
     b, made_b, ts_b = qt.draw("diffusers:unipc-bh2-3:trailing", 5, 0, 8, model, diffusion, shape, {})

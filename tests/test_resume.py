@@ -9,10 +9,13 @@ import sys
 import pytest
 import torch
 
+from fastddpm import build
 from fastddpm import checkpoint as ckpt
 from fastddpm.cli import main
 from fastddpm.diffusion import GaussianDiffusion
-from fastddpm.train import RunLockError, TrainConfig, _resume_message, _RunLock, train
+from fastddpm.run_dir import RunLock as _RunLock
+from fastddpm.run_dir import resume_message as _resume_message
+from fastddpm.train import RunLockError, TrainConfig, train
 
 TINY_FLAGS = ["--dataset", "digits", "--base-channels", "8", "--channel-mults", "1,2", "--attention-resolutions", "4",
               "--num-res-blocks", "1", "--groups", "4", "--num-timesteps", "50", "--batch-size", "8", "--lr", "1e-3",
@@ -169,7 +172,7 @@ def test_checksums_detect_flipped_bytes(four_steps, tmp_path):
         ckpt.verify_checkpoint(str(d))
     _flip_tensor_byte(d / "ema.safetensors")
     with pytest.raises(ckpt.CheckpointError, match=r"ema\.safetensors: SHA-256 mismatch"):
-        ckpt.load_model(str(d))
+        build.load_model(str(d))
     with pytest.raises(ckpt.CheckpointError, match=r"step_00000004/ema\.safetensors: SHA-256 mismatch"):
         train(_cfg(out, steps=6, resume=True))
 
@@ -252,6 +255,7 @@ def _fault_worker(rank, world, port, out_dir, result_dir, fault):
         f.write(msg)
 
 
+@pytest.mark.slow  # two training processes
 @pytest.mark.parametrize("fault", ["crash", "stall"])
 def test_ddp_peer_failure_ends_every_rank_with_one_line(tmp_path, fault):
     import torch.multiprocessing as mp

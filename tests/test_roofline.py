@@ -18,7 +18,7 @@ def test_bound_is_the_larger_of_memory_and_compute_time():
 
 
 def test_rows_cover_every_kernel_with_model_bytes():
-    from kernels.attention import modelled_hbm_bytes
+    from fastddpm.kernels.attention import modelled_hbm_bytes
 
     rows = roofline.rows()
     kernels = {r["kernel"] for r in rows}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastddpm import build
 from fastddpm import checkpoint as ckpt
 from fastddpm.data import UnsafePickleError, load_cifar10, load_dataset, load_npz, safe_load_pickle
 
@@ -186,7 +187,7 @@ def test_checkpoint_config_json_cannot_name_code(tmp_path):
     cfg["model"]["time_embedding"] = "os.system"
     open(cfg_path, "w").write(json.dumps(cfg))
     with pytest.raises(ckpt.CheckpointError, match="time_embedding"):
-        ckpt.load_model(path)
+        build.load_model(path)
 
 
 def test_safetensors_metadata_config_is_bounded(tmp_path):
@@ -197,8 +198,8 @@ def test_safetensors_metadata_config_is_bounded(tmp_path):
     cfg = dict(ck.config, model=dict(ck.config["model"], base_channels=200000))
     f = ckpt.save_weights_file(str(tmp_path / "m.safetensors"), ck.ema, cfg)
     with pytest.raises(ckpt.CheckpointError, match=r"base_channels=200000 exceeds the bound 4096"):
-        ckpt.load_model(f)
+        build.load_model(f)
     cfg = dict(ck.config, model="os.system('x')")
     f = ckpt.save_weights_file(str(tmp_path / "n.safetensors"), ck.ema, cfg)
     with pytest.raises(ckpt.CheckpointError, match="model config must be a JSON object"):
-        ckpt.load_model(f)
+        build.load_model(f)

@@ -1,4 +1,5 @@
-"""fastddpm.train and fastddpm.checkpoint: exact resume, atomic checkpoints, non-finite losses, DDP (gloo)."""
+"""fastddpm.train: exact resume, non-finite losses, checkpoints of a trained run (architecture checks,
+export), DDP (gloo). The checkpoint files themselves: tests/test_checkpoint.py."""
 import json
 import os
 import socket
@@ -6,6 +7,7 @@ import socket
 import pytest
 import torch
 
+from fastddpm import build
 from fastddpm import checkpoint as ckpt
 from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.train import NonFiniteLossError, TrainConfig, train
@@ -51,6 +53,7 @@ def _state(run_dir):
     return ck
 
 
+@pytest.mark.slow  # three end-to-end training runs
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):
     # dropout, flips and label dropout on, so every RNG stream matters
     kw = dict(steps=16, save_every=5, keep=2, dropout=0.1, random_flip=True, class_cond=True, p_uncond=0.25)
@@ -119,103 +122,23 @@ def test_config_errors(tmp_path):
         train({"dataset": "digits", "stepz": 3})
 
 
-# ------------------------------------------------------------------------------ checkpoints
-def _tiny_state(v=0.0):
-    return {"a.weight": torch.full((3, 2), v), "b.bias": torch.arange(4.0) + v}
-
-
-def _tiny_cfg():
-    return {"model": {"image_size": 8}, "diffusion": {"schedule": "linear", "num_timesteps": 10}}
-
-
-def test_checkpoint_crash_mid_write_keeps_previous(tmp_path):
-    ckpt.save_checkpoint(tmp_path, 1, _tiny_cfg(), _tiny_state(1.0), _tiny_state(1.5), {"step": 1})
-    calls = []
-
-    def failing_write(path, data):
-        calls.append(os.path.basename(path))
-        if path.endswith("model.safetensors"):
-            with open(path, "wb") as f:
-                f.write(data[: len(data) // 2])  # half written, then the "crash"
-            raise OSError("disk on fire")
-        with open(path, "wb") as f:
-            f.write(data)
-
-    with pytest.raises(OSError, match="disk on fire"):
-        ckpt.save_checkpoint(tmp_path, 2, _tiny_cfg(), _tiny_state(2.0), _tiny_state(2.5), {"step": 2},
-                             _write=failing_write)
-    assert "model.safetensors" in calls
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
-    assert os.listdir(tmp_path / "checkpoints") == ["step_00000001"]  # temp dir cleaned up
-    ck = ckpt.load_checkpoint(tmp_path)
-    assert ck.step == 1 and torch.equal(ck.model["a.weight"], torch.full((3, 2), 1.0))
-    assert torch.equal(ck.ema["b.bias"], torch.arange(4.0) + 1.5) and ck.state == {"step": 1}
-
-    # a hard crash leaves a hidden temp dir: it is ignored, then cleaned by the next save
-    os.makedirs(tmp_path / "checkpoints" / ".step_00000002.tmp-dead")
-    assert ckpt.latest_checkpoint(tmp_path).endswith("step_00000001")
-    for s in (2, 3, 4):
-        ckpt.save_checkpoint(tmp_path, s, _tiny_cfg(), _tiny_state(s), None, {"step": s}, keep=2)
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000003", "step_00000004"]
-
-
-def test_atomic_write_bytes_failure_keeps_old_file(tmp_path, monkeypatch):
-    p = tmp_path / "f.bin"
-    ckpt.atomic_write_bytes(str(p), b"old")
-
-    def boom(fd):
-        raise OSError("fsync failed")
-
-    monkeypatch.setattr(ckpt.os, "fsync", boom)
-    with pytest.raises(OSError, match="fsync failed"):
-        ckpt.atomic_write_bytes(str(p), b"new contents")
-    assert p.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
-
-
-def test_checkpoint_load_errors(tmp_path):
-    with pytest.raises(ckpt.CheckpointError, match="checkpoint not found"):
-        ckpt.load_checkpoint(str(tmp_path / "nope"))
-    with pytest.raises(ckpt.CheckpointError, match="no checkpoints/step_"):
-        ckpt.load_checkpoint(str(tmp_path))
-    d = ckpt.save_checkpoint(tmp_path, 7, _tiny_cfg(), _tiny_state(), _tiny_state(), {"step": 7})
-    # truncated weights
-    mp = os.path.join(d, "model.safetensors")
-    data = open(mp, "rb").read()
-    open(mp, "wb").write(data[:-5])
-    with pytest.raises(ckpt.CheckpointError, match=r"model\.safetensors: truncated or corrupt"):
-        ckpt.load_checkpoint(d, load_state=False, load_ema=False)
-    open(mp, "wb").write(data)
-    # truncated training state
-    sp = os.path.join(d, "state.pt")
-    open(sp, "wb").write(open(sp, "rb").read()[:20])
-    with pytest.raises(ckpt.CheckpointError, match=r"state\.pt: truncated or corrupt"):
-        ckpt.load_checkpoint(d)
-    os.remove(sp)
-    with pytest.raises(ckpt.CheckpointError, match=r"state\.pt: missing"):
-        ckpt.load_checkpoint(d)
-    # truncated config
-    cp = os.path.join(d, "config.json")
-    open(cp, "w").write('{"model": {"image_s')
-    with pytest.raises(ckpt.CheckpointError, match=r"config\.json: truncated or invalid config JSON"):
-        ckpt.load_checkpoint(d, load_state=False)
-
-
+# ------------------------------------------------------------------------------ checkpoints of a trained run
 def test_architecture_mismatch(tmp_path):
     r = train(_cfg(tmp_path, steps=1, save_every=0))
-    model, diff, cfg = ckpt.load_model(r.checkpoint)
+    model, diff, cfg = build.load_model(r.checkpoint)
     assert cfg["model"]["base_channels"] == 8 and diff.num_timesteps == 100
     ck = ckpt.load_checkpoint(r.checkpoint, load_state=False)
     cfg = dict(ck.config)
     cfg["model"] = dict(cfg["model"], base_channels=16)
-    other = ckpt.build_model(cfg)
+    other = build.build_model(cfg)
     with pytest.raises(ckpt.CheckpointError, match=r"do not match the model architecture.*shape mismatches"):
         ckpt.check_state_dict(other, ck.ema, ck.path)
     # a keyword this UNet version does not know is ignored; the weights decide whether it matters
     cfg["model"] = dict(ck.config["model"], option_from_a_newer_version=True)
-    ckpt.check_state_dict(ckpt.build_model(cfg), ck.ema, ck.path)
+    ckpt.check_state_dict(build.build_model(cfg), ck.ema, ck.path)
     cfg["model"] = dict(ck.config["model"], num_res_blocks=2)
     with pytest.raises(ckpt.CheckpointError, match=r"missing keys"):
-        ckpt.check_state_dict(ckpt.build_model(cfg), ck.ema, ck.path)
+        ckpt.check_state_dict(build.build_model(cfg), ck.ema, ck.path)
     # resuming with another architecture is refused
     with pytest.raises(ValueError, match="config differs"):
         train(_cfg(tmp_path, steps=2, base_channels=16, resume=True))
@@ -225,7 +148,7 @@ def test_architecture_mismatch(tmp_path):
     j["model"]["base_channels"] = 16
     json.dump(j, open(cp, "w"))
     with pytest.raises(ckpt.CheckpointError, match="do not match the model architecture"):
-        ckpt.load_model(r.checkpoint)
+        build.load_model(r.checkpoint)
 
 
 # ------------------------------------------------------------------------------ DDP (2 CPU processes, gloo)
@@ -246,6 +169,7 @@ def _ddp_worker(rank, world, port, out_dir, result_dir):
                os.path.join(result_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow  # two training processes
 def test_ddp_two_processes_gloo(tmp_path):
     import torch._dynamo  # noqa: F401  (imported once here, inherited by the forked workers)
     import torch.multiprocessing as mp
@@ -275,11 +199,11 @@ def test_ddp_two_processes_gloo(tmp_path):
 def test_export_model_single_file(tmp_path):
     r = train(_cfg(tmp_path / "run", steps=2, save_every=0))
     out = str(tmp_path / "m.safetensors")
-    ckpt.export_model(str(tmp_path / "run"), out)
+    build.export_model(str(tmp_path / "run"), out)
     os.remove(str(tmp_path / "m.json"))  # the config in the file's metadata is enough
-    model, diff, cfg = ckpt.load_model(out)
+    model, diff, cfg = build.load_model(out)
     assert cfg["weights"] == "ema" and cfg["exported_from"]["step"] == 2 and diff.num_timesteps == 100
     for k, v in r.ema.state_dict().items():
         assert torch.equal(model.state_dict()[k], v)
     with pytest.raises(ValueError, match="must end with .safetensors"):
-        ckpt.export_model(str(tmp_path / "run"), str(tmp_path / "m.pt"))
+        build.export_model(str(tmp_path / "run"), str(tmp_path / "m.pt"))

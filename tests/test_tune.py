@@ -116,10 +116,10 @@ def test_cli_tune_steps_stores_and_sample_uses_it(tmp_path, capsys):
     assert main(["sample", "--checkpoint", path, "--sampler", "ddim", "--steps", "3", "--num", "4", "--npz", str(out),
                  "--no-progress", "--device", "cpu"]) == 0
     assert "tuned spacing" in capsys.readouterr().out
-    from fastddpm import checkpoint as ckpt
+    from fastddpm.build import load_model
     from fastddpm.images import to_uint8
 
-    model, d, _ = ckpt.load_model(path)
+    model, d, _ = load_model(path)
     want = make_sampler("ddim", d, steps=stored["3"]).sample(model, (4, 1, 8, 8), seed=0)
     assert (np.load(out)["images"] == to_uint8(want)).all()
     from fastddpm.graphs import FastSampler
@@ -137,12 +137,12 @@ def test_bf16_model_calls_stay_close_to_fp32(tmp_path, capsys):
     """--dtype bf16: the model runs in bf16 (weights cast once), x and the step math in fp32. On this tiny
     random model, 3 DDIM steps: relative L2 difference to fp32 under 2% (bf16 has 8 mantissa bits, ~0.4%
     per rounding; a few layers and steps compound it), and the sampler state is fp32."""
-    from fastddpm import checkpoint as ckpt
+    from fastddpm.build import load_model
     from fastddpm.graphs import FastSampler
     from fastddpm.precision import ReducedPrecisionModel, reduced_precision
 
     path = _tiny_checkpoint(tmp_path)
-    model, d, _ = ckpt.load_model(path)
+    model, d, _ = load_model(path)
     s = make_sampler("ddim", d, steps=3)
     ref = s.sample(model, (6, 1, 8, 8), seed=1, clip_denoised=False)
     low = reduced_precision(model, "bf16")

@@ -19,43 +19,6 @@ from fastddpm.unet import AttentionBlock, ResBlock, timestep_embedding
 torch.set_num_threads(1)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Stand-ins for the fused ops while fastddpm/ops/{group_norm,attention}.py are placeholders: they
-# follow the op contract of /tmp/team.md. Once the real ops land, the tests use those.
-def _gn_standin(x, weight, bias, groups=32, eps=1e-5, add=None, scale=None, shift=None, silu=True):
-    bshape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-    u = x if add is None else x + add.reshape(bshape)
-    y = F.group_norm(u, groups, weight, bias, eps)
-    if scale is not None:
-        y = y * (1 + scale.reshape(bshape))
-    if shift is not None:
-        y = y + shift.reshape(bshape)
-    return F.silu(y) if silu else y
-
-
-def _attn_standin(q, k, v):
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-def _op_is_placeholder(fn, *args, **kwargs) -> bool:
-    try:
-        fn(*args, **kwargs)
-    except NotImplementedError:
-        return True
-    return False
-
-
-@pytest.fixture(autouse=True)
-def fused_ops(monkeypatch):
-    x = torch.randn(1, 4, 2, 2)
-    if _op_is_placeholder(ops.group_norm_silu, x, torch.ones(4), torch.zeros(4), groups=2):
-        monkeypatch.setattr(ops, "group_norm_silu", _gn_standin)
-    q = torch.randn(1, 1, 3, 4)
-    if _op_is_placeholder(ops.attention, q, q, q):
-        monkeypatch.setattr(ops, "attention", _attn_standin)
-    yield
-
-
 TINY = dict(image_size=8, in_channels=3, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
             attention_resolutions=(4,), dropout=0.0, groups=8)
 
@@ -335,6 +298,7 @@ def test_class_conditioning():
 COMPILE_BACKEND = os.environ.get("FASTDDPM_TEST_COMPILE_BACKEND", "aot_eager")
 
 
+@pytest.mark.slow  # torch.compile of the U-Net
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -388,6 +352,34 @@ def test_validation():
     # .config holds every constructor argument (checkpoints rebuild the model from it)
     rebuilt = fd.UNet(**unet.config)
     assert rebuilt.config == unet.config and rebuilt.state_dict().keys() == unet.state_dict().keys()
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(norm_eps=float("nan")), "norm_eps"), (dict(norm_eps=float("inf")), "norm_eps"),
+    (dict(learn_sigma="yes"), "learn_sigma"), (dict(flip_sin_to_cos=1), "flip_sin_to_cos"),
+    (dict(dropout=float("nan")), "dropout"), (dict(freq_shift="1"), "freq_shift"),
+    (dict(num_res_blocks=[1]), "num_res_blocks"), (dict(channel_mults="12"), "channel_mults"),
+    (dict(recompute_norm="no"), "recompute_norm"), (dict(downsample_padding=True), "downsample_padding"),
+])
+def test_bad_config_value_names_the_argument(kw, name):
+    with pytest.raises(ValueError, match=f"^{name} must be .*got "):
+        fd.UNet(**{**TINY, **kw})
+
+
+def test_config_is_one_object():
+    unet = fd.UNet(**TINY, learn_sigma=True)
+    cfg = unet.cfg
+    assert isinstance(cfg, fd.UNetConfig) and cfg.out_channels == 2 * TINY.get("in_channels", 3)
+    # the attributes a caller reads are the config's fields, held once
+    assert (unet.image_size, unet.in_channels, unet.out_channels, unet.num_classes) == \
+        (cfg.image_size, cfg.in_channels, cfg.out_channels, cfg.num_classes)
+    assert unet.conv_out.out_channels == cfg.out_channels and unet.temb_channels == 4 * cfg.base_channels
+    assert fd.UNetConfig(**unet.config) == cfg
+    unet.recompute_norm = False
+    assert unet.config["recompute_norm"] is False
+    assert all(not m.recompute_norm for m in unet.modules() if hasattr(m, "recompute_norm") and m is not unet)
+    with pytest.raises(AttributeError):
+        unet.no_such_attribute
 
 
 # ---------------------------------------------------------------------------------------------------

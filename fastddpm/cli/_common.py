@@ -34,7 +34,7 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
 
 def resolve_device(name: str, local_rank: int = 0) -> Any:
     """``--device`` (auto, cpu, cuda or cuda:N) as a torch.device; CLIError when it cannot be used."""
-    from ..train import resolve_device as _resolve  # the one resolver (train() takes the same spec)
+    from ..dist_util import resolve_device as _resolve  # the one resolver (train() takes the same spec)
 
     try:
         return _resolve(name, local_rank)
@@ -45,7 +45,7 @@ def resolve_device(name: str, local_rank: int = 0) -> Any:
 def write_json(result: Dict[str, Any], path: Optional[str]) -> None:
     """Write `result` as JSON to `path` atomically (nothing when `path` is None)."""
     if path:
-        from ..checkpoint import atomic_write_json
+        from ..fileio import atomic_write_json
 
         atomic_write_json(path, result)
 
@@ -139,13 +139,13 @@ def load_model(args: argparse.Namespace, device: Any) -> Any:
     """(model, diffusion, config) of ``--checkpoint`` (EMA weights unless ``--no-ema``), with torch's
     thread count set for it (``--threads``, else :func:`apply_threads`' choice). A diffusers folder
     is refused with the ``fastddpm convert`` command that makes it loadable."""
-    from .. import checkpoint as ckpt
+    from .. import build
 
     path = getattr(args, "checkpoint", None)
     if diffusers_folder(path):
         raise CLIError(f"--checkpoint {path} is a diffusers folder, not a fastddpm checkpoint: convert it first "
                        f"with `fastddpm convert {path} model.safetensors`, then pass --checkpoint model.safetensors")
-    model, diffusion, config = ckpt.load_model(path, use_ema=not getattr(args, "no_ema", False), device=device)
+    model, diffusion, config = build.load_model(path, use_ema=not getattr(args, "no_ema", False), device=device)
     apply_threads(getattr(args, "threads", None), count_parameters(model), device)
     return model, diffusion, config
 

@@ -2,7 +2,7 @@
 
     fastddpm bench --suite step         # one suite -> bench-results/step_cpu.json + bench-results/performance.md
     fastddpm bench --out-dir my-run     # every suite, results under my-run/
-    fastddpm bench --update-results     # every suite -> benchmarks/results/ + the README performance section
+    fastddpm bench --update-results     # every suite -> benchmarks/results/ + docs/performance.md
 
 The benchmarks live in the repository (``benchmarks/``), not in the installed package: the checkout is
 found next to the package (an editable install), else in the current directory or one of its parents,
@@ -11,7 +11,7 @@ figures are written as JSON with the machine they ran on (by the script itself, 
 only print JSON, by this command) into ``--out-dir`` (default ``bench-results/`` in the current
 directory), with the report rendered from them as ``performance.md`` beside them and each script's
 wall time in ``timings.json``. Only ``--update-results`` writes the tracked ``benchmarks/results/``
-and regenerates the README's performance section (``--no-report``: the results, not the README).
+and regenerates the generated part of ``docs/performance.md`` (``--no-report``: the results only).
 
 ``HELP`` / ``configure(parser)`` / ``run(args)`` are this command's entry in :mod:`fastddpm.cli`.
 """
@@ -30,7 +30,7 @@ __all__ = ["SUITES", "HELP", "configure", "run", "find_repo", "suite_commands",
            "BenchError"]
 
 HELP = ("run the benchmarks of a fastddpm checkout (results into bench-results/; --update-results: "
-        "benchmarks/results/ and the README performance section)")
+        "benchmarks/results/ and docs/performance.md)")
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,8 @@ def run_suite(suite: str = "all", json_out: bool = False, report: bool = True, r
               out_dir: Optional[Path] = None) -> int:
     """Run `suite`'s scripts (each in its own process, from the repo root), then the report.
 
-    `out_dir` None writes the tracked ``benchmarks/results/`` and (`report`) regenerates the README's
-    performance section; a folder receives the results JSON, ``performance.md`` (the report rendered
+    `out_dir` None writes the tracked ``benchmarks/results/`` and (`report`) regenerates
+    docs/performance.md; a folder receives the results JSON, ``performance.md`` (the report rendered
     from them) and ``timings.json`` instead, and the checkout is left as it was.
     Returns 0 when every script succeeded, else 1 (the remaining scripts still run)."""
     import time
@@ -190,7 +190,7 @@ def run_suite(suite: str = "all", json_out: bool = False, report: bool = True, r
             if rc == 0:
                 (out_dir / "performance.md").write_text(proc.stdout)
                 print(f"fastddpm bench: results and report in {out_dir} (the checkout is unchanged; "
-                      "--update-results writes benchmarks/results/ and the README)", file=sys.stderr)
+                      "--update-results writes benchmarks/results/ and docs/performance.md)", file=sys.stderr)
         else:
             rc = subprocess.call(report_argv, cwd=repo)
         if rc != 0:
@@ -210,10 +210,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"write the results JSON, performance.md and timings.json here (default: "
                              f"{DEFAULT_OUT_DIR}/ in the current directory)")
     parser.add_argument("--update-results", action="store_true",
-                        help="write the tracked benchmarks/results/*.json and regenerate the README performance "
-                             "section instead (for maintainers)")
+                        help="write the tracked benchmarks/results/*.json and regenerate "
+                             "docs/performance.md instead (for maintainers)")
     parser.add_argument("--json", action="store_true", help="the scripts print JSON instead of tables")
-    parser.add_argument("--no-report", action="store_true", help="no report (performance.md / README section)")
+    parser.add_argument("--no-report", action="store_true", help="no report (performance.md)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import checkpoint as ckpt
     from ..evaluate import METRICS, evaluate_samples, is_stats_file, reference_from, sample_batches
     from ..features import EXTRACTORS, get_extractor
-    from ..train import _make_sampler
+    from ..samplers import make_sampler
 
     check_positive(args, "num", "batch_size", "steps", "max_keep")
     if args.features not in EXTRACTORS:
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     if args.features == "digits" and (size, channels) != (8, 1):
         raise CLIError(f"--features digits needs 8x8 one-channel images; this model makes {channels}x{size}x{size} "
                      "(use --features inception)")
-    sampler = _make_sampler(args.sampler, diffusion, sampler_steps(args.sampler, args.steps, diffusion),
+    sampler = make_sampler(args.sampler, diffusion, sampler_steps(args.sampler, args.steps, diffusion),
                             eta=args.eta)
 
     batches = sample_batches(model, sampler, args.num, args.batch_size, (channels, size, size), seed=args.seed,

@@ -37,9 +37,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, diffusion, config = load_model(args, device)
     if config["model"].get("num_classes"):
-        from ..train import _Conditioned
+        from ..guidance import Conditioned
 
-        model = _Conditioned(model, None)  # unconditional bound (null class)
+        model = Conditioned(model, None)  # unconditional bound (null class)
     t0 = time.perf_counter()
     res = nll_over_dataset(diffusion, model, args.data, batch_size=args.batch_size, num=args.num,
                            part=data_part(args, args.data), seed=args.seed, device=device, progress=args.progress)

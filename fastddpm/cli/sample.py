@@ -62,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from .. import checkpoint as ckpt
+    from ..dist_util import ddp_failure, dist_info, join_process_group
+    from ..fileio import atomic_write_bytes
     from ..images import save_grid, to_uint8
     from ..precision import reduced_precision
-    from ..train import _ddp_failure, _dist_info, _join_process_group
     from ..tune import sampler_for_checkpoint
 
     check_positive(args, "num", "batch_size", "steps", "scale", "nrow")
@@ -81,11 +82,11 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise CLIError(f"--out {e}") from None
 
-    rank, world, local_rank = _dist_info()
+    rank, world, local_rank = dist_info()
     device = resolve_device(args.device, local_rank)
     if not args.ddp_timeout > 0:
         raise CLIError(f"--ddp-timeout must be > 0 seconds, got {args.ddp_timeout}")
-    own_group = _join_process_group(world, device, args.ddp_timeout)
+    own_group = join_process_group(world, device, args.ddp_timeout)
     distributed = world > 1 and dist.is_initialized()
     if not distributed:
         world, rank = 1, 0
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                 if local_labels is not None:
                     arrays["labels"] = local_labels
                 np.savez(buf, **arrays)
-                ckpt.atomic_write_bytes(args.npz, buf.getvalue())
+                atomic_write_bytes(args.npz, buf.getvalue())
                 written.append(args.npz)
             if out_png:
                 scale = args.scale if args.scale is not None else max(1, 32 // size)
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         if distributed:
             dist.barrier()
     except Exception as e:
-        err = _ddp_failure(e, rank, world, args.ddp_timeout) if distributed else e
+        err = ddp_failure(e, rank, world, args.ddp_timeout) if distributed else e
         if err is not e:  # a dead or stalled peer: one line naming it
             raise err from e
         raise

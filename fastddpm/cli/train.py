@@ -103,8 +103,8 @@ def _optional(conv: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from ..run_dir import show_value
     from ..train import DDPM_CIFAR10_RECIPE, DIGITS_RECIPE, TrainConfig
-    from ..train import _show as _shown
 
     p.add_argument("--config", metavar="JSON", help="read a TrainConfig from a JSON file (a run's config.json "
                    "'train' entry works); flags given on the command line override it")
@@ -116,11 +116,11 @@ def configure(p: argparse.ArgumentParser) -> None:
         default = getattr(defaults, f.name)
         help_ = _TRAIN_HELP.get(f.name, "")
         if f.name in DIGITS_RECIPE or f.name in DDPM_CIFAR10_RECIPE:  # follows the dataset's image size
-            help_ = (f"{help_} (default by image size: {_shown(DIGITS_RECIPE.get(f.name, default))} up to 16 px "
-                     f"as the bundled digits model, {_shown(DDPM_CIFAR10_RECIPE.get(f.name, default))} at 32 px as "
+            help_ = (f"{help_} (default by image size: {show_value(DIGITS_RECIPE.get(f.name, default))} up to 16 px "
+                     f"as the bundled digits model, {show_value(DDPM_CIFAR10_RECIPE.get(f.name, default))} at 32 px as "
                      "DDPM CIFAR-10)")
         else:
-            help_ = f"{help_} (default: {_shown(default)})"
+            help_ = f"{help_} (default: {show_value(default)})"
         kw: Dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name, help=help_)
         args_ = typing.get_args(hint)
         if f.name == "resume":
@@ -176,12 +176,12 @@ _SHOWN = ("base_channels", "channel_mults", "num_res_blocks", "attention_resolut
 def describe_config(cfg: Any, data: str, chosen: Dict[str, Any], explicit: Dict[str, Any]) -> str:
     """The lines ``fastddpm train`` prints: the model / diffusion / optimisation settings as flags,
     each marked with where it came from (your flag, the dataset's defaults, TrainConfig's default)."""
-    from ..train import _show as _shown
+    from ..run_dir import show_value
 
     parts = []
     for name in _SHOWN:
         mark = "" if name in explicit else ("*" if name in chosen else "")
-        parts.append(f"--{name.replace('_', '-')} {_shown(getattr(cfg, name))}{mark}")
+        parts.append(f"--{name.replace('_', '-')} {show_value(getattr(cfg, name))}{mark}")
     lines, line = [], "  "
     for p in parts:
         if len(line) + len(p) > 100:
@@ -196,7 +196,8 @@ def describe_config(cfg: Any, data: str, chosen: Dict[str, Any], explicit: Dict[
 def _resumed_config(explicit: Dict[str, Any]) -> Optional[Any]:
     """With --resume and a checkpoint to resume: the saved run's config, overridden by the flags given
     (`explicit`); train() prints what it resumes and every changed setting. None: a fresh run."""
-    from ..train import TrainConfig, resume_config, saved_run_config
+    from ..run_dir import saved_run_config
+    from ..train import TrainConfig, resume_config
 
     out_dir = explicit.get("out_dir", TrainConfig.out_dir)
     found = saved_run_config(explicit.get("resume", False), out_dir)
@@ -204,9 +205,9 @@ def _resumed_config(explicit: Dict[str, Any]) -> Optional[Any]:
         return None
     saved, path = found
     if "out_dir" not in explicit:  # --resume CHECKPOINT alone continues that checkpoint's run directory
-        from ..train import _run_dir_of
+        from ..run_dir import run_dir_of
 
-        saved = dict(saved, out_dir=_run_dir_of(path) or saved.get("out_dir", out_dir))
+        saved = dict(saved, out_dir=run_dir_of(path) or saved.get("out_dir", out_dir))
     return resume_config(saved, explicit)[0]
 
 

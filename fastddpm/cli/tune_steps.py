@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     """``fastddpm tune-steps``: tune, store, print a JSON report."""
     import sys
 
+    from .. import build
     from .. import checkpoint as ckpt
     from ..spacing import make_timesteps
     from ..tune import save_tuned_schedule, tune_timesteps
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     check_positive(args, "num_samples", "val_samples", "reference_steps", "max_rounds", "batch_size")
     device = resolve_device(args.device)
     path = ckpt.resolve_checkpoint(args.checkpoint)
-    model, diffusion, config = ckpt.load_model(path, use_ema=not args.no_ema, device=device)
+    model, diffusion, config = build.load_model(path, use_ema=not args.no_ema, device=device)
     if config["model"].get("num_classes"):
         raise CLIError("tune-steps supports unconditional models only")
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.progress else None

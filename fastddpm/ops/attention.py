@@ -4,7 +4,7 @@ q, k, v and the output are in the [B, heads, N, head_dim] layout of
 ``F.scaled_dot_product_attention``; the softmax scale is 1 / sqrt(head_dim).
 
 Two custom ops (namespace ``fastddpm``), each with a plain-PyTorch reference, a Triton branch
-(``kernels.attention``, imported only when that path is taken) and a fake implementation:
+(``fastddpm.kernels.attention``, imported only when that path is taken) and a fake implementation:
 
 * ``fastddpm::attention(q, k, v) -> (o, lse)``: lse [B, heads, N] is the natural-log log-sum-exp
   of the scaled scores of each query row (float32; float64 for float64 inputs).
@@ -47,12 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastddpm.kernels.checks import check_attention
 from .backend import launchable, use_triton
 
 __all__ = ["attention"]
 
 _LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
-# The largest head_dim the Triton kernels take (kernels.attention._MAX_HEAD_DIM; a test checks that
+# The largest head_dim the Triton kernels take (fastddpm.kernels.attention._MAX_HEAD_DIM; a test checks that
 # they agree). Kept here so that the dispatch never imports triton.
 KERNEL_MAX_HEAD_DIM = 256
 
@@ -127,7 +128,7 @@ def _reference_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, 
 def _attention_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     sm_scale = _sm_scale(q)
     if _take_triton(q, k):
-        from kernels.attention import attention_forward
+        from fastddpm.kernels.attention import attention_forward
 
         return attention_forward(q, k, v, sm_scale, out_layout="pixel")  # views read in place
     return _reference_forward(q, k, v, sm_scale)
@@ -145,7 +146,7 @@ def _attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tenso
                            lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     sm_scale = _sm_scale(q)
     if _take_triton(q, k):
-        from kernels.attention import attention_backward
+        from fastddpm.kernels.attention import attention_backward
 
         return attention_backward(do, q, k, v, o, lse, sm_scale, out_layout="pixel")
     return _reference_backward(do, q, k, v, o, lse, sm_scale)
@@ -191,26 +192,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     selects Triton and the kernel takes the input (fp32/bf16/fp16, head_dim <= 256, CUDA or the
     interpreter), and the plain-PyTorch reference otherwise (float64 always).
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a Tensor [B, heads, N, head_dim], got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, heads, N, head_dim], got shape {list(t.shape)}")
-        if t.dtype not in _LOW_PRECISION + (torch.float64,):
-            raise ValueError(f"{name}.dtype must be one of float32, bfloat16, float16, float64, got {t.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape [B, heads, M, head_dim], got {list(k.shape)} "
-                         f"and {list(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q [B, heads, N, head_dim] and k/v [B, heads, M, head_dim] must match in B, heads "
-                         f"and head_dim, got q {list(q.shape)} and k {list(k.shape)}")
-    if q.shape[3] < 1 or k.shape[2] < 1:
-        raise ValueError(f"head_dim and the key length must be at least 1, got q {list(q.shape)}, "
-                         f"k {list(k.shape)}")
+    check_attention(q, k, v, _LOW_PRECISION + (torch.float64,))
     if q.is_cuda and q.shape[3] > KERNEL_MAX_HEAD_DIM and q.dtype in _LOW_PRECISION:
         return F.scaled_dot_product_attention(q, k, v).contiguous()
     o, _ = _attention_op(q, k, v)

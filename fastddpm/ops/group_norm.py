@@ -6,7 +6,7 @@
     y = silu(y)                                         (when silu=True)
 
 Two custom ops (namespace ``fastddpm``), each with a plain-PyTorch reference, a Triton branch
-(``kernels.group_norm``, imported only when that path is taken) and a fake implementation:
+(``fastddpm.kernels.group_norm``, imported only when that path is taken) and a fake implementation:
 
 * ``fastddpm::group_norm_silu(x, weight, bias, add, scale, shift, groups, eps, silu) -> (y, mean, rstd)``
 * ``fastddpm::group_norm_silu_backward(dy, x, weight, bias, add, scale, shift, mean, rstd, groups, silu)
@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastddpm.kernels.checks import check_group_norm
 from .backend import use_triton
 
 __all__ = ["group_norm_silu"]
@@ -220,7 +221,7 @@ def _group_norm_silu_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
                         scale: Optional[Tensor], shift: Optional[Tensor], groups: int, eps: float,
                         silu: bool) -> tuple[Tensor, Tensor, Tensor]:
     if _take_triton(x):
-        from kernels.group_norm import group_norm_forward
+        from fastddpm.kernels.group_norm import group_norm_forward
 
         # the kernels read and write NCHW and channels-last in place: no copy of a channels-last x
         fmt = _out_format(x)
@@ -243,7 +244,7 @@ def _group_norm_silu_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor]
                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dx, dweight, dbias, dadd, dscale, dshift); an empty [0] tensor where the input was None."""
     if _take_triton(x):
-        from kernels.group_norm import group_norm_backward
+        from fastddpm.kernels.group_norm import group_norm_backward
 
         fmt = _out_format(x)  # dx comes back in x's layout (channels-last read and written in place)
         grads = group_norm_backward(dy.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt), weight,
@@ -285,20 +286,6 @@ torch.library.register_autograd("fastddpm::group_norm_silu", _backward, setup_co
 
 
 # -------------------------------------------------------------------------------- public function
-def _check_param(name: str, t: Optional[Tensor], shape: tuple, x: Tensor) -> None:
-    if t is None:
-        return
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a Tensor of shape {list(shape)} or None, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {list(shape)} (from x of shape {list(x.shape)}) or be None, "
-                         f"got {list(t.shape)}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-
-
 def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], groups: int = 32,
                     eps: float = 1e-5, add: Optional[Tensor] = None, scale: Optional[Tensor] = None,
                     shift: Optional[Tensor] = None, silu: bool = True) -> Tensor:
@@ -320,25 +307,10 @@ def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         float64 x) by a cancellation-free (two-pass / Welford) reduction. Differentiable in x, weight, bias, add, scale, shift;
         only the inputs and per-group mean/rstd are saved for backward.
     """
-    if not isinstance(x, Tensor):
-        raise ValueError(f"x must be a Tensor [N, C, *spatial], got {type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(f"x must have shape [N, C, *spatial] (at least 2 dims), got {list(x.shape)}")
-    if x.dtype not in _LOW_PRECISION + (torch.float64,):
-        raise ValueError(f"x.dtype must be one of float32, bfloat16, float16, float64, got {x.dtype}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    n, c = x.shape[0], x.shape[1]
-    if c % groups != 0:
-        raise ValueError(f"groups={groups} must divide the number of channels C={c}")
+    check_group_norm(x, weight, bias, add, scale, shift, groups, _LOW_PRECISION + (torch.float64,))
     if not isinstance(eps, (float, int)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     if not isinstance(silu, bool):
         raise ValueError(f"silu must be True or False, got {silu!r}")
-    _check_param("weight", weight, (c,), x)
-    _check_param("bias", bias, (c,), x)
-    _check_param("add", add, (n, c), x)
-    _check_param("scale", scale, (n, c), x)
-    _check_param("shift", shift, (n, c), x)
     y, _, _ = _group_norm_silu_op(x, weight, bias, add, scale, shift, groups, float(eps), silu)
     return y

@@ -32,62 +32,13 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastddpm.kernels.checks import LEGACY_COEFS, NUM_COEFS, check_sampler_step, check_sampler_step_inplace
 from .backend import use_triton
 
 __all__ = ["sampler_step", "sampler_step_", "sampler_step_reference", "sampler_step_inplace_reference",
            "NUM_COEFS", "COLUMNS"]
 
-NUM_COEFS = 11
 COLUMNS = ("A", "B", "P", "Q", "R", "P2", "SIGMA", "LOG_MIN", "LOG_MAX", "P3", "P4")
-# tables of samplers with at most one history tensor may stop after LOG_MAX
-LEGACY_COEFS = 9
-
-
-def _check(
-    x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, x0_prev: Optional[Tensor],
-    noise: Optional[Tensor], seed: Optional[Tensor], image_offset: int, learned_range: bool,
-    extra_channels_ok: bool = False, x0_prev2: Optional[Tensor] = None, x0_prev3: Optional[Tensor] = None,
-) -> None:
-    """ValueError naming the argument for every violation of the op's contract (no device sync).
-
-    extra_channels_ok: also accept a 2C-channel model_output without learned_range (the in-place op).
-    """
-    if x.dim() < 2 or not x.dtype.is_floating_point:
-        raise ValueError(f"x must be a floating-point tensor [N, C, *spatial], got {x.dtype} {tuple(x.shape)}")
-    n, c = x.shape[0], x.shape[1]
-    want_c = 2 * c if learned_range else c
-    want = (n, want_c) + tuple(x.shape[2:])
-    ok = [want]  # a list: shapes may hold SymInts (unhashable) under fake tensors
-    if extra_channels_ok and not learned_range:
-        ok.append((n, 2 * c) + tuple(x.shape[2:]))
-    if tuple(model_output.shape) not in ok or not model_output.dtype.is_floating_point:
-        raise ValueError(
-            f"model_output must be a floating-point tensor of shape {want} "
-            f"({'2C channels with learned_range=True' if learned_range else 'C channels'}), "
-            f"got {model_output.dtype} {tuple(model_output.shape)}"
-        )
-    if x0_prev3 is not None and x0_prev2 is None:
-        raise ValueError("x0_prev3 needs x0_prev2 (the history is given most recent first)")
-    if x0_prev2 is not None and x0_prev is None:
-        raise ValueError("x0_prev2 needs x0_prev (the history is given most recent first)")
-    widths = [NUM_COEFS] if x0_prev2 is not None else [LEGACY_COEFS, NUM_COEFS]
-    if coefs.dim() != 2 or coefs.shape[1] not in widths or coefs.dtype != torch.float32:
-        raise ValueError(f"coefs must be a float32 tensor [S, {NUM_COEFS}] ([S, {LEGACY_COEFS}] without x0_prev2), "
-                         f"got {coefs.dtype} {tuple(coefs.shape)}")
-    if step.dtype != torch.int64 or step.numel() != 1:
-        raise ValueError(f"step must be an int64 tensor with one element, got {step.dtype} {tuple(step.shape)}")
-    if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1):
-        raise ValueError(f"seed must be None or an int64 tensor with one element, got {seed.dtype} {tuple(seed.shape)}")
-    for name, t in (("x0_prev", x0_prev), ("x0_prev2", x0_prev2), ("x0_prev3", x0_prev3), ("noise", noise)):
-        if t is not None and (t.shape != x.shape or not t.dtype.is_floating_point):
-            raise ValueError(f"{name} must be None or a floating-point tensor of x's shape {tuple(x.shape)}, "
-                             f"got {t.dtype} {tuple(t.shape)}")
-    if image_offset < 0:
-        raise ValueError(f"image_offset must be a non-negative int, got {image_offset}")
-    for name, t in (("model_output", model_output), ("coefs", coefs), ("step", step), ("x0_prev", x0_prev),
-                    ("x0_prev2", x0_prev2), ("x0_prev3", x0_prev3), ("noise", noise), ("seed", seed)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
 def sampler_step_reference(
@@ -175,10 +126,11 @@ def sampler_step(
     Returns:
         (x_prev, x0c): new tensors in x's dtype.
     """
-    _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False, x0_prev2, x0_prev3)
+    check_sampler_step(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False,
+                       x0_prev2, x0_prev3)
     _check_row(step, coefs)
     if use_triton(x):
-        from kernels.sampler_step import sampler_step_forward
+        from fastddpm.kernels.sampler_step import sampler_step_forward
 
         return sampler_step_forward(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, learned_range,
                                     x0_prev2, x0_prev3)
@@ -193,7 +145,8 @@ def _(
     clip: bool = True, learned_range: bool = False, x0_prev2: Optional[Tensor] = None,
     x0_prev3: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    _check(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False, x0_prev2, x0_prev3)
+    check_sampler_step(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False,
+                       x0_prev2, x0_prev3)
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -208,26 +161,6 @@ def _check_row(step: Tensor, coefs: Tensor) -> None:
 
 
 # ------------------------------------------------------------------ the in-place step (FastSampler)
-def _check_inplace(
-    x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, t_out: Tensor, model_timesteps: Tensor,
-    x0_prev: Optional[Tensor], seed: Optional[Tensor], image_offset: int, learned_range: bool,
-    done_counter: Optional[Tensor], x0_prev2: Optional[Tensor] = None, x0_prev3: Optional[Tensor] = None,
-) -> None:
-    _check(x, model_output, coefs, step, x0_prev, None, seed, image_offset, learned_range, True, x0_prev2, x0_prev3)
-    s = coefs.shape[0]
-    if model_timesteps.dtype != torch.int64 or tuple(model_timesteps.shape) != (s,):
-        raise ValueError(f"model_timesteps must be an int64 tensor of shape ({s},) (one per coefs row), "
-                         f"got {model_timesteps.dtype} {tuple(model_timesteps.shape)}")
-    if t_out.dtype != torch.int64 or t_out.dim() != 1:
-        raise ValueError(f"t_out must be an int64 tensor [N], got {t_out.dtype} {tuple(t_out.shape)}")
-    if done_counter is not None and (done_counter.dtype != torch.int32 or done_counter.numel() != 1):
-        raise ValueError(f"done_counter must be None or an int32 tensor with one element, got "
-                         f"{done_counter.dtype} {tuple(done_counter.shape)}")
-    for name, t in (("t_out", t_out), ("model_timesteps", model_timesteps), ("done_counter", done_counter)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-
-
 def sampler_step_inplace_reference(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, t_out: Tensor, model_timesteps: Tensor,
     x0_prev: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
@@ -295,11 +228,11 @@ def sampler_step_(
         x0_prev2, x0_prev3: the older history (x0-hat of two / three steps back), shifted back by one
             (x0_prev3 <- x0_prev2 <- x0_prev); or None.
     """
-    _check_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed, image_offset,
-                   learned_range, done_counter, x0_prev2, x0_prev3)
+    check_sampler_step_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed, image_offset,
+                               learned_range, done_counter, x0_prev2, x0_prev3)
     _check_row(step, coefs)
     if use_triton(x):
-        from kernels.sampler_step import sampler_step_inplace
+        from fastddpm.kernels.sampler_step import sampler_step_inplace
 
         if done_counter is None:
             done_counter = torch.zeros(1, dtype=torch.int32, device=x.device)
@@ -317,6 +250,6 @@ def _(
     clip: bool = True, learned_range: bool = False, done_counter: Optional[Tensor] = None,
     x0_prev2: Optional[Tensor] = None, x0_prev3: Optional[Tensor] = None,
 ) -> None:
-    _check_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed, image_offset,
-                   learned_range, done_counter, x0_prev2, x0_prev3)
+    check_sampler_step_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed, image_offset,
+                               learned_range, done_counter, x0_prev2, x0_prev3)
     return None

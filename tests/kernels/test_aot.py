@@ -20,8 +20,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernels.aot import (ARCHS, EXTRA_ARCHS, KERNEL_MODULES, MAX_REGISTERS, ROW_KEYS, SHARED_LIMIT_BYTES,  # noqa: E402
-                         parse_resource_usage)
+from fastddpm.kernels.aot import (ARCHS, EXTRA_ARCHS, KERNEL_MODULES, MAX_REGISTERS, ROW_KEYS,  # noqa: E402
+                                  SHARED_LIMIT_BYTES, parse_resource_usage)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -84,7 +84,7 @@ def test_no_spills_and_shared_within_limits(report):
 def test_every_spec_of_every_existing_module_is_reported_for_each_arch(report):
     rows, proc = report
     existing = _existing_modules()
-    assert "kernels.sampler_step" in existing
+    assert "fastddpm.kernels.sampler_step" in existing
     for module_name in existing:
         module = importlib.import_module(module_name)
         assert hasattr(module, "aot_specs"), f"{module_name} exists but has no aot_specs()"
@@ -107,7 +107,7 @@ def test_attention_runs_on_tensor_cores(report):
     mma.sync on the others (the 16-row D = 256 dK/dV and dQ tiles also on sm_90). The exact fp32
     ("highest") path issues neither (FMA dots)."""
     rows, _ = report
-    attn = [r for r in rows if r["module"] == "kernels.attention" and r["kernel"] != "attn_bwd_preprocess"]
+    attn = [r for r in rows if r["module"] == "fastddpm.kernels.attention" and r["kernel"] != "attn_bwd_preprocess"]
     assert attn
     head_dims = set()
     for r in attn:
@@ -132,7 +132,7 @@ def test_attention_runs_on_tensor_cores(report):
 
 
 def test_tensor_core_family():
-    from kernels.aot import tensor_core_family
+    from fastddpm.kernels.aot import tensor_core_family
 
     assert tensor_core_family("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...}") == "wgmma"
     assert tensor_core_family("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}") == "mma"
@@ -165,7 +165,7 @@ def test_shared_memory_limits_per_arch():
 def test_head_dim_256_attention_fits_sm100_and_sm120():
     """The D = 256 attention programs (the most shared memory and registers) compile for sm_100 (tcgen05,
     227 KiB) and sm_120 (mma.sync, 99 KiB) with their own configs: no spills, within the limit."""
-    rows, proc = _run_report("--modules", "kernels.attention", "--arch", *map(str, EXTRA_ARCHS), "--match", "D=256,")
+    rows, proc = _run_report("--modules", "fastddpm.kernels.attention", "--arch", *map(str, EXTRA_ARCHS), "--match", "D=256,")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert {r["arch"] for r in rows} == {f"sm_{a}" for a in EXTRA_ARCHS}
     assert {r["kernel"].split("[")[0] for r in rows} >= {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"}

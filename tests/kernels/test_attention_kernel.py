@@ -18,9 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.arch import SHARED_LIMIT_BYTES, arch_of
-from kernels.attention import CONFIGS, attention_backward, attention_forward, dkdv_parts, fp32_precision
-from kernels.attention_specs import AOT_VARIANTS, AOT_VARIANTS_FP32, aot_specs, modelled_hbm_bytes
+from fastddpm.kernels.arch import SHARED_LIMIT_BYTES, arch_of
+from fastddpm.kernels.attention import CONFIGS, attention_backward, attention_forward, dkdv_parts, fp32_precision
+from fastddpm.kernels.attention_specs import AOT_VARIANTS, AOT_VARIANTS_FP32, aot_specs, modelled_hbm_bytes
+from references import attention_float64
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -41,15 +42,6 @@ def _inputs(b, h, n_q, d, n_kv=None, seed=0, spread=1.0):
     return q, k, v, do
 
 
-def _reference(q, k, v, do, scale):
-    """float64 forward, lse and grads (q, k, v, do already rounded to the kernel's dtype)."""
-    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    o = torch.matmul(torch.softmax(s, dim=-1), v)
-    o.backward(do.double())
-    return o.detach(), torch.logsumexp(s.detach(), dim=-1), q.grad, k.grad, v.grad
-
-
 def _sdpa_errors(q, k, v, do, scale, ref):
     """Errors of F.scaled_dot_product_attention in the inputs' dtype vs the float64 reference."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -63,7 +55,7 @@ def _sdpa_errors(q, k, v, do, scale, ref):
 def _run(b, h, n_q, d, dtype, n_kv=None, seed=0, spread=1.0, config=None, scale=None, precision=None):
     q, k, v, do = (t.to(dtype) for t in _inputs(b, h, n_q, d, n_kv, seed, spread))
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    ref = _reference(q, k, v, do, scale)
+    ref = attention_float64(q, k, v, do, scale)
     o, lse = attention_forward(q.to(DEV), k.to(DEV), v.to(DEV), scale, config=config, precision=precision)
     grads = attention_backward(do.to(DEV), q.to(DEV), k.to(DEV), v.to(DEV), o, lse, scale, config=config,
                                precision=precision)
@@ -170,7 +162,7 @@ def test_non_contiguous_inputs():
     v = v.contiguous().transpose(-1, -2).contiguous().transpose(-1, -2)
     assert not q.is_contiguous() and v.stride(-1) != 1
     scale = 0.3
-    ref = _reference(q, k, v, do, scale)
+    ref = attention_float64(q, k, v, do, scale)
     o, lse = attention_forward(q, k, v, scale)
     got = (o, lse, *attention_backward(do, q, k, v, o, lse, scale))
     _check((q, k, v, do, scale), ref, got, torch.float32)
@@ -196,7 +188,7 @@ def test_bad_inputs_raise():
         attention_forward(big, big, big, 0.1)
     with pytest.raises(ValueError, match="k and v"):
         attention_forward(q, q, torch.randn(1, 1, 9, 32), 0.1)
-    with pytest.raises(ValueError, match="one dtype"):
+    with pytest.raises(ValueError, match="same dtype"):
         attention_forward(q, q.half(), q, 0.1)
     with pytest.raises(ValueError, match="sm_scale"):
         attention_forward(q, q, q, float("nan"))
@@ -305,7 +297,7 @@ def test_every_device_gets_its_own_config_table():
 def test_autotuners_are_kept_per_batch_bucket(monkeypatch):
     """On a GPU each (kernel, head dim, dtype, arch) gets one autotuner per power-of-two bucket of
     batch * heads: Triton's key (Nq, Nk, head dim) alone would reuse a config tuned at batch 256 at 16."""
-    import kernels.attention as K
+    import fastddpm.kernels.attention as K
 
     made = []
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from fastddpm.ops.philox import philox_normal
+from references import sampler_step_float64
 
 pytest.importorskip("triton")
-import kernels.sampler_step as ks  # noqa: E402
-from kernels.sampler_step import sampler_step_forward, sampler_step_inplace  # noqa: E402
+import fastddpm.kernels.sampler_step as ks  # noqa: E402
+from fastddpm.kernels.sampler_step import sampler_step_forward, sampler_step_inplace  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = (3, 2, 5, 7)  # 70 elements per image: masked tail; with BLOCK 16, 15 programs in place
@@ -36,17 +37,6 @@ def _inputs(k, seed=1, dtype=torch.float32):
     return x, m, hist
 
 
-def _float64(x, m, coefs, row, hist, z, clip):
-    A, B, P, Q, R, P2, SIG, _lmin, _lmax, P3, P4 = coefs.double()[row].tolist()
-    x0 = A * x.double() + B * m.double()
-    if clip:
-        x0 = x0.clamp(-1, 1)
-    mean = P * x0 + Q * x.double() + R * m.double()
-    for c, h in zip((P2, P3, P4), hist):
-        mean = mean + c * h.double()
-    return mean + SIG * z.double(), x0
-
-
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("philox", [False, True], ids=["noise", "philox"])
 def test_functional_kernel_with_history_matches_float64(k, philox):
@@ -58,7 +48,7 @@ def test_functional_kernel_with_history_matches_float64(k, philox):
     noise = None if philox else z.to(DEVICE)
     h = hist + [None] * (3 - k)
     xp, x0 = sampler_step_forward(x, m, coefs, step, h[0], noise, seed, 3, True, False, h[1], h[2])
-    want, want_x0 = _float64(x, m, coefs, 2, hist, z, True)
+    want, want_x0 = sampler_step_float64(x, m, coefs, 2, z, clip=True, history=hist)
     torch.testing.assert_close(xp.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x0.double().cpu(), want_x0.cpu(), rtol=1e-5, atol=1e-5)
     # each history tensor counts: dropping the oldest changes the result by exactly its term

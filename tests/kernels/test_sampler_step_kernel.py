@@ -21,10 +21,11 @@ import torch
 
 from fastddpm.ops.philox import philox_normal
 from fastddpm.schedule import NoiseSchedule
+from references import sampler_step_float64
 
 pytest.importorskip("triton")
-import kernels.sampler_step as ks  # noqa: E402
-from kernels.sampler_step import sampler_step_forward, sampler_step_inplace  # noqa: E402
+import fastddpm.kernels.sampler_step as ks  # noqa: E402
+from fastddpm.kernels.sampler_step import sampler_step_forward, sampler_step_inplace  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HALF_ULP = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -83,23 +84,7 @@ def _random_rows(n: int = 4, gen=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- float64 reference
 def _reference(x, mo, coefs, step, x0_prev, z, clip, learned):
     """The contract formula in float64 (z given explicitly). Returns float64 (x_prev, x0c)."""
-    c = x.shape[1]
-    row = coefs.double()[int(step.item())]
-    a, b, p, q, r, p2, sig, log_min, log_max = row.tolist()
-    x = x.double()
-    m = mo[:, :c].double()
-    x0 = a * x + b * m
-    if clip:
-        x0 = x0.clamp(-1, 1)
-    mean = p * x0 + q * x + r * m
-    if x0_prev is not None:
-        mean = mean + p2 * x0_prev.double()
-    if learned:
-        f = (mo[:, c:].double() + 1) / 2
-        sigma = sig * torch.exp(0.5 * (f * log_max + (1 - f) * log_min))
-    else:
-        sigma = sig
-    return mean + sigma * z.double(), x0
+    return sampler_step_float64(x, mo, coefs, int(step.item()), z, clip, learned, history=(x0_prev,))
 
 
 def _eager_same_precision(x, mo, coefs, step, x0_prev, z, clip, learned):
@@ -376,7 +361,7 @@ def test_gpu_bitwise_deterministic_and_bf16_at_real_shape():
 
 # ----------------------------------------------------------------------------- AOT specs
 def test_aot_specs_cover_every_config_with_the_modelled_traffic():
-    from kernels import sampler_step_specs as specs_module
+    from fastddpm.kernels import sampler_step_specs as specs_module
 
     specs = specs_module.aot_specs()
     numel = 256 * 3 * 32 * 32  # the stated report shape, fp32
@@ -572,6 +557,10 @@ def test_inplace_bad_arguments_raise_value_error():
         sampler_step_inplace(**args(t_out=t_out.int()))
     with pytest.raises(ValueError, match="done_counter"):
         sampler_step_inplace(**args(done_counter=done.long()))
+    with pytest.raises(ValueError, match="done_counter"):
+        sampler_step_inplace(**args(done_counter=None))  # the launcher needs the caller's buffer
+    with pytest.raises(ValueError, match="t_out must be contiguous"):
+        sampler_step_inplace(**args(t_out=torch.zeros(6, dtype=torch.int64, device=DEVICE)[::2]))
     with pytest.raises(ValueError, match="model_output"):
         sampler_step_inplace(**args(model_output=torch.zeros((3, 3, 5, 7), device=DEVICE)))
     with pytest.raises(ValueError, match="model_output"):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import fastddpm as fd
 from fastddpm.graphs import FastSampler
 from fastddpm.ops import attention, group_norm_silu, use_backend
+from references import attention_reference, group_norm_silu_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -78,9 +79,9 @@ def test_fast_sampler_capture_equals_sample(cuda_device, case, capture):
 # ------------------------------------------------------------------------------- in-place step under load
 @pytest.mark.parametrize("config_index", [0, 1, 2])
 def test_inplace_step_graph_1000_replays_bitwise_equal_functional(cuda_device, config_index, monkeypatch):
-    K = importlib.import_module("kernels.sampler_step")
+    K = importlib.import_module("fastddpm.kernels.sampler_step")
     if config_index >= len(K.CONFIGS):
-        pytest.skip(f"kernels.sampler_step has {len(K.CONFIGS)} configs")
+        pytest.skip(f"fastddpm.kernels.sampler_step has {len(K.CONFIGS)} configs")
     monkeypatch.setattr(K, "CONFIGS", [K.CONFIGS[config_index]])  # the autotuner then has one choice
     K._autotuned.cache_clear()
     try:
@@ -130,13 +131,9 @@ CIFAR_GN = [(128, 32 * 32), (256, 16 * 16), (256, 8 * 8), (256, 4 * 4), (384, 16
             (512, 8 * 8), (512, 4 * 4), (384, 32 * 32), (256, 32 * 32)]
 
 
-def _gn_composition(x, w, b, add, groups, eps):
-    return F.silu(F.group_norm(x + add[:, :, None, None], groups, w, b, eps))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_group_norm_silu_single_tile_cifar_shapes(cuda_device, dtype):
-    K = importlib.import_module("kernels.group_norm")
+    K = importlib.import_module("fastddpm.kernels.group_norm")
     shapes = [(c, hw) for c, hw in CIFAR_GN if K._single_tile(c // 32, hw) is not None]
     assert shapes, "no CIFAR-10 GroupNorm runs as a single tile: the list above is stale"
     for c, hw in shapes:
@@ -150,8 +147,8 @@ def test_group_norm_silu_single_tile_cifar_shapes(cuda_device, dtype):
         leaves = {k: [t.to(dt).requires_grad_(True) for t in (x, w, b, add)]
                   for k, dt in (("ours", dtype), ("torch", dtype), ("ref", torch.float64))}
         y = group_norm_silu(leaves["ours"][0], *leaves["ours"][1:3], 32, 1e-6, add=leaves["ours"][3])
-        y_t = _gn_composition(*leaves["torch"], 32, 1e-6)
-        y_r = _gn_composition(*leaves["ref"], 32, 1e-6)
+        y_t = group_norm_silu_reference(*leaves["torch"][:3], 32, 1e-6, add=leaves["torch"][3])
+        y_r = group_norm_silu_reference(*leaves["ref"][:3], 32, 1e-6, add=leaves["ref"][3])
         g_o = torch.autograd.grad(y, leaves["ours"], dy.to(dtype))
         g_t = torch.autograd.grad(y_t, leaves["torch"], dy.to(dtype))
         g_r = torch.autograd.grad(y_r, leaves["ref"], dy)
@@ -165,16 +162,12 @@ def test_group_norm_silu_single_tile_cifar_shapes(cuda_device, dtype):
 ATTN_SHAPES = [(8, 1, 256, 256), (4, 4, 1024, 64), (16, 2, 64, 128), (4, 1, 256, 512), (2, 1, 64, 512)]
 
 
-def _composed(q, k, v):
-    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ATTN_SHAPES)
 def test_attention_unet_shapes_and_head_dim_512(cuda_device, shape, dtype, monkeypatch):
     """Head dims <= 256 run the Triton kernels (the launcher is called); head_dim 512 is the fallback test:
     the launcher is never called and the output is SDPA's own, bit for bit. Both within the bounds."""
-    K = importlib.import_module("kernels.attention")
+    K = importlib.import_module("fastddpm.kernels.attention")
     launches = []
     launcher = K.attention_forward
     monkeypatch.setattr(K, "attention_forward", lambda *a, **kw: launches.append(1) or launcher(*a, **kw))
@@ -189,7 +182,7 @@ def test_attention_unet_shapes_and_head_dim_512(cuda_device, shape, dtype, monke
         g_o = torch.autograd.grad(o, ours, do.to(dtype))
     o_t = F.scaled_dot_product_attention(*theirs)
     g_t = torch.autograd.grad(o_t, theirs, do.to(dtype))
-    o_r = _composed(*ref)
+    o_r = attention_reference(*ref)
     g_r = torch.autograd.grad(o_r, ref, do)
     assert o.dtype == dtype and o.shape == shape
     if shape[-1] <= K._MAX_HEAD_DIM:
