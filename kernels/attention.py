@@ -185,7 +185,7 @@ CONFIGS: dict = {
     86: {"bf16": _SM86_BF16, "tf32": _SM86_TF32, "ieee": _SM86_IEEE},
     89: {"bf16": _SM86_BF16, "tf32": _SM86_TF32, "ieee": _SM86_IEEE},
     100: {"bf16": _SM90_BF16, "tf32": _SM90_TF32, "ieee": _IEEE},
-    120: {"bf16": _SM86_BF16, "tf32": _SM86_TF32, "ieee": _SM86_IEEE},
+    120: {"bf16": _SM86_BF16, "tf32": _SM86_TF32, "ieee": _IEEE},  # sm_120 ptxas: (16, 16, 4, 1) keeps a stack
 }
 
 
