@@ -171,5 +171,5 @@ def test_head_dim_256_attention_fits_sm100_and_sm120():
     assert {r["kernel"].split("[")[0] for r in rows} >= {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"}
     for r in rows:
         assert r["spills"] == 0 and r["stack"] == 0 and r["shared_bytes"] <= r["shared_limit_bytes"], r
-        if "bf16" in r["config"]:
+        if "bf16" in r["config"] and r["kernel"] != "attn_bwd_preprocess":
             assert r["tensor_cores"] == ("tcgen05" if r["arch"] == "sm_100" else "mma"), r
