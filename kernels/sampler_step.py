@@ -11,6 +11,9 @@ Contract (see fastddpm.ops.sampler_step): with m = model_output[:, :C], row = co
 Columns of coefs: 0 A, 1 B, 2 P, 3 Q, 4 R, 5 P2, 6 SIGMA, 7 LOG_MIN, 8 LOG_MAX, 9 P3, 10 P4; the row
 stride is a runtime argument, so a 9-column table (no second history) is read as it is.
 
+Known-region replacement (HAS_MASK, inpainting): with KNOWN and MASKT (x's shape) and columns 11 KA, 12 KZ,
+    x_prev = mask*(KA*known + KZ*z) + (1 - mask)*x_prev      (the step's z; NOISE_MODE != 0 then)
+
 The step index and the seed are read from device tensors inside the kernel, so a captured CUDA graph
 replays the right step with fresh noise. z is `noise` when given, otherwise Philox4x32-10 normals
 generated in the kernel with counters (c0 = flat element index inside the image, c1 = image_offset +
@@ -43,10 +46,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import NUM_COEFS, check_sampler_step, check_sampler_step_inplace
+from .checks import KNOWN_COEFS, NUM_COEFS, check_sampler_step, check_sampler_step_inplace
 from .device_guard import on_tensor_device
 
-__all__ = ["sampler_step_forward", "sampler_step_inplace", "CONFIGS", "INPLACE_CONFIG", "NUM_COEFS", "MAX_HISTORY"]
+__all__ = ["sampler_step_forward", "sampler_step_inplace", "CONFIGS", "INPLACE_CONFIG", "NUM_COEFS", "MAX_HISTORY",
+           "KNOWN_COEFS"]
 
 MAX_HISTORY = 3
 # (BLOCK, num_warps): the autotune list of the functional kernel on real GPUs and the AOT report's configs.
@@ -68,9 +72,9 @@ STEP_STREAM = 0
 @triton.jit
 def _step_tile(
     X, M, X0P, X0P2, X0P3, NOISE, COEF, STEP, SEED, XOUT, X0OUT,
-    E, m_image_stride, image_offset, NCOL,
+    E, m_image_stride, image_offset, NCOL, KNOWN, MASKT,
     CLIP: tl.constexpr, LEARNED: tl.constexpr, NUM_HIST: tl.constexpr, NOISE_MODE: tl.constexpr,
-    STREAM: tl.constexpr, STORE_X0: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+    STREAM: tl.constexpr, STORE_X0: tl.constexpr, SHIFT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The body shared by both launchers: one BLOCK of one image; returns the step it loaded.
 
@@ -138,6 +142,12 @@ def _step_tile(
             u2 = tl.random.uint_to_uniform_float(w1)
             z, _z2 = tl.random.pair_uniform_to_normal(u1, u2)
         x_prev = mean + sigma * z
+        if HAS_MASK:  # known-region replacement with the same z (see the module docstring)
+            ka = tl.load(row + 11)
+            kz = tl.load(row + 12)
+            kn = tl.load(KNOWN + base + offs, mask=mask, other=0.0).to(tl.float32)
+            mk = tl.load(MASKT + base + offs, mask=mask, other=0.0).to(tl.float32)
+            x_prev = mk * (ka * kn + kz * z) + (1.0 - mk) * x_prev
     else:
         x_prev = mean
 
@@ -155,20 +165,20 @@ def _step_tile(
 @triton.jit
 def _sampler_step_kernel(
     X, M, X0P, X0P2, X0P3, NOISE, COEF, STEP, SEED, XOUT, X0OUT,
-    E, m_image_stride, image_offset, NCOL,
+    E, m_image_stride, image_offset, NCOL, KNOWN, MASKT,
     CLIP: tl.constexpr, LEARNED: tl.constexpr, NUM_HIST: tl.constexpr, NOISE_MODE: tl.constexpr,
-    STREAM: tl.constexpr, BLOCK: tl.constexpr,
+    STREAM: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     _step_tile(X, M, X0P, X0P2, X0P3, NOISE, COEF, STEP, SEED, XOUT, X0OUT, E, m_image_stride, image_offset, NCOL,
-               CLIP, LEARNED, NUM_HIST, NOISE_MODE, STREAM, True, False, BLOCK)
+               KNOWN, MASKT, CLIP, LEARNED, NUM_HIST, NOISE_MODE, STREAM, True, False, HAS_MASK, BLOCK)
 
 
 @triton.jit
 def _sampler_step_inplace_kernel(
     X, M, X0P, X0P2, X0P3, COEF, STEP, SEED, MODEL_T, TOUT, DONE,
-    E, m_image_stride, image_offset, NCOL, S, NT,
+    E, m_image_stride, image_offset, NCOL, S, NT, KNOWN, MASKT,
     CLIP: tl.constexpr, LEARNED: tl.constexpr, NUM_HIST: tl.constexpr, NOISE_MODE: tl.constexpr,
-    STREAM: tl.constexpr, BLOCK: tl.constexpr,
+    STREAM: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """x <- x_{t-1} and the history shift x0_prev3 <- x0_prev2 <- x0_prev <- x0-hat (the NUM_HIST buffers
     given) in place; then the last program to finish does
@@ -188,7 +198,7 @@ def _sampler_step_inplace_kernel(
       arrive does not change any value: nothing here is a floating-point reduction.
     """
     step = _step_tile(X, M, X0P, X0P2, X0P3, X, COEF, STEP, SEED, X, X0P, E, m_image_stride, image_offset, NCOL,
-                      CLIP, LEARNED, NUM_HIST, NOISE_MODE, STREAM, NUM_HIST >= 1, True, BLOCK)
+                      KNOWN, MASKT, CLIP, LEARNED, NUM_HIST, NOISE_MODE, STREAM, NUM_HIST >= 1, True, HAS_MASK, BLOCK)
     tl.debug_barrier()
     num_programs = tl.num_programs(0) * tl.num_programs(1)
     old = tl.atomic_add(DONE, 1, sem="acq_rel")
@@ -202,7 +212,7 @@ def _sampler_step_inplace_kernel(
         tl.store(DONE, 0)
 
 
-_TUNE_KEY = ["E", "CLIP", "LEARNED", "NUM_HIST", "NOISE_MODE"]
+_TUNE_KEY = ["E", "CLIP", "LEARNED", "NUM_HIST", "NOISE_MODE", "HAS_MASK"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -230,6 +240,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _known_buffers(mask: Optional[torch.Tensor], known: Optional[torch.Tensor],
+                   x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(known, mask) made contiguous for the launch (checked by check_sampler_step); (x, x), unread
+    dummies, without them."""
+    if mask is None:
+        return x, x
+    return known.contiguous(), mask.contiguous()
+
+
 @on_tensor_device
 def sampler_step_forward(
     x: torch.Tensor,
@@ -244,6 +263,8 @@ def sampler_step_forward(
     learned_range: bool,
     x0_prev2: Optional[torch.Tensor] = None,
     x0_prev3: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    known: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the fused step; returns new tensors (x_prev, x0c) in x's dtype.
 
@@ -253,7 +274,8 @@ def sampler_step_forward(
     x0_prev3 like x or None (the history most recent first). Inputs are made contiguous.
     """
     num_hist = check_sampler_step(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range,
-                                  False, x0_prev2, x0_prev3)
+                                  False, x0_prev2, x0_prev3, mask, known)
+    kn, mk = _known_buffers(mask, known, x)
     n = x.shape[0]
     x = x.contiguous()
     model_output = model_output.contiguous()
@@ -270,9 +292,9 @@ def sampler_step_forward(
     nz = noise.contiguous() if noise is not None else x
     sd = seed if seed is not None else step
     args = (x, model_output, h1, h2, h3, nz, coefs, step, sd, x_prev, x0, numel_image, model_output[0].numel(),
-            image_offset, coefs.shape[1])
+            image_offset, coefs.shape[1], kn, mk)
     flags = dict(CLIP=bool(clip), LEARNED=bool(learned_range), NUM_HIST=num_hist,
-                 NOISE_MODE=noise_mode, STREAM=STEP_STREAM)
+                 NOISE_MODE=noise_mode, STREAM=STEP_STREAM, HAS_MASK=mask is not None)
     _launch(False, args, flags, numel_image, n)
     return x_prev, x0
 
@@ -293,6 +315,8 @@ def sampler_step_inplace(
     learned_range: bool,
     x0_prev2: Optional[torch.Tensor] = None,
     x0_prev3: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    known: Optional[torch.Tensor] = None,
 ) -> None:
     """The whole sampling step in one launch, in place (FastSampler's step outside the model).
 
@@ -305,7 +329,8 @@ def sampler_step_inplace(
     done_counter is an int32 [1] buffer holding 0, owned by the caller, and holds 0 again after the launch.
     """
     num_hist = check_sampler_step_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed,
-                                          image_offset, learned_range, done_counter, x0_prev2, x0_prev3)
+                                          image_offset, learned_range, done_counter, x0_prev2, x0_prev3, mask, known)
+    kn, mk = _known_buffers(mask, known, x)
     if done_counter is None:
         raise ValueError("done_counter must be an int32 tensor with one element holding 0, got None")
     for name, t in (("x", x), ("x0_prev", x0_prev), ("x0_prev2", x0_prev2), ("x0_prev3", x0_prev3), ("t_out", t_out)):
@@ -328,9 +353,9 @@ def sampler_step_inplace(
     h1, h2, h3 = (t if t is not None else x for t in (x0_prev, x0_prev2, x0_prev3))
     sd = seed if seed is not None else step
     args = (x, model_output, h1, h2, h3, coefs, step, sd, model_timesteps, t_out, done_counter, numel_image,
-            model_output[0].numel(), image_offset, coefs.shape[1], s_rows, t_out.numel())
+            model_output[0].numel(), image_offset, coefs.shape[1], s_rows, t_out.numel(), kn, mk)
     flags = dict(CLIP=bool(clip), LEARNED=bool(learned_range), NUM_HIST=num_hist,
-                 NOISE_MODE=noise_mode, STREAM=STEP_STREAM)
+                 NOISE_MODE=noise_mode, STREAM=STEP_STREAM, HAS_MASK=mask is not None)
     _launch(True, args, flags, numel_image, n)
 
 

@@ -81,7 +81,8 @@ def _config_specs(kernel: str, fn, signature: dict, flags: dict, fused: int, unf
                   configs=CONFIGS) -> List[dict]:
     """The AOT specs of one kernel variant, one per config (BLOCK, warps) it launches with."""
     return [dict(kernel=kernel, config=f"BLOCK={block},warps={warps}", fn=fn, signature=signature,
-                 constexprs=dict(flags, STREAM=STEP_STREAM, BLOCK=block), num_warps=warps, num_stages=1,
+                 constexprs=dict({"HAS_MASK": False}, **flags, STREAM=STEP_STREAM, BLOCK=block), num_warps=warps,
+                 num_stages=1,
                  options={"enable_fp_fusion": ENABLE_FP_FUSION}, hbm_bytes_fused=fused,
                  hbm_bytes_unfused=unfused, shape="x [256, 3, 32, 32] fp32")
             for block, warps in configs]
@@ -99,12 +100,13 @@ def aot_specs() -> List[dict]:
         numel *= s
     specs = []
     flag_types = {"CLIP": "constexpr", "LEARNED": "constexpr", "NUM_HIST": "constexpr", "NOISE_MODE": "constexpr",
-                  "STREAM": "constexpr", "BLOCK": "constexpr"}
+                  "STREAM": "constexpr", "HAS_MASK": "constexpr", "BLOCK": "constexpr"}
+    known = {"KNOWN": "*fp32", "MASKT": "*fp32"}
     history = {"X0P": "*fp32", "X0P2": "*fp32", "X0P3": "*fp32"}
     signature = {
         "X": "*fp32", "M": "*fp32", **history, "NOISE": "*fp32", "COEF": "*fp32", "STEP": "*i64",
         "SEED": "*i64", "XOUT": "*fp32", "X0OUT": "*fp32", "E": "i32", "m_image_stride": "i32",
-        "image_offset": "i32", "NCOL": "i32", **flag_types,
+        "image_offset": "i32", "NCOL": "i32", **known, **flag_types,
     }
     for name, flags in _VARIANTS:
         fused = hbm_bytes_fused(numel, 4, flags["LEARNED"], flags["NUM_HIST"], flags["NOISE_MODE"] == NOISE_GIVEN)
@@ -115,7 +117,7 @@ def aot_specs() -> List[dict]:
     inplace_signature = {
         "X": "*fp32", "M": "*fp32", **history, "COEF": "*fp32", "STEP": "*i64", "SEED": "*i64",
         "MODEL_T": "*i64", "TOUT": "*i64", "DONE": "*i32", "E": "i32", "m_image_stride": "i32",
-        "image_offset": "i32", "NCOL": "i32", "S": "i32", "NT": "i32", **flag_types,
+        "image_offset": "i32", "NCOL": "i32", "S": "i32", "NT": "i32", **known, **flag_types,
     }
     for name, flags in _VARIANTS:
         # in place: reads x, m (2C with learned range) and the history; writes x and the history
@@ -125,4 +127,27 @@ def aot_specs() -> List[dict]:
                                             flags["NOISE_MODE"] == NOISE_PHILOX)
         specs += _config_specs(f"sampler_step_inplace[{name}]", _sampler_step_inplace_kernel, inplace_signature,
                                flags, fused, unfused, [INPLACE_CONFIG])
+    specs += _masked_specs(numel, signature, inplace_signature)
     return specs
+
+
+# Inpainting's few-step mode: UniPC-3 (the most loads) with the known-region replacement (two more reads).
+_MASKED_VARIANT = ("unipc_3_inpaint", dict(CLIP=False, LEARNED=False, NUM_HIST=3, NOISE_MODE=NOISE_PHILOX,
+                                           HAS_MASK=True))
+# the unfused replacement: KA*known, KZ*z, add, mask*target, 1-mask, (1-mask)*x_prev, add
+_MASKED_UNFUSED_PASSES = 2 + 2 + 3 + 3 + 2 + 3 + 3
+
+
+def _masked_specs(numel: int, signature: dict, inplace_signature: dict) -> List[dict]:
+    """AOT specs of the masked variant, functional (every autotune config) and in place (INPLACE_CONFIG:
+    FastSampler's inpainting step)."""
+    name, flags = _MASKED_VARIANT
+    k = flags["NUM_HIST"]
+    extra_unfused = _MASKED_UNFUSED_PASSES * numel * 4
+    fused = hbm_bytes_fused(numel, 4, False, k, False) + 2 * numel * 4
+    unfused = hbm_bytes_unfused(numel, 4, False, k, False, True, False) + extra_unfused
+    out = _config_specs(f"sampler_step[{name}]", _sampler_step_kernel, signature, flags, fused, unfused)
+    fused = ((1 + 1 + k + 2) + (1 + k)) * numel * 4
+    unfused = hbm_bytes_inplace_unfused(numel, 4, False, k, False, True) + extra_unfused
+    return out + _config_specs(f"sampler_step_inplace[{name}]", _sampler_step_inplace_kernel, inplace_signature,
+                               flags, fused, unfused, [INPLACE_CONFIG])

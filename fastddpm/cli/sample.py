@@ -12,7 +12,8 @@ import time
 from typing import Any, List
 
 from .._names import DEFAULT_DDP_TIMEOUT, DEFAULT_SAMPLER, DEFAULT_SPACING, SAMPLER_NAMES, SPACING_NAMES
-from ._common import CLIError, add_threads_option, check_positive, load_model, resolve_device, sampler_steps, steps_help
+from ._common import (CLIError, add_threads_option, check_output, check_positive, check_seed, diffusers_pipeline,
+                      load_model, resolve_device, sampler_steps, steps_help, write_output)
 
 HELP = "draw samples from a checkpoint (default: the bundled digits model)"
 
@@ -64,15 +65,15 @@ def run(args: argparse.Namespace) -> int:
     from .. import checkpoint as ckpt
     from ..dist_util import ddp_failure, dist_info, join_process_group
     from ..fileio import atomic_write_bytes
-    from ..images import save_grid, to_uint8
+    from ..images import grid_scale, save_grid, to_uint8
     from ..precision import reduced_precision
     from ..tune import sampler_for_checkpoint
 
     check_positive(args, "num", "batch_size", "steps", "scale", "nrow")
-    if not 0.0 <= args.eta <= 1.0:
-        raise CLIError(f"--eta must be in [0, 1], got {args.eta}")
-    if args.seed < 0:
-        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    check_eta_guidance(args)
+    check_seed(args)
+    check_output("--out", args.out)
+    check_output("--npz", args.npz)
     out_png = args.out if (args.out or args.npz) else "samples.png"
     if out_png:
         from ..images import image_format
@@ -94,7 +95,11 @@ def run(args: argparse.Namespace) -> int:
         model, diffusion, config = load_model(args, device)
         mc = config["model"]
         size, channels, num_classes = int(mc["image_size"]), int(mc["in_channels"]), mc.get("num_classes")
-        ck_path = ckpt.resolve_checkpoint(args.checkpoint)  # where `fastddpm tune-steps` stored its schedules
+        # where `fastddpm tune-steps` stored its schedules
+        ck_path = args.checkpoint if diffusers_pipeline(args.checkpoint) else ckpt.resolve_checkpoint(args.checkpoint)
+        if not num_classes and args.guidance_scale != 1.0:
+            raise CLIError(f"--guidance-scale {args.guidance_scale} needs a class-conditional model; this one has no "
+                           "classes (leave it at 1)")
         sampler = sampler_for_checkpoint(ck_path, diffusion, args.sampler,
                                          sampler_steps(args.sampler, args.steps, diffusion), args.spacing, eta=args.eta)
         model = reduced_precision(model, args.dtype)
@@ -107,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
         # this rank's contiguous share of the global image indices
         per = -(-args.num // world)
         start, stop = min(rank * per, args.num), min((rank + 1) * per, args.num)
+        from ._sizes import check_sample_sizes
+
+        check_sample_sizes(args, size, channels, mc, device, grid=bool(out_png) and rank == 0,
+                           images_per_rank=args.num if rank == 0 else stop - start)
         labels_all = None
         if num_classes:
             labels_all = (torch.full((args.num,), args.class_label, dtype=torch.int64) if args.class_label is not None
@@ -163,12 +172,12 @@ def run(args: argparse.Namespace) -> int:
                 if local_labels is not None:
                     arrays["labels"] = local_labels
                 np.savez(buf, **arrays)
-                atomic_write_bytes(args.npz, buf.getvalue())
+                write_output("--npz", args.npz, lambda: atomic_write_bytes(args.npz, buf.getvalue()))
                 written.append(args.npz)
             if out_png:
-                scale = args.scale if args.scale is not None else max(1, 32 // size)
+                scale = args.scale if args.scale is not None else grid_scale(size)
                 x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-                save_grid(x, out_png, nrow=args.nrow, scale=scale)
+                write_output("--out", out_png, lambda: save_grid(x, out_png, nrow=args.nrow, scale=scale))
                 written.append(out_png)
             print(f"{args.num} images ({args.sampler}, {sampler.num_steps} steps, {sampler.spacing} spacing, "
                   f"{args.dtype}, {elapsed:.1f} s"
@@ -184,6 +193,19 @@ def run(args: argparse.Namespace) -> int:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def check_eta_guidance(args: argparse.Namespace) -> None:
+    """CLIError for an --eta outside [0, 1] or given to a sampler without one, and a non-finite --guidance-scale."""
+    import math
+
+    if not 0.0 <= args.eta <= 1.0:
+        raise CLIError(f"--eta must be in [0, 1], got {args.eta}")
+    if args.eta != 0.0 and args.sampler != "ddim":
+        raise CLIError(f"--eta applies to --sampler ddim only; --sampler {args.sampler} has no eta (drop --eta, or "
+                       "use --sampler ddim, or an -sde sampler for stochastic sampling)")
+    if not math.isfinite(getattr(args, "guidance_scale", 1.0)):
+        raise CLIError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
 
 
 class _WithLabels:
