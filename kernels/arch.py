@@ -29,7 +29,7 @@ __all__ = ["ARCHS", "EXTRA_ARCHS", "SHARED_LIMIT_BYTES", "arch_of"]
 ARCHS: Tuple[int, ...] = (80, 86, 89, 90)
 # Configured and compilable with triton >= 3.9 (`python benchmarks/kernel_report.py --arch 100 120`), not in
 # the default gate (compile time; no such GPU has run these kernels): the head_dim-256 attention programs are
-# checked spill-free there; seven other programs keep 8-56 byte stack frames (docs/kernels_perf_notes.md).
+# checked spill-free there; seven other programs keep 8-56 byte stack frames (docs/kernels.md).
 EXTRA_ARCHS: Tuple[int, ...] = (100, 120)
 SHARED_LIMIT_BYTES: Dict[int, int] = {
     80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024,

@@ -630,7 +630,7 @@ def _single_tile(cpg: int, hw: int, backward: bool = False) -> Optional[tuple[in
     num_warps = tile / 128 in [1, 16], except the backward of a 4096-element tile, which takes 8 warps
     (16 elements per thread): at 16 warps it needs 84 registers per thread, 43K of the SM's 64K, so one
     group is resident per SM; at 8 warps 114 registers (29K), two groups per SM, twice the loads in flight
-    for a kernel that waits on memory (sm_90 AOT figures, docs/kernels_perf_notes.md)."""
+    for a kernel that waits on memory (sm_90 AOT figures, docs/kernels.md)."""
     bc, bhw = triton.next_power_of_2(cpg), triton.next_power_of_2(hw)
     if bc * bhw > SINGLE_MAX:
         return None

@@ -5,7 +5,7 @@ benchmarks/kernel_report.py --json in a second process without TRITON_INTERPRET 
 Triton in interpreter mode; compilation needs the real JIT). sm_100 and sm_120 (EXTRA_ARCHS) are compiled
 for the D = 256 attention programs, the heaviest in shared memory and registers.
 
-The gate is CPU-heavy (several hundred compiles; docs/kernels_perf_notes.md gives its time on a cold
+The gate is CPU-heavy (several hundred compiles; docs/kernels.md gives its time on a cold
 cache), so its tests are marked `slow`. Compiled resource figures are cached (kernels/aot.py,
 ~/.cache/fastddpm/aot or $FASTDDPM_AOT_CACHE), so only changed kernels are recompiled on a second run.
 """

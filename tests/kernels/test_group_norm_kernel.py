@@ -352,7 +352,7 @@ def test_autotuned_launch_path(monkeypatch):
 
 def test_single_tile_warps():
     """Forward: tile / 128 warps up to 16. Backward: the same up to 2048-element tiles, 8 warps for
-    4096-element ones (two groups resident per SM instead of one: docs/kernels_perf_notes.md)."""
+    4096-element ones (two groups resident per SM instead of one: docs/kernels.md)."""
     assert _single_tile(4, 1024) == (4, 1024, 16) and _single_tile(4, 1024, backward=True) == (4, 1024, 8)
     assert _single_tile(8, 256) == (8, 256, 16) and _single_tile(8, 256, backward=True) == (8, 256, 16)
     assert _single_tile(8, 64, backward=True) == (8, 64, 4) and _single_tile(1, 1) == (1, 1, 1)
