@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, List
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 from .._names import DEFAULT_DDP_TIMEOUT, DEFAULT_SAMPLER, DEFAULT_SPACING, SAMPLER_NAMES, SPACING_NAMES
 from ._common import (CLIError, add_threads_option, check_output, check_positive, check_seed, diffusers_pipeline,
@@ -58,17 +59,51 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
     import torch.distributed as dist
 
-    from .. import checkpoint as ckpt
     from ..dist_util import ddp_failure, dist_info, join_process_group
-    from ..fileio import atomic_write_bytes
-    from ..images import grid_scale, save_grid, to_uint8
-    from ..precision import reduced_precision
-    from ..tune import sampler_for_checkpoint
 
+    out_png = _check_args(args)
+    rank, world, local_rank = dist_info()
+    device = resolve_device(args.device, local_rank)
+    if not args.ddp_timeout > 0:
+        raise CLIError(f"--ddp-timeout must be > 0 seconds, got {args.ddp_timeout}")
+    own_group = join_process_group(world, device, args.ddp_timeout)
+    distributed = world > 1 and dist.is_initialized()
+    if not distributed:
+        world, rank = 1, 0
+    try:
+        job = _prepare(args, device)
+        # this rank's contiguous share of the global image indices
+        per = -(-args.num // world)
+        start, stop = min(rank * per, args.num), min((rank + 1) * per, args.num)
+        from ._sizes import check_sample_sizes
+
+        check_sample_sizes(args, job.size, job.channels, job.model_config, device, grid=bool(out_png) and rank == 0,
+                           images_per_rank=args.num if rank == 0 else stop - start)
+        t0 = time.perf_counter()
+        images, labels = _sample_share(args, job, start, stop, device, show=args.progress and rank == 0)
+        elapsed = time.perf_counter() - t0
+        if distributed:
+            images, labels = _gather(images, labels, rank, world)
+        if rank == 0:
+            _write(args, out_png, images, labels, job, f"{elapsed:.1f} s" + (f" on rank 0 of {world}" if world > 1
+                                                                           else ""))
+        if distributed:
+            dist.barrier()
+    except Exception as e:
+        err = ddp_failure(e, rank, world, args.ddp_timeout) if distributed else e
+        if err is not e:  # a dead or stalled peer: one line naming it
+            raise err from e
+        raise
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> Optional[str]:
+    """Every check that needs no model, before anything is loaded; returns the grid image to write (or None)."""
     check_positive(args, "num", "batch_size", "steps", "scale", "nrow")
     check_eta_guidance(args)
     check_seed(args)
@@ -82,117 +117,134 @@ def run(args: argparse.Namespace) -> int:
             image_format(out_png)  # refuse a suffix that names no image format before sampling
         except ValueError as e:
             raise CLIError(f"--out {e}") from None
+    return out_png
 
-    rank, world, local_rank = dist_info()
-    device = resolve_device(args.device, local_rank)
-    if not args.ddp_timeout > 0:
-        raise CLIError(f"--ddp-timeout must be > 0 seconds, got {args.ddp_timeout}")
-    own_group = join_process_group(world, device, args.ddp_timeout)
-    distributed = world > 1 and dist.is_initialized()
-    if not distributed:
-        world, rank = 1, 0
-    try:
-        model, diffusion, config = load_model(args, device)
-        mc = config["model"]
-        size, channels, num_classes = int(mc["image_size"]), int(mc["in_channels"]), mc.get("num_classes")
-        # where `fastddpm tune-steps` stored its schedules
-        ck_path = args.checkpoint if diffusers_pipeline(args.checkpoint) else ckpt.resolve_checkpoint(args.checkpoint)
-        if not num_classes and args.guidance_scale != 1.0:
-            raise CLIError(f"--guidance-scale {args.guidance_scale} needs a class-conditional model; this one has no "
-                           "classes (leave it at 1)")
-        sampler = sampler_for_checkpoint(ck_path, diffusion, args.sampler,
-                                         sampler_steps(args.sampler, args.steps, diffusion), args.spacing, eta=args.eta)
-        model = reduced_precision(model, args.dtype)
-        if args.class_label is not None:
-            if not num_classes:
-                raise CLIError("--class-label needs a class-conditional model; this one has no classes")
-            if not 0 <= args.class_label < num_classes:
-                raise CLIError(f"--class-label must be in [0, {num_classes}), got {args.class_label}")
 
-        # this rank's contiguous share of the global image indices
-        per = -(-args.num // world)
-        start, stop = min(rank * per, args.num), min((rank + 1) * per, args.num)
-        from ._sizes import check_sample_sizes
+@dataclass
+class _Job:
+    """What sampling needs from the checkpoint: the model (in --dtype), its sampler and image shape."""
 
-        check_sample_sizes(args, size, channels, mc, device, grid=bool(out_png) and rank == 0,
-                           images_per_rank=args.num if rank == 0 else stop - start)
-        labels_all = None
-        if num_classes:
-            labels_all = (torch.full((args.num,), args.class_label, dtype=torch.int64) if args.class_label is not None
-                          else torch.arange(args.num, dtype=torch.int64) % num_classes)
-        show = args.progress and rank == 0
-        nbatches = -(-(stop - start) // args.batch_size) if stop > start else 0
-        outer = None
-        if show and nbatches > 1:
-            from tqdm.auto import tqdm
+    model: Any
+    sampler: Any
+    model_config: Dict[str, Any]
+    size: int
+    channels: int
+    num_classes: Optional[int]
 
-            outer = tqdm(total=stop - start, desc=f"sampling ({args.sampler}, {sampler.num_steps} steps)",
-                         unit="img", file=sys.stderr)
-        chunks, label_chunks = [], []
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for b0 in range(start, stop, args.batch_size):
-                b1 = min(b0 + args.batch_size, stop)
-                net: Any = model
-                if num_classes:
-                    y = labels_all[b0:b1].to(device)
-                    label_chunks.append(labels_all[b0:b1].numpy())
-                    if args.guidance_scale == 1.0:
-                        net = _WithLabels(model, y)
-                    else:
-                        from ..guidance import GuidedModel
 
-                        net = GuidedModel(model, y, args.guidance_scale, null_label=num_classes, channels=channels)
-                x = sampler.sample(net, (b1 - b0, channels, size, size), seed=args.seed, image_offset=b0,
+def _prepare(args: argparse.Namespace, device: Any) -> _Job:
+    """Load the checkpoint, choose its sampler (a tuned schedule where `fastddpm tune-steps` stored one) and
+    check the class options against the model."""
+    from .. import checkpoint as ckpt
+    from ..precision import reduced_precision
+    from ..tune import sampler_for_checkpoint
+
+    model, diffusion, config = load_model(args, device)
+    mc = config["model"]
+    num_classes = mc.get("num_classes")
+    # where `fastddpm tune-steps` stored its schedules
+    ck_path = args.checkpoint if diffusers_pipeline(args.checkpoint) else ckpt.resolve_checkpoint(args.checkpoint)
+    if not num_classes and args.guidance_scale != 1.0:
+        raise CLIError(f"--guidance-scale {args.guidance_scale} needs a class-conditional model; this one has no "
+                       "classes (leave it at 1)")
+    sampler = sampler_for_checkpoint(ck_path, diffusion, args.sampler,
+                                     sampler_steps(args.sampler, args.steps, diffusion), args.spacing, eta=args.eta)
+    model = reduced_precision(model, args.dtype)
+    if args.class_label is not None:
+        if not num_classes:
+            raise CLIError("--class-label needs a class-conditional model; this one has no classes")
+        if not 0 <= args.class_label < num_classes:
+            raise CLIError(f"--class-label must be in [0, {num_classes}), got {args.class_label}")
+    return _Job(model, sampler, mc, int(mc["image_size"]), int(mc["in_channels"]), num_classes)
+
+
+def _sample_share(args: argparse.Namespace, job: _Job, start: int, stop: int, device: Any,
+                  show: bool) -> Tuple[Any, Optional[Any]]:
+    """Images start..stop-1 of the seed as uint8 NHWC (and their class labels for a class-conditional model)."""
+    import numpy as np
+    import torch
+
+    from ..images import to_uint8
+
+    labels_all = None
+    if job.num_classes:
+        labels_all = (torch.full((args.num,), args.class_label, dtype=torch.int64) if args.class_label is not None
+                      else torch.arange(args.num, dtype=torch.int64) % job.num_classes)
+    nbatches = -(-(stop - start) // args.batch_size) if stop > start else 0
+    outer = None
+    if show and nbatches > 1:
+        from tqdm.auto import tqdm
+
+        outer = tqdm(total=stop - start, desc=f"sampling ({args.sampler}, {job.sampler.num_steps} steps)",
+                     unit="img", file=sys.stderr)
+    chunks, label_chunks = [], []
+    with torch.no_grad():
+        for b0 in range(start, stop, args.batch_size):
+            b1 = min(b0 + args.batch_size, stop)
+            net = job.model
+            if labels_all is not None:
+                label_chunks.append(labels_all[b0:b1].numpy())
+                net = _labelled(job, labels_all[b0:b1].to(device), args.guidance_scale)
+            x = job.sampler.sample(net, (b1 - b0, job.channels, job.size, job.size), seed=args.seed, image_offset=b0,
                                    clip_denoised=not args.no_clip, progress=show and nbatches == 1, device=device)
-                chunks.append(to_uint8(x))
-                if outer is not None:
-                    outer.update(b1 - b0)
-        if outer is not None:
-            outer.close()
-        elapsed = time.perf_counter() - t0
-        local = np.concatenate(chunks) if chunks else np.zeros((0, size, size, channels), np.uint8)
-        local_labels = np.concatenate(label_chunks) if label_chunks else None
-        if distributed:
-            gathered: List[Any] = [None] * world if rank == 0 else None
-            dist.gather_object((local, local_labels), gathered, dst=0)
-            if rank == 0:
-                local = np.concatenate([g[0] for g in gathered])
-                if num_classes:
-                    local_labels = np.concatenate([g[1] for g in gathered if g[1] is not None])
-        if rank == 0:
-            images = local
-            assert images.shape[0] == args.num
-            written = []
-            if args.npz:
-                import io
+            chunks.append(to_uint8(x))
+            if outer is not None:
+                outer.update(b1 - b0)
+    if outer is not None:
+        outer.close()
+    images = np.concatenate(chunks) if chunks else np.zeros((0, job.size, job.size, job.channels), np.uint8)
+    return images, (np.concatenate(label_chunks) if label_chunks else None)
 
-                buf = io.BytesIO()
-                arrays = {"images": images}
-                if local_labels is not None:
-                    arrays["labels"] = local_labels
-                np.savez(buf, **arrays)
-                write_output("--npz", args.npz, lambda: atomic_write_bytes(args.npz, buf.getvalue()))
-                written.append(args.npz)
-            if out_png:
-                scale = args.scale if args.scale is not None else grid_scale(size)
-                x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-                write_output("--out", out_png, lambda: save_grid(x, out_png, nrow=args.nrow, scale=scale))
-                written.append(out_png)
-            print(f"{args.num} images ({args.sampler}, {sampler.num_steps} steps, {sampler.spacing} spacing, "
-                  f"{args.dtype}, {elapsed:.1f} s"
-                  f"{f' on rank 0 of {world}' if world > 1 else ''}) -> {', '.join(written)}")
-        if distributed:
-            dist.barrier()
-    except Exception as e:
-        err = ddp_failure(e, rank, world, args.ddp_timeout) if distributed else e
-        if err is not e:  # a dead or stalled peer: one line naming it
-            raise err from e
-        raise
-    finally:
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+def _labelled(job: _Job, y: Any, guidance_scale: float) -> Any:
+    """The model with class labels y bound (and classifier-free guidance at `guidance_scale` when it is not 1)."""
+    if guidance_scale == 1.0:
+        return _WithLabels(job.model, y)
+    from ..guidance import GuidedModel
+
+    return GuidedModel(job.model, y, guidance_scale, null_label=job.num_classes, channels=job.channels)
+
+
+def _gather(images: Any, labels: Optional[Any], rank: int, world: int) -> Tuple[Any, Optional[Any]]:
+    """Every rank's share on rank 0, in rank order (other ranks get their own share back)."""
+    import numpy as np
+    import torch.distributed as dist
+
+    gathered: List[Any] = [None] * world if rank == 0 else None
+    dist.gather_object((images, labels), gathered, dst=0)
+    if rank != 0:
+        return images, labels
+    images = np.concatenate([g[0] for g in gathered])
+    if labels is not None:
+        labels = np.concatenate([g[1] for g in gathered if g[1] is not None])
+    return images, labels
+
+
+def _write(args: argparse.Namespace, out_png: Optional[str], images: Any, labels: Optional[Any], job: _Job,
+           timing: str) -> None:
+    """Write --npz and the grid image (atomically, errors naming the flag) and print one summary line."""
+    import numpy as np
+    import torch
+
+    from ..fileio import atomic_write_bytes
+    from ..images import grid_scale, save_grid
+
+    assert images.shape[0] == args.num
+    written = []
+    if args.npz:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, images=images, **({"labels": labels} if labels is not None else {}))
+        write_output("--npz", args.npz, lambda: atomic_write_bytes(args.npz, buf.getvalue()))
+        written.append(args.npz)
+    if out_png:
+        scale = args.scale if args.scale is not None else grid_scale(job.size)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        write_output("--out", out_png, lambda: save_grid(x, out_png, nrow=args.nrow, scale=scale))
+        written.append(out_png)
+    print(f"{args.num} images ({args.sampler}, {job.sampler.num_steps} steps, {job.sampler.spacing} spacing, "
+          f"{args.dtype}, {timing}) -> {', '.join(written)}")
 
 
 def check_eta_guidance(args: argparse.Namespace) -> None:
