@@ -1,7 +1,10 @@
 """CI: every kernel compiles with the oldest triton setup.py allows, not only with the newest.
 
-    python -m pip install -q --no-deps --target .ci/triton-oldest triton==3.6.0
-    python .ci/aot_oldest_triton.py --triton-dir .ci/triton-oldest --expect 3.6.0
+    python .ci/aot_oldest_triton.py --install --triton-dir .ci/triton-oldest --expect 3.6.0
+
+`--install` puts triton==<expect> into --triton-dir first (pip install --no-deps --target) unless a finished
+install of that version is there: pip fills a temporary folder beside it, which is renamed into place only
+once complete (with a marker file naming the version), so an install cut short is never reused.
 
 A representative set of the kernels' AOT specs (kernels/<module>.aot_specs(), the programs the launchers
 run): the first spec of every (kernel, head dim) pair, so every kernel and every attention head dim is
@@ -19,13 +22,44 @@ import argparse
 import importlib
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
+MARKER = ".fastddpm-install-complete"  # written last into a finished install; holds the triton version
+PIP = (sys.executable, "-m", "pip", "install", "-q", "--no-deps")
+
+
+def install_once(target: Path, version: str, pip: Sequence[str] = PIP) -> bool:
+    """triton==`version` into `target` unless a finished install of it is there; returns whether it installed.
+    pip fills a temporary folder beside `target`; the marker goes in last and the folder is then renamed to
+    `target` (a stale or half-finished `target` is moved aside and removed first), so a kill, a network error
+    or a full disk mid-install leaves no folder that looks finished."""
+    target = Path(target)
+    marker = target / MARKER
+    if marker.is_file() and marker.read_text().strip() == version and (target / "triton").is_dir():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would otherwise become the install's
+        subprocess.run([*pip, "--target", str(tmp), f"triton=={version}"], check=True)
+        if not (tmp / "triton").is_dir():
+            raise RuntimeError(f"pip left no triton package in {tmp}")
+        (tmp / MARKER).write_text(version + "\n")
+        if target.exists() or target.is_symlink():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.rename(target, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
 
 
 def head_dim(config: str) -> Optional[int]:
@@ -112,10 +146,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--expect", required=True, help="the triton version that folder must hold, e.g. 3.6.0")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--strict", action="store_true", help="local memory (spills, a stack frame) fails too")
+    p.add_argument("--install", action="store_true",
+                   help="first install triton==EXPECT into --triton-dir unless a finished install is there")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(args.expect, args.triton_dir, args.jobs, args.strict)
+    if args.install:
+        install_once(Path(args.triton_dir), args.expect)
     if not Path(args.triton_dir, "triton").is_dir():
         p.error(f"--triton-dir must hold a triton package (pip install --target DIR triton==...), got {args.triton_dir}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -11,7 +11,10 @@ is its PART_BUDGETS weight, and time an earlier part left unused carries over. A
 results file DIR/gpu_<device>.json is rewritten atomically (temporary file + rename) and the part's
 figures are printed. SIGINT or SIGTERM stops the run cleanly: the running part is stopped (keeping the
 rows it finished), later parts are recorded as not run, the file is written, and the exit status is
-130 / 143. A part's rows are saved as they finish, so a part stopped at its deadline keeps them too.
+130 / 143, wherever the signal finds the driver (a part running, its entry being written, a summary being
+printed). A part's rows are saved as they finish, so a part stopped at its deadline keeps them too. The exit
+status is 1 when a part failed, timed out, or was never started because the budget ran out before it; a
+part skipped because something it needs is missing (diffusers) is not a failure.
 
 Parts, in order (docs/gpu_check.md says what each records and how to read it):
 
@@ -67,6 +70,7 @@ CHILD_MARGIN_S = 2.0  # a part stops starting new rows this long before its dead
 MIN_PART_S = 3.0      # a part with less time than this left is not started
 PER_TEST_TIMEOUT_S = 40.0
 NO_CUDA = "no CUDA device (torch.cuda.is_available() is False); --dry-run exercises the script on a CPU"
+BUDGET_SPENT = "skipped: the time budget ran out before this part"  # a failure in the exit status
 STALL_ENV = "FASTDDPM_GPU_CHECK_STALL"  # tests only: "<part>" makes that part hang after its first save (dry run)
 
 
@@ -74,10 +78,6 @@ def device_peaks(name: str) -> Dict[str, Any]:
     from benchmarks.gpu_parts import device_peaks as peaks
 
     return peaks(name)
-
-
-def pct(value: Optional[float], peak: Optional[float]) -> Optional[float]:
-    return None if value is None or not peak else 100.0 * value / peak
 
 
 def layout_verdict(fwd_ratio: Optional[float], fwd_bwd_ratio: Optional[float]) -> str:
@@ -316,10 +316,56 @@ class NoDevice(Interrupted):
         return NO_CUDA
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):  # one clean stop: a second signal must not cut the write short
-        signal.signal(sig, signal.SIG_IGN)
-    raise Interrupted(signum)
+class _Signals:
+    """SIGINT / SIGTERM in the driver, made safe to receive anywhere: the handler records the signal (and
+    ignores any later one, so nothing cuts the final write short) and raises Interrupted only while the
+    driver waits on a part's process (`interruptible`). Everywhere else (recording a part, writing the
+    file, printing a summary) the run loop sees `signum` at its next check and stops cleanly there."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._raising = False
+        self._depth = 0
+        self._old: Dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        self.signum = signum
+        if self._raising:
+            self._raising = False
+            raise Interrupted(signum)
+
+    def __enter__(self) -> "_Signals":
+        if self._depth == 0:  # the outermost use installs the handler; nested uses share its record
+            self.signum, self._raising = None, False
+            self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._raising = False
+            for s, h in self._old.items():
+                signal.signal(s, h)
+
+    def pending(self) -> Optional[Interrupted]:
+        return None if self.signum is None else Interrupted(self.signum)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Any:
+        """A signal received inside (or already received) raises Interrupted here."""
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+        self._raising = True
+        try:
+            yield
+        finally:
+            self._raising = False
+
+
+SIGNALS = _Signals()
 
 
 def _stop(proc: subprocess.Popen, grace: float = KILL_GRACE_S, group: bool = False) -> None:
@@ -356,7 +402,8 @@ def run_part(name: str, deadline_mono: float, dry: bool, out_dir: Path, copy_bps
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
     why = None
     try:
-        proc.wait(timeout=max(0.1, deadline_mono - time.monotonic()))
+        with SIGNALS.interruptible():
+            proc.wait(timeout=max(0.1, deadline_mono - time.monotonic()))
     except subprocess.TimeoutExpired:
         why = f"timed out: stopped at its deadline after {time.monotonic() - t0:.0f} s"
         _stop(proc, group=True)
@@ -401,7 +448,8 @@ def _results_path(out_dir: Path, dry: bool, versions_: Optional[Dict[str, Any]])
 def run(parts: Sequence[str], budget_s: float, dry: bool, out_dir: Path, t0: Optional[float] = None,
         echo: Callable[[str], None] = print) -> Tuple[Path, Dict[str, Any]]:
     """Run `parts` within `budget_s` seconds of `t0` (default: this module's start); write the results
-    file after every part; on SIGINT / SIGTERM stop cleanly and raise Interrupted after writing it."""
+    file after every part; on SIGINT / SIGTERM (received at any point) stop cleanly, write the file, and
+    raise _Done."""
     start = T0 if t0 is None else t0
     end = start + budget_s
     scale = budget_s / sum(PART_BUDGETS[p] for p in parts)
@@ -411,38 +459,41 @@ def run(parts: Sequence[str], budget_s: float, dry: bool, out_dir: Path, t0: Opt
                               "versions": None, "peaks": None, "parts": {}, "headline": {}, "complete": False}
     path = _results_path(out_dir, dry, None)
     stop: Optional[Interrupted] = None
-    old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with SIGNALS:
         for i, name in enumerate(parts):
+            stop = stop or SIGNALS.pending()  # a signal received while recording or printing the last part
             deadline = min(end, start + sum(PART_BUDGETS[p] for p in parts[: i + 1]) * scale)
-            try:
-                if stop is not None:
-                    entry = {"status": f"not run: {stop.reason()}"}
-                elif deadline - time.monotonic() < MIN_PART_S:
-                    entry = {"status": "skipped: the time budget ran out before this part"}
-                else:
-                    echo(f"[{name}] up to {deadline - time.monotonic():.0f} s")
-                    copy_bps = ((report["parts"].get("device") or {}).get("result") or {}).get("copy_Bps")
-                    entry = run_part(name, deadline, dry, out_dir, copy_bps)
-            except _PartInterrupted as e:
-                entry, stop = e.entry, e.cause
-            except Interrupted as e:  # between two parts
-                entry, stop = {"status": f"not run: interrupted by {e}"}, e
-            if NO_CUDA in entry["status"] and stop is None:  # every later part would fail the same way
-                stop = NoDevice()
+            entry, stop = _next_entry(name, deadline, stop, report, dry, out_dir, echo)
             path = _record(report, name, entry, out_dir, dry, path, start)
             echo(f"[{name}] {entry['status']}" + (f" in {entry['seconds']:.1f} s" if "seconds" in entry else ""))
             for line in summary_lines(name, entry.get("result"), report.get("peaks") or {}):
                 echo("    " + line)
+        stop = stop or SIGNALS.pending()
         report["complete"] = stop is None
         report["total_s"] = round(time.monotonic() - start, 2)
         write_json_atomic(path, report)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
     if stop is not None:
         raise _Done(path, report, stop)
     return path, report
+
+
+def _next_entry(name: str, deadline: float, stop: Optional[Interrupted], report: Dict[str, Any], dry: bool,
+                out_dir: Path, echo: Callable[[str], None]) -> Tuple[Dict[str, Any], Optional[Interrupted]]:
+    """Run part `name` (or say why it is not run): its entry, and the reason the run stops (None: go on)."""
+    try:
+        if stop is not None:
+            entry = {"status": f"not run: {stop.reason()}"}
+        elif deadline - time.monotonic() < MIN_PART_S:
+            entry = {"status": BUDGET_SPENT}
+        else:
+            echo(f"[{name}] up to {deadline - time.monotonic():.0f} s")
+            copy_bps = ((report["parts"].get("device") or {}).get("result") or {}).get("copy_Bps")
+            entry = run_part(name, deadline, dry, out_dir, copy_bps)
+    except _PartInterrupted as e:
+        entry, stop = e.entry, e.cause
+    if NO_CUDA in entry["status"] and stop is None:  # every later part would fail the same way
+        stop = NoDevice()
+    return entry, stop
 
 
 def _record(report: Dict[str, Any], name: str, entry: Dict[str, Any], out_dir: Path, dry: bool, path: Path,
@@ -494,16 +545,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error("TRITON_INTERPRET=1 is set: the kernels would run in Triton's interpreter, not on the GPU; "
                 "unset it (or use --dry-run on a CPU machine)")
     out = args.out or (Path(tempfile.mkdtemp(prefix="gpu_check_")) if args.dry_run else ROOT / "benchmarks" / "results")
-    try:
-        path, report = run(args.parts, args.budget, args.dry_run, out)
-        code = 1 if any(e["status"].startswith(("failed", "timed out")) for e in report["parts"].values()) else 0
-    except _Done as done:
-        path, report = done.path, done.report
-        code = 128 + done.stop.signum
-    print(f"wrote {path} ({report.get('total_s', 0):.0f} s{'' if report['complete'] else ', interrupted'})", flush=True)
-    for name, entry in report["parts"].items():
-        print(f"  {name:<11} {entry['status'][:70]:<70} {entry.get('seconds', 0):>7.1f} s", flush=True)
-    return code
+    with SIGNALS:  # a signal during the printout below is recorded too: no traceback, the exit status says it
+        try:
+            path, report = run(args.parts, args.budget, args.dry_run, out)
+            stop = None
+        except _Done as done:
+            path, report, stop = done.path, done.report, done.stop
+        print(f"wrote {path} ({report.get('total_s', 0):.0f} s{'' if report['complete'] else ', interrupted'})",
+              flush=True)
+        for name, entry in report["parts"].items():
+            print(f"  {name:<11} {entry['status'][:70]:<70} {entry.get('seconds', 0):>7.1f} s", flush=True)
+        stop = stop or SIGNALS.pending()
+    return 128 + stop.signum if stop is not None else exit_status(report)
+
+
+def exit_status(report: Dict[str, Any]) -> int:
+    """1 when a part failed, timed out, or was not started because the budget ran out; 0 otherwise (a part
+    skipped because something it needs is missing, e.g. diffusers, is not a failure)."""
+    bad = ("failed", "timed out", BUDGET_SPENT)
+    return 1 if any(e["status"].startswith(bad) for e in report["parts"].values()) else 0
 
 
 if __name__ == "__main__":

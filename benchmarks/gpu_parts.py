@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import math
 import statistics
 import time
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 import fastddpm as fd
 from benchmarks.common import DDPM_CIFAR10_DIFFUSERS
+from benchmarks.gpu_summary import pct
 
 # Datasheet peaks by device name (first match wins): HBM bytes/s, dense bf16 FLOP/s.
 PEAKS: List[Tuple[str, float, float]] = [
@@ -60,10 +60,6 @@ def device_peaks(name: str) -> Dict[str, Any]:
         if key.lower() in name.lower():
             return {"matched": key, "hbm_Bps": hbm, "bf16_flops": flops}
     return {"matched": None, "hbm_Bps": None, "bf16_flops": None}
-
-
-def pct(value: Optional[float], peak: Optional[float]) -> Optional[float]:
-    return None if value is None or not peak else 100.0 * value / peak
 
 
 def per_s(amount: float, seconds: Optional[float]) -> Optional[float]:
@@ -615,12 +611,30 @@ TINY_DIFFUSERS = dict(DDPM_CIFAR10_DIFFUSERS, sample_size=8, block_out_channels=
 
 
 # ------------------------------------------------------------------------------ part: U-Net
-DIFFUSERS_MISSING = ("diffusers is not installed: carry its wheel to run this (docs/gpu_check.md, "
-                     "'Running it on a GPU machine')")
+DIFFUSERS_HOWTO = "carry its wheels to run this (docs/gpu_check.md, 'diffusers on a machine without network access')"
+_DIFFUSERS_PROBLEM: List[Optional[str]] = []  # the first import's verdict, cached for the part's process
+
+
+def diffusers_problem() -> Optional[str]:
+    """None when `import diffusers` works in this process; otherwise one line saying why it does not (not
+    installed, or it fails to import: a missing dependency, a version clash, anything it raises)."""
+    if not _DIFFUSERS_PROBLEM:
+        try:
+            import diffusers  # noqa: F401 - the import itself is the check
+
+            problem = None
+        except Exception as e:  # noqa: BLE001 - a broken diffusers means "unavailable", never a failed part
+            what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            problem = (f"diffusers is not installed: {DIFFUSERS_HOWTO}" if isinstance(e, ModuleNotFoundError)
+                       and e.name == "diffusers" else
+                       f"diffusers does not import ({type(e).__name__}: {what}): {DIFFUSERS_HOWTO}")
+        _DIFFUSERS_PROBLEM.append(problem)
+    return _DIFFUSERS_PROBLEM[0]
 
 
 def has_diffusers() -> bool:
-    return importlib.util.find_spec("diffusers") is not None
+    """Whether diffusers imports in this process (see diffusers_problem for why not)."""
+    return diffusers_problem() is None
 
 
 def _fd_unet(ctx: Context) -> Any:
@@ -673,8 +687,8 @@ def part_unet(ctx: Context) -> Dict[str, Any]:
                               "batch": batch, "dtype": "bfloat16", "forward": {}, "train_step": {}}
     if ref32 is None:
         del models["diffusers"]
-        result["diffusers"] = DIFFUSERS_MISSING
-        print(f"    {DIFFUSERS_MISSING}: its rows skipped", flush=True)
+        result["diffusers"] = diffusers_problem()
+        print(f"    {result['diffusers']}: its rows skipped", flush=True)
     else:
         with torch.no_grad():
             result["forward_rel_err_fastddpm_vs_diffusers"] = rel_err(_call(ours32, x32, t), _call(ref32, x32, t))
@@ -813,7 +827,7 @@ def part_sampling(ctx: Context) -> Dict[str, Any]:
     """FastSampler end to end (DDIM-50, DDPM-1000; batch 256; bf16 and fp32; capture step, loop and none) in
     images/s against diffusers' DDIMPipeline / DDPMPipeline (eager), same weights, same sampler."""
     if not has_diffusers():
-        raise Unavailable(DIFFUSERS_MISSING)
+        raise Unavailable(diffusers_problem())
     import diffusers
 
     batch = 2 if ctx.dry else 256

@@ -15,6 +15,11 @@ TARGETS = {
 }
 
 
+def pct(value: Optional[float], peak: Optional[float]) -> Optional[float]:
+    """`value` as a percentage of `peak`; None where either is unknown (or the peak is zero)."""
+    return None if value is None or not peak else 100.0 * value / peak
+
+
 def _f(v: Any, fmt: str = "{:.3g}", scale: float = 1.0) -> str:
     return "n/a" if not isinstance(v, (int, float)) or isinstance(v, bool) else fmt.format(v * scale)
 

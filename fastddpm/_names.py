@@ -3,6 +3,8 @@ from __future__ import annotations
 
 # the samplers `fastddpm.samplers.make_sampler` builds by name
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++", "dpm++sde", "dpm++3m", "dpm++3m-sde", "unipc")
+# the samplers that take an `eta` (the stochasticity of DDIM, Song et al. 2021); the others refuse one
+ETA_SAMPLERS = ("ddim",)
 # the number of steps a sampler name gets by default (None: all T)
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20, "dpm++sde": 20, "dpm++3m": 20, "dpm++3m-sde": 20, "unipc": 10}
 # the timestep spacing a sampler name gets by default (fastddpm.spacing.SPACINGS). Measured on the bundled
@@ -28,8 +30,20 @@ DEFAULT_SAMPLER = "unipc"
 # CPU) for no better digits-FID (docs/quality_vs_steps.md: 11.5 at 1000, 9.6 at 100)
 CLI_DEFAULT_STEPS = {**DEFAULT_STEPS, "ddpm": 100}
 
+# the entry of a checkpoint's config that marks a distilled student set (`fastddpm.distill` writes it: the
+# teacher, the model calls each student takes and their timesteps)
+DISTILL_CONFIG_KEY = "distill"
+
 # seconds a data-parallel process (`fastddpm train` / `sample` under torchrun) waits for its peers
 DEFAULT_DDP_TIMEOUT = 300.0
 
 # samplers whose output is a deterministic function of x_T (what `tune_timesteps` / `fastddpm tune-steps` tune)
 DETERMINISTIC_SAMPLERS = ("ddim", "dpm++", "dpm++3m", "unipc")
+
+# Below this many parameters a model runs fastest on one CPU thread: the work per op is too small to
+# pay for waking and joining a second thread (benchmarks/bench_threads.py; results/threads_cpu.json:
+# the bundled 0.7M-parameter model samples 3.3x slower on 2 threads than on one on a quiet 2-core
+# machine, the 35.7M-parameter CIFAR-10 U-Net forward takes 0.70x (batch 2) / 0.56x (batch 8) of its
+# one-thread time). The threshold sits between the two measured models. The CLI (--threads) and the
+# Python API's sampling calls (fastddpm.threads) both use it.
+SMALL_MODEL_PARAMS = 5_000_000

@@ -49,7 +49,9 @@ def _check_model_bounds(m: Dict[str, Any]) -> None:
         widest = m.get("base_channels", 0) * max([v for v in mults if isinstance(v, (int, float))] or [0])
         if isinstance(widest, (int, float)) and widest > 0:
             # a generous over-estimate of the parameter count: every conv of every block at the widest width
-            per_level = 3 * (int(m.get("num_res_blocks", 1) or 1) + 1) * 2 * 9 * widest ** 2
+            nrb = m.get("num_res_blocks", 1)
+            nrb = nrb if isinstance(nrb, int) and not isinstance(nrb, bool) and nrb > 0 else 1  # UNet judges it
+            per_level = 3 * (nrb + 1) * 2 * 9 * widest ** 2
             estimate = per_level * (len(mults) + 1)
             if estimate > MAX_PARAMETERS:
                 raise CheckpointError(f"{where}: about {estimate:.3g} parameters (base_channels * channel_mults = "

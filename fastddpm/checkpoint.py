@@ -260,6 +260,25 @@ def _read_checksums(ckpt_dir: str) -> Dict[str, str]:
     return out
 
 
+_CHECKED_FILES = ("config.json", "model.safetensors", "ema.safetensors", "state.pt")
+
+
+def _required_checksums(ckpt_dir: str) -> Dict[str, str]:
+    """A checkpoint directory's checksums, which must cover every file of it that is there: a deleted
+    or partial checksums.sha256 would otherwise turn verification off (CheckpointError naming it)."""
+    sums = _read_checksums(ckpt_dir)
+    p = os.path.join(ckpt_dir, CHECKSUMS_FILE)
+    present = [n for n in _CHECKED_FILES if os.path.exists(os.path.join(ckpt_dir, n))]
+    unlisted = [n for n in present if n not in sums]
+    if unlisted:
+        what = "is missing" if not os.path.isfile(p) else f"does not list {', '.join(unlisted)}"
+        raise CheckpointError(
+            f"{p} {what}: nothing would verify the checkpoint's files, so it is refused. Restore the file; or, "
+            f"if you trust these files, recreate it: (cd {ckpt_dir} && sha256sum {' '.join(present)} > "
+            f"{CHECKSUMS_FILE})")
+    return sums
+
+
 def _verify_file(path: str, sums: Dict[str, str]) -> None:
     """Raise CheckpointError naming ``path`` when its SHA-256 differs from the one recorded at save time."""
     want = sums.get(os.path.basename(path))
@@ -301,10 +320,12 @@ def _read_safetensors(path: str, sums: Optional[Dict[str, str]] = None) -> Tuple
 
 
 def _parse_config(text: str, where: str) -> Dict[str, Any]:
+    from .jsonio import loads
+
     try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{where}: truncated or invalid config JSON ({e})") from e
+        cfg = loads(text, where, "config JSON")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(cfg, dict) or "model" not in cfg or "diffusion" not in cfg:
         raise CheckpointError(f"{where}: the config must be a JSON object with 'model' and 'diffusion' entries")
     return cfg
@@ -383,7 +404,7 @@ def load_checkpoint(path: Optional[str], load_state: bool = True, load_model: bo
         raise CheckpointError(f"{cfg_path}: missing checkpoint file")
     with open(cfg_path, encoding="utf-8") as f:
         cfg = _parse_config(f.read(), cfg_path)
-    sums = _read_checksums(path)
+    sums = _required_checksums(path)
     try:
         _verify_file(cfg_path, sums)
     except CheckpointError:  # config.json is text people edit: say so, and let the config checks judge it

@@ -23,7 +23,6 @@ Choices (documented here since the design leaves them open):
 """
 from __future__ import annotations
 
-import glob
 import gzip
 import os
 import pickle
@@ -39,6 +38,7 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_image_folder",
+    "open_image",
     "load_npz",
     "load_cifar10",
     "safe_load_pickle",
@@ -289,7 +289,13 @@ def _pil_channels(mode: str) -> Optional[int]:
     return None
 
 
-def _open_image(path: str, channels: Optional[int], image_size: Optional[int]) -> np.ndarray:
+def open_image(path: str, channels: Optional[int] = None, image_size: Optional[int] = None) -> np.ndarray:
+    """One image file read with Pillow as uint8 [H, W, C].
+
+    `channels` (1 or 3; default: the file's, grey or RGB) converts the image; `image_size` center-crops it
+    to a square and resizes it (bicubic) to that side. An unreadable file, an unsupported mode or a 16-bit /
+    float image raises ValueError naming the path.
+    """
     from PIL import Image
 
     try:
@@ -320,25 +326,61 @@ def _open_image(path: str, channels: Optional[int], image_size: Optional[int]) -
     return arr
 
 
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def image_paths(root: str) -> List[str]:
+    """The sorted paths of the .png/.jpg/.jpeg files under folder ``root``, found by a walk that reads
+    each real directory once (a symlink loop such as ``ln -s . root/x`` is not followed again) and
+    stays inside ``root``: symbolic links are followed only when their target lies inside it, and each
+    real file is listed once. Links leaving the root are skipped with one warning."""
+    import warnings
+
+    real_root = os.path.realpath(root)
+    seen_dirs, seen_files, paths, outside = set(), set(), [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs or not _within(real, real_root):
+            if not _within(real, real_root):
+                outside.append(dirpath)
+            dirnames[:] = []  # already walked (a loop or a second link to it), or outside the root
+            continue
+        seen_dirs.add(real)
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = os.path.join(dirpath, name)
+            if not name.lower().endswith(IMAGE_EXTENSIONS) or not os.path.isfile(p):
+                continue
+            rp = os.path.realpath(p)
+            if not _within(rp, real_root):
+                outside.append(p)
+            elif rp not in seen_files:
+                seen_files.add(rp)
+                paths.append(p)
+    if outside:
+        warnings.warn(f"{root}: skipped {len(outside)} symbolic link(s) leading outside the folder (first: "
+                      f"{outside[0]})", stacklevel=3)
+    return sorted(paths)
+
+
 def load_image_folder(root: str, image_size: Optional[int] = None, random_flip: bool = False,
                       channels: Optional[int] = None) -> ImageDataset:
-    """All .png/.jpg/.jpeg images under ``root`` (recursive, sorted paths), read with Pillow.
+    """All .png/.jpg/.jpeg images under ``root`` (recursive, sorted paths), read with Pillow; symbolic
+    links are followed inside ``root`` only, each real directory and file once (:func:`image_paths`).
 
     If every image lies in a first-level sub-folder, the sorted sub-folder names are the classes.
     """
     _check_options(image_size, channels)
     if not os.path.isdir(root):
         raise ValueError(f"{root}: no such folder")
-    paths = sorted(
-        p for p in glob.glob(os.path.join(glob.escape(root), "**", "*"), recursive=True)
-        if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p)
-    )
+    paths = image_paths(root)
     if not paths:
         raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files, recursively)")
     arrays: List[np.ndarray] = []
     first: Optional[Tuple[str, Tuple[int, ...]]] = None
     for p in paths:
-        a = _open_image(p, channels, image_size)
+        a = open_image(p, channels, image_size)
         if first is None:
             first = (p, a.shape)
         elif a.shape != first[1]:

@@ -240,8 +240,9 @@ class ReferenceStats:
                 conf = float(d["confidence_rate"]) if "confidence_rate" in d else None
                 counts = np.asarray(d["class_counts"], np.int64) if "class_counts" in d else None
                 thr = float(d["confidence_threshold"]) if "confidence_threshold" in d else 0.9
-        except (OSError, KeyError, ValueError) as exc:
-            raise ValueError(f"cannot read reference statistics from {path!r}: {exc}") from exc
+        except Exception as exc:  # an empty or damaged file: EOFError, zipfile.BadZipFile, KeyError ...
+            raise ValueError(f"cannot read reference statistics from {path!r}: "
+                             f"{type(exc).__name__}: {exc or 'empty or truncated file'}") from None
         if extractor is not None and name != "unknown" and name != _extractor_name(extractor):
             raise ValueError(f"reference statistics {path!r} were computed with the {name!r} features, "
                              f"not {_extractor_name(extractor)!r}: recompute them")
@@ -516,7 +517,7 @@ def _is_image_npz(path: str) -> bool:
     try:
         with np.load(path, allow_pickle=False) as d:
             return not ("mu" in d and "sigma" in d)
-    except (OSError, ValueError):
+    except Exception:  # empty or damaged: not images; ReferenceStats.load then names the file
         return False
 
 

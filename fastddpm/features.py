@@ -23,7 +23,6 @@ Two extractors ship:
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional, Tuple
 
@@ -110,7 +109,12 @@ class DigitsClassifier(nn.Module):
         self.num_classes = int(num_classes)
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
-        x = _check_images(images, channels=1, size=self.image_size).to(self.fc.weight.dtype)
+        try:
+            x = _check_images(images, channels=1, size=self.image_size).to(self.fc.weight.dtype)
+        except ValueError as e:  # say which features want what, and what to use instead
+            raise ValueError(f"the digits features (features='digits', `fastddpm eval --features digits`, the "
+                             f"default) take {self.image_size}x{self.image_size} one-channel images: {e}; use "
+                             "features='inception' (--features inception) for other images") from None
         x = x.to(self.fc.weight.device)
         h = F.relu(self.conv1(x))
         h = F.relu(self.conv2(h))
@@ -149,8 +153,9 @@ def load_digits_classifier(path: Optional[str] = None, device: Any = "cpu") -> D
             f"digits classifier weights not found: need {path} and {meta_path} "
             "(train them with: python scripts/train_digits_classifier.py)"
         )
-    with open(meta_path, encoding="utf-8") as fh:
-        meta = json.load(fh)
+    from .jsonio import load_file as load_json
+
+    meta = load_json(meta_path)
     model = DigitsClassifier(**meta["config"])
     model.load_state_dict(load_file(path))
     model.meta = meta

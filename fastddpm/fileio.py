@@ -29,12 +29,25 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _named(e: OSError, path: str) -> OSError:
+    """`e` with `path` as its file name when it has none (a write or fsync error on an open file, such as
+    ENOSPC, names no file): "[Errno 28] No space left on device: 'runs/x/checkpoints/...'"."""
+    if e.filename is not None or e.errno is None:
+        return e
+    named = type(e)(e.errno, e.strerror, path)
+    named.__cause__ = e
+    return named
+
+
 def write_synced(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` (not atomically) and fsync it."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _named(e, path) from None
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -51,11 +64,13 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise _named(e, path) from None
         raise
     fsync_dir(d)
 

@@ -41,6 +41,7 @@ from .guards import check_labels, raise_if_nonfinite
 from .guidance import GuidedModel
 from .ops.sampler_step import sampler_step_
 from .ops.philox import philox_normal
+from .threads import call_threads
 
 CAPTURE_MODES = ("auto", "step", "loop", "none")
 
@@ -131,13 +132,18 @@ class FastSampler:
         graph_api: the object that performs stream/graph calls (default: real CUDA).
         progress: show a tqdm bar over the steps of each call (updated on the host between replays,
             outside any captured graph; with capture="loop" the one replay is one update).
+        known, mask: inpainting's known-region replacement (`fd.inpaint(method="replace")`): the image
+            [batch_size or 1, C, H, W] in [-1, 1] and a 0/1 mask (1 = keep) broadcastable to it. Every fused
+            step also replaces the kept region by the image noised to the timestep it lands on (the op's mask
+            input), inside the captured graph; `__call__(seed, known=..., mask=...)` swaps new ones in.
     """
 
     def __init__(self, model: Callable[..., Any], sampler: Any, batch_size: int,
                  image_shape: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None, *,
                  labels: Optional[torch.Tensor] = None, guidance_scale: Union[float, torch.Tensor, None] = None,
                  null_label: Optional[int] = None, clip_denoised: bool = True, capture: str = "auto",
-                 warmup: int = 2, graph_api: Optional[CudaGraphAPI] = None, progress: bool = False):
+                 warmup: int = 2, graph_api: Optional[CudaGraphAPI] = None, progress: bool = False,
+                 known: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if capture not in CAPTURE_MODES:
@@ -189,6 +195,11 @@ class FastSampler:
         self.t = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         # completion counter of the fused in-place kernel (0 between launches)
         self.done = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.known = self.mask = None
+        if (known is None) != (mask is None):
+            raise ValueError("known and mask must be given together (inpainting), or neither")
+        if known is not None:
+            self._init_known(sampler, known, mask)
 
         use_cuda = self.device.type == "cuda"
         if capture == "auto":
@@ -204,6 +215,31 @@ class FastSampler:
         self.warmup = warmup
         self.progress = bool(progress)
         self.graph: Any = None
+
+    def _init_known(self, sampler: Any, known: torch.Tensor, mask: torch.Tensor) -> None:
+        """Static known / mask buffers and the [S, 13] table with the known-region columns."""
+        from .samplers import known_region_coefs
+
+        if getattr(sampler, "clip_range", 1.0) != 1.0:
+            raise ValueError("known/mask: the sampler's clip_sample_range != 1 is not supported with inpainting")
+        self.known = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        self.mask = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        self._set_known(known, mask)
+        table = torch.cat([sampler.coefs.to(torch.float64), known_region_coefs(sampler)], dim=1)
+        self.coefs = table.to(device=self.device, dtype=torch.float32)
+
+    def _set_known(self, known: torch.Tensor, mask: torch.Tensor) -> None:
+        for name, t in (("known", known), ("mask", mask)):
+            if not isinstance(t, torch.Tensor) or t.ndim != len(self.shape):
+                raise ValueError(f"{name} must be a tensor broadcastable to {self.shape}, got {getattr(t, 'shape', t)}")
+            try:
+                torch.broadcast_shapes(tuple(t.shape), self.shape)
+            except RuntimeError:
+                raise ValueError(f"{name} must be broadcastable to {self.shape}, got {tuple(t.shape)}") from None
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask must hold only 0 (generate) and 1 (keep)")
+        self.known.copy_(known.expand(self.shape))
+        self.mask.copy_(mask.expand(self.shape))
 
     # ------------------------------------------------------------------------------ one step
     def _reset(self, seed: int) -> None:
@@ -223,7 +259,7 @@ class FastSampler:
         # one op: reads only the first C channels of a 2C output unless learned_range
         h = self.history
         sampler_step_(self.x, out, self.coefs, self.step, self.t, self.model_timesteps, h[0], self.seed, 0,
-                      self.clip, self.sampler.learned_range, self.done, h[1], h[2])
+                      self.clip, self.sampler.learned_range, self.done, h[1], h[2], self.mask, self.known)
 
     def _loop(self) -> None:
         for _ in range(self.num_steps):
@@ -244,22 +280,34 @@ class FastSampler:
         self.graph = api.capture(body, dev)
 
     @torch.no_grad()
-    def __call__(self, seed: int = 0) -> torch.Tensor:
+    def __call__(self, seed: int = 0, *, known: Optional[torch.Tensor] = None,
+                 mask: Optional[torch.Tensor] = None, x_start: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Draw `batch_size` images for `seed` (image i is the same for any batch size).
 
         No autograd graph is recorded; the model runs in eval mode (its modes are restored after).
+        `known` / `mask`: new inpainting inputs for a FastSampler built with them (copied into its buffers).
+        `x_start`: start from this x (the sampler's first timestep's, e.g. img2img's noised image) instead
+        of the seed's x_T; the step noise still comes from `seed`.
         """
+        if x_start is not None and (not isinstance(x_start, torch.Tensor) or tuple(x_start.shape) != self.shape):
+            raise ValueError(f"x_start must be a tensor of shape {self.shape}, got {getattr(x_start, 'shape', x_start)}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        if known is not None or mask is not None:
+            if self.known is None:
+                raise ValueError("known/mask: this FastSampler was built without them (pass them to the constructor)")
+            self._set_known(known if known is not None else self.known, mask if mask is not None else self.mask)
         # the model's device current (streams, graph pool, Triton launches use the current device)
         guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with guard, _eval_mode(self.model):
-            return self._run(seed)
+        with guard, _eval_mode(self.model), call_threads(self.model, self.device):
+            return self._run(seed, x_start)
 
-    def _run(self, seed: int) -> torch.Tensor:
+    def _run(self, seed: int, x_start: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.capture_mode != "none" and self.graph is None:
             self._capture()
         self._reset(seed)
+        if x_start is not None:
+            self.x.copy_(x_start)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -278,12 +326,14 @@ class FastSampler:
         if bar is not None:
             bar.close()
         # one check after the loop (the steps stay one op each); only a failure replays them to find the step
-        raise_if_nonfinite(self.x, lambda: self._eager_steps(seed), type(self).__name__,
+        raise_if_nonfinite(self.x, lambda: self._eager_steps(seed, x_start), type(self).__name__,
                            self.sampler._model_timesteps.tolist())
         return self.x.clone()
 
-    def _eager_steps(self, seed: int):
+    def _eager_steps(self, seed: int, x_start: Optional[torch.Tensor] = None):
         self._reset(seed)
+        if x_start is not None:
+            self.x.copy_(x_start)
         for _ in range(self.num_steps):
             self._step()
             yield self.x

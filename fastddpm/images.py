@@ -17,7 +17,7 @@ from typing import Any, List, Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["quantize", "to_uint8", "to_pil", "make_grid", "image_format", "save_grid"]
+__all__ = ["quantize", "to_uint8", "to_pil", "make_grid", "image_format", "save_grid", "grid_scale"]
 
 
 def _check(images: Any) -> torch.Tensor:
@@ -28,8 +28,14 @@ def _check(images: Any) -> torch.Tensor:
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
-    """Float [-1, 1] NCHW -> uint8 NCHW tensor on the same device: round((clamp(x, -1, 1) + 1) * 127.5)."""
-    x = _check(images).detach().float().clamp(-1, 1)
+    """Float [-1, 1] NCHW -> uint8 NCHW tensor on the same device: round((clamp(x, -1, 1) + 1) * 127.5).
+    NaN (which would quantise to black) is refused with a ValueError; +-inf clamp like any value."""
+    x = _check(images).detach().float()
+    nan = torch.isnan(x)
+    if bool(nan.any()):
+        raise ValueError(f"images hold {int(nan.sum())} NaN values (of {x.numel()}); refusing to write them as "
+                         "black pixels (the sampler or model produced NaN)")
+    x = x.clamp(-1, 1)
     return ((x + 1) * 127.5).round().to(torch.uint8)
 
 
@@ -88,12 +94,22 @@ def image_format(path: str) -> str:
     return fmt
 
 
-def save_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None, scale: int = 1, padding: int = 1) -> str:
+def grid_scale(image_size: int) -> int:
+    """The default enlargement of a grid of `image_size`-pixel images: tiles of up to 32 pixels (8x8
+    digits are drawn 4x), as ``fastddpm sample`` writes them."""
+    return max(1, 32 // int(image_size))
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None, scale: Optional[int] = None,
+              padding: int = 1) -> str:
     """Save float [-1, 1] NCHW images as one grid image, ``nrow`` images per row, in the format `path`'s
-    suffix names (:func:`image_format`: .png, .jpg, ...); ``scale`` enlarges it (nearest neighbour).
-    Written atomically (temporary file, then rename); returns ``path``."""
+    suffix names (:func:`image_format`: .png, .jpg, ...); ``scale`` enlarges it (nearest neighbour;
+    None: :func:`grid_scale`, what ``fastddpm sample`` writes). Written atomically (temporary file, then
+    rename); returns ``path``."""
     from PIL import Image
 
+    if scale is None:
+        scale = grid_scale(_check(images).shape[-2])
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise ValueError(f"scale must be a positive int, got {scale!r}")
     fmt = image_format(path)

@@ -36,6 +36,7 @@ from .graphs import FastSampler
 from .images import to_pil, to_uint8
 from .samplers import make_sampler
 from .student import is_distilled, student_for
+from .threads import call_threads
 
 __all__ = ["load", "Pipeline", "PipelineOutput", "OUTPUT_TYPES"]
 
@@ -85,15 +86,19 @@ class Pipeline:
         return self
 
     def sampler(self, name: Optional[str] = None, steps: Optional[int] = None, eta: float = 0.0) -> Tuple[Any, bool]:
-        """(sampler, clip_denoised) by name ("ddpm", "ddim", "dpm++", "dpm++sde"); None: the default
-        (a diffusers folder's scheduler, else "dpm++"). steps None: the sampler's default."""
+        """(sampler, clip_denoised) by name (:data:`fastddpm._names.SAMPLER_NAMES`); None: the default (a
+        diffusers folder's scheduler, else ``DEFAULT_SAMPLER``, as ``fastddpm sample``). steps None: the
+        sampler's default. A fastddpm checkpoint's tuned schedule for (name, steps) is used when it stores
+        one (``fastddpm tune-steps``), as ``fastddpm sample`` does: the same images for the same seed."""
         if name is not None and name not in SAMPLER_NAMES:
             raise ValueError(f"sampler must be one of {SAMPLER_NAMES} or None, got {name!r}")
         if self.scheduler is not None:
             from .interop.schedulers import sampler_from_scheduler
 
             return sampler_from_scheduler(self.scheduler, name, steps, eta)
-        return make_sampler(name or "dpm++", self.diffusion, steps, eta), True
+        from .tune import sampler_for_checkpoint
+
+        return sampler_for_checkpoint(self.source, self.diffusion, name, steps, eta=eta), True
 
     def __call__(self, batch_size: int = 1, *, seed: int = 0, sampler: Optional[str] = None,
                  num_inference_steps: Optional[int] = None, eta: float = 0.0, output_type: str = "pil",
@@ -120,6 +125,14 @@ class Pipeline:
             clip = True
         else:
             smp, clip = self.sampler(sampler, num_inference_steps, eta)
+        with call_threads(self.unet, self.device):  # one thread for a small CPU model, as the CLI chooses
+            x = self._sample(net, smp, clip, batch_size, seed, sampler, num_inference_steps, eta, progress)
+        if output_type == "pt":
+            return PipelineOutput(x)
+        return PipelineOutput(to_pil(x) if output_type == "pil" else to_uint8(x))
+
+    def _sample(self, net: Any, smp: Any, clip: bool, batch_size: int, seed: int, sampler: Optional[str],
+                num_inference_steps: Optional[int], eta: float, progress: bool) -> torch.Tensor:
         if getattr(smp, "thresholding", None) is not None:  # dynamic thresholding: the eager loop
             with torch.no_grad():
                 x = smp.sample(self.unet, (batch_size, *self.image_shape), seed=seed, clip_denoised=clip,
@@ -131,9 +144,7 @@ class Pipeline:
                 fast = self._fast[key] = FastSampler(net, smp, batch_size, clip_denoised=clip)
             fast.progress = bool(progress)
             x = fast(seed=seed)
-        if output_type == "pt":
-            return PipelineOutput(x)
-        return PipelineOutput(to_pil(x) if output_type == "pil" else to_uint8(x))
+        return x
 
     def __repr__(self) -> str:
         return f"Pipeline(source={self.source!r}, unet={type(self.unet).__name__}, diffusion={self.diffusion!r})"
@@ -156,6 +167,12 @@ def load(path: Optional[str] = None, *, device: Union[str, torch.device, None] =
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available here (use device='cpu')")
     if path is not None and _is_diffusers_folder(os.path.expanduser(os.fspath(path))):
         from .interop.diffusers import load_diffusers_pipeline, unet_config_from_diffusers, unet_from_diffusers
         from .interop.schedulers import diffusion_from_scheduler

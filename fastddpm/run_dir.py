@@ -10,7 +10,8 @@ directory, whatever its objective:
   diffusion differs from the run's (:func:`check_resumable`);
 * comparing saved and new settings (:func:`config_changes`, :func:`format_changes`,
   :func:`saved_run_config`, :func:`resume_message`);
-* cutting ``log.jsonl`` back to the resumed step (:func:`truncate_log`).
+* what a run writes there without losing the user's files (the lock file and log opened without
+  following links, the log lines and checkpoints a resume supersedes set aside): :mod:`fastddpm.run_files`.
 """
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .build import build_model
-from .fileio import atomic_write_bytes
+from .jsonio import load_file as load_json
+from .run_files import RunDirError, open_owned
 
 __all__ = ["RunLockError", "RunLock", "lock_run", "LOCK_FILE", "CHECKPOINT_FIELDS", "config_changes",
            "format_changes", "show_value", "run_dir_of", "saved_run_config", "resume_checkpoint", "load_for_resume",
-           "check_resumable", "resume_message", "truncate_log"]
+           "check_resumable", "resume_message"]
 
 
 class RunLockError(RuntimeError):
@@ -61,7 +63,7 @@ class RunLock:
     def __init__(self, run_dir: str):
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, LOCK_FILE)
-        self.fh = open(self.path, "a+", encoding="utf-8")
+        self.fh = open_owned(self.path, "lock file")  # never through a link: `ln -s victim train.lock`
         try:
             self._acquire()
         except BaseException:
@@ -122,7 +124,7 @@ def lock_run(run_dir: str, rank: int, distributed: bool) -> Optional[RunLock]:
     if rank == 0:
         try:
             lock = RunLock(run_dir)
-        except RunLockError as e:
+        except (RunLockError, RunDirError) as e:  # busy, or a lock file that is a link
             error = str(e)
     if distributed:
         box = [error]
@@ -140,7 +142,7 @@ CHECKPOINT_FIELDS = ("image_size", "channels", "class_cond", "base_channels", "c
                      "attention_resolutions", "num_heads", "head_channels", "time_embedding", "groups",
                      "learn_sigma", "schedule", "num_timesteps", "prediction", "variance", "loss")
 # run-control settings that are not part of what a run "is" (never reported as changes)
-_NOT_SETTINGS = ("resume", "resume_fallback")
+_NOT_SETTINGS = ("resume", "resume_fallback", "overwrite")
 
 
 def _same(name: str, old: Any, new: Any) -> bool:
@@ -201,9 +203,9 @@ def saved_run_config(resume: Union[bool, str], out_dir: str) -> Optional[Tuple[D
         run_cfg = os.path.join(run, "config.json") if run else None
         if run_cfg and os.path.isfile(run_cfg):
             try:
-                with open(run_cfg, encoding="utf-8") as f:
-                    saved = json.load(f).get("train")
-            except (OSError, ValueError, AttributeError):
+                loaded = load_json(run_cfg)
+                saved = loaded.get("train") if isinstance(loaded, dict) else None
+            except ValueError:
                 saved = None
     if not isinstance(saved, dict):
         return None
@@ -241,7 +243,7 @@ def resume_checkpoint(resume: Union[bool, str], run_dir: str, announce: bool) ->
         return existing
     if existing is not None:
         raise ValueError(f"out_dir {run_dir} already holds checkpoints ({existing}); pass resume=True (--resume) "
-                         "to continue that run, or choose another out_dir")
+                         "to continue that run, overwrite=True (--overwrite) to replace it, or choose another out_dir")
     return None
 
 
@@ -295,18 +297,3 @@ def _load_checked(path: str) -> ckpt.Checkpoint:
     ck = ckpt.load_checkpoint(path, load_state=True)
     ckpt.check_train_state(ck.state, os.path.join(ck.path, "state.pt"), ck.step)
     return ck
-
-
-def truncate_log(path: str, step: int) -> None:
-    """Drop log lines past ``step`` (written by an interrupted run after its last checkpoint)."""
-    if not os.path.isfile(path):
-        return
-    keep = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                if int(json.loads(line).get("step", 0)) <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, AttributeError):
-                continue  # a torn last line
-    atomic_write_bytes(path, "".join(keep).encode())

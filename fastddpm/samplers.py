@@ -59,8 +59,8 @@ from .schedule import NoiseSchedule, space_timesteps
 from .spacing import SPACINGS, Spacing, make_timesteps
 
 __all__ = ["DDPMSampler", "DDIMSampler", "DPMSolverSampler", "DPMSolver3MSampler", "UniPCSampler", "Sampler",
-           "gaussian_gain", "quadratic_timesteps", "make_sampler", "SAMPLER_NAMES", "DEFAULT_STEPS", "DEFAULT_SPACING",
-           "SPACINGS"]
+           "gaussian_gain", "quadratic_timesteps", "make_sampler", "known_region_coefs", "SAMPLER_NAMES", "DEFAULT_STEPS",
+           "DEFAULT_SPACING", "SPACINGS"]
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -350,6 +350,29 @@ class Sampler:
         if want == 2 * c and not self.learned_range:
             model_output = model_output[:, :c]
         return model_output
+
+    def row(self, t: Union[int, torch.Tensor]) -> int:
+        """The row of the coefficient table (and the index into `timesteps`) of timestep `t`; ValueError
+        naming `t` when it is not one of this sampler's timesteps."""
+        return self._row(t)
+
+    def adds_noise(self, row: int) -> bool:
+        """Whether the update of table row `row` adds sigma * z (known on the host: no device sync)."""
+        return self._noisy[row]
+
+    def checked_output(self, model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`model_output` validated against x (ValueError naming its expected shape), the learned-variance
+        channels dropped where the update does not read them: what `step` passes to the fused step."""
+        return self._model_output_channels(model_output, x)
+
+    def fused_step(self, x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, step: torch.Tensor,
+                   x0_prev: Optional[torch.Tensor], noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                   image_offset: int, clip: bool, *history: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x_prev, x0-hat) of one update with this sampler's tables (`device_tables`), as `sample` runs it:
+        the arguments of `fastddpm.ops.sampler_step` (`step` the int64 [1] row index, `noise` or a Philox
+        `seed`, `history` x0_prev2 / x0_prev3 for samplers with num_history >= 2), plus whatever the
+        sampler does to x0-hat (e.g. the dynamic thresholding of `fastddpm.interop.schedulers`)."""
+        return self._fused_step(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, *history)
 
     def _history_for(self, s: int, x0_prev: Any) -> Tuple[Optional[torch.Tensor], ...]:
         """The op's (x0_prev, x0_prev2, x0_prev3) for row s (None where unused)."""
@@ -963,6 +986,15 @@ def gaussian_gain(sampler: Sampler, data_variance: float) -> float:
     return x
 
 
+def known_region_coefs(sampler: Sampler) -> torch.Tensor:
+    """float64 [S, 2]: the op's KA, KZ columns for known-region replacement (inpainting): row s noises the
+    known image to the timestep step s lands on, sqrt(ab_next) and sqrt(1 - ab_next), with ab_next the
+    alpha_bar of timesteps[s + 1] (1 after the last step: the known image itself)."""
+    ab = sampler.schedule.alphas_cumprod.to(torch.float64)
+    nxt = torch.cat([ab[sampler.timesteps[1:]], torch.ones(1, dtype=torch.float64)])
+    return torch.stack([nxt.sqrt(), (1.0 - nxt).clamp_min(0.0).sqrt()], dim=1)
+
+
 def make_sampler(name: str, diffusion: Any, steps: Steps = None, eta: float = 0.0, *,
                  spacing: Optional[Spacing] = None) -> Sampler:
     """A sampler by name: "ddpm" (steps None = all T), "ddim" (default 50 steps, `eta`), "dpm++"
@@ -976,6 +1008,11 @@ def make_sampler(name: str, diffusion: Any, steps: Steps = None, eta: float = 0.
     """
     if name not in SAMPLER_NAMES:
         raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {name!r}")
+    if eta and name != "ddim":
+        import warnings
+
+        warnings.warn(f"eta={eta!r} is ignored: only the 'ddim' sampler has an eta (the '-sde' samplers are the "
+                      "stochastic ones)", stacklevel=2)
     if steps is None and (spacing is None or isinstance(spacing, str)):
         steps = DEFAULT_STEPS[name]
     if spacing is None and isinstance(steps, numbers.Integral):

@@ -61,6 +61,12 @@ class NoiseSchedule:
     def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
         """DDPM's linear schedule; the end points are scaled by 1000/T so any T spans the same range."""
         _check_num_timesteps(num_timesteps)
+        for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise ValueError(f"{name} must be a number in (0, 1), got {v!r}")
+        if beta_start > beta_end:
+            raise ValueError(f"beta_start must be <= beta_end (the noise grows with t), got beta_start={beta_start!r}, "
+                             f"beta_end={beta_end!r}")
         scale = 1000.0 / num_timesteps
         if beta_end * scale >= 1:
             raise ValueError(f"num_timesteps={num_timesteps} is too small for the linear schedule: beta_end * 1000 / T "
@@ -85,8 +91,14 @@ class NoiseSchedule:
         it is used sorted ascending. The result's `timestep_map` holds S (int64): the model is still
         called with the original timestep S_i.
         """
-        ts = torch.as_tensor(list(timesteps) if not torch.is_tensor(timesteps) else timesteps, dtype=torch.int64)
-        ts = torch.unique(ts)  # sorted ascending
+        try:
+            raw = torch.as_tensor(list(timesteps) if not torch.is_tensor(timesteps) else timesteps)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"timesteps must be a sequence of integers, got {timesteps!r}") from None
+        if raw.dtype == torch.bool or (raw.is_floating_point() and not bool((raw == raw.round()).all())) \
+                or raw.is_complex():
+            raise ValueError(f"timesteps must be integers, got {raw.tolist()!r}")
+        ts = torch.unique(raw.to(torch.int64))  # sorted ascending
         if ts.numel() == 0 or ts.min() < 0 or ts.max() >= self.num_timesteps:
             raise ValueError(f"timesteps must be a non-empty set of integers in [0, {self.num_timesteps})")
         ab = self.alphas_cumprod[ts]

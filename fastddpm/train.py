@@ -56,13 +56,14 @@ from .data import ImageDataset, load_dataset
 from .dist_util import DistributedError, ddp_failure, dist_info, join_process_group, resolve_device
 from .guidance import Conditioned
 from .images import save_grid
+from . import run_files
 from .run_dir import (CHECKPOINT_FIELDS, RunLockError, check_resumable, config_changes, format_changes,
-                      load_for_resume, lock_run, resume_checkpoint, resume_message, run_dir_of, saved_run_config,
-                      truncate_log)
+                      load_for_resume, lock_run, resume_checkpoint, resume_message, run_dir_of, saved_run_config)
+from .run_files import InterruptFlag, TrainInterrupted
 from .samplers import make_sampler
 
 __all__ = ["TrainConfig", "TrainResult", "TrainLoop", "DiffusionTrainLoop", "NonFiniteLossError", "RunLockError",
-           "DistributedError", "train", "run_training", "resume_config", "saved_run_config", "config_changes", "format_changes",
+           "DistributedError", "TrainInterrupted", "train", "run_training", "resume_config", "saved_run_config", "config_changes", "format_changes",
            "dataset_defaults", "dataset_shape", "model_config", "diffusion_config", "resolve_device"]
 
 
@@ -96,7 +97,13 @@ class TrainConfig:
     resume from the newest older one that does, instead of stopping), max_nonfinite (stop after this
     many non-finite losses in a row; seen at the next log, checkpoint or sample step, since a step
     does not read the device), ddp_timeout (seconds a data-parallel process waits for its peers
-    before the run stops, naming the rank that failed).
+    before the run stops, naming the rank that failed), overwrite (replace the run out_dir holds: its
+    config.json, log.jsonl, checkpoints/ and samples/ are removed first; without it a fresh run refuses a
+    directory holding any of them).
+    Nothing of the user's is lost: the first Ctrl-C / SIGTERM saves a checkpoint of the current step and
+    stops (TrainInterrupted, a KeyboardInterrupt, says where; a second one stops at once); resuming an
+    older checkpoint moves the run's newer checkpoints to ``superseded/`` and the log lines past it to
+    ``log.superseded.jsonl``; the lock file, config.json and log are never written through a link.
     """
 
     # data
@@ -151,6 +158,7 @@ class TrainConfig:
     # robustness
     resume: Union[bool, str] = False
     resume_fallback: bool = False
+    overwrite: bool = False
     max_nonfinite: int = 10
     ddp_timeout: float = DEFAULT_DDP_TIMEOUT
 
@@ -199,6 +207,17 @@ class TrainConfig:
             raise ValueError(f"compile must be None, True or False, got {self.compile!r}")
         if not isinstance(self.resume, (bool, str)):
             raise ValueError(f"resume must be a bool or a checkpoint path, got {self.resume!r}")
+        if not isinstance(self.overwrite, bool):
+            raise ValueError(f"overwrite must be True or False, got {self.overwrite!r}")
+        if self.overwrite and self.resume:
+            raise ValueError("overwrite=True (--overwrite) replaces the run in out_dir and resume (--resume) continues "
+                             "it: give one of them")
+        if not self.seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        if not isinstance(self.out_dir, str) or not self.out_dir.strip():
+            raise ValueError(f"out_dir must be a folder path, got {self.out_dir!r}")
+        if not isinstance(self.channel_mults, (list, tuple)) or not self.channel_mults:
+            raise ValueError(f"channel_mults must be a non-empty list of positive ints, got {self.channel_mults!r}")
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
         self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
         return self
@@ -321,7 +340,7 @@ def resume_config(saved: Dict[str, Any], explicit: Dict[str, Any]) -> Tuple[Trai
     Saved fields this version does not know are dropped.
     """
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    base = {k: v for k, v in saved.items() if k in names}
+    base = {k: v for k, v in saved.items() if k in names and k != "overwrite"}  # a run control, never carried on
     cfg = TrainConfig.from_dict({**base, **explicit}).validate()
     changes = config_changes(base, cfg.to_dict())
     refused = [c for c in changes if c[0] in CHECKPOINT_FIELDS and c[1] is not None]
@@ -431,7 +450,8 @@ class TrainLoop:
         self.log_path = os.path.join(self.run_dir, "log.jsonl")
         self.ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
         # fused: the one AdamW of torch that skips an update on the device (`found_inf`, see train_step); it
-        # has CPU and CUDA kernels for the float32 parameters used here (torch >= 2.13), so both take one path
+        # has CPU and CUDA kernels for the float32 parameters used here (the CPU one since torch 2.4, below
+        # setup.py's bound), so both devices take one path
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                      weight_decay=cfg.weight_decay, fused=True)
         self.params = list(model.parameters())
@@ -478,19 +498,51 @@ class TrainLoop:
         self.win_t0, self.win_step0 = time.perf_counter(), self.step
         self.model.train()
         try:
-            self.log_file = open(self.log_path, "a", encoding="utf-8") if self.is_main else None
-            while self.step < self.cfg.steps:
-                self.train_step(self.get_batch(self.step))
-                self.after_step()
+            self.log_file = run_files.open_owned(self.log_path, "log", append=True) if self.is_main else None
+            with InterruptFlag(self._interrupt_notice) as interrupt:
+                while self.step < self.cfg.steps:
+                    self.train_step(self.get_batch(self.step))
+                    self.after_step()
+                    if self.interrupted(interrupt):
+                        self.stop_interrupted(interrupt.signal or "an interrupt on another rank")
             # always end with a checkpoint of the final step (unless a resumed run had nothing left to do)
             if self.step > start_step or self.resumed_from is None:
                 self.last_ckpt = self.save() or self.last_ckpt
             else:
                 self.last_ckpt = self.resumed_from
+            if self.is_main and self.cfg.sample_every and self.step > start_step and self.step % self.cfg.sample_every:
+                self.sample_grid()  # a run shorter than sample_every (or ending between grids) still shows one
         finally:
             self.close_outputs()
         return TrainResult(step=self.step, losses=self.losses, skipped=self.skipped, checkpoint=self.last_ckpt,
                            out_dir=self.run_dir, model=self.model, ema=self.ema)
+
+    # ------------------------------------------------------------------ Ctrl-C / SIGTERM
+    def _interrupt_notice(self, name: str) -> None:
+        if self.is_main:
+            print(f"\nfastddpm train: {name}: saving a checkpoint of the current step, then stopping "
+                  "(press Ctrl-C again to stop at once, without it)", file=sys.stderr, flush=True)
+
+    def interrupted(self, flag: InterruptFlag) -> bool:
+        """Whether to stop now: this process got SIGINT/SIGTERM (one process), or any rank did (DDP: asked at
+        the log steps, which sync anyway, so that every rank stops at the same step)."""
+        if not self.distributed:
+            return flag.signal is not None
+        if self.step % self.cfg.log_every and self.step != self.cfg.steps:
+            return False
+        box = torch.tensor([1.0 if flag.signal else 0.0], device=self.device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        return bool(box.item() > 0)
+
+    def stop_interrupted(self, name: str) -> None:
+        """Save this step (atomically, as every save), log it, and raise TrainInterrupted saying where."""
+        cfg, step = self.cfg, self.step
+        self.read_pending()
+        if not (step % cfg.log_every == 0 or step == cfg.steps):
+            self.log_step()  # the log holds exactly the steps the checkpoint holds
+        saved_now = bool(cfg.save_every) and step % cfg.save_every == 0 and step != cfg.steps
+        path = self.last_ckpt if saved_now else self.save()
+        raise TrainInterrupted(f"at step {step}: saved {path}; continue with --resume")
 
     def wrap(self) -> None:
         """``train_model``: the model in DistributedDataParallel (DDP) and torch.compile (``cfg.compile``;
@@ -508,8 +560,7 @@ class TrainLoop:
         """Rank 0: the run directory, its config.json, and the progress bar."""
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(self.config, f, indent=2, sort_keys=True)
+            run_files.write_owned_json(os.path.join(self.run_dir, "config.json"), self.config)
         if self.is_main and self.cfg.progress:
             from tqdm.auto import tqdm
 
@@ -591,6 +642,11 @@ class TrainLoop:
             self.read_pending()  # the stop check comes before its checkpoint
         if log_now:
             self.log_step()
+        elif self.bar is not None and step < cfg.log_every and step & (step - 1) == 0:
+            # the first steps (1, 2, 4, 8, ...) show their loss in the bar: feedback before the first log
+            # step (a host read, only here and only with the bar)
+            last = self.pending_loss[-1] if self.pending_loss else self.losses[-1]
+            self.bar.set_postfix(loss=f"{float(last):.4f}", lr=f"{self.lr:.2e}", refresh=False)
         if self.bar is not None:
             self.bar.update(1)
         if save_now:
@@ -698,6 +754,7 @@ class TrainLoop:
         weights, EMA, optimizer and counters restored; this rank's RNG state returned (None: a fresh run).
         Then rank 0 cuts log.jsonl back to the resumed step."""
         cfg, rng = self.cfg, None
+        self.claim_run_dir()
         path = resume_checkpoint(cfg.resume, self.run_dir, announce=self.is_main)
         if path is not None:
             explicit = isinstance(cfg.resume, str)
@@ -706,10 +763,39 @@ class TrainLoop:
             check_resumable(ck, self.config)
             rng = self.restore(ck)
         if self.is_main:
-            # the log holds exactly the steps before this one: a dead run's lines past its last checkpoint
-            # (all of them, when it died before the first) would otherwise appear twice
-            truncate_log(self.log_path, self.step)
+            self.set_aside_superseded()
         return rng
+
+    def claim_run_dir(self) -> None:
+        """A fresh run (no ``resume``) refuses a run directory that holds a run (config.json, a log,
+        checkpoints) unless ``overwrite``, which removes them first (rank 0; the others wait). Any run
+        refuses a config.json or log that is a symbolic link."""
+        if self.cfg.resume:
+            run_files.check_links(self.run_dir)
+            return
+        if self.cfg.overwrite:
+            if self.is_main:
+                removed = run_files.clear_run(self.run_dir)
+                if removed:
+                    print(f"fastddpm train: --overwrite: removed the previous run's {', '.join(removed)} from "
+                          f"{self.run_dir}", file=sys.stderr)
+            if self.distributed:
+                dist.barrier()
+        elif not ckpt.latest_checkpoint(self.run_dir):  # with checkpoints, resume_checkpoint says so
+            run_files.check_fresh_run_dir(self.run_dir)
+
+    def set_aside_superseded(self) -> None:
+        """What the resumed step supersedes, kept aside and said: the log lines past it (a dead run's lines
+        past its last checkpoint, or an abandoned branch's) and the run directory's newer checkpoints."""
+        moved = run_files.set_aside_log_lines(self.log_path, self.step)
+        if moved:
+            print(f"fastddpm train: {moved} log lines past step {self.step} moved to "
+                  f"{os.path.join(self.run_dir, run_files.SUPERSEDED_LOG)}", file=sys.stderr)
+        names, dest = run_files.set_aside_newer_checkpoints(self.run_dir, self.step)
+        if names:
+            print(f"fastddpm train: resuming from step {self.step}: the newer checkpoints {', '.join(names)} moved "
+                  f"to {dest} (they belong to the run this one branches off; a later --resume continues this one)",
+                  file=sys.stderr)
 
     def restore(self, ck: ckpt.Checkpoint) -> Dict[str, Any]:
         """Load checkpoint ``ck``'s weights, EMA, optimizer state and counters; return this rank's RNG state."""

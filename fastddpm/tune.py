@@ -22,7 +22,6 @@ atomically; `fastddpm sample` and `FastSampler.from_checkpoint` use them by defa
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -248,25 +247,54 @@ def schedules_path(checkpoint_path: str) -> str:
 def _read(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         return {"format": SCHEDULES_FORMAT, "version": SCHEDULES_VERSION, "schedules": {}}
+    from .jsonio import load_file
+
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable tuned-schedule file ({e}); delete it or re-run `fastddpm tune-steps`") from e
+        data = load_file(path)
+    except ValueError as e:
+        raise ValueError(f"{e}: unreadable tuned-schedule file; delete it or re-run `fastddpm tune-steps`") from None
     if not isinstance(data, dict) or data.get("format") != SCHEDULES_FORMAT or not isinstance(data.get("schedules"), dict):
         raise ValueError(f"{path}: not a fastddpm tuned-schedule file (format {SCHEDULES_FORMAT!r})")
+    for sampler, by_steps in data["schedules"].items():
+        if not isinstance(by_steps, dict):
+            raise ValueError(f"{path}: schedules[{sampler!r}] must be an object {{steps: entry}}, got "
+                             f"{type(by_steps).__name__}; delete the file or re-run `fastddpm tune-steps`")
+        for steps, entry in by_steps.items():
+            _check_entry(entry, f"{path}: schedules[{sampler!r}][{steps!r}]", steps)
     return data
 
 
+def _check_entry(entry: Any, where: str, steps: str) -> None:
+    """ValueError naming `where` unless `entry` holds "timesteps": `steps` distinct descending ints >= 0."""
+    hint = "; delete the file or re-run `fastddpm tune-steps`"
+    if not (steps.isdigit() and 0 < len(steps) <= 9 and int(steps) > 0):
+        raise ValueError(f"{where}: the key must be a positive step count, got {steps!r}{hint}")
+    ts = entry.get("timesteps") if isinstance(entry, dict) else None
+    if not isinstance(ts, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ts):
+        raise ValueError(f"{where}: must be an object whose 'timesteps' is a list of ints{hint}")
+    if len(ts) != int(steps):
+        raise ValueError(f"{where}: holds {len(ts)} timesteps for {steps} steps{hint}")
+    if any(t < 0 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"{where}: timesteps must be distinct, descending and >= 0, got {ts}{hint}")
+
+
 def load_tuned_schedules(checkpoint_path: str) -> Dict[str, Dict[str, List[int]]]:
-    """{sampler name: {str(steps): descending timesteps}} stored with a checkpoint ({} when none)."""
+    """{sampler name: {str(steps): descending timesteps}} stored with a checkpoint ({} when none); a file
+    whose entries are not `steps` distinct descending ints is refused (ValueError naming it)."""
     data = _read(schedules_path(checkpoint_path))
     return {k: {s: [int(t) for t in v["timesteps"]] for s, v in d.items()} for k, d in data["schedules"].items()}
 
 
-def tuned_timesteps(checkpoint_path: str, sampler: str, steps: int) -> Optional[List[int]]:
-    """The tuned schedule stored for (sampler, steps) with a checkpoint, or None."""
-    return load_tuned_schedules(checkpoint_path).get(sampler, {}).get(str(int(steps)))
+def tuned_timesteps(checkpoint_path: str, sampler: str, steps: int,
+                    num_timesteps: Optional[int] = None) -> Optional[List[int]]:
+    """The tuned schedule stored for (sampler, steps) with a checkpoint, or None; with `num_timesteps`, a
+    stored timestep >= num_timesteps is refused (ValueError naming the file)."""
+    ts = load_tuned_schedules(checkpoint_path).get(sampler, {}).get(str(int(steps)))
+    if ts is not None and num_timesteps is not None and ts[0] >= num_timesteps:
+        raise ValueError(f"{schedules_path(checkpoint_path)}: schedules[{sampler!r}][{str(int(steps))!r}] holds "
+                         f"timestep {ts[0]}, beyond this model's {num_timesteps} timesteps; delete the file or "
+                         "re-run `fastddpm tune-steps`")
+    return ts
 
 
 def save_tuned_schedule(checkpoint_path: str, result: TuneResult, extra: Optional[Dict[str, Any]] = None) -> str:
@@ -299,7 +327,7 @@ def sampler_for_checkpoint(checkpoint_path: str, diffusion: Any, name: Optional[
     if steps is None:
         steps = DEFAULT_STEPS.get(name)
     if spacing in (None, "tuned") and steps is not None:
-        ts = tuned_timesteps(checkpoint_path, name, steps)
+        ts = tuned_timesteps(checkpoint_path, name, steps, int(diffusion.num_timesteps))
         if ts is not None:
             s = make_sampler(name, diffusion, steps=ts, eta=eta)
             s.spacing = "tuned"

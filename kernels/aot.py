@@ -1,4 +1,7 @@
-"""Ahead-of-time compilation of the kernels for sm_80 / sm_90 and their resource use, without a GPU.
+"""Ahead-of-time compilation of the kernels for every configured arch and their resource use, without a GPU.
+
+The archs and their shared-memory limits live in `kernels/arch.py` (ARCHS: sm_80, sm_86, sm_89, sm_90 by
+default; EXTRA_ARCHS sm_100 and sm_120 on request).
 
 Each kernel module in `kernels/` exposes `aot_specs() -> list[dict]`, one dict per kernel and autotune
 config, with keys:
@@ -28,6 +31,7 @@ compiled); nothing is ever launched, so no GPU or driver is needed.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -39,16 +43,15 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .arch import ARCHS, EXTRA_ARCHS, SHARED_LIMIT_BYTES
+
 __all__ = [
-    "KERNEL_MODULES", "ARCHS", "SHARED_LIMIT_BYTES", "MAX_REGISTERS", "REQUIRED_SPEC_KEYS", "ROW_KEYS",
+    "KERNEL_MODULES", "ARCHS", "EXTRA_ARCHS", "SHARED_LIMIT_BYTES", "MAX_REGISTERS", "REQUIRED_SPEC_KEYS", "ROW_KEYS",
     "find_cuobjdump", "parse_resource_usage", "tensor_core_family", "runtime_spec", "compile_spec", "collect",
 ]
 
 KERNEL_MODULES: Tuple[str, ...] = ("fastddpm.kernels.group_norm", "fastddpm.kernels.attention",
                                    "fastddpm.kernels.sampler_step")
-ARCHS: Tuple[int, ...] = (80, 90)
-# Maximum shared memory per block (opt-in): A100 163 KiB, H100 227 KiB.
-SHARED_LIMIT_BYTES: Dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}
 MAX_REGISTERS = 255
 REQUIRED_SPEC_KEYS = ("kernel", "config", "fn", "signature", "constexprs", "num_warps", "num_stages",
                       "hbm_bytes_fused", "hbm_bytes_unfused")
@@ -90,8 +93,11 @@ def parse_resource_usage(text: str) -> Dict[str, Dict[str, int]]:
 
 
 def tensor_core_family(ptx: str) -> str:
-    """"wgmma" when the PTX issues warpgroup MMAs (sm_90), else "mma" for `mma.sync` (sm_80 style),
-    else "none" (no tensor-core instruction: an FMA loop or no matrix product at all)."""
+    """"wgmma" when the PTX issues warpgroup MMAs (sm_90), "tcgen05" for the fifth-generation MMAs of
+    sm_100 (accumulators in tensor memory), else "mma" for `mma.sync` (sm_80 style), else "none" (no
+    tensor-core instruction: an FMA loop or no matrix product at all)."""
+    if re.search(r"\btcgen05\.mma", ptx):
+        return "tcgen05"
     if re.search(r"\bwgmma\.mma_async", ptx):
         return "wgmma"
     if re.search(r"\bmma\.sync", ptx):
@@ -257,16 +263,25 @@ def _safe_compile(spec: dict, arch: int, use_cache: bool) -> Dict[str, object]:
         return {"error": _describe(exc)}
 
 
+@functools.lru_cache(maxsize=None)
+def _worker_specs(module_name: str) -> List[dict]:
+    """A worker process's specs of one module, built once per process (building the attention specs
+    runs the launcher's argument builders for every variant and arch: seconds, not per job)."""
+    return _load_specs(module_name)[0] or []
+
+
 def _worker(job: Tuple[str, int, int, bool]) -> Dict[str, object]:
     module_name, index, arch, use_cache = job
-    specs, _ = _load_specs(module_name)
-    return _safe_compile(specs[index], arch, use_cache)
+    return _safe_compile(_worker_specs(module_name)[index], arch, use_cache)
 
 
 def collect(
     modules: Sequence[str] = KERNEL_MODULES, archs: Iterable[int] = ARCHS, use_cache: bool = True, jobs: int = 1,
+    match: Optional[str] = None,
 ) -> Tuple[List[dict], List[str]]:
     """Compile every spec of every module for every arch; returns (rows, notes).
+
+    `match`: compile only the specs whose "kernel config" text contains this string (e.g. "D=256,").
 
     A row: kernel, config, arch ("sm_80"), tensor_cores ("wgmma" / "mma" / "none"), registers, spills, shared_bytes, hbm_bytes_fused,
     hbm_bytes_unfused, plus module and shared_limit_bytes. Notes name the modules that were skipped
@@ -285,6 +300,8 @@ def collect(
         if note:
             notes.append(note)
         for i, spec in enumerate(specs or []):
+            if match is not None and match not in f"{spec['kernel']} {spec['config']}":
+                continue
             for arch in archs:
                 if arch in spec.get("archs", archs):
                     todo.append((module_name, i, spec, arch))

@@ -57,8 +57,8 @@ fp32 inputs follow PyTorch's matmul precision (`fp32_precision`): "highest" (the
 ``input_precision="ieee"`` (true fp32 FMA dots, small tiles: the operands live in registers; 2e-5
 absolute vs float64 in the tests); "high"/"medium" or ``torch.backends.cuda.matmul.allow_tf32`` use
 "tf32" (tensor-core dots with 10-bit mantissa operands; 1e-2 absolute stated for the GPU; the
-interpreter's dots are exact), except the D = 256 dQ kernel, which stays ieee (no spill-free TF32
-tile). bf16/fp16 always run on tensor cores.
+interpreter's dots are exact); the D = 256 dQ kernel runs TF32 on 16 x 32 tiles with 4 warps, the one
+tile found spill-free (251-255 registers). bf16/fp16 always run on tensor cores.
 The interpreter's ``tl.dot`` multiplies bf16 bit patterns as integers (triton 3.9), so under
 TRITON_INTERPRET=1 bf16 operands are converted to fp32 before each dot (``UPCAST``); bf16 x bf16
 products are exact in fp32, so this is the tensor-core arithmetic up to summation order.
@@ -70,33 +70,25 @@ and the online-softmax rescale); the effect is a few fp32 ulps, far below the st
 Configs
 -------
 ``CONFIGS[arch][precision][kernel][BLOCK_D]`` holds (BLOCK_M, BLOCK_N, num_warps, num_stages) per arch
-(90: Hopper, 80: the rest, `device_arch`), precision ("bf16" for bf16/fp16, "tf32", "ieee") and
+(80, 86, 89, 90, 100, 120: `kernels.arch`, which also states each arch's shared memory per block;
+`device_arch` picks the table of a device), precision ("bf16" for bf16/fp16, "tf32", "ieee") and
 kernel ("fwd", "bwd_dkdv", "bwd_dq"); these lists are what ``triton.autotune`` tries on a GPU (key:
 Nq, Nk, head dim) and what ``aot_specs`` compiles, each arch's list for that arch, with the
 specialisation Triton's launcher gives the real arguments. Every config compiles with no spills
 (checked with ``cuobjdump --dump-resource-usage``: LOCAL = 0 *and* STACK = 0; ptxas puts spills in
 the stack frame, so a nonzero STACK with LOCAL = 0 is still a spill), shared memory within the limit,
 and to the intended tensor-core instructions (wgmma on sm_90: the tile a program owns is >= 64 rows,
-4 warps per 64; mma.sync on sm_80), read from the PTX. At D = 256 on sm_90 the dK/dV kernel runs
+4 warps per 64; mma.sync on sm_80 / sm_86 / sm_89 / sm_120; tcgen05 on sm_100), read from the PTX.
+sm_86 / sm_89 / sm_120 have 99 KiB of shared memory per block (sm_80 163 KiB, sm_90 227 KiB): their
+tables are sm_80's with the tiles that need more moved to smaller or single-stage ones. sm_100 takes
+sm_90's tables (the same 227 KiB and 64-row tiles). At D = 256 on sm_90 (and sm_100) the dK/dV kernel runs
 twice (`dkdv_parts`: PART 1 dK, PART 2 dV), since both [64, 256] fp32 accumulators in one program
 spill. ``RELOAD_Q`` (re-read the q tile every key block) is left for the 32-row D = 256 FMA tiles.
 Under TRITON_INTERPRET=1 the fixed ``INTERPRET_CONFIG`` is used; every launcher also takes
 ``config=(BLOCK_M, BLOCK_N, warps, stages)`` to force one.
 
-Modelled HBM traffic (``modelled_hbm_bytes``): T = one [B, H, N, D] tensor, A = one [B, H, N, N]
-matrix in the input dtype, R = one fp32 [B, H, N] vector; compulsory traffic (a tile re-read by
-several programs of one head is counted once: it comes from L2).
-
-    fused     forward  q, k, v, o, lse                                          4T + R
-              backward preprocess dO, O, delta; dK/dV q, k, v, dO, lse, delta,
-                       dk, dv; dQ q, k, v, dO, lse, delta, dq                  13T + 5R
-                       (+ 3T + 2R where dK/dV runs as two launches: D = 256 on sm_90)
-    unfused   the SDPA math path + eager autograd, which materialises S, P, dP, dS (N x N):
-              forward  8T + 4A,  backward 12T + 7A         (itemised in ``modelled_hbm_bytes``)
-
-At the representative shape B=128, heads=1, N=256, D=256, bf16 (the DDPM CIFAR-10 16x16 attention;
-N = D, so A = T = 16.8 MB): fused 285,999,104 bytes vs unfused 520,093,696 (0.55x). The saving grows
-with N / D: N=1024, D=64 (32x32 maps) is 0.09x.
+The traffic model (``modelled_hbm_bytes``) and the AOT spec lists (``aot_specs``) live beside this
+file in ``kernels/attention_specs.py``; their names are also reachable here (forwarded on first use).
 """
 from __future__ import annotations
 
@@ -108,6 +100,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .arch import arch_of
 from .checks import check_attention
 from .device_guard import on_tensor_device
 
@@ -121,8 +114,7 @@ __all__ = [
     "INTERPRET_CONFIG",
     "attention_forward",
     "attention_backward",
-    "modelled_hbm_bytes",
-    "aot_specs",
+    "device_arch",
 ]
 
 _LOG2E = 1.4426950408889634
@@ -132,7 +124,7 @@ _MAX_HEAD_DIM = 256
 Config = tuple  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 
 # Explicit config lists (autotune on a GPU + aot_specs): CONFIGS[arch][precision][kernel][BLOCK_D],
-# entries (BLOCK_M, BLOCK_N, num_warps, num_stages); arch 90 (Hopper) or 80 (Ampere and the rest),
+# entries (BLOCK_M, BLOCK_N, num_warps, num_stages); arch as in `kernels.arch` (80, 86, 89, 90, 100, 120),
 # precision "bf16" (bf16 and fp16 inputs), "tf32" or "ieee" (fp32 inputs, by PyTorch's matmul
 # precision). BLOCK_M is the query tile, BLOCK_N the key tile. The tensor-core M dimension of every dot
 # is the tile a program owns: BLOCK_M in the forward and dQ kernels, BLOCK_N in dK/dV. Hopper's wgmma
@@ -153,16 +145,21 @@ _SM90_TF32 = {
     # D = 256: 16-row key tiles (mma.sync even on sm_90: a 64-row wgmma tile with two fp32 [64, 256]
     # accumulators and fp32 operands spills)
     "bwd_dkdv": {32: [(32, 64, 4, 1)], 64: [(32, 64, 4, 1)], 128: [(32, 64, 4, 1)], 256: [(16, 32, 8, 1)]},
-    # D = 256 runs the ieee dQ kernel (`_dq_precision`): every TF32 dQ tile tried spilled (8-312 bytes)
-    "bwd_dq": {32: [(64, 32, 4, 1)], 64: [(64, 32, 4, 1)], 128: [(64, 32, 4, 1)], 256: [(16, 16, 8, 1)]},
+    # D = 256: 16 x 32 tiles, 4 warps, mma.sync on every arch (251-255 registers, no stack; every other
+    # TF32 dQ tile tried at D = 256 spilled 24-2352 bytes, 64-row wgmma ones included)
+    "bwd_dq": {32: [(64, 32, 4, 1)], 64: [(64, 32, 4, 1)], 128: [(64, 32, 4, 1)], 256: [(16, 32, 4, 1)]},
 }
-# fp32 under "highest" (ieee FMA dots, operands in registers): small tiles, one config each, any arch.
+# fp32 under "highest" (ieee FMA dots, operands in registers): small tiles, one config each (sm_86 moves one).
 _IEEE = {
     "fwd": {32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
     "bwd_dkdv": {32: [(32, 32, 4, 1)], 64: [(16, 16, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 8, 1)]},
     # D = 64 dQ: 16 x 16 tiles left a 16-byte stack frame on sm_80 for the pixel-major views
     "bwd_dq": {32: [(32, 32, 4, 1)], 64: [(16, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 8, 1)]},
 }
+
+
+# The archs whose 64-row tensor-core tiles (wgmma, tcgen05) run the 16-bit D = 256 dK/dV as two launches.
+_SPLIT_DKDV_ARCHS = (90, 100)
 
 
 def _override(table: dict, changes: dict) -> dict:
@@ -172,9 +169,23 @@ def _override(table: dict, changes: dict) -> dict:
 # sm_80: mma.sync has no 64-row minimum; D = 256 takes the smaller tiles that stay spill-free there.
 _SM80_BF16 = _override(_SM90_BF16, {"bwd_dkdv": {256: [(32, 32, 8, 2)]}})
 _SM80_TF32 = _override(_SM90_TF32, {"bwd_dq": {128: [(32, 32, 4, 1)]}})
+# sm_86 / sm_89 / sm_120: sm_80's mma.sync tiles within 99 KiB of shared memory per block (sm_80's D = 256
+# forward needs 106,496 B there, its dQ 102,400 B, the TF32 dK/dV tiles 114,688 B), and the tiles whose
+# sm_86 build keeps a stack frame (bf16 D = 64 dK/dV at 4 warps, TF32 D = 256 forward, ieee D = 256 dK/dV)
+# moved to ones that do not.
+_SM86_BF16 = _override(_SM80_BF16, {"fwd": {256: [(64, 32, 8, 2), (64, 64, 8, 1)]},
+                                    "bwd_dkdv": {64: [(64, 64, 8, 2), (32, 64, 4, 2)]},
+                                    "bwd_dq": {256: [(64, 16, 8, 2), (32, 32, 4, 2)]}})
+_SM86_TF32 = _override(_SM80_TF32, {"fwd": {256: [(32, 32, 8, 1)]},
+                                    "bwd_dkdv": {128: [(32, 32, 4, 1)], 256: [(16, 16, 8, 1)]}})
+_SM86_IEEE = _override(_IEEE, {"bwd_dkdv": {256: [(16, 16, 4, 1)]}})
 CONFIGS: dict = {
     90: {"bf16": _SM90_BF16, "tf32": _SM90_TF32, "ieee": _IEEE},
     80: {"bf16": _SM80_BF16, "tf32": _SM80_TF32, "ieee": _IEEE},
+    86: {"bf16": _SM86_BF16, "tf32": _SM86_TF32, "ieee": _SM86_IEEE},
+    89: {"bf16": _SM86_BF16, "tf32": _SM86_TF32, "ieee": _SM86_IEEE},
+    100: {"bf16": _SM90_BF16, "tf32": _SM90_TF32, "ieee": _IEEE},
+    120: {"bf16": _SM86_BF16, "tf32": _SM86_TF32, "ieee": _IEEE},  # sm_120 ptxas: (16, 16, 4, 1) keeps a stack
 }
 
 
@@ -208,6 +219,52 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(N_ROWS, H, BLOCK: tl.constexpr):
+    """(tile, bh, b, h) of this program. The 1-D grid holds cdiv(N_ROWS, BLOCK) row tiles per
+    (batch, head), tiles fastest; b and h are int64 (they multiply strides of tensors over 2^31)."""
+    pid = tl.program_id(0)
+    num_tiles = tl.cdiv(N_ROWS, BLOCK)
+    bh = pid // num_tiles
+    return pid % num_tiles, bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@triton.jit
+def _head(X, b, h, stride_b, stride_h):
+    """Pointer to element [b, h, 0, 0] of a [B, H, N, D] tensor."""
+    return X + b * stride_b + h * stride_h
+
+
+@triton.jit
+def _load_rows(ptrs, mask_rows, mask_d, EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile; rows outside mask_rows and padded head-dim columns read 0."""
+    if EVEN_ROWS and EVEN_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask_rows[:, None] & mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def _load_row_stats(LSE, DELTA, row_base, offs_m, mask_m, EVEN_M: tl.constexpr):
+    """(c lse_i, delta_i) of the query rows offs_m (c = log2 e: lse in base 2); 0 for masked rows."""
+    if EVEN_M:
+        lse2 = tl.load(LSE + row_base + offs_m) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + offs_m)
+    else:
+        lse2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _store_rows(ptrs, val, mask_rows, mask_d, EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Store a [rows, BLOCK_D] fp32 tile in the pointer's dtype, skipping masked rows and columns."""
+    if EVEN_ROWS and EVEN_D:
+        tl.store(ptrs, val.to(ptrs.dtype.element_ty))
+    else:
+        tl.store(ptrs, val.to(ptrs.dtype.element_ty), mask=mask_rows[:, None] & mask_d[None, :])
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, qk_scale,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -219,39 +276,29 @@ def _attn_fwd_kernel(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, RELOAD_Q: tl.constexpr,
 ):
-    # qk_scale = sm_scale * log2(e): scores in base 2.
-    pid = tl.program_id(0)
-    num_m_blocks = tl.cdiv(N_Q, BLOCK_M)
-    pid_m = pid % num_m_blocks
-    bh = pid // num_m_blocks
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    o_base = O + b * stride_ob + h * stride_oh
-
+    # qk_scale = sm_scale * log2(e) = s c: scores T in base 2.
+    pid_m, bh, b, h = _program_tile(N_Q, H, BLOCK_M)
+    k_base = _head(K, b, h, stride_kb, stride_kh)
+    v_base = _head(V, b, h, stride_vb, stride_vh)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_Q
     mask_d = offs_d < HEAD_DIM
 
-    q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q_ptrs = _head(Q, b, h, stride_qb, stride_qh) + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     if not RELOAD_Q:
-        if EVEN_M and EVEN_D:
-            q = tl.load(q_ptrs)
-        else:
-            q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        q = _load_rows(q_ptrs, mask_m, mask_d, EVEN_M, EVEN_D)
 
+    # m_i <- -inf, l_i <- 0, acc_i <- 0
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     for start_n in range(0, N_KV, BLOCK_N):
+        # key block J: K_J^T [BLOCK_D, BLOCK_N] (loaded transposed), V_J [BLOCK_N, BLOCK_D]
         offs_n = start_n + offs_n0
         mask_n = offs_n < N_KV
-        # K loaded transposed: [BLOCK_D, BLOCK_N].
         kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
         if EVEN_N and EVEN_D:
@@ -263,28 +310,26 @@ def _attn_fwd_kernel(
         if RELOAD_Q:
             # D = 256: re-read the q tile (L1/L2 hit) every key block instead of keeping it live in
             # registers across the loop; the tensor-core dot then takes it from shared memory.
-            if EVEN_M and EVEN_D:
-                q = tl.load(q_ptrs)
-            else:
-                q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            q = _load_rows(q_ptrs, mask_m, mask_d, EVEN_M, EVEN_D)
+        # T = (s c) Q K_J^T, key columns j >= Nk at -inf
         s = _dot(q, kt, PREC, UPCAST) * qk_scale
         if not EVEN_N:
             s = tl.where(mask_n[None, :], s, float("-inf"))
+        # m' = max(m_i, max_j T_ij); P~ = exp2(T - m'); alpha = exp2(m_i - m')
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
+        # l_i = alpha l_i + sum_j P~_ij; acc_i = alpha acc_i + P~ V_J
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
 
+    # o_i = acc_i / l_i; lse_i = (m_i + log2 l_i) / c
     o = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
-    o_ptrs = o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    o_ptrs = _head(O, b, h, stride_ob, stride_oh) + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    _store_rows(o_ptrs, o, mask_m, mask_d, EVEN_M, EVEN_D)
     lse_ptrs = LSE + bh.to(tl.int64) * N_Q + offs_m
-    if EVEN_M and EVEN_D:
-        tl.store(o_ptrs, o.to(O.dtype.element_ty))
-    else:
-        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     if EVEN_M:
         tl.store(lse_ptrs, lse)
     else:
@@ -299,20 +344,16 @@ def _attn_bwd_preprocess_kernel(
     H, N_Q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m_blocks = tl.cdiv(N_Q, BLOCK_M)
-    pid_m = pid % num_m_blocks
-    bh = pid // num_m_blocks
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    # delta_i = sum_d dO_id O_id
+    pid_m, bh, b, h = _program_tile(N_Q, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_Q
     mask = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+    o = tl.load(_head(O, b, h, stride_ob, stride_oh) + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(_head(DO, b, h, stride_dob, stride_doh) + offs_m[:, None] * stride_don
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=mask_m)
 
@@ -333,79 +374,55 @@ def _attn_bwd_dkdv_kernel(
 ):
     # PART 0: dK and dV; 1: dK only; 2: dV only (two launches at D = 256, where two [BLOCK_N, 256]
     # fp32 accumulators next to the wgmma operands exceed 255 registers per thread).
-    pid = tl.program_id(0)
-    num_n_blocks = tl.cdiv(N_KV, BLOCK_N)
-    pid_n = pid % num_n_blocks
-    bh = pid // num_n_blocks
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
+    pid_n, bh, b, h = _program_tile(N_KV, H, BLOCK_N)
+    q_base = _head(Q, b, h, stride_qb, stride_qh)
+    do_base = _head(DO, b, h, stride_dob, stride_doh)
     row_base = bh.to(tl.int64) * N_Q
-
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N_KV
     mask_d = offs_d < HEAD_DIM
-    mask_nd = mask_n[:, None] & mask_d[None, :]
 
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if EVEN_N and EVEN_D:
-        k = tl.load(k_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=mask_nd, other=0.0)
+    # this program's key rows j: k_J, v_J (v only where dK is computed: dP needs it)
+    k_ptrs = _head(K, b, h, stride_kb, stride_kh) + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = _head(V, b, h, stride_vb, stride_vh) + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k = _load_rows(k_ptrs, mask_n, mask_d, EVEN_N, EVEN_D)
     if PART != 2:
-        if EVEN_N and EVEN_D:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=mask_nd, other=0.0)
+        v = _load_rows(v_ptrs, mask_n, mask_d, EVEN_N, EVEN_D)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, N_Q, BLOCK_M):
+        # query block I: q_I, dO_I, c lse_I, delta_I
         offs_m = start_m + offs_m0
         mask_m = offs_m < N_Q
-        q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-        do_ptrs = do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
-        if EVEN_M and EVEN_D:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-        else:
-            q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        if EVEN_M:
-            lse2 = tl.load(LSE + row_base + offs_m) * 1.4426950408889634
-            delta = tl.load(DELTA + row_base + offs_m)
-        else:
-            lse2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
-        # Transposed tiles [BLOCK_N, BLOCK_M]: rows are keys, columns queries.
+        q = _load_rows(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask_m, mask_d,
+                       EVEN_M, EVEN_D)
+        do = _load_rows(do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask_m, mask_d,
+                        EVEN_M, EVEN_D)
+        lse2, delta = _load_row_stats(LSE, DELTA, row_base, offs_m, mask_m, EVEN_M)
+        # transposed tiles [BLOCK_N, BLOCK_M] (rows are keys): P^T = exp2(T^T - c lse), masked queries 0
         st = _dot(k, tl.trans(q), PREC, UPCAST) * qk_scale
         pt = tl.math.exp2(st - lse2[None, :])
         if not EVEN_M:
             pt = tl.where(mask_m[None, :], pt, 0.0)
         if PART != 1:
+            # dV_j += sum_i P_ij dO_i
             dv += _dot(pt.to(do.dtype), do, PREC, UPCAST)
         if PART != 2:
+            # dP^T = v_J dO_I^T; dS^T = P^T (dP^T - delta); dK_j += sum_i dS_ij q_i (times s below)
             dpt = _dot(v, tl.trans(do), PREC, UPCAST)
             dst = pt * (dpt - delta[None, :])
             dk += _dot(dst.to(q.dtype), q, PREC, UPCAST)
     dk = dk * sm_scale
 
-    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    dk_ptrs = _head(DK, b, h, stride_dkb, stride_dkh) + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = _head(DV, b, h, stride_dvb, stride_dvh) + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
     if PART != 2:
-        if EVEN_N and EVEN_D:
-            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
-        else:
-            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask_nd)
+        _store_rows(dk_ptrs, dk, mask_n, mask_d, EVEN_N, EVEN_D)
     if PART != 1:
-        if EVEN_N and EVEN_D:
-            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))
-        else:
-            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask_nd)
+        _store_rows(dv_ptrs, dv, mask_n, mask_d, EVEN_N, EVEN_D)
 
 
 @triton.jit
@@ -421,44 +438,29 @@ def _attn_bwd_dq_kernel(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m_blocks = tl.cdiv(N_Q, BLOCK_M)
-    pid_m = pid % num_m_blocks
-    bh = pid // num_m_blocks
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    pid_m, bh, b, h = _program_tile(N_Q, H, BLOCK_M)
+    k_base = _head(K, b, h, stride_kb, stride_kh)
+    v_base = _head(V, b, h, stride_vb, stride_vh)
     row_base = bh.to(tl.int64) * N_Q
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_Q
     mask_d = offs_d < HEAD_DIM
-    mask_md = mask_m[:, None] & mask_d[None, :]
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
-    if EVEN_M and EVEN_D:
-        q = tl.load(q_ptrs)
-        do = tl.load(do_ptrs)
-    else:
-        q = tl.load(q_ptrs, mask=mask_md, other=0.0)
-        do = tl.load(do_ptrs, mask=mask_md, other=0.0)
-    if EVEN_M:
-        lse2 = tl.load(LSE + row_base + offs_m) * 1.4426950408889634
-        delta = tl.load(DELTA + row_base + offs_m)
-    else:
-        lse2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+    # this program's query rows i: q_I, dO_I, c lse_I, delta_I
+    q_ptrs = _head(Q, b, h, stride_qb, stride_qh) + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    do_ptrs = _head(DO, b, h, stride_dob, stride_doh) + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    q = _load_rows(q_ptrs, mask_m, mask_d, EVEN_M, EVEN_D)
+    do = _load_rows(do_ptrs, mask_m, mask_d, EVEN_M, EVEN_D)
+    lse2, delta = _load_row_stats(LSE, DELTA, row_base, offs_m, mask_m, EVEN_M)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N_KV, BLOCK_N):
+        # key block J: k_J [BLOCK_N, BLOCK_D], V_J^T [BLOCK_D, BLOCK_N] (loaded transposed)
         offs_n = start_n + offs_n0
         mask_n = offs_n < N_KV
         k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        # V loaded transposed: [BLOCK_D, BLOCK_N].
         vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd
         if EVEN_N and EVEN_D:
             k = tl.load(k_ptrs)
@@ -466,20 +468,19 @@ def _attn_bwd_dq_kernel(
         else:
             k = tl.load(k_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
             vt = tl.load(vt_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        # P = exp2(T - c lse), masked keys 0
         s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if not EVEN_N:
             p = tl.where(mask_n[None, :], p, 0.0)
+        # dP = dO_I V_J^T; dS = P (dP - delta); dQ_i += sum_j dS_ij k_j (times s below)
         dp = _dot(do, vt, PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
     dq = dq * sm_scale
 
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
-    if EVEN_M and EVEN_D:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
-    else:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_md)
+    dq_ptrs = _head(DQ, b, h, stride_dqb, stride_dqh) + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
+    _store_rows(dq_ptrs, dq, mask_m, mask_d, EVEN_M, EVEN_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,12 +517,6 @@ def _precision(dtype: torch.dtype, precision: Optional[str]) -> str:
     return precision
 
 
-def _dq_precision(prec: str, block_d: int) -> str:
-    """The dQ kernel's dot precision: TF32 except at D = 256, where no TF32 tile was spill-free (the
-    exact ieee kernel runs instead: slower, more accurate)."""
-    return "ieee" if prec == "tf32" and block_d >= 256 else prec
-
-
 def _reload_q(block_d: int, block_m: int) -> bool:
     """Forward: re-load the q tile every key block (instead of keeping it live across the loop) for
     the 32-row D=256 tiles of the FMA path only; the tensor-core configs keep q (their wgmma reads it
@@ -539,11 +534,12 @@ def _configs(kind: str, block_d: int, dtype: torch.dtype, prec: str, arch: int) 
 
 
 def device_arch(device: torch.device) -> int:
-    """90 on Hopper (compute capability 9.x and later), 80 elsewhere; 90 in the interpreter (so the
-    tests run the sm_90 launch plan, the D = 256 dK/dV split included)."""
+    """The CONFIGS table of `device`: `kernels.arch.arch_of` its compute capability (80, 86, 89, 90,
+    100, 120); 90 in the interpreter and for CPU tensors (so the tests run the sm_90 launch plan, the
+    D = 256 dK/dV split included)."""
     if _interpret() or device.type != "cuda":
         return 90
-    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+    return arch_of(torch.cuda.get_device_capability(device))
 
 
 def _even_flags(args: dict) -> dict:
@@ -590,7 +586,9 @@ def _launch(kernel, kind: str, n_rows: int, bh: int, args: list, consts: dict,
         kw = _config_kwargs(kind, config, n_q, n_kv, consts["BLOCK_D"])
         kernel[(triton.cdiv(n_rows, kw[blk_name]) * bh,)](*args, **consts, **kw)
         return
-    key = (kind, consts["BLOCK_D"], dtype, consts["PREC"], consts.get("PART", 0), arch)
+    # one autotuner per power-of-two bucket of batch * heads too: Triton's key (Nq, Nk, head dim) does
+    # not see how many programs share the SMs
+    key = (kind, consts["BLOCK_D"], dtype, consts["PREC"], consts.get("PART", 0), arch, triton.next_power_of_2(bh))
     tuned = _TUNED.get(key)
     if tuned is None:
         configs = []
@@ -685,8 +683,8 @@ def dkdv_parts(block_d: int, dtype: torch.dtype, arch: int) -> tuple:
     """PART values of the dK/dV launches: (0,) one launch for both; (1, 2) dK then dV in two launches
     for 16-bit D = 256 on sm_90 (one [64, 256] fp32 accumulator per program keeps the 64-row wgmma
     tile spill-free; the price is recomputing P in both: 6 matmul passes instead of 4 in that kernel).
-    sm_80's mma.sync runs 32-row tiles with both accumulators in one launch."""
-    return (1, 2) if block_d >= 256 and dtype != torch.float32 and arch >= 90 else (0,)
+    The mma.sync archs (sm_80, sm_86, sm_89, sm_120) run 32-row tiles with both accumulators in one launch."""
+    return (1, 2) if block_d >= 256 and dtype != torch.float32 and arch in _SPLIT_DKDV_ARCHS else (0,)
 
 
 def _bwd_args(kind: str, q, k, v, do, lse, delta, grads: Sequence[torch.Tensor], scale: float,
@@ -777,175 +775,20 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     for part in dkdv_parts(_block_d(d), q.dtype, arch):
         args, consts = _bwd_args("bwd_dkdv", q, k, v, do, lse, delta, (dk, dv), scale, prec, part)
         _launch(_attn_bwd_dkdv_kernel, "bwd_dkdv", n_kv, b * h, args, consts, n_q, n_kv, q.dtype, config, arch)
-    args, consts = _bwd_args("bwd_dq", q, k, v, do, lse, delta, (dq,), scale, _dq_precision(prec, _block_d(d)))
+    args, consts = _bwd_args("bwd_dq", q, k, v, do, lse, delta, (dq,), scale, prec)
     _launch(_attn_bwd_dq_kernel, "bwd_dq", n_q, b * h, args, consts, n_q, n_kv, q.dtype, config, arch)
     return dq, dk, dv
 
 
-# ----------------------------------------------------------------------------------------------
-# Traffic model and ahead-of-time specs
-# ----------------------------------------------------------------------------------------------
+# The traffic model and the AOT spec lists: kernels/attention_specs.py (imported on first use).
+_SPEC_NAMES = frozenset({"modelled_hbm_bytes", "aot_specs", "launch_specs", "AOT_SHAPE", "AOT_VARIANTS",
+                         "AOT_VARIANTS_FP32"})
 
 
-def modelled_hbm_bytes(batch: int, heads: int, n: int, head_dim: int, elem_bytes: int = 2) -> dict:
-    """Modelled HBM bytes of attention forward + backward, fused (these kernels) vs unfused.
+def __getattr__(name: str) -> Any:
+    """Forward the names of `kernels.attention_specs` (``kernels.attention.aot_specs`` and the like)."""
+    if name in _SPEC_NAMES:
+        from . import attention_specs
 
-    T = one [B, H, N, D] tensor (B*H*N*D*elem_bytes), A = one [B, H, N, N] matrix in the input dtype,
-    R = one fp32 [B, H, N] row vector. Compulsory traffic: a tile re-read by several programs of one
-    head (K/V in the forward, Q/dO in dK/dV, K/V in dQ) is counted once (it is served from L2).
-
-    fused:   forward  read q, k, v, write o, write lse                         4T + R
-             backward preprocess read dO, O, write delta                       2T + R
-                      dK/dV read q, k, v, dO, lse, delta, write dk, dv          6T + 2R
-                      dQ    read q, k, v, dO, lse, delta, write dq              5T + 2R
-    unfused (F.scaled_dot_product_attention math path + eager autograd):
-             forward  q*sqrt(s), k*sqrt(s) (2T each); S = q'k'^T (2T + A);
-                      P = softmax(S) (2A); o = P v (A + 2T)                     8T + 4A
-             backward dP = dO v^T (2T + A); dV = P^T dO (A + 2T);
-                      dS = softmax_bwd(P, dP) (3A); dq' = dS k' (A + 2T);
-                      dk' = dS^T q' (A + 2T); dq, dk = *sqrt(s) (4T)            12T + 7A
-    Returns a dict with fwd_fused, bwd_fused, fused, fwd_unfused, bwd_unfused, unfused (bytes).
-    """
-    t = batch * heads * n * head_dim * elem_bytes
-    a = batch * heads * n * n * elem_bytes
-    r = batch * heads * n * 4
-    fwd_f, bwd_f = 4 * t + r, 13 * t + 5 * r
-    fwd_u, bwd_u = 8 * t + 4 * a, 12 * t + 7 * a
-    return {"fwd_fused": fwd_f, "bwd_fused": bwd_f, "fused": fwd_f + bwd_f,
-            "fwd_unfused": fwd_u, "bwd_unfused": bwd_u, "unfused": fwd_u + bwd_u}
-
-
-# Representative shape of the HBM model in aot_specs: the DDPM CIFAR-10 16x16 attention (one head of
-# 256 channels), batch 128. Every row carries the forward+backward totals of that shape.
-AOT_SHAPE = (128, 1, 256, 256)  # B, heads, N, D
-_KERNELS = {"fwd": "attn_fwd", "bwd_dkdv": "attn_bwd_dkdv", "bwd_dq": "attn_bwd_dq"}
-
-
-def _meta_inputs(shape: Sequence[int], layout: str, dtype: torch.dtype) -> tuple:
-    """Meta q, k, v, dO of `shape` in `layout`: "contiguous" [B, H, N, D] tensors, or "pixel": the
-    U-Net's views of one [B, 3C, N] qkv projection (q, k, v) and of a [B, C, N] gradient (dO)."""
-    b, h, n, d = shape
-    if layout == "contiguous":
-        return tuple(torch.empty((b, h, n, d), dtype=dtype, device="meta") for _ in range(4))
-    qkv = torch.empty((b, 3 * h * d, n), dtype=dtype, device="meta")
-    q, k, v = qkv.reshape(b, 3, h, d, n).transpose(-1, -2).unbind(1)
-    do = torch.empty((b, h * d, n), dtype=dtype, device="meta").reshape(b, h, d, n).transpose(-1, -2)
-    return q, k, v, do
-
-
-def launch_specs(kind: str, shape: Sequence[int], layout: str, dtype: torch.dtype, prec: str,
-                 config: Config, part: int = 0) -> dict:
-    """signature / constexprs / attrs / warps / stages of the `kind` kernel ("fwd", "bwd_dkdv",
-    "bwd_dq") as the launcher would launch it on inputs of `shape` and `layout` with `config`: built
-    from the launcher's own argument builders and Triton's own specialisation rules
-    (`kernels.aot.runtime_spec`), on meta tensors."""
-    from .aot import runtime_spec
-
-    b, h, n, d = shape
-    q, k, v, do = _meta_inputs(shape, layout, dtype)
-    o = empty_like_layout(q, q.shape)
-    lse = torch.empty((b, h, n), dtype=torch.float32, device="meta")
-    if kind == "fwd":
-        args, consts = _fwd_args(q, k, v, o, lse, 1.0 / math.sqrt(d), prec)
-        fn = _attn_fwd_kernel
-    else:
-        grads = tuple(empty_like_layout(t, t.shape) for t in ((k, v) if kind == "bwd_dkdv" else (q,)))
-        if kind == "bwd_dq":
-            prec = _dq_precision(prec, _block_d(d))
-        args, consts = _bwd_args(kind, q, k, v, do, lse, lse, grads, 1.0 / math.sqrt(d), prec, part)
-        fn = _attn_bwd_dkdv_kernel if kind == "bwd_dkdv" else _attn_bwd_dq_kernel
-    kw = _config_kwargs(kind, config, n, n, consts["BLOCK_D"])
-    warps, stages, fusion = kw.pop("num_warps"), kw.pop("num_stages"), kw.pop("enable_fp_fusion")
-    spec = runtime_spec(fn, args, {**consts, **kw})
-    spec.update(fn=fn, num_warps=warps, num_stages=stages, options={"enable_fp_fusion": fusion},
-                even=(kw["EVEN_M"], kw["EVEN_N"]))
-    return spec
-
-
-def _preprocess_spec(shape: Sequence[int], layout: str, dtype: torch.dtype) -> dict:
-    from .aot import runtime_spec
-
-    b, h, n, d = shape
-    q, _, _, do = _meta_inputs(shape, layout, dtype)
-    o = empty_like_layout(q, q.shape)
-    delta = torch.empty((b, h, n), dtype=torch.float32, device="meta")
-    args, consts = _preprocess_args(o, do, delta)
-    spec = runtime_spec(_attn_bwd_preprocess_kernel, args, consts)
-    spec.update(fn=_attn_bwd_preprocess_kernel, num_warps=_PREPROCESS_WARPS, num_stages=1,
-                options={"enable_fp_fusion": _FP_FUSION})
-    return spec
-
-
-# The variants aot_specs compiles: (shape, layout, dtype name). The shapes of benchmarks/
-# bench_attention.py (contiguous) and the U-Net's pixel-major views at the DDPM CIFAR-10 16x16
-# attention (one head of 256) and at 4 heads of 64; N = 200 (not a multiple of any tile: the masked
-# variant) at each head dim.
-AOT_VARIANTS: tuple = (
-    ((256, 1, 256, 256), "contiguous"), ((128, 1, 256, 256), "pixel"), ((200, 1, 200, 256), "contiguous"),
-    ((64, 4, 256, 64), "contiguous"), ((32, 4, 1024, 64), "contiguous"), ((128, 4, 64, 64), "contiguous"),
-    ((64, 4, 256, 64), "pixel"), ((64, 4, 200, 64), "contiguous"),
-    ((32, 8, 256, 128), "contiguous"), ((32, 8, 200, 128), "contiguous"), ((64, 8, 200, 32), "contiguous"),
-)
-# fp32 variants (tf32 and ieee): the U-Net's pixel-major views at D = 256 and 64, D = 128 contiguous, and
-# D = 32 masked.
-AOT_VARIANTS_FP32: tuple = (
-    ((128, 1, 256, 256), "pixel"), ((64, 4, 256, 64), "pixel"), ((32, 8, 256, 128), "contiguous"),
-    ((64, 8, 200, 32), "contiguous"),
-)
-
-
-def _variant_specs(shape, layout: str, dtype: torch.dtype, prec: str, arch: int) -> list:
-    """(kernel name, config, spec) of every program the launcher runs for one input variant on `arch`:
-    the preprocess kernel, then every config of the forward, dK/dV (each PART) and dQ kernels."""
-    block_d = _block_d(shape[3])
-    entries = [("attn_bwd_preprocess", None, _preprocess_spec(shape, layout, dtype))]
-    for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
-        parts = dkdv_parts(block_d, dtype, arch) if kind == "bwd_dkdv" else (0,)
-        for cfg in _configs(kind, block_d, dtype, prec, arch):
-            for part in parts:
-                name = _KERNELS[kind] + ("", "[dk]", "[dv]")[part]
-                entries.append((name, cfg, launch_specs(kind, shape, layout, dtype, prec, cfg, part)))
-    return entries
-
-
-def _spec_key(spec: dict) -> tuple:
-    return (spec["fn"].__name__, repr(sorted(spec["signature"].items())), repr(sorted(spec["constexprs"].items())),
-            repr(sorted(spec["attrs"].items())), spec["num_warps"], spec["num_stages"])
-
-
-def aot_specs() -> list[dict]:
-    """One dict per distinct compiled program the launcher selects for the AOT_VARIANTS on each arch
-    (`archs`: the spec is compiled for that arch only, its configs being that arch's): every config
-    of every kernel (fwd, dK/dV, dQ; plus the preprocess kernel) for bf16, and for fp32 with PyTorch's
-    "tf32" precision (tensor cores) and "highest" ("ieee": FMA dots), each with the divisibility
-    attributes and constants Triton's launcher derives from the real arguments (pointers and strides
-    divisible by 16, H = 1 and unit strides as constants) and the EVEN_M / EVEN_N flags of the shape.
-    Shapes that give the same program are compiled once (their labels are joined in `config`).
-    fp16 takes the bf16 configs and programs (same tiles and layouts). hbm_bytes_*: forward + backward
-    totals of ``modelled_hbm_bytes`` at AOT_SHAPE (4-byte elements on fp32 rows), the same on every row.
-    """
-    b, h, n, d_model = AOT_SHAPE
-    jobs = [(v, torch.bfloat16, "ieee") for v in AOT_VARIANTS]
-    jobs += [(v, torch.float32, p) for p in ("tf32", "ieee") for v in AOT_VARIANTS_FP32]
-    specs: dict = {}
-    for arch in (90, 80):
-        for (shape, layout), dtype, prec in jobs:
-            model = modelled_hbm_bytes(b, h, n, d_model, 2 if dtype == torch.bfloat16 else 4)
-            label = f"{'x'.join(map(str, shape))} {layout}"
-            for name, cfg, spec in _variant_specs(shape, layout, dtype, prec, arch):
-                key = _spec_key(spec) + (arch,)
-                if key in specs:
-                    specs[key]["shapes"].append(label)
-                    continue
-                tiles = "" if cfg is None else "BLOCK_M={},BLOCK_N={},warps={},stages={},".format(*cfg)
-                even = spec.pop("even", None)
-                masked = "" if even is None else ("unmasked," if all(even) else "masked,")
-                spec.update(kernel=name, tiles=f"D={shape[3]},{tiles}{masked}{_table_name(dtype, prec)}",
-                            shapes=[label], archs=(arch,), hbm_bytes_fused=model["fused"],
-                            hbm_bytes_unfused=model["unfused"])
-                specs[key] = spec
-    out = []
-    for spec in specs.values():
-        spec["config"] = f"{spec.pop('tiles')} [{'; '.join(spec.pop('shapes'))}]"
-        out.append(spec)
-    return out
+        return getattr(attention_specs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,13 +15,15 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["NUM_COEFS", "LEGACY_COEFS", "history_count", "check_sampler_step", "check_sampler_step_inplace",
-           "check_group_norm", "check_attention"]
+__all__ = ["NUM_COEFS", "LEGACY_COEFS", "KNOWN_COEFS", "history_count", "check_sampler_step",
+           "check_sampler_step_inplace", "check_group_norm", "check_attention"]
 
 # columns of the coefficient table: A, B, P, Q, R, P2, SIGMA, LOG_MIN, LOG_MAX, P3, P4
 NUM_COEFS = 11
 # tables of samplers with at most one history tensor may stop after LOG_MAX
 LEGACY_COEFS = 9
+# with the known-region replacement (mask / known): two more columns, KA and KZ
+KNOWN_COEFS = 13
 
 
 def history_count(x0_prev: Optional[Tensor], x0_prev2: Optional[Tensor], x0_prev3: Optional[Tensor]) -> int:
@@ -47,20 +49,42 @@ def _check_model_output(x: Tensor, model_output: Tensor, learned_range: bool, ex
         )
 
 
+def _check_known(x: Tensor, coefs: Tensor, noise: Optional[Tensor], seed: Optional[Tensor],
+                 mask: Optional[Tensor], known: Optional[Tensor]) -> None:
+    """The known-region replacement's inputs: mask and known together, of x's shape, floating-point, on
+    x's device; coefs [S, KNOWN_COEFS]; noise or seed (the known region is noised with the step's z)."""
+    if (mask is None) != (known is None):
+        raise ValueError("mask and known must be given together (known-region replacement), or neither")
+    for name, t in (("mask", mask), ("known", known)):
+        if not isinstance(t, Tensor) or t.shape != x.shape or not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be None or a floating-point tensor of x's shape {tuple(x.shape)}, "
+                             f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    if coefs.dim() != 2 or coefs.shape[1] != KNOWN_COEFS or coefs.dtype != torch.float32:
+        raise ValueError(f"coefs must be a float32 tensor [S, {KNOWN_COEFS}] with mask/known (KA, KZ after the "
+                         f"{NUM_COEFS} columns), got {coefs.dtype} {tuple(coefs.shape)}")
+    if noise is None and seed is None:
+        raise ValueError("mask/known need noise or seed: the known region is noised with the step's z")
+
+
 def check_sampler_step(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, x0_prev: Optional[Tensor],
     noise: Optional[Tensor], seed: Optional[Tensor], image_offset: int, learned_range: bool,
     extra_channels_ok: bool = False, x0_prev2: Optional[Tensor] = None, x0_prev3: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None, known: Optional[Tensor] = None,
 ) -> int:
     """ValueError naming the argument for every violation of the step's contract; returns the number
     of history tensors. extra_channels_ok: also accept a 2C-channel model_output without learned_range
-    (the in-place step reads only the first C channels)."""
+    (the in-place step reads only the first C channels). mask / known: the known-region replacement."""
     if x.dim() < 2 or not x.dtype.is_floating_point:
         raise ValueError(f"x must be a floating-point tensor [N, C, *spatial], got {x.dtype} {tuple(x.shape)}")
     _check_model_output(x, model_output, learned_range, extra_channels_ok)
     num_hist = history_count(x0_prev, x0_prev2, x0_prev3)
     widths = [LEGACY_COEFS, NUM_COEFS] if num_hist <= 1 else [NUM_COEFS]
-    if coefs.dim() != 2 or coefs.shape[1] not in widths or coefs.dtype != torch.float32:
+    if mask is not None or known is not None:
+        _check_known(x, coefs, noise, seed, mask, known)
+    elif coefs.dim() != 2 or coefs.shape[1] not in widths or coefs.dtype != torch.float32:
         raise ValueError(f"coefs must be a float32 tensor [S, {NUM_COEFS}] ([S, {LEGACY_COEFS}] without x0_prev2), "
                          f"got {coefs.dtype} {tuple(coefs.shape)}")
     if step.dtype != torch.int64 or step.numel() != 1:
@@ -84,12 +108,13 @@ def check_sampler_step_inplace(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, t_out: Tensor, model_timesteps: Tensor,
     x0_prev: Optional[Tensor], seed: Optional[Tensor], image_offset: int, learned_range: bool,
     done_counter: Optional[Tensor], x0_prev2: Optional[Tensor] = None, x0_prev3: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None, known: Optional[Tensor] = None,
 ) -> int:
     """`check_sampler_step` for the in-place step (no noise tensor; a 2C model_output is accepted),
     plus its counters; returns the number of history tensors. The Triton launcher also needs the
     buffers it writes to be contiguous, which it checks itself."""
     num_hist = check_sampler_step(x, model_output, coefs, step, x0_prev, None, seed, image_offset, learned_range,
-                                  True, x0_prev2, x0_prev3)
+                                  True, x0_prev2, x0_prev3, mask, known)
     s = coefs.shape[0]
     if model_timesteps.dtype != torch.int64 or tuple(model_timesteps.shape) != (s,):
         raise ValueError(f"model_timesteps must be an int64 tensor of shape ({s},) (one per coefs row), "

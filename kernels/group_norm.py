@@ -113,32 +113,9 @@ is up to 1/sqrt(eps)), then one FMA. Contraction changes results by a few fp32 u
 1e-5 relative to the largest magnitude of each output (tests, against float64). rstd uses IEEE sqrt
 and division (sqrt_rn, div_rn), not the approximate rsqrt.
 
-Modelled HBM traffic, forward + backward, 32x128x64x64 bf16, groups=32, affine + scale/shift + SiLU
-(E = 16,777,216 elements, one pass over an [N, C, H, W] bf16 tensor = 2E = 33,554,432 bytes; small
-[C], [N, C] and [N, G] tensors counted exactly in ``modelled_hbm_bytes``):
-
-    fused forward   read x (stats), read x + write y (apply)                           3 passes
-    fused backward  read dy, x (sums), read dy, x + write dx                           5 passes
-    fused total                                                                        8 passes
-    eager forward   native_group_norm: read x (moments), read x + write y              3
-                    y * (1 + scale): read y, write t1                                  2
-                    t1 + shift:     read t1, write t2                                  2
-                    silu(t2):       read t2, write out                                 2   -> 9
-    eager backward  silu_backward: read dout, t2, write dt2                            3
-                    dshift = dt2.sum(hw): read dt2                                     1
-                    d t1 -> dy = dt2 * (1 + scale): read, write                        2
-                    dscale = (dt2 * y).sum(hw): read dt2, y, write tmp; read tmp       4
-                    native_group_norm_backward: read dy, x (sums); read dy, x, write dx 5  -> 15
-    eager total                                                                        24 passes
-    => fused / unfused = 268,593,152 / 805,381,632 bytes = 0.3335  (target <= 0.45)
-       (forward 100,688,384 vs 302,031,360; backward 167,904,768 vs 503,350,272)
-    (exact figures incl. small tensors: ``modelled_hbm_bytes(32, 128, 64, 64, 32, 2)``)
-    Groups that fit one tile (CIFAR-10 shapes, e.g. 128x256x16x16) take 2 + 3 passes: ratio 0.210.
-
-Saved for backward: fused keeps x (the op's input) + mean/rstd (2 x N*G fp32); eager autograd keeps
-x, y (for mul's dscale), t2 (silu's input), mean/rstd: two extra full activations (2 x 33.5 MB here).
-The second read of x in each fused pass usually hits L2 (a 32 KiB group, a few programs per SM), so
-the measured DRAM traffic is closer to 2 + 3 passes; the model counts every pass.
+The traffic model (``modelled_hbm_bytes``: 8 passes over the activation fused vs 24 eager, forward +
+backward) and the AOT spec lists (``aot_specs``) live beside this file in ``kernels/group_norm_specs.py``;
+their names are also reachable here (forwarded on first use).
 """
 from __future__ import annotations
 
@@ -158,8 +135,6 @@ __all__ = [
     "INTERPRET_BLOCK",
     "group_norm_forward",
     "group_norm_backward",
-    "aot_specs",
-    "modelled_hbm_bytes",
 ]
 
 # (BLOCK elements per tile, num_warps): the explicit config list (aot_specs + autotune on a GPU).
@@ -168,8 +143,8 @@ __all__ = [
 CONFIGS: list[tuple[int, int]] = [(512, 4), (1024, 8), (2048, 8), (4096, 16)]
 _MAX_BLOCK = max(b for b, _ in CONFIGS)
 # Single-tile kernels (whole group in registers, one read): tile = next_pow2(CPG) x next_pow2(HW) up to
-# SINGLE_MAX elements, num_warps = tile / 128 in [1, 16] (4 elements per thread, 8 for 4096-tiles;
-# at 8 per thread the 8x256 backward needs 111-115 registers, at 4 about 64), no autotune needed.
+# SINGLE_MAX elements, num_warps from `_single_tile` (4 elements per thread up to 2048-element tiles, at
+# 8 per thread the 8x256 backward needs 111-115 registers, at 4 about 64), no autotune needed.
 SINGLE_MAX = 4096
 # The fixed config used under TRITON_INTERPRET=1 (interpreter programs run sequentially on the CPU).
 INTERPRET_BLOCK = 256
@@ -649,15 +624,21 @@ def _plan(n: int, groups: int, cpg: int, hw: int, device: torch.device,
     return triton.cdiv(hw, per), per
 
 
-def _single_tile(cpg: int, hw: int) -> Optional[tuple[int, int, int]]:
-    """(BLOCK_C, BLOCK_HW, num_warps) when the whole group fits one tile of <= SINGLE_MAX, else None."""
+def _single_tile(cpg: int, hw: int, backward: bool = False) -> Optional[tuple[int, int, int]]:
+    """(BLOCK_C, BLOCK_HW, num_warps) when the whole group fits one tile of <= SINGLE_MAX, else None.
+
+    num_warps = tile / 128 in [1, 16], except the backward of a 4096-element tile, which takes 8 warps
+    (16 elements per thread): at 16 warps it needs 84 registers per thread, 43K of the SM's 64K, so one
+    group is resident per SM; at 8 warps 114 registers (29K), two groups per SM, twice the loads in flight
+    for a kernel that waits on memory (sm_90 AOT figures, docs/kernels.md)."""
     bc, bhw = triton.next_power_of_2(cpg), triton.next_power_of_2(hw)
     if bc * bhw > SINGLE_MAX:
         return None
-    return bc, bhw, max(1, min(16, (bc * bhw) // 128))
+    cap = 8 if backward and bc * bhw > 2048 else 16
+    return bc, bhw, max(1, min(cap, (bc * bhw) // 128))
 
 
-_TUNED: dict[str, Any] = {}
+_TUNED: dict[tuple, Any] = {}
 # Benchmark function handed to triton.autotune (None: triton's do_bench on the GPU). Tests replace it
 # to exercise the autotuned launch path in the interpreter, where no driver can time anything.
 _AUTOTUNE_DO_BENCH = None
@@ -665,15 +646,20 @@ _AUTOTUNE_DO_BENCH = None
 
 def _launch(kernel, name: str, grid, args: list, consts: dict, cpg: int, hw: int,
             block: Optional[int], use_tune: bool) -> None:
-    """Launch with a fixed BLOCK (interpreter / forced) or through triton.autotune over CONFIGS."""
+    """Launch with a fixed BLOCK (interpreter / forced) or through triton.autotune over CONFIGS.
+
+    One autotuner per kernel and power-of-two bucket of the program count (N * G * S): the best tile and
+    warp count depend on how many programs share the SMs, which Triton's key (group shape, S, layout,
+    dtypes) does not see, so a config tuned at batch 256 is not reused at batch 16."""
     if use_tune:
-        tuned = _TUNED.get(name)
+        key = (name, triton.next_power_of_2(grid[0] * grid[1]))
+        tuned = _TUNED.get(key)
         if tuned is None:
             configs = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in CONFIGS]
             tuned = triton.autotune(configs, key=["CPG", "HW", "S", "CHANNELS_LAST"],
                                     do_bench=_AUTOTUNE_DO_BENCH)(
                 triton.heuristics(_TILE_HEURISTICS)(kernel))
-            _TUNED[name] = tuned
+            _TUNED[key] = tuned
         tuned[grid](*args, **consts, enable_fp_fusion=_FP_FUSION)
         return
     if block is None:
@@ -827,7 +813,7 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torc
     dshift = torch.empty((n, c), device=dev, dtype=shift.dtype) if shift is not None else None
     dwp = torch.empty((n, c), device=dev, dtype=f32) if weight is not None else None
     dbp = torch.empty((n, c), device=dev, dtype=f32) if bias is not None else None
-    single = _single_tile(cpg, hw) if (S == 1 and block is None) else None
+    single = _single_tile(cpg, hw, backward=True) if (S == 1 and block is None) else None
     if single is not None:
         bc, bhw, warps = single
         _gn_bwd_single_kernel[(n * groups,)](
@@ -853,193 +839,14 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torc
     return dx, dweight, dbias, dadd, dscale, dshift
 
 
-# -------------------------------------------------------------------------------- HBM model + AOT
-def modelled_hbm_bytes(n: int, c: int, h: int, w: int, groups: int, elem_bytes: int = 2,
-                       param_bytes: Optional[int] = None) -> dict[str, int]:
-    """Modelled HBM bytes of group_norm_silu (affine + scale/shift + SiLU, no add), forward + backward.
-
-    Returns a dict with fused_fwd, fused_bwd, fused, unfused_fwd, unfused_bwd, unfused,
-    saved_fused, saved_unfused (bytes kept for backward). Every kernel pass over an activation tensor
-    is counted as a full read/write (see the module docstring for the pass list); groups that fit
-    one tile (next_pow2(CPG) * next_pow2(HW) <= SINGLE_MAX) take the single-tile kernels: 2 + 3 passes.
-    """
-    pb = elem_bytes if param_bytes is None else param_bytes
-    act = n * c * h * w * elem_bytes          # one pass over an activation tensor
-    chan = c * pb                              # weight or bias
-    nc = n * c * pb                            # scale, shift or their grads
-    stats = n * groups * 4                     # mean or rstd (fp32)
-    nc32 = n * c * 4                           # fp32 [N, C] partial
-    if _single_tile(c // groups, h * w) is not None:
-        # single-tile kernels: the group stays in registers, one read per input
-        fused_fwd = 2 * act + 2 * chan + 2 * nc + 2 * stats
-        fused_bwd = 3 * act + 2 * chan + 2 * nc + 2 * stats
-    else:
-        fused_fwd = 3 * act + 2 * chan + 2 * nc + 2 * stats
-        fused_bwd = (2 * act + 2 * chan + 2 * nc + 2 * stats             # pass 1 reads
-                     + 3 * act + 2 * chan + 2 * nc + 2 * stats)          # pass 2
-    fused_bwd += (2 * nc + 2 * nc32                                      # dscale, dshift, dw/db partials
-                  + 2 * nc32 + 2 * chan)                                 # torch sum over N
-    # eager: native_group_norm (moments pass + apply pass), mul, add, silu
-    unfused_fwd = (3 * act + 2 * chan + 2 * stats) + (2 * act + nc) + (2 * act + nc) + 2 * act + 2 * nc
-    unfused_bwd = (3 * act                      # silu_backward
-                   + act + nc                   # dshift = sum_hw
-                   + 2 * act + nc               # d(t1) * (1 + scale)
-                   + 4 * act + nc               # dscale: mul -> tmp, sum
-                   + 5 * act + 2 * stats + 2 * chan + 2 * chan)  # native_group_norm_backward
-    return {
-        "fused_fwd": fused_fwd, "fused_bwd": fused_bwd, "fused": fused_fwd + fused_bwd,
-        "unfused_fwd": unfused_fwd, "unfused_bwd": unfused_bwd, "unfused": unfused_fwd + unfused_bwd,
-        "saved_fused": act + 2 * stats, "saved_unfused": 3 * act + 2 * stats,
-    }
+# The traffic model and the AOT spec lists: kernels/group_norm_specs.py (imported on first use).
+_SPEC_NAMES = frozenset({"modelled_hbm_bytes", "aot_specs"})
 
 
-_AOT_SHAPE = (32, 128, 64, 64, 32)  # N, C, H, W, groups
+def __getattr__(name: str) -> Any:
+    """Forward the names of `kernels.group_norm_specs` (``kernels.group_norm.aot_specs`` and the like)."""
+    if name in _SPEC_NAMES:
+        from . import group_norm_specs
 
-
-def aot_specs() -> list[dict]:
-    """One dict per kernel per config, all options on (add, affine, scale, shift, SiLU: the largest
-    variant): the looped/split kernels for every CONFIGS entry in bf16 (plus gn_fwd and gn_bwd_dx in
-    fp32 at BLOCK=1024, 8 warps), and the single-tile kernels at the three group shapes of the DDPM CIFAR-10
-    U-Net (4x1024, 8x256, 8x64) in bf16.
-
-    Tile split of the looped kernels: 32x128x64x64, 32 groups (CPG=4, HW=4096; the split path of
-    1x128x256x256 has the same tiles). hbm_bytes_* on every row are the modelled forward+backward
-    totals of the whole op at 32x128x64x64 bf16 (looped path there; see modelled_hbm_bytes).
-    """
-    n, c, h, w, groups = _AOT_SHAPE
-    cpg, hw = c // groups, h * w
-    model = modelled_hbm_bytes(n, c, h, w, groups, 2)
-    flags = dict(HAS_ADD=True, HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True,
-                 CHANNELS_LAST=False, ALIGN=1)
-    ints = {"C": "i32", "VS": "i32", "HW": "i32", "CPG": "i32", "G": "i32", "HW_PER_SPLIT": "i32", "S": "i32"}
-    specs = []
-    for ci, (block, warps) in enumerate(CONFIGS):
-        bc, bhw = _tiles(block, cpg, hw)
-        tiles = dict(BLOCK_C=bc, BLOCK_HW=bhw, BLOCK=block)
-        for dt in (["bf16", "fp32"] if ci == 1 else ["bf16"]):
-            p = "*" + dt
-            kernels = [
-                ("gn_stats", _gn_stats_kernel,
-                 {"X": p, "ADD": p, "PMEAN": "*fp32", "PM2": "*fp32", **ints},
-                 dict(HAS_ADD=True, CHANNELS_LAST=False, ALIGN=1)),
-                ("gn_fwd", _gn_fwd_kernel,
-                 {"X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p, "Y": p, "MEAN": "*fp32",
-                  "RSTD": "*fp32", "PMEAN": "*fp32", "PM2": "*fp32", **ints, "eps": "fp32"},
-                 dict(flags, FUSED_STATS=True)),
-                ("gn_fwd_split", _gn_fwd_kernel,
-                 {"X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p, "Y": p, "MEAN": "*fp32",
-                  "RSTD": "*fp32", "PMEAN": "*fp32", "PM2": "*fp32", **ints, "eps": "fp32"},
-                 dict(flags, FUSED_STATS=False)),
-                ("gn_bwd_reduce", _gn_bwd_reduce_kernel,
-                 {"DY": p, "X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p, "MEAN": "*fp32",
-                  "RSTD": "*fp32", "PSG": "*fp32", "PSGY": "*fp32", **ints},
-                 flags),
-                ("gn_bwd_dx", _gn_bwd_dx_kernel,
-                 {"DY": p, "X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p, "MEAN": "*fp32",
-                  "RSTD": "*fp32", "PSG": "*fp32", "PSGY": "*fp32", "DX": p, "DADD": p, "DSCALE": p,
-                  "DSHIFT": p, "DWP": "*fp32", "DBP": "*fp32", **ints},
-                 dict(flags, FUSED=True)),
-                ("gn_bwd_dx_split", _gn_bwd_dx_kernel,
-                 {"DY": p, "X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p, "MEAN": "*fp32",
-                  "RSTD": "*fp32", "PSG": "*fp32", "PSGY": "*fp32", "DX": p, "DADD": "*fp32",
-                  "DSCALE": p, "DSHIFT": p, "DWP": "*fp32", "DBP": "*fp32", **ints},
-                 dict(flags, FUSED=False)),
-            ]
-            if dt == "fp32":  # fp32 rows: only the base-path kernels, at one config (compile time)
-                kernels = [k for k in kernels if k[0] in ("gn_fwd", "gn_bwd_dx")]
-            for name, fn, sig, consts in kernels:
-                specs.append(_spec(name, f"BLOCK={block},warps={warps},{dt}", fn, sig,
-                                   dict(consts, **tiles), warps, model))
-    # single-tile kernels at the DDPM CIFAR-10 group shapes: 128 ch @ 32x32 (4 x 1024),
-    # 256 ch @ 16x16 (8 x 256), 256 ch @ 8x8 (8 x 64); 32 groups, bf16
-    for cpg_s, hw_s in ((4, 1024), (8, 256), (8, 64)):
-        bc, bhw, warps = _single_tile(cpg_s, hw_s)
-        p = "*bf16"
-        cfg = f"TILE={bc}x{bhw},warps={warps},bf16"
-        specs.append(_spec("gn_fwd_single", cfg, _gn_fwd_single_kernel,
-                           {"X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p, "Y": p,
-                            "MEAN": "*fp32", "RSTD": "*fp32", "C": "i32", "VS": "i32", "HW": "i32", "CPG": "i32",
-                            "G": "i32", "eps": "fp32"},
-                           dict(flags, BLOCK_C=bc, BLOCK_HW=bhw), warps, model))
-        specs.append(_spec("gn_bwd_single", cfg, _gn_bwd_single_kernel,
-                           {"DY": p, "X": p, "ADD": p, "W": p, "B": p, "SCALE": p, "SHIFT": p,
-                            "MEAN": "*fp32", "RSTD": "*fp32", "DX": p, "DADD": p, "DSCALE": p,
-                            "DSHIFT": p, "DWP": "*fp32", "DBP": "*fp32", "C": "i32", "VS": "i32", "HW": "i32",
-                            "CPG": "i32", "G": "i32"},
-                           dict(flags, BLOCK_C=bc, BLOCK_HW=bhw), warps, model))
-    return specs + _channels_last_specs(model)
-
-
-# The channels-last variants aot_specs adds: one config of the looped/split kernels (BLOCK=2048 with
-# 8 warps: 8 elements per thread, the most register pressure in CONFIGS) and the single-tile kernels
-# at the U-Net's group shapes, bf16; (label, C, CPG, HW, S).
-_AOT_CL_BLOCK = (2048, 8)
-_AOT_CL_LOOPED = (("32x128x64x64", 128, 4, 64 * 64, 1), ("1x128x256x256", 128, 4, 256 * 256, 16))
-_AOT_CL_SINGLE = ((128, 4, 32 * 32), (256, 8, 16 * 16), (256, 8, 8 * 8))
-
-
-def _channels_last_specs(model: dict) -> list[dict]:
-    """CHANNELS_LAST=True specs as a GPU launch builds them: `kernels.aot.runtime_spec` on the launchers'
-    argument lists (meta tensors: 16-byte aligned pointers; C, VS, HW divisible by 16 get Triton's
-    divisibility attribute, S = 1 becomes a constant), so the ALIGN vector accesses along C are what is
-    compiled. Looped/split kernels at `_AOT_CL_BLOCK` (S = 1 at 32x128x64x64, S = 16 at 1x128x256x256),
-    single-tile kernels at the DDPM CIFAR-10 group shapes; all options on, bf16."""
-    from .aot import runtime_spec
-
-    def t(dt=torch.bfloat16):
-        return torch.empty(1, dtype=dt, device="meta")
-
-    x, v, f32 = t(), t(), torch.float32
-    flags = dict(HAS_ADD=True, HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True,
-                 CHANNELS_LAST=True)
-    specs = []
-
-    def add(name: str, config: str, fn, args: list, consts: dict, warps: int) -> None:
-        spec = runtime_spec(fn, args, consts)
-        spec.update(kernel=name, config=config, fn=fn, num_warps=warps, num_stages=1,
-                    options={"enable_fp_fusion": _FP_FUSION}, hbm_bytes_fused=model["fused"],
-                    hbm_bytes_unfused=model["unfused"])
-        specs.append(spec)
-
-    block, warps = _AOT_CL_BLOCK
-    for label, c, cpg, hw, S in _AOT_CL_LOOPED:
-        bc, bhw = _tiles(block, cpg, hw, True)
-        tiles = dict(ALIGN=_align(cpg, True), BLOCK_C=bc, BLOCK_HW=bhw, BLOCK=block)
-        ints = [c, c, hw, cpg, 32, min(hw, 4096), S]
-        cfg = f"BLOCK={block},warps={warps},bf16,channels_last,{label}"
-        fwd = [x, v, v, v, v, v, x, t(f32), t(f32), t(f32), t(f32), *ints, 1e-5]
-        bwd = [x, x, v, v, v, v, v, t(f32), t(f32), t(f32), t(f32)]
-        grads = [x, t(f32) if S > 1 else v, v, v, t(f32), t(f32)]
-        if S > 1:
-            add("gn_stats", cfg, _gn_stats_kernel, [x, v, t(f32), t(f32), *ints],
-                dict(HAS_ADD=True, CHANNELS_LAST=True, **tiles), warps)
-            add("gn_bwd_reduce", cfg, _gn_bwd_reduce_kernel, bwd + ints, dict(flags, **tiles), warps)
-        add("gn_fwd" if S == 1 else "gn_fwd_split", cfg, _gn_fwd_kernel, fwd,
-            dict(flags, FUSED_STATS=S == 1, **tiles), warps)
-        add("gn_bwd_dx" if S == 1 else "gn_bwd_dx_split", cfg, _gn_bwd_dx_kernel, bwd + grads + ints,
-            dict(flags, FUSED=S == 1, **tiles), warps)
-    for c, cpg, hw in _AOT_CL_SINGLE:
-        bc, bhw, warps = _single_tile(cpg, hw)
-        consts = dict(flags, ALIGN=_align(cpg, True), BLOCK_C=bc, BLOCK_HW=bhw)
-        cfg = f"TILE={bc}x{bhw},warps={warps},bf16,channels_last"
-        ints = [c, c, hw, cpg, 32]
-        add("gn_fwd_single", cfg, _gn_fwd_single_kernel,
-            [x, v, v, v, v, v, x, t(f32), t(f32), *ints, 1e-5], consts, warps)
-        add("gn_bwd_single", cfg, _gn_bwd_single_kernel,
-            [x, x, v, v, v, v, v, t(f32), t(f32), x, v, v, v, t(f32), t(f32), *ints], consts, warps)
-    return specs
-
-
-def _spec(name: str, config: str, fn, sig: dict, consts: dict, warps: int, model: dict) -> dict:
-    return {
-        "kernel": name,
-        "config": config,
-        "fn": fn,
-        "signature": dict(sig, **{k: "constexpr" for k in consts}),
-        "constexprs": consts,
-        "num_warps": warps,
-        "num_stages": 1,
-        "options": {"enable_fp_fusion": _FP_FUSION},
-        "hbm_bytes_fused": model["fused"],
-        "hbm_bytes_unfused": model["unfused"],
-    }
+        return getattr(group_norm_specs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

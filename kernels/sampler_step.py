@@ -11,6 +11,9 @@ Contract (see fastddpm.ops.sampler_step): with m = model_output[:, :C], row = co
 Columns of coefs: 0 A, 1 B, 2 P, 3 Q, 4 R, 5 P2, 6 SIGMA, 7 LOG_MIN, 8 LOG_MAX, 9 P3, 10 P4; the row
 stride is a runtime argument, so a 9-column table (no second history) is read as it is.
 
+Known-region replacement (HAS_MASK, inpainting): with KNOWN and MASKT (x's shape) and columns 11 KA, 12 KZ,
+    x_prev = mask*(KA*known + KZ*z) + (1 - mask)*x_prev      (the step's z; NOISE_MODE != 0 then)
+
 The step index and the seed are read from device tensors inside the kernel, so a captured CUDA graph
 replays the right step with fresh noise. z is `noise` when given, otherwise Philox4x32-10 normals
 generated in the kernel with counters (c0 = flat element index inside the image, c1 = image_offset +
@@ -43,16 +46,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import NUM_COEFS, check_sampler_step, check_sampler_step_inplace
+from .checks import KNOWN_COEFS, NUM_COEFS, check_sampler_step, check_sampler_step_inplace
 from .device_guard import on_tensor_device
 
-__all__ = ["sampler_step_forward", "sampler_step_inplace", "aot_specs", "CONFIGS", "NUM_COEFS", "MAX_HISTORY"]
+__all__ = ["sampler_step_forward", "sampler_step_inplace", "CONFIGS", "INPLACE_CONFIG", "NUM_COEFS", "MAX_HISTORY",
+           "KNOWN_COEFS"]
 
 MAX_HISTORY = 3
-# (BLOCK, num_warps): the autotune list on real GPUs and the AOT report's configs. 4-8 fp32 elements
-# per thread (16 per thread doubles the registers to ~155 with in-kernel Philox, for no gain in a
-# memory-bound kernel).
+# (BLOCK, num_warps): the autotune list of the functional kernel on real GPUs and the AOT report's configs.
+# 4-8 fp32 elements per thread (16 per thread doubles the registers to ~155 with in-kernel Philox, for no
+# gain in a memory-bound kernel).
 CONFIGS: List[Tuple[int, int]] = [(512, 4), (1024, 4), (2048, 8)]
+# The in-place kernel's one config (no autotuning): timing it would need triton's restore_value clones
+# of x and the history around every run, whose copies outweigh the step itself, so the choice would be
+# noise. 8 fp32 elements per thread, two 16-byte vectors, 4 warps: the middle of CONFIGS.
+INPLACE_CONFIG: Tuple[int, int] = (1024, 4)
 # The fixed config of interpreter runs (one config, no autotuning on CPU).
 INTERPRET_CONFIG: Tuple[int, int] = (1024, 4)
 ENABLE_FP_FUSION = False
@@ -64,9 +72,9 @@ STEP_STREAM = 0
 @triton.jit
 def _step_tile(
     X, M, X0P, X0P2, X0P3, NOISE, COEF, STEP, SEED, XOUT, X0OUT,
-    E, m_image_stride, image_offset, NCOL,
+    E, m_image_stride, image_offset, NCOL, KNOWN, MASKT,
     CLIP: tl.constexpr, LEARNED: tl.constexpr, NUM_HIST: tl.constexpr, NOISE_MODE: tl.constexpr,
-    STREAM: tl.constexpr, STORE_X0: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+    STREAM: tl.constexpr, STORE_X0: tl.constexpr, SHIFT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The body shared by both launchers: one BLOCK of one image; returns the step it loaded.
 
@@ -134,6 +142,12 @@ def _step_tile(
             u2 = tl.random.uint_to_uniform_float(w1)
             z, _z2 = tl.random.pair_uniform_to_normal(u1, u2)
         x_prev = mean + sigma * z
+        if HAS_MASK:  # known-region replacement with the same z (see the module docstring)
+            ka = tl.load(row + 11)
+            kz = tl.load(row + 12)
+            kn = tl.load(KNOWN + base + offs, mask=mask, other=0.0).to(tl.float32)
+            mk = tl.load(MASKT + base + offs, mask=mask, other=0.0).to(tl.float32)
+            x_prev = mk * (ka * kn + kz * z) + (1.0 - mk) * x_prev
     else:
         x_prev = mean
 
@@ -151,20 +165,20 @@ def _step_tile(
 @triton.jit
 def _sampler_step_kernel(
     X, M, X0P, X0P2, X0P3, NOISE, COEF, STEP, SEED, XOUT, X0OUT,
-    E, m_image_stride, image_offset, NCOL,
+    E, m_image_stride, image_offset, NCOL, KNOWN, MASKT,
     CLIP: tl.constexpr, LEARNED: tl.constexpr, NUM_HIST: tl.constexpr, NOISE_MODE: tl.constexpr,
-    STREAM: tl.constexpr, BLOCK: tl.constexpr,
+    STREAM: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     _step_tile(X, M, X0P, X0P2, X0P3, NOISE, COEF, STEP, SEED, XOUT, X0OUT, E, m_image_stride, image_offset, NCOL,
-               CLIP, LEARNED, NUM_HIST, NOISE_MODE, STREAM, True, False, BLOCK)
+               KNOWN, MASKT, CLIP, LEARNED, NUM_HIST, NOISE_MODE, STREAM, True, False, HAS_MASK, BLOCK)
 
 
 @triton.jit
 def _sampler_step_inplace_kernel(
     X, M, X0P, X0P2, X0P3, COEF, STEP, SEED, MODEL_T, TOUT, DONE,
-    E, m_image_stride, image_offset, NCOL, S, NT,
+    E, m_image_stride, image_offset, NCOL, S, NT, KNOWN, MASKT,
     CLIP: tl.constexpr, LEARNED: tl.constexpr, NUM_HIST: tl.constexpr, NOISE_MODE: tl.constexpr,
-    STREAM: tl.constexpr, BLOCK: tl.constexpr,
+    STREAM: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """x <- x_{t-1} and the history shift x0_prev3 <- x0_prev2 <- x0_prev <- x0-hat (the NUM_HIST buffers
     given) in place; then the last program to finish does
@@ -184,7 +198,7 @@ def _sampler_step_inplace_kernel(
       arrive does not change any value: nothing here is a floating-point reduction.
     """
     step = _step_tile(X, M, X0P, X0P2, X0P3, X, COEF, STEP, SEED, X, X0P, E, m_image_stride, image_offset, NCOL,
-                      CLIP, LEARNED, NUM_HIST, NOISE_MODE, STREAM, NUM_HIST >= 1, True, BLOCK)
+                      KNOWN, MASKT, CLIP, LEARNED, NUM_HIST, NOISE_MODE, STREAM, NUM_HIST >= 1, True, HAS_MASK, BLOCK)
     tl.debug_barrier()
     num_programs = tl.num_programs(0) * tl.num_programs(1)
     old = tl.atomic_add(DONE, 1, sem="acq_rel")
@@ -198,35 +212,41 @@ def _sampler_step_inplace_kernel(
         tl.store(DONE, 0)
 
 
-_TUNE_KEY = ["E", "CLIP", "LEARNED", "NUM_HIST", "NOISE_MODE"]
+_TUNE_KEY = ["E", "CLIP", "LEARNED", "NUM_HIST", "NOISE_MODE", "HAS_MASK"]
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(inplace: bool):
-    """The autotuned kernel (built on first GPU use, never in the interpreter)."""
+def _autotuned(batch_bucket: int):
+    """The autotuned functional kernel (built on first GPU use, never in the interpreter), one per
+    power-of-two bucket of the batch (Triton's key sees the image size E, not the batch)."""
     configs = [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in CONFIGS]
-    if not inplace:
-        return triton.autotune(configs=configs, key=_TUNE_KEY)(_sampler_step_kernel)
-    # The benchmark runs of autotuning would step the sampler once per run: restore every buffer the
-    # kernel writes after each run (triton's restore_value), so only the final launch counts.
-    return triton.autotune(configs=configs, key=_TUNE_KEY,
-                           restore_value=["X", "X0P", "X0P2", "X0P3", "STEP", "TOUT", "DONE"])(_sampler_step_inplace_kernel)
+    return triton.autotune(configs=configs, key=_TUNE_KEY)(_sampler_step_kernel)
 
 
 def _launch(inplace: bool, args: tuple, flags: dict, numel_image: int, n: int) -> None:
-    """Launch over (element blocks, images): a fixed config in the interpreter, autotuned on a GPU."""
-    if _interpreting():
-        block, warps = INTERPRET_CONFIG
+    """Launch over (element blocks, images): INTERPRET_CONFIG in the interpreter; on a GPU the functional
+    kernel is autotuned over CONFIGS and the in-place kernel runs INPLACE_CONFIG."""
+    if _interpreting() or inplace:
+        block, warps = INTERPRET_CONFIG if _interpreting() else INPLACE_CONFIG
         kernel = _sampler_step_inplace_kernel if inplace else _sampler_step_kernel
         kernel[(triton.cdiv(numel_image, block), n)](*args, **flags, BLOCK=block, num_warps=warps,
                                                      enable_fp_fusion=ENABLE_FP_FUSION)
     else:
         grid = lambda meta: (triton.cdiv(numel_image, meta["BLOCK"]), n)  # noqa: E731
-        _autotuned(inplace)[grid](*args, **flags, enable_fp_fusion=ENABLE_FP_FUSION)
+        _autotuned(triton.next_power_of_2(n))[grid](*args, **flags, enable_fp_fusion=ENABLE_FP_FUSION)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _known_buffers(mask: Optional[torch.Tensor], known: Optional[torch.Tensor],
+                   x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(known, mask) made contiguous for the launch (checked by check_sampler_step); (x, x), unread
+    dummies, without them."""
+    if mask is None:
+        return x, x
+    return known.contiguous(), mask.contiguous()
 
 
 @on_tensor_device
@@ -243,6 +263,8 @@ def sampler_step_forward(
     learned_range: bool,
     x0_prev2: Optional[torch.Tensor] = None,
     x0_prev3: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    known: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the fused step; returns new tensors (x_prev, x0c) in x's dtype.
 
@@ -252,7 +274,8 @@ def sampler_step_forward(
     x0_prev3 like x or None (the history most recent first). Inputs are made contiguous.
     """
     num_hist = check_sampler_step(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range,
-                                  False, x0_prev2, x0_prev3)
+                                  False, x0_prev2, x0_prev3, mask, known)
+    kn, mk = _known_buffers(mask, known, x)
     n = x.shape[0]
     x = x.contiguous()
     model_output = model_output.contiguous()
@@ -269,9 +292,9 @@ def sampler_step_forward(
     nz = noise.contiguous() if noise is not None else x
     sd = seed if seed is not None else step
     args = (x, model_output, h1, h2, h3, nz, coefs, step, sd, x_prev, x0, numel_image, model_output[0].numel(),
-            image_offset, coefs.shape[1])
+            image_offset, coefs.shape[1], kn, mk)
     flags = dict(CLIP=bool(clip), LEARNED=bool(learned_range), NUM_HIST=num_hist,
-                 NOISE_MODE=noise_mode, STREAM=STEP_STREAM)
+                 NOISE_MODE=noise_mode, STREAM=STEP_STREAM, HAS_MASK=mask is not None)
     _launch(False, args, flags, numel_image, n)
     return x_prev, x0
 
@@ -292,6 +315,8 @@ def sampler_step_inplace(
     learned_range: bool,
     x0_prev2: Optional[torch.Tensor] = None,
     x0_prev3: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    known: Optional[torch.Tensor] = None,
 ) -> None:
     """The whole sampling step in one launch, in place (FastSampler's step outside the model).
 
@@ -304,7 +329,8 @@ def sampler_step_inplace(
     done_counter is an int32 [1] buffer holding 0, owned by the caller, and holds 0 again after the launch.
     """
     num_hist = check_sampler_step_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed,
-                                          image_offset, learned_range, done_counter, x0_prev2, x0_prev3)
+                                          image_offset, learned_range, done_counter, x0_prev2, x0_prev3, mask, known)
+    kn, mk = _known_buffers(mask, known, x)
     if done_counter is None:
         raise ValueError("done_counter must be an int32 tensor with one element holding 0, got None")
     for name, t in (("x", x), ("x0_prev", x0_prev), ("x0_prev2", x0_prev2), ("x0_prev3", x0_prev3), ("t_out", t_out)):
@@ -327,122 +353,21 @@ def sampler_step_inplace(
     h1, h2, h3 = (t if t is not None else x for t in (x0_prev, x0_prev2, x0_prev3))
     sd = seed if seed is not None else step
     args = (x, model_output, h1, h2, h3, coefs, step, sd, model_timesteps, t_out, done_counter, numel_image,
-            model_output[0].numel(), image_offset, coefs.shape[1], s_rows, t_out.numel())
+            model_output[0].numel(), image_offset, coefs.shape[1], s_rows, t_out.numel(), kn, mk)
     flags = dict(CLIP=bool(clip), LEARNED=bool(learned_range), NUM_HIST=num_hist,
-                 NOISE_MODE=noise_mode, STREAM=STEP_STREAM)
+                 NOISE_MODE=noise_mode, STREAM=STEP_STREAM, HAS_MASK=mask is not None)
     _launch(True, args, flags, numel_image, n)
 
 
-# ---------------------------------------------------------------- AOT specs and modelled HBM traffic
-
-# Representative shape of the report: a CIFAR-sized batch, x [256, 3, 32, 32] fp32.
-REPORT_SHAPE = (256, 3, 32, 32)
-
-# Specializations compiled for the report: the heaviest in registers (in-kernel Philox + learned-range
-# sigma + clip: DDPM), DPM-Solver++ 2M (one history tensor, no noise), SDE-DPM-Solver++(3M) (two history
-# tensors and Philox) and UniPC-3 (three history tensors: the most loads).
-_VARIANTS = [
-    ("ddpm_learned_philox", dict(CLIP=True, LEARNED=True, NUM_HIST=0, NOISE_MODE=NOISE_PHILOX)),
-    ("dpmpp_2m", dict(CLIP=False, LEARNED=False, NUM_HIST=1, NOISE_MODE=NOISE_NONE)),
-    ("dpmpp_3m_sde", dict(CLIP=False, LEARNED=False, NUM_HIST=2, NOISE_MODE=NOISE_PHILOX)),
-    ("unipc_3", dict(CLIP=False, LEARNED=False, NUM_HIST=3, NOISE_MODE=NOISE_NONE)),
-]
+# The traffic model and the AOT spec lists: kernels/sampler_step_specs.py (imported on first use).
+_SPEC_NAMES = frozenset({"aot_specs", "hbm_bytes_fused", "hbm_bytes_unfused", "hbm_bytes_inplace_unfused",
+                         "REPORT_SHAPE"})
 
 
-def hbm_bytes_fused(numel: int, elem_bytes: int, learned: bool, num_hist: int, noise_given: bool) -> int:
-    """Modelled HBM bytes of the fused kernel: each input read once (`num_hist` history tensors; a bool
-    counts as 0 / 1), x_prev and x0 written once."""
-    reads = 1 + (2 if learned else 1) + int(num_hist) + (1 if noise_given else 0)
-    writes = 2
-    return (reads + writes) * numel * elem_bytes
+def __getattr__(name: str):
+    """Forward the names of `kernels.sampler_step_specs` (``kernels.sampler_step.aot_specs`` and the like)."""
+    if name in _SPEC_NAMES:
+        from . import sampler_step_specs
 
-
-def hbm_bytes_unfused(numel: int, elem_bytes: int, learned: bool, num_hist: int, clip: bool,
-                      philox: bool, noise_given: bool) -> int:
-    """Modelled HBM bytes of the eager PyTorch sequence of the same step (one kernel per op).
-
-    Each elementwise op reads its tensor operands and writes its result (scalars from the coefficient
-    table are free); tensors of size `numel` x elem_bytes. The sequence:
-      A*x (r1 w1), B*m (r1 w1), add -> x0 (r2 w1), clamp (r1 w1) if clip,
-      P*x0 (r1 w1), Q*x (r1 w1), add (r2 w1), R*m (r1 w1), add (r2 w1), per history tensor
-      [P_k*x0_prev_k (r1 w1), add (r2 w1)],
-      noise: randn (w1) when drawn on the host path, sigma*z (r1 w1), add (r2 w1) -- with learned range
-      sigma is a tensor: (v+1)/2 (r1 w1), f*LOG_MAX (r1 w1), (1-f) (r1 w1), *LOG_MIN (r1 w1), add (r2 w1),
-      *0.5 (r1 w1), exp (r1 w1), *SIGMA (r1 w1), then sigma*z reads two tensors (r2 w1).
-    """
-    passes = 0
-    passes += 2 + 2 + 3  # A*x, B*m, add
-    if clip:
-        passes += 2
-    passes += 2 + 2 + 3 + 2 + 3  # P*x0, Q*x, add, R*m, add
-    passes += (2 + 3) * int(num_hist)
-    if philox or noise_given:
-        if philox:
-            passes += 1  # torch.randn writes the noise tensor
-        if learned:
-            passes += 2 + 2 + 2 + 2 + 3 + 2 + 2 + 2  # sigma tensor from v
-            passes += 3  # sigma * z, both tensors
-        else:
-            passes += 2  # sigma * z
-        passes += 3  # mean + sigma*z
-    return passes * numel * elem_bytes
-
-
-def hbm_bytes_inplace_unfused(numel: int, elem_bytes: int, learned: bool, num_hist: int, clip: bool,
-                              philox: bool) -> int:
-    """Modelled HBM bytes of the unfused in-place step: the eager sequence of `hbm_bytes_unfused`, then
-    copying x_prev into x (r1 w1) and shifting the history (one copy, r1 w1, per history buffer: the
-    oldest first, x0 into x0_prev last); step += 1 and the gather of the next model timestep move a few
-    bytes and are not counted."""
-    copies = 2 + 2 * int(num_hist)
-    return hbm_bytes_unfused(numel, elem_bytes, learned, num_hist, clip, philox, False) + copies * numel * elem_bytes
-
-
-def _config_specs(kernel: str, fn, signature: dict, flags: dict, fused: int, unfused: int) -> List[dict]:
-    """The AOT specs of one kernel variant, one per autotune config (BLOCK, warps)."""
-    return [dict(kernel=kernel, config=f"BLOCK={block},warps={warps}", fn=fn, signature=signature,
-                 constexprs=dict(flags, STREAM=STEP_STREAM, BLOCK=block), num_warps=warps, num_stages=1,
-                 options={"enable_fp_fusion": ENABLE_FP_FUSION}, hbm_bytes_fused=fused,
-                 hbm_bytes_unfused=unfused, shape="x [256, 3, 32, 32] fp32")
-            for block, warps in CONFIGS]
-
-
-def aot_specs() -> List[dict]:
-    """One AOT spec per (kernel, variant, autotune config), fp32 tensors, for the AOT report: the
-    functional kernel and the in-place one (FastSampler's step).
-
-    HBM figures are for x = REPORT_SHAPE = [256, 3, 32, 32] fp32 (model output [256, 6, 32, 32] for
-    the learned-range variant).
-    """
-    numel = 1
-    for s in REPORT_SHAPE:
-        numel *= s
-    specs = []
-    flag_types = {"CLIP": "constexpr", "LEARNED": "constexpr", "NUM_HIST": "constexpr", "NOISE_MODE": "constexpr",
-                  "STREAM": "constexpr", "BLOCK": "constexpr"}
-    history = {"X0P": "*fp32", "X0P2": "*fp32", "X0P3": "*fp32"}
-    signature = {
-        "X": "*fp32", "M": "*fp32", **history, "NOISE": "*fp32", "COEF": "*fp32", "STEP": "*i64",
-        "SEED": "*i64", "XOUT": "*fp32", "X0OUT": "*fp32", "E": "i32", "m_image_stride": "i32",
-        "image_offset": "i32", "NCOL": "i32", **flag_types,
-    }
-    for name, flags in _VARIANTS:
-        fused = hbm_bytes_fused(numel, 4, flags["LEARNED"], flags["NUM_HIST"], flags["NOISE_MODE"] == NOISE_GIVEN)
-        unfused = hbm_bytes_unfused(numel, 4, flags["LEARNED"], flags["NUM_HIST"], flags["CLIP"],
-                                    flags["NOISE_MODE"] == NOISE_PHILOX, flags["NOISE_MODE"] == NOISE_GIVEN)
-        specs += _config_specs(f"sampler_step[{name}]", _sampler_step_kernel, signature, flags, fused, unfused)
-    # The in-place launcher (FastSampler's one op per step): Philox or no noise, never a noise tensor.
-    inplace_signature = {
-        "X": "*fp32", "M": "*fp32", **history, "COEF": "*fp32", "STEP": "*i64", "SEED": "*i64",
-        "MODEL_T": "*i64", "TOUT": "*i64", "DONE": "*i32", "E": "i32", "m_image_stride": "i32",
-        "image_offset": "i32", "NCOL": "i32", "S": "i32", "NT": "i32", **flag_types,
-    }
-    for name, flags in _VARIANTS:
-        # in place: reads x, m (2C with learned range) and the history; writes x and the history
-        k = flags["NUM_HIST"]
-        fused = ((1 + (2 if flags["LEARNED"] else 1) + k) + (1 + k)) * numel * 4
-        unfused = hbm_bytes_inplace_unfused(numel, 4, flags["LEARNED"], k, flags["CLIP"],
-                                            flags["NOISE_MODE"] == NOISE_PHILOX)
-        specs += _config_specs(f"sampler_step_inplace[{name}]", _sampler_step_inplace_kernel, inplace_signature,
-                               flags, fused, unfused)
-    return specs
+        return getattr(sampler_step_specs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

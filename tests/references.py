@@ -6,7 +6,8 @@ One home for each oracle, shared by the op tests (tests/test_ops_*.py), the kern
 repository's tests/ folder first on sys.path and imports ``references`` the same way. Each function computes in
 the dtype of its inputs: called on float64 tensors it is the oracle, called on the op's own dtype it is
 the "what torch itself does at this precision" baseline of the low-precision bounds. None of them calls
-fastddpm, so a bug in the library cannot hide in its own reference.
+fastddpm, so a bug in the library cannot hide in its own reference. The one exception is the last
+section, a shared test model (not an oracle): the tiny class-conditional U-Net several tests run.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["group_norm_silu_reference", "attention_reference", "attention_float64", "sampler_step_float64"]
+__all__ = ["group_norm_silu_reference", "attention_reference", "attention_float64", "sampler_step_float64",
+           "tiny_class_conditional_unet"]
 
 
 def _per_channel(t: Tensor, x: Tensor) -> Tensor:
@@ -107,3 +109,19 @@ def sampler_step_float64(
     else:
         sigma = sig
     return mean + sigma * z.double(), x0
+
+
+# ------------------------------------------------------------------------------------------- test models
+def tiny_class_conditional_unet(num_classes: int = 3, seed: int = 0, perturb: float = 0.1):
+    """A tiny 8x8 one-channel class-conditional `fastddpm.UNet` in eval mode, every parameter moved by
+    `perturb` standard normals (from `seed`) so that no output is trivially zero (a fresh U-Net's zero-
+    initialised output convolution would make the labels not matter)."""
+    import fastddpm as fd
+
+    torch.manual_seed(seed)
+    unet = fd.UNet(image_size=8, in_channels=1, base_channels=16, channel_mults=(1,), num_res_blocks=1,
+                   attention_resolutions=(), dropout=0.0, groups=4, num_classes=num_classes).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * perturb)
+    return unet

@@ -3,6 +3,8 @@ the set covers every kernel and every head dim of the real AOT specs once, on sm
 failures and warnings are told apart. The compile itself runs in CI (.ci/run), not here."""
 import importlib
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,29 @@ def test_problems_fail_on_errors_and_shared_memory_and_warn_on_local_memory():
     fail, warn = ci.problems({"arch": 90, "spills": 0, "stack": 32, "shared_bytes": 2000}, limits)
     assert fail == ["shared memory 2000 B over sm_90's 1000 B"] and warn == ["local memory (LOCAL 0 B, stack 32 B)"]
     assert ci.problems({"arch": 90, "spills": 0, "stack": 0, "shared_bytes": 1000}, limits) == ([], [])
+
+
+def _fake_pip(fail: bool):
+    """A stand-in for `pip install --target DIR triton==V`: writes a triton package, then fails if asked
+    (as a kill or a network error mid-install would leave it)."""
+    code = ("import pathlib, sys; a = sys.argv; t = pathlib.Path(a[a.index('--target') + 1]); "
+            "(t / 'triton').mkdir(); (t / 'triton' / '__init__.py').write_text(repr(a[-1])); "
+            f"sys.exit({int(fail)})")
+    return [sys.executable, "-c", code]
+
+
+def test_install_once_never_reuses_a_half_finished_install(tmp_path):
+    target = tmp_path / "triton-3.6.0"
+    with pytest.raises(subprocess.CalledProcessError):  # pip fails mid-install: nothing that looks finished
+        ci.install_once(target, "3.6.0", pip=_fake_pip(fail=True))
+    assert list(tmp_path.iterdir()) == []
+    (target / "triton").mkdir(parents=True)  # what an install cut short by the old CI script left behind
+    (target / "triton" / "half.py").write_text("")
+    assert ci.install_once(target, "3.6.0", pip=_fake_pip(fail=False)) is True
+    assert (target / "triton" / "__init__.py").read_text() == repr("triton==3.6.0")
+    assert not (target / "triton" / "half.py").exists()
+    assert (target / ci.MARKER).read_text().strip() == "3.6.0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["triton-3.6.0"]  # no temporary folder left
+    assert ci.install_once(target, "3.6.0", pip=_fake_pip(fail=True)) is False  # finished: pip is not run
+    assert ci.install_once(target, "3.7.0", pip=_fake_pip(fail=False)) is True  # another version: reinstalled
+    assert (target / ci.MARKER).read_text().strip() == "3.7.0"

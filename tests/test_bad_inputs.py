@@ -165,11 +165,12 @@ def _edit_state(run_dir, tmp_path, edit, keep_checksums=False):
     out = tmp_path / "edited"
     shutil.copytree(run_dir, out)
     d = out / "checkpoints" / "step_00000002"
-    if not keep_checksums:
-        os.remove(d / ckpt.CHECKSUMS_FILE)  # as a checkpoint written before checksums existed
     st = torch.load(d / "state.pt", weights_only=True)
     edit(st)
     torch.save(st, d / "state.pt")
+    if not keep_checksums:  # as someone who edits the state and recreates the checksums with sha256sum
+        names = [n for n in ("config.json", "model.safetensors", "ema.safetensors", "state.pt") if (d / n).exists()]
+        (d / ckpt.CHECKSUMS_FILE).write_text("".join(f"{ckpt.sha256_file(str(d / n))}  {n}\n" for n in names))
     return out
 
 
@@ -197,6 +198,34 @@ def test_hand_edited_state_with_checksums_is_caught_by_them(run_dir, tmp_path):
     out = _edit_state(run_dir, tmp_path, lambda st: st.update(step=10**9), keep_checksums=True)
     with pytest.raises(ckpt.CheckpointError, match=r"state\.pt: SHA-256 mismatch"):
         ckpt.load_checkpoint(str(out))
+
+
+@pytest.mark.parametrize("damage", ["delete", "partial"])
+def test_checkpoint_without_checksums_is_refused(run_dir, tmp_path, capsys, damage):
+    """A deleted (or partial) checksums.sha256 used to turn verification off: a flipped byte then resumed."""
+    import shutil
+
+    out = tmp_path / "nosums"
+    shutil.copytree(run_dir, out)
+    d = out / "checkpoints" / "step_00000002"
+    sums = d / ckpt.CHECKSUMS_FILE
+    if damage == "delete":
+        os.remove(sums)
+    else:
+        sums.write_text("".join(l + "\n" for l in sums.read_text().splitlines() if "model.safetensors" not in l))
+    data = bytearray((d / "model.safetensors").read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor's data
+    (d / "model.safetensors").write_bytes(bytes(data))
+    what = "is missing" if damage == "delete" else "does not list model.safetensors"
+    with pytest.raises(ckpt.CheckpointError, match=rf"checksums\.sha256 {what}: nothing would verify"):
+        ckpt.load_checkpoint(str(d))
+    capsys.readouterr()
+    assert main(["train", "--out-dir", str(out), "--resume", "--steps", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastddpm train: error: ") and f"checksums.sha256 {what}" in err and "Traceback" not in err
+    assert ckpt.list_checkpoints(str(out))[-1][0] == 2  # nothing trained on the damaged weights
+    assert main(["sample", "--checkpoint", str(d), "--npz", str(tmp_path / "a.npz")]) == 1
+    assert not (tmp_path / "a.npz").exists()
 
 
 @pytest.mark.parametrize("section,key,value,match", [

@@ -277,7 +277,7 @@ def test_run_suite_with_out_dir_leaves_the_checkout_alone(tmp_path):
 
 def test_cli_writes_an_out_dir_unless_update_results(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(bench, "run_suite", lambda suite, json_out, report, out_dir: calls.append((suite, out_dir)) or 0)
+    monkeypatch.setattr(bench, "run_suite", lambda suite, json_out, report, out_dir, threads=None: calls.append((suite, out_dir)) or 0)
     from fastddpm.cli import main
 
     monkeypatch.chdir(tmp_path)

@@ -49,7 +49,8 @@ def test_train_cli_writes_config_and_resumes(tmp_path, capsys):
     assert ckpt.load_checkpoint(str(out)).step == 4
     from PIL import Image
 
-    assert not (out / "samples" / "step_00000002.png").exists()  # step 2 was done before the resume
+    # step 2: the first run's end (a run shorter than --sample-every draws one grid at its end)
+    assert sorted(os.listdir(out / "samples")) == ["step_00000002.png", "step_00000004.png"]
     with Image.open(out / "samples" / "step_00000004.png") as im:  # 2x2 grid of 8x8 tiles, scale 64 // 8
         assert im.size == ((1 + 2 * 9) * 8, (1 + 2 * 9) * 8)
     with pytest.raises(SystemExit) as e:
@@ -353,13 +354,18 @@ def test_errors_name_the_flags(tmp_path, capsys):
 
 
 def test_checkpoint_pointing_at_a_diffusers_folder_suggests_convert(tmp_path, capsys):
+    # a bare UNet2DModel folder has no schedule: convert it; a pipeline folder is read like fd.load reads it
+    # (tests/test_cli_inputs.py), and a broken one is one line naming --checkpoint
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "DDPMPipeline"}')
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
-    for folder in ("pipe", "unet"):
-        assert _sample(["--checkpoint", str(tmp_path / folder)]) == 1
-        assert f"fastddpm convert {tmp_path / folder}" in capsys.readouterr().err
+    assert _sample(["--checkpoint", str(tmp_path / "unet")]) == 1
+    assert f"fastddpm convert {tmp_path / 'unet'}" in capsys.readouterr().err
+    pytest.importorskip("diffusers")
+    assert _sample(["--checkpoint", str(tmp_path / "pipe")]) == 1
+    err = capsys.readouterr().err
+    assert f"fastddpm sample: error: --checkpoint {tmp_path / 'pipe'}: cannot load the diffusers pipeline" in err
 
 
 def test_convert_without_diffusers_is_one_line(tmp_path, capsys, monkeypatch):

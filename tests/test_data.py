@@ -159,6 +159,30 @@ def test_image_folder_errors(tmp_path):
         load_dataset(str(tmp_path))
 
 
+def test_image_folder_symlink_loops_are_walked_once(tmp_path):
+    """`ln -s . d/x` (and a link to a parent) used to make the walk loop forever; each real directory
+    and file is read once, and links leaving the folder are skipped with a warning."""
+    import warnings
+
+    d = tmp_path / "d"
+    a = _rng(5).integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    _write_png(str(d / "a.png"), a)
+    _write_png(str(d / "sub" / "b.png"), a[::-1].copy())
+    os.symlink(".", d / "x")                    # self loop
+    os.symlink("..", d / "sub" / "up")          # loop through the parent
+    os.symlink("sub", d / "again")              # a second name for a real directory
+    os.symlink("a.png", d / "same.png")         # a second name for a real file
+    outside = tmp_path / "outside"
+    _write_png(str(outside / "o.png"), a)
+    os.symlink(str(outside), d / "out")        # leaves the dataset root
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ds = load_dataset(str(d))
+    assert len(ds) == 2 and ds.labels is None
+    assert torch.equal(ds.images[0], torch.from_numpy(a.transpose(2, 0, 1).copy()))
+    assert [str(x.message) for x in w if "outside" in str(x.message)], [str(x.message) for x in w]
+
+
 # ------------------------------------------------------------------ CIFAR-10 batches
 def test_cifar10_batches(tmp_path):
     rng = _rng(5)

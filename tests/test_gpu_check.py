@@ -7,6 +7,7 @@ The full dry run is one subprocess (a process per part inside it; ~1 min of CPU)
 """
 from __future__ import annotations
 
+import builtins
 import copy
 import importlib.util
 import json
@@ -290,7 +291,7 @@ def test_report_renders_a_gpu_file_and_says_when_there_is_none(dry_run, tmp_path
 def test_device_peaks_by_name(name, hbm, flops):
     peaks = gpu_check.device_peaks(name)
     assert peaks["hbm_Bps"] == hbm and peaks["bf16_flops"] == flops
-    assert gpu_check.pct(1.2e12, peaks["hbm_Bps"]) == (None if hbm is None else pytest.approx(100 * 1.2e12 / hbm))
+    assert gpu_summary.pct(1.2e12, peaks["hbm_Bps"]) == (None if hbm is None else pytest.approx(100 * 1.2e12 / hbm))
 
 
 def test_parts_option():
@@ -316,6 +317,85 @@ def test_spent_budget_skips_later_parts_cleanly(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[device] skipped: the time budget ran out" in out and "[step] skipped" in out
     assert json.loads(path.read_text())["parts"]["step"]["status"].startswith("skipped")
+
+
+def test_a_part_the_budget_never_reached_fails_the_run(tmp_path):
+    """A run that never starts `sampling` (the headline part) for want of time must not pass; a part skipped
+    because something it needs is missing is no failure."""
+    code = gpu_check.main(["--dry-run", "--parts", "device,sampling", "--budget", "1e-9", "--out", str(tmp_path)])
+    assert code == 1
+    parts = json.loads((tmp_path / "gpu_dryrun.json").read_text())["parts"]
+    assert parts["sampling"]["status"] == gpu_check.BUDGET_SPENT
+    missing = {"parts": {"device": {"status": "ok"}, "sampling": {"status": "skipped: diffusers is not installed: x"}}}
+    assert gpu_check.exit_status(missing) == 0
+    missing["parts"]["device"]["status"] = gpu_check.BUDGET_SPENT
+    assert gpu_check.exit_status(missing) == 1
+
+
+@pytest.mark.parametrize("where,sig", [("_record", signal.SIGINT), ("summary_lines", signal.SIGTERM),
+                                       ("print", signal.SIGINT)])
+def test_a_signal_between_parts_stops_cleanly(tmp_path, monkeypatch, where, sig):
+    """SIGINT / SIGTERM while a part is recorded, its summary printed, or the final lines printed: no
+    traceback, the results file is written, later parts are not run, the exit status says which signal."""
+    real = getattr(gpu_check, where, None) or builtins.print
+    sent = []
+
+    def hook(*args, **kwargs):
+        if not sent:
+            sent.append(sig)
+            os.kill(os.getpid(), sig)  # delivered here, inside the driver's code
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_check, where, hook, raising=False)
+    outside = []  # a signal that escaped the driver's handling lands here, not in pytest's
+
+    def catch(signum, frame):
+        outside.append(signum)
+
+    before = {s: signal.signal(s, catch) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = gpu_check.main(["--dry-run", "--parts", "device,step", "--budget", "1e-9", "--out", str(tmp_path)])
+        restored = [signal.getsignal(s) for s in before]
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+    assert sent and not outside and code == 128 + sig
+    assert restored == [catch, catch]  # the driver put the handlers it found back
+    data = json.loads((tmp_path / "gpu_dryrun.json").read_text())
+    assert data["parts"]["device"]["status"] == gpu_check.BUDGET_SPENT
+    if where == "print":  # every part was done when the signal came
+        assert data["parts"]["step"]["status"] == gpu_check.BUDGET_SPENT
+    else:
+        assert data["parts"]["step"]["status"] == f"not run: interrupted by {sig.name}" and not data["complete"]
+
+
+def test_a_diffusers_that_does_not_import_skips_its_parts(tmp_path, monkeypatch):
+    """has_diffusers imports diffusers: an import that raises anything makes `sampling` a one-line skip in the
+    part's process (not a failure), and a diffusers that is not there says so."""
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "diffusers" or name.startswith("diffusers."):
+            raise RuntimeError("huggingface_hub 0.20 is too old\nsecond line")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(gpu_parts, "_DIFFUSERS_PROBLEM", [])
+    monkeypatch.setattr(builtins, "__import__", broken)
+    problem = gpu_parts.diffusers_problem()
+    assert not gpu_parts.has_diffusers() and "\n" not in problem
+    assert problem.startswith("diffusers does not import (RuntimeError: huggingface_hub 0.20 is too old)")
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:  # the sampling part as its process runs it
+        gpu_check.child_main("sampling", tmp_path / "part.json", time.time() + 120, True, None)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+    state = json.loads((tmp_path / "part.json").read_text())
+    assert state["status"] == f"skipped: {problem}" and "traceback" not in state
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    monkeypatch.setattr(gpu_parts, "_DIFFUSERS_PROBLEM", [])
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # not installed
+    assert gpu_parts.diffusers_problem().startswith("diffusers is not installed: carry its wheels")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run without a CUDA device")

@@ -40,7 +40,7 @@ def test_save_grid_layout(tmp_path):
     from PIL import Image
 
     x = torch.rand(3, 1, 4, 6, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    path = fd.save_grid(x, str(tmp_path / "g.png"), nrow=2)
+    path = fd.save_grid(x, str(tmp_path / "g.png"), nrow=2, scale=1)
     grid = np.asarray(Image.open(path))
     assert grid.shape == (1 + 2 * 5, 1 + 2 * 7)  # padding 1, 2 rows of 2 columns
     u8 = fd.to_uint8(x)[..., 0]
@@ -59,7 +59,7 @@ def test_one_definition_of_the_quantisation():
     assert not hasattr(data, "to_uint8") and not hasattr(data, "save_grid")
     assert train.save_grid is images.save_grid
     src = open(cli_sample.__file__).read()
-    assert "from ..images import save_grid, to_uint8" in src
+    assert "from ..images import grid_scale, save_grid, to_uint8" in src
 
 
 # ----------------------------------------------------------------------------- progress bar

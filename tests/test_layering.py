@@ -152,3 +152,40 @@ def test_op_boundaries_live_in_ops():
             assert "triton.jit" not in path.read_text(encoding="utf-8"), f"kernel code in {name}"
             continue
         assert _classes_deriving(path, "autograd.Function") == [], f"custom autograd function in {name}"
+
+
+def _private_imports(path: Path, package: str) -> List[str]:
+    """`from M import _x` in `path` (a module of `package`) where M lies outside `package` and `_x` is a
+    private (single-underscore) name; dunders such as `__version__` are public."""
+    out: List[str] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+            module = ".".join(base + ([node.module] if node.module else []))
+        else:
+            module = node.module or ""
+        if module == package or module.startswith(package + "."):
+            continue  # the package's own private helpers (e.g. `._common`)
+        out += [f"{module}.{a.name}" for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    return out
+
+
+def test_private_import_finder():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "m.py"
+        p.write_text("from ..data import _x, y\nfrom ._common import _z\nfrom .. import __version__\n"
+                     "def f():\n    from fastddpm.samplers import _w\n")
+        assert _private_imports(p, "fastddpm.cli") == ["fastddpm.data._x", "fastddpm.samplers._w"]
+
+
+def test_cli_imports_no_private_library_names():
+    """The CLI is a client of the library's public API: `fastddpm/cli/*.py` imports no `_`-prefixed name
+    from a library module (the CLI's own private modules, like `._common`, are its business)."""
+    paths = sorted((ROOT / "fastddpm" / "cli").glob("*.py"))
+    assert paths
+    for path in paths:
+        assert _private_imports(path, "fastddpm.cli") == [], f"fastddpm/cli/{path.name} imports private names"

@@ -2,7 +2,7 @@
 
     fastddpm sample                                    # 64 digits from the bundled model -> samples.png
     fastddpm train --dataset digits --out-dir runs/digits
-    fastddpm eval | nll | convert | bench | tune-steps ...
+    fastddpm eval | nll | convert | export | bench | tune-steps | inpaint | img2img ...
 
 Each sub-command is a module of this package that defines ``HELP`` (one line), ``configure(parser)``
 (adds its arguments) and ``run(args) -> exit status``; :data:`COMMAND_MODULES` lists them in the order
@@ -30,9 +30,12 @@ COMMAND_MODULES: Dict[str, str] = {
     "eval": "eval",
     "nll": "nll",
     "convert": "convert",
+    "export": "export",
     "bench": "bench",
     "tune-steps": "tune_steps",
     "distill": "distill",
+    "inpaint": "inpaint",
+    "img2img": "img2img",
 }
 
 
@@ -63,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # fastddpm.train's errors that are about the run, not bugs (named, so that --help imports nothing heavy)
-_ONE_LINE_ERRORS = ("NonFiniteLossError", "RunLockError", "DistributedError")
+_ONE_LINE_ERRORS = ("NonFiniteLossError", "RunLockError", "DistributedError", "NonFiniteSampleError")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -71,8 +74,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        print(f"fastddpm {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # train's first Ctrl-C / SIGTERM saves and says where (TrainInterrupted)
+        print(f"fastddpm {args.command}: interrupted{f' {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     except Exception as e:
         # CheckpointError and the data loaders' errors are ValueErrors naming the file; a training run

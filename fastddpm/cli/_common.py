@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 __all__ = ["Command", "CLIError", "check_positive", "resolve_device", "write_json", "add_threads_option",
            "auto_threads", "apply_threads", "count_parameters", "steps_help", "sampler_steps", "diffusers_folder",
-           "load_model", "flag_names", "SMALL_MODEL_PARAMS"]
+           "load_model", "flag_names", "SMALL_MODEL_PARAMS", "check_weights", "check_seed", "check_output",
+           "write_output", "diffusers_pipeline", "MAX_WEIGHT"]
 
 
 @dataclass
@@ -50,12 +50,7 @@ def write_json(result: Dict[str, Any], path: Optional[str]) -> None:
         atomic_write_json(path, result)
 
 
-# Below this many parameters a model runs fastest on one CPU thread: the work per op is too small to
-# pay for waking and joining a second thread (benchmarks/bench_threads.py; results/threads_cpu.json:
-# the bundled 0.7M-parameter model samples 3.3x slower on 2 threads than on one on a quiet 2-core
-# machine, the 35.7M-parameter CIFAR-10 U-Net forward takes 0.70x (batch 2) / 0.56x (batch 8) of its
-# one-thread time). The threshold sits between the two measured models.
-SMALL_MODEL_PARAMS = 5_000_000
+from .._names import SMALL_MODEL_PARAMS  # noqa: E402  (one threshold for the CLI and the Python API)
 
 
 def add_threads_option(p: argparse.ArgumentParser) -> None:
@@ -128,26 +123,106 @@ def diffusers_folder(path: Optional[str]) -> bool:
         return True
     if any(os.path.isfile(os.path.join(path, f"diffusion_pytorch_model.{e}")) for e in ("safetensors", "bin")):
         return True
+    from ..jsonio import load_file
+
     try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
-            return "_class_name" in json.load(fh)
-    except (OSError, ValueError):
+        cfg = load_file(os.path.join(path, "config.json"))
+    except ValueError:
         return False
+    return isinstance(cfg, dict) and "_class_name" in cfg
+
+
+def diffusers_pipeline(path: Optional[str]) -> bool:
+    """True when `path` is a saved diffusers pipeline folder (model_index.json): ``fd.load`` reads it."""
+    import os
+
+    return bool(path) and os.path.isfile(os.path.join(path, "model_index.json"))
 
 
 def load_model(args: argparse.Namespace, device: Any) -> Any:
     """(model, diffusion, config) of ``--checkpoint`` (EMA weights unless ``--no-ema``), with torch's
-    thread count set for it (``--threads``, else :func:`apply_threads`' choice). A diffusers folder
-    is refused with the ``fastddpm convert`` command that makes it loadable."""
+    thread count set for it (``--threads``, else :func:`apply_threads`' choice). A diffusers pipeline
+    folder is read as ``fd.load`` reads it; a bare diffusers UNet2DModel folder (no scheduler) is refused
+    with the ``fastddpm convert`` command that makes it loadable. Weights holding NaN/inf or magnitudes
+    no trained model has are refused naming the tensor (they would give NaN or flat images)."""
     from .. import build
 
     path = getattr(args, "checkpoint", None)
-    if diffusers_folder(path):
-        raise CLIError(f"--checkpoint {path} is a diffusers folder, not a fastddpm checkpoint: convert it first "
-                       f"with `fastddpm convert {path} model.safetensors`, then pass --checkpoint model.safetensors")
-    model, diffusion, config = build.load_model(path, use_ema=not getattr(args, "no_ema", False), device=device)
+    if diffusers_pipeline(path):
+        from ..pretrained import load
+
+        try:
+            pipe = load(path, device=device)
+        except Exception as e:  # diffusers' own errors (missing components, bad configs) or no diffusers
+            raise CLIError(f"--checkpoint {path}: cannot load the diffusers pipeline: {type(e).__name__}: "
+                           f"{' '.join(str(e).split())}") from None
+        model, diffusion, config = pipe.unet, pipe.diffusion, pipe.config
+    elif diffusers_folder(path):
+        raise CLIError(f"--checkpoint {path} is a diffusers UNet2DModel folder without a scheduler: convert it "
+                       f"first with `fastddpm convert {path} model.safetensors --beta-schedule linear` (the "
+                       "schedule it was trained with), then pass --checkpoint model.safetensors")
+    else:
+        model, diffusion, config = build.load_model(path, use_ema=not getattr(args, "no_ema", False), device=device)
+    check_weights(model, path or "the bundled model")
     apply_threads(getattr(args, "threads", None), count_parameters(model), device)
     return model, diffusion, config
+
+
+# No trained diffusion model has a weight this large (the bundled one's largest is about 3): beyond it a
+# forward pass overflows to inf somewhere and the samplers' clipping turns the result into a flat image.
+MAX_WEIGHT = 1e6
+
+
+def check_weights(model: Any, where: str) -> None:
+    """CLIError naming `where` and the tensor when a weight of `model` is NaN/inf or above :data:`MAX_WEIGHT`."""
+    import torch
+
+    for name, t in model.state_dict().items():
+        if not torch.is_tensor(t) or not t.is_floating_point() or t.numel() == 0:
+            continue
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            raise CLIError(f"--checkpoint {where}: the weights {name} hold {int((~finite).sum())} NaN/inf values "
+                           "(a diverged or damaged checkpoint; sample an earlier one)")
+        peak = float(t.abs().max())
+        if peak > MAX_WEIGHT:
+            raise CLIError(f"--checkpoint {where}: the weights {name} reach {peak:.3g}, beyond any trained model "
+                           f"(bound {MAX_WEIGHT:g}); a diverged or damaged checkpoint would give flat images")
+
+
+MAX_SEED = 2**63
+
+
+def check_seed(args: argparse.Namespace) -> None:
+    """CLIError unless ``--seed`` is in [0, 2**63)."""
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < MAX_SEED:
+        raise CLIError(f"--seed must be an int in [0, 2**63), got {seed}")
+
+
+def check_output(flag: str, path: Optional[str]) -> None:
+    """CLIError naming `flag` when `path` cannot be an output file: empty, a folder, or under a file."""
+    import os
+
+    if path is None:
+        return
+    if not path.strip():
+        raise CLIError(f"{flag} must be a file path, got an empty string")
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path}: is a folder; give a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and not os.path.isdir(parent):
+        raise CLIError(f"{flag} {path}: {parent} is a file, not a folder")
+
+
+def write_output(flag: str, path: str, write: Callable[[], Any]) -> Any:
+    """``write()``, with an OSError (a full disk, no permission) reported as one line naming `flag` and `path`."""
+    try:
+        return write()
+    except OSError as e:
+        raise CLIError(f"{flag} {path}: cannot write: {e.strerror or e}") from None
 
 
 def flag_names(message: str, flags: Dict[str, str]) -> str:

@@ -138,12 +138,13 @@ def _write_captured(repo: Path, name: str, data: Any, command: str, out_dir: Opt
 
 
 def run_suite(suite: str = "all", json_out: bool = False, report: bool = True, repo: Optional[Path] = None,
-              out_dir: Optional[Path] = None) -> int:
+              out_dir: Optional[Path] = None, threads: Optional[int] = None) -> int:
     """Run `suite`'s scripts (each in its own process, from the repo root), then the report.
 
     `out_dir` None writes the tracked ``benchmarks/results/`` and (`report`) regenerates
     docs/performance.md; a folder receives the results JSON, ``performance.md`` (the report rendered
     from them) and ``timings.json`` instead, and the checkout is left as it was.
+    `threads` (``--threads``): OMP_NUM_THREADS / MKL_NUM_THREADS of every script (None: as set already).
     Returns 0 when every script succeeded, else 1 (the remaining scripts still run)."""
     import time
 
@@ -160,6 +161,8 @@ def run_suite(suite: str = "all", json_out: bool = False, report: bool = True, r
         env["PYTHONPATH"] = str(repo) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         if out_dir is not None:
             env["FASTDDPM_BENCH_RESULTS"] = str(out_dir)
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
         t0 = time.perf_counter()
         if script.capture is None:
             rc = subprocess.call(argv, cwd=repo, env=env)
@@ -214,6 +217,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "docs/performance.md instead (for maintainers)")
     parser.add_argument("--json", action="store_true", help="the scripts print JSON instead of tables")
     parser.add_argument("--no-report", action="store_true", help="no report (performance.md)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads of every benchmark script (OMP_NUM_THREADS; default: as set in the "
+                             "environment, else each script's own choice)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -223,9 +229,13 @@ def run(args: argparse.Namespace) -> int:
         print("fastddpm bench: error: --out-dir and --update-results exclude each other", file=sys.stderr)
         return 2
     out_dir = None if update else Path(out_arg or DEFAULT_OUT_DIR)
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        print(f"fastddpm bench: error: --threads must be a positive int, got {threads}", file=sys.stderr)
+        return 2
     try:
         return run_suite(args.suite, json_out=bool(args.json), report=not getattr(args, "no_report", False),
-                         out_dir=out_dir)
+                         out_dir=out_dir, threads=threads)
     except BenchError as e:
         print(f"fastddpm bench: error: {e}", file=sys.stderr)
         return 1

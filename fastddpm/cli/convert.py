@@ -18,7 +18,7 @@ import json
 import os
 from typing import Any, Dict, Optional
 
-from ._common import CLIError
+from ._common import CLIError, add_threads_option, apply_threads
 
 HELP = "convert a diffusers DDPM (UNet2DModel + scheduler) into a fastddpm checkpoint file"
 INSTALL_HINT = 'fastddpm convert needs diffusers: pip install "fastddpm[diffusers]"'
@@ -32,6 +32,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="a saved diffusers pipeline (model_index.json, unet/, scheduler/), a UNet2DModel folder "
                         "with scheduler_config.json beside it, or a bare UNet2DModel folder with --beta-schedule")
     p.add_argument("out", metavar="OUT.safetensors", help="the fastddpm checkpoint file to write")
+    add_threads_option(p)
     g = p.add_argument_group("noise schedule", "needed for a bare UNet2DModel folder (no scheduler config); "
                              "with one, each flag given overrides its entry")
     g.add_argument("--beta-schedule", default=None, choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
@@ -54,8 +55,12 @@ def _scheduler_config(source: str, overrides: Optional[Dict[str, Any]] = None) -
     for candidate in (os.path.join(source, "scheduler", "scheduler_config.json"),
                       os.path.join(source, "scheduler_config.json")):
         if os.path.isfile(candidate):
-            with open(candidate, encoding="utf-8") as fh:
-                return {**json.load(fh), **overrides}
+            from ..jsonio import load_file
+
+            loaded = load_file(candidate)
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{candidate}: expected a JSON object (a diffusers scheduler config)")
+            return {**loaded, **overrides}
     if "beta_schedule" in overrides:
         return {"_class_name": "DDPMScheduler", **overrides}
     raise ValueError(f"{source}: no noise schedule: a saved pipeline has scheduler/scheduler_config.json; for a "
@@ -63,6 +68,21 @@ def _scheduler_config(source: str, overrides: Optional[Dict[str, Any]] = None) -
                      "(DDPM; add --num-train-timesteps, --beta-start, --beta-end, --prediction-type, --variance-type "
                      "where they differ from 1000, 0.0001, 0.02, epsilon, fixed_small), or put a "
                      "scheduler_config.json beside its config.json")
+
+
+def _check_unet_folder(source: str) -> None:
+    """ValueError naming `source` unless it (or its unet/ sub-folder) holds a diffusers UNet2DModel config."""
+    from ..jsonio import load_file
+
+    for cfg in (os.path.join(source, "unet", "config.json"), os.path.join(source, "config.json")):
+        if os.path.isfile(cfg):
+            loaded = load_file(cfg)
+            name = loaded.get("_class_name") if isinstance(loaded, dict) else None
+            if name == "UNet2DModel":
+                return
+            raise ValueError(f"{source}: not a UNet2DModel folder ({cfg} describes {name or 'something else'})")
+    raise ValueError(f"{source}: not a UNet2DModel folder (no config.json in it or in its unet/ sub-folder); expected "
+                     "a saved diffusers DDPMPipeline or UNet2DModel")
 
 
 def convert(source: str, out: str, schedule: Optional[Dict[str, Any]] = None) -> str:
@@ -79,6 +99,7 @@ def convert(source: str, out: str, schedule: Optional[Dict[str, Any]] = None) ->
         raise ValueError(f"out must end with .safetensors, got {out!r}")
     if not os.path.isdir(source):
         raise ValueError(f"{source}: not a directory (expected a saved diffusers pipeline or UNet2DModel)")
+    _check_unet_folder(source)
     sched_cfg = _scheduler_config(source, schedule)  # before loading weights: a missing schedule fails fast
     sub = "unet" if os.path.isdir(os.path.join(source, "unet")) else None
     # low_cpu_mem_usage=False: the default asks for `accelerate` and warns on every run without it
@@ -86,9 +107,12 @@ def convert(source: str, out: str, schedule: Optional[Dict[str, Any]] = None) ->
     unet = UNet2DModel.from_pretrained(source, **kw)
     diffusion = diffusion_from_scheduler(sched_cfg)
     model = unet_from_diffusers(unet)
+    model_cfg = json.loads(json.dumps(model.config))
+    if diffusion.variance == "learned_range" and model.out_channels == 2 * model.in_channels:
+        model_cfg["learn_sigma"] = True  # the same U-Net; says what the extra channels are (as training writes it)
     config = {
         "format": "fastddpm-checkpoint", "format_version": 1, "weights": "raw",
-        "model": json.loads(json.dumps(model.config)),
+        "model": model_cfg,
         "diffusion": {"schedule": "custom", "betas": diffusion.schedule.betas.tolist(),
                       "num_timesteps": diffusion.num_timesteps, "prediction": diffusion.prediction,
                       "variance": diffusion.variance, "loss": "simple",
@@ -103,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         import diffusers  # noqa: F401
     except ImportError:
         raise CLIError(INSTALL_HINT) from None
+    if args.threads is not None:
+        apply_threads(args.threads, 0)
     out = convert(args.source, args.out, {k: getattr(args, k, None) for k in _SCHEDULE_KEYS})
     print(f"{args.source} -> {out}")
     return 0

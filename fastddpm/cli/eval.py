@@ -1,6 +1,6 @@
 """``fastddpm eval`` (and the options ``fastddpm nll`` shares): sample quality (FID / KID / IS / precision-recall) and bits/dim.
 
-    fastddpm eval                                              # bundled model, dpm++ 20 steps, 1000 samples,
+    fastddpm eval                                              # bundled model, unipc 10 steps, 1000 samples, 
                                                                #   digits-FID/KID/IS/PR vs the held-out digits
     fastddpm eval --checkpoint runs/cifar --sampler ddim --steps 50 --num 50000 --batch-size 500 \\
         --data cifar-10-batches-py --features inception --ref-stats cifar_train_inception.npz --json fid.json
@@ -32,9 +32,9 @@ import os
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from .._names import SAMPLER_NAMES
-from ._common import (CLIError, add_threads_option, check_positive, load_model, resolve_device, sampler_steps,
-                      steps_help, write_json)
+from .._names import DEFAULT_SAMPLER, SAMPLER_NAMES
+from ._common import (CLIError, add_threads_option, check_output, check_positive, check_seed, load_model,
+                      resolve_device, sampler_steps, steps_help, write_json)
 
 HELP = "sample quality: FID / KID / IS / precision-recall of a checkpoint's samples against real data"
 
@@ -55,7 +55,7 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
 def configure(p: argparse.ArgumentParser) -> None:
     """Add the ``eval`` arguments to a parser."""
     add_common_options(p)
-    p.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES, help="default: dpm++")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES, help=f"default: {DEFAULT_SAMPLER}")
     p.add_argument("--steps", type=int, default=None, help=steps_help())
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default: 0)")
     p.add_argument("--num", type=int, default=1000, help="number of samples (default: 1000)")
@@ -111,10 +111,11 @@ def run(args: argparse.Namespace) -> int:
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
         raise CLIError(f"--metrics must be a comma-separated subset of {','.join(METRICS)}, got {args.metrics!r}")
-    if not 0.0 <= args.eta <= 1.0:
-        raise CLIError(f"--eta must be in [0, 1], got {args.eta}")
-    if args.seed < 0:
-        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    from .sample import check_eta_guidance
+
+    check_eta_guidance(args)
+    check_seed(args)
+    check_output("--json", args.json)
     if args.ref_stats and not args.data and not os.path.exists(args.ref_stats):
         raise CLIError(f"--ref-stats {args.ref_stats}: no such file (give --data to compute and write it)")
     if args.data and args.ref_stats and os.path.exists(args.ref_stats) and not is_stats_file(args.ref_stats):
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         kw = {"weights_path": args.inception_weights} if args.features == "inception" else {}
         extractor = get_extractor(args.features, device=device, **kw)
     except (ImportError, OSError, RuntimeError, ValueError) as e:  # no weights offline, a bad checksum
-        raise CLIError(str(e)) from e
+        raise CLIError(str(e).replace("weights_path=", "--inception-weights").replace("weights_path", "--inception-weights")) from None
 
     # the reference: --data (statistics written to --ref-stats when given), a statistics .npz, or real
     # images named by --ref-stats (statistics cached); by default the digits' held-out part

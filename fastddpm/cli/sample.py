@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, List
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 from .._names import DEFAULT_DDP_TIMEOUT, DEFAULT_SAMPLER, DEFAULT_SPACING, SAMPLER_NAMES, SPACING_NAMES
-from ._common import CLIError, add_threads_option, check_positive, load_model, resolve_device, sampler_steps, steps_help
+from ._common import (CLIError, add_threads_option, check_output, check_positive, check_seed, diffusers_pipeline,
+                      load_model, resolve_device, sampler_steps, steps_help, write_output)
 
 HELP = "draw samples from a checkpoint (default: the bundled digits model)"
 
@@ -59,32 +61,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
     import torch.distributed as dist
 
-    from .. import checkpoint as ckpt
     from ..dist_util import ddp_failure, dist_info, join_process_group
-    from ..fileio import atomic_write_bytes
-    from ..images import save_grid, to_uint8
-    from ..precision import reduced_precision
-    from ..student import is_distilled, student_for
-    from ..tune import sampler_for_checkpoint
 
-    check_positive(args, "num", "batch_size", "steps", "scale", "nrow")
-    if not 0.0 <= args.eta <= 1.0:
-        raise CLIError(f"--eta must be in [0, 1], got {args.eta}")
-    if args.seed < 0:
-        raise CLIError(f"--seed must be >= 0, got {args.seed}")
-    out_png = args.out if (args.out or args.npz) else "samples.png"
-    if out_png:
-        from ..images import image_format
-
-        try:
-            image_format(out_png)  # refuse a suffix that names no image format before sampling
-        except ValueError as e:
-            raise CLIError(f"--out {e}") from None
-
+    out_png = _check_args(args)
     rank, world, local_rank = dist_info()
     device = resolve_device(args.device, local_rank)
     if not args.ddp_timeout > 0:
@@ -94,96 +75,22 @@ def run(args: argparse.Namespace) -> int:
     if not distributed:
         world, rank = 1, 0
     try:
-        model, diffusion, config = load_model(args, device)
-        mc = config["model"]
-        size, channels, num_classes = int(mc["image_size"]), int(mc["in_channels"]), mc.get("num_classes")
-        ck_path = ckpt.resolve_checkpoint(args.checkpoint)  # where `fastddpm tune-steps` stored its schedules
-        if is_distilled(config):  # a `fastddpm distill` student set: --steps picks the student (K model calls)
-            try:
-                model, sampler = student_for(model, diffusion, config, args.steps)
-            except ValueError as e:  # "steps must be one of the model-call counts ..."
-                raise CLIError(f"--{e}") from None
-            args.sampler = "distilled"
-        else:
-            sampler = sampler_for_checkpoint(ck_path, diffusion, args.sampler,
-                                             sampler_steps(args.sampler, args.steps, diffusion), args.spacing,
-                                             eta=args.eta)
-        model = reduced_precision(model, args.dtype)
-        if args.class_label is not None:
-            if not num_classes:
-                raise CLIError("--class-label needs a class-conditional model; this one has no classes")
-            if not 0 <= args.class_label < num_classes:
-                raise CLIError(f"--class-label must be in [0, {num_classes}), got {args.class_label}")
-
+        job = _prepare(args, device)
         # this rank's contiguous share of the global image indices
         per = -(-args.num // world)
         start, stop = min(rank * per, args.num), min((rank + 1) * per, args.num)
-        labels_all = None
-        if num_classes:
-            labels_all = (torch.full((args.num,), args.class_label, dtype=torch.int64) if args.class_label is not None
-                          else torch.arange(args.num, dtype=torch.int64) % num_classes)
-        show = args.progress and rank == 0
-        nbatches = -(-(stop - start) // args.batch_size) if stop > start else 0
-        outer = None
-        if show and nbatches > 1:
-            from tqdm.auto import tqdm
+        from ._sizes import check_sample_sizes
 
-            outer = tqdm(total=stop - start, desc=f"sampling ({args.sampler}, {sampler.num_steps} steps)",
-                         unit="img", file=sys.stderr)
-        chunks, label_chunks = [], []
+        check_sample_sizes(args, job.size, job.channels, job.model_config, device, grid=bool(out_png) and rank == 0,
+                           images_per_rank=args.num if rank == 0 else stop - start)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            for b0 in range(start, stop, args.batch_size):
-                b1 = min(b0 + args.batch_size, stop)
-                net: Any = model
-                if num_classes:
-                    y = labels_all[b0:b1].to(device)
-                    label_chunks.append(labels_all[b0:b1].numpy())
-                    if args.guidance_scale == 1.0:
-                        net = _WithLabels(model, y)
-                    else:
-                        from ..guidance import GuidedModel
-
-                        net = GuidedModel(model, y, args.guidance_scale, null_label=num_classes, channels=channels)
-                x = sampler.sample(net, (b1 - b0, channels, size, size), seed=args.seed, image_offset=b0,
-                                   clip_denoised=not args.no_clip, progress=show and nbatches == 1, device=device)
-                chunks.append(to_uint8(x))
-                if outer is not None:
-                    outer.update(b1 - b0)
-        if outer is not None:
-            outer.close()
+        images, labels = _sample_share(args, job, start, stop, device, show=args.progress and rank == 0)
         elapsed = time.perf_counter() - t0
-        local = np.concatenate(chunks) if chunks else np.zeros((0, size, size, channels), np.uint8)
-        local_labels = np.concatenate(label_chunks) if label_chunks else None
         if distributed:
-            gathered: List[Any] = [None] * world if rank == 0 else None
-            dist.gather_object((local, local_labels), gathered, dst=0)
-            if rank == 0:
-                local = np.concatenate([g[0] for g in gathered])
-                if num_classes:
-                    local_labels = np.concatenate([g[1] for g in gathered if g[1] is not None])
+            images, labels = _gather(images, labels, rank, world)
         if rank == 0:
-            images = local
-            assert images.shape[0] == args.num
-            written = []
-            if args.npz:
-                import io
-
-                buf = io.BytesIO()
-                arrays = {"images": images}
-                if local_labels is not None:
-                    arrays["labels"] = local_labels
-                np.savez(buf, **arrays)
-                atomic_write_bytes(args.npz, buf.getvalue())
-                written.append(args.npz)
-            if out_png:
-                scale = args.scale if args.scale is not None else max(1, 32 // size)
-                x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-                save_grid(x, out_png, nrow=args.nrow, scale=scale)
-                written.append(out_png)
-            print(f"{args.num} images ({args.sampler}, {sampler.num_steps} steps, {sampler.spacing} spacing, "
-                  f"{args.dtype}, {elapsed:.1f} s"
-                  f"{f' on rank 0 of {world}' if world > 1 else ''}) -> {', '.join(written)}")
+            _write(args, out_png, images, labels, job, f"{elapsed:.1f} s" + (f" on rank 0 of {world}" if world > 1
+                                                                           else ""))
         if distributed:
             dist.barrier()
     except Exception as e:
@@ -195,6 +102,173 @@ def run(args: argparse.Namespace) -> int:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _check_args(args: argparse.Namespace) -> Optional[str]:
+    """Every check that needs no model, before anything is loaded; returns the grid image to write (or None)."""
+    check_positive(args, "num", "batch_size", "steps", "scale", "nrow")
+    check_eta_guidance(args)
+    check_seed(args)
+    check_output("--out", args.out)
+    check_output("--npz", args.npz)
+    out_png = args.out if (args.out or args.npz) else "samples.png"
+    if out_png:
+        from ..images import image_format
+
+        try:
+            image_format(out_png)  # refuse a suffix that names no image format before sampling
+        except ValueError as e:
+            raise CLIError(f"--out {e}") from None
+    return out_png
+
+
+@dataclass
+class _Job:
+    """What sampling needs from the checkpoint: the model (in --dtype), its sampler and image shape."""
+
+    model: Any
+    sampler: Any
+    model_config: Dict[str, Any]
+    size: int
+    channels: int
+    num_classes: Optional[int]
+
+
+def _prepare(args: argparse.Namespace, device: Any) -> _Job:
+    """Load the checkpoint, choose its sampler (a tuned schedule where `fastddpm tune-steps` stored one) and
+    check the class options against the model."""
+    from .. import checkpoint as ckpt
+    from ..precision import reduced_precision
+    from ..tune import sampler_for_checkpoint
+
+    model, diffusion, config = load_model(args, device)
+    mc = config["model"]
+    num_classes = mc.get("num_classes")
+    # where `fastddpm tune-steps` stored its schedules
+    ck_path = args.checkpoint if diffusers_pipeline(args.checkpoint) else ckpt.resolve_checkpoint(args.checkpoint)
+    if not num_classes and args.guidance_scale != 1.0:
+        raise CLIError(f"--guidance-scale {args.guidance_scale} needs a class-conditional model; this one has no "
+                       "classes (leave it at 1)")
+    from ..student import is_distilled, student_for
+
+    if is_distilled(config):  # a `fastddpm distill` student set: --steps picks the student (K model calls)
+        try:
+            model, sampler = student_for(model, diffusion, config, args.steps)
+        except ValueError as e:  # "steps must be one of the model-call counts ..."
+            raise CLIError(f"--{e}") from None
+        args.sampler = "distilled"
+    else:
+        sampler = sampler_for_checkpoint(ck_path, diffusion, args.sampler,
+                                         sampler_steps(args.sampler, args.steps, diffusion), args.spacing, eta=args.eta)
+    model = reduced_precision(model, args.dtype)
+    if args.class_label is not None:
+        if not num_classes:
+            raise CLIError("--class-label needs a class-conditional model; this one has no classes")
+        if not 0 <= args.class_label < num_classes:
+            raise CLIError(f"--class-label must be in [0, {num_classes}), got {args.class_label}")
+    return _Job(model, sampler, mc, int(mc["image_size"]), int(mc["in_channels"]), num_classes)
+
+
+def _sample_share(args: argparse.Namespace, job: _Job, start: int, stop: int, device: Any,
+                  show: bool) -> Tuple[Any, Optional[Any]]:
+    """Images start..stop-1 of the seed as uint8 NHWC (and their class labels for a class-conditional model)."""
+    import numpy as np
+    import torch
+
+    from ..images import to_uint8
+
+    labels_all = None
+    if job.num_classes:
+        labels_all = (torch.full((args.num,), args.class_label, dtype=torch.int64) if args.class_label is not None
+                      else torch.arange(args.num, dtype=torch.int64) % job.num_classes)
+    nbatches = -(-(stop - start) // args.batch_size) if stop > start else 0
+    outer = None
+    if show and nbatches > 1:
+        from tqdm.auto import tqdm
+
+        outer = tqdm(total=stop - start, desc=f"sampling ({args.sampler}, {job.sampler.num_steps} steps)",
+                     unit="img", file=sys.stderr)
+    chunks, label_chunks = [], []
+    with torch.no_grad():
+        for b0 in range(start, stop, args.batch_size):
+            b1 = min(b0 + args.batch_size, stop)
+            net = job.model
+            if labels_all is not None:
+                label_chunks.append(labels_all[b0:b1].numpy())
+                net = _labelled(job, labels_all[b0:b1].to(device), args.guidance_scale)
+            x = job.sampler.sample(net, (b1 - b0, job.channels, job.size, job.size), seed=args.seed, image_offset=b0,
+                                   clip_denoised=not args.no_clip, progress=show and nbatches == 1, device=device)
+            chunks.append(to_uint8(x))
+            if outer is not None:
+                outer.update(b1 - b0)
+    if outer is not None:
+        outer.close()
+    images = np.concatenate(chunks) if chunks else np.zeros((0, job.size, job.size, job.channels), np.uint8)
+    return images, (np.concatenate(label_chunks) if label_chunks else None)
+
+
+def _labelled(job: _Job, y: Any, guidance_scale: float) -> Any:
+    """The model with class labels y bound (and classifier-free guidance at `guidance_scale` when it is not 1)."""
+    if guidance_scale == 1.0:
+        return _WithLabels(job.model, y)
+    from ..guidance import GuidedModel
+
+    return GuidedModel(job.model, y, guidance_scale, null_label=job.num_classes, channels=job.channels)
+
+
+def _gather(images: Any, labels: Optional[Any], rank: int, world: int) -> Tuple[Any, Optional[Any]]:
+    """Every rank's share on rank 0, in rank order (other ranks get their own share back)."""
+    import numpy as np
+    import torch.distributed as dist
+
+    gathered: List[Any] = [None] * world if rank == 0 else None
+    dist.gather_object((images, labels), gathered, dst=0)
+    if rank != 0:
+        return images, labels
+    images = np.concatenate([g[0] for g in gathered])
+    if labels is not None:
+        labels = np.concatenate([g[1] for g in gathered if g[1] is not None])
+    return images, labels
+
+
+def _write(args: argparse.Namespace, out_png: Optional[str], images: Any, labels: Optional[Any], job: _Job,
+           timing: str) -> None:
+    """Write --npz and the grid image (atomically, errors naming the flag) and print one summary line."""
+    import numpy as np
+    import torch
+
+    from ..fileio import atomic_write_bytes
+    from ..images import grid_scale, save_grid
+
+    assert images.shape[0] == args.num
+    written = []
+    if args.npz:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, images=images, **({"labels": labels} if labels is not None else {}))
+        write_output("--npz", args.npz, lambda: atomic_write_bytes(args.npz, buf.getvalue()))
+        written.append(args.npz)
+    if out_png:
+        scale = args.scale if args.scale is not None else grid_scale(job.size)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        write_output("--out", out_png, lambda: save_grid(x, out_png, nrow=args.nrow, scale=scale))
+        written.append(out_png)
+    print(f"{args.num} images ({args.sampler}, {job.sampler.num_steps} steps, {job.sampler.spacing} spacing, "
+          f"{args.dtype}, {timing}) -> {', '.join(written)}")
+
+
+def check_eta_guidance(args: argparse.Namespace) -> None:
+    """CLIError for an --eta outside [0, 1] or given to a sampler without one, and a non-finite --guidance-scale."""
+    import math
+
+    if not 0.0 <= args.eta <= 1.0:
+        raise CLIError(f"--eta must be in [0, 1], got {args.eta}")
+    if args.eta != 0.0 and args.sampler != "ddim":
+        raise CLIError(f"--eta applies to --sampler ddim only; --sampler {args.sampler} has no eta (drop --eta, or "
+                       "use --sampler ddim, or an -sde sampler for stochastic sampling)")
+    if not math.isfinite(getattr(args, "guidance_scale", 1.0)):
+        raise CLIError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
 
 
 class _WithLabels:

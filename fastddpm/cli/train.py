@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import typing
 from typing import Any, Callable, Dict, List, Optional
 
@@ -67,6 +68,8 @@ _TRAIN_HELP = {
     "resume": "continue the run in --out-dir from its newest checkpoint (or from the given checkpoint) with its "
               "saved settings; flags given override them",
     "resume_fallback": "when the newest checkpoint does not load, resume from the newest older one that does",
+    "overwrite": "replace the run --out-dir holds (its config.json, log.jsonl, checkpoints/ and samples/ are "
+                 "removed first); without it a new run refuses a directory that holds one",
     "max_nonfinite": "stop after this many non-finite losses in a row",
     "ddp_timeout": "seconds a torchrun process waits for a dead or stalled peer before the run stops",
 }
@@ -119,7 +122,7 @@ def configure(p: argparse.ArgumentParser) -> None:
             help_ = (f"{help_} (default by image size: {show_value(DIGITS_RECIPE.get(f.name, default))} up to 16 px "
                      f"as the bundled digits model, {show_value(DDPM_CIFAR10_RECIPE.get(f.name, default))} at 32 px as "
                      "DDPM CIFAR-10)")
-        else:
+        elif "default" not in help_:  # a help that already says its default is not followed by a second one
             help_ = f"{help_} (default: {show_value(default)})"
         kw: Dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name, help=help_)
         args_ = typing.get_args(hint)
@@ -138,6 +141,60 @@ def configure(p: argparse.ArgumentParser) -> None:
         else:  # pragma: no cover - a new field type needs a branch here
             raise TypeError(f"no command-line type for TrainConfig.{f.name}: {hint}")
     add_threads_option(p)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a JSON `value` fits the TrainConfig type `hint` (bool is not an int; an int is a float)."""
+    if hint is Any:
+        return True
+    args_ = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union:
+        return any(_type_ok(value, a) for a in args_)
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args_[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def check_config_types(values: Dict[str, Any], where: str) -> None:
+    """CLIError naming `where` and the entry when a value of a JSON TrainConfig has the wrong type
+    (``"num_res_blocks": [1]``, ``"random_flip": "yes"``); unknown entries are left to TrainConfig."""
+    from ..train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is not None and not _type_ok(value, hint):
+            raise CLIError(f"{where}: {name} must be {_describe_type(hint)}, got {json.dumps(value)[:80]}")
+
+
+def check_values(values: Dict[str, Any]) -> None:
+    """CLIError naming the flag for the values the later steps would misreport: an empty --channel-mults
+    (the image-size arithmetic would complain instead), an empty --out-dir, a --seed beyond 2**63."""
+    if "channel_mults" in values and not values["channel_mults"]:
+        raise CLIError("--channel-mults must be a non-empty list of positive ints (one per level), e.g. 1,2,2,2")
+    if "out_dir" in values and isinstance(values["out_dir"], str) and not values["out_dir"].strip():
+        raise CLIError("--out-dir must be a folder path, got an empty string")
+    seed = values.get("seed")
+    if isinstance(seed, int) and not 0 <= seed < 2**63:
+        raise CLIError(f"--seed must be an int in [0, 2**63), got {seed}")
+
+
+def _describe_type(hint: Any) -> str:
+    """`hint` in words: "an int", "a list of ints", "an int or null", ..."""
+    words = {bool: "true or false", int: "an int", float: "a number", str: "a string", type(None): "null"}
+    if typing.get_origin(hint) is tuple:
+        return "a list of ints"
+    if typing.get_origin(hint) is typing.Union:
+        return " or ".join(_describe_type(a) for a in typing.get_args(hint))
+    return words.get(hint, str(hint))
 
 
 def _num_params(cfg: Any) -> int:
@@ -202,6 +259,8 @@ def _resumed_config(explicit: Dict[str, Any]) -> Optional[Any]:
     out_dir = explicit.get("out_dir", TrainConfig.out_dir)
     found = saved_run_config(explicit.get("resume", False), out_dir)
     if found is None:
+        if explicit.get("resume") is True:
+            return _resume_without_checkpoint(explicit, out_dir)
         return None
     saved, path = found
     if "out_dir" not in explicit:  # --resume CHECKPOINT alone continues that checkpoint's run directory
@@ -211,23 +270,57 @@ def _resumed_config(explicit: Dict[str, Any]) -> Optional[Any]:
     return resume_config(saved, explicit)[0]
 
 
+def _resume_without_checkpoint(explicit: Dict[str, Any], out_dir: str) -> Optional[Any]:
+    """--resume on a run directory without a checkpoint (a run that died before its first): its
+    config.json's settings, overridden by the flags given; a directory holding a log but no config.json
+    is refused (its settings are lost: starting afresh would train something else under its name);
+    an empty or new directory is a fresh run (None)."""
+    from ..jsonio import load_file
+    from ..train import resume_config
+
+    cfg_path = os.path.join(out_dir, "config.json")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if os.path.lexists(cfg_path):
+        try:
+            loaded = load_file(cfg_path)
+        except ValueError as e:
+            raise CLIError(f"--resume: {e}; the run's settings cannot be read") from None
+        saved = loaded.get("train") if isinstance(loaded, dict) else None
+        if not isinstance(saved, dict):
+            raise CLIError(f"--resume: {cfg_path} holds no 'train' settings; the run's settings are unknown: pass "
+                           "them as flags without --resume (and --overwrite), or choose another --out-dir")
+        check_config_types(saved, f"--resume: {cfg_path}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"fastddpm train: no checkpoint in {os.path.abspath(out_dir)}: starting from step 0 with the "
+                  f"settings of {os.path.abspath(cfg_path)}", file=sys.stderr)
+        return resume_config(dict(saved, out_dir=out_dir), explicit)[0]
+    if os.path.lexists(log_path) and os.path.getsize(log_path) > 0:
+        raise CLIError(f"--resume: {os.path.abspath(out_dir)} holds no checkpoint and no config.json, only a log: "
+                       "the run's settings are lost. Pass them as flags without --resume (add --overwrite to "
+                       "replace the log), or choose another --out-dir")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, train
 
     values: Dict[str, Any] = {}
     if args.config:
+        from ..jsonio import load_file
+
         try:
-            with open(args.config, encoding="utf-8") as fh:
-                loaded = json.load(fh)
-        except (OSError, json.JSONDecodeError) as e:
-            raise CLIError(f"{args.config}: cannot read the config ({e})") from e
+            loaded = load_file(args.config)
+        except ValueError as e:
+            raise CLIError(f"--config {e}") from None
         if isinstance(loaded, dict) and "train" in loaded and isinstance(loaded["train"], dict):
             loaded = loaded["train"]  # a run's config.json
         if not isinstance(loaded, dict):
             raise CLIError(f"{args.config}: expected a JSON object")
+        check_config_types(loaded, f"--config {args.config}")
         values.update(loaded)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
+    check_values(values)
     cfg = _resumed_config(values)
     if cfg is None:
         cfg = fresh_config(values)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 
 from .._names import DEFAULT_SAMPLER, DETERMINISTIC_SAMPLERS
-from ._common import CLIError, check_positive, resolve_device, write_json
+from ._common import (CLIError, add_threads_option, apply_threads, check_output, check_positive, check_seed,
+                      check_weights, count_parameters, resolve_device, write_json)
 
 HELP = "tune a sampler's timesteps for a checkpoint (stored with it; used by `fastddpm sample`)"
 
@@ -39,6 +40,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report here")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="print the search")
+    add_threads_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,9 +61,15 @@ def run(args: argparse.Namespace) -> int:
     if any(s < 2 for s in steps):
         raise CLIError(f"--steps must be >= 2, got {args.steps}")
     check_positive(args, "num_samples", "val_samples", "reference_steps", "max_rounds", "batch_size")
+    if not args.max_seconds > 0:  # also refuses NaN
+        raise CLIError(f"--max-seconds must be a number of seconds > 0, got {args.max_seconds}")
+    check_seed(args)
+    check_output("--json", args.json)
     device = resolve_device(args.device)
     path = ckpt.resolve_checkpoint(args.checkpoint)
     model, diffusion, config = build.load_model(path, use_ema=not args.no_ema, device=device)
+    check_weights(model, path)
+    apply_threads(args.threads, count_parameters(model), device)
     if config["model"].get("num_classes"):
         raise CLIError("tune-steps supports unconditional models only")
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.progress else None

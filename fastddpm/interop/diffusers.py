@@ -13,19 +13,25 @@ and any `UNet2DModel` built the same way, i.e.
     middle attention has no GroupNorm), class_embed_type None (with or without num_class_embeds).
 
 A class-conditional model (num_class_embeds = K) maps to `UNet(num_classes=K)`; the extra null-class
-row (index K) is set to zero, i.e. "no class embedding". Anything else raises ValueError naming the
+row (index K) is set to zero, i.e. "no class embedding". A folder written by `fastddpm export` from a
+model whose null class was trained (classifier-free guidance) holds K + 1 rows and the config entry
+``fastddpm_null_class: true``: its last row is the null class, so it maps back to `UNet(num_classes=K)`. Anything else raises ValueError naming the
 option. diffusers' attention projections to_q/to_k/to_v are stacked into the U-Net's single qkv
 Linear; to_out[0] is its proj.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..unet import UNet
 
-__all__ = ["unet_from_diffusers", "unet_config_from_diffusers"]
+__all__ = ["unet_from_diffusers", "unet_config_from_diffusers", "diffusers_key_map", "NULL_CLASS_KEY"]
+
+# a UNet2DModel config entry written by fastddpm.interop.export: the class table's last row is the null
+# class of classifier-free guidance (num_class_embeds = fastddpm num_classes + 1)
+NULL_CLASS_KEY = "fastddpm_null_class"
 
 _DOWN = ("DownBlock2D", "AttnDownBlock2D")
 _UP = ("UpBlock2D", "AttnUpBlock2D")
@@ -130,7 +136,7 @@ def unet_config_from_diffusers(config: Any, image_size: Optional[int] = None) ->
         dropout=float(_cfg(config, "dropout", 0.0)),
         time_embedding="add" if shift == "default" else "scale_shift",
         learn_sigma=False,
-        num_classes=_cfg(config, "num_class_embeds", None),
+        num_classes=_num_classes(config),
         groups=groups,
         out_channels=int(_cfg(config, "out_channels", 3)),
         norm_eps=float(_cfg(config, "norm_eps", 1e-5)),
@@ -139,6 +145,16 @@ def unet_config_from_diffusers(config: Any, image_size: Optional[int] = None) ->
         freq_shift=_cfg(config, "freq_shift", 0),
         **kwargs,
     )
+
+
+def _num_classes(config: Any) -> Optional[int]:
+    """fastddpm's num_classes: num_class_embeds, less the null-class row of a fastddpm export."""
+    k = _cfg(config, "num_class_embeds", None)
+    if k is not None and _cfg(config, NULL_CLASS_KEY, False):
+        if k < 2:
+            raise _unsupported("num_class_embeds", k, f"at least 2 with {NULL_CLASS_KEY}=true (classes + the null class)")
+        return int(k) - 1
+    return k
 
 
 class _Recording(dict):
@@ -153,31 +169,58 @@ class _Recording(dict):
         return super().__getitem__(key)
 
 
-def _resnet(sd: Dict[str, torch.Tensor], ours: str, theirs: Dict[str, torch.Tensor], prefix: str) -> None:
-    names = {"norm1": "norm1", "conv1": "conv1", "time_proj": "time_emb_proj", "norm2": "norm2",
-             "conv2": "conv2", "skip": "conv_shortcut"}
-    for mine, their in names.items():
-        for p in ("weight", "bias"):
-            key = f"{prefix}.{their}.{p}"
-            if key in theirs:
-                sd[f"{ours}.{mine}.{p}"] = theirs[key]
+_RESNET_NAMES = (("norm1", "norm1"), ("conv1", "conv1"), ("time_proj", "time_emb_proj"), ("norm2", "norm2"),
+                 ("conv2", "conv2"), ("skip", "conv_shortcut"))
 
 
-def _attention(sd: Dict[str, torch.Tensor], ours: str, theirs: Dict[str, torch.Tensor], prefix: str) -> None:
+def _resnet_keys(ours: str, prefix: str) -> List[Tuple[str, Tuple[str, ...]]]:
+    return [(f"{ours}.{mine}.{p}", (f"{prefix}.{their}.{p}",)) for mine, their in _RESNET_NAMES for p in ("weight", "bias")]
+
+
+def _attention_keys(ours: str, prefix: str) -> List[Tuple[str, Tuple[str, ...]]]:
+    out = []
     for p in ("weight", "bias"):
-        sd[f"{ours}.norm.{p}"] = theirs[f"{prefix}.group_norm.{p}"]
-        sd[f"{ours}.qkv.{p}"] = torch.cat([theirs[f"{prefix}.to_{n}.{p}"] for n in "qkv"], dim=0)
-        sd[f"{ours}.proj.{p}"] = theirs[f"{prefix}.to_out.0.{p}"]
+        out.append((f"{ours}.norm.{p}", (f"{prefix}.group_norm.{p}",)))
+        out.append((f"{ours}.qkv.{p}", tuple(f"{prefix}.to_{n}.{p}" for n in "qkv")))  # stacked along dim 0
+        out.append((f"{ours}.proj.{p}", (f"{prefix}.to_out.0.{p}",)))
+    return out
 
 
-def _level(sd, ours: str, theirs, prefix: str, resnets: int, attention: bool, resample: Optional[str]) -> None:
+def _level_keys(ours: str, prefix: str, resnets: int, attention: bool, resample: Optional[str]):
+    out = []
     for j in range(resnets):
-        _resnet(sd, f"{ours}.resnets.{j}", theirs, f"{prefix}.resnets.{j}")
+        out += _resnet_keys(f"{ours}.resnets.{j}", f"{prefix}.resnets.{j}")
         if attention:
-            _attention(sd, f"{ours}.attentions.{j}", theirs, f"{prefix}.attentions.{j}")
+            out += _attention_keys(f"{ours}.attentions.{j}", f"{prefix}.attentions.{j}")
     if resample is not None:
-        for p in ("weight", "bias"):
-            sd[f"{ours}.resample.conv.{p}"] = theirs[f"{prefix}.{resample}.0.conv.{p}"]
+        out += [(f"{ours}.resample.conv.{p}", (f"{prefix}.{resample}.0.conv.{p}",)) for p in ("weight", "bias")]
+    return out
+
+
+def diffusers_key_map(levels: int, layers: int, attention: Sequence[bool]) -> List[Tuple[str, Tuple[str, ...]]]:
+    """(fastddpm UNet key, the UNet2DModel keys it is made of) for every weight that may exist.
+
+    `attention[l]`: level l has self-attention. A key of several diffusers keys is their concatenation
+    along dim 0 (the stacked qkv projection). The ResBlocks' `skip` (diffusers' conv_shortcut) exists
+    only where a block changes the channel count, and `class_embedding` only for class-conditional
+    models: callers keep the entries whose source keys exist. Both directions use this one table
+    (`unet_from_diffusers` and `fastddpm.interop.export`).
+    """
+    out: List[Tuple[str, Tuple[str, ...]]] = []
+    for p in ("weight", "bias"):
+        out += [(f"conv_in.{p}", (f"conv_in.{p}",)), (f"time_linear1.{p}", (f"time_embedding.linear_1.{p}",)),
+                (f"time_linear2.{p}", (f"time_embedding.linear_2.{p}",)), (f"norm_out.{p}", (f"conv_norm_out.{p}",)),
+                (f"conv_out.{p}", (f"conv_out.{p}",))]
+    out.append(("class_embedding.weight", ("class_embedding.weight",)))
+    for lvl in range(levels):
+        last = lvl == levels - 1
+        out += _level_keys(f"down.{lvl}", f"down_blocks.{lvl}", layers, attention[lvl], None if last else "downsamplers")
+        out += _level_keys(f"up.{lvl}", f"up_blocks.{lvl}", layers + 1, attention[levels - 1 - lvl],
+                           None if last else "upsamplers")
+    out += _resnet_keys("mid.resnet1", "mid_block.resnets.0")
+    out += _attention_keys("mid.attention", "mid_block.attentions.0")
+    out += _resnet_keys("mid.resnet2", "mid_block.resnets.1")
+    return out
 
 
 def unet_from_diffusers(unet2d: torch.nn.Module, image_size: Optional[int] = None) -> UNet:
@@ -199,26 +242,22 @@ def unet_from_diffusers(unet2d: torch.nn.Module, image_size: Optional[int] = Non
     levels = len(kwargs["channel_mults"])
     layers = kwargs["num_res_blocks"]
     down_types = tuple(unet2d.config.down_block_types)
+    null_class = bool(_cfg(unet2d.config, NULL_CLASS_KEY, False))
 
     sd: Dict[str, torch.Tensor] = {}
-    for p in ("weight", "bias"):
-        sd[f"conv_in.{p}"] = theirs[f"conv_in.{p}"]
-        sd[f"time_linear1.{p}"] = theirs[f"time_embedding.linear_1.{p}"]
-        sd[f"time_linear2.{p}"] = theirs[f"time_embedding.linear_2.{p}"]
-        sd[f"norm_out.{p}"] = theirs[f"conv_norm_out.{p}"]
-        sd[f"conv_out.{p}"] = theirs[f"conv_out.{p}"]
+    attention = [t == "AttnDownBlock2D" for t in down_types]
+    for mine, keys in diffusers_key_map(levels, layers, attention):
+        if mine == "class_embedding.weight":
+            continue
+        if all(k in theirs for k in keys):
+            parts = [theirs[k] for k in keys]
+            sd[mine] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     if model.class_embedding is not None:
         table = theirs["class_embedding.weight"]
-        sd["class_embedding.weight"] = torch.cat([table, table.new_zeros(1, table.shape[1])], dim=0)
-    for lvl in range(levels):
-        attention = down_types[lvl] == "AttnDownBlock2D"
-        _level(sd, f"down.{lvl}", theirs, f"down_blocks.{lvl}", layers, attention,
-               "downsamplers" if lvl != levels - 1 else None)
-        _level(sd, f"up.{lvl}", theirs, f"up_blocks.{lvl}", layers + 1, down_types[levels - 1 - lvl] == "AttnDownBlock2D",
-               "upsamplers" if lvl != levels - 1 else None)
-    _resnet(sd, "mid.resnet1", theirs, "mid_block.resnets.0")
-    _attention(sd, "mid.attention", theirs, "mid_block.attentions.0")
-    _resnet(sd, "mid.resnet2", theirs, "mid_block.resnets.1")
+        if null_class:  # exported by fastddpm: the last row is the trained null class
+            sd["class_embedding.weight"] = table
+        else:
+            sd["class_embedding.weight"] = torch.cat([table, table.new_zeros(1, table.shape[1])], dim=0)
 
     unused = set(theirs) - used
     if unused:

@@ -42,14 +42,13 @@ Rule 1 reads only static tensor properties, so it adds no graph break under ``to
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastddpm.kernels.checks import check_attention
-from .backend import use_triton
+from .backend import launchable, use_triton
 
 __all__ = ["attention"]
 
@@ -65,9 +64,8 @@ def _compute_dtype(q: Tensor) -> torch.dtype:
 
 def kernel_takes(q: Tensor, k: Tensor) -> bool:
     """Whether the Triton kernels accept these inputs (dtype, head_dim, non-empty, launchable device)."""
-    launchable = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     return (q.dtype in _LOW_PRECISION and q.shape[-1] <= KERNEL_MAX_HEAD_DIM and q.numel() > 0
-            and k.numel() > 0 and launchable)
+            and k.numel() > 0 and launchable(q))
 
 
 def _take_triton(q: Tensor, k: Tensor) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import threading
 from typing import Iterator
 
@@ -45,13 +46,27 @@ def use_backend(name: str) -> Iterator[None]:
         _state.backend = previous
 
 
+def interpreter_active() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1): CPU tensors can then launch."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launchable(t: torch.Tensor) -> bool:
+    """Whether a Triton kernel can run on `t`: a CUDA tensor, or any tensor under the interpreter."""
+    return t.is_cuda or interpreter_active()
+
+
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether an op called on tensor `t` should run its Triton implementation."""
+    """Whether an op called on tensor `t` should run its Triton implementation.
+
+    "reference": never. "triton": whenever a kernel can launch on `t` (`launchable`: CPU tensors without
+    the interpreter take the reference instead of failing in the launcher). "auto": CUDA tensors with
+    triton importable."""
     backend = current_backend()
     if backend == "reference":
         return False
     if backend == "triton":
-        return True
+        return launchable(t)
     return t.is_cuda and triton_available()
 
 

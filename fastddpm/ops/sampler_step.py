@@ -17,6 +17,15 @@ With C = x.shape[1], m = model_output[:, :C] (fp32 math whatever the dtype), row
 Columns of coefs: 0 A, 1 B, 2 P, 3 Q, 4 R, 5 P2, 6 SIGMA, 7 LOG_MIN, 8 LOG_MAX, 9 P3, 10 P4. A table
 of the first 9 columns only ([S, 9], the layout before P3 / P4 existed) is accepted without x0_prev2.
 
+Known-region replacement (inpainting, `fastddpm.editing`): with `mask` and `known` (x's shape; mask 1 =
+keep, 0 = generate), the table has two more columns, 11 KA and 12 KZ (`KNOWN_COEFS` = 13: the known
+image's coefficients at the timestep the step lands on, sqrt(ab_next) and sqrt(1 - ab_next)), and
+
+    x_prev = mask * (KA*known + KZ*z) + (1 - mask) * x_prev
+
+with the step's own z (an element takes either the update's noise or the known region's, never both),
+so z is drawn even where SIGMA = 0: `noise` or `seed` is then required.
+
 z is `noise` when given; else, when `seed` is given, the Philox stream of `fastddpm.ops.philox`
 (z[i, e] = normal(seed, c0=e, c1=image_offset+i, c2=step, c3=0)); when neither is given z = 0, which
 is what deterministic samplers (DDIM with eta = 0, DPM-Solver++) use: the caller guarantees sigma = 0.
@@ -32,20 +41,23 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastddpm.kernels.checks import LEGACY_COEFS, NUM_COEFS, check_sampler_step, check_sampler_step_inplace
+from fastddpm.kernels.checks import (KNOWN_COEFS, LEGACY_COEFS, NUM_COEFS, check_sampler_step,
+                                     check_sampler_step_inplace)
 from .backend import use_triton
 
 __all__ = ["sampler_step", "sampler_step_", "sampler_step_reference", "sampler_step_inplace_reference",
-           "NUM_COEFS", "COLUMNS"]
+           "NUM_COEFS", "COLUMNS", "KNOWN_COEFS", "KNOWN_COLUMNS"]
 
 COLUMNS = ("A", "B", "P", "Q", "R", "P2", "SIGMA", "LOG_MIN", "LOG_MAX", "P3", "P4")
+# with mask / known: two more columns, the known image's coefficients
+KNOWN_COLUMNS = ("KA", "KZ")
 
 
 def sampler_step_reference(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, x0_prev: Optional[Tensor] = None,
     noise: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
     clip: bool = True, learned_range: bool = False, x0_prev2: Optional[Tensor] = None,
-    x0_prev3: Optional[Tensor] = None,
+    x0_prev3: Optional[Tensor] = None, mask: Optional[Tensor] = None, known: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The plain-PyTorch implementation of the op (same arguments and results; no checks).
 
@@ -71,7 +83,8 @@ def sampler_step_reference(
     for col, h in ((5, x0_prev), (9, x0_prev2), (10, x0_prev3)):
         if h is not None:
             mean.addcmul_(row[col], h if h.dtype == wdt else h.to(wdt))
-    if noise is None and seed is not None and not (x.device.type == "cpu" and float(sig) == 0.0):
+    masked = mask is not None
+    if noise is None and seed is not None and (masked or not (x.device.type == "cpu" and float(sig) == 0.0)):
         # SIGMA == 0 (DDIM eta = 0, DPM-Solver++, the last step) makes sigma 0, learned_range included
         # (sigma = SIGMA * exp(...)): the draw is skipped on the CPU, where reading SIGMA costs no device
         # sync. On other devices SIGMA is never read on the host (graph-capturable, sync-free).
@@ -85,9 +98,17 @@ def sampler_step_reference(
         else:
             sigma = sig
         mean.addcmul_(sigma, noise if noise.dtype == wdt else noise.to(wdt))
+    if masked:
+        mean = _replace_known(mean, row, mask.to(wdt), known.to(wdt), noise.to(wdt))
     if x.dtype != wdt:
         mean, x0 = mean.to(x.dtype), x0.to(x.dtype)
     return mean, x0
+
+
+def _replace_known(mean: Tensor, row: Tensor, mask: Tensor, known: Tensor, z: Tensor) -> Tensor:
+    """mask * (KA*known + KZ*z) + (1 - mask) * mean, the op's known-region replacement (fp32)."""
+    target = torch.addcmul(row[KNOWN_COEFS - 2] * known, row[KNOWN_COEFS - 1], z)
+    return torch.addcmul(mask * target, 1.0 - mask, mean)
 
 
 @torch.library.custom_op("fastddpm::sampler_step", mutates_args=())
@@ -104,6 +125,8 @@ def sampler_step(
     learned_range: bool = False,
     x0_prev2: Optional[Tensor] = None,
     x0_prev3: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    known: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """One sampling step x_t -> (x_{t-1}, x0-hat) driven by the coefficient row `coefs[step]`.
 
@@ -122,20 +145,23 @@ def sampler_step(
         clip: clamp x0-hat to [-1, 1] before the update.
         learned_range: sigma interpolates LOG_MIN/LOG_MAX with the model's extra channels.
         x0_prev2, x0_prev3: the x0-hat of two / three steps back (DPM-Solver++ 3M, UniPC) or None.
+        mask, known: known-region replacement (x's shape; mask 1 = keep, 0 = generate; coefs [S, 13];
+            see the module docstring), or None.
 
     Returns:
         (x_prev, x0c): new tensors in x's dtype.
     """
     check_sampler_step(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False,
-                       x0_prev2, x0_prev3)
+                       x0_prev2, x0_prev3, mask, known)
     _check_row(step, coefs)
     if use_triton(x):
         from fastddpm.kernels.sampler_step import sampler_step_forward
 
+        extra = {} if mask is None else {"mask": mask, "known": known}
         return sampler_step_forward(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, learned_range,
-                                    x0_prev2, x0_prev3)
+                                    x0_prev2, x0_prev3, **extra)
     return sampler_step_reference(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, clip, learned_range,
-                                  x0_prev2, x0_prev3)
+                                  x0_prev2, x0_prev3, mask, known)
 
 
 @sampler_step.register_fake
@@ -143,10 +169,10 @@ def _(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, x0_prev: Optional[Tensor] = None,
     noise: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
     clip: bool = True, learned_range: bool = False, x0_prev2: Optional[Tensor] = None,
-    x0_prev3: Optional[Tensor] = None,
+    x0_prev3: Optional[Tensor] = None, mask: Optional[Tensor] = None, known: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     check_sampler_step(x, model_output, coefs, step, x0_prev, noise, seed, image_offset, learned_range, False,
-                       x0_prev2, x0_prev3)
+                       x0_prev2, x0_prev3, mask, known)
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -165,12 +191,12 @@ def sampler_step_inplace_reference(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, t_out: Tensor, model_timesteps: Tensor,
     x0_prev: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
     clip: bool = True, learned_range: bool = False, x0_prev2: Optional[Tensor] = None,
-    x0_prev3: Optional[Tensor] = None,
+    x0_prev3: Optional[Tensor] = None, mask: Optional[Tensor] = None, known: Optional[Tensor] = None,
 ) -> None:
     """The plain-PyTorch in-place step: `sampler_step_reference`, then the results and the counters
     are written into the caller's buffers, the history shifted oldest first (no checks)."""
     x_prev, x0 = sampler_step_reference(x, model_output, coefs, step, x0_prev, None, seed, image_offset, clip,
-                                        learned_range, x0_prev2, x0_prev3)
+                                        learned_range, x0_prev2, x0_prev3, mask, known)
     x.copy_(x_prev)
     if x0_prev3 is not None:
         x0_prev3.copy_(x0_prev2)
@@ -200,6 +226,8 @@ def sampler_step_(
     done_counter: Optional[Tensor] = None,
     x0_prev2: Optional[Tensor] = None,
     x0_prev3: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    known: Optional[Tensor] = None,
 ) -> None:
     """One sampling step in place, counters included: the whole step of a static-buffer sampling loop.
 
@@ -227,20 +255,22 @@ def sampler_step_(
             caller that steps repeatedly allocates it once. None: the Triton path allocates one per call.
         x0_prev2, x0_prev3: the older history (x0-hat of two / three steps back), shifted back by one
             (x0_prev3 <- x0_prev2 <- x0_prev); or None.
+        mask, known: known-region replacement (see `sampler_step`; needs `seed` and coefs [S, 13]), or None.
     """
     check_sampler_step_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed, image_offset,
-                               learned_range, done_counter, x0_prev2, x0_prev3)
+                               learned_range, done_counter, x0_prev2, x0_prev3, mask, known)
     _check_row(step, coefs)
     if use_triton(x):
         from fastddpm.kernels.sampler_step import sampler_step_inplace
 
         if done_counter is None:
             done_counter = torch.zeros(1, dtype=torch.int32, device=x.device)
+        extra = {} if mask is None else {"mask": mask, "known": known}
         sampler_step_inplace(x, model_output, coefs, step, t_out, model_timesteps, done_counter, x0_prev, seed,
-                             image_offset, clip, learned_range, x0_prev2, x0_prev3)
+                             image_offset, clip, learned_range, x0_prev2, x0_prev3, **extra)
         return
     sampler_step_inplace_reference(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed,
-                                   image_offset, clip, learned_range, x0_prev2, x0_prev3)
+                                   image_offset, clip, learned_range, x0_prev2, x0_prev3, mask, known)
 
 
 @sampler_step_.register_fake
@@ -248,8 +278,9 @@ def _(
     x: Tensor, model_output: Tensor, coefs: Tensor, step: Tensor, t_out: Tensor, model_timesteps: Tensor,
     x0_prev: Optional[Tensor] = None, seed: Optional[Tensor] = None, image_offset: int = 0,
     clip: bool = True, learned_range: bool = False, done_counter: Optional[Tensor] = None,
-    x0_prev2: Optional[Tensor] = None, x0_prev3: Optional[Tensor] = None,
+    x0_prev2: Optional[Tensor] = None, x0_prev3: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+    known: Optional[Tensor] = None,
 ) -> None:
     check_sampler_step_inplace(x, model_output, coefs, step, t_out, model_timesteps, x0_prev, seed, image_offset,
-                               learned_range, done_counter, x0_prev2, x0_prev3)
+                               learned_range, done_counter, x0_prev2, x0_prev3, mask, known)
     return None

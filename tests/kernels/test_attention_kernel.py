@@ -18,8 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastddpm.kernels.attention import (AOT_VARIANTS, AOT_VARIANTS_FP32, CONFIGS, aot_specs, attention_backward,
-                                        attention_forward, dkdv_parts, fp32_precision, modelled_hbm_bytes)
+from fastddpm.kernels.arch import SHARED_LIMIT_BYTES, arch_of
+from fastddpm.kernels.attention import CONFIGS, attention_backward, attention_forward, dkdv_parts, fp32_precision
+from fastddpm.kernels.attention_specs import AOT_VARIANTS, AOT_VARIANTS_FP32, aot_specs, modelled_hbm_bytes
 from references import attention_float64
 
 CUDA = torch.cuda.is_available()
@@ -226,8 +227,7 @@ def test_aot_specs_cover_every_config():
         for prec, variants in (("bf16", AOT_VARIANTS), ("tf32", AOT_VARIANTS_FP32), ("ieee", AOT_VARIANTS_FP32)):
             for d in sorted({shape[3] for shape, _ in variants}):
                 for kind, name in (("fwd", "attn_fwd"), ("bwd_dkdv", "attn_bwd_dkdv"), ("bwd_dq", "attn_bwd_dq")):
-                    # the TF32 dQ kernel at D = 256 runs ieee dots (no spill-free TF32 tile)
-                    want = "ieee" if (prec, kind, d) == ("tf32", "bwd_dq", 256) else prec
+                    want = prec
                     for bm, bn, w, st in tables[prec][kind][d]:
                         assert (arch, name, d, bm, bn, w, st, want) in seen, (arch, name, d, prec)
     # The runtime's specialisation is applied: unit strides and H = 1 are constants, the rest of the
@@ -272,6 +272,48 @@ def test_fp32_precision_follows_torch_switch(matmul_precision):
 def test_dkdv_split_at_head_dim_256():
     assert dkdv_parts(256, torch.bfloat16, 90) == (1, 2) and dkdv_parts(128, torch.bfloat16, 90) == (0,)
     assert dkdv_parts(256, torch.float32, 90) == (0,) and dkdv_parts(256, torch.float16, 80) == (0,)
+    # the 64-row tensor-core archs split; the mma.sync archs (99 KiB ones included) run one launch
+    assert dkdv_parts(256, torch.bfloat16, 100) == (1, 2)
+    for arch in (86, 89, 120):
+        assert dkdv_parts(256, torch.bfloat16, arch) == (0,)
+
+
+def test_every_device_gets_its_own_config_table():
+    """Compute capabilities map to the table of their shared-memory class (CUDA C++ Programming Guide,
+    maximum shared memory per block): A10 / RTX 30xx (8.6) and L4 / RTX 40xx (8.9) are not A100 (8.0)."""
+    want = {(8, 0): 80, (8, 7): 80, (8, 6): 86, (8, 9): 89, (9, 0): 90, (10, 0): 100, (10, 3): 100,
+            (12, 0): 120, (7, 5): 86}
+    assert {cap: arch_of(cap) for cap in want} == want
+    assert SHARED_LIMIT_BYTES[86] == SHARED_LIMIT_BYTES[89] == SHARED_LIMIT_BYTES[120] == 101_376
+    assert SHARED_LIMIT_BYTES[80] == 166_912 and SHARED_LIMIT_BYTES[90] == SHARED_LIMIT_BYTES[100] == 232_448
+    assert set(CONFIGS) == set(SHARED_LIMIT_BYTES)
+    # the sm_80 tiles that need more than 99 KiB (D = 256 bf16 forward 106,496 B, dQ 102,400 B) are not
+    # in the 99 KiB tables
+    for arch in (86, 89, 120):
+        assert (64, 64, 8, 2) not in CONFIGS[arch]["bf16"]["fwd"][256]
+        assert (64, 32, 8, 2) not in CONFIGS[arch]["bf16"]["bwd_dq"][256]
+
+
+def test_autotuners_are_kept_per_batch_bucket(monkeypatch):
+    """On a GPU each (kernel, head dim, dtype, arch) gets one autotuner per power-of-two bucket of
+    batch * heads: Triton's key (Nq, Nk, head dim) alone would reuse a config tuned at batch 256 at 16."""
+    import fastddpm.kernels.attention as K
+
+    made = []
+
+    class Tuned:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None  # nothing launches: only the dispatch is under test
+
+    monkeypatch.setattr(K, "_interpret", lambda: False)
+    monkeypatch.setattr(K.triton, "autotune", lambda configs, key: (lambda fn: made.append(key) or Tuned()))
+    monkeypatch.setattr(K.triton, "heuristics", lambda values: (lambda fn: fn))
+    monkeypatch.setattr(K, "_TUNED", {})
+    for batch in (2, 2, 3, 4, 16):
+        q = torch.zeros(batch, 1, 8, 32)
+        attention_forward(q, q, q, 0.1)
+    assert len(made) == 3  # buckets 2, 4 (batch 3 and 4), 16
+    assert sorted(k[-1] for k in K._TUNED) == [2, 4, 16]
 
 
 def test_hbm_model_counts():

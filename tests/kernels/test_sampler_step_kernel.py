@@ -361,9 +361,9 @@ def test_gpu_bitwise_deterministic_and_bf16_at_real_shape():
 
 # ----------------------------------------------------------------------------- AOT specs
 def test_aot_specs_cover_every_config_with_the_modelled_traffic():
-    from fastddpm.kernels import sampler_step as ks
+    from fastddpm.kernels import sampler_step_specs as specs_module
 
-    specs = ks.aot_specs()
+    specs = specs_module.aot_specs()
     numel = 256 * 3 * 32 * 32  # the stated report shape, fp32
     by_kernel = {}
     for s in specs:
@@ -374,7 +374,9 @@ def test_aot_specs_cover_every_config_with_the_modelled_traffic():
         assert s["constexprs"]["BLOCK"] & (s["constexprs"]["BLOCK"] - 1) == 0  # power of two
         assert s["options"] == {"enable_fp_fusion": False}
     for kernel, group in by_kernel.items():
-        assert sorted((s["constexprs"]["BLOCK"], s["num_warps"]) for s in group) == sorted(ks.CONFIGS)
+        # the functional kernel is autotuned over CONFIGS; the in-place one launches INPLACE_CONFIG only
+        want = [ks.INPLACE_CONFIG] if kernel.startswith("sampler_step_inplace[") else sorted(ks.CONFIGS)
+        assert sorted((s["constexprs"]["BLOCK"], s["num_warps"]) for s in group) == want
     ddpm = by_kernel["sampler_step[ddpm_learned_philox]"][0]
     # reads x and the 2C-channel model output once, writes x_prev and x0 once; no noise tensor
     assert ddpm["hbm_bytes_fused"] == (1 + 2 + 2) * numel * 4
@@ -388,7 +390,46 @@ def test_aot_specs_cover_every_config_with_the_modelled_traffic():
     for s in specs:
         assert s["hbm_bytes_unfused"] >= 4 * s["hbm_bytes_fused"]
     # the eager model counts each op's tensor reads + writes: A*x, B*m, add = 2 + 2 + 3 passes, ...
-    assert ks.hbm_bytes_unfused(10, 4, False, False, False, False, False) == (7 + 12) * 10 * 4
+    assert specs_module.hbm_bytes_unfused(10, 4, False, False, False, False, False) == (7 + 12) * 10 * 4
+
+
+def test_gpu_launch_plan_inplace_is_never_autotuned(monkeypatch):
+    """On a GPU the in-place kernel runs INPLACE_CONFIG directly (autotuning it would time triton's
+    restore_value clones, not the kernel); the functional kernel goes through one autotuner per
+    power-of-two batch bucket. The interpreter's kernels stand in for compiled ones."""
+    coefs = _ddpm_rows(False).to(DEVICE)
+    x = torch.randn(INPLACE_SHAPE, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    want, _ = sampler_step_forward(x, x, coefs, torch.tensor([1], device=DEVICE), None, None, None, 0, True, False)
+    buckets, launched = [], []
+
+    class Tuned:  # what triton.autotune returns, launching CONFIGS[0]
+        def __getitem__(self, grid):
+            block, warps = ks.CONFIGS[0]
+            return lambda *a, **kw: ks._sampler_step_kernel[grid({"BLOCK": block})](*a, BLOCK=block,
+                                                                                    num_warps=warps, **kw)
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.append((kwargs["BLOCK"], kwargs["num_warps"]))
+                return self.kernel[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(ks, "_interpreting", lambda: False)
+    monkeypatch.setattr(ks, "_autotuned", lambda bucket: buckets.append(bucket) or Tuned())
+    monkeypatch.setattr(ks, "_sampler_step_inplace_kernel", Spy(ks._sampler_step_inplace_kernel))
+    step = torch.tensor([1], device=DEVICE)
+    t_out = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    done = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    xi = x.clone()
+    sampler_step_inplace(xi, x.clone(), coefs, step, t_out, MODEL_T.to(DEVICE), done, None, None, 0, True, False)
+    assert buckets == [] and launched == [ks.INPLACE_CONFIG]
+    assert torch.equal(xi, want) and step.item() == 2
+    got, _ = sampler_step_forward(x, x, coefs, torch.tensor([1], device=DEVICE), None, None, None, 0, True, False)
+    assert buckets == [4] and torch.equal(got, want)  # batch 3 -> bucket 4
 
 
 # ----------------------------------------------------------------------------- the in-place launcher
