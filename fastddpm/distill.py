@@ -323,6 +323,23 @@ def train_step(students: StudentSet, samplers: Dict[int, DDIMSampler], x_T: torc
     return per_k
 
 
+def _truncate_log(path: str, step: int) -> None:
+    """Drop the log records past `step` (written after the checkpoint a resumed run restarts from)."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                if int(json.loads(line).get("step", 0)) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, AttributeError):
+                continue  # a torn last line
+    from .fileio import atomic_write_bytes
+
+    atomic_write_bytes(path, "".join(keep).encode())
+
+
 def _ema_step(ema: torch.nn.Module, model: torch.nn.Module, decay: float, n: int) -> None:
     d = min(decay, (1 + n) / (10 + n))
     with torch.no_grad():
@@ -360,13 +377,13 @@ def distill(config: Optional[DistillConfig] = None, **kwargs: Any) -> DistillRes
             raise TypeError(f"distill() got an unexpected keyword argument {k!r}")
         setattr(cfg, k, v)
     cfg.validate()
-    from .run_dir import RunLock, truncate_log
+    from .run_dir import RunLock
 
     latest = _check_out_dir(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     lock = RunLock(cfg.out_dir)
     try:
-        return _distill(cfg, latest, truncate_log)
+        return _distill(cfg, latest, _truncate_log)
     finally:
         lock.release()
 

@@ -58,7 +58,8 @@ def test_chain_equals_sampler_and_fastsampler(tmp_path, prediction):
         with torch.no_grad():
             got = ddim_chain(model, smp, _x_T(4, (5, 1, 8, 8)))
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(fd.FastSampler(model, smp, 5)(seed=4), ref, rtol=1e-6, atol=1e-6)
+        # FastSampler's in-place op orders the fp32 update differently: fp32 rounding, amplified by 1 / sqrt(ab)
+        torch.testing.assert_close(fd.FastSampler(model, smp, 5)(seed=4), ref, rtol=2e-5, atol=2e-5)
 
 
 def test_mixed_prediction_table_is_ddim_with_each_steps_output_type(tmp_path):
@@ -267,10 +268,10 @@ def test_student_loads_everywhere_and_samples_its_chain(student_run):
             ref = ddim_chain(net, smp, _x_T(0, (4, 1, 8, 8)))
         pipe = fd.load(student_run, device="cpu")
         torch.testing.assert_close(pipe(4, seed=0, num_inference_steps=k, output_type="pt").images, ref,
-                                   rtol=1e-6, atol=1e-6)
+                                   rtol=2e-5, atol=2e-5)  # fp32: FastSampler's in-place op, another order
         fast = fd.FastSampler.from_checkpoint(student_run, steps=k, batch_size=4)
         assert fast.num_steps == k
-        torch.testing.assert_close(fast(seed=0), ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fast(seed=0), ref, rtol=2e-5, atol=2e-5)
     with pytest.raises(ValueError, match=r"one of the model-call counts this distilled checkpoint holds \(1, 2\), got 3"):
         fd.load(student_run, device="cpu")(2, num_inference_steps=3)
 
