@@ -173,6 +173,23 @@ def load_model(args: argparse.Namespace, device: Any) -> Any:
 MAX_WEIGHT = 1e6
 
 
+def model_and_sampler(args: argparse.Namespace, model: Any, diffusion: Any, config: Dict[str, Any],
+                      make_sampler: Callable[[], Any]) -> Any:
+    """(model, sampler) for sampling a checkpoint: for a `fastddpm distill` student set, --steps picks the student
+    (K model calls; args.sampler becomes "distilled"), otherwise `make_sampler()` builds the sampler --sampler
+    names."""
+    from ..student import is_distilled, student_for
+
+    if not is_distilled(config):
+        return model, make_sampler()
+    try:
+        model, sampler = student_for(model, diffusion, config, args.steps)
+    except ValueError as e:  # "steps must be one of the model-call counts ..."
+        raise CLIError(f"--{e}") from None
+    args.sampler = "distilled"
+    return model, sampler
+
+
 def check_weights(model: Any, where: str) -> None:
     """CLIError naming `where` and the tensor when a weight of `model` is NaN/inf or above :data:`MAX_WEIGHT`."""
     import torch

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .._names import DEFAULT_SAMPLER, SAMPLER_NAMES
 from ._common import (CLIError, add_threads_option, check_output, check_positive, check_seed, load_model,
-                      resolve_device, sampler_steps, steps_help, write_json)
+                      model_and_sampler, resolve_device, sampler_steps, steps_help, write_json)
 
 HELP = "sample quality: FID / KID / IS / precision-recall of a checkpoint's samples against real data"
 
@@ -159,17 +159,8 @@ def run(args: argparse.Namespace) -> int:
     if args.features == "digits" and (size, channels) != (8, 1):
         raise CLIError(f"--features digits needs 8x8 one-channel images; this model makes {channels}x{size}x{size} "
                      "(use --features inception)")
-    from ..student import is_distilled, student_for
-
-    if is_distilled(config):  # a `fastddpm distill` student set: --steps picks the student (K model calls)
-        try:
-            model, sampler = student_for(model, diffusion, config, args.steps)
-        except ValueError as e:  # "steps must be one of the model-call counts ..."
-            raise CLIError(f"--{e}") from None
-        args.sampler = "distilled"
-    else:
-        sampler = make_sampler(args.sampler, diffusion, sampler_steps(args.sampler, args.steps, diffusion),
-                               eta=args.eta)
+    model, sampler = model_and_sampler(args, model, diffusion, config, lambda: make_sampler(
+        args.sampler, diffusion, sampler_steps(args.sampler, args.steps, diffusion), eta=args.eta))
 
     batches = sample_batches(model, sampler, args.num, args.batch_size, (channels, size, size), seed=args.seed,
                              device=device, clip_denoised=not args.no_clip, progress=args.progress,

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .._names import DEFAULT_DDP_TIMEOUT, DEFAULT_SAMPLER, DEFAULT_SPACING, SAMPLER_NAMES, SPACING_NAMES
 from ._common import (CLIError, add_threads_option, check_output, check_positive, check_seed, diffusers_pipeline,
-                      load_model, resolve_device, sampler_steps, steps_help, write_output)
+                      load_model, model_and_sampler, resolve_device, sampler_steps, steps_help, write_output)
 
 HELP = "draw samples from a checkpoint (default: the bundled digits model)"
 
@@ -149,17 +149,9 @@ def _prepare(args: argparse.Namespace, device: Any) -> _Job:
     if not num_classes and args.guidance_scale != 1.0:
         raise CLIError(f"--guidance-scale {args.guidance_scale} needs a class-conditional model; this one has no "
                        "classes (leave it at 1)")
-    from ..student import is_distilled, student_for
-
-    if is_distilled(config):  # a `fastddpm distill` student set: --steps picks the student (K model calls)
-        try:
-            model, sampler = student_for(model, diffusion, config, args.steps)
-        except ValueError as e:  # "steps must be one of the model-call counts ..."
-            raise CLIError(f"--{e}") from None
-        args.sampler = "distilled"
-    else:
-        sampler = sampler_for_checkpoint(ck_path, diffusion, args.sampler,
-                                         sampler_steps(args.sampler, args.steps, diffusion), args.spacing, eta=args.eta)
+    model, sampler = model_and_sampler(args, model, diffusion, config, lambda: sampler_for_checkpoint(
+        ck_path, diffusion, args.sampler, sampler_steps(args.sampler, args.steps, diffusion), args.spacing,
+        eta=args.eta))
     model = reduced_precision(model, args.dtype)
     if args.class_label is not None:
         if not num_classes:
