@@ -88,9 +88,10 @@ def test_teacher_pairs_do_not_depend_on_the_batch(tmp_path):
     a = teacher_pairs(model, diff, (1, 8, 8), 7, seed=2, sampler="dpm++", steps=5, batch=7)
     b = teacher_pairs(model, diff, (1, 8, 8), 7, seed=2, sampler="dpm++", steps=5, batch=3)
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
-    torch.testing.assert_close(a[1], b[1], rtol=1e-6, atol=1e-6)
+    # x_0 to fp32 rounding: the U-Net's convolutions round differently at batch 7 and 3 (seen: 8e-6 after 5 steps)
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-4)
     ref = make_sampler("dpm++", diff, steps=5, spacing="trailing").sample(model, (7, 1, 8, 8), seed=2)
-    torch.testing.assert_close(a[1], ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a[1], ref, rtol=0, atol=1e-4)
     torch.testing.assert_close(a[0], _x_T(2, (7, 1, 8, 8)), rtol=0, atol=0)
 
 
@@ -163,7 +164,9 @@ def test_student_with_the_teachers_steps_reproduces_it_at_init(tmp_path, model_k
     teacher = _tiny_checkpoint(tmp_path / "t", model_kw, diff_kw)
     r = distill(checkpoint=teacher, calls=(3,), steps=2, out_dir=str(tmp_path / "d"), teacher_sampler="ddim",
                 teacher_steps=3, num_pairs=16, batch_size=8, lr=1e-3, progress=False, student_prediction="teacher")
-    assert r.losses[0]["loss_3"] < 1e-12  # the student's chain is the teacher's solver: loss exactly 0
+    # the student's chain is the teacher's solver: loss 0 up to fp32 rounding (the pairs and the training batch
+    # run the U-Net at different batch sizes, whose convolutions round differently: ~1e-6 per pixel)
+    assert r.losses[0]["loss_3"] < 1e-10
     assert r.timesteps == {3: [39, 26, 12]}  # trailing: round(T - i T / K) - 1
 
 

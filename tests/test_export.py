@@ -222,9 +222,25 @@ def test_export_from_pipeline_object(tmp_path):
 def test_readme_of_a_distilled_student_says_what_diffusers_does_not_reproduce(tmp_path):
     ckpt = _checkpoint(tmp_path / "s.safetensors")
     ck = load_checkpoint(ckpt)
-    save_weights_file(ckpt, ck.model, {**ck.config, DISTILL_CONFIG_KEY: {"teacher": "runs/cifar", "calls": 4}})
-    readme = open(os.path.join(export_diffusers(ckpt, str(tmp_path / "e")), "README.md")).read()
-    assert "distilled student" in readme and '"calls": 4' in readme
+    # a student set as `fastddpm distill` writes it: one U-Net per K under students.<K>.
+    entry = {"teacher": "runs/cifar", "calls": {"2": [999, 499], "4": [999, 749, 499, 249]},
+             "prediction": {"2": ["x0", "eps"], "4": ["x0", "eps", "eps", "eps"]}}
+    student4 = {k: v + 0.01 for k, v in ck.model.items()}
+    weights = {**{f"students.2.{k}": v for k, v in ck.model.items()},
+               **{f"students.4.{k}": v for k, v in student4.items()}}
+    save_weights_file(ckpt, weights, {**ck.config, DISTILL_CONFIG_KEY: entry})
+    out = export_diffusers(ckpt, str(tmp_path / "e"))
+    readme = open(os.path.join(out, "README.md")).read()
+    assert "4-call distilled student" in readme and '"teacher": "runs/cifar"' in readme
+    # the exported U-Net is the set's 4-call student
+    from safetensors.torch import load_file
+
+    exported = load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+    teacher_export = load_file(os.path.join(export_diffusers(_checkpoint(tmp_path / "t.safetensors"),
+                                                             str(tmp_path / "t")), "unet",
+                                            "diffusion_pytorch_model.safetensors"))
+    key = next(k for k, v in teacher_export.items() if v.is_floating_point() and v.numel() > 1)
+    torch.testing.assert_close(exported[key], teacher_export[key] + 0.01)
     plain = open(os.path.join(export_diffusers(_checkpoint(tmp_path / "p.safetensors"), str(tmp_path / "f")),
                               "README.md")).read()
     assert "student" not in plain

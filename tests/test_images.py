@@ -58,8 +58,13 @@ def test_one_definition_of_the_quantisation():
 
     assert not hasattr(data, "to_uint8") and not hasattr(data, "save_grid")
     assert train.save_grid is images.save_grid
-    src = open(cli_sample.__file__).read()
-    assert "from ..images import grid_scale, save_grid, to_uint8" in src
+    import ast
+
+    tree = ast.parse(open(cli_sample.__file__).read())
+    imported = {a.name for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and n.module == "images" and n.level == 2 for a in n.names}
+    defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert {"save_grid", "to_uint8", "grid_scale"} <= imported and not defined & {"save_grid", "to_uint8"}
 
 
 # ----------------------------------------------------------------------------- progress bar

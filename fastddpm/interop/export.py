@@ -202,8 +202,11 @@ def _notes(config: Dict[str, Any], unet: Any, schedules: Optional[Dict[str, Any]
                 notes.append(f"  - {name}, {steps} steps: {list(ts)}")
     student = config.get(DISTILL_CONFIG_KEY)
     if student:
-        notes.append("- This is a distilled student: it was trained to be sampled by fastddpm's sampler at its own "
-                     f"few steps ({json.dumps(student, sort_keys=True)[:200]}); diffusers' DDPMScheduler walks the "
+        calls = student.get("calls") if isinstance(student, dict) else None
+        k = max((int(c) for c in calls), default=None) if isinstance(calls, dict) else calls
+        notes.append(f"- This is the {k}-call distilled student: it was trained to be sampled by fastddpm's "
+                     f"sampler at its own few steps ({json.dumps(student, sort_keys=True)[:200]}); diffusers' "
+                     "DDPMScheduler walks the "
                      "teacher's full loop, which the student was not trained for: expect poor samples there. Sample "
                      "it with `fastddpm sample --checkpoint`.")
     return notes
@@ -245,6 +248,10 @@ def _load(source: Any, use_ema: bool) -> Tuple[Any, Any, Dict[str, Any], str, Op
         path = str(getattr(source, "source", "a fastddpm Pipeline"))
         return source.unet, source.diffusion, config, path, _schedules_of(path)
     model, diffusion, config = load_model(source, use_ema=use_ema, device="cpu")
+    from ..student import StudentSet
+
+    if isinstance(model, StudentSet):  # one U-Net per K: the most calls, the set's best-quality student
+        model = model.for_calls(max(model.calls))
     path = ckpt.resolve_checkpoint(source)
     return model, diffusion, config, path, _schedules_of(path)
 
