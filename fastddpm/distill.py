@@ -41,7 +41,7 @@ import torch
 from . import build
 from . import checkpoint as ckpt
 from .fileio import atomic_write_json
-from ._names import DETERMINISTIC_SAMPLERS
+from ._names import DETERMINISTIC_SAMPLERS, DISTILL_CONFIG_KEY
 from .ops.sampler_step import sampler_step_reference
 from .samplers import DDIMSampler, make_sampler
 from .spacing import make_timesteps
@@ -351,7 +351,7 @@ def _run_config(cfg: DistillConfig, tconfig: Dict[str, Any], tpath: str, timeste
                 predictions: Dict[int, str]) -> Dict[str, Any]:
     """The checkpoint config of a student set: the teacher's model and diffusion, plus "distill"."""
     out = {k: tconfig[k] for k in ("model", "diffusion", "data") if k in tconfig}
-    out["distill"] = {
+    out[DISTILL_CONFIG_KEY] = {
         "calls": {str(k): ts for k, ts in timesteps.items()},
         "prediction": {str(k): p for k, p in predictions.items()},  # per step
         "sampler": "ddim (eta = 0) at the timesteps of 'calls'",
@@ -417,7 +417,7 @@ def _distill(cfg: DistillConfig, latest: Optional[str], truncate_log: Callable[[
     log_path = os.path.join(cfg.out_dir, LOG_FILE)
     if latest is not None:
         ck = ckpt.load_checkpoint(latest)
-        _check_resume_config(ck.config["distill"]["config"], cfg)
+        _check_resume_config(ck.config[DISTILL_CONFIG_KEY]["config"], cfg)
         students.load_state_dict(ck.model)
         ema.load_state_dict(ck.ema)
         opt.load_state_dict(ck.state["optimizer"])
@@ -502,26 +502,27 @@ def export_students(checkpoints: Sequence[str], out: str, dtype: Optional[str] =
             raise ValueError(f"checkpoints must be distillation runs (`fastddpm distill`), got {ck.path!r}")
         if config is None:
             config = json.loads(json.dumps(ck.config))
-            config["distill"]["calls"], config["distill"]["prediction"] = {}, {}
+            config[DISTILL_CONFIG_KEY]["calls"], config[DISTILL_CONFIG_KEY]["prediction"] = {}, {}
         elif any(ck.config.get(k) != config.get(k) for k in ("model", "diffusion")):
             raise ValueError(f"checkpoints must share the teacher's model and diffusion; {ck.path!r} differs")
         keep = [k for k in distilled_calls(ck.config) if calls is None or k in calls]
         for k in keep:
-            if str(k) in config["distill"]["calls"]:
+            if str(k) in config[DISTILL_CONFIG_KEY]["calls"]:
                 raise ValueError(f"checkpoints hold student K = {k} twice")
-            config["distill"]["calls"][str(k)] = student_timesteps_of(ck.config, k)
-            config["distill"]["prediction"][str(k)] = student_prediction_of(ck.config, k)
+            config[DISTILL_CONFIG_KEY]["calls"][str(k)] = student_timesteps_of(ck.config, k)
+            config[DISTILL_CONFIG_KEY]["prediction"][str(k)] = student_prediction_of(ck.config, k)
         cast = casts[dtype]
         for name, v in ck.weights(use_ema).items():
             if int(name.split(".")[1]) in keep:  # students.<K>.<param>
                 state[name] = v.to(cast) if cast is not None and v.is_floating_point() else v
         sources.append({"checkpoint": ck.path, "step": ck.step, "calls": keep,
-                        "config": ck.config["distill"].get("config")})
-    if config is None or not config["distill"]["calls"]:
+                        "config": ck.config[DISTILL_CONFIG_KEY].get("config")})
+    if config is None or not config[DISTILL_CONFIG_KEY]["calls"]:
         raise ValueError(f"calls {list(calls or [])} selects no student of {list(checkpoints)}")
-    config["distill"]["calls"] = dict(sorted(config["distill"]["calls"].items(), key=lambda kv: int(kv[0])))
-    config["distill"]["exported_from"] = sources  # each run's settings (the students may differ in them)
-    config["distill"].pop("config", None)
+    entry = config[DISTILL_CONFIG_KEY]
+    entry["calls"] = dict(sorted(entry["calls"].items(), key=lambda kv: int(kv[0])))
+    config[DISTILL_CONFIG_KEY]["exported_from"] = sources  # each run's settings (the students may differ in them)
+    config[DISTILL_CONFIG_KEY].pop("config", None)
     config["weights"] = ("ema" if use_ema else "raw") + (f", stored in {dtype}" if casts[dtype] is not None else "")
     ckpt.check_state_dict(build.build_model(config), state, out)
     ckpt.save_weights_file(out, state, config)

@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from ._names import DISTILL_CONFIG_KEY
+
 __all__ = ["StudentSet", "is_distilled", "distilled_calls", "student_timesteps_of", "check_calls", "student_for",
            "student_prediction_of", "ddim_sampler"]
 
@@ -52,12 +54,12 @@ class StudentSet(torch.nn.Module):
 
 def is_distilled(config: Optional[Mapping[str, Any]]) -> bool:
     """Whether a checkpoint config is a distilled student set."""
-    return isinstance(config, Mapping) and isinstance(config.get("distill"), Mapping)
+    return isinstance(config, Mapping) and isinstance(config.get(DISTILL_CONFIG_KEY), Mapping)
 
 
 def distilled_calls(config: Mapping[str, Any]) -> List[int]:
     """The model-call counts a distilled checkpoint holds, ascending."""
-    return sorted(int(k) for k in config["distill"]["calls"])
+    return sorted(int(k) for k in config[DISTILL_CONFIG_KEY]["calls"])
 
 
 def check_calls(calls: Any, available: Sequence[int]) -> int:
@@ -72,14 +74,15 @@ def check_calls(calls: Any, available: Sequence[int]) -> int:
 def student_timesteps_of(config: Mapping[str, Any], calls: int) -> List[int]:
     """The K timesteps (descending) student `calls` of a distilled checkpoint samples at."""
     check_calls(calls, distilled_calls(config))
-    return [int(t) for t in config["distill"]["calls"][str(int(calls))]]
+    return [int(t) for t in config[DISTILL_CONFIG_KEY]["calls"][str(int(calls))]]
 
 
 def student_prediction_of(config: Mapping[str, Any], calls: int) -> List[str]:
     """What student `calls` outputs at each of its K steps ("eps", "x0" or "v"; the teacher's unless the
     checkpoint says otherwise)."""
     check_calls(calls, distilled_calls(config))
-    got = (config["distill"].get("prediction") or {}).get(str(int(calls)), config["diffusion"].get("prediction", "eps"))
+    per_step = config[DISTILL_CONFIG_KEY].get("prediction") or {}
+    got = per_step.get(str(int(calls)), config["diffusion"].get("prediction", "eps"))
     return [str(got)] * int(calls) if isinstance(got, str) else [str(p) for p in got]
 
 
