@@ -39,8 +39,8 @@ _EXPORTS = {
     "fid": "evaluate",
     "load": "pretrained",
     "Pipeline": "pretrained",
-    "distill": "distill",  # the function; the module fastddpm.distill is callable as the same function
-    "DistillConfig": "distill",
+    "distill": "distillation",  # the function (the module is fastddpm.distillation)
+    "DistillConfig": "distillation",
 }
 # submodules reachable as attributes without an explicit import (fd.metrics.frechet_distance, ...)
 _SUBMODULES = ("metrics", "evaluate", "features", "inception", "images", "interop")

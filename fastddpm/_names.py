@@ -30,7 +30,7 @@ DEFAULT_SAMPLER = "unipc"
 # CPU) for no better digits-FID (docs/quality_vs_steps.md: 11.5 at 1000, 9.6 at 100)
 CLI_DEFAULT_STEPS = {**DEFAULT_STEPS, "ddpm": 100}
 
-# the entry of a checkpoint's config that marks a distilled student set (`fastddpm.distill` writes it: the
+# the entry of a checkpoint's config that marks a distilled student set (`fastddpm.distillation` writes it: the
 # teacher, the model calls each student takes and their timesteps)
 DISTILL_CONFIG_KEY = "distill"
 

@@ -60,7 +60,7 @@ def _check_model_bounds(m: Dict[str, Any]) -> None:
 
 def build_model(config: Dict[str, Any]) -> torch.nn.Module:
     """A fastddpm.UNet from a checkpoint config's "model" entry (UNet keyword arguments); for a distilled
-    checkpoint (a "distill" entry, `fastddpm.distill`) a `fastddpm.student.StudentSet` of such U-Nets."""
+    checkpoint (a "distill" entry, `fastddpm.distillation`) a `fastddpm.student.StudentSet` of such U-Nets."""
     from .student import build_student_set, is_distilled
 
     if is_distilled(config):

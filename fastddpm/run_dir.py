@@ -212,11 +212,12 @@ def saved_run_config(resume: Union[bool, str], out_dir: str) -> Optional[Tuple[D
     return saved, path
 
 
-def resume_message(path: str, step: int, saved: Dict[str, Any], cfg: Any, saved_world: int, world: int) -> str:
+def resume_message(path: str, step: int, saved: Dict[str, Any], cfg: Any, saved_world: int, world: int,
+                   command: str = "train") -> str:
     """What :func:`fastddpm.train.train` prints when it resumes checkpoint ``path`` at ``step``: every
     setting of the TrainConfig ``cfg`` that differs from the ``saved`` one, a changed world size, and a
     run that has nothing left to train."""
-    lines = [f"fastddpm train: resuming from step {step} ({path})"]
+    lines = [f"fastddpm {command}: resuming from step {step} ({path})"]
     for name, old, new in config_changes(saved, cfg.to_dict()):
         lines.append(f"  {name}: {show_value(old)} -> {show_value(new)}")
     if saved_world != world:
@@ -250,7 +251,14 @@ def resume_checkpoint(resume: Union[bool, str], run_dir: str, announce: bool) ->
 def check_resumable(ck: ckpt.Checkpoint, config: Dict[str, Any]) -> None:
     """ValueError naming the differences when checkpoint ``ck``'s model or diffusion config is not the one of
     the run's ``config`` (its "model": the built model's complete keyword arguments, and "diffusion").
-    Dropout changes no weight: a resumed run may change it (fine-tuning)."""
+    Dropout changes no weight: a resumed run may change it (fine-tuning). A distilled student set and a
+    diffusion model never continue each other."""
+    from .student import is_distilled
+
+    if is_distilled(ck.config) != is_distilled(config):
+        kind = "a distillation run (continue it with `fastddpm distill --resume`)" if is_distilled(ck.config) else \
+            "a training run (continue it with `fastddpm train --resume`)"
+        raise ValueError(f"{ck.path}: the checkpoint is {kind}; choose another --out-dir")
     try:
         ck_model = json.loads(json.dumps(getattr(build_model(ck.config), "config", ck.config["model"])))
     except ckpt.CheckpointError:

@@ -567,20 +567,33 @@ class DDIMSampler(Sampler):
         diffusion: a `GaussianDiffusion`.
         steps: an int (evenly spaced, T-1 and 0 included), None (all T) or a descending list.
         eta: in [0, 1].
+        predictions: how step s reads the model output, one of "eps", "x0", "v" per step (default: the
+            diffusion's prediction at every step); a distilled student may output x0 at its first step and eps
+            after it. A row's prediction type changes only its coefficients.
     The update matches diffusers' DDIMScheduler.step (set_alpha_to_one=True,
     use_clipped_model_output=False); a learned-variance model's extra channels are ignored.
     """
 
-    def __init__(self, diffusion: Any, steps: Steps = 50, eta: float = 0.0, *, spacing: Optional[Spacing] = None):
+    def __init__(self, diffusion: Any, steps: Steps = 50, eta: float = 0.0, *, spacing: Optional[Spacing] = None,
+                 predictions: Optional[Sequence[str]] = None):
         if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(float(eta)) or not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"eta must be a real number in [0, 1], got {eta!r}")
         self.eta = float(eta)
         ts, self.spacing = _spaced_timesteps(diffusion, steps, spacing, default="uniform", default_steps=50)
+        preds = [diffusion.prediction] * len(ts) if predictions is None else list(predictions)
+        if len(preds) != len(ts) or any(p not in ("eps", "x0", "v") for p in preds):
+            raise ValueError(f"predictions must be one of 'eps', 'x0', 'v' per timestep ({len(ts)}), got {predictions!r}")
+        self.row_predictions: List[str] = preds
         self._setup(diffusion, ts)
 
     def _build_coefs(self) -> torch.Tensor:
         r = self.respaced
-        return self._per_step(ddim_coefs(self.prediction, r.alphas_cumprod, r.alphas_cumprod_prev, self.eta))
+        table = self._per_step(ddim_coefs(self.prediction, r.alphas_cumprod, r.alphas_cumprod_prev, self.eta))
+        for p in sorted(set(self.row_predictions) - {self.prediction}):
+            other = self._per_step(ddim_coefs(p, r.alphas_cumprod, r.alphas_cumprod_prev, self.eta))
+            rows = [s for s, q in enumerate(self.row_predictions) if q == p]
+            table[rows] = other[rows]
+        return table
 
     def __repr__(self) -> str:
         return (f"DDIMSampler(steps={self.num_steps}, spacing={self.spacing!r}, eta={self.eta}, "

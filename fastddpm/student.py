@@ -1,4 +1,4 @@
-"""Few-call students (`fastddpm.distill`): one network per number of model calls K, held together.
+"""Few-call students (`fastddpm.distillation`): one network per number of model calls K, held together.
 
 A distilled checkpoint is an ordinary fastddpm checkpoint whose config has a "distill" entry
 ({"calls": {"K": [its K timesteps, descending]}, "teacher": ..., "method": ...}) and whose weights are
@@ -7,7 +7,7 @@ Student K samples with deterministic DDIM (eta = 0) at its own K timesteps: the 
 fused `sampler_step` op and `FastSampler` as every other sampler, so every kernel speed-up applies.
 
 This module holds the container and the lookups that loading needs; the training is in
-`fastddpm.distill`.
+`fastddpm.distillation`.
 """
 from __future__ import annotations
 
@@ -90,25 +90,9 @@ def ddim_sampler(diffusion: Any, timesteps: Sequence[int], predictions: Optional
     """Deterministic DDIM at `timesteps` whose step s reads the model output as `predictions[s]` ("eps", "x0",
     "v"; default: the diffusion's everywhere). One coefficient table, one fused op per step: a row's
     prediction type only changes its coefficients (x0 = A x + B m, eps = Ex x + Em m)."""
-    from .diffusion import GaussianDiffusion
     from .samplers import DDIMSampler
 
-    ts = [int(t) for t in timesteps]
-    preds = list(predictions) if predictions is not None else [diffusion.prediction] * len(ts)
-    if len(preds) != len(ts):
-        raise ValueError(f"predictions must have one entry per timestep ({len(ts)}), got {len(preds)}")
-    smp = DDIMSampler(diffusion, steps=ts, eta=0.0)
-    if any(p != diffusion.prediction for p in preds):
-        coefs = smp.coefs.clone()
-        for p in set(preds) - {diffusion.prediction}:
-            other = DDIMSampler(GaussianDiffusion(diffusion.schedule, prediction=p, variance=diffusion.variance,
-                                                  loss=diffusion.loss), steps=ts, eta=0.0)
-            rows = [i for i, q in enumerate(preds) if q == p]
-            coefs[rows] = other.coefs[rows]
-        smp.coefs = coefs
-        smp._device_cache.clear()
-    smp.row_predictions = preds
-    return smp
+    return DDIMSampler(diffusion, steps=[int(t) for t in timesteps], eta=0.0, predictions=predictions)
 
 
 def build_student_set(config: Mapping[str, Any], build_one: Callable[[Dict[str, Any]], torch.nn.Module]) -> StudentSet:

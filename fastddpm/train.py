@@ -440,6 +440,9 @@ class TrainLoop:
     are the subclass's and its builder's.
     """
 
+    command = "train"  # the CLI command its messages name
+    train_mode = True  # the model's mode while training (False: dropout off, e.g. distilling a deterministic map)
+
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, diffusion: Any, config: Dict[str, Any], *,
                  rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
                  distributed: bool = False):
@@ -496,7 +499,7 @@ class TrainLoop:
         self.open_outputs()
         start_step = self.step
         self.win_t0, self.win_step0 = time.perf_counter(), self.step
-        self.model.train()
+        self.model.train(self.train_mode)
         try:
             self.log_file = run_files.open_owned(self.log_path, "log", append=True) if self.is_main else None
             with InterruptFlag(self._interrupt_notice) as interrupt:
@@ -520,7 +523,7 @@ class TrainLoop:
     # ------------------------------------------------------------------ Ctrl-C / SIGTERM
     def _interrupt_notice(self, name: str) -> None:
         if self.is_main:
-            print(f"\nfastddpm train: {name}: saving a checkpoint of the current step, then stopping "
+            print(f"\nfastddpm {self.command}: {name}: saving a checkpoint of the current step, then stopping "
                   "(press Ctrl-C again to stop at once, without it)", file=sys.stderr, flush=True)
 
     def interrupted(self, flag: InterruptFlag) -> bool:
@@ -544,14 +547,20 @@ class TrainLoop:
         path = self.last_ckpt if saved_now else self.save()
         raise TrainInterrupted(f"at step {step}: saved {path}; continue with --resume")
 
+    def train_module(self) -> torch.nn.Module:
+        """What ``wrap`` wraps into ``train_model``: the model (a subclass may return a module around it whose
+        forward computes its loss, so that DDP sees one forward per step)."""
+        return self.model
+
     def wrap(self) -> None:
-        """``train_model``: the model in DistributedDataParallel (DDP) and torch.compile (``cfg.compile``;
-        None: on CUDA)."""
+        """``train_model``: :meth:`train_module` in DistributedDataParallel (DDP) and torch.compile
+        (``cfg.compile``; None: on CUDA)."""
+        self.train_model = self.train_module()
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             dev = self.device
-            self.train_model = DDP(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            self.train_model = DDP(self.train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
         use_compile = self.cfg.compile if self.cfg.compile is not None else self.device.type == "cuda"
         if use_compile:
             self.train_model = torch.compile(self.train_model)
@@ -564,7 +573,7 @@ class TrainLoop:
         if self.is_main and self.cfg.progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.command, dynamic_ncols=True, file=sys.stderr)
 
     def close_outputs(self) -> None:
         """Close the progress bar and the log file."""
@@ -693,12 +702,13 @@ class TrainLoop:
         if self.distributed:
             dist.all_reduce(buf)
         total, count, grad_norm = torch.cat([buf, self.grad_norm.double().reshape(1)]).tolist()
+        extras = self.log_extras()  # every rank: it may all-reduce
         mean_loss = total / count if count > 0 else float("nan")
         now = time.perf_counter()
         ips = (self.step - self.win_step0) / max(now - self.win_t0, 1e-9)
         if self.is_main:
             rec = {"step": self.step, "loss": mean_loss, "lr": self.lr, "grad_norm": grad_norm,
-                   "skipped": self.skipped, "it_per_s": ips, "time": time.time()}
+                   "skipped": self.skipped, "it_per_s": ips, "time": time.time(), **extras}
             self.log_file.write(json.dumps(rec) + "\n")
             self.log_file.flush()
             if self.bar is not None:
@@ -706,6 +716,10 @@ class TrainLoop:
         self.win_sum.zero_()
         self.win_n.zero_()
         self.win_t0, self.win_step0 = now, self.step
+
+    def log_extras(self) -> Dict[str, Any]:
+        """More fields of this log record (a subclass's window statistics); called on every rank at each log step."""
+        return {}
 
     def save(self) -> Optional[str]:
         """A checkpoint of this step (rank 0 writes it, with every rank's RNG state); its path on rank 0."""
@@ -742,7 +756,7 @@ class TrainLoop:
             with torch.no_grad():
                 x = s.sample(Conditioned(net, y), (cfg.sample_num, m["in_channels"], size, size), seed=cfg.seed)
         except NonFiniteSampleError as e:  # a grid is a by-product: say so and keep training
-            print(f"fastddpm train: step {self.step}: no sample grid: {e}", file=sys.stderr)
+            print(f"fastddpm {self.command}: step {self.step}: no sample grid: {e}", file=sys.stderr)
             net.train(was_training)
             return
         save_grid(x, os.path.join(self.run_dir, "samples", f"step_{self.step:08d}.png"), scale=max(1, 64 // size))
@@ -777,7 +791,7 @@ class TrainLoop:
             if self.is_main:
                 removed = run_files.clear_run(self.run_dir)
                 if removed:
-                    print(f"fastddpm train: --overwrite: removed the previous run's {', '.join(removed)} from "
+                    print(f"fastddpm {self.command}: --overwrite: removed the previous run's {', '.join(removed)} from "
                           f"{self.run_dir}", file=sys.stderr)
             if self.distributed:
                 dist.barrier()
@@ -789,13 +803,17 @@ class TrainLoop:
         past its last checkpoint, or an abandoned branch's) and the run directory's newer checkpoints."""
         moved = run_files.set_aside_log_lines(self.log_path, self.step)
         if moved:
-            print(f"fastddpm train: {moved} log lines past step {self.step} moved to "
+            print(f"fastddpm {self.command}: {moved} log lines past step {self.step} moved to "
                   f"{os.path.join(self.run_dir, run_files.SUPERSEDED_LOG)}", file=sys.stderr)
         names, dest = run_files.set_aside_newer_checkpoints(self.run_dir, self.step)
         if names:
-            print(f"fastddpm train: resuming from step {self.step}: the newer checkpoints {', '.join(names)} moved "
+            print(f"fastddpm {self.command}: resuming from step {self.step}: the newer checkpoints {', '.join(names)} moved "
                   f"to {dest} (they belong to the run this one branches off; a later --resume continues this one)",
                   file=sys.stderr)
+
+    def saved_train_config(self, ck: ckpt.Checkpoint) -> Dict[str, Any]:
+        """The TrainConfig (as a dict) checkpoint ``ck`` was trained with: the resume message lists what changed."""
+        return ck.config.get("train") or {}
 
     def restore(self, ck: ckpt.Checkpoint) -> Dict[str, Any]:
         """Load checkpoint ``ck``'s weights, EMA, optimizer state and counters; return this rank's RNG state."""
@@ -819,8 +837,8 @@ class TrainLoop:
         self._init_device_state(updates)
         if self.is_main:
             saved_world = st.get("world_size", len(rngs) if isinstance(rngs, list) else 1)
-            print(resume_message(ck.path, self.step, ck.config.get("train") or {}, self.cfg, saved_world, self.world),
-                  file=sys.stderr)
+            print(resume_message(ck.path, self.step, self.saved_train_config(ck), self.cfg, saved_world, self.world,
+                                 command=self.command), file=sys.stderr)
         return rng
 
 

@@ -120,17 +120,19 @@ def draw(setting: str, calls: int, seed: int, num: int, model: Any, diffusion: A
     """uint8 NHWC samples of one setting and seed, the model calls per image it made, and its timesteps."""
     from fastddpm.images import to_uint8
 
+    from fastddpm.precision import reduced_precision
+
     lib, name, spacing, *rest = setting.split(":")
     full = (num, *shape)
+    dtype = rest[0] if rest else None  # e.g. fastddpm:unipc:tuned:bf16: the model calls in bf16
     if lib == "fastddpm" and name == "distilled":  # fastddpm:distilled:<student checkpoint>: student K = calls
         model_k, s = student(spacing, calls)
+        model_k = reduced_precision(model_k, dtype)
         with torch.no_grad():
             x = s.sample(model_k, full, seed=seed)
         return to_uint8(x), s.num_steps, [int(t) for t in s.timesteps]
     if lib == "fastddpm":
-        from fastddpm.precision import reduced_precision
-
-        model = reduced_precision(model, rest[0] if rest else None)  # e.g. fastddpm:unipc:tuned:bf16
+        model = reduced_precision(model, dtype)
         s = fastddpm_sampler(name, spacing, calls, diffusion, tuned)
         with torch.no_grad():
             x = s.sample(model, full, seed=seed)
@@ -138,7 +140,7 @@ def draw(setting: str, calls: int, seed: int, num: int, model: Any, diffusion: A
     elif lib == "diffusers":
         betas = diffusion.schedule.betas.numpy()
         sch = diffusers_scheduler(name, spacing, betas, diffusion.prediction)
-        x, made = diffusers_sample(model, sch, x_T(seed, full), calls, seed)
+        x, made = diffusers_sample(reduced_precision(model, dtype), sch, x_T(seed, full), calls, seed)
         x, timesteps = x.clamp(-1, 1), [int(t) for t in sch.timesteps]
     else:
         raise ValueError(f"setting must start with fastddpm: or diffusers:, got {setting!r}")
@@ -443,7 +445,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     help="combine the entries of these quality_table.json files (runs made in parallel) into "
                          "--out-dir and regenerate the table and plot; samples nothing")
     ap.add_argument("--settings", default=None,
-                    help="comma-separated lib:sampler:spacing (fastddpm settings may add :bf16 / :fp16 for the model calls)")
+                    help="comma-separated lib:sampler:spacing (a setting may add :bf16 / :fp16 for the model calls)")
     ap.add_argument("--calls", default=",".join(map(str, CALLS)), help="comma-separated model calls per image")
     ap.add_argument("--num", type=int, default=2000, help="samples per setting and seed (default: 2000)")
     ap.add_argument("--seeds", default="0,1,2")

@@ -1,4 +1,4 @@
-"""Distillation (fastddpm.distill): oracles from closed forms and from the teacher itself.
+"""Distillation (fastddpm.distillation): oracles from closed forms and from the teacher itself.
 
 * exact Gaussian data: the probability-flow ODE map x_T -> x_0 is x_0 = x_T * std_0 / std_T; a 1-call
   linear student of the exact denoiser, trained through `train_step`, converges to that gain;
@@ -20,7 +20,7 @@ import torch
 import fastddpm as fd
 from fastddpm import build
 from fastddpm import checkpoint as ck
-from fastddpm.distill import (DistillConfig, ddim_chain, distill, student_sampler, student_timesteps, teacher_pairs,
+from fastddpm.distillation import (DistillConfig, ddim_chain, distill, student_sampler, student_timesteps, teacher_pairs,
                               train_step)
 from fastddpm.ops.philox import philox_normal
 from fastddpm.samplers import make_sampler
@@ -212,7 +212,7 @@ def test_resume_is_exact(tmp_path):
     for name in a.model:
         torch.testing.assert_close(a.model[name], b.model[name], rtol=0, atol=0)
         torch.testing.assert_close(a.ema[name], b.ema[name], rtol=0, atol=0)
-    logs = [json.loads(l) for l in open(tmp_path / "b" / "distill_log.jsonl")]
+    logs = [json.loads(l) for l in open(tmp_path / "b" / "log.jsonl")]
     assert [e["step"] for e in logs] == [1, 2, 3, 4] or [e["step"] for e in logs][-1] == 4
 
 
@@ -302,7 +302,7 @@ def test_export_merges_runs_into_one_small_file(student_run, tmp_path):
     distill(checkpoint=teacher, calls=(3,), steps=1, out_dir=other, num_pairs=8, batch_size=4, teacher_steps=4,
             progress=False)
     out = str(tmp_path / "students.safetensors")
-    from fastddpm.distill import export_students
+    from fastddpm.distillation import export_students
 
     export_students([student_run, other], out, dtype="fp16")
     model, diff, cfg = build.load_model(out)
@@ -348,3 +348,108 @@ def test_quality_table_draws_a_student_through_its_sampler(student_run):
     with pytest.raises(KeyError, match="holds"):
         qt.draw(f"fastddpm:distilled:{student_run}", 4, 0, 5, None, None, (1, 8, 8), {})
     assert qt.label(f"fastddpm:distilled:{student_run}") == "fastddpm distilled student (d)"
+
+
+# ----------------------------------------------------------------------------- the training loop's machinery
+def test_pairs_x_T_never_the_sampling_noise_of_the_same_seed(tmp_path):
+    from safetensors.torch import load_file
+
+    from fastddpm.distillation import pair_seed
+
+    teacher = _tiny_checkpoint(tmp_path / "t")
+    distill(checkpoint=teacher, calls=(1,), steps=1, out_dir=str(tmp_path / "d"), num_pairs=6, batch_size=6,
+            teacher_steps=2, progress=False)
+    x_T = load_file(str(tmp_path / "d" / "teacher_pairs.safetensors"))["x_T"]
+    torch.testing.assert_close(x_T, _x_T(pair_seed(0), (6, 1, 8, 8)), rtol=0, atol=0)
+    assert pair_seed(0) != 0 and pair_seed(0) < 2**63 and pair_seed(1) != pair_seed(0)
+    assert float((x_T - _x_T(0, (6, 1, 8, 8))).abs().min()) > 0  # not seed 0's (what `sample --seed 0` draws)
+
+
+def test_log_has_per_call_window_means_and_the_cosine_lr(tmp_path):
+    import math
+
+    teacher = _tiny_checkpoint(tmp_path / "t")
+    lr, steps, warm = 1e-3, 6, 2
+    r = distill(checkpoint=teacher, calls=(1, 2), steps=steps, out_dir=str(tmp_path / "d"), num_pairs=16,
+                batch_size=8, lr=lr, warmup_steps=warm, log_every=3, teacher_steps=4, progress=False)
+    logs = [json.loads(line) for line in open(tmp_path / "d" / "log.jsonl")]
+    assert [e["step"] for e in logs] == [3, 6] and [e["step"] for e in r.losses] == list(range(1, steps + 1))
+
+    def lr_at(s):  # the lr of the step after s steps: linear warm-up, then cosine to 0 at `steps`
+        return lr * (s + 1) / warm if s < warm else lr * 0.5 * (1 + math.cos(math.pi * (s - warm) / (steps - warm)))
+
+    for rec in logs:
+        window = r.losses[rec["step"] - 3:rec["step"]]
+        for k in (1, 2):
+            assert rec[f"loss_{k}"] == pytest.approx(np.mean([e[f"loss_{k}"] for e in window]), rel=1e-6)
+        assert rec["loss"] == pytest.approx(np.mean([e["loss"] for e in window]), rel=1e-6)
+        assert rec["lr"] == pytest.approx(lr_at(rec["step"] - 1), rel=1e-12)
+    for e in r.losses:
+        assert e["loss"] == pytest.approx(e["loss_1"] + e["loss_2"], rel=1e-6)
+
+
+def test_overwrite_replaces_and_runs_never_continue_each_other(tmp_path):
+    from fastddpm.train import TrainConfig, train
+
+    teacher = _tiny_checkpoint(tmp_path / "t")
+    kw = dict(checkpoint=teacher, calls=(1,), num_pairs=8, batch_size=4, teacher_steps=2, progress=False)
+    out = str(tmp_path / "d")
+    distill(steps=3, out_dir=out, **kw)
+    with pytest.raises(ValueError, match="give one of them"):
+        distill(steps=2, out_dir=out, overwrite=True, resume=True, **kw)
+    r = distill(steps=2, out_dir=out, overwrite=True, **kw)
+    assert r.checkpoint.endswith("step_00000002") and ck.list_checkpoints(out)[-1][0] == 2
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))][-1] == 2
+    tiny = dict(TINY_MODEL, base_channels=8, channel_mults=(1,), attention_resolutions=())
+    tcfg = TrainConfig(out_dir=out, resume=True, steps=3, progress=False, dataset="digits", image_size=8,
+                       **{k: v for k, v in tiny.items() if k in ("base_channels", "channel_mults", "num_res_blocks",
+                                                                 "attention_resolutions", "dropout", "groups")},
+                       schedule="linear", num_timesteps=40)
+    with pytest.raises(ValueError, match="is a distillation run"):
+        train(tcfg)
+
+
+@pytest.mark.slow  # two distillation processes
+def test_ddp_two_processes_match_one(tmp_path):
+    import torch._dynamo  # noqa: F401  (imported once here, inherited by the forked workers)
+    import torch.multiprocessing as mp
+
+    teacher = _tiny_checkpoint(tmp_path / "t")
+    one = distill(out_dir=str(tmp_path / "one"), **_ddp_kw(teacher))
+    res = tmp_path / "res"
+    res.mkdir()
+    mp.start_processes(_ddp_distill_worker, args=(2, _free_port(), teacher, str(tmp_path / "two"), str(res)),
+                       nprocs=2, join=True, start_method="fork")
+    r0, r1 = (torch.load(res / f"rank{i}.pt") for i in (0, 1))
+    # the global batch is the same whatever the number of processes: each rank's loss is its half's, and
+    # the mean of the two is the one-process loss (fp32: another summation order)
+    for a, b, c in zip(r0["losses"], r1["losses"], one.losses):
+        for key in ("loss_1", "loss_2"):
+            assert (a[key] + b[key]) / 2 == pytest.approx(c[key], rel=1e-5)
+    two = ck.load_checkpoint(str(tmp_path / "two"))
+    ref = ck.load_checkpoint(one.checkpoint)
+    assert two.state["world_size"] == 2
+    for name in ref.model:  # the gradients were averaged across ranks: the one-process weights
+        torch.testing.assert_close(two.model[name], ref.model[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(two.ema[name], ref.ema[name], rtol=1e-4, atol=1e-6)
+
+
+def _ddp_kw(teacher):
+    return dict(checkpoint=teacher, calls=(1, 2), steps=3, num_pairs=16, batch_size=8, lr=1e-3, teacher_steps=4,
+                log_every=1, progress=False)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_distill_worker(rank, world, port, teacher, out_dir, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    r = distill(out_dir=out_dir, **_ddp_kw(teacher))
+    torch.save({"losses": r.losses}, os.path.join(result_dir, f"rank{rank}.pt"))

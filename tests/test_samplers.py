@@ -15,6 +15,7 @@ import torch
 
 from fastddpm.ops import sampler_step, use_backend
 from fastddpm.ops.sampler_step import sampler_step_reference
+from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
 from fastddpm.schedule import NoiseSchedule
 
@@ -635,3 +636,15 @@ def test_triton_backend_samples_match_reference(linear, how, triton_on_cpu):
             tri = run()
         # fp32 elementwise math without FMA contraction in the kernel; Philox normals to float rounding
         torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_per_step_predictions_take_each_rows_table():
+    sched = NoiseSchedule.cosine(100)
+    eps, x0, v = (GaussianDiffusion(sched, prediction=p) for p in ("eps", "x0", "v"))
+    steps = [99, 60, 30, 5]
+    mixed = DDIMSampler(eps, steps=steps, predictions=["x0", "eps", "v", "eps"])
+    for s, d in enumerate((x0, eps, v, eps)):
+        torch.testing.assert_close(mixed.coefs[s], DDIMSampler(d, steps=steps).coefs[s], rtol=0, atol=0)
+    assert mixed.coefs.dtype == torch.float64
+    with pytest.raises(ValueError, match="predictions must be one of"):
+        DDIMSampler(eps, steps=steps, predictions=["x0"])

@@ -1,4 +1,4 @@
-"""``fastddpm distill``: few-call students of a trained model, data-free (`fastddpm.distill`).
+"""``fastddpm distill``: few-call students of a trained model, data-free (`fastddpm.distillation`).
 
     fastddpm distill --calls 1,2,4 --steps 2000 --out-dir runs/distill          # the bundled digits model
     fastddpm distill --checkpoint runs/cifar --calls 2,4 --steps 20000 --out-dir runs/cifar-distill
@@ -13,7 +13,8 @@ from .._names import DETERMINISTIC_SAMPLERS, SPACING_NAMES
 from ._common import CLIError, add_threads_option, write_json
 
 # fastddpm.distill.DistillConfig's defaults (tests check they agree), here so that --help imports no torch
-_DEFAULTS = argparse.Namespace(steps=2000, batch_size=64, lr=1e-4, num_pairs=8192, teacher_sampler="unipc",
+_DEFAULTS = argparse.Namespace(steps=3600, batch_size=32, lr=3e-4, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
+                               amp="none", num_pairs=32768, teacher_sampler="unipc",
                                teacher_steps=20, teacher_spacing="trailing", spacing="trailing", ema_decay=0.995,
                                save_every=500, log_every=25, seed=0)
 
@@ -31,8 +32,18 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
     p.add_argument("--out-dir", required=True, metavar="DIR", help="the run directory (checkpoints, log, pairs)")
     p.add_argument("--resume", action="store_true", help="continue the distillation run in --out-dir exactly")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run --out-dir holds (its config.json, log.jsonl, checkpoints/)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"pairs per step (default: {d.batch_size})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak learning rate (default: {d.lr})")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help=f"linear learning-rate warm-up (default: {d.warmup_steps})")
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=("cosine", "constant"),
+                   help=f"after the warm-up: cosine decay to 0 at --steps, or constant (default: {d.lr_schedule})")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                   help=f"max global gradient norm, 0 disables (default: {d.grad_clip})")
+    p.add_argument("--amp", default=d.amp, choices=("none", "bf16", "auto"),
+                   help=f"bf16 autocast of the model calls (auto: on CUDA) (default: {d.amp})")
     p.add_argument("--num-pairs", type=int, default=d.num_pairs,
                    help=f"teacher trajectories (x_T, x_0) drawn once (default: {d.num_pairs})")
     p.add_argument("--teacher-sampler", default=d.teacher_sampler, choices=DETERMINISTIC_SAMPLERS,
@@ -63,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     """``fastddpm distill``: distil, print where the students are and how to sample them."""
     import torch
 
-    from ..distill import DistillConfig, distill
+    from ..distillation import DistillConfig, distill
 
     try:
         calls = tuple(int(c) for c in str(args.calls).split(","))
@@ -73,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
     torch.set_num_threads(args.threads or 1)
     cfg = DistillConfig(checkpoint=args.checkpoint, calls=calls, steps=args.steps, out_dir=args.out_dir,
-                        resume=args.resume, batch_size=args.batch_size, lr=args.lr, num_pairs=args.num_pairs,
+                        resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size, lr=args.lr,
+                        warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, grad_clip=args.grad_clip,
+                        amp=args.amp, num_pairs=args.num_pairs,
                         teacher_sampler=args.teacher_sampler, teacher_steps=args.teacher_steps,
                         teacher_spacing=args.teacher_spacing, spacing=args.spacing,
                         guidance_scale=args.guidance_scale, ema_decay=args.ema_decay, clip=not args.no_clip,
@@ -84,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:  # errors name the library field; on the command line name the flag
         msg = str(e)
         first = msg.split(" ", 1)[0]
-        raise CLIError(f"--{msg}" if first in ("calls", "steps", "checkpoint", "lr", "seed", "loss") else msg) from None
+        flags = ("calls", "steps", "checkpoint", "lr", "seed", "loss", "batch_size", "warmup_steps", "grad_clip")
+        raise CLIError(f"--{first.replace('_', '-')} {msg.split(' ', 1)[1]}" if first in flags else msg) from None
     last = r.losses[-1] if r.losses else {}
     summary = {"out_dir": r.out_dir, "checkpoint": r.checkpoint, "timesteps": {str(k): v for k, v in r.timesteps.items()},
                "final_losses": last, "seconds": round(r.seconds, 1),

@@ -1,7 +1,7 @@
 """Data-free distillation: students that sample in K = 1-4 model calls from any trained fastddpm model.
 
     import fastddpm as fd
-    result = fd.distill(calls=(1, 2, 4), steps=2000, out_dir="runs/distill")   # the bundled model
+    result = fd.distill(calls=(1, 2, 4), out_dir="runs/distill")   # the bundled model
     pipe = fd.load("runs/distill")
     images = pipe(16, num_inference_steps=2).images                              # 2 model calls
 
@@ -19,20 +19,22 @@ reads them). A class-conditional model is distilled as its guided version at `gu
 pairs come from the guided teacher with labels drawn per pair, and the student is called with those
 labels (and samples with one call per step, no guidance branch).
 
-The run directory is a checkpoint run like `fastddpm train`'s: atomic checkpoints with checksums
-(the student set and its EMA, optimizer, RNG and the generator of the pair batches), exact
-`--resume`, a run lock, a JSONL log and a progress bar. The teacher pairs are stored once in the run
-directory (``teacher_pairs.safetensors``) and checked on resume.
+The optimisation is `fastddpm.train.TrainLoop` (`DistillLoop`: the objective and the batches of pairs),
+so a distillation run is a training run: AdamW with warm-up (then a cosine decay), gradient clipping,
+non-finite steps skipped, EMA, atomic checkpoints with checksums, exact `--resume`, `--overwrite`, a run
+lock, ``log.jsonl`` (with the loss of every K), a progress bar, a checkpoint on the first Ctrl-C, and
+data-parallel under torchrun. The teacher pairs are stored once in the run directory
+(``teacher_pairs.safetensors``, their x_T from `pair_seed(seed)`: never the noise a user samples with)
+and reused when their settings match.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
+import math
 import os
-import sys
 import time
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -45,16 +47,20 @@ from ._names import DETERMINISTIC_SAMPLERS, DISTILL_CONFIG_KEY
 from .ops.sampler_step import sampler_step_reference
 from .samplers import DDIMSampler, make_sampler
 from .spacing import make_timesteps
+from .train import TrainLoop
 from .student import StudentSet, ddim_sampler, distilled_calls, is_distilled, student_prediction_of, student_timesteps_of
 
-__all__ = ["DistillConfig", "DistillResult", "distill", "student_timesteps", "student_sampler",
-           "student_prediction", "ddim_chain",
+__all__ = ["DistillConfig", "DistillResult", "DistillLoop", "ChainObjective", "distill", "loop_config",
+           "student_timesteps", "student_sampler",
+           "student_prediction", "ddim_chain", "pair_seed",
            "teacher_pairs", "train_step", "export_students", "PAIRS_FILE", "LOG_FILE"]
 
 PAIRS_FILE = "teacher_pairs.safetensors"
-LOG_FILE = "distill_log.jsonl"
+LOG_FILE = "log.jsonl"  # the training loop's
 LOSSES = ("x0",)
 STUDENT_PREDICTIONS = ("auto", "teacher", "eps", "x0", "v")
+LR_SCHEDULES = ("cosine", "constant")
+AMP = ("none", "bf16", "auto")
 
 
 def student_prediction(choice: str, calls: int, teacher_prediction: str) -> List[str]:
@@ -75,7 +81,10 @@ class DistillConfig:
 
     checkpoint: the teacher (None: the bundled digits model). calls: the K to distil (one student each).
     steps: optimizer steps (each updates every student on one batch of pairs). out_dir: the run directory.
-    resume: continue the run in out_dir exactly. batch_size, lr: Adam's batch and learning rate.
+    resume: continue the run in out_dir exactly. overwrite: replace the run out_dir holds.
+    batch_size (global, divided among DDP processes), lr: AdamW's batch and peak learning rate; warmup_steps:
+    linear warm-up; lr_schedule: "cosine" (to 0 at `steps`) or "constant" after it; grad_clip: max global
+    gradient norm (0 disables); amp: "none" (fp32), "bf16" autocast, "auto" (bf16 on CUDA).
     num_pairs: teacher trajectories drawn (x_T, x_0). teacher_sampler / teacher_steps / teacher_spacing:
     the teacher's deterministic solver. spacing: the students' timesteps ("trailing", "uniform", ...).
     guidance_scale: class-conditional teachers only (distil the guided model at this w).
@@ -86,12 +95,17 @@ class DistillConfig:
 
     checkpoint: Optional[str] = None
     calls: Tuple[int, ...] = (1, 2, 3, 4)
-    steps: int = 2000
+    steps: int = 3600
     out_dir: str = "runs/distill"
     resume: bool = False
-    batch_size: int = 64
-    lr: float = 1e-4
-    num_pairs: int = 8192
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"
+    grad_clip: float = 1.0
+    amp: str = "none"
+    overwrite: bool = False
+    num_pairs: int = 32768
     teacher_sampler: str = "unipc"
     teacher_steps: int = 20
     teacher_spacing: str = "trailing"
@@ -134,6 +148,19 @@ class DistillConfig:
             raise bad("lr", "a learning rate in (0, 1)")
         if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
             raise bad("ema_decay", "in [0, 1)")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise bad("warmup_steps", "an int >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise bad("lr_schedule", f"one of {LR_SCHEDULES}")
+        if isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, (int, float)) or not self.grad_clip >= 0:
+            raise bad("grad_clip", "a number >= 0 (0 disables clipping)")
+        if self.amp not in AMP:
+            raise bad("amp", f"one of {AMP}")
+        if self.overwrite and self.resume:
+            raise ValueError("overwrite (--overwrite) replaces the run in out_dir and resume (--resume) continues it: "
+                             "give one of them")
+        if self.batch_size > self.num_pairs:
+            raise bad("batch_size", f"at most num_pairs ({self.num_pairs})")
         if self.student_prediction not in STUDENT_PREDICTIONS:
             raise bad("student_prediction", f"one of {STUDENT_PREDICTIONS}")
         if self.loss not in LOSSES:
@@ -196,13 +223,21 @@ def _labels(num: int, num_classes: int, seed: int) -> torch.Tensor:
     return torch.randint(num_classes, (num,), generator=torch.Generator().manual_seed(seed + 7919))
 
 
+def pair_seed(seed: int) -> int:
+    """The Philox seed of a run's x_T: a 63-bit hash of `seed`, so the training noise is never the noise a user (or a
+    quality table) samples with the same small seed: a student is judged on x_T it was not trained on."""
+    from .train import _mix
+
+    return _mix(int(seed), 0xD157_1135)
+
+
 @torch.no_grad()
 def teacher_pairs(model: Callable[..., Any], diffusion: Any, shape: Sequence[int], num: int, seed: int = 0, *,
                   sampler: str = "unipc", steps: int = 20, spacing: str = "trailing", clip: bool = True,
                   batch: int = 500, labels: Optional[torch.Tensor] = None, guidance_scale: Optional[float] = None,
                   progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """(x_T, x_0) of `num` teacher trajectories: x_T from Philox `seed` (image i the same whatever
-    `batch`), x_0 from the teacher's deterministic `sampler` at `steps` calls."""
+    `batch`; `distill` passes `pair_seed(cfg.seed)`), x_0 from the teacher's deterministic `sampler` at `steps` calls."""
     from .ops.philox import philox_normal
 
     smp = make_sampler(sampler, diffusion, steps=steps, spacing=spacing)
@@ -246,24 +281,27 @@ def _load_teacher(checkpoint: Optional[str]) -> Tuple[torch.nn.Module, Any, Dict
     return model, diffusion, config, path
 
 
-def _check_out_dir(cfg: DistillConfig) -> Optional[str]:
-    """The checkpoint to resume (None for a fresh run); ValueError for --resume on what is not a distillation
-    run, or a fresh run over an existing one."""
-    latest = ckpt.latest_checkpoint(cfg.out_dir) if os.path.isdir(cfg.out_dir) else None
+def _check_out_dir(cfg: DistillConfig) -> None:
+    """ValueError when out_dir holds what this run may not continue: a training run (its checkpoints or
+    config.json), or a distillation run that a fresh run (no --resume, no --overwrite) would mix with its own."""
+    if cfg.overwrite or not os.path.isdir(cfg.out_dir):
+        return
+    latest = ckpt.latest_checkpoint(cfg.out_dir)
+    config: Any = None
     if latest is not None:
-        probe = ckpt.load_checkpoint(latest, load_state=False, load_model=False, load_ema=False)
-        if not is_distilled(probe.config):
-            raise ValueError(f"out_dir {cfg.out_dir!r} holds a training run, not a distillation run: --resume "
-                             "continues only `fastddpm distill` runs; choose another --out-dir")
-        if not cfg.resume:
-            raise ValueError(f"out_dir {cfg.out_dir!r} already holds a distillation run: pass --resume to continue "
-                             "it or choose another --out-dir")
-    elif cfg.resume and os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
-        if os.path.isdir(os.path.join(cfg.out_dir, ckpt.CKPT_SUBDIR)) or os.path.isfile(
-                os.path.join(cfg.out_dir, "config.json")):
-            raise ValueError(f"out_dir {cfg.out_dir!r} is not a distillation run: --resume continues only "
-                             "`fastddpm distill` runs")
-    return latest
+        config = ckpt.load_checkpoint(latest, load_state=False, load_model=False, load_ema=False).config
+    elif os.path.isfile(os.path.join(cfg.out_dir, "config.json")):
+        try:
+            with open(os.path.join(cfg.out_dir, "config.json"), encoding="utf-8") as fh:
+                config = json.load(fh)
+        except (OSError, ValueError):
+            config = None
+    if config is not None and not is_distilled(config):
+        raise ValueError(f"out_dir {cfg.out_dir!r} holds a training run, not a distillation run: --resume continues "
+                         "only `fastddpm distill` runs; choose another --out-dir (or --overwrite to replace it)")
+    if latest is not None and not cfg.resume:
+        raise ValueError(f"out_dir {cfg.out_dir!r} already holds a distillation run: pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another --out-dir")
 
 
 _RESUME_FIXED = ("checkpoint", "calls", "batch_size", "num_pairs", "teacher_sampler", "teacher_steps",
@@ -280,12 +318,13 @@ def _check_resume_config(saved: Dict[str, Any], cfg: DistillConfig) -> None:
 
 # ------------------------------------------------------------------------------ pairs on disk
 def _pairs(cfg: DistillConfig, teacher: torch.nn.Module, diffusion: Any, shape: Tuple[int, ...],
-           labels: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The teacher pairs of the run: read from out_dir when stored (checked), else drawn and stored."""
+           labels: Optional[torch.Tensor], write: bool = True) -> Dict[str, torch.Tensor]:
+    """The teacher pairs of the run: read from out_dir when stored (checked), else drawn (and stored when
+    `write`: rank 0; every process draws the same pairs)."""
     from safetensors.torch import load_file, save_file
 
     path = os.path.join(cfg.out_dir, PAIRS_FILE)
-    meta = {"num_pairs": cfg.num_pairs, "seed": cfg.seed, "sampler": cfg.teacher_sampler,
+    meta = {"num_pairs": cfg.num_pairs, "seed": cfg.seed, "philox_seed": pair_seed(cfg.seed), "sampler": cfg.teacher_sampler,
             "steps": cfg.teacher_steps, "spacing": cfg.teacher_spacing, "clip": cfg.clip,
             "guidance_scale": cfg.guidance_scale}
     if os.path.isfile(path):
@@ -295,60 +334,52 @@ def _pairs(cfg: DistillConfig, teacher: torch.nn.Module, diffusion: Any, shape: 
             stored = json.loads((f.metadata() or {}).get("fastddpm_pairs", "{}"))
         if stored == json.loads(json.dumps(meta)):
             return load_file(path)
-    x_T, x_0 = teacher_pairs(teacher, diffusion, shape, cfg.num_pairs, cfg.seed, sampler=cfg.teacher_sampler,
+    x_T, x_0 = teacher_pairs(teacher, diffusion, shape, cfg.num_pairs, pair_seed(cfg.seed), sampler=cfg.teacher_sampler,
                              steps=cfg.teacher_steps, spacing=cfg.teacher_spacing, clip=cfg.clip,
                              batch=cfg.pair_batch, labels=labels, guidance_scale=cfg.guidance_scale,
                              progress=cfg.progress)
     out = {"x_T": x_T.contiguous(), "x_0": x_0.contiguous()}
     if labels is not None:
         out["y"] = labels.contiguous()
-    tmp = path + ".tmp"
+    if not write:
+        return out
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
     save_file(out, tmp, metadata={"fastddpm_pairs": json.dumps(meta)})
     os.replace(tmp, path)
     return out
 
 
+class ChainObjective(torch.nn.Module):
+    """Every student's loss in one forward: forward(x_T, x_0, y=None) -> [loss_K for K in `samplers`], with
+    loss_K = mean (chain_K(x_T) - x_0)^2 (the chain: `ddim_chain`). One module and one forward per step, so
+    that DistributedDataParallel all-reduces the gradients of every student once."""
+
+    def __init__(self, students: StudentSet, samplers: Dict[int, DDIMSampler], clip: bool = True):
+        super().__init__()
+        self.students, self.samplers, self.clip = students, dict(samplers), clip
+
+    def forward(self, x_T: torch.Tensor, x_0: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        kw = {"y": y} if y is not None else None
+        return torch.stack([(ddim_chain(self.students.for_calls(k), smp, x_T, self.clip, kw).float() - x_0)
+                            .square().mean() for k, smp in self.samplers.items()])
+
+
 def train_step(students: StudentSet, samplers: Dict[int, DDIMSampler], x_T: torch.Tensor, x_0: torch.Tensor,
                opt: torch.optim.Optimizer, clip: bool = True,
                model_kwargs: Optional[Dict[str, Any]] = None) -> Dict[int, float]:
-    """One optimizer step of every student: loss_K = mean (chain_K(x_T) - x_0)^2; {K: loss_K} before the step."""
+    """One plain optimizer step of every student on (x_T, x_0) with `ChainObjective`: {K: loss_K} before the step.
+    (`distill` runs the same objective inside the training loop.)"""
     opt.zero_grad(set_to_none=True)
-    per_k = {}
-    for k, smp in samplers.items():
-        out = ddim_chain(students.for_calls(k), smp, x_T, clip, model_kwargs)
-        loss = (out - x_0).square().mean()
-        loss.backward()
-        per_k[k] = float(loss.detach())
+    terms = ChainObjective(students, samplers, clip)(x_T, x_0, (model_kwargs or {}).get("y"))
+    terms.sum().backward()
     opt.step()
-    return per_k
+    return dict(zip(samplers, terms.detach().tolist()))
 
 
-def _truncate_log(path: str, step: int) -> None:
-    """Drop the log records past `step` (written after the checkpoint a resumed run restarts from)."""
-    if not os.path.isfile(path):
-        return
-    keep = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                if int(json.loads(line).get("step", 0)) <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, AttributeError):
-                continue  # a torn last line
-    from .fileio import atomic_write_bytes
-
-    atomic_write_bytes(path, "".join(keep).encode())
-
-
-def _ema_step(ema: torch.nn.Module, model: torch.nn.Module, decay: float, n: int) -> None:
-    d = min(decay, (1 + n) / (10 + n))
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1.0 - d)
-
-
-def _run_config(cfg: DistillConfig, tconfig: Dict[str, Any], tpath: str, timesteps: Dict[int, List[int]],
-                predictions: Dict[int, str]) -> Dict[str, Any]:
+# ------------------------------------------------------------------------------ the loop
+def _run_config(cfg: DistillConfig, tcfg: Any, tconfig: Dict[str, Any], tpath: str,
+                timesteps: Dict[int, List[int]], predictions: Dict[int, List[str]]) -> Dict[str, Any]:
     """The checkpoint config of a student set: the teacher's model and diffusion, plus "distill"."""
     out = {k: tconfig[k] for k in ("model", "diffusion", "data") if k in tconfig}
     out[DISTILL_CONFIG_KEY] = {
@@ -360,8 +391,104 @@ def _run_config(cfg: DistillConfig, tconfig: Dict[str, Any], tpath: str, timeste
                     "spacing": cfg.teacher_spacing, "guidance_scale": cfg.guidance_scale},
         "variance_channels": "ignored (the teacher's, untrained: deterministic DDIM does not read them)",
         "config": cfg.to_dict(),
+        "train": tcfg.to_dict(),  # the loop's settings (fastddpm.train.TrainConfig)
     }
     return out
+
+
+def loop_config(cfg: DistillConfig) -> Any:
+    """The `fastddpm.train.TrainConfig` the distillation's training loop runs with (its optimisation, output
+    and robustness fields; the data and model fields are unused)."""
+    from .train import TrainConfig
+
+    return TrainConfig(dataset="teacher pairs", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                       warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
+                       ema_warmup=True, amp=cfg.amp, compile=False, seed=cfg.seed, device=cfg.device,
+                       out_dir=cfg.out_dir, save_every=cfg.save_every, keep=cfg.keep, sample_every=0,
+                       log_every=cfg.log_every, progress=cfg.progress, resume=cfg.resume,
+                       overwrite=cfg.overwrite).validate()
+
+
+class DistillLoop(TrainLoop):
+    """`fastddpm.train.TrainLoop` with the distillation objective: the model is the StudentSet, a batch is
+    this process's share of a global batch of teacher pairs (an epoch permutation of the pairs from
+    (seed, epoch): the same global batches whatever the number of processes), the loss is the sum over K
+    of `ChainObjective`'s loss_K. Dropout stays off (the students learn the deterministic map they run);
+    the learning rate warms up linearly, then follows `lr_schedule`. Each log record adds the window's mean
+    loss_K per K; `per_k` holds every step's {"step", "loss", "loss_K"}."""
+
+    command = "distill"
+    train_mode = False
+
+    def __init__(self, dcfg: DistillConfig, students: StudentSet, diffusion: Any, config: Dict[str, Any],
+                 samplers: Dict[int, DDIMSampler], pairs: Dict[str, torch.Tensor], **kw: Any):
+        super().__init__(loop_config(dcfg), students, diffusion, config, **kw)
+        self.dcfg, self.pairs, self.calls = dcfg, pairs, list(samplers)
+        self.objective = ChainObjective(students, samplers, dcfg.clip)
+        self._epoch: Tuple[int, Optional[torch.Tensor]] = (-1, None)
+        self._terms = torch.zeros(len(self.calls), device=self.device)
+        self.win_terms = torch.zeros(len(self.calls) + 1, dtype=torch.float64, device=self.device)
+        self.pending_terms: List[torch.Tensor] = []
+        self.per_k: List[Dict[str, float]] = []
+
+    def train_module(self) -> torch.nn.Module:
+        return self.objective
+
+    def get_batch(self, step: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        n, batch = self.pairs["x_T"].shape[0], self.cfg.batch_size
+        epoch, pos = divmod(step, n // batch)
+        if self._epoch[0] != epoch:
+            from .train import _mix
+
+            g = torch.Generator().manual_seed(_mix(self.cfg.seed, epoch, 0xBA7C4))
+            self._epoch = (epoch, torch.randperm(n, generator=g))
+        local = batch // self.world
+        first = pos * batch + self.rank * local
+        idx = self._epoch[1][first:first + local].to(self.device)
+        y = self.pairs["y"][idx] if "y" in self.pairs else None
+        return self.pairs["x_T"][idx], self.pairs["x_0"][idx], y
+
+    def compute_loss(self, batch: Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]) -> torch.Tensor:
+        terms = self.train_model(*batch)
+        self._terms = terms.detach().float()
+        return terms.sum()
+
+    def lr_at(self, step: int) -> float:
+        warm = super().lr_at(step)
+        if self.dcfg.lr_schedule == "constant" or step < self.cfg.warmup_steps:
+            return warm
+        span = max(self.cfg.steps - self.cfg.warmup_steps, 1)
+        return warm * 0.5 * (1.0 + math.cos(math.pi * min(step - self.cfg.warmup_steps, span) / span))
+
+    def train_step(self, batch: Any) -> None:
+        super().train_step(batch)
+        ok = torch.isfinite(self._terms).all()
+        self.win_terms += torch.where(ok, torch.cat([self._terms.double(), torch.ones(1, dtype=torch.float64,
+                                                                                       device=self.device)]), 0.0)
+        self.pending_terms.append(self._terms)
+
+    def read_pending(self) -> None:
+        if self.pending_terms:
+            first = self.step - len(self.pending_terms) + 1
+            for s, row in enumerate(torch.stack(self.pending_terms).tolist(), start=first):
+                self.per_k.append({"step": s, "loss": sum(row), **{f"loss_{k}": v for k, v in zip(self.calls, row)}})
+            self.pending_terms.clear()
+        super().read_pending()
+
+    def log_extras(self) -> Dict[str, Any]:
+        buf = self.win_terms.clone()
+        if self.distributed:
+            torch.distributed.all_reduce(buf)
+        *sums, count = buf.tolist()
+        self.win_terms.zero_()
+        return {f"loss_{k}": (v / count if count else float("nan")) for k, v in zip(self.calls, sums)}
+
+    def saved_train_config(self, ck: ckpt.Checkpoint) -> Dict[str, Any]:
+        return (ck.config.get(DISTILL_CONFIG_KEY) or {}).get("train") or {}
+
+    def restore(self, ck: ckpt.Checkpoint) -> Dict[str, Any]:
+        _check_resume_config((ck.config.get(DISTILL_CONFIG_KEY) or {}).get("config") or {}, self.dcfg)
+        return super().restore(ck)
 
 
 def distill(config: Optional[DistillConfig] = None, **kwargs: Any) -> DistillResult:
@@ -369,30 +496,31 @@ def distill(config: Optional[DistillConfig] = None, **kwargs: Any) -> DistillRes
 
     `distill(calls=(1, 2, 4), steps=2000, out_dir="runs/d")` or `distill(DistillConfig(...))`. Returns a
     :class:`DistillResult`; the students are the run's checkpoint (`fd.load(out_dir)`,
-    `fastddpm sample --checkpoint out_dir --steps K`).
+    `fastddpm sample --checkpoint out_dir --steps K`). Under torchrun (WORLD_SIZE > 1) it runs data-parallel
+    as `fastddpm.train.train` does: each process its share of every global batch, rank 0 writes.
     """
+    from .train import run_training
+
     cfg = copy.deepcopy(config) if config is not None else DistillConfig()
     for k, v in kwargs.items():
         if not hasattr(cfg, k):
             raise TypeError(f"distill() got an unexpected keyword argument {k!r}")
         setattr(cfg, k, v)
     cfg.validate()
-    from .run_dir import RunLock
-
-    latest = _check_out_dir(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    lock = RunLock(cfg.out_dir)
-    try:
-        return _distill(cfg, latest, _truncate_log)
-    finally:
-        lock.release()
-
-
-def _distill(cfg: DistillConfig, latest: Optional[str], truncate_log: Callable[[str, int], None]) -> DistillResult:
-    from .dist_util import resolve_device
-
+    _check_out_dir(cfg)
     t_start, c_start = time.perf_counter(), time.process_time()
-    device = resolve_device(cfg.device)
+    result = run_training(loop_config(cfg), lambda tcfg, rank, world, device, distributed: _distill(
+        cfg, tcfg, rank, world, device, distributed))
+    result.seconds = time.perf_counter() - t_start
+    result.cpu_seconds = time.process_time() - c_start
+    return result
+
+
+def _distill(cfg: DistillConfig, tcfg: Any, rank: int, world: int, device: torch.device,
+             distributed: bool) -> DistillResult:
+    """The body of `distill` inside `run_training` (device, process group, run lock)."""
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({world})")
     teacher, diffusion, tconfig, tpath = _load_teacher(cfg.checkpoint)
     teacher.requires_grad_(False).to(device)
     num_classes = getattr(teacher, "num_classes", None)
@@ -406,69 +534,14 @@ def _distill(cfg: DistillConfig, latest: Optional[str], truncate_log: Callable[[
     samplers = {k: student_sampler(diffusion, ts, predictions[k]) for k, ts in timesteps.items()}
     shape = (int(teacher.in_channels), int(teacher.image_size), int(teacher.image_size))
     labels = _labels(cfg.num_pairs, num_classes, cfg.seed) if num_classes else None
-    pairs = {k: v.to(device) for k, v in _pairs(cfg, teacher, diffusion, shape, labels).items()}
-
-    students = StudentSet({k: copy.deepcopy(teacher) for k in cfg.calls})
-    students.requires_grad_(True)
-    ema = copy.deepcopy(students).requires_grad_(False)
-    opt = torch.optim.Adam(students.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    start = 0
-    log_path = os.path.join(cfg.out_dir, LOG_FILE)
-    if latest is not None:
-        ck = ckpt.load_checkpoint(latest)
-        _check_resume_config(ck.config[DISTILL_CONFIG_KEY]["config"], cfg)
-        students.load_state_dict(ck.model)
-        ema.load_state_dict(ck.ema)
-        opt.load_state_dict(ck.state["optimizer"])
-        gen.set_state(ck.state["generator"])
-        torch.set_rng_state(ck.state["torch_rng"])
-        start = int(ck.state["step"])
-        truncate_log(log_path, start)
-    run_cfg = _run_config(cfg, tconfig, tpath, timesteps, predictions)
-    students.eval()  # dropout off: the student is trained on the deterministic map it will run
-    ema.eval()
-    result = DistillResult(cfg.out_dir, latest or "", timesteps)
-
-    def save(at: int) -> str:
-        state = {"optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                 "step": at}
-        return ckpt.save_checkpoint(cfg.out_dir, at, run_cfg, students.state_dict(), ema.state_dict(), state,
-                                    keep=cfg.keep)
-
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step")
-    n = pairs["x_T"].shape[0]
-    with open(log_path, "a", encoding="utf-8") as log:
-        for step in range(start, cfg.steps):
-            idx = torch.randint(n, (cfg.batch_size,), generator=gen).to(device)
-            x_T, x_0 = pairs["x_T"][idx], pairs["x_0"][idx]
-            kw = {"y": pairs["y"][idx]} if "y" in pairs else None
-            per_k = train_step(students, samplers, x_T, x_0, opt, cfg.clip, kw)
-            _ema_step(ema, students, cfg.ema_decay, step)
-            done = step + 1
-            rec = {"step": done, "loss": sum(per_k.values()), **{f"loss_{k}": v for k, v in per_k.items()},
-                   "seconds": round(time.perf_counter() - t_start, 2),
-                   "cpu_seconds": round(time.process_time() - c_start, 2)}
-            result.losses.append(rec)
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({f"K{k}": f"{v:.4f}" for k, v in per_k.items()})
-            if done % cfg.save_every == 0 or done == cfg.steps:
-                result.checkpoint = save(done)
-    if bar is not None:
-        bar.close()
-    if not result.checkpoint:  # resumed a finished run: nothing to do
-        result.checkpoint = latest or save(start)
-    result.seconds = time.perf_counter() - t_start
-    result.cpu_seconds = time.process_time() - c_start
-    return result
+    pairs = {k: v.to(device) for k, v in _pairs(cfg, teacher, diffusion, shape, labels, write=rank == 0).items()}
+    students = StudentSet({k: copy.deepcopy(teacher) for k in cfg.calls}).requires_grad_(True)
+    del teacher
+    run_cfg = _run_config(cfg, tcfg, tconfig, tpath, timesteps, predictions)
+    loop = DistillLoop(cfg, students, diffusion, run_cfg, samplers, pairs, rank=rank, world=world, device=device,
+                       distributed=distributed)
+    r = loop.run()
+    return DistillResult(cfg.out_dir, r.checkpoint or "", timesteps, loop.per_k)
 
 
 # ------------------------------------------------------------------------------ export
@@ -528,14 +601,3 @@ def export_students(checkpoints: Sequence[str], out: str, dtype: Optional[str] =
     ckpt.save_weights_file(out, state, config)
     atomic_write_json(os.path.splitext(out)[0] + ".json", config)
     return out
-
-
-class _CallableModule(types.ModuleType):
-    """`fd.distill(...)` is the function whether `fastddpm.distill` names the function (fd's lazy export)
-    or this module (after `import fastddpm.distill`, which binds the package attribute to the module)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> DistillResult:
-        return distill(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
