@@ -95,7 +95,7 @@ class DistillConfig:
 
     checkpoint: Optional[str] = None
     calls: Tuple[int, ...] = (1, 2, 3, 4)
-    steps: int = 3600
+    steps: int = 4000
     out_dir: str = "runs/distill"
     resume: bool = False
     batch_size: int = 32

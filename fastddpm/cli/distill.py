@@ -13,7 +13,7 @@ from .._names import DETERMINISTIC_SAMPLERS, SPACING_NAMES
 from ._common import CLIError, add_threads_option, write_json
 
 # fastddpm.distill.DistillConfig's defaults (tests check they agree), here so that --help imports no torch
-_DEFAULTS = argparse.Namespace(steps=3600, batch_size=32, lr=3e-4, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
+_DEFAULTS = argparse.Namespace(steps=4000, batch_size=32, lr=3e-4, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
                                amp="none", num_pairs=32768, teacher_sampler="unipc",
                                teacher_steps=20, teacher_spacing="trailing", spacing="trailing", ema_decay=0.995,
                                save_every=500, log_every=25, seed=0)
