@@ -77,7 +77,7 @@ def student_prediction(choice: str, calls: int, teacher_prediction: str) -> List
 
 @dataclass
 class DistillConfig:
-    """What `distill` runs. Every field is a `fastddpm distill` flag of the same name.
+    """What `distill` runs. Every field but `keep`, `pair_batch` and `loss` is a `fastddpm distill` flag of the same name.
 
     checkpoint: the teacher (None: the bundled digits model). calls: the K to distil (one student each).
     steps: optimizer steps (each updates every student on one batch of pairs). out_dir: the run directory.
@@ -177,8 +177,9 @@ class DistillConfig:
 
 @dataclass
 class DistillResult:
-    """What `distill` returns: the run directory, its newest checkpoint, the students' timesteps,
-    the losses of every step, and the wall and CPU (process) time of this invocation."""
+    """What `distill` returns: the run directory, its newest checkpoint, the students' timesteps, the losses
+    of every step this invocation ran ({"step", "loss", "loss_K"}; under torchrun this process's share of
+    the batch), and the wall and CPU (process) time of this invocation."""
 
     out_dir: str
     checkpoint: str
@@ -235,9 +236,10 @@ def pair_seed(seed: int) -> int:
 def teacher_pairs(model: Callable[..., Any], diffusion: Any, shape: Sequence[int], num: int, seed: int = 0, *,
                   sampler: str = "unipc", steps: int = 20, spacing: str = "trailing", clip: bool = True,
                   batch: int = 500, labels: Optional[torch.Tensor] = None, guidance_scale: Optional[float] = None,
-                  progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x_T, x_0) of `num` teacher trajectories: x_T from Philox `seed` (image i the same whatever
-    `batch`; `distill` passes `pair_seed(cfg.seed)`), x_0 from the teacher's deterministic `sampler` at `steps` calls."""
+                  progress: bool = False, start: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x_T, x_0) of `num` teacher trajectories, images start .. start + num - 1: x_T from Philox `seed` (image i
+    the same whatever `batch` and `start`; `distill` passes `pair_seed(cfg.seed)`), x_0 from the teacher's
+    deterministic `sampler` at `steps` calls; `labels`: one per trajectory (class-conditional teachers)."""
     from .ops.philox import philox_normal
 
     smp = make_sampler(sampler, diffusion, steps=steps, spacing=spacing)
@@ -251,15 +253,16 @@ def teacher_pairs(model: Callable[..., Any], diffusion: Any, shape: Sequence[int
     for i in rng:
         n = min(batch, num - i)
         full = (n, *shape)
-        xs.append(philox_normal(torch.tensor([seed]), full, zero, stream=1, image_offset=i))  # CPU: stored as drawn
+        at = start + i
+        xs.append(philox_normal(torch.tensor([seed]), full, zero, stream=1, image_offset=at))  # CPU: stored as drawn
         if labels is None:
-            x0s.append(smp.sample(model, full, seed=seed, clip_denoised=clip, image_offset=i).cpu())
+            x0s.append(smp.sample(model, full, seed=seed, clip_denoised=clip, image_offset=at).cpu())
         else:
             from .guidance import GuidedModel
 
             dev = next(model.parameters()).device
             g = GuidedModel(model, labels[i:i + n].to(dev), guidance_scale, model.num_classes, shape[0])
-            x0s.append(smp.sample(g, full, seed=seed, clip_denoised=clip, image_offset=i).cpu())
+            x0s.append(smp.sample(g, full, seed=seed, clip_denoised=clip, image_offset=at).cpu())
     return torch.cat(xs), torch.cat(x0s)
 
 
@@ -302,10 +305,19 @@ def _check_out_dir(cfg: DistillConfig) -> None:
     if latest is not None and not cfg.resume:
         raise ValueError(f"out_dir {cfg.out_dir!r} already holds a distillation run: pass --resume to continue it, "
                          "--overwrite to replace it, or choose another --out-dir")
+    if latest is not None:  # checked before the pairs are drawn (minutes for a large teacher)
+        entry = config[DISTILL_CONFIG_KEY]
+        if "train" not in entry:
+            raise ValueError(f"out_dir {cfg.out_dir!r} holds a distillation run made by an older fastddpm (another "
+                             "optimisation loop): it cannot be resumed; choose another --out-dir or --overwrite")
+        _check_resume_config(entry.get("config") or {}, cfg)
 
 
+# what a resumed run may not change (the pairs, the students' samplers, the objective, the optimisation);
+# `steps` may grow (with the cosine schedule the decay then stretches to the new end)
 _RESUME_FIXED = ("checkpoint", "calls", "batch_size", "num_pairs", "teacher_sampler", "teacher_steps",
-                 "teacher_spacing", "spacing", "loss", "guidance_scale", "clip", "seed", "lr", "ema_decay")
+                 "teacher_spacing", "spacing", "loss", "guidance_scale", "clip", "seed", "lr", "ema_decay",
+                 "student_prediction", "lr_schedule", "warmup_steps")
 
 
 def _check_resume_config(saved: Dict[str, Any], cfg: DistillConfig) -> None:
@@ -318,9 +330,10 @@ def _check_resume_config(saved: Dict[str, Any], cfg: DistillConfig) -> None:
 
 # ------------------------------------------------------------------------------ pairs on disk
 def _pairs(cfg: DistillConfig, teacher: torch.nn.Module, diffusion: Any, shape: Tuple[int, ...],
-           labels: Optional[torch.Tensor], write: bool = True) -> Dict[str, torch.Tensor]:
-    """The teacher pairs of the run: read from out_dir when stored (checked), else drawn (and stored when
-    `write`: rank 0; every process draws the same pairs)."""
+           labels: Optional[torch.Tensor], rank: int = 0, world: int = 1,
+           device: torch.device = torch.device("cpu")) -> Dict[str, torch.Tensor]:
+    """The teacher pairs of the run: read from out_dir when stored with the same settings, else drawn and
+    stored (rank 0). Under torchrun each of the `world` processes draws a slice and they exchange them."""
     from safetensors.torch import load_file, save_file
 
     path = os.path.join(cfg.out_dir, PAIRS_FILE)
@@ -334,20 +347,35 @@ def _pairs(cfg: DistillConfig, teacher: torch.nn.Module, diffusion: Any, shape: 
             stored = json.loads((f.metadata() or {}).get("fastddpm_pairs", "{}"))
         if stored == json.loads(json.dumps(meta)):
             return load_file(path)
-    x_T, x_0 = teacher_pairs(teacher, diffusion, shape, cfg.num_pairs, pair_seed(cfg.seed), sampler=cfg.teacher_sampler,
+    per = -(-cfg.num_pairs // world)
+    lo, hi = min(rank * per, cfg.num_pairs), min((rank + 1) * per, cfg.num_pairs)
+    x_T, x_0 = teacher_pairs(teacher, diffusion, shape, hi - lo, pair_seed(cfg.seed), sampler=cfg.teacher_sampler,
                              steps=cfg.teacher_steps, spacing=cfg.teacher_spacing, clip=cfg.clip,
-                             batch=cfg.pair_batch, labels=labels, guidance_scale=cfg.guidance_scale,
-                             progress=cfg.progress)
+                             batch=cfg.pair_batch, labels=None if labels is None else labels[lo:hi],
+                             guidance_scale=cfg.guidance_scale, progress=cfg.progress and rank == 0, start=lo)
+    if world > 1:
+        x_T, x_0 = (_gather_slices(v, per, cfg.num_pairs, device) for v in (x_T, x_0))
     out = {"x_T": x_T.contiguous(), "x_0": x_0.contiguous()}
     if labels is not None:
         out["y"] = labels.contiguous()
-    if not write:
+    if rank != 0:
         return out
     os.makedirs(cfg.out_dir, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     save_file(out, tmp, metadata={"fastddpm_pairs": json.dumps(meta)})
     os.replace(tmp, path)
     return out
+
+
+def _gather_slices(part: torch.Tensor, per: int, num: int, device: torch.device) -> torch.Tensor:
+    """Every process's slice (`per` rows each, the last ones padded) concatenated: the first `num` rows, on CPU."""
+    import torch.distributed as dist
+
+    padded = torch.zeros((per, *part.shape[1:]), dtype=part.dtype, device=device)
+    padded[:part.shape[0]] = part.to(device)
+    out = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, padded)
+    return torch.cat(out)[:num].cpu()
 
 
 class ChainObjective(torch.nn.Module):
@@ -462,7 +490,7 @@ class DistillLoop(TrainLoop):
 
     def train_step(self, batch: Any) -> None:
         super().train_step(batch)
-        ok = torch.isfinite(self._terms).all()
+        ok = self.pending_finite[-1]  # the loop's: loss and gradient finite on every rank
         self.win_terms += torch.where(ok, torch.cat([self._terms.double(), torch.ones(1, dtype=torch.float64,
                                                                                        device=self.device)]), 0.0)
         self.pending_terms.append(self._terms)
@@ -534,7 +562,7 @@ def _distill(cfg: DistillConfig, tcfg: Any, rank: int, world: int, device: torch
     samplers = {k: student_sampler(diffusion, ts, predictions[k]) for k, ts in timesteps.items()}
     shape = (int(teacher.in_channels), int(teacher.image_size), int(teacher.image_size))
     labels = _labels(cfg.num_pairs, num_classes, cfg.seed) if num_classes else None
-    pairs = {k: v.to(device) for k, v in _pairs(cfg, teacher, diffusion, shape, labels, write=rank == 0).items()}
+    pairs = {k: v.to(device) for k, v in _pairs(cfg, teacher, diffusion, shape, labels, rank, world, device).items()}
     students = StudentSet({k: copy.deepcopy(teacher) for k in cfg.calls}).requires_grad_(True)
     del teacher
     run_cfg = _run_config(cfg, tcfg, tconfig, tpath, timesteps, predictions)

@@ -183,6 +183,16 @@ def run_dir_of(checkpoint_path: str) -> Optional[str]:
     return None
 
 
+def refuse_distilled(config: Any, where: str) -> None:
+    """ValueError when ``config`` (a checkpoint's or a run's config.json) is a distillation run's: `fastddpm
+    train --resume` does not continue one."""
+    from .student import is_distilled
+
+    if is_distilled(config):
+        raise ValueError(f"--resume: {where} is a distillation run: continue it with `fastddpm distill --resume`, "
+                         "or choose another --out-dir")
+
+
 def saved_run_config(resume: Union[bool, str], out_dir: str) -> Optional[Tuple[Dict[str, Any], str]]:
     """The saved TrainConfig dict ("train" entry) of the checkpoint ``resume`` would continue, and its path.
 
@@ -196,7 +206,9 @@ def saved_run_config(resume: Union[bool, str], out_dir: str) -> Optional[Tuple[D
     if path is None:
         return None
     try:
-        saved = ckpt.load_checkpoint(path, load_state=False, load_model=False, load_ema=False).config.get("train")
+        config = ckpt.load_checkpoint(path, load_state=False, load_model=False, load_ema=False).config
+        refuse_distilled(config, path)
+        saved = config.get("train")
     except ckpt.CheckpointError:
         saved = None
         run = run_dir_of(path) or (out_dir if not isinstance(resume, str) else None)
@@ -231,7 +243,7 @@ def resume_message(path: str, step: int, saved: Dict[str, Any], cfg: Any, saved_
     return "\n".join(lines)
 
 
-def resume_checkpoint(resume: Union[bool, str], run_dir: str, announce: bool) -> Optional[str]:
+def resume_checkpoint(resume: Union[bool, str], run_dir: str, announce: bool, command: str = "train") -> Optional[str]:
     """The checkpoint a run in ``run_dir`` continues: ``resume`` names it (a path), or is True (the run
     directory's newest checkpoint; None, said on stderr when ``announce``, when there is none) or False
     (None; ValueError when ``run_dir`` already holds checkpoints, which a fresh run would mix with its own)."""
@@ -240,7 +252,7 @@ def resume_checkpoint(resume: Union[bool, str], run_dir: str, announce: bool) ->
         return ckpt.resolve_checkpoint(resume)
     if resume:
         if existing is None and announce:
-            print(f"fastddpm train: no checkpoint in {run_dir}; starting from scratch", file=sys.stderr)
+            print(f"fastddpm {command}: no checkpoint in {run_dir}; starting from scratch", file=sys.stderr)
         return existing
     if existing is not None:
         raise ValueError(f"out_dir {run_dir} already holds checkpoints ({existing}); pass resume=True (--resume) "

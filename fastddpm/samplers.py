@@ -987,11 +987,12 @@ def gaussian_gain(sampler: Sampler, data_variance: float) -> float:
     s2 = float(data_variance)
     ab_all = sampler.schedule.alphas_cumprod
     x, hist = 1.0, [0.0, 0.0, 0.0]
-    for row, t in zip(sampler.coefs.tolist(), sampler.timesteps.tolist()):
+    preds = getattr(sampler, "row_predictions", None) or [sampler.prediction] * sampler.num_steps
+    for row, t, pred in zip(sampler.coefs.tolist(), sampler.timesteps.tolist(), preds):
         ab = float(ab_all[t])
         eps = math.sqrt(1.0 - ab) / (ab * s2 + 1.0 - ab) * x
         x0_exact = math.sqrt(ab) * s2 / (ab * s2 + 1.0 - ab) * x
-        m = {"eps": eps, "x0": x0_exact, "v": math.sqrt(ab) * eps - math.sqrt(1.0 - ab) * x0_exact}[sampler.prediction]
+        m = {"eps": eps, "x0": x0_exact, "v": math.sqrt(ab) * eps - math.sqrt(1.0 - ab) * x0_exact}[pred]
         x0 = row[_A] * x + row[_B] * m
         x = (row[_P] * x0 + row[_Q] * x + row[_R] * m
              + sum(row[col] * h for col, h in zip(_HISTORY_COLS, hist)))

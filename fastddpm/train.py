@@ -433,7 +433,12 @@ class TrainLoop:
     does. Resuming refuses a checkpoint whose "model" or "diffusion" entry differs from ``config``'s.
     Sample grids (``cfg.sample_every``) sample ``diffusion`` with the EMA model at the shape of
     ``config["model"]`` (``in_channels``, ``image_size``, ``num_classes``). Hooks with a default that a
-    subclass may also override: :meth:`lr_at` (the schedule) and :meth:`sample_grid`. Of ``cfg`` the loop
+    subclass may also override: :meth:`lr_at` (the schedule), :meth:`sample_grid`, :meth:`train_module` (what
+    DDP / torch.compile wrap: a module around the model whose forward is the loss keeps DDP at one forward
+    per step), :meth:`log_extras` (more fields per log record), :meth:`saved_train_config` (where a
+    checkpoint keeps its TrainConfig), and the attributes ``command`` (the CLI name messages use) and
+    ``train_mode`` (False keeps dropout off while training). :class:`fastddpm.distillation.DistillLoop` is
+    the other subclass. Of ``cfg`` the loop
     reads the optimisation, output and robustness fields (steps, lr, weight_decay, adam_beta1/2,
     warmup_steps, grad_clip, ema_decay, ema_warmup, amp, compile, seed, out_dir, save_every, keep,
     sample_*, log_every, progress, resume, resume_fallback, max_nonfinite); the data and model fields
@@ -769,7 +774,7 @@ class TrainLoop:
         Then rank 0 cuts log.jsonl back to the resumed step."""
         cfg, rng = self.cfg, None
         self.claim_run_dir()
-        path = resume_checkpoint(cfg.resume, self.run_dir, announce=self.is_main)
+        path = resume_checkpoint(cfg.resume, self.run_dir, announce=self.is_main, command=self.command)
         if path is not None:
             explicit = isinstance(cfg.resume, str)
             ck = load_for_resume(path, run_dir_of(path) or self.run_dir, cfg.resume_fallback, explicit)

@@ -207,12 +207,13 @@ def label(setting: str) -> str:
     lib, name, spacing, *rest = setting.split(":")
     if lib == "data":
         return "exact copy of the data (noise floor)"
+    dtype = f", model in {rest[0]}" if rest else ""
     if lib == "fastddpm" and name == "distilled":
-        return f"fastddpm distilled student ({os.path.basename(spacing.rstrip('/'))})"
+        return f"fastddpm distilled student ({os.path.basename(spacing.rstrip('/'))}){dtype}"
     if lib == "fastddpm":
         spacing = SPACING_LABELS.get(spacing, spacing)
-        return f"fastddpm {LABELS.get(name, name)}, {spacing}" + (f", model in {rest[0]}" if rest else "")
-    return f"diffusers {name}, {spacing}"
+        return f"fastddpm {LABELS.get(name, name)}, {spacing}{dtype}"
+    return f"diffusers {name}, {spacing}{dtype}"
 
 
 def summarize(entry: Dict[str, Any]) -> Tuple[float, float]:

@@ -426,6 +426,13 @@ def test_ddp_two_processes_match_one(tmp_path):
     for a, b, c in zip(r0["losses"], r1["losses"], one.losses):
         for key in ("loss_1", "loss_2"):
             assert (a[key] + b[key]) / 2 == pytest.approx(c[key], rel=1e-5)
+    from safetensors.torch import load_file
+
+    p1, p2 = (load_file(str(tmp_path / d / "teacher_pairs.safetensors")) for d in ("one", "two"))
+    # each rank drew a slice (8 and 7 + 1 padding row of the 15 pairs) and they exchanged them: x_T exactly,
+    # x_0 to fp32 batch-size rounding (the teacher ran on 8 and 7 images instead of 15)
+    torch.testing.assert_close(p2["x_T"], p1["x_T"], rtol=0, atol=0)
+    torch.testing.assert_close(p2["x_0"], p1["x_0"], rtol=0, atol=1e-5)
     two = ck.load_checkpoint(str(tmp_path / "two"))
     ref = ck.load_checkpoint(one.checkpoint)
     assert two.state["world_size"] == 2
@@ -435,7 +442,7 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 
 def _ddp_kw(teacher):
-    return dict(checkpoint=teacher, calls=(1, 2), steps=3, num_pairs=16, batch_size=8, lr=1e-3, teacher_steps=4,
+    return dict(checkpoint=teacher, calls=(1, 2), steps=3, num_pairs=15, batch_size=8, lr=1e-3, teacher_steps=4,
                 log_every=1, progress=False)
 
 
@@ -453,3 +460,24 @@ def _ddp_distill_worker(rank, world, port, teacher, out_dir, result_dir):
     torch.set_num_threads(1)
     r = distill(out_dir=out_dir, **_ddp_kw(teacher))
     torch.save({"losses": r.losses}, os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def test_resume_with_other_settings_is_refused_before_the_pairs_are_redrawn(tmp_path, capsys):
+    from fastddpm.cli import main
+
+    teacher = _tiny_checkpoint(tmp_path / "t")
+    kw = dict(checkpoint=teacher, calls=(1,), batch_size=4, teacher_steps=2, progress=False)
+    out = str(tmp_path / "d")
+    distill(steps=2, out_dir=out, num_pairs=8, **kw)
+    pairs = os.path.join(out, "teacher_pairs.safetensors")
+    before = open(pairs, "rb").read()
+    with pytest.raises(ValueError, match=r"other settings \(num_pairs: run 8 vs now 12\)"):
+        distill(steps=3, out_dir=out, num_pairs=12, resume=True, **kw)
+    with pytest.raises(ValueError, match="student_prediction: run 'auto' vs now 'eps'"):
+        distill(steps=3, out_dir=out, num_pairs=8, resume=True, student_prediction="eps", **kw)
+    assert open(pairs, "rb").read() == before
+    # `fastddpm train --resume` does not continue a distillation run: one line saying what does
+    capsys.readouterr()
+    assert main(["train", "--out-dir", out, "--resume", "--steps", "3", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a distillation run: continue it with `fastddpm distill --resume`" in err[0]

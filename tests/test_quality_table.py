@@ -66,10 +66,12 @@ def test_update_doc_replaces_only_the_section(tmp_path):
         qt.update_doc(results, str(page))
 
 
-def test_draw_fastddpm_unipc_equals_diffusers_unipc_on_trailing_timesteps():
+@pytest.mark.parametrize("dtype", ["", ":bf16"])
+def test_draw_fastddpm_unipc_equals_diffusers_unipc_on_trailing_timesteps(dtype):
     """The adapter drives diffusers from the same x_T: fastddpm's UniPC and diffusers' UniPC (bh2, order 3)
     on the same trailing timesteps give the same 8-bit images (up to rare rounding flips), and each
-    entry records the timesteps it ran."""
+    entry records the timesteps it ran. With ":bf16" both run the model calls in bf16 (the same bf16 model:
+    the same images again), which differ from the fp32 ones."""
     pytest.importorskip("diffusers")
     import numpy as np
     import torch
@@ -80,8 +82,12 @@ def test_draw_fastddpm_unipc_equals_diffusers_unipc_on_trailing_timesteps():
     torch.set_num_threads(1)
     model, diffusion, config = load_model(None, device="cpu")
     shape = (config["model"]["in_channels"], config["model"]["image_size"], config["model"]["image_size"])
-    a, made_a, ts_a = qt.draw("fastddpm:unipc:trailing", 5, 0, 8, model, diffusion, shape, {})
-    b, made_b, ts_b = qt.draw("diffusers:unipc-bh2-3:trailing", 5, 0, 8, model, diffusion, shape, {})
+    a, made_a, ts_a = qt.draw("fastddpm:unipc:trailing" + dtype, 5, 0, 8, model, diffusion, shape, {})
+    b, made_b, ts_b = qt.draw("diffusers:unipc-bh2-3:trailing" + dtype, 5, 0, 8, model, diffusion, shape, {})
     assert made_a == made_b == 5 and ts_a == ts_b == [999, 799, 599, 399, 199]
     diff = np.abs(a.astype(np.int64) - b.astype(np.int64))
     assert diff.max() <= 1 and diff.mean() < 0.01
+    if dtype:
+        fp32, _, _ = qt.draw("diffusers:unipc-bh2-3:trailing", 5, 0, 8, model, diffusion, shape, {})
+        assert np.abs(fp32.astype(np.int64) - b.astype(np.int64)).max() > 1  # bf16 model calls: other images
+        assert qt.label("diffusers:unipc-bh2-3:trailing:bf16") == "diffusers unipc-bh2-3, trailing, model in bf16"

@@ -646,5 +646,9 @@ def test_ddim_per_step_predictions_take_each_rows_table():
     for s, d in enumerate((x0, eps, v, eps)):
         torch.testing.assert_close(mixed.coefs[s], DDIMSampler(d, steps=steps).coefs[s], rtol=0, atol=0)
     assert mixed.coefs.dtype == torch.float64
+    # the exact denoiser of Gaussian data answers in every parameterisation: mixing them maps x_T the same way
+    from fastddpm.samplers import gaussian_gain
+
+    assert gaussian_gain(mixed, 0.3) == pytest.approx(gaussian_gain(DDIMSampler(eps, steps=steps), 0.3), rel=1e-12)
     with pytest.raises(ValueError, match="predictions must be one of"):
         DDIMSampler(eps, steps=steps, predictions=["x0"])

@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 from .._names import DETERMINISTIC_SAMPLERS, SPACING_NAMES
-from ._common import CLIError, add_threads_option, write_json
+from ._common import CLIError, add_threads_option, apply_threads, write_json
 
-# fastddpm.distill.DistillConfig's defaults (tests check they agree), here so that --help imports no torch
+# fastddpm.distillation.DistillConfig's defaults (tests check they agree), here so that --help imports no torch
 _DEFAULTS = argparse.Namespace(steps=4000, batch_size=32, lr=3e-4, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
                                amp="none", num_pairs=32768, teacher_sampler="unipc",
                                teacher_steps=20, teacher_spacing="trailing", spacing="trailing", ema_decay=0.995,
@@ -70,6 +71,20 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_threads_option(p)
 
 
+def _teacher_params(checkpoint: Optional[str]) -> int:
+    """The teacher's parameter count (for the default thread count); 0 when it does not load (distill then
+    says why)."""
+    from .. import build
+    from .. import checkpoint as ckpt
+
+    try:
+        probe = ckpt.load_checkpoint(ckpt.resolve_checkpoint(checkpoint), load_state=False, load_model=False,
+                                     load_ema=False)
+        return sum(p.numel() for p in build.build_model(probe.config).parameters())
+    except Exception:  # noqa: BLE001 - any failure is reported by distill itself
+        return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """``fastddpm distill``: distil, print where the students are and how to sample them."""
     import torch
@@ -82,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--calls must be a comma-separated list of positive ints, got {args.calls!r}") from None
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
-    torch.set_num_threads(args.threads or 1)
+    apply_threads(args.threads, _teacher_params(args.checkpoint), "cuda" if args.device.startswith("cuda") else "cpu")
     cfg = DistillConfig(checkpoint=args.checkpoint, calls=calls, steps=args.steps, out_dir=args.out_dir,
                         resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size, lr=args.lr,
                         warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, grad_clip=args.grad_clip,

@@ -285,6 +285,12 @@ def _resume_without_checkpoint(explicit: Dict[str, Any], out_dir: str) -> Option
             loaded = load_file(cfg_path)
         except ValueError as e:
             raise CLIError(f"--resume: {e}; the run's settings cannot be read") from None
+        from ..run_dir import refuse_distilled
+
+        try:
+            refuse_distilled(loaded, os.path.abspath(out_dir))
+        except ValueError as e:
+            raise CLIError(str(e)) from None
         saved = loaded.get("train") if isinstance(loaded, dict) else None
         if not isinstance(saved, dict):
             raise CLIError(f"--resume: {cfg_path} holds no 'train' settings; the run's settings are unknown: pass "
