@@ -85,7 +85,8 @@ class DistillConfig:
     batch_size (global, divided among DDP processes), lr: AdamW's batch and peak learning rate; warmup_steps:
     linear warm-up; lr_schedule: "cosine" (to 0 at `steps`) or "constant" after it; grad_clip: max global
     gradient norm (0 disables); amp: "none" (fp32), "bf16" autocast, "auto" (bf16 on CUDA).
-    num_pairs: teacher trajectories drawn (x_T, x_0). teacher_sampler / teacher_steps / teacher_spacing:
+    num_pairs: teacher trajectories drawn (x_T, x_0). pairs: read them from this file (or run directory) of
+    another run with the same teacher and pair settings instead of drawing them (e.g. one run per K). teacher_sampler / teacher_steps / teacher_spacing:
     the teacher's deterministic solver. spacing: the students' timesteps ("trailing", "uniform", ...).
     guidance_scale: class-conditional teachers only (distil the guided model at this w).
     ema_decay: EMA of the student weights (what is sampled by default). clip: clamp x0-hat to [-1, 1].
@@ -120,6 +121,7 @@ class DistillConfig:
     log_every: int = 25
     keep: int = 2
     pair_batch: int = 500
+    pairs: Optional[str] = None
     device: str = "auto"
     progress: bool = True
 
@@ -165,6 +167,10 @@ class DistillConfig:
             raise bad("student_prediction", f"one of {STUDENT_PREDICTIONS}")
         if self.loss not in LOSSES:
             raise bad("loss", f"one of {LOSSES}")
+        if self.pairs is not None:
+            found = os.path.join(self.pairs, PAIRS_FILE) if os.path.isdir(self.pairs) else self.pairs
+            if not os.path.isfile(found):
+                raise bad("pairs", f"a {PAIRS_FILE} file or a distillation run directory holding one")
         if self.guidance_scale is not None and not isinstance(self.guidance_scale, (int, float)):
             raise bad("guidance_scale", "a number or None")
         return self
@@ -266,6 +272,18 @@ def teacher_pairs(model: Callable[..., Any], diffusion: Any, shape: Sequence[int
     return torch.cat(xs), torch.cat(x0s)
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes, values): which teacher drew a pair file."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 # ------------------------------------------------------------------------------ teacher loading and checks
 def _load_teacher(checkpoint: Optional[str]) -> Tuple[torch.nn.Module, Any, Dict[str, Any], str]:
     """(model, diffusion, config, path) of a teacher; ValueError naming `checkpoint` when it is not one."""
@@ -339,14 +357,21 @@ def _pairs(cfg: DistillConfig, teacher: torch.nn.Module, diffusion: Any, shape: 
     path = os.path.join(cfg.out_dir, PAIRS_FILE)
     meta = {"num_pairs": cfg.num_pairs, "seed": cfg.seed, "philox_seed": pair_seed(cfg.seed), "sampler": cfg.teacher_sampler,
             "steps": cfg.teacher_steps, "spacing": cfg.teacher_spacing, "clip": cfg.clip,
-            "guidance_scale": cfg.guidance_scale}
-    if os.path.isfile(path):
+            "guidance_scale": cfg.guidance_scale, "teacher": weights_fingerprint(teacher)}
+    given = None if cfg.pairs is None else os.path.join(cfg.pairs, PAIRS_FILE) if os.path.isdir(cfg.pairs) else cfg.pairs
+    for p in (given, path):
+        if p is None or not os.path.isfile(p):
+            continue
         from safetensors import safe_open
 
-        with safe_open(path, "pt") as f:
+        with safe_open(p, "pt") as f:
             stored = json.loads((f.metadata() or {}).get("fastddpm_pairs", "{}"))
         if stored == json.loads(json.dumps(meta)):
-            return load_file(path)
+            return load_file(p)
+        if p == given:
+            differ = sorted(k for k in meta if stored.get(k) != json.loads(json.dumps(meta))[k])
+            raise ValueError(f"pairs {cfg.pairs!r} were drawn with other settings ({', '.join(differ)} differ): pass "
+                             "the same teacher and pair settings, or leave --pairs out to draw them")
     per = -(-cfg.num_pairs // world)
     lo, hi = min(rank * per, cfg.num_pairs), min((rank + 1) * per, cfg.num_pairs)
     x_T, x_0 = teacher_pairs(teacher, diffusion, shape, hi - lo, pair_seed(cfg.seed), sampler=cfg.teacher_sampler,

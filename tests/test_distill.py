@@ -242,6 +242,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "--calls must be" in capsys.readouterr().err
 
 
+def test_fd_distill_is_the_function_whatever_was_imported():
+    import fastddpm.cli.distill  # noqa: F401
+    import fastddpm.distillation
+
+    assert fd.distill is fastddpm.distillation.distill and fd.DistillConfig is DistillConfig
+
+
 def test_cli_defaults_match_the_library():
     from fastddpm.cli.distill import _DEFAULTS
 
@@ -481,3 +488,25 @@ def test_resume_with_other_settings_is_refused_before_the_pairs_are_redrawn(tmp_
     assert main(["train", "--out-dir", out, "--resume", "--steps", "3", "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a distillation run: continue it with `fastddpm distill --resume`" in err[0]
+
+
+def test_pairs_of_another_run_are_reused_only_when_drawn_alike(tmp_path):
+    from safetensors.torch import load_file
+
+    teacher = _tiny_checkpoint(tmp_path / "t")
+    other = _tiny_checkpoint(tmp_path / "o", seed=1)
+    kw = dict(calls=(1,), steps=1, num_pairs=8, batch_size=4, teacher_steps=2, progress=False)
+    distill(checkpoint=teacher, out_dir=str(tmp_path / "a"), **kw)
+    drawn = load_file(str(tmp_path / "a" / "teacher_pairs.safetensors"))
+    r = distill(checkpoint=teacher, out_dir=str(tmp_path / "b"), pairs=str(tmp_path / "a"), **kw)
+    assert not os.path.exists(tmp_path / "b" / "teacher_pairs.safetensors")  # read, not drawn again
+    # the same pairs, so the same first loss as run a's (its pairs file is what both trained on)
+    a = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert r.losses[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-6) and drawn["x_T"].shape[0] == 8
+    with pytest.raises(ValueError, match=r"pairs .* were drawn with other settings \(teacher differ\)"):
+        distill(checkpoint=other, out_dir=str(tmp_path / "c"), pairs=str(tmp_path / "a"), **kw)
+    with pytest.raises(ValueError, match=r"pairs .* were drawn with other settings \(num_pairs, philox_seed, seed"):
+        distill(checkpoint=teacher, out_dir=str(tmp_path / "d"), pairs=str(tmp_path / "a"),
+                **dict(kw, num_pairs=12), seed=3)
+    with pytest.raises(ValueError, match="^pairs must be a teacher_pairs.safetensors file"):
+        distill(checkpoint=teacher, out_dir=str(tmp_path / "e"), pairs=str(tmp_path / "nothing"), **kw)

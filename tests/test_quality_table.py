@@ -91,3 +91,32 @@ def test_draw_fastddpm_unipc_equals_diffusers_unipc_on_trailing_timesteps(dtype)
         fp32, _, _ = qt.draw("diffusers:unipc-bh2-3:trailing", 5, 0, 8, model, diffusion, shape, {})
         assert np.abs(fp32.astype(np.int64) - b.astype(np.int64)).max() > 1  # bf16 model calls: other images
         assert qt.label("diffusers:unipc-bh2-3:trailing:bf16") == "diffusers unipc-bh2-3, trailing, model in bf16"
+
+
+def test_distill_speed_picks_the_fewest_calls_within_the_quality_bar():
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "distill_speed", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                                      "distill_speed.py"))
+    ds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ds)
+    e = lambda *s: {"scores": list(s)}  # noqa: E731
+    entries = {"fastddpm:ddpm:uniform@1000": e(2.0, 2.0, 2.0),  # the bar at 1.1x: 2.2
+               "fastddpm:distilled:digits-distilled@2": e(2.3, 2.3, 2.3),  # over the bar
+               "fastddpm:distilled:digits-distilled@3": e(2.1, 2.15, 2.3),  # mean 2.183: under it
+               "fastddpm:distilled:digits-distilled@4": e(1.9, 1.9, 1.9),
+               "fastddpm:distilled:digits-distilled:bf16@4": e(2.0, 2.0, 2.0),
+               "fastddpm:distilled:other@1": e(1.0, 1.0, 1.0),  # another student: not this one
+               "fastddpm:unipc:trailing@5": e(1.0, 1.0, 1.0),  # not a student
+               "diffusers:unipc-bh2-3:trailing@7": e(2.3, 2.3, 2.3),
+               "diffusers:unipc-bh2-3:trailing@8": e(2.1, 2.1, 2.1),
+               "diffusers:dpm++2m:trailing@8": e(2.0, 2.0, 2.0),  # same calls, better score
+               "diffusers:deis-3:trailing@6": e(1.0, 1.0),  # fewer than 3 seeds
+               "diffusers:unipc-bh2-3:trailing:bf16@8": e(2.15, 2.15, 2.15)}
+    assert ds.pick(entries, "fp32", 1.1) == (("fastddpm:distilled:digits-distilled", 3, pytest.approx(6.55 / 3)),
+                                             ("diffusers:dpm++2m:trailing", 8, 2.0))
+    assert ds.pick(entries, "bf16", 1.1) == (("fastddpm:distilled:digits-distilled", 4, 2.0),
+                                             ("diffusers:unipc-bh2-3:trailing", 8, 2.15))
+    assert ds.pick(entries, "bf16", 1.0) == (("fastddpm:distilled:digits-distilled", 4, 2.0), None)

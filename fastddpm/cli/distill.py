@@ -47,6 +47,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help=f"bf16 autocast of the model calls (auto: on CUDA) (default: {d.amp})")
     p.add_argument("--num-pairs", type=int, default=d.num_pairs,
                    help=f"teacher trajectories (x_T, x_0) drawn once (default: {d.num_pairs})")
+    p.add_argument("--pairs", default=None, metavar="PATH",
+                   help="reuse the teacher pairs of another run (its directory or teacher_pairs.safetensors) drawn "
+                        "with the same teacher and pair settings, e.g. one run per K (default: draw them)")
     p.add_argument("--teacher-sampler", default=d.teacher_sampler, choices=DETERMINISTIC_SAMPLERS,
                    help=f"the teacher's solver (default: {d.teacher_sampler})")
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps,
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = DistillConfig(checkpoint=args.checkpoint, calls=calls, steps=args.steps, out_dir=args.out_dir,
                         resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size, lr=args.lr,
                         warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, grad_clip=args.grad_clip,
-                        amp=args.amp, num_pairs=args.num_pairs,
+                        amp=args.amp, num_pairs=args.num_pairs, pairs=args.pairs,
                         teacher_sampler=args.teacher_sampler, teacher_steps=args.teacher_steps,
                         teacher_spacing=args.teacher_spacing, spacing=args.spacing,
                         guidance_scale=args.guidance_scale, ema_decay=args.ema_decay, clip=not args.no_clip,
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:  # errors name the library field; on the command line name the flag
         msg = str(e)
         first = msg.split(" ", 1)[0]
-        flags = ("calls", "steps", "checkpoint", "lr", "seed", "loss", "batch_size", "warmup_steps", "grad_clip")
+        flags = ("calls", "steps", "checkpoint", "lr", "seed", "loss", "batch_size", "warmup_steps", "grad_clip",
+                 "pairs")
         raise CLIError(f"--{first.replace('_', '-')} {msg.split(' ', 1)[1]}" if first in flags else msg) from None
     last = r.losses[-1] if r.losses else {}
     summary = {"out_dir": r.out_dir, "checkpoint": r.checkpoint, "timesteps": {str(k): v for k, v in r.timesteps.items()},
