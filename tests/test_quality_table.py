@@ -2,6 +2,7 @@
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,3 +121,29 @@ def test_distill_speed_picks_the_fewest_calls_within_the_quality_bar():
     assert ds.pick(entries, "bf16", 1.1) == (("fastddpm:distilled:digits-distilled", 4, 2.0),
                                              ("diffusers:unipc-bh2-3:trailing", 8, 2.15))
     assert ds.pick(entries, "bf16", 1.0) == (("fastddpm:distilled:digits-distilled", 4, 2.0), None)
+
+
+def test_distillation_page_tables_hold_the_results_files():
+    """docs/distillation.md's student table cites docs/quality_table.json (mean, sd, seeds, bf16 column) and its
+    speed table benchmarks/results/distill_speed_cpu.json, to the digits shown."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    entries = json.loads((root / "docs" / "quality_table.json").read_text())["entries"]
+    text = (root / "docs" / "distillation.md").read_text(encoding="utf-8")
+    ddpm = np.mean(entries["fastddpm:ddpm:uniform@1000"]["scores"])
+    rows = re.findall(r"^\| (\d) \| \*\*([\d.]+)\*\* \+- ([\d.]+) \(([\d.]+)x\) \| ([\d. /]+) \| ([\d.]+) \|", text, re.M)
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
+    for k, mean, sd, ratio, seeds, bf16 in rows:
+        s = np.asarray(entries[f"fastddpm:distilled:digits-distilled@{k}"]["scores"])
+        assert (mean, sd, ratio) == (f"{s.mean():.3f}", f"{s.std(ddof=1):.2f}", f"{s.mean() / ddpm:.2f}")
+        assert seeds.strip() == " / ".join(f"{v:.2f}" for v in s)
+        assert bf16 == f"{np.mean(entries[f'fastddpm:distilled:digits-distilled:bf16@{k}']['scores']):.3f}"
+    speed = json.loads((root / "benchmarks" / "results" / "distill_speed_cpu.json").read_text())
+    for row in speed["rows"]:
+        cells = f"| {row['dtype']} | {row['fastddpm']['calls']} | {row['fastddpm']['score']:.3f} | " \
+                f"{row['fastddpm']['images_per_s']} | {row['diffusers']['setting']}, {row['diffusers']['calls']} calls | " \
+                f"{row['diffusers']['score']:.3f} | {row['diffusers']['images_per_s']} | **{row['speedup']}** |"
+        assert cells in text, cells

@@ -133,6 +133,14 @@ def test_readme_headline_table_holds_the_cited_results():
         report.fmt(unet["train_step"]["fastddpm"]["median_s"]), report.fmt(unet["train_step"]["diffusers"]["median_s"])]
     expected["CPU: sampling end to end, DDIM 20 steps, batch 8, images/s"] = [
         report.fmt(ddim["fast_sampler"]["images_per_s"]), report.fmt(ddim["diffusers_pipeline"]["images_per_s"])]
+    best3 = min((k for k in entries if k.startswith("diffusers:") and k.endswith("@3") and ":bf16" not in k), key=_quality)
+    expected["sample quality at 3 model calls: the distilled student vs the best scheduler"] = [
+        f"{_quality('fastddpm:distilled:digits-distilled@3'):.4f}", f"{_quality(best3):.4f}"]
+    speed = json.loads((ROOT / "benchmarks" / "results" / "distill_speed_cpu.json").read_text())
+    bf16 = next(r for r in speed["rows"] if r["dtype"] == "bf16")
+    assert bf16["fastddpm"]["calls"] == 3 and bf16["diffusers"]["calls"] == 8  # what footnote 5 names
+    expected["CPU: images/s at DDPM-1000-level quality (digits-FD within 1.1x), bf16"] = [
+        str(bf16["fastddpm"]["images_per_s"]), str(bf16["diffusers"]["images_per_s"])]
     rows = _headline_rows()
     for label, cells in expected.items():
         assert rows.get(label) == cells, f"README headline row {label!r}: {rows.get(label)} != {cells}"
