@@ -3,7 +3,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import torch
 from fastddpm import build
 from fastddpm import checkpoint as ckpt
 from fastddpm.cli import main
+from ddp_helpers import as_rank, free_port
 
 TINY_FLAGS = ["--dataset", "digits", "--base-channels", "8", "--channel-mults", "1,2", "--attention-resolutions", "4",
               "--num-res-blocks", "1", "--groups", "4", "--num-timesteps", "50", "--batch-size", "8",
@@ -126,16 +126,8 @@ def test_python_dash_m_reports_missing_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------------------ sharded sampling
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sample_worker(rank, world, port, argv):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     assert main(argv) == 0
 
 
@@ -145,7 +137,7 @@ def test_sample_sharded_over_two_processes_matches_one(tiny_run, tmp_path):
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
     args = ["sample", "--no-progress", "--checkpoint", tiny_run, "--steps", "2", "--num", "5", "--batch-size", "2"]
     assert main([*args, "--npz", str(one)]) == 0
-    mp.start_processes(_sample_worker, args=(2, _free_port(), [*args, "--npz", str(two), "--out", str(tmp_path / "g.png")]),
+    mp.start_processes(_sample_worker, args=(2, free_port(), [*args, "--npz", str(two), "--out", str(tmp_path / "g.png")]),
                        nprocs=2, join=True, start_method="fork")
     np.testing.assert_array_equal(np.load(two)["images"], np.load(one)["images"])
     assert (tmp_path / "g.png").exists()

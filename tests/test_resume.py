@@ -16,6 +16,7 @@ from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.run_dir import RunLock as _RunLock
 from fastddpm.run_dir import resume_message as _resume_message
 from fastddpm.train import RunLockError, TrainConfig, train
+from ddp_helpers import as_rank, free_port
 
 TINY_FLAGS = ["--dataset", "digits", "--base-channels", "8", "--channel-mults", "1,2", "--attention-resolutions", "4",
               "--num-res-blocks", "1", "--groups", "4", "--num-timesteps", "50", "--batch-size", "8", "--lr", "1e-3",
@@ -221,18 +222,10 @@ def test_lock_without_flock_uses_the_pid_record(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ DDP faults (2 gloo processes)
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fault_worker(rank, world, port, out_dir, result_dir, fault):
     import time
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     orig, calls = GaussianDiffusion.training_losses, [0]
 
     def patched(self_, *a, **k):
@@ -262,7 +255,7 @@ def test_ddp_peer_failure_ends_every_rank_with_one_line(tmp_path, fault):
 
     res = tmp_path / "res"
     res.mkdir()
-    ctx = mp.start_processes(_fault_worker, args=(2, _free_port(), str(tmp_path / "run"), str(res), fault),
+    ctx = mp.start_processes(_fault_worker, args=(2, free_port(), str(tmp_path / "run"), str(res), fault),
                              nprocs=2, join=False, start_method="fork")
     assert ctx.join(timeout=60) or ctx.join(timeout=30), "the ranks did not end"
     r0, r1 = ((res / f"rank{i}.txt").read_text() for i in (0, 1))

@@ -2,7 +2,6 @@
 export), DDP (gloo). The checkpoint files themselves: tests/test_checkpoint.py."""
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from fastddpm import build
 from fastddpm import checkpoint as ckpt
 from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.train import NonFiniteLossError, TrainConfig, train
+from ddp_helpers import as_rank, free_port
 
 TINY = dict(dataset="digits", base_channels=8, channel_mults=(1, 2), attention_resolutions=(4,), num_res_blocks=1,
             groups=4, num_timesteps=100, batch_size=8, lr=1e-3, warmup_steps=4, log_every=1, progress=False,
@@ -152,16 +152,8 @@ def test_architecture_mismatch(tmp_path):
 
 
 # ------------------------------------------------------------------------------ DDP (2 CPU processes, gloo)
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out_dir, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     from fastddpm.unet import UNet  # noqa: F401  (import before the process group, as torchrun would)
 
     r = train(_cfg(out_dir, steps=4, save_every=0, batch_size=8, dropout=0.1))
@@ -177,7 +169,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     out, res = tmp_path / "run", tmp_path / "res"
     res.mkdir()
     # fork: the children inherit the imported modules (spawning re-imports torch._dynamo: ~10 s each)
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(out), str(res)), nprocs=2, join=True,
+    mp.start_processes(_ddp_worker, args=(2, free_port(), str(out), str(res)), nprocs=2, join=True,
                        start_method="fork")
     r0, r1 = (torch.load(res / f"rank{i}.pt") for i in (0, 1))
     assert r0["ckpt"] and r0["ckpt"].endswith("step_00000004")
