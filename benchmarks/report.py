@@ -401,9 +401,26 @@ def render_dtype(name: str, data: Dict[str, Any]) -> List[str]:
     return lines + [""] + preamble(name, data)
 
 
+def render_distill_speed(name: str, data: Dict[str, Any]) -> List[str]:
+    """scripts/distill_speed.py: images/s of each side's fastest setting within `within` x DDPM-1000's digits-FD."""
+    bar = data["within"] * data["ddpm_1000"]
+    lines = [f"### Time to DDPM-1000-level quality: distilled student vs diffusers ({data['student']}, batch "
+             f"{data['batch']}, digits-FD <= {data['within']}x DDPM-1000 = {bar:.3f})", "",
+             "| model calls in | student K | digits-FD | images/s | diffusers | digits-FD | images/s | speed-up |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for r in data["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['dtype']} | {r['skipped']} | | | | | | |")
+            continue
+        f, d = r["fastddpm"], r["diffusers"]
+        lines.append(f"| {r['dtype']} | {f['calls']} | {f['score']:.3f} | {f['images_per_s']} | {d['setting']}, "
+                     f"{d['calls']} calls | {d['score']:.3f} | {d['images_per_s']} | {r['speedup']:.2f}x |")
+    return lines + [""] + preamble(name, data)
+
+
 RENDERERS: Dict[str, Callable[[str, Dict[str, Any]], List[str]]] = {
     "figures": render_figures, "step_cpu": render_step, "sampling_cpu": render_sampling_cpu,
-    "sampling_gpu": render_sampling_gpu, "dtype_cpu": render_dtype,
+    "sampling_gpu": render_sampling_gpu, "dtype_cpu": render_dtype, "distill_speed_cpu": render_distill_speed,
 }
 
 

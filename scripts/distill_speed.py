@@ -37,7 +37,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from fastddpm import build  # noqa: E402
-from fastddpm import checkpoint as ckpt  # noqa: E402
 from fastddpm.fileio import atomic_write_json  # noqa: E402
 from fastddpm.graphs import FastSampler  # noqa: E402
 from fastddpm.precision import parse_dtype, reduced_precision  # noqa: E402
@@ -145,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         row["fastddpm"]["score"], row["diffusers"]["score"] = ours[2], theirs[2]
         rows.append(row)
         print(json.dumps(row))
-    out = {"student": ckpt.resolve_checkpoint(args.student), "within": args.within,
+    out = {"student": args.student, "within": args.within,
            "ddpm_1000": round(_mean(entries[DDPM_1000]), 4), "batch": args.batch, "repeats": args.repeats,
            "rows": rows, "machine": f"{platform.machine()} CPU ({cpu_flags()}), torch {torch.__version__}, 1 thread, "
                                     "shared",
