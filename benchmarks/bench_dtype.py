@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fastddpm as fd  # noqa: E402
-from benchmarks.common import ddpm_cifar10_pair, write_result  # noqa: E402
+from benchmarks.common import cpu_flags, ddpm_cifar10_pair, write_result  # noqa: E402
 from fastddpm.precision import parse_dtype  # noqa: E402
 
 
@@ -47,12 +47,7 @@ class _Autocast(torch.nn.Module):
 
 
 def cpu_bf16_flags() -> List[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = set(fh.read().split())
-    except OSError:
-        return []
-    return sorted(f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx512_fp16", "amx_fp16") if f in flags)
+    return cpu_flags(sorted(("avx512_bf16", "amx_bf16", "avx512f", "avx512_fp16", "amx_fp16")))
 
 
 def main(argv=None) -> Dict[str, Any]:

@@ -5,7 +5,7 @@ import json
 import os
 import platform
 import subprocess
-from typing import Any, Dict
+from typing import Any, Dict, List, Sequence
 
 import torch
 
@@ -76,3 +76,14 @@ def text_table(cols, body) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
     return "\n".join(lines)
+
+
+def cpu_flags(names: Sequence[str]) -> List[str]:
+    """Which of the CPU feature flags `names` /proc/cpuinfo lists, in the order of `names` ([] where it cannot be
+    read)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = set(fh.read().split())
+    except OSError:
+        return []
+    return [f for f in names if f in flags]

@@ -201,10 +201,8 @@ def student_timesteps(diffusion: Any, calls: int, spacing: str = "trailing") -> 
     return [int(t) for t in make_timesteps(diffusion.schedule, int(calls), spacing)]
 
 
-def student_sampler(diffusion: Any, timesteps: Sequence[int], predictions: Optional[Sequence[str]] = None) -> DDIMSampler:
-    """Deterministic DDIM at the student's timesteps, step s reading the output as `predictions[s]` (default: the
-    teacher's prediction): the sampler a student runs (one fused op per step, FastSampler)."""
-    return ddim_sampler(diffusion, timesteps, predictions)
+# deterministic DDIM at the student's timesteps, step s reading the output as predictions[s]: what a student runs
+student_sampler = ddim_sampler
 
 
 def ddim_chain(model: Callable[..., Any], sampler: DDIMSampler, x: torch.Tensor, clip: bool = True,
@@ -312,11 +310,12 @@ def _check_out_dir(cfg: DistillConfig) -> None:
     if latest is not None:
         config = ckpt.load_checkpoint(latest, load_state=False, load_model=False, load_ema=False).config
     elif os.path.isfile(os.path.join(cfg.out_dir, "config.json")):
+        from .jsonio import load_file
+
         try:
-            with open(os.path.join(cfg.out_dir, "config.json"), encoding="utf-8") as fh:
-                config = json.load(fh)
-        except (OSError, ValueError):
-            config = None
+            config = load_file(os.path.join(cfg.out_dir, "config.json"))
+        except ValueError:
+            config = None  # unreadable: the loop's own checks of the run directory say so
     if config is not None and not is_distilled(config):
         raise ValueError(f"out_dir {cfg.out_dir!r} holds a training run, not a distillation run: --resume continues "
                          "only `fastddpm distill` runs; choose another --out-dir (or --overwrite to replace it)")
@@ -480,7 +479,7 @@ class DistillLoop(TrainLoop):
         self.objective = ChainObjective(students, samplers, dcfg.clip)
         self._epoch: Tuple[int, Optional[torch.Tensor]] = (-1, None)
         self._terms = torch.zeros(len(self.calls), device=self.device)
-        self.win_terms = torch.zeros(len(self.calls) + 1, dtype=torch.float64, device=self.device)
+        self.win_terms = torch.zeros(len(self.calls), dtype=torch.float64, device=self.device)  # counted by win_n
         self.pending_terms: List[torch.Tensor] = []
         self.per_k: List[Dict[str, float]] = []
 
@@ -516,8 +515,7 @@ class DistillLoop(TrainLoop):
     def train_step(self, batch: Any) -> None:
         super().train_step(batch)
         ok = self.pending_finite[-1]  # the loop's: loss and gradient finite on every rank
-        self.win_terms += torch.where(ok, torch.cat([self._terms.double(), torch.ones(1, dtype=torch.float64,
-                                                                                       device=self.device)]), 0.0)
+        self.win_terms += torch.where(ok, self._terms.double(), 0.0)
         self.pending_terms.append(self._terms)
 
     def read_pending(self) -> None:
@@ -529,7 +527,7 @@ class DistillLoop(TrainLoop):
         super().read_pending()
 
     def log_extras(self) -> Dict[str, Any]:
-        buf = self.win_terms.clone()
+        buf = torch.cat([self.win_terms, self.win_n.reshape(1)])
         if self.distributed:
             torch.distributed.all_reduce(buf)
         *sums, count = buf.tolist()

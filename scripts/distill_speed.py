@@ -36,6 +36,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
+from benchmarks.common import cpu_flags  # noqa: E402
 from fastddpm import build  # noqa: E402
 from fastddpm.fileio import atomic_write_json  # noqa: E402
 from fastddpm.graphs import FastSampler  # noqa: E402
@@ -45,13 +46,8 @@ from fastddpm.student import student_for  # noqa: E402
 DDPM_1000 = "fastddpm:ddpm:uniform@1000"
 
 
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = set(fh.read().split())
-    except OSError:
-        return "?"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+def cpu_flag_line() -> str:
+    return " ".join(cpu_flags(("avx2", "avx512f", "avx512_bf16", "amx_bf16"))) or "?"
 
 
 def _mean(entry: Dict[str, Any]) -> float:
@@ -146,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         print(json.dumps(row))
     out = {"student": args.student, "within": args.within,
            "ddpm_1000": round(_mean(entries[DDPM_1000]), 4), "batch": args.batch, "repeats": args.repeats,
-           "rows": rows, "machine": f"{platform.machine()} CPU ({cpu_flags()}), torch {torch.__version__}, 1 thread, "
+           "rows": rows, "machine": f"{platform.machine()} CPU ({cpu_flag_line()}), torch {torch.__version__}, 1 thread, "
                                     "shared",
            "command": "python scripts/distill_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.json:

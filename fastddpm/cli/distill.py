@@ -75,23 +75,24 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _teacher_params(checkpoint: Optional[str]) -> int:
-    """The teacher's parameter count (for the default thread count); 0 when it does not load (distill then
-    says why)."""
+    """The teacher's parameter count (for the default thread count; built on the meta device: no memory, no
+    time); 0 when it does not load (distill then says why)."""
+    import torch
+
     from .. import build
     from .. import checkpoint as ckpt
 
     try:
         probe = ckpt.load_checkpoint(ckpt.resolve_checkpoint(checkpoint), load_state=False, load_model=False,
                                      load_ema=False)
-        return sum(p.numel() for p in build.build_model(probe.config).parameters())
+        with torch.device("meta"):
+            return sum(p.numel() for p in build.build_model(probe.config).parameters())
     except Exception:  # noqa: BLE001 - any failure is reported by distill itself
         return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """``fastddpm distill``: distil, print where the students are and how to sample them."""
-    import torch
-
     from ..distillation import DistillConfig, distill
 
     try:
