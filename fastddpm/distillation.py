@@ -52,12 +52,13 @@ from .student import StudentSet, ddim_sampler, distilled_calls, is_distilled, st
 
 __all__ = ["DistillConfig", "DistillResult", "DistillLoop", "ChainObjective", "distill", "loop_config",
            "student_timesteps", "student_sampler",
-           "student_prediction", "ddim_chain", "pair_seed",
-           "teacher_pairs", "train_step", "export_students", "PAIRS_FILE", "LOG_FILE"]
+           "student_prediction", "ddim_chain", "image_losses", "pair_seed",
+           "teacher_pairs", "train_step", "export_students", "PAIRS_FILE", "VAL_PAIRS_FILE", "LOG_FILE"]
 
 PAIRS_FILE = "teacher_pairs.safetensors"
+VAL_PAIRS_FILE = "val_pairs.safetensors"  # held-out pairs: the validation loss
 LOG_FILE = "log.jsonl"  # the training loop's
-LOSSES = ("x0",)
+LOSSES = ("pseudo-huber", "x0")  # see image_losses
 STUDENT_PREDICTIONS = ("auto", "teacher", "eps", "x0", "v")
 LR_SCHEDULES = ("cosine", "constant")
 AMP = ("none", "bf16", "auto")
@@ -77,7 +78,7 @@ def student_prediction(choice: str, calls: int, teacher_prediction: str) -> List
 
 @dataclass
 class DistillConfig:
-    """What `distill` runs. Every field but `keep`, `pair_batch` and `loss` is a `fastddpm distill` flag of the same name.
+    """What `distill` runs. Every field but `keep` and `pair_batch` is a `fastddpm distill` flag of the same name.
 
     checkpoint: the teacher (None: the bundled digits model). calls: the K to distil (one student each).
     steps: optimizer steps (each updates every student on one batch of pairs). out_dir: the run directory.
@@ -85,7 +86,9 @@ class DistillConfig:
     batch_size (global, divided among DDP processes), lr: AdamW's batch and peak learning rate; warmup_steps:
     linear warm-up; lr_schedule: "cosine" (to 0 at `steps`) or "constant" after it; grad_clip: max global
     gradient norm (0 disables); amp: "none" (fp32), "bf16" autocast, "auto" (bf16 on CUDA).
-    num_pairs: teacher trajectories drawn (x_T, x_0). pairs: read them from this file (or run directory) of
+    num_pairs: teacher trajectories drawn (x_T, x_0). val_pairs: more of them, held out (the images after the
+    training pairs' in the same noise stream): the validation loss of the sampled (EMA) students, logged at every
+    checkpoint step that is a log step and at the end (0: none). pairs: read them from this file (or run directory) of
     another run with the same teacher and pair settings instead of drawing them (e.g. one run per K). teacher_sampler / teacher_steps / teacher_spacing:
     the teacher's deterministic solver. spacing: the students' timesteps ("trailing", "uniform", ...).
     guidance_scale: class-conditional teachers only (distil the guided model at this w).
@@ -96,22 +99,23 @@ class DistillConfig:
 
     checkpoint: Optional[str] = None
     calls: Tuple[int, ...] = (1, 2, 3, 4)
-    steps: int = 4000
+    steps: int = 2000
     out_dir: str = "runs/distill"
     resume: bool = False
-    batch_size: int = 32
+    batch_size: int = 64
     lr: float = 3e-4
     warmup_steps: int = 100
     lr_schedule: str = "cosine"
     grad_clip: float = 1.0
     amp: str = "none"
     overwrite: bool = False
-    num_pairs: int = 32768
+    num_pairs: int = 98304
+    val_pairs: int = 1024
     teacher_sampler: str = "unipc"
     teacher_steps: int = 20
     teacher_spacing: str = "trailing"
     spacing: str = "trailing"
-    loss: str = "x0"
+    loss: str = "pseudo-huber"
     guidance_scale: Optional[float] = None
     student_prediction: str = "auto"
     ema_decay: float = 0.995
@@ -139,6 +143,8 @@ class DistillConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(name, "a positive int")
+        if isinstance(self.val_pairs, bool) or not isinstance(self.val_pairs, int) or self.val_pairs < 0:
+            raise bad("val_pairs", "an int >= 0 (0: no validation loss)")
         if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0):
             raise bad("keep", "a non-negative int")
         if max(self.calls) > self.teacher_steps:
@@ -185,12 +191,14 @@ class DistillConfig:
 class DistillResult:
     """What `distill` returns: the run directory, its newest checkpoint, the students' timesteps, the losses
     of every step this invocation ran ({"step", "loss", "loss_K"}; under torchrun this process's share of
-    the batch), and the wall and CPU (process) time of this invocation."""
+    the batch), the validation losses it logged ({"step", "val_loss_K"}: the sampled students on the held-out
+    pairs), and the wall and CPU (process) time of this invocation."""
 
     out_dir: str
     checkpoint: str
     timesteps: Dict[int, List[int]]
     losses: List[Dict[str, float]] = field(default_factory=list)
+    val_losses: List[Dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     cpu_seconds: float = 0.0
 
@@ -348,16 +356,25 @@ def _check_resume_config(saved: Dict[str, Any], cfg: DistillConfig) -> None:
 # ------------------------------------------------------------------------------ pairs on disk
 def _pairs(cfg: DistillConfig, teacher: torch.nn.Module, diffusion: Any, shape: Tuple[int, ...],
            labels: Optional[torch.Tensor], rank: int = 0, world: int = 1,
-           device: torch.device = torch.device("cpu")) -> Dict[str, torch.Tensor]:
-    """The teacher pairs of the run: read from out_dir when stored with the same settings, else drawn and
-    stored (rank 0). Under torchrun each of the `world` processes draws a slice and they exchange them."""
+           device: torch.device = torch.device("cpu"), held_out: bool = False) -> Dict[str, torch.Tensor]:
+    """The teacher pairs of the run (`held_out`: the validation pairs, the `val_pairs` images after the training
+    ones in the same noise stream): read from out_dir (or the run `cfg.pairs` names) when stored with the same
+    settings, else drawn and stored (rank 0). Under torchrun each of the `world` processes draws a slice and
+    they exchange them."""
     from safetensors.torch import load_file, save_file
 
-    path = os.path.join(cfg.out_dir, PAIRS_FILE)
-    meta = {"num_pairs": cfg.num_pairs, "seed": cfg.seed, "philox_seed": pair_seed(cfg.seed), "sampler": cfg.teacher_sampler,
+    name, num, first = (VAL_PAIRS_FILE, cfg.val_pairs, cfg.num_pairs) if held_out else (PAIRS_FILE, cfg.num_pairs, 0)
+    path = os.path.join(cfg.out_dir, name)
+    meta = {"num_pairs": num, "seed": cfg.seed, "philox_seed": pair_seed(cfg.seed), "sampler": cfg.teacher_sampler,
             "steps": cfg.teacher_steps, "spacing": cfg.teacher_spacing, "clip": cfg.clip,
             "guidance_scale": cfg.guidance_scale, "teacher": weights_fingerprint(teacher)}
-    given = None if cfg.pairs is None else os.path.join(cfg.pairs, PAIRS_FILE) if os.path.isdir(cfg.pairs) else cfg.pairs
+    if held_out:
+        meta["first_image"] = first
+    meta = json.loads(json.dumps(meta))
+    given = None
+    if cfg.pairs is not None:
+        given = os.path.join(cfg.pairs, PAIRS_FILE) if os.path.isdir(cfg.pairs) else cfg.pairs
+        given = os.path.join(os.path.dirname(given), name) if held_out else given
     for p in (given, path):
         if p is None or not os.path.isfile(p):
             continue
@@ -365,20 +382,20 @@ def _pairs(cfg: DistillConfig, teacher: torch.nn.Module, diffusion: Any, shape: 
 
         with safe_open(p, "pt") as f:
             stored = json.loads((f.metadata() or {}).get("fastddpm_pairs", "{}"))
-        if stored == json.loads(json.dumps(meta)):
+        if stored == meta:
             return load_file(p)
-        if p == given:
-            differ = sorted(k for k in meta if stored.get(k) != json.loads(json.dumps(meta))[k])
+        if p == given and not held_out:  # another run's held-out pairs may differ: this run draws its own
+            differ = sorted(k for k in meta if stored.get(k) != meta[k])
             raise ValueError(f"pairs {cfg.pairs!r} were drawn with other settings ({', '.join(differ)} differ): pass "
                              "the same teacher and pair settings, or leave --pairs out to draw them")
-    per = -(-cfg.num_pairs // world)
-    lo, hi = min(rank * per, cfg.num_pairs), min((rank + 1) * per, cfg.num_pairs)
+    per = -(-num // world)
+    lo, hi = min(rank * per, num), min((rank + 1) * per, num)
     x_T, x_0 = teacher_pairs(teacher, diffusion, shape, hi - lo, pair_seed(cfg.seed), sampler=cfg.teacher_sampler,
                              steps=cfg.teacher_steps, spacing=cfg.teacher_spacing, clip=cfg.clip,
                              batch=cfg.pair_batch, labels=None if labels is None else labels[lo:hi],
-                             guidance_scale=cfg.guidance_scale, progress=cfg.progress and rank == 0, start=lo)
+                             guidance_scale=cfg.guidance_scale, progress=cfg.progress and rank == 0, start=first + lo)
     if world > 1:
-        x_T, x_0 = (_gather_slices(v, per, cfg.num_pairs, device) for v in (x_T, x_0))
+        x_T, x_0 = (_gather_slices(v, per, num, device) for v in (x_T, x_0))
     out = {"x_T": x_T.contiguous(), "x_0": x_0.contiguous()}
     if labels is not None:
         out["y"] = labels.contiguous()
@@ -402,19 +419,37 @@ def _gather_slices(part: torch.Tensor, per: int, num: int, device: torch.device)
     return torch.cat(out)[:num].cpu()
 
 
+def image_losses(pred: torch.Tensor, x_0: torch.Tensor, loss: str = "x0") -> torch.Tensor:
+    """The distance of each student image to the teacher's x_0 (one value per image), e = pred - x_0 over its D values.
+
+    "x0": mean_D e^2. "pseudo-huber": sqrt(||e||^2 + c^2) - c with c = 0.00054 sqrt(D) (Song & Dhariwal 2023,
+    improved consistency training): about ||e||, so the gradient of every image has about the same size. Where
+    the teacher's map x_T -> x_0 turns sharply (one x_T to a 3, a nearby one to an 8) a squared loss pulls the
+    student to the average of the two digits, a blend; this one to either.
+    """
+    e = (pred.float() - x_0.float()).flatten(1)
+    if loss == "x0":
+        return e.square().mean(1)
+    if loss != "pseudo-huber":
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    c = 0.00054 * math.sqrt(e.shape[1])
+    return (e.square().sum(1) + c * c).sqrt() - c  # fp32: about ulp(c) ~ 5e-10 of rounding near e = 0
+
+
 class ChainObjective(torch.nn.Module):
     """Every student's loss in one forward: forward(x_T, x_0, y=None) -> [loss_K for K in `samplers`], with
-    loss_K = mean (chain_K(x_T) - x_0)^2 (the chain: `ddim_chain`). One module and one forward per step, so
-    that DistributedDataParallel all-reduces the gradients of every student once."""
+    loss_K = the mean over the batch of `image_losses(chain_K(x_T), x_0, loss)` (the chain: `ddim_chain`). One
+    module and one forward per step, so that DistributedDataParallel all-reduces the gradients of every student
+    once."""
 
-    def __init__(self, students: StudentSet, samplers: Dict[int, DDIMSampler], clip: bool = True):
+    def __init__(self, students: StudentSet, samplers: Dict[int, DDIMSampler], clip: bool = True, loss: str = "x0"):
         super().__init__()
-        self.students, self.samplers, self.clip = students, dict(samplers), clip
+        self.students, self.samplers, self.clip, self.loss = students, dict(samplers), clip, loss
 
     def forward(self, x_T: torch.Tensor, x_0: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         kw = {"y": y} if y is not None else None
-        return torch.stack([(ddim_chain(self.students.for_calls(k), smp, x_T, self.clip, kw).float() - x_0)
-                            .square().mean() for k, smp in self.samplers.items()])
+        return torch.stack([image_losses(ddim_chain(self.students.for_calls(k), smp, x_T, self.clip, kw), x_0,
+                                         self.loss).mean() for k, smp in self.samplers.items()])
 
 
 def train_step(students: StudentSet, samplers: Dict[int, DDIMSampler], x_T: torch.Tensor, x_0: torch.Tensor,
@@ -467,21 +502,25 @@ class DistillLoop(TrainLoop):
     (seed, epoch): the same global batches whatever the number of processes), the loss is the sum over K
     of `ChainObjective`'s loss_K. Dropout stays off (the students learn the deterministic map they run);
     the learning rate warms up linearly, then follows `lr_schedule`. Each log record adds the window's mean
-    loss_K per K; `per_k` holds every step's {"step", "loss", "loss_K"}."""
+    loss_K per K, and at the checkpoint steps and the last step val_loss_K, the loss of the sampled (EMA)
+    students on the held-out pairs `val` (their fit to pairs they never trained on); `per_k` holds every
+    step's {"step", "loss", "loss_K"}, `val_log` the {"step", "val_loss_K"} records."""
 
     command = "distill"
     train_mode = False
 
     def __init__(self, dcfg: DistillConfig, students: StudentSet, diffusion: Any, config: Dict[str, Any],
-                 samplers: Dict[int, DDIMSampler], pairs: Dict[str, torch.Tensor], **kw: Any):
+                 samplers: Dict[int, DDIMSampler], pairs: Dict[str, torch.Tensor],
+                 val: Optional[Dict[str, torch.Tensor]] = None, **kw: Any):
         super().__init__(loop_config(dcfg), students, diffusion, config, **kw)
-        self.dcfg, self.pairs, self.calls = dcfg, pairs, list(samplers)
-        self.objective = ChainObjective(students, samplers, dcfg.clip)
+        self.dcfg, self.pairs, self.val, self.calls = dcfg, pairs, val, list(samplers)
+        self.objective = ChainObjective(students, samplers, dcfg.clip, dcfg.loss)
         self._epoch: Tuple[int, Optional[torch.Tensor]] = (-1, None)
         self._terms = torch.zeros(len(self.calls), device=self.device)
         self.win_terms = torch.zeros(len(self.calls), dtype=torch.float64, device=self.device)  # counted by win_n
         self.pending_terms: List[torch.Tensor] = []
         self.per_k: List[Dict[str, float]] = []
+        self.val_log: List[Dict[str, float]] = []
 
     def train_module(self) -> torch.nn.Module:
         return self.objective
@@ -532,7 +571,34 @@ class DistillLoop(TrainLoop):
             torch.distributed.all_reduce(buf)
         *sums, count = buf.tolist()
         self.win_terms.zero_()
-        return {f"loss_{k}": (v / count if count else float("nan")) for k, v in zip(self.calls, sums)}
+        out = {f"loss_{k}": (v / count if count else float("nan")) for k, v in zip(self.calls, sums)}
+        every = self.cfg.save_every
+        if self.val is not None and (self.step == self.cfg.steps or (every and self.step % every == 0)):
+            val = {f"val_loss_{k}": v for k, v in self.val_losses().items()}
+            self.val_log.append({"step": self.step, **val})
+            out.update(val)
+        return out
+
+    @torch.no_grad()
+    def val_losses(self, chunk: int = 256) -> Dict[int, float]:
+        """{K: the training objective (`image_losses`, mean over the images)} of the sampled students (the EMA's,
+        else the weights) on the held-out pairs; under torchrun each process takes a slice and they sum."""
+        net = self.ema if self.ema is not None else self.model
+        n = self.val["x_T"].shape[0]
+        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world
+        sums = torch.zeros(len(self.calls) + 1, dtype=torch.float64, device=self.device)
+        for i in range(lo, hi, chunk):
+            j = min(i + chunk, hi)
+            x_T, x_0 = (self.val[key][i:j].to(self.device) for key in ("x_T", "x_0"))
+            kw = {"y": self.val["y"][i:j].to(self.device)} if "y" in self.val else None
+            for s, (k, smp) in enumerate(self.objective.samplers.items()):
+                sums[s] += image_losses(ddim_chain(net.for_calls(k), smp, x_T, self.dcfg.clip, kw), x_0,
+                                        self.dcfg.loss).sum()
+            sums[-1] += x_0.shape[0]
+        if self.distributed:
+            torch.distributed.all_reduce(sums)
+        *errs, count = sums.tolist()
+        return {k: e / count for k, e in zip(self.calls, errs)}
 
     def saved_train_config(self, ck: ckpt.Checkpoint) -> Dict[str, Any]:
         return (ck.config.get(DISTILL_CONFIG_KEY) or {}).get("train") or {}
@@ -586,13 +652,17 @@ def _distill(cfg: DistillConfig, tcfg: Any, rank: int, world: int, device: torch
     shape = (int(teacher.in_channels), int(teacher.image_size), int(teacher.image_size))
     labels = _labels(cfg.num_pairs, num_classes, cfg.seed) if num_classes else None
     pairs = {k: v.to(device) for k, v in _pairs(cfg, teacher, diffusion, shape, labels, rank, world, device).items()}
+    val = None
+    if cfg.val_pairs:
+        val_labels = _labels(cfg.val_pairs, num_classes, cfg.seed + 1) if num_classes else None
+        val = _pairs(cfg, teacher, diffusion, shape, val_labels, rank, world, device, held_out=True)
     students = StudentSet({k: copy.deepcopy(teacher) for k in cfg.calls}).requires_grad_(True)
     del teacher
     run_cfg = _run_config(cfg, tcfg, tconfig, tpath, timesteps, predictions)
-    loop = DistillLoop(cfg, students, diffusion, run_cfg, samplers, pairs, rank=rank, world=world, device=device,
+    loop = DistillLoop(cfg, students, diffusion, run_cfg, samplers, pairs, val, rank=rank, world=world, device=device,
                        distributed=distributed)
     r = loop.run()
-    return DistillResult(cfg.out_dir, r.checkpoint or "", timesteps, loop.per_k)
+    return DistillResult(cfg.out_dir, r.checkpoint or "", timesteps, loop.per_k, loop.val_log)
 
 
 # ------------------------------------------------------------------------------ export

@@ -174,7 +174,8 @@ def test_student_with_the_teachers_steps_reproduces_it_at_init(tmp_path, model_k
 def test_class_conditional_teacher_is_distilled_guided(tmp_path):
     teacher = _tiny_checkpoint(tmp_path / "t", {"num_classes": 3})
     kw = dict(checkpoint=teacher, calls=(2,), steps=1, teacher_sampler="ddim", teacher_steps=2, num_pairs=12,
-              batch_size=6, progress=False, student_prediction="teacher")
+              batch_size=6, progress=False, student_prediction="teacher", loss="x0")
+    # loss x0 (squared): the fp32 rounding between the guided and the plain call (|e| ~ 1e-6) stays ~1e-13 in it
     r = distill(out_dir=str(tmp_path / "d"), guidance_scale=1.0, **kw)
     assert r.losses[0]["loss_2"] < 1e-10  # student called with the labels = the teacher guided at w = 1
     kw.update(steps=15, lr=2e-3, batch_size=12)
@@ -501,3 +502,83 @@ def test_pairs_of_another_run_are_reused_only_when_drawn_alike(tmp_path):
                 **dict(kw, num_pairs=12), seed=3)
     with pytest.raises(ValueError, match="^pairs must be a teacher_pairs.safetensors file"):
         distill(checkpoint=teacher, out_dir=str(tmp_path / "e"), pairs=str(tmp_path / "nothing"), **kw)
+
+
+def test_validation_loss_is_the_sampled_students_on_held_out_pairs(tmp_path):
+    from safetensors.torch import load_file
+
+    from fastddpm.distillation import pair_seed
+
+    teacher = _tiny_checkpoint(tmp_path / "t")
+    out = tmp_path / "d"
+    r = distill(checkpoint=teacher, calls=(1, 2), steps=4, out_dir=str(out), num_pairs=16, val_pairs=6, batch_size=8,
+                lr=1e-3, teacher_steps=4, save_every=2, log_every=2, progress=False)
+    seed = pair_seed(0)
+    tmodel, tdiff, _ = build.load_model(teacher)
+    val, train = load_file(str(out / "val_pairs.safetensors")), load_file(str(out / "teacher_pairs.safetensors"))
+    # the held-out pairs are the 6 images after the 16 training ones in the same noise stream, run by the teacher
+    torch.testing.assert_close(val["x_T"], _x_T(seed, (6, 1, 8, 8), offset=16), rtol=0, atol=0)
+    torch.testing.assert_close(train["x_T"], _x_T(seed, (16, 1, 8, 8)), rtol=0, atol=0)
+    ref0 = make_sampler("unipc", tdiff, steps=4, spacing="trailing").sample(tmodel, (6, 1, 8, 8), seed=seed,
+                                                                            image_offset=16)
+    torch.testing.assert_close(val["x_0"], ref0, rtol=0, atol=1e-4)  # fp32 rounding at another batch size
+    logs = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [(e["step"], "val_loss_1" in e) for e in logs] == [(2, True), (4, True)]
+    assert r.val_losses == [{k: e[k] for k in ("step", "val_loss_1", "val_loss_2")} for e in logs]
+    # the last record: the EMA students as every loader samples them, each from the held-out x_T by its own sampler
+    model, diff, cfg = build.load_model(str(out))
+    for k in (1, 2):
+        m, smp = student_for(model, diff, cfg, k)
+        got = smp.sample(m, (6, 1, 8, 8), seed=seed, image_offset=16)
+        err = (got - val["x_0"]).double().flatten(1).numpy()
+        c = 0.00054 * 8  # the default loss: pseudo-Huber, c = 0.00054 sqrt(D), D = 64 values per image
+        want = float(np.mean(np.sqrt((err ** 2).sum(1) + c * c) - c))
+        assert logs[-1][f"val_loss_{k}"] == pytest.approx(want, rel=1e-4)
+        assert want > 0
+    # the training pairs' own loss differs from the held-out one (another set of x_T)
+    assert logs[-1]["val_loss_2"] != pytest.approx(logs[-1]["loss_2"], rel=1e-3)
+    r0 = distill(checkpoint=teacher, calls=(1,), steps=2, out_dir=str(tmp_path / "n"), num_pairs=16, val_pairs=0,
+                 batch_size=8, teacher_steps=4, log_every=1, progress=False)
+    assert r0.val_losses == [] and not (tmp_path / "n" / "val_pairs.safetensors").exists()
+    assert not any("val_loss_1" in json.loads(line) for line in open(tmp_path / "n" / "log.jsonl"))
+
+
+def test_cli_prints_training_and_held_out_loss(tmp_path, capsys):
+    from fastddpm.cli import main
+
+    teacher = _tiny_checkpoint(tmp_path / "t")
+    rc = main(["distill", "--checkpoint", teacher, "--calls", "1", "--steps", "3", "--num-pairs", "8",
+               "--val-pairs", "4", "--batch-size", "4", "--teacher-steps", "2", "--log-every", "1",
+               "--out-dir", str(tmp_path / "d"), "--json", str(tmp_path / "r.json"), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    res = json.load(open(tmp_path / "r.json"))
+    val = res["final_val_losses"]["val_loss_1"]
+    assert f"K=1 {res['final_losses']['loss_1']:.4g} / {val:.4g}" in printed
+    logs = [json.loads(line) for line in open(tmp_path / "d" / "log.jsonl")]
+    assert logs[-1]["val_loss_1"] == val and "val_loss_1" not in logs[0]
+
+
+def test_pseudo_huber_loss_is_the_closed_form_and_picks_a_mode_where_mse_blends():
+    from fastddpm.distillation import image_losses
+
+    g = torch.Generator().manual_seed(3)
+    pred, x0 = torch.randn(5, 1, 8, 8, generator=g), torch.randn(5, 1, 8, 8, generator=g)
+    e = (pred - x0).double().flatten(1).numpy()
+    c = 0.00054 * 8
+    np.testing.assert_allclose(image_losses(pred, x0, "pseudo-huber").numpy(), np.sqrt((e ** 2).sum(1) + c * c) - c,
+                               rtol=1e-5)
+    np.testing.assert_allclose(image_losses(pred, x0, "x0").numpy(), (e ** 2).mean(1), rtol=1e-5)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        image_losses(pred, x0, "l1")
+    # one input, two outcomes (3 of 4 pairs land on +1, one on -1): the squared loss's best constant is their
+    # mean, 0.5 (a blend of the two), the pseudo-Huber's their geometric median, the majority outcome +1
+    targets = torch.cat([torch.ones(3, 1, 8, 8), -torch.ones(1, 1, 8, 8)])
+    for loss, want in (("x0", 0.5), ("pseudo-huber", 1.0)):
+        w = torch.zeros((), requires_grad=True)
+        opt = torch.optim.Adam([w], lr=0.02)
+        for _ in range(600):
+            opt.zero_grad()
+            image_losses(w.expand(4, 1, 8, 8), targets, loss).mean().backward()
+            opt.step()
+        assert w.item() == pytest.approx(want, abs=0.02), loss

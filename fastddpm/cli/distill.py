@@ -14,8 +14,8 @@ from .._names import DETERMINISTIC_SAMPLERS, SPACING_NAMES
 from ._common import CLIError, add_threads_option, apply_threads, write_json
 
 # fastddpm.distillation.DistillConfig's defaults (tests check they agree), here so that --help imports no torch
-_DEFAULTS = argparse.Namespace(steps=4000, batch_size=32, lr=3e-4, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
-                               amp="none", num_pairs=32768, teacher_sampler="unipc",
+_DEFAULTS = argparse.Namespace(steps=2000, batch_size=64, lr=3e-4, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
+                               amp="none", num_pairs=98304, val_pairs=1024, loss="pseudo-huber", teacher_sampler="unipc",
                                teacher_steps=20, teacher_spacing="trailing", spacing="trailing", ema_decay=0.995,
                                save_every=500, log_every=25, seed=0)
 
@@ -45,8 +45,15 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help=f"max global gradient norm, 0 disables (default: {d.grad_clip})")
     p.add_argument("--amp", default=d.amp, choices=("none", "bf16", "auto"),
                    help=f"bf16 autocast of the model calls (auto: on CUDA) (default: {d.amp})")
+    p.add_argument("--loss", default=d.loss, choices=("pseudo-huber", "x0"),
+                   help="per-image distance of a student's x_0 to the teacher's: pseudo-huber (about the L2 "
+                        "norm: less pull towards the average of two outcomes than a squared loss) or x0 (mean "
+                        f"squared error) (default: {d.loss})")
     p.add_argument("--num-pairs", type=int, default=d.num_pairs,
                    help=f"teacher trajectories (x_T, x_0) drawn once (default: {d.num_pairs})")
+    p.add_argument("--val-pairs", type=int, default=d.val_pairs,
+                   help="more teacher pairs, held out: the students' validation loss, logged at every checkpoint "
+                        f"(0: none) (default: {d.val_pairs})")
     p.add_argument("--pairs", default=None, metavar="PATH",
                    help="reuse the teacher pairs of another run (its directory or teacher_pairs.safetensors) drawn "
                         "with the same teacher and pair settings, e.g. one run per K (default: draw them)")
@@ -105,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = DistillConfig(checkpoint=args.checkpoint, calls=calls, steps=args.steps, out_dir=args.out_dir,
                         resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size, lr=args.lr,
                         warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, grad_clip=args.grad_clip,
-                        amp=args.amp, num_pairs=args.num_pairs, pairs=args.pairs,
+                        amp=args.amp, loss=args.loss, num_pairs=args.num_pairs, val_pairs=args.val_pairs, pairs=args.pairs,
                         teacher_sampler=args.teacher_sampler, teacher_steps=args.teacher_steps,
                         teacher_spacing=args.teacher_spacing, spacing=args.spacing,
                         guidance_scale=args.guidance_scale, ema_decay=args.ema_decay, clip=not args.no_clip,
@@ -117,14 +124,31 @@ def run(args: argparse.Namespace) -> int:
         msg = str(e)
         first = msg.split(" ", 1)[0]
         flags = ("calls", "steps", "checkpoint", "lr", "seed", "loss", "batch_size", "warmup_steps", "grad_clip",
-                 "pairs")
+                 "pairs", "val_pairs")
         raise CLIError(f"--{first.replace('_', '-')} {msg.split(' ', 1)[1]}" if first in flags else msg) from None
     last = r.losses[-1] if r.losses else {}
+    val = r.val_losses[-1] if r.val_losses else {}
     summary = {"out_dir": r.out_dir, "checkpoint": r.checkpoint, "timesteps": {str(k): v for k, v in r.timesteps.items()},
-               "final_losses": last, "seconds": round(r.seconds, 1),
+               "final_losses": last, "final_val_losses": val, "seconds": round(r.seconds, 1),
                "cpu_seconds": round(r.cpu_seconds, 1)}
     write_json(summary, args.json)
     ks = ",".join(str(k) for k in r.timesteps)
     print(f"students for {ks} model calls -> {r.checkpoint} ({r.seconds:.0f} s, {r.cpu_seconds:.0f} s CPU); sample one with "
           f"`fastddpm sample --checkpoint {r.out_dir} --steps K`")
+    if val and r.losses:
+        print(_fit_line(r.losses[-args.log_every:], val))
     return 0
+
+
+def _fit_line(recent: list, val: dict) -> str:
+    """The students' loss on their training pairs (mean of the last steps) beside the held-out one, and what a
+    large gap means."""
+    parts, gap = [], 0.0
+    for key in sorted((k for k in val if k.startswith("val_loss_")), key=lambda k: int(k.rsplit("_", 1)[1])):
+        k = key.rsplit("_", 1)[1]
+        train = sum(e[f"loss_{k}"] for e in recent) / len(recent)
+        parts.append(f"K={k} {train:.4g} / {val[key]:.4g}")
+        gap = max(gap, val[key] / train if train > 0 else 0.0)
+    hint = ("; the held-out loss is well above the training one: more --num-pairs (or fewer --steps) should help"
+            if gap > 1.5 else "")
+    return "loss on training / held-out pairs: " + ", ".join(parts) + hint
