@@ -52,13 +52,13 @@ from .student import StudentSet, ddim_sampler, distilled_calls, is_distilled, st
 
 __all__ = ["DistillConfig", "DistillResult", "DistillLoop", "ChainObjective", "distill", "loop_config",
            "student_timesteps", "student_sampler",
-           "student_prediction", "ddim_chain", "image_losses", "pair_seed",
+           "student_prediction", "ddim_chain", "image_losses", "loss_for", "pair_seed",
            "teacher_pairs", "train_step", "export_students", "PAIRS_FILE", "VAL_PAIRS_FILE", "LOG_FILE"]
 
 PAIRS_FILE = "teacher_pairs.safetensors"
 VAL_PAIRS_FILE = "val_pairs.safetensors"  # held-out pairs: the validation loss
 LOG_FILE = "log.jsonl"  # the training loop's
-LOSSES = ("pseudo-huber", "x0")  # see image_losses
+LOSSES = ("auto", "pseudo-huber", "x0")  # see image_losses and loss_for
 STUDENT_PREDICTIONS = ("auto", "teacher", "eps", "x0", "v")
 LR_SCHEDULES = ("cosine", "constant")
 AMP = ("none", "bf16", "auto")
@@ -94,6 +94,7 @@ class DistillConfig:
     guidance_scale: class-conditional teachers only (distil the guided model at this w).
     ema_decay: EMA of the student weights (what is sampled by default). clip: clamp x0-hat to [-1, 1].
     student_prediction: how each student reads its output per step (see `student_prediction`).
+    loss: the distance of a student's x_0 to the teacher's, "auto", "pseudo-huber" or "x0" (see `loss_for`).
     device: "auto", "cpu", "cuda" or "cuda:N". The other fields: checkpointing and logging.
     """
 
@@ -109,13 +110,13 @@ class DistillConfig:
     grad_clip: float = 1.0
     amp: str = "none"
     overwrite: bool = False
-    num_pairs: int = 98304
+    num_pairs: int = 32768
     val_pairs: int = 1024
     teacher_sampler: str = "unipc"
     teacher_steps: int = 20
     teacher_spacing: str = "trailing"
     spacing: str = "trailing"
-    loss: str = "pseudo-huber"
+    loss: str = "auto"
     guidance_scale: Optional[float] = None
     student_prediction: str = "auto"
     ema_decay: float = 0.995
@@ -384,6 +385,9 @@ def _pairs(cfg: DistillConfig, teacher: torch.nn.Module, diffusion: Any, shape: 
             stored = json.loads((f.metadata() or {}).get("fastddpm_pairs", "{}"))
         if stored == meta:
             return load_file(p)
+        if not held_out and {**stored, "num_pairs": num} == meta and int(stored.get("num_pairs", 0)) > num:
+            # more pairs of the same stream (image i is the same whatever the number drawn): the first `num`
+            return {k: v[:num].clone() for k, v in load_file(p).items()}
         if p == given and not held_out:  # another run's held-out pairs may differ: this run draws its own
             differ = sorted(k for k in meta if stored.get(k) != meta[k])
             raise ValueError(f"pairs {cfg.pairs!r} were drawn with other settings ({', '.join(differ)} differ): pass "
@@ -419,6 +423,15 @@ def _gather_slices(part: torch.Tensor, per: int, num: int, device: torch.device)
     return torch.cat(out)[:num].cpu()
 
 
+def loss_for(loss: str, calls: int) -> str:
+    """The loss student K trains with: `loss`, or for "auto" the squared one ("x0") for K <= 2 and "pseudo-huber"
+    for K >= 3 (on the bundled model the pseudo-Huber students scored a far better digits-FD at 3 and 4 calls and a
+    far worse one at 1 and 2: see docs/distillation.md)."""
+    if loss == "auto":
+        return "x0" if int(calls) <= 2 else "pseudo-huber"
+    return loss
+
+
 def image_losses(pred: torch.Tensor, x_0: torch.Tensor, loss: str = "x0") -> torch.Tensor:
     """The distance of each student image to the teacher's x_0 (one value per image), e = pred - x_0 over its D values.
 
@@ -431,14 +444,14 @@ def image_losses(pred: torch.Tensor, x_0: torch.Tensor, loss: str = "x0") -> tor
     if loss == "x0":
         return e.square().mean(1)
     if loss != "pseudo-huber":
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        raise ValueError(f"loss must be one of {LOSSES[1:]}, got {loss!r}")
     c = 0.00054 * math.sqrt(e.shape[1])
     return (e.square().sum(1) + c * c).sqrt() - c  # fp32: about ulp(c) ~ 5e-10 of rounding near e = 0
 
 
 class ChainObjective(torch.nn.Module):
     """Every student's loss in one forward: forward(x_T, x_0, y=None) -> [loss_K for K in `samplers`], with
-    loss_K = the mean over the batch of `image_losses(chain_K(x_T), x_0, loss)` (the chain: `ddim_chain`). One
+    loss_K = the mean over the batch of `image_losses(chain_K(x_T), x_0, loss_for(loss, K))` (the chain: `ddim_chain`). One
     module and one forward per step, so that DistributedDataParallel all-reduces the gradients of every student
     once."""
 
@@ -449,7 +462,7 @@ class ChainObjective(torch.nn.Module):
     def forward(self, x_T: torch.Tensor, x_0: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         kw = {"y": y} if y is not None else None
         return torch.stack([image_losses(ddim_chain(self.students.for_calls(k), smp, x_T, self.clip, kw), x_0,
-                                         self.loss).mean() for k, smp in self.samplers.items()])
+                                         loss_for(self.loss, k)).mean() for k, smp in self.samplers.items()])
 
 
 def train_step(students: StudentSet, samplers: Dict[int, DDIMSampler], x_T: torch.Tensor, x_0: torch.Tensor,
@@ -473,7 +486,8 @@ def _run_config(cfg: DistillConfig, tcfg: Any, tconfig: Dict[str, Any], tpath: s
         "calls": {str(k): ts for k, ts in timesteps.items()},
         "prediction": {str(k): p for k, p in predictions.items()},  # per step
         "sampler": "ddim (eta = 0) at the timesteps of 'calls'",
-        "method": "trajectory: unrolled K-step chain, MSE to the teacher's x_0 from the same x_T",
+        "method": "trajectory: unrolled K-step chain, distance to the teacher's x_0 from the same x_T",
+        "loss": {str(k): loss_for(cfg.loss, k) for k in timesteps},
         "teacher": {"checkpoint": tpath, "sampler": cfg.teacher_sampler, "steps": cfg.teacher_steps,
                     "spacing": cfg.teacher_spacing, "guidance_scale": cfg.guidance_scale},
         "variance_channels": "ignored (the teacher's, untrained: deterministic DDIM does not read them)",
@@ -593,7 +607,7 @@ class DistillLoop(TrainLoop):
             kw = {"y": self.val["y"][i:j].to(self.device)} if "y" in self.val else None
             for s, (k, smp) in enumerate(self.objective.samplers.items()):
                 sums[s] += image_losses(ddim_chain(net.for_calls(k), smp, x_T, self.dcfg.clip, kw), x_0,
-                                        self.dcfg.loss).sum()
+                                        loss_for(self.dcfg.loss, k)).sum()
             sums[-1] += x_0.shape[0]
         if self.distributed:
             torch.distributed.all_reduce(sums)
@@ -696,7 +710,8 @@ def export_students(checkpoints: Sequence[str], out: str, dtype: Optional[str] =
             raise ValueError(f"checkpoints must be distillation runs (`fastddpm distill`), got {ck.path!r}")
         if config is None:
             config = json.loads(json.dumps(ck.config))
-            config[DISTILL_CONFIG_KEY]["calls"], config[DISTILL_CONFIG_KEY]["prediction"] = {}, {}
+            for key in ("calls", "prediction", "loss"):
+                config[DISTILL_CONFIG_KEY][key] = {}
         elif any(ck.config.get(k) != config.get(k) for k in ("model", "diffusion")):
             raise ValueError(f"checkpoints must share the teacher's model and diffusion; {ck.path!r} differs")
         keep = [k for k in distilled_calls(ck.config) if calls is None or k in calls]
@@ -705,6 +720,9 @@ def export_students(checkpoints: Sequence[str], out: str, dtype: Optional[str] =
                 raise ValueError(f"checkpoints hold student K = {k} twice")
             config[DISTILL_CONFIG_KEY]["calls"][str(k)] = student_timesteps_of(ck.config, k)
             config[DISTILL_CONFIG_KEY]["prediction"][str(k)] = student_prediction_of(ck.config, k)
+            src = ck.config[DISTILL_CONFIG_KEY]
+            config[DISTILL_CONFIG_KEY]["loss"][str(k)] = (src.get("loss") or {}).get(
+                str(k), loss_for((src.get("config") or {}).get("loss", "x0"), k))
         cast = casts[dtype]
         for name, v in ck.weights(use_ema).items():
             if int(name.split(".")[1]) in keep:  # students.<K>.<param>

@@ -164,9 +164,11 @@ KINDS = [
 def test_student_with_the_teachers_steps_reproduces_it_at_init(tmp_path, model_kw, diff_kw):
     teacher = _tiny_checkpoint(tmp_path / "t", model_kw, diff_kw)
     r = distill(checkpoint=teacher, calls=(3,), steps=2, out_dir=str(tmp_path / "d"), teacher_sampler="ddim",
-                teacher_steps=3, num_pairs=16, batch_size=8, lr=1e-3, progress=False, student_prediction="teacher")
+                teacher_steps=3, num_pairs=16, batch_size=8, lr=1e-3, progress=False, student_prediction="teacher",
+                loss="x0")
     # the student's chain is the teacher's solver: loss 0 up to fp32 rounding (the pairs and the training batch
-    # run the U-Net at different batch sizes, whose convolutions round differently: ~1e-6 per pixel)
+    # run the U-Net at different batch sizes, whose convolutions round differently: ~1e-6 per pixel, ~1e-12 in
+    # the squared loss; the pseudo-Huber one would read ~||e||^2 / 2c, ~1e-8)
     assert r.losses[0]["loss_3"] < 1e-10
     assert r.timesteps == {3: [39, 26, 12]}  # trailing: round(T - i T / K) - 1
 
@@ -502,6 +504,14 @@ def test_pairs_of_another_run_are_reused_only_when_drawn_alike(tmp_path):
                 **dict(kw, num_pairs=12), seed=3)
     with pytest.raises(ValueError, match="^pairs must be a teacher_pairs.safetensors file"):
         distill(checkpoint=teacher, out_dir=str(tmp_path / "e"), pairs=str(tmp_path / "nothing"), **kw)
+    # a run with more pairs of the same stream lends its first ones (image i is the same whatever the count): the
+    # 8 of run a, to fp32 rounding (the teacher ran them in a batch of 12, not 8)
+    distill(checkpoint=teacher, out_dir=str(tmp_path / "big"), **dict(kw, num_pairs=12))
+    r8 = distill(checkpoint=teacher, out_dir=str(tmp_path / "f"), pairs=str(tmp_path / "big"), **kw)
+    assert not os.path.exists(tmp_path / "f" / "teacher_pairs.safetensors")
+    assert r8.losses[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-4)
+    with pytest.raises(ValueError, match=r"pairs .* were drawn with other settings \(num_pairs differ\)"):
+        distill(checkpoint=teacher, out_dir=str(tmp_path / "g"), pairs=str(tmp_path / "a"), **dict(kw, num_pairs=12))
 
 
 def test_validation_loss_is_the_sampled_students_on_held_out_pairs(tmp_path):
@@ -511,7 +521,7 @@ def test_validation_loss_is_the_sampled_students_on_held_out_pairs(tmp_path):
 
     teacher = _tiny_checkpoint(tmp_path / "t")
     out = tmp_path / "d"
-    r = distill(checkpoint=teacher, calls=(1, 2), steps=4, out_dir=str(out), num_pairs=16, val_pairs=6, batch_size=8,
+    r = distill(checkpoint=teacher, calls=(2, 3), steps=4, out_dir=str(out), num_pairs=16, val_pairs=6, batch_size=8,
                 lr=1e-3, teacher_steps=4, save_every=2, log_every=2, progress=False)
     seed = pair_seed(0)
     tmodel, tdiff, _ = build.load_model(teacher)
@@ -523,20 +533,23 @@ def test_validation_loss_is_the_sampled_students_on_held_out_pairs(tmp_path):
                                                                             image_offset=16)
     torch.testing.assert_close(val["x_0"], ref0, rtol=0, atol=1e-4)  # fp32 rounding at another batch size
     logs = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert [(e["step"], "val_loss_1" in e) for e in logs] == [(2, True), (4, True)]
-    assert r.val_losses == [{k: e[k] for k in ("step", "val_loss_1", "val_loss_2")} for e in logs]
-    # the last record: the EMA students as every loader samples them, each from the held-out x_T by its own sampler
+    assert [(e["step"], "val_loss_2" in e) for e in logs] == [(2, True), (4, True)]
+    assert r.val_losses == [{k: e[k] for k in ("step", "val_loss_2", "val_loss_3")} for e in logs]
+    # the last record: the EMA students as every loader samples them, each from the held-out x_T by its own
+    # sampler, scored by its training loss (the default "auto": squared error for K = 2, pseudo-Huber for K = 3,
+    # c = 0.00054 sqrt(D), D = 64 values per image)
     model, diff, cfg = build.load_model(str(out))
-    for k in (1, 2):
+    assert cfg["distill"]["loss"] == {"2": "x0", "3": "pseudo-huber"}
+    c = 0.00054 * 8
+    for k in (2, 3):
         m, smp = student_for(model, diff, cfg, k)
         got = smp.sample(m, (6, 1, 8, 8), seed=seed, image_offset=16)
         err = (got - val["x_0"]).double().flatten(1).numpy()
-        c = 0.00054 * 8  # the default loss: pseudo-Huber, c = 0.00054 sqrt(D), D = 64 values per image
-        want = float(np.mean(np.sqrt((err ** 2).sum(1) + c * c) - c))
+        want = float(np.mean((err ** 2).mean(1) if k == 2 else np.sqrt((err ** 2).sum(1) + c * c) - c))
         assert logs[-1][f"val_loss_{k}"] == pytest.approx(want, rel=1e-4)
         assert want > 0
     # the training pairs' own loss differs from the held-out one (another set of x_T)
-    assert logs[-1]["val_loss_2"] != pytest.approx(logs[-1]["loss_2"], rel=1e-3)
+    assert logs[-1]["val_loss_3"] != pytest.approx(logs[-1]["loss_3"], rel=1e-3)
     r0 = distill(checkpoint=teacher, calls=(1,), steps=2, out_dir=str(tmp_path / "n"), num_pairs=16, val_pairs=0,
                  batch_size=8, teacher_steps=4, log_every=1, progress=False)
     assert r0.val_losses == [] and not (tmp_path / "n" / "val_pairs.safetensors").exists()

@@ -15,7 +15,7 @@ from ._common import CLIError, add_threads_option, apply_threads, write_json
 
 # fastddpm.distillation.DistillConfig's defaults (tests check they agree), here so that --help imports no torch
 _DEFAULTS = argparse.Namespace(steps=2000, batch_size=64, lr=3e-4, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
-                               amp="none", num_pairs=98304, val_pairs=1024, loss="pseudo-huber", teacher_sampler="unipc",
+                               amp="none", num_pairs=32768, val_pairs=1024, loss="auto", teacher_sampler="unipc",
                                teacher_steps=20, teacher_spacing="trailing", spacing="trailing", ema_decay=0.995,
                                save_every=500, log_every=25, seed=0)
 
@@ -45,10 +45,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help=f"max global gradient norm, 0 disables (default: {d.grad_clip})")
     p.add_argument("--amp", default=d.amp, choices=("none", "bf16", "auto"),
                    help=f"bf16 autocast of the model calls (auto: on CUDA) (default: {d.amp})")
-    p.add_argument("--loss", default=d.loss, choices=("pseudo-huber", "x0"),
+    p.add_argument("--loss", default=d.loss, choices=("auto", "pseudo-huber", "x0"),
                    help="per-image distance of a student's x_0 to the teacher's: pseudo-huber (about the L2 "
-                        "norm: less pull towards the average of two outcomes than a squared loss) or x0 (mean "
-                        f"squared error) (default: {d.loss})")
+                        "norm: less pull towards the average of two outcomes than a squared loss), x0 (mean "
+                        f"squared error), or auto: x0 for 1 and 2 calls, pseudo-huber for more (default: {d.loss})")
     p.add_argument("--num-pairs", type=int, default=d.num_pairs,
                    help=f"teacher trajectories (x_T, x_0) drawn once (default: {d.num_pairs})")
     p.add_argument("--val-pairs", type=int, default=d.val_pairs,
