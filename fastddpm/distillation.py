@@ -87,8 +87,9 @@ class DistillConfig:
     linear warm-up; lr_schedule: "cosine" (to 0 at `steps`) or "constant" after it; grad_clip: max global
     gradient norm (0 disables); amp: "none" (fp32), "bf16" autocast, "auto" (bf16 on CUDA).
     num_pairs: teacher trajectories drawn (x_T, x_0). val_pairs: more of them, held out (the images after the
-    training pairs' in the same noise stream): the validation loss of the sampled (EMA) students, logged at every
-    checkpoint step that is a log step and at the end (0: none). pairs: read them from this file (or run directory) of
+    training pairs' in the same noise stream; a class-conditional teacher's labels for them from a stream of their
+    own): the validation loss of the sampled (EMA) students, logged at every checkpoint step that is a log step and
+    at the end (0: none). pairs: read them from this file (or run directory) of
     another run with the same teacher and pair settings instead of drawing them (e.g. one run per K). teacher_sampler / teacher_steps / teacher_spacing:
     the teacher's deterministic solver. spacing: the students' timesteps ("trailing", "uniform", ...).
     guidance_scale: class-conditional teachers only (distil the guided model at this w).
@@ -192,8 +193,8 @@ class DistillConfig:
 class DistillResult:
     """What `distill` returns: the run directory, its newest checkpoint, the students' timesteps, the losses
     of every step this invocation ran ({"step", "loss", "loss_K"}; under torchrun this process's share of
-    the batch), the validation losses it logged ({"step", "val_loss_K"}: the sampled students on the held-out
-    pairs), and the wall and CPU (process) time of this invocation."""
+    the batch), the validation losses it logged ({"step", "loss_K", "val_loss_K"}: the log window's training loss
+    and the sampled students' loss on the held-out pairs), and the wall and CPU (process) time of this invocation."""
 
     out_dir: str
     checkpoint: str
@@ -389,7 +390,7 @@ def _pairs(cfg: DistillConfig, teacher: torch.nn.Module, diffusion: Any, shape: 
             # more pairs of the same stream (image i is the same whatever the number drawn): the first `num`
             return {k: v[:num].clone() for k, v in load_file(p).items()}
         if p == given and not held_out:  # another run's held-out pairs may differ: this run draws its own
-            differ = sorted(k for k in meta if stored.get(k) != meta[k])
+            differ = sorted(k for k in meta.keys() | stored.keys() if stored.get(k) != meta.get(k))
             raise ValueError(f"pairs {cfg.pairs!r} were drawn with other settings ({', '.join(differ)} differ): pass "
                              "the same teacher and pair settings, or leave --pairs out to draw them")
     per = -(-num // world)
@@ -460,9 +461,15 @@ class ChainObjective(torch.nn.Module):
         self.students, self.samplers, self.clip, self.loss = students, dict(samplers), clip, loss
 
     def forward(self, x_T: torch.Tensor, x_0: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.stack([v.mean() for v in self.per_image(self.students, x_T, x_0, y)])
+
+    def per_image(self, students: StudentSet, x_T: torch.Tensor, x_0: torch.Tensor,
+                  y: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """[each image's loss under student K, for K in `samplers`] with `students` (these weights or a copy of
+        them, e.g. their EMA)."""
         kw = {"y": y} if y is not None else None
-        return torch.stack([image_losses(ddim_chain(self.students.for_calls(k), smp, x_T, self.clip, kw), x_0,
-                                         loss_for(self.loss, k)).mean() for k, smp in self.samplers.items()])
+        return [image_losses(ddim_chain(students.for_calls(k), smp, x_T, self.clip, kw), x_0, loss_for(self.loss, k))
+                for k, smp in self.samplers.items()]
 
 
 def train_step(students: StudentSet, samplers: Dict[int, DDIMSampler], x_T: torch.Tensor, x_0: torch.Tensor,
@@ -518,7 +525,8 @@ class DistillLoop(TrainLoop):
     the learning rate warms up linearly, then follows `lr_schedule`. Each log record adds the window's mean
     loss_K per K, and at the checkpoint steps and the last step val_loss_K, the loss of the sampled (EMA)
     students on the held-out pairs `val` (their fit to pairs they never trained on); `per_k` holds every
-    step's {"step", "loss", "loss_K"}, `val_log` the {"step", "val_loss_K"} records."""
+    step's {"step", "loss", "loss_K"}, `val_log` the {"step", "loss_K", "val_loss_K"} records (loss_K: the log
+    window's mean, the raw weights on the training pairs)."""
 
     command = "distill"
     train_mode = False
@@ -589,7 +597,7 @@ class DistillLoop(TrainLoop):
         every = self.cfg.save_every
         if self.val is not None and (self.step == self.cfg.steps or (every and self.step % every == 0)):
             val = {f"val_loss_{k}": v for k, v in self.val_losses().items()}
-            self.val_log.append({"step": self.step, **val})
+            self.val_log.append({"step": self.step, **out, **val})  # with the log window's training loss_K
             out.update(val)
         return out
 
@@ -604,10 +612,9 @@ class DistillLoop(TrainLoop):
         for i in range(lo, hi, chunk):
             j = min(i + chunk, hi)
             x_T, x_0 = (self.val[key][i:j].to(self.device) for key in ("x_T", "x_0"))
-            kw = {"y": self.val["y"][i:j].to(self.device)} if "y" in self.val else None
-            for s, (k, smp) in enumerate(self.objective.samplers.items()):
-                sums[s] += image_losses(ddim_chain(net.for_calls(k), smp, x_T, self.dcfg.clip, kw), x_0,
-                                        loss_for(self.dcfg.loss, k)).sum()
+            y = self.val["y"][i:j].to(self.device) if "y" in self.val else None
+            for s, v in enumerate(self.objective.per_image(net, x_T, x_0, y)):
+                sums[s] += v.sum()
             sums[-1] += x_0.shape[0]
         if self.distributed:
             torch.distributed.all_reduce(sums)

@@ -52,8 +52,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-pairs", type=int, default=d.num_pairs,
                    help=f"teacher trajectories (x_T, x_0) drawn once (default: {d.num_pairs})")
     p.add_argument("--val-pairs", type=int, default=d.val_pairs,
-                   help="more teacher pairs, held out: the students' validation loss, logged at every checkpoint "
-                        f"(0: none) (default: {d.val_pairs})")
+                   help="more teacher pairs, held out: the students' validation loss, logged at the checkpoint "
+                        f"steps that are log steps and at the end (0: none) (default: {d.val_pairs})")
     p.add_argument("--pairs", default=None, metavar="PATH",
                    help="reuse the teacher pairs of another run (its directory or teacher_pairs.safetensors) drawn "
                         "with the same teacher and pair settings, e.g. one run per K (default: draw them)")
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
                  "pairs", "val_pairs")
         raise CLIError(f"--{first.replace('_', '-')} {msg.split(' ', 1)[1]}" if first in flags else msg) from None
     last = r.losses[-1] if r.losses else {}
-    val = r.val_losses[-1] if r.val_losses else {}
+    val = {k: v for k, v in (r.val_losses[-1] if r.val_losses else {}).items() if k.startswith("val_") or k == "step"}
     summary = {"out_dir": r.out_dir, "checkpoint": r.checkpoint, "timesteps": {str(k): v for k, v in r.timesteps.items()},
                "final_losses": last, "final_val_losses": val, "seconds": round(r.seconds, 1),
                "cpu_seconds": round(r.cpu_seconds, 1)}
@@ -135,20 +135,20 @@ def run(args: argparse.Namespace) -> int:
     ks = ",".join(str(k) for k in r.timesteps)
     print(f"students for {ks} model calls -> {r.checkpoint} ({r.seconds:.0f} s, {r.cpu_seconds:.0f} s CPU); sample one with "
           f"`fastddpm sample --checkpoint {r.out_dir} --steps K`")
-    if val and r.losses:
-        print(_fit_line(r.losses[-args.log_every:], val))
+    if r.val_losses:
+        print(_fit_line(r.val_losses[-1]))
     return 0
 
 
-def _fit_line(recent: list, val: dict) -> str:
-    """The students' loss on their training pairs (mean of the last steps) beside the held-out one, and what a
-    large gap means."""
+def _fit_line(rec: dict) -> str:
+    """The students' loss on their training pairs (the last log window, raw weights) beside the held-out one (the
+    sampled EMA weights), and what a large gap means."""
     parts, gap = [], 0.0
-    for key in sorted((k for k in val if k.startswith("val_loss_")), key=lambda k: int(k.rsplit("_", 1)[1])):
+    for key in sorted((k for k in rec if k.startswith("val_loss_")), key=lambda k: int(k.rsplit("_", 1)[1])):
         k = key.rsplit("_", 1)[1]
-        train = sum(e[f"loss_{k}"] for e in recent) / len(recent)
-        parts.append(f"K={k} {train:.4g} / {val[key]:.4g}")
-        gap = max(gap, val[key] / train if train > 0 else 0.0)
-    hint = ("; the held-out loss is well above the training one: more --num-pairs (or fewer --steps) should help"
-            if gap > 1.5 else "")
+        train = rec.get(f"loss_{k}", float("nan"))
+        parts.append(f"K={k} {train:.4g} / {rec[key]:.4g}")
+        gap = max(gap, rec[key] / train if train > 0 else 0.0)
+    hint = ("; the held-out loss is well above the training one: the students fit their training pairs more "
+            "closely than new ones (more --num-pairs narrows the gap; see docs/distillation.md)" if gap > 1.5 else "")
     return "loss on training / held-out pairs: " + ", ".join(parts) + hint
