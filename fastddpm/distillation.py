@@ -58,7 +58,8 @@ __all__ = ["DistillConfig", "DistillResult", "DistillLoop", "ChainObjective", "d
 PAIRS_FILE = "teacher_pairs.safetensors"
 VAL_PAIRS_FILE = "val_pairs.safetensors"  # held-out pairs: the validation loss
 LOG_FILE = "log.jsonl"  # the training loop's
-LOSSES = ("auto", "pseudo-huber", "x0")  # see image_losses and loss_for
+IMAGE_LOSSES = ("pseudo-huber", "x0")  # see image_losses
+LOSSES = ("auto",) + IMAGE_LOSSES  # "auto": see loss_for
 STUDENT_PREDICTIONS = ("auto", "teacher", "eps", "x0", "v")
 LR_SCHEDULES = ("cosine", "constant")
 AMP = ("none", "bf16", "auto")
@@ -358,18 +359,19 @@ def _check_resume_config(saved: Dict[str, Any], cfg: DistillConfig) -> None:
 # ------------------------------------------------------------------------------ pairs on disk
 def _pairs(cfg: DistillConfig, teacher: torch.nn.Module, diffusion: Any, shape: Tuple[int, ...],
            labels: Optional[torch.Tensor], rank: int = 0, world: int = 1,
-           device: torch.device = torch.device("cpu"), held_out: bool = False) -> Dict[str, torch.Tensor]:
+           device: torch.device = torch.device("cpu"), held_out: bool = False,
+           fingerprint: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """The teacher pairs of the run (`held_out`: the validation pairs, the `val_pairs` images after the training
     ones in the same noise stream): read from out_dir (or the run `cfg.pairs` names) when stored with the same
     settings, else drawn and stored (rank 0). Under torchrun each of the `world` processes draws a slice and
-    they exchange them."""
+    they exchange them. `fingerprint`: the teacher's `weights_fingerprint`, when the caller has it."""
     from safetensors.torch import load_file, save_file
 
     name, num, first = (VAL_PAIRS_FILE, cfg.val_pairs, cfg.num_pairs) if held_out else (PAIRS_FILE, cfg.num_pairs, 0)
     path = os.path.join(cfg.out_dir, name)
     meta = {"num_pairs": num, "seed": cfg.seed, "philox_seed": pair_seed(cfg.seed), "sampler": cfg.teacher_sampler,
             "steps": cfg.teacher_steps, "spacing": cfg.teacher_spacing, "clip": cfg.clip,
-            "guidance_scale": cfg.guidance_scale, "teacher": weights_fingerprint(teacher)}
+            "guidance_scale": cfg.guidance_scale, "teacher": fingerprint or weights_fingerprint(teacher)}
     if held_out:
         meta["first_image"] = first
     meta = json.loads(json.dumps(meta))
@@ -445,7 +447,7 @@ def image_losses(pred: torch.Tensor, x_0: torch.Tensor, loss: str = "x0") -> tor
     if loss == "x0":
         return e.square().mean(1)
     if loss != "pseudo-huber":
-        raise ValueError(f"loss must be one of {LOSSES[1:]}, got {loss!r}")
+        raise ValueError(f"loss must be one of {IMAGE_LOSSES}, got {loss!r}")
     c = 0.00054 * math.sqrt(e.shape[1])
     return (e.square().sum(1) + c * c).sqrt() - c  # fp32: about ulp(c) ~ 5e-10 of rounding near e = 0
 
@@ -672,11 +674,13 @@ def _distill(cfg: DistillConfig, tcfg: Any, rank: int, world: int, device: torch
     samplers = {k: student_sampler(diffusion, ts, predictions[k]) for k, ts in timesteps.items()}
     shape = (int(teacher.in_channels), int(teacher.image_size), int(teacher.image_size))
     labels = _labels(cfg.num_pairs, num_classes, cfg.seed) if num_classes else None
-    pairs = {k: v.to(device) for k, v in _pairs(cfg, teacher, diffusion, shape, labels, rank, world, device).items()}
+    fp = weights_fingerprint(teacher)  # hashed once: both pair files name their teacher
+    pairs = {k: v.to(device) for k, v in _pairs(cfg, teacher, diffusion, shape, labels, rank, world, device,
+                                                 fingerprint=fp).items()}
     val = None
     if cfg.val_pairs:
         val_labels = _labels(cfg.val_pairs, num_classes, cfg.seed + 1) if num_classes else None
-        val = _pairs(cfg, teacher, diffusion, shape, val_labels, rank, world, device, held_out=True)
+        val = _pairs(cfg, teacher, diffusion, shape, val_labels, rank, world, device, held_out=True, fingerprint=fp)
     students = StudentSet({k: copy.deepcopy(teacher) for k in cfg.calls}).requires_grad_(True)
     del teacher
     run_cfg = _run_config(cfg, tcfg, tconfig, tpath, timesteps, predictions)

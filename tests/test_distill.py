@@ -597,3 +597,35 @@ def test_pseudo_huber_loss_is_the_closed_form_and_picks_a_mode_where_mse_blends(
             image_losses(w.expand(4, 1, 8, 8), targets, loss).mean().backward()
             opt.step()
         assert w.item() == pytest.approx(want, abs=0.02), loss
+
+
+def test_distill_fit_script_scores_training_and_held_out_pairs(student_run, capsys):
+    import importlib.util
+    import re
+
+    from safetensors.torch import load_file
+
+    from fastddpm.distillation import pair_seed
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("distill_fit", os.path.join(root, "scripts", "distill_fit.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    teacher = os.path.join(os.path.dirname(student_run), "t")
+    mod.main([student_run, "--pairs", student_run, "--teacher", teacher, "--num", "6", "--heldout-seed", "5"])
+    got = {int(k): (float(a), float(b)) for k, a, b in
+           re.findall(r"K=(\d): squared error on training pairs ([\d.e-]+), held-out ([\d.e-]+)", capsys.readouterr().out)}
+    # the reference: each EMA student sampled by its own sampler, against the stored pairs and against the teacher's
+    # UniPC-20 (trailing) from the held-out seed's x_T, in fp64
+    model, diff, cfg = build.load_model(student_run)
+    tmodel, tdiff, _ = build.load_model(teacher)
+    pairs = load_file(os.path.join(student_run, "teacher_pairs.safetensors"))
+    held = make_sampler("unipc", tdiff, steps=20, spacing="trailing").sample(tmodel, (6, 1, 8, 8), seed=pair_seed(5))
+    assert sorted(got) == [1, 2]
+    for k in (1, 2):
+        m, smp = student_for(model, diff, cfg, k)
+        with torch.no_grad():
+            train = ddim_chain(m, smp, pairs["x_T"][:6])
+        out = smp.sample(m, (6, 1, 8, 8), seed=pair_seed(5))
+        assert got[k][0] == pytest.approx((train - pairs["x_0"][:6]).double().square().mean().item(), rel=1e-3)
+        assert got[k][1] == pytest.approx((out - held).double().square().mean().item(), rel=1e-3)
